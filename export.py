@@ -1,0 +1,891 @@
+#!/usr/bin/env python3
+"""export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
+
+    python3 export.py SRC OUT [--dtype f32|bf16|f16]
+
+SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
+legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors and JSON are read by hand.
+The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - depends on the machine
+    sys.exit("error: export.py needs numpy (Debian: apt-get install python3-numpy)")
+
+FORMAT_VERSION = 1
+ALIGN = 64
+
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2}
+DTYPE_BYTES = {0: 4, 1: 2, 2: 2}
+
+NORM_RMS, NORM_LAYER = 0, 1
+MLP_GATED, MLP_PLAIN = 0, 1
+ACT_SILU, ACT_GELU_TANH, ACT_GELU = 0, 1, 2
+POS_ROPE, POS_LEARNED = 0, 1
+MODEL_TIED_EMBEDDINGS = 1
+LAYER_QK_NORM, LAYER_QKV_BIAS, LAYER_O_BIAS, LAYER_POST_ATTN_NORM, LAYER_POST_MLP_NORM = 1, 2, 4, 8, 16
+
+TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2 = 0, 1, 2, 3
+TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
+PIECE_NORMAL, PIECE_SPECIAL, PIECE_BYTE, PIECE_UNUSED, PIECE_USER = 0, 1, 2, 3, 4
+
+
+class ExportError(Exception):
+    """A problem with the input: reported as one line, exit status 1."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# reading safetensors by hand: 8-byte header length, JSON header, raw little-endian data
+
+ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+
+def bf16_to_f32(u16):
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x):
+    """Round-to-nearest-even, NaN kept as NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+class SafeTensors:
+    """All tensors of a checkpoint (one file or shards), read lazily through numpy memmaps."""
+
+    def __init__(self, directory):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(single):
+            files = [single]
+        elif os.path.exists(index):
+            weight_map = load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ExportError(f"{index}: no weight_map")
+            files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+        else:
+            files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors"))
+            if not files:
+                raise ExportError(f"{directory}: no model.safetensors, no model.safetensors.index.json, no *.safetensors")
+        self.entries = {}
+        for path in files:
+            self._read_header(path)
+
+    def _read_header(self, path):
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) != 8:
+                    raise ExportError(f"{path}: truncated safetensors file (no header length)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > size - 8 or n > 100 << 20:
+                    raise ExportError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise ExportError(f"{path}: {e.strerror}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ExportError(f"{path}: safetensors header is not valid JSON ({e})")
+        if not isinstance(header, dict):
+            raise ExportError(f"{path}: safetensors header is not a JSON object")
+        base = 8 + n
+        mm = None
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ExportError(f"{path}: tensor '{name}' has a malformed header entry")
+            if dtype not in ST_DTYPES:
+                raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16 and F16 are supported")
+            np_dtype, width = ST_DTYPES[dtype]
+            count = int(np.prod(shape)) if shape else 1
+            if end - begin != count * width or begin < 0 or base + end > size:
+                raise ExportError(f"{path}: tensor '{name}' data ({begin}..{end}) does not match its shape or lies past the end of the file")
+            if mm is None:
+                mm = np.memmap(path, dtype=np.uint8, mode="r")
+            self.entries[name] = (mm, base + begin, count, np_dtype, dtype, shape)
+
+    def __contains__(self, name):
+        return name in self.entries
+
+    def names(self):
+        return self.entries.keys()
+
+    def shape(self, name):
+        return self.entries[name][5]
+
+    def dtype(self, name):
+        return self.entries[name][4]
+
+    def get(self, name):
+        """The tensor as float32, in its stored shape."""
+        if name not in self.entries:
+            raise ExportError(f"missing tensor '{name}' in the checkpoint")
+        mm, offset, count, np_dtype, dtype, shape = self.entries[name]
+        width = ST_DTYPES[dtype][1]
+        arr = np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset)
+        arr = bf16_to_f32(arr) if dtype == "BF16" else arr.astype(np.float32)
+        return arr.reshape(shape)
+
+
+def load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    except ValueError as e:
+        raise ExportError(f"{path}: not valid JSON ({e})")
+
+
+# ----------------------------------------------------------------------------
+# the model description every converter produces
+
+
+class Layer:
+    def __init__(self, n_heads, n_kv_heads, head_dim, window=0, rope_theta=10000.0, rope_dim=None,
+                 rope_table=-1, attn_scale=None, attn_softcap=0.0, flags=0):
+        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ExportError(f"bad head counts: {n_heads} query heads, {n_kv_heads} kv heads")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.window = int(window or 0)
+        self.rope_theta = float(rope_theta)
+        self.rope_dim = head_dim if rope_dim is None else rope_dim
+        self.rope_table = rope_table
+        self.attn_scale = head_dim ** -0.5 if attn_scale is None else attn_scale
+        self.attn_softcap = float(attn_softcap or 0.0)
+        self.flags = flags
+
+
+class Model:
+    """Config + layer records + an ordered list of (name, shape, producer) for the tensors."""
+
+    def __init__(self, family, dim, hidden_dim, vocab_size, context_length, norm_kind=NORM_RMS, norm_eps=1e-5,
+                 mlp_kind=MLP_GATED, activation=ACT_SILU, position_kind=POS_ROPE, embed_scale=1.0,
+                 final_softcap=0.0, tied=False):
+        self.family = family
+        self.dim, self.hidden_dim, self.vocab_size, self.context_length = dim, hidden_dim, vocab_size, context_length
+        self.norm_kind, self.norm_eps = norm_kind, float(norm_eps)
+        self.mlp_kind, self.activation, self.position_kind = mlp_kind, activation, position_kind
+        self.embed_scale, self.final_softcap = float(embed_scale), float(final_softcap or 0.0)
+        self.tied = tied
+        self.layers = []
+        self.rope_tables = []      # float32 arrays of inverse frequencies
+        self.tensors = []          # (name, shape, producer() -> float32 array)
+        self.tokenizer = None      # bytes of the tokenizer section, or None
+
+    def add(self, name, shape, producer):
+        self.tensors.append((name, tuple(int(d) for d in shape), producer))
+
+    def rope_table_for(self, inv_freq):
+        """Index of a precomputed inverse-frequency table, shared between layers that use the same one."""
+        inv_freq = np.asarray(inv_freq, dtype=np.float32)
+        for i, t in enumerate(self.rope_tables):
+            if t.shape == inv_freq.shape and np.array_equal(t, inv_freq):
+                return i
+        self.rope_tables.append(inv_freq)
+        return len(self.rope_tables) - 1
+
+
+# ----------------------------------------------------------------------------
+# rotary embeddings: the two config dialects and the scaled variants
+
+
+def rope_settings(cfg, layer_type=None):
+    """(theta, scaling dict or None) for one layer type, from either config dialect.
+
+    transformers 5 writes `rope_parameters` (Gemma 3: one entry per layer type); transformers 4 writes
+    `rope_theta` + `rope_scaling` (Gemma 3: `rope_local_base_freq` for sliding layers)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and layer_type in params and isinstance(params[layer_type], dict):
+        params = params[layer_type]
+    if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return float(theta), scaling
+    theta = cfg.get("rope_theta", 10000.0)
+    scaling = cfg.get("rope_scaling")
+    if layer_type == "sliding_attention" and "rope_local_base_freq" in cfg:
+        theta, scaling = cfg["rope_local_base_freq"], None
+    if isinstance(scaling, dict):
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling = dict(scaling, rope_type=kind) if kind != "default" else None
+    else:
+        scaling = None
+    return float(theta), scaling
+
+
+def rope_inv_freq(theta, rope_dim, scaling):
+    """Inverse frequencies for a scaled rope, as transformers computes them (in float32)."""
+    inv = (1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.int64).astype(np.float32) / rope_dim))).astype(np.float32)
+    kind = scaling["rope_type"]
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ExportError(f"rope scaling type '{kind}' is not supported (supported: linear, llama3)")
+
+
+def round_rope_to_bf16(m):
+    """--bf16-rope: give every rotary layer a table of its inverse frequencies rounded to bf16.
+
+    transformers keeps inv_freq in f32, but a model cast with .to(torch.bfloat16) rounds that buffer to
+    bf16 (and a later .float() cannot bring the bits back). A model trained that way, like kjv-5m, learned
+    with the rounded frequencies, and its reference logits were computed with them."""
+    tables = list(m.rope_tables)
+    m.rope_tables = []
+    for L in m.layers:
+        if L.rope_dim == 0:
+            continue
+        inv = tables[L.rope_table] if L.rope_table >= 0 else rope_inv_freq(L.rope_theta, L.rope_dim, {"rope_type": "default"})
+        L.rope_table = m.rope_table_for(bf16_to_f32(f32_to_bf16(inv)))
+
+
+def layer_rope(model, cfg, head_dim, rope_dim, layer_type=None):
+    """(rope_theta, rope_table) for a layer."""
+    theta, scaling = rope_settings(cfg, layer_type)
+    if scaling is None:
+        return theta, -1
+    return theta, model.rope_table_for(rope_inv_freq(theta, rope_dim, scaling))
+
+
+# ----------------------------------------------------------------------------
+# layer kinds: which layers slide, from either dialect
+
+
+def layer_types(cfg, n_layers, family):
+    """'full_attention' / 'sliding_attention' for each layer."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise ExportError(f"config.json: layer_types has {len(types) if isinstance(types, list) else '?'} entries for {n_layers} layers")
+        for t in types:
+            if t not in ("full_attention", "sliding_attention"):
+                raise ExportError(f"config.json: layer type '{t}' is not supported")
+        return list(types)
+    window = cfg.get("sliding_window")
+    if family in ("qwen2", "qwen3"):
+        # transformers 4: layers from max_window_layers on slide, when use_sliding_window is set
+        if not cfg.get("use_sliding_window", False) or not window:
+            return ["full_attention"] * n_layers
+        first = cfg.get("max_window_layers", n_layers)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if family == "gemma2":
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if family == "gemma3_text":
+        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    return ["sliding_attention" if window else "full_attention"] * n_layers
+
+
+def require(cfg, *keys):
+    for k in keys:
+        if cfg.get(k) is None:
+            raise ExportError(f"config.json: missing '{k}'")
+    return [cfg[k] for k in keys]
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face families
+
+
+def convert_llama_like(cfg, st, family):
+    """llama, mistral, qwen2, qwen3 (and gemma2 / gemma3_text, phi3 through the same layer recipe)."""
+    prefix = text_prefix(st)
+    dim, n_layers, n_heads, vocab, hidden = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                    "vocab_size", "intermediate_size")
+    n_kv = cfg.get("num_key_value_heads") or n_heads
+    head_dim = cfg.get("head_dim") or dim // n_heads
+    gemma = family in ("gemma2", "gemma3_text")
+    tied = cfg.get("tie_word_embeddings")
+    if tied is None:
+        tied = "lm_head.weight" not in st
+    if not tied and "lm_head.weight" not in st:
+        raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
+    m = Model(family, dim, hidden, vocab, cfg.get("max_position_embeddings", 2048),
+              norm_eps=cfg.get("rms_norm_eps", 1e-6), tied=tied,
+              activation=ACT_GELU_TANH if gemma else activation_of(cfg.get("hidden_act", "silu")),
+              embed_scale=math.sqrt(dim) if gemma else 1.0,
+              final_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else 0.0)
+    types = layer_types(cfg, n_layers, family)
+    partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    rope_dim = int(head_dim * partial)
+    if gemma:
+        scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
+    else:
+        scale = head_dim ** -0.5
+    p = prefix
+    for i in range(n_layers):
+        a = f"{p}layers.{i}."
+        flags = 0
+        if f"{a}self_attn.q_norm.weight" in st:
+            flags |= LAYER_QK_NORM
+        if f"{a}self_attn.q_proj.bias" in st:
+            flags |= LAYER_QKV_BIAS
+        if f"{a}self_attn.o_proj.bias" in st:
+            flags |= LAYER_O_BIAS
+        if gemma:
+            flags |= LAYER_POST_ATTN_NORM | LAYER_POST_MLP_NORM
+        sliding = types[i] == "sliding_attention"
+        window = cfg.get("sliding_window") if sliding else 0
+        if sliding and not window:
+            raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
+        theta, table = layer_rope(m, cfg, head_dim, rope_dim, types[i] if family == "gemma3_text" else None)
+        m.layers.append(Layer(n_heads, n_kv, head_dim, window=window, rope_theta=theta, rope_dim=rope_dim,
+                              rope_table=table, attn_scale=scale,
+                              attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" else 0.0,
+                              flags=flags))
+
+    def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in here
+        return (lambda: st.get(name) + 1.0) if gemma else (lambda: st.get(name))
+
+    m.add("tok_embeddings", (vocab, dim), lambda: st.get(f"{p}embed_tokens.weight"))
+    qd, kd = n_heads * head_dim, n_kv * head_dim
+    for i, layer in enumerate(m.layers):
+        a, o = f"{p}layers.{i}.", f"layers.{i}."
+        m.add(o + "attn_norm", (dim,), norm(a + "input_layernorm.weight"))
+        if f"{a}self_attn.qkv_proj.weight" in st:  # Phi-3: q, k, v stacked in one matrix
+            fused = a + "self_attn.qkv_proj.weight"
+            m.add(o + "wq", (qd, dim), rows(st, fused, 0, qd))
+            m.add(o + "wk", (kd, dim), rows(st, fused, qd, qd + kd))
+            m.add(o + "wv", (kd, dim), rows(st, fused, qd + kd, qd + 2 * kd))
+        else:
+            for n, proj, d in (("q", "q_proj", qd), ("k", "k_proj", kd), ("v", "v_proj", kd)):
+                m.add(o + "w" + n, (d, dim), getter(st, f"{a}self_attn.{proj}.weight"))
+        if layer.flags & LAYER_QKV_BIAS:
+            for n, proj, d in (("q", "q_proj", qd), ("k", "k_proj", kd), ("v", "v_proj", kd)):
+                m.add(o + "b" + n, (d,), getter(st, f"{a}self_attn.{proj}.bias"))
+        if layer.flags & LAYER_QK_NORM:
+            m.add(o + "q_norm", (head_dim,), norm(a + "self_attn.q_norm.weight"))
+            m.add(o + "k_norm", (head_dim,), norm(a + "self_attn.k_norm.weight"))
+        m.add(o + "wo", (dim, qd), getter(st, a + "self_attn.o_proj.weight"))
+        if layer.flags & LAYER_O_BIAS:
+            m.add(o + "bo", (dim,), getter(st, a + "self_attn.o_proj.bias"))
+        if gemma:
+            m.add(o + "attn_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
+            m.add(o + "mlp_norm", (dim,), norm(a + "pre_feedforward_layernorm.weight"))
+        else:
+            m.add(o + "mlp_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
+        if f"{a}mlp.gate_up_proj.weight" in st:  # Phi-3: gate and up stacked
+            fused = a + "mlp.gate_up_proj.weight"
+            m.add(o + "w_gate", (hidden, dim), rows(st, fused, 0, hidden))
+            m.add(o + "w_up", (hidden, dim), rows(st, fused, hidden, 2 * hidden))
+        else:
+            m.add(o + "w_gate", (hidden, dim), getter(st, a + "mlp.gate_proj.weight"))
+            m.add(o + "w_up", (hidden, dim), getter(st, a + "mlp.up_proj.weight"))
+        m.add(o + "w_down", (dim, hidden), getter(st, a + "mlp.down_proj.weight"))
+        if gemma:
+            m.add(o + "mlp_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+    m.add("final_norm", (dim,), norm(f"{p}norm.weight"))
+    if not tied:
+        m.add("output", (vocab, dim), getter(st, "lm_head.weight"))
+    return m
+
+
+def convert_gpt2(cfg, st, family):
+    """GPT-2 (Conv1D weights stored [in, out], fused c_attn) and GPTBigCode (Linear weights, MQA c_attn)."""
+    dim = cfg.get("n_embd") or cfg.get("hidden_size")
+    n_layers = cfg.get("n_layer") or cfg.get("num_hidden_layers")
+    n_heads = cfg.get("n_head") or cfg.get("num_attention_heads")
+    vocab, ctx = cfg.get("vocab_size"), cfg.get("n_positions") or cfg.get("max_position_embeddings")
+    if not all((dim, n_layers, n_heads, vocab, ctx)):
+        raise ExportError("config.json: missing one of n_embd, n_layer, n_head, vocab_size, n_positions")
+    hidden = cfg.get("n_inner") or 4 * dim
+    head_dim = dim // n_heads
+    bigcode = family == "gpt_bigcode"
+    n_kv = 1 if bigcode and cfg.get("multi_query", True) else n_heads
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
+        raise ExportError("config.json: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    scale = head_dim ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
+    prefix = "transformer." if "transformer.wte.weight" in st else ""
+    tied = "lm_head.weight" not in st
+    m = Model(family, dim, hidden, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+              mlp_kind=MLP_PLAIN, activation=activation_of(cfg.get("activation_function", "gelu_new")),
+              position_kind=POS_LEARNED, tied=tied)
+    for _ in range(n_layers):
+        m.layers.append(Layer(n_heads, n_kv, head_dim, rope_dim=0, attn_scale=scale,
+                              flags=LAYER_QKV_BIAS | LAYER_O_BIAS))
+    # Conv1D (GPT-2) stores [in, out]: transpose to [out, in]. nn.Linear (GPTBigCode) is already [out, in].
+    lin = (lambda name: getter(st, name)) if bigcode else (lambda name: transposed(st, name))
+    p = prefix
+    m.add("tok_embeddings", (vocab, dim), getter(st, p + "wte.weight"))
+    m.add("pos_embeddings", (ctx, dim), getter(st, p + "wpe.weight"))
+    qd, kd = n_heads * head_dim, n_kv * head_dim
+    for i in range(n_layers):
+        a, o = f"{p}h.{i}.", f"layers.{i}."
+        m.add(o + "attn_norm", (dim,), getter(st, a + "ln_1.weight"))
+        m.add(o + "attn_norm_bias", (dim,), getter(st, a + "ln_1.bias"))
+        w = lin(a + "attn.c_attn.weight")
+        b = getter(st, a + "attn.c_attn.bias")
+        for n, lo, hi in (("q", 0, qd), ("k", qd, qd + kd), ("v", qd + kd, qd + 2 * kd)):
+            m.add(o + "w" + n, (hi - lo, dim), (lambda w=w, lo=lo, hi=hi: w()[lo:hi]))
+            m.add(o + "b" + n, (hi - lo,), (lambda b=b, lo=lo, hi=hi: b()[lo:hi]))
+        m.add(o + "wo", (dim, qd), lin(a + "attn.c_proj.weight"))
+        m.add(o + "bo", (dim,), getter(st, a + "attn.c_proj.bias"))
+        m.add(o + "mlp_norm", (dim,), getter(st, a + "ln_2.weight"))
+        m.add(o + "mlp_norm_bias", (dim,), getter(st, a + "ln_2.bias"))
+        m.add(o + "w_up", (hidden, dim), lin(a + "mlp.c_fc.weight"))
+        m.add(o + "b_up", (hidden,), getter(st, a + "mlp.c_fc.bias"))
+        m.add(o + "w_down", (dim, hidden), lin(a + "mlp.c_proj.weight"))
+        m.add(o + "b_down", (dim,), getter(st, a + "mlp.c_proj.bias"))
+    m.add("final_norm", (dim,), getter(st, p + "ln_f.weight"))
+    m.add("final_norm_bias", (dim,), getter(st, p + "ln_f.bias"))
+    if not tied:
+        m.add("output", (vocab, dim), getter(st, "lm_head.weight"))
+    return m
+
+
+def activation_of(name):
+    acts = {"silu": ACT_SILU, "swish": ACT_SILU, "gelu_new": ACT_GELU_TANH, "gelu_pytorch_tanh": ACT_GELU_TANH,
+            "gelu_fast": ACT_GELU_TANH, "gelu": ACT_GELU}
+    if name not in acts:
+        raise ExportError(f"config.json: activation '{name}' is not supported (supported: {', '.join(acts)})")
+    return acts[name]
+
+
+def text_prefix(st):
+    """Where the decoder's tensors live: 'model.' or a multimodal checkpoint's language model."""
+    for p in ("model.", "model.language_model.", "language_model.model.", ""):
+        if p + "embed_tokens.weight" in st:
+            return p
+    raise ExportError("missing tensor 'model.embed_tokens.weight' (not a decoder checkpoint of this family?)")
+
+
+def getter(st, name):
+    """A producer for a checkpoint tensor as stored; .source lets check_shapes compare shapes up front."""
+    if name not in st:
+        raise ExportError(f"missing tensor '{name}' in the checkpoint")
+    f = lambda: st.get(name)
+    f.source = name
+    return f
+
+
+def transposed(st, name):
+    g = getter(st, name)
+    return lambda: np.ascontiguousarray(g().T)
+
+
+def rows(st, name, lo, hi):
+    g = getter(st, name)
+    return lambda: g()[lo:hi]
+
+
+FAMILIES = {
+    "llama": convert_llama_like,
+    "mistral": convert_llama_like,
+    "qwen2": convert_llama_like,
+    "qwen3": convert_llama_like,
+    "gemma2": convert_llama_like,
+    "gemma3_text": convert_llama_like,
+    "phi3": convert_llama_like,
+    "gpt2": convert_gpt2,
+    "gpt_bigcode": convert_gpt2,
+}
+
+
+def convert_hf(src, args):
+    cfg = load_json(os.path.join(src, "config.json"))
+    family = cfg.get("model_type")
+    if family == "gemma3" and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper: keep the text model
+        cfg = dict(cfg["text_config"], model_type="gemma3_text")
+        family = "gemma3_text"
+    if family not in FAMILIES:
+        raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
+    log(f"export: reading {src} ({family})")
+    st = SafeTensors(src)
+    m = FAMILIES[family](cfg, st, family)
+    check_shapes(m, st)
+    m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
+    # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
+    matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) == 2}
+    m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
+    return m
+
+
+def check_shapes(m, st):
+    """Fail before writing anything if a checkpoint tensor's shape disagrees with the config."""
+    for name, shape, producer in m.tensors:
+        src = getattr(producer, "source", None)
+        if src is not None and tuple(st.shape(src)) != shape:
+            raise ExportError(f"tensor '{src}' has shape {st.shape(src)}, config implies {list(shape)}")
+
+
+# ----------------------------------------------------------------------------
+# llama2.c legacy checkpoints (version 0): 7 int32 header, then float32 arrays in a fixed order
+
+
+def convert_llama2c(path, args):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(28)
+    if len(header) != 28:
+        raise ExportError(f"{path}: too short for a llama2.c header")
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
+    shared = vocab > 0
+    vocab = abs(vocab)
+    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
+        raise ExportError(f"{path}: implausible llama2.c header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len}")
+    head = dim // n_heads
+    kv_dim = n_kv * head
+    sizes = [("tok", vocab * dim), ("rms_att", n_layers * dim), ("wq", n_layers * dim * dim),
+             ("wk", n_layers * kv_dim * dim), ("wv", n_layers * kv_dim * dim), ("wo", n_layers * dim * dim),
+             ("rms_ffn", n_layers * dim), ("w1", n_layers * hidden * dim), ("w2", n_layers * dim * hidden),
+             ("w3", n_layers * hidden * dim), ("rms_final", dim), ("freq_real", seq_len * head // 2),
+             ("freq_imag", seq_len * head // 2)]
+    if not shared:
+        sizes.append(("wcls", vocab * dim))
+    need = 28 + 4 * sum(n for _, n in sizes)
+    if size < need:
+        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {need})")
+    log(f"export: reading {path} (llama2.c legacy: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, vocab {vocab})")
+    mm = np.memmap(path, dtype=np.float32, mode="r", offset=28, shape=((need - 28) // 4,))
+    arrays, off = {}, 0
+    for name, n in sizes:
+        arrays[name] = mm[off:off + n]
+        off += n
+    m = Model("llama", dim, hidden, vocab, seq_len, norm_eps=1e-5, tied=shared)
+    for _ in range(n_layers):
+        m.layers.append(Layer(n_heads, n_kv, head, rope_theta=10000.0))
+
+    def mat(name, layer, r, c):
+        return lambda: np.asarray(arrays[name][layer * r * c:(layer + 1) * r * c]).reshape(r, c)
+
+    def unpermute(get, heads):
+        # Meta/llama2.c rotate interleaved pairs (2i, 2i+1); attn.c rotates (i, i + d/2): reorder the rows
+        def f():
+            w = get()
+            return w.reshape(heads, head // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+        return f
+
+    m.add("tok_embeddings", (vocab, dim), mat("tok", 0, vocab, dim))
+    for i in range(n_layers):
+        o = f"layers.{i}."
+        m.add(o + "attn_norm", (dim,), lambda i=i: np.asarray(arrays["rms_att"][i * dim:(i + 1) * dim]))
+        m.add(o + "wq", (dim, dim), unpermute(mat("wq", i, dim, dim), n_heads))
+        m.add(o + "wk", (kv_dim, dim), unpermute(mat("wk", i, kv_dim, dim), n_kv))
+        m.add(o + "wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
+        m.add(o + "wo", (dim, dim), mat("wo", i, dim, dim))
+        m.add(o + "mlp_norm", (dim,), lambda i=i: np.asarray(arrays["rms_ffn"][i * dim:(i + 1) * dim]))
+        m.add(o + "w_gate", (hidden, dim), mat("w1", i, hidden, dim))
+        m.add(o + "w_up", (hidden, dim), mat("w3", i, hidden, dim))
+        m.add(o + "w_down", (dim, hidden), mat("w2", i, dim, hidden))
+    m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
+    if not shared:
+        m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
+    return m
+
+
+# ----------------------------------------------------------------------------
+# tokenizers
+
+
+def bytes_to_unicode():
+    """GPT-2's map from bytes to printable characters, used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+KNOWN_REGEXES = {GPT2_REGEX: PRE_GPT2, LLAMA3_REGEX: PRE_LLAMA3, QWEN2_REGEX: PRE_QWEN2}
+
+
+def bytelevel_pretokenizer(pre):
+    """(pretokenizer id, add_prefix_space) for a byte-level tokenizer.json, or an error naming what is unsupported."""
+    if pre is None:
+        raise ExportError("tokenizer.json: byte-level BPE without a pre_tokenizer is not supported")
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    kind, prefix_space, saw_bytelevel = PRE_NONE, False, False
+    for s in steps:
+        t = s.get("type")
+        if t == "ByteLevel":
+            saw_bytelevel = True
+            prefix_space = bool(s.get("add_prefix_space", False))
+            if s.get("use_regex", True):
+                if kind != PRE_NONE:
+                    raise ExportError("tokenizer.json: two splitting regexes in the pre_tokenizer")
+                kind = PRE_GPT2
+        elif t == "Split":
+            pattern = s.get("pattern", {}).get("Regex")
+            if pattern not in KNOWN_REGEXES or s.get("behavior") != "Isolated" or s.get("invert"):
+                raise ExportError(f"tokenizer.json: pre-tokenizer Split with pattern {pattern!r} is not supported")
+            kind = KNOWN_REGEXES[pattern]
+        else:
+            raise ExportError(f"tokenizer.json: pre-tokenizer '{t}' is not supported with byte-level BPE")
+    if not saw_bytelevel:
+        raise ExportError("tokenizer.json: BPE without a ByteLevel step or byte_fallback is not supported")
+    return kind, prefix_space
+
+
+def hf_tokenizer(src, cfg, vocab_size):
+    path = os.path.join(src, "tokenizer.json")
+    if not os.path.exists(path):
+        log("export: no tokenizer.json: the model will run from --tokens")
+        return None
+    tok = load_json(path)
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ExportError(f"tokenizer.json: model type '{model.get('type')}' is not supported (only BPE)")
+    if model.get("byte_fallback"):
+        raise ExportError("tokenizer.json: SentencePiece-style BPE (byte_fallback) is not supported yet; run from --tokens")
+    if tok.get("normalizer") is not None:
+        raise ExportError(f"tokenizer.json: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
+    pretok, prefix_space = bytelevel_pretokenizer(tok.get("pre_tokenizer"))
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+    def raw(piece):
+        try:
+            return bytes(byte_of[c] for c in piece)
+        except KeyError:
+            raise ExportError(f"tokenizer.json: vocabulary entry {piece!r} is not in byte-level form")
+
+    vocab = model.get("vocab") or {}
+    pieces = [None] * vocab_size
+    types = [PIECE_UNUSED] * vocab_size
+    for piece, i in vocab.items():
+        if not 0 <= i < vocab_size:
+            raise ExportError(f"tokenizer.json: token id {i} is outside the model's vocabulary ({vocab_size})")
+        pieces[i], types[i] = raw(piece), PIECE_NORMAL
+    for added in tok.get("added_tokens") or []:
+        i = added["id"]
+        if not 0 <= i < vocab_size:
+            raise ExportError(f"tokenizer.json: added token id {i} is outside the model's vocabulary ({vocab_size})")
+        pieces[i] = added["content"].encode("utf-8")
+        types[i] = PIECE_SPECIAL if added.get("special") else PIECE_USER
+    id_of = {p: i for i, p in enumerate(pieces) if p is not None and types[i] == PIECE_NORMAL}
+    merges = []
+    for rank, mg in enumerate(model.get("merges") or []):
+        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
+        ra, rb = raw(a), raw(b)
+        if ra not in id_of or rb not in id_of or ra + rb not in id_of:
+            raise ExportError(f"tokenizer.json: merge {rank} ({a!r} {b!r}) refers to a token not in the vocabulary")
+        merges.append((id_of[ra], id_of[rb]))
+
+    special_id = {p.decode("utf-8", "replace"): i for i, p in enumerate(pieces) if p is not None and types[i] != PIECE_NORMAL}
+    special_id.update({p.decode("utf-8", "replace"): i for i, p in enumerate(pieces) if p is not None and types[i] == PIECE_NORMAL and p not in special_id})
+    tcfg_path = os.path.join(src, "tokenizer_config.json")
+    tcfg = load_json(tcfg_path) if os.path.exists(tcfg_path) else {}
+    bos, add_bos = post_processor_bos(tok.get("post_processor"), special_id)
+    if bos is None:
+        bos = token_id(tcfg.get("bos_token"), special_id)
+        add_bos = bool(tcfg.get("add_bos_token", False)) and bos is not None
+    if bos is None and isinstance(cfg.get("bos_token_id"), int):
+        bos = cfg["bos_token_id"]
+    eos = eos_ids(src, cfg, tcfg, special_id)
+    flags = (TOKF_ADD_BOS if add_bos else 0) | (TOKF_IGNORE_MERGES if model.get("ignore_merges") else 0) | \
+            (TOKF_PREFIX_SPACE if prefix_space else 0)
+    log(f"export: tokenizer: byte-level BPE, {len(vocab)} tokens, {len(merges)} merges, bos {bos} (added: {add_bos}), eos {eos}")
+    return pack_tokenizer(TOK_BYTELEVEL_BPE, pretok, flags, bos, -1, eos, pieces, [0.0] * vocab_size, types, merges)
+
+
+def token_id(entry, ids):
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return ids.get(entry) if isinstance(entry, str) else None
+
+
+def post_processor_bos(post, ids):
+    """The special token a TemplateProcessing post-processor puts before the text, if any."""
+    if not post:
+        return None, False
+    if post.get("type") == "Sequence":
+        for p in post.get("processors", []):
+            bos, add = post_processor_bos(p, ids)
+            if add:
+                return bos, add
+        return None, False
+    if post.get("type") == "TemplateProcessing":
+        single = post.get("single") or []
+        if single and "SpecialToken" in single[0]:
+            name = single[0]["SpecialToken"]["id"]
+            spec = (post.get("special_tokens") or {}).get(name, {})
+            ids_ = spec.get("ids") or [ids.get(name)]
+            if ids_ and ids_[0] is not None:
+                return ids_[0], True
+    return None, False
+
+
+def eos_ids(src, cfg, tcfg, special_id):
+    eos = []
+    gen_path = os.path.join(src, "generation_config.json")
+    for source in (load_json(gen_path) if os.path.exists(gen_path) else {}, cfg):
+        e = source.get("eos_token_id")
+        for x in (e if isinstance(e, list) else [e]):
+            if isinstance(x, int) and x not in eos:
+                eos.append(x)
+    t = token_id(tcfg.get("eos_token"), special_id)
+    if t is not None and t not in eos:
+        eos.append(t)
+    return eos[:16]
+
+
+def pack_tokenizer(kind, pretok, flags, bos, unk, eos, pieces, scores, types, merges):
+    out = [struct.pack("<3I2iI", kind, pretok, flags, -1 if bos is None else bos, unk, len(eos))]
+    out.append(struct.pack(f"<{len(eos)}i", *eos))
+    out.append(struct.pack("<2I", len(pieces), len(merges)))
+    for p, s, t in zip(pieces, scores, types):
+        p = p or b""
+        out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
+    out.append(np.asarray(merges, dtype="<u4").reshape(-1).tobytes())
+    return b"".join(out)
+
+
+# ----------------------------------------------------------------------------
+# writing the file (docs/FORMAT.md, in the same order)
+
+
+def pad_to(n, align=ALIGN):
+    return (n + align - 1) // align * align
+
+
+def encode_tensor(arr, dtype):
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if dtype == DTYPES["f32"]:
+        return arr.astype("<f4").tobytes()
+    if dtype == DTYPES["f16"]:
+        if np.abs(arr).max(initial=0.0) > 65504.0:
+            raise ExportError("a weight exceeds the f16 range; export with --dtype bf16 or f32")
+        return arr.astype("<f2").tobytes()
+    return f32_to_bf16(arr).astype("<u2").tobytes()
+
+
+def write_model(m, out, dtype):
+    for i, t in enumerate(m.rope_tables):
+        m.add(f"rope_inv_freq.{i}", t.shape, lambda t=t: t)
+    n_layers, n_tensors = len(m.layers), len(m.tensors)
+    tok = m.tokenizer or b""
+    config_off = 128
+    layers_off = config_off + 128
+    tok_off = layers_off + 64 * n_layers
+    tensors_off = pad_to(tok_off + len(tok), 8)
+    data_off = pad_to(tensors_off + 128 * n_tensors)
+    directory, offset = [], data_off
+    for name, shape, _ in m.tensors:
+        if len(name.encode()) >= 80:
+            raise ExportError(f"tensor name too long: {name}")
+        dt = dtype if len(shape) == 2 else DTYPES["f32"]
+        nbytes = int(np.prod(shape)) * DTYPE_BYTES[dt]
+        directory.append((name, dt, shape, offset, nbytes))
+        offset = pad_to(offset + nbytes)
+    file_size = offset
+
+    header = struct.pack("<4sIQQQQIIQQQIIQQ", b"ATNC", FORMAT_VERSION, file_size, config_off, 128, layers_off,
+                         n_layers, 64, tok_off, len(tok), tensors_off, n_tensors, 128, data_off, file_size - data_off)
+    header += bytes(128 - len(header))
+    config = struct.pack("<32s4I I f 3I 2f 2I", m.family.encode()[:31], m.dim, m.hidden_dim, m.vocab_size,
+                         m.context_length, m.norm_kind, m.norm_eps, m.mlp_kind, m.activation, m.position_kind,
+                         m.embed_scale, m.final_softcap, MODEL_TIED_EMBEDDINGS if m.tied else 0, len(m.rope_tables))
+    config += bytes(128 - len(config))
+    layers = b""
+    for L in m.layers:
+        rec = struct.pack("<4I f I i 2f I", L.n_heads, L.n_kv_heads, L.head_dim, L.window, L.rope_theta, L.rope_dim,
+                          L.rope_table, L.attn_scale, L.attn_softcap, L.flags)
+        layers += rec + bytes(64 - len(rec))
+    dir_bytes = b""
+    for name, dt, shape, off, nbytes in directory:
+        dims = list(shape) + [0] * (4 - len(shape))
+        rec = struct.pack("<80s2I4IQQ", name.encode(), dt, len(shape), *dims, off, nbytes)
+        dir_bytes += rec + bytes(128 - len(rec))
+
+    out_dir = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + config + layers + tok)
+            f.write(bytes(tensors_off - f.tell()))
+            f.write(dir_bytes)
+            f.write(bytes(data_off - f.tell()))
+            for i, ((name, shape, producer), (_, dt, _, off, nbytes)) in enumerate(zip(m.tensors, directory)):
+                arr = producer()
+                if tuple(arr.shape) != shape:
+                    raise ExportError(f"tensor '{name}': expected shape {list(shape)}, checkpoint gives {list(arr.shape)}")
+                data = encode_tensor(arr, dt)
+                assert len(data) == nbytes and f.tell() == off
+                f.write(data)
+                f.write(bytes(pad_to(f.tell()) - f.tell()))
+                if i % 16 == 0 or i == n_tensors - 1:
+                    log(f"export: [{i + 1}/{n_tensors}] {name} {list(shape)}")
+            assert f.tell() == file_size
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    log(f"export: wrote {out} ({file_size / 1e6:.1f} MB, {n_layers} layers, {n_tensors} tensors)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
+    ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
+    ap.add_argument("out", help="output model file")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's own)")
+    ap.add_argument("--bf16-rope", action="store_true",
+                    help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
+                         "them (for checkpoints trained that way, such as kjv-5m)")
+    args = ap.parse_args(argv)
+    try:
+        if os.path.isdir(args.src):
+            m = convert_hf(args.src, args)
+            dtype = DTYPES[args.dtype] if args.dtype else m.source_dtype
+        elif os.path.isfile(args.src):
+            m = convert_llama2c(args.src, args)
+            dtype = DTYPES[args.dtype or "f32"]
+        else:
+            raise ExportError(f"{args.src}: no such file or directory")
+        if args.bf16_rope:
+            round_rope_to_bf16(m)
+        write_model(m, args.out, dtype)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+/* kvcache.h - where each layer keeps the keys and values of the tokens it has seen.
+ *
+ * Full-attention layers must keep every position, so they use PAGED storage: fixed blocks of
+ * KV_BLOCK_TOKENS rows, allocated only when a position first lands in them (memory follows the tokens
+ * actually held, not the maximum context). Sliding-window layers can only ever read their last W
+ * positions (plus any attention sinks), so they use a ROLLING BUFFER: position p goes to slot p mod W,
+ * overwriting the position W back, and the memory stops growing once the window is full.
+ * A row holds one position's keys (or values) for all kv heads of that layer: n_kv_heads * head_dim. */
+#ifndef ATTN_KVCACHE_H
+#define ATTN_KVCACHE_H
+
+#include <stddef.h>
+
+#define KV_BLOCK_TOKENS 16
+
+typedef struct {
+    int kv_dim;     /* floats per row: this layer's n_kv_heads * head_dim */
+    int window;     /* 0: full attention, paged and unbounded; W: rolling buffer of the last W positions */
+    int n_sinks;    /* rolling buffers only: the first n_sinks positions stay (StreamingLLM sinks) */
+    int n_blocks;   /* entries in the block tables (allocated blocks are non-NULL) */
+    float **k_blocks, **v_blocks; /* block b holds slots b*KV_BLOCK_TOKENS .. +KV_BLOCK_TOKENS-1 */
+    int n_positions;/* positions stored so far: 0 .. n_positions-1 have been written */
+} KVLayer;
+
+typedef struct {
+    int n_layers;
+    KVLayer *layers;
+} KVCache;
+
+void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks);
+void kvlayer_free(KVLayer *l);
+
+/* Slots a rolling buffer holds (n_sinks + window); 0 for a paged layer (unbounded). */
+int kvlayer_capacity(const KVLayer *l);
+/* The slot position pos occupies. */
+int kvlayer_slot_of(const KVLayer *l, int pos);
+/* 1 if pos is still held (written and not yet overwritten by the rolling buffer). */
+int kvlayer_holds(const KVLayer *l, int pos);
+/* Stores the key and value rows of position pos (positions are written in order, starting at 0).
+ * Returns 0, or -1 when memory runs out. */
+int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value);
+/* The key / value row of a held position. */
+float *kvlayer_key(const KVLayer *l, int pos);
+float *kvlayer_value(const KVLayer *l, int pos);
+/* Bytes of key and value storage this layer holds right now. */
+size_t kvlayer_bytes_held(const KVLayer *l);
+
+/* Forgets every position and gives the blocks back. */
+void kvcache_reset(KVCache *c);
+size_t kvcache_bytes_held(const KVCache *c);
+void kvcache_free(KVCache *c);
+
+#endif

@@ -1,0 +1,334 @@
+/* run.c - the command line: load a model, turn the prompt into ids, run it through the model, sample
+ * new tokens one at a time and print them as they come. */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "model.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * errors: one line, exit status 1 */
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    fputs("error: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * sampling: greedy, or temperature + top-p (nucleus) with a seeded generator */
+
+typedef struct {
+    float temperature; /* 0: greedy */
+    float top_p;       /* keep the smallest set of tokens whose probability reaches top_p */
+    uint64_t rng;
+    int *order;        /* scratch: token ids sorted by probability */
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) { /* xorshift64* */
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1DULL) >> 32);
+}
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static const float *sort_probs; /* comparator context; sampling is single-threaded */
+static int by_prob_desc(const void *a, const void *b) {
+    float pa = sort_probs[*(const int *)a], pb = sort_probs[*(const int *)b];
+    return (pa < pb) - (pa > pb);
+}
+
+static int sample(Sampler *s, float *logits, int n) {
+    if (s->temperature == 0.0f) return argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= s->temperature;
+    softmax(logits, n);
+    float r = random_f32(&s->rng);
+    if (s->top_p <= 0.0f || s->top_p >= 1.0f) { /* plain sampling from the whole distribution */
+        float cdf = 0.0f;
+        for (int i = 0; i < n; i++) {
+            cdf += logits[i];
+            if (r < cdf) return i;
+        }
+        return n - 1;
+    }
+    /* top-p: tokens below (1 - top_p) / (n - 1) can never be in the nucleus, so sort only the rest */
+    float cutoff = (1.0f - s->top_p) / (float)(n - 1 > 0 ? n - 1 : 1);
+    int m = 0;
+    for (int i = 0; i < n; i++)
+        if (logits[i] >= cutoff) s->order[m++] = i;
+    sort_probs = logits;
+    qsort(s->order, (size_t)m, sizeof *s->order, by_prob_desc);
+    float mass = 0.0f;
+    int last = m - 1;
+    for (int i = 0; i < m; i++) {
+        mass += logits[s->order[i]];
+        if (mass > s->top_p) {
+            last = i;
+            break;
+        }
+    }
+    float target = r * mass, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        cdf += logits[s->order[i]];
+        if (target < cdf) return s->order[i];
+    }
+    return s->order[last];
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * command line */
+
+typedef struct {
+    const char *model_path;
+    const char *prompt;
+    const char *tokens;     /* --tokens: comma-separated ids */
+    const char *logits_path;
+    const char *encode_text;
+    int n_generate;
+    float temperature, top_p;
+    uint64_t seed;
+    int print_ids, no_bos;
+    int threads, batch;
+} Options;
+
+static void usage(FILE *out) {
+    fputs("usage: ./run MODEL [options]\n"
+          "  -p TEXT         prompt text\n"
+          "  -n N            tokens to generate (default 256; 0 = only process the prompt)\n"
+          "  -t TEMP         temperature (default 1.0; 0 = greedy)\n"
+          "  --top-p P       nucleus sampling threshold in (0, 1] (default 0.9)\n"
+          "  -s SEED         random seed (default: from the clock)\n"
+          "  --tokens LIST   comma-separated token ids used as the prompt instead of -p (no BOS added)\n"
+          "  --logits FILE   write float32 little-endian logits for every prompt position, [n_prompt][vocab]\n"
+          "  --print-ids     print the generated ids (space-separated, one line) instead of text\n"
+          "  --encode TEXT   print the ids TEXT encodes to as a prompt, then exit; --no-bos drops the BOS\n"
+          "  --no-bos        do not add the tokenizer's BOS to -p / --encode text\n"
+          "  --threads N     threads (default: all cores)\n"
+          "  --batch N       prompt tokens per forward pass (default 64; 1 = token by token)\n"
+          "  --help          this text\n",
+          out);
+}
+
+static long parse_long(const char *opt, const char *v, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || end == v || *end) die("%s expects an integer, got '%s'", opt, v);
+    if (x < lo || x > hi) die("%s must be between %ld and %ld, got %ld", opt, lo, hi, x);
+    return x;
+}
+
+static float parse_float(const char *opt, const char *v, float lo, float hi) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || end == v || *end || !isfinite(x)) die("%s expects a number, got '%s'", opt, v);
+    if (x < lo || x > hi) die("%s must be between %g and %g, got %g", opt, lo, hi, x);
+    return (float)x;
+}
+
+static Options parse_args(int argc, char **argv) {
+    Options o = {0};
+    o.n_generate = 256;
+    o.temperature = 1.0f;
+    o.top_p = 0.9f;
+    o.seed = (uint64_t)time(NULL);
+    o.batch = 64;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            exit(0);
+        }
+        if (a[0] != '-' || a[1] == '\0') {
+            if (o.model_path) die("unexpected argument '%s' (the model is '%s')", a, o.model_path);
+            o.model_path = a;
+            continue;
+        }
+        /* every other option takes a value */
+        int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos");
+        if (is_flag) {
+            if (!strcmp(a, "--print-ids")) o.print_ids = 1;
+            else o.no_bos = 1;
+            continue;
+        }
+        const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--threads", "--batch"};
+        int k = 0;
+        while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
+        if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
+        if (i + 1 >= argc) die("%s needs a value", a);
+        const char *v = argv[++i];
+        if (!strcmp(a, "-p")) o.prompt = v;
+        else if (!strcmp(a, "-n")) o.n_generate = (int)parse_long(a, v, 0, 1 << 24);
+        else if (!strcmp(a, "-t")) o.temperature = parse_float(a, v, 0.0f, 100.0f);
+        else if (!strcmp(a, "-s")) o.seed = (uint64_t)parse_long(a, v, 0, LONG_MAX);
+        else if (!strcmp(a, "--top-p")) o.top_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "--tokens")) o.tokens = v;
+        else if (!strcmp(a, "--logits")) o.logits_path = v;
+        else if (!strcmp(a, "--encode")) o.encode_text = v;
+        else if (!strcmp(a, "--threads")) o.threads = (int)parse_long(a, v, 1, 1024);
+        else if (!strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
+    }
+    if (!o.model_path) {
+        usage(stderr);
+        die("no model file given");
+    }
+    if (o.prompt && o.tokens) die("give the prompt as -p TEXT or --tokens LIST, not both");
+    return o;
+}
+
+/* --tokens "1,2,3" -> ids, each checked against the vocabulary */
+static int parse_token_list(const char *list, int vocab_size, int **out) {
+    size_t cap = 1;
+    for (const char *p = list; *p; p++) cap += *p == ',';
+    int *ids = malloc(cap * sizeof *ids), n = 0;
+    if (!ids) die("out of memory");
+    const char *p = list;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ',')) die("--tokens expects comma-separated integers, got '%s'", list);
+        if (v < 0 || v >= vocab_size) die("--tokens: id %ld is outside the vocabulary (0 .. %d)", v, vocab_size - 1);
+        ids[n++] = (int)v;
+        p = *end ? end + 1 : end;
+        if (*end == ',' && !*p) die("--tokens: trailing comma in '%s'", list);
+    }
+    if (n == 0) die("--tokens: no ids given");
+    *out = ids;
+    return n;
+}
+
+static int encode_text(const Model *m, const char *text, int add_bos, int **out) {
+    if (m->tokenizer.kind == TOKENIZER_NONE) die("%s has no tokenizer: give the prompt as --tokens LIST", "this model");
+    size_t len = strlen(text);
+    int *ids = malloc((len + 3) * sizeof *ids);
+    if (!ids) die("out of memory");
+    int n = tokenizer_encode(&m->tokenizer, text, len, add_bos, ids);
+    if (n < 0) die("out of memory while tokenizing");
+    *out = ids;
+    return n;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * main: prompt -> prefill -> generate */
+
+int main(int argc, char **argv) {
+    Options o = parse_args(argc, argv);
+#ifdef _OPENMP
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+#endif
+    Model model;
+    char err[512];
+    if (model_load(&model, o.model_path, err, sizeof err) != 0) die("%s", err);
+    const Config *c = &model.config;
+
+    if (o.encode_text) {
+        int *ids, n = encode_text(&model, o.encode_text, !o.no_bos, &ids);
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        free(ids);
+        model_free(&model);
+        return 0;
+    }
+
+    /* the prompt as ids */
+    int *prompt = NULL, n_prompt;
+    if (o.tokens) n_prompt = parse_token_list(o.tokens, c->vocab_size, &prompt);
+    else n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
+    if (n_prompt == 0) die("the prompt is empty and the tokenizer has no BOS to start from: give -p TEXT");
+    int rolls = model_can_roll(c); /* every layer slides: positions may run past the context */
+    if (n_prompt > c->context_length && !rolls)
+        die("the prompt has %d tokens but the model's context is %d", n_prompt, c->context_length);
+
+    FILE *logits_file = NULL;
+    if (o.logits_path && !(logits_file = fopen(o.logits_path, "wb")))
+        die("cannot write --logits file '%s': %s", o.logits_path, strerror(errno));
+
+    int batch = o.batch < n_prompt ? o.batch : n_prompt;
+    RunState state;
+    if (runstate_init(&state, &model, batch) != 0) die("out of memory allocating the run state");
+    Sampler sampler = {o.temperature, o.top_p, o.seed * 2654435761ULL + 1, malloc((size_t)c->vocab_size * sizeof(int))};
+    if (!sampler.order) die("out of memory");
+
+    /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for */
+    double t0 = now_seconds();
+    float *logits = NULL;
+    for (int pos = 0; pos < n_prompt; pos += batch) {
+        int n = n_prompt - pos < batch ? n_prompt - pos : batch;
+        logits = forward(&model, &state, prompt + pos, n, pos, logits_file != NULL);
+        if (!logits) die("out of memory growing the KV cache at position %d", pos);
+        if (logits_file) {
+            if (fwrite(logits, sizeof(float), (size_t)n * c->vocab_size, logits_file) != (size_t)n * c->vocab_size)
+                die("writing --logits file '%s' failed", o.logits_path);
+            logits += (size_t)(n - 1) * c->vocab_size; /* the last position's logits feed generation */
+        }
+    }
+    if (logits_file && fclose(logits_file) != 0) die("writing --logits file '%s' failed", o.logits_path);
+    double t1 = now_seconds();
+
+    /* generation: sample, print, feed the token back */
+    Utf8Stream out = {{0}, 0};
+    int generated = 0, prev = prompt[n_prompt - 1], pos = n_prompt;
+    while (generated < o.n_generate) {
+        int next = sample(&sampler, logits, c->vocab_size);
+        if (model.tokenizer.kind != TOKENIZER_NONE && tokenizer_is_eos(&model.tokenizer, next)) break;
+        if (o.print_ids) {
+            printf(generated ? " %d" : "%d", next);
+        } else if (model.tokenizer.kind != TOKENIZER_NONE) {
+            int len;
+            const unsigned char *bytes = tokenizer_decode(&model.tokenizer, prev, next, &len);
+            utf8_stream_write(&out, stdout, bytes, len);
+        } else {
+            printf(generated ? " %d" : "%d", next); /* no tokenizer: ids are all we can show */
+        }
+        fflush(stdout);
+        prev = next;
+        if (++generated == o.n_generate) break;
+        if (pos >= c->context_length && !rolls) {
+            fprintf(stderr, "\nnote: stopped at the end of the model's context (%d tokens)\n", c->context_length);
+            break;
+        }
+        logits = forward(&model, &state, &next, 1, pos++, 0);
+        if (!logits) die("out of memory growing the KV cache at position %d", pos - 1);
+    }
+    utf8_stream_flush(&out, stdout);
+    if (o.n_generate > 0) printf("\n");
+    double t2 = now_seconds();
+
+    fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes\n", n_prompt,
+            n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), generated, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9),
+            kvcache_bytes_held(&state.kv));
+    free(sampler.order);
+    free(prompt);
+    runstate_free(&state);
+    model_free(&model);
+    return 0;
+}

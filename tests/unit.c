@@ -1,0 +1,246 @@
+/* tests/unit.c - C unit tests: KV cache (paged blocks, rolling buffer), GQA/MQA head mapping, attention
+ * against a naive reference written out in full here, ops, UTF-8 and the tokenizer's streaming output.
+ * Prints "ok NAME" or "FAIL NAME: why" per check; exits 1 if any failed. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+#include "kvcache.h"
+#include "ops.h"
+#include "tokenizer.h"
+#include "unicode.h"
+
+static int failures = 0;
+
+static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#include <stdarg.h>
+static void check(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs(ok ? "ok " : "FAIL ", stdout);
+    vprintf(fmt, ap);
+    fputc('\n', stdout);
+    va_end(ap);
+    if (!ok) failures++;
+}
+
+static unsigned rng_state = 12345;
+static float frand(void) { /* uniform in [-1, 1) */
+    rng_state = rng_state * 1664525u + 1013904223u;
+    return (float)((rng_state >> 8) & 0xFFFFFF) / 8388608.0f - 1.0f;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+
+static void test_paged_cache(void) {
+    KVLayer l;
+    int kv_dim = 8;
+    kvlayer_init(&l, kv_dim, 0, 0);
+    float k[8], v[8];
+    check(kvlayer_bytes_held(&l) == 0, "paged cache: nothing allocated before the first token");
+    size_t block_bytes = (size_t)KV_BLOCK_TOKENS * kv_dim * sizeof(float) * 2;
+    int ok_growth = 1, ok_content = 1;
+    for (int pos = 0; pos < 5 * KV_BLOCK_TOKENS + 3; pos++) {
+        for (int i = 0; i < kv_dim; i++) k[i] = pos * 100.0f + i, v[i] = -(pos * 100.0f + i);
+        kvlayer_store(&l, pos, k, v);
+        size_t want_blocks = (size_t)(pos / KV_BLOCK_TOKENS + 1);
+        if (kvlayer_bytes_held(&l) != want_blocks * block_bytes) ok_growth = 0;
+    }
+    check(ok_growth, "paged cache: a new block is allocated exactly when a position crosses a block boundary");
+    for (int pos = 0; pos < 5 * KV_BLOCK_TOKENS + 3; pos++) {
+        const float *kk = kvlayer_key(&l, pos), *vv = kvlayer_value(&l, pos);
+        for (int i = 0; i < kv_dim; i++)
+            if (kk[i] != pos * 100.0f + i || vv[i] != -(pos * 100.0f + i)) ok_content = 0;
+    }
+    check(ok_content, "paged cache: every position reads back its own key and value across block boundaries");
+    check(kvlayer_holds(&l, 0) && kvlayer_holds(&l, 5 * KV_BLOCK_TOKENS + 2) && !kvlayer_holds(&l, 5 * KV_BLOCK_TOKENS + 3),
+          "paged cache: holds every written position and nothing beyond");
+    kvlayer_free(&l);
+}
+
+static void test_rolling_buffer(void) {
+    int kv_dim = 4, W = 20; /* not a multiple of the block size: the last block is cut short */
+    KVLayer l;
+    kvlayer_init(&l, kv_dim, W, 0);
+    float k[4], v[4];
+    size_t bytes_at_w = 0;
+    int constant = 1, content = 1, holds = 1;
+    for (int pos = 0; pos < 10 * W; pos++) {
+        for (int i = 0; i < kv_dim; i++) k[i] = (float)pos, v[i] = (float)-pos;
+        kvlayer_store(&l, pos, k, v);
+        if (pos == W - 1) bytes_at_w = kvlayer_bytes_held(&l);
+        if (pos >= W && kvlayer_bytes_held(&l) != bytes_at_w) constant = 0;
+        /* the last W positions are readable and hold their own values */
+        for (int p = pos - W + 1; p <= pos; p++)
+            if (p >= 0 && (kvlayer_key(&l, p)[0] != (float)p || kvlayer_value(&l, p)[3] != (float)-p)) content = 0;
+        if (pos >= W && (kvlayer_holds(&l, pos - W) || !kvlayer_holds(&l, pos - W + 1))) holds = 0;
+    }
+    check(bytes_at_w == (size_t)W * kv_dim * sizeof(float) * 2,
+          "rolling buffer: holds exactly W positions of keys and values once full (%zu bytes)", bytes_at_w);
+    check(constant, "rolling buffer: memory stays constant after W tokens (10 W written)");
+    check(content, "rolling buffer: wraps at W and the last W positions read back correctly");
+    check(holds, "rolling buffer: position p - W is gone, p - W + 1 is still held");
+    check(kvlayer_slot_of(&l, W) == 0 && kvlayer_slot_of(&l, W + 1) == 1 && kvlayer_slot_of(&l, 2 * W - 1) == W - 1,
+          "rolling buffer: position p lives in slot p mod W");
+    kvlayer_free(&l);
+
+    /* growth before the window is full: memory follows the tokens, one block at a time */
+    kvlayer_init(&l, kv_dim, 64, 0);
+    kvlayer_store(&l, 0, k, v);
+    check(kvlayer_bytes_held(&l) == (size_t)KV_BLOCK_TOKENS * kv_dim * sizeof(float) * 2,
+          "rolling buffer: allocates block by block while filling");
+    kvlayer_free(&l);
+
+    /* sinks: the first positions stay, the rest rolls */
+    kvlayer_init(&l, kv_dim, 8, 2);
+    for (int pos = 0; pos < 50; pos++) {
+        for (int i = 0; i < kv_dim; i++) k[i] = (float)pos, v[i] = (float)pos;
+        kvlayer_store(&l, pos, k, v);
+    }
+    int sinks_ok = kvlayer_key(&l, 0)[0] == 0.0f && kvlayer_key(&l, 1)[0] == 1.0f && kvlayer_holds(&l, 0) &&
+                   kvlayer_holds(&l, 1) && !kvlayer_holds(&l, 2) && !kvlayer_holds(&l, 41) && kvlayer_holds(&l, 42);
+    for (int p = 42; p < 50; p++) sinks_ok &= kvlayer_key(&l, p)[0] == (float)p;
+    check(sinks_ok && kvlayer_bytes_held(&l) == 10 * (size_t)kv_dim * sizeof(float) * 2,
+          "rolling buffer with 2 sinks: keeps positions 0, 1 and the last 8, in 10 slots");
+    kvlayer_free(&l);
+}
+
+static void test_head_mapping(void) {
+    int ok = 1;
+    for (int h = 0; h < 8; h++) ok &= kv_head_of(h, 8, 8) == h; /* MHA */
+    check(ok, "head mapping: MHA maps each query head to its own kv head");
+    ok = 1;
+    for (int h = 0; h < 8; h++) ok &= kv_head_of(h, 8, 1) == 0; /* MQA */
+    check(ok, "head mapping: MQA maps every query head to kv head 0");
+    int want[8] = {0, 0, 0, 0, 1, 1, 1, 1};
+    ok = 1;
+    for (int h = 0; h < 8; h++) ok &= kv_head_of(h, 8, 2) == want[h]; /* GQA */
+    check(ok, "head mapping: GQA 8/2 maps heads 0-3 to kv 0 and 4-7 to kv 1");
+}
+
+/* The attention formula written out with full matrices: S = Q K^T * scale, mask, softmax, S V. */
+static void reference_attention(float *out, const float *q, const float *keys, const float *values, int n_pos, int pos,
+                                int head_dim, int kv_stride, float scale, float cap, int window, int sinks) {
+    double *s = malloc(sizeof(double) * (size_t)n_pos);
+    double max = -1e300, sum = 0.0;
+    for (int j = 0; j < n_pos; j++) {
+        int visible = j <= pos && (window == 0 || pos - j < window || j < sinks);
+        if (!visible) {
+            s[j] = -INFINITY;
+            continue;
+        }
+        double d = 0.0;
+        for (int i = 0; i < head_dim; i++) d += (double)q[i] * keys[(size_t)j * kv_stride + i];
+        d *= scale;
+        if (cap > 0) d = cap * tanh(d / cap);
+        s[j] = d;
+        if (d > max) max = d;
+    }
+    for (int j = 0; j < n_pos; j++) sum += s[j] == -INFINITY ? 0.0 : exp(s[j] - max);
+    for (int i = 0; i < head_dim; i++) {
+        double acc = 0.0;
+        for (int j = 0; j < n_pos; j++)
+            if (s[j] != -INFINITY) acc += exp(s[j] - max) / sum * values[(size_t)j * kv_stride + i];
+        out[i] = (float)acc;
+    }
+    free(s);
+}
+
+static void test_attention(void) {
+    struct {
+        const char *name;
+        int n_heads, n_kv_heads, window, sinks;
+        float cap;
+    } cases[] = {{"MHA causal", 4, 4, 0, 0, 0}, {"GQA 8/2 causal", 8, 2, 0, 0, 0}, {"MQA sliding W=7", 4, 1, 7, 0, 0},
+                 {"GQA sliding W=5 + 2 sinks", 4, 2, 5, 2, 0}, {"MHA soft-capped 5", 2, 2, 0, 0, 5.0f}};
+    int head_dim = 16, n_pos = 40;
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        int H = cases[c].n_heads, KV = cases[c].n_kv_heads, kv_dim = KV * head_dim;
+        float *keys = malloc(sizeof(float) * (size_t)n_pos * kv_dim), *vals = malloc(sizeof(float) * (size_t)n_pos * kv_dim);
+        float *q = malloc(sizeof(float) * (size_t)H * head_dim), *out = malloc(sizeof(float) * (size_t)H * head_dim);
+        float *scores = malloc(sizeof(float) * (size_t)H * n_pos), ref[64];
+        for (int i = 0; i < n_pos * kv_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
+        KVLayer l;
+        kvlayer_init(&l, kv_dim, cases[c].window, cases[c].sinks);
+        AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].window, cases[c].sinks};
+        double worst = 0.0;
+        for (int pos = 0; pos < n_pos; pos++) {
+            kvlayer_store(&l, pos, keys + (size_t)pos * kv_dim, vals + (size_t)pos * kv_dim);
+            for (int i = 0; i < H * head_dim; i++) q[i] = frand();
+            attention_layer(out, q, &l, H, KV, pos, &spec, scores, n_pos);
+            for (int h = 0; h < H; h++) {
+                int kvh = h / (H / KV);
+                reference_attention(ref, q + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim, n_pos, pos,
+                                    head_dim, kv_dim, spec.scale, spec.softcap, cases[c].window, cases[c].sinks);
+                for (int i = 0; i < head_dim; i++) {
+                    double d = fabs(out[h * head_dim + i] - ref[i]);
+                    if (d > worst) worst = d;
+                }
+            }
+        }
+        check(worst < 1e-5, "attention %s: cached kernel equals the full-matrix formula at all %d positions (max |d| %.1e)",
+              cases[c].name, n_pos, worst);
+        kvlayer_free(&l);
+        free(keys), free(vals), free(q), free(out), free(scores);
+    }
+}
+
+static void test_ops(void) {
+    check(bf16_to_f32(0x3F80) == 1.0f && bf16_to_f32(0xC000) == -2.0f, "bf16 -> f32");
+    check(f16_to_f32(0x3C00) == 1.0f && f16_to_f32(0xC000) == -2.0f && f16_to_f32(0x0001) == ldexpf(1.0f, -24) &&
+              isinf(f16_to_f32(0x7C00)),
+          "f16 -> f32 (normal, negative, subnormal, infinity)");
+    float x[4] = {1, 2, 3, 4}, w[4] = {1, 1, 1, 1}, out[4];
+    rmsnorm(out, x, w, 4, 0.0f);
+    check(fabsf(out[3] - 4.0f / sqrtf(7.5f)) < 1e-6f, "rmsnorm");
+    float b[4] = {0, 0, 0, 1};
+    layernorm(out, x, w, b, 4, 0.0f);
+    check(fabsf(out[0] + 1.5f / sqrtf(1.25f)) < 1e-6f && fabsf(out[3] - (1.0f + 1.5f / sqrtf(1.25f))) < 1e-6f, "layernorm");
+    float head[4] = {1, 0, 0, 1}, inv[2] = {1.0f, 0.5f};
+    rope(head, 4, 2, inv); /* pairs (0,2) by angle 2, (1,3) by angle 1 */
+    check(fabsf(head[0] - cosf(2)) < 1e-6f && fabsf(head[2] - sinf(2)) < 1e-6f && fabsf(head[1] + sinf(1)) < 1e-6f &&
+              fabsf(head[3] - cosf(1)) < 1e-6f,
+          "rope rotates the pairs (i, i + d/2)");
+    float s[3] = {1, 2, 3};
+    softmax(s, 3);
+    check(fabsf(s[0] + s[1] + s[2] - 1.0f) < 1e-6f && s[2] > s[1], "softmax");
+    check(fabsf(softcap(1000.0f, 30.0f) - 30.0f) < 1e-4f && softcap(1.0f, 0.0f) == 1.0f, "softcap");
+}
+
+static void test_utf8(void) {
+    uint32_t cp;
+    check(utf8_decode((const unsigned char *)"\xE2\x82\xAC", 3, &cp) == 3 && cp == 0x20AC, "utf8: decodes a 3-byte character");
+    check(utf8_decode((const unsigned char *)"\xE2\x82", 2, &cp) == 1 && cp == 0xFFFD, "utf8: a truncated sequence is one invalid byte");
+    check(utf8_decode((const unsigned char *)"\xC0\x80", 2, &cp) == 1 && cp == 0xFFFD, "utf8: overlong forms are invalid");
+    check(unicode_in(&unicode_letter, 0x3B1) && unicode_in(&unicode_number, 0x0663) && unicode_in(&unicode_space, 0x3000) &&
+              !unicode_in(&unicode_letter, 0x200B),
+          "unicode classes: Greek alpha is a letter, Arabic-Indic three a number, U+3000 a space, ZWSP none");
+
+    /* streaming decode: a character split over tokens is held back until complete */
+    char buf[64] = {0};
+    FILE *f = fmemopen(buf, sizeof buf, "w");
+    Utf8Stream s = {{0}, 0};
+    utf8_stream_write(&s, f, (const unsigned char *)"a\xE2", 2);
+    fflush(f);
+    int held = strcmp(buf, "a") == 0;
+    utf8_stream_write(&s, f, (const unsigned char *)"\x82", 1);
+    utf8_stream_write(&s, f, (const unsigned char *)"\xAC!", 2);
+    utf8_stream_write(&s, f, (const unsigned char *)"\xF0\x9F", 2);
+    utf8_stream_flush(&s, f);
+    fclose(f);
+    check(held && strcmp(buf, "a\xE2\x82\xAC!\xEF\xBF\xBD") == 0,
+          "streaming decode: never prints half a character; an unfinished one ends as U+FFFD");
+}
+
+int main(void) {
+    test_paged_cache();
+    test_rolling_buffer();
+    test_head_mapping();
+    test_attention();
+    test_ops();
+    test_utf8();
+    printf("unit: %d failed\n", failures);
+    return failures ? 1 : 0;
+}
