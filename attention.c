@@ -37,11 +37,7 @@ int visible_count(const AttentionSpec *a, int pos) {
     return v.n_sinks_seen + (pos - v.first + 1);
 }
 
-static float dot(const float *a, const float *b, int n) {
-    float s = 0.0f;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+static float dot(const float *a, const float *b, int n) { return dot_product(a, b, n); /* SIMD, ops.h */ }
 
 /* Scaled dot-product attention of one query head over the visible cached positions:
  *   s_j = softcap(q . k_j * scale)     for each visible position j
@@ -70,11 +66,25 @@ void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, 
 }
 
 /* Multi-head attention for one token: every query head attends independently, through its kv head. */
+typedef struct {
+    float *out;
+    const float *q;
+    const KVLayer *kv;
+    int n_heads, n_kv_heads, pos, scores_stride;
+    const AttentionSpec *a;
+    float *scores;
+} HeadsJob;
+
+static void attend_heads(void *arg, int first, int end) {
+    const HeadsJob *j = arg;
+    int hd = j->a->head_dim;
+    for (int h = first; h < end; h++)
+        attention_head(j->out + (size_t)h * hd, j->q + (size_t)h * hd, j->kv, kv_head_of(h, j->n_heads, j->n_kv_heads),
+                       j->pos, j->a, j->scores + (size_t)h * j->scores_stride);
+}
+
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
                      const AttentionSpec *a, float *scores, int scores_stride) {
-    int hd = a->head_dim;
-#pragma omp parallel for schedule(static)
-    for (int h = 0; h < n_heads; h++)
-        attention_head(out + (size_t)h * hd, q + (size_t)h * hd, kv, kv_head_of(h, n_heads, n_kv_heads), pos, a,
-                       scores + (size_t)h * scores_stride);
+    HeadsJob job = {out, q, kv, n_heads, n_kv_heads, pos, scores_stride, a, scores};
+    parallel_for(n_heads, 1, 2LL * n_heads * visible_count(a, pos) * a->head_dim, attend_heads, &job); /* ops.h */
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
 
-    python3 export.py SRC OUT [--dtype f32|bf16|f16]
+    python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0]
 
 SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
 legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors and JSON are read by hand.
@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 FORMAT_VERSION = 1
 ALIGN = 64
 
-DTYPES = {"f32": 0, "f16": 1, "bf16": 2}
-DTYPE_BYTES = {0: 4, 1: 2, 2: 2}
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3}
+Q8_GROUP = 32  # q8_0: int8 values in groups of 32 along a row, one f16 scale per group
 
 NORM_RMS, NORM_LAYER = 0, 1
 MLP_GATED, MLP_PLAIN = 0, 1
@@ -776,8 +776,41 @@ def pad_to(n, align=ALIGN):
     return (n + align - 1) // align * align
 
 
+def tensor_nbytes(dtype, shape):
+    count = int(np.prod(shape))
+    if dtype == DTYPES["q8_0"]:  # the int8 values, then one f16 scale per group
+        return count + count // Q8_GROUP * 2
+    return count * (4 if dtype == DTYPES["f32"] else 2)
+
+
+def quantize_q8_0(arr):
+    """[rows][cols] -> rows*cols int8 values (row-major), then rows*cols/32 f16 scales (row-major): each group of
+    32 values of a row is round(w / scale) with scale = max|w| / 127, so value * scale approximates w."""
+    rows, cols = arr.shape
+    groups = arr.reshape(rows, cols // Q8_GROUP, Q8_GROUP)
+    with np.errstate(over="ignore"):
+        scale = (np.abs(groups).max(axis=-1) / np.float32(127.0)).astype(np.float16)
+    if not np.isfinite(scale).all():
+        raise ExportError("a weight exceeds the q8_0 range (its scale overflows f16); export with --dtype bf16 or f32")
+    s32 = scale.astype(np.float32)
+    inv = np.divide(np.float32(1.0), s32, out=np.zeros_like(s32), where=s32 > 0)
+    q = np.clip(np.rint(groups * inv[..., None]), -127, 127).astype(np.int8)
+    return q.tobytes() + scale.astype("<f2").tobytes()
+
+
+def matrix_dtype(dtype, name, shape):
+    """The dtype a matrix is stored in: the export dtype, except that q8_0 needs whole groups of 32 columns
+    (matrices that have not stay f32)."""
+    if dtype == DTYPES["q8_0"] and shape[1] % Q8_GROUP:
+        log(f"export: {name} {list(shape)} has columns that do not fill groups of {Q8_GROUP}: stored as f32, not q8_0")
+        return DTYPES["f32"]
+    return dtype
+
+
 def encode_tensor(arr, dtype):
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if dtype == DTYPES["q8_0"]:
+        return quantize_q8_0(arr)
     if dtype == DTYPES["f32"]:
         return arr.astype("<f4").tobytes()
     if dtype == DTYPES["f16"]:
@@ -801,8 +834,8 @@ def write_model(m, out, dtype):
     for name, shape, _ in m.tensors:
         if len(name.encode()) >= 80:
             raise ExportError(f"tensor name too long: {name}")
-        dt = dtype if len(shape) == 2 else DTYPES["f32"]
-        nbytes = int(np.prod(shape)) * DTYPE_BYTES[dt]
+        dt = matrix_dtype(dtype, name, shape) if len(shape) == 2 else DTYPES["f32"]
+        nbytes = tensor_nbytes(dt, shape)
         directory.append((name, dt, shape, offset, nbytes))
         offset = pad_to(offset + nbytes)
     file_size = offset
@@ -861,7 +894,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
     ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
     ap.add_argument("out", help="output model file")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's own)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES),
+                    help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale each")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")

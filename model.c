@@ -184,7 +184,7 @@ static int parse_tensor(LoadContext *ctx, TensorEntry *e, const unsigned char *p
     for (int d = 0; d < 4; d++) e->shape[d] = next_u32(&cur);
     e->offset = next_u64(&cur);
     e->nbytes = next_u64(&cur);
-    if (dtype > DTYPE_BF16) return fail(ctx, "tensor '%s' has unknown dtype %u", e->name, dtype);
+    if (dtype >= DTYPE_COUNT) return fail(ctx, "tensor '%s' has unknown dtype %u", e->name, dtype);
     if (ndim < 1 || ndim > 2) return fail(ctx, "tensor '%s' has %u dimensions (1 or 2 expected)", e->name, ndim);
     uint64_t count = 1;
     for (uint32_t d = 0; d < ndim; d++) {
@@ -194,9 +194,13 @@ static int parse_tensor(LoadContext *ctx, TensorEntry *e, const unsigned char *p
     }
     e->dtype = (DType)dtype;
     e->ndim = (int)ndim;
-    if (e->nbytes != count * (uint64_t)dtype_size(e->dtype))
+    uint64_t cols = e->shape[ndim - 1], need = tensor_nbytes(e->dtype, count / cols, cols);
+    if (need == 0)
+        return fail(ctx, "tensor '%s' is %s but its %llu columns are not a multiple of %d", e->name,
+                    dtype_name(e->dtype), (unsigned long long)cols, Q8_GROUP);
+    if (e->nbytes != need)
         return fail(ctx, "tensor '%s' has %llu bytes, its shape and dtype need %llu", e->name,
-                    (unsigned long long)e->nbytes, (unsigned long long)(count * (uint64_t)dtype_size(e->dtype)));
+                    (unsigned long long)e->nbytes, (unsigned long long)need);
     if (e->offset % DATA_ALIGN || e->offset < data_off)
         return fail(ctx, "tensor '%s' offset %llu is not a %d-aligned offset in the data section", e->name,
                     (unsigned long long)e->offset, DATA_ALIGN);
@@ -317,6 +321,17 @@ static int bind_weights(Directory *d, Model *m) {
     return 0;
 }
 
+/* The weights stay in the mapped file (no copy). Once the file has passed every check, map all of its pages
+ * in now, so that the first forward pass does not take ~one page fault per 4 KiB of weights. Advisory: if
+ * the kernel cannot, pages are faulted in as they are first read. */
+static void prefault(const void *data, size_t size) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), start = (uintptr_t)data / page * page;
+#ifdef MADV_POPULATE_READ
+    if (madvise((void *)start, (uintptr_t)data + size - start, MADV_POPULATE_READ) == 0) return;
+#endif
+    madvise((void *)start, (uintptr_t)data + size - start, MADV_WILLNEED);
+}
+
 int model_load(Model *m, const char *path, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
     LoadContext ctx = {path, err, errlen};
@@ -400,6 +415,7 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
     bad = bind_weights(&dir, m);
     free(entries);
     if (bad) return model_free(m), -1;
+    prefault(p + data_off, (size_t)data_size);
 
     /* tokenizer */
     char tok_err[200];
@@ -464,6 +480,11 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->kv.layers = calloc((size_t)c->n_layers, sizeof *s->kv.layers);
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->scores || !s->logits ||
         !s->kv.layers) {
+        runstate_free(s);
+        return -1;
+    }
+    int widest_input = (int)wide > c->hidden_dim ? (int)wide : c->hidden_dim; /* matmul inputs: dim, q_dim, hidden */
+    if (matmul_reserve(max_tokens, widest_input) != 0) {
         runstate_free(s);
         return -1;
     }
@@ -545,11 +566,9 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         KVLayer *cache = &s->kv.layers[l];
         int hd = lc->head_dim, q_dim = lc->n_heads * hd, kv_dim = lc->n_kv_heads * hd;
 
-        /* attention norm, then q, k, v for these tokens (+ biases: Qwen2, GPT-2) */
+        /* attention norm, then q, k, v for these tokens in one pass (+ biases: Qwen2, GPT-2) */
         norm(xb, x, &lw->attn_norm, &lw->attn_norm_bias, n, c);
-        matmul(s->q, xb, &lw->wq, n);
-        matmul(s->k, xb, &lw->wk, n);
-        matmul(s->v, xb, &lw->wv, n);
+        matmul_many((Projection[]){{s->q, &lw->wq}, {s->k, &lw->wk}, {s->v, &lw->wv}}, 3, xb, n);
         add_bias(s->q, &lw->bq, n);
         add_bias(s->k, &lw->bk, n);
         add_bias(s->v, &lw->bv, n);
@@ -577,11 +596,11 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
 
         /* MLP: gated  down(act(gate(x)) * up(x))  (SwiGLU, GeGLU)  or plain  down(act(up(x) + b) + b)  (GPT-2) */
         norm(xb, x, &lw->mlp_norm, &lw->mlp_norm_bias, n, c);
-        matmul(hb, xb, &lw->w_up, n);
         if (c->mlp_kind == MLP_GATED) {
-            matmul(hb2, xb, &lw->w_gate, n);
+            matmul_many((Projection[]){{hb, &lw->w_up}, {hb2, &lw->w_gate}}, 2, xb, n);
             for (size_t i = 0; i < (size_t)n * hidden; i++) hb[i] *= activation(hb2[i], c->activation);
         } else {
+            matmul(hb, xb, &lw->w_up, n);
             add_bias(hb, &lw->b_up, n);
             for (size_t i = 0; i < (size_t)n * hidden; i++) hb[i] = activation(hb[i], c->activation);
         }

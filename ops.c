@@ -1,4 +1,4 @@
-/* ops.c - matmul, norms, RoPE, softmax, activations. */
+/* ops.c - dtypes, norms, RoPE, softmax, activations (the matmul kernels are in matmul.c). */
 #include "ops.h"
 
 #include <math.h>
@@ -26,7 +26,20 @@ float f16_to_f32(uint16_t h) {
     return f;
 }
 
-int dtype_size(DType d) { return d == DTYPE_F32 ? 4 : 2; }
+const char *dtype_name(DType d) {
+    static const char *names[DTYPE_COUNT] = {"f32", "f16", "bf16", "q8_0"};
+    return (unsigned)d < DTYPE_COUNT ? names[d] : "?";
+}
+
+uint64_t tensor_nbytes(DType d, uint64_t rows, uint64_t cols) {
+    switch (d) {
+    case DTYPE_F32: return rows * cols * 4;
+    case DTYPE_F16:
+    case DTYPE_BF16: return rows * cols * 2;
+    case DTYPE_Q8_0: return cols % Q8_GROUP ? 0 : rows * cols + rows * (cols / Q8_GROUP) * 2; /* values, then scales */
+    }
+    return 0;
+}
 
 void tensor_row(float *out, const Tensor *t, int row) {
     size_t base = (size_t)row * t->cols;
@@ -35,42 +48,13 @@ void tensor_row(float *out, const Tensor *t, int row) {
     } else if (t->dtype == DTYPE_BF16) {
         const uint16_t *w = (const uint16_t *)t->data + base;
         for (int j = 0; j < t->cols; j++) out[j] = bf16_to_f32(w[j]);
-    } else {
+    } else if (t->dtype == DTYPE_F16) {
         const uint16_t *w = (const uint16_t *)t->data + base;
         for (int j = 0; j < t->cols; j++) out[j] = f16_to_f32(w[j]);
-    }
-}
-
-static float dot_f32(const float *a, const float *b, int n) {
-    float s = 0.0f;
-    for (int j = 0; j < n; j++) s += a[j] * b[j];
-    return s;
-}
-
-static float dot_bf16(const uint16_t *w, const float *x, int n) {
-    float s = 0.0f;
-    for (int j = 0; j < n; j++) s += bf16_to_f32(w[j]) * x[j];
-    return s;
-}
-
-static float dot_f16(const uint16_t *w, const float *x, int n) {
-    float s = 0.0f;
-    for (int j = 0; j < n; j++) s += f16_to_f32(w[j]) * x[j];
-    return s;
-}
-
-void matmul(float *out, const float *x, const Tensor *w, int n) {
-    int rows = w->rows, cols = w->cols;
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < rows; i++) {
-        for (int t = 0; t < n; t++) {
-            const float *xt = x + (size_t)t * cols;
-            float s;
-            if (w->dtype == DTYPE_F32) s = dot_f32((const float *)w->data + (size_t)i * cols, xt, cols);
-            else if (w->dtype == DTYPE_BF16) s = dot_bf16((const uint16_t *)w->data + (size_t)i * cols, xt, cols);
-            else s = dot_f16((const uint16_t *)w->data + (size_t)i * cols, xt, cols);
-            out[(size_t)t * rows + i] = s;
-        }
+    } else { /* q8_0: value * its group's scale */
+        const int8_t *q = (const int8_t *)t->data + base;
+        const uint16_t *scale = (const uint16_t *)((const int8_t *)t->data + (size_t)t->rows * t->cols) + base / Q8_GROUP;
+        for (int j = 0; j < t->cols; j++) out[j] = (float)q[j] * f16_to_f32(scale[j / Q8_GROUP]);
     }
 }
 

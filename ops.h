@@ -1,11 +1,18 @@
 /* ops.h - the neural-net building blocks forward() is written in: matmul, norms, RoPE, softmax,
- * activations. Weights may be f32, f16 or bf16; everything is computed in f32. */
+ * activations. Weights may be f32, f16, bf16 or q8_0 (int8 in groups of 32 with one f16 scale each);
+ * activations are f32 (q8_0 products quantize them to int8 per group of 32 on the fly).
+ * The matmul kernels (SIMD, threads, tiling) are in matmul.c; the rest is in ops.c. */
 #ifndef ATTN_OPS_H
 #define ATTN_OPS_H
 
 #include <stdint.h>
 
-typedef enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2 } DType;
+typedef enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2, DTYPE_Q8_0 = 3 } DType;
+#define DTYPE_COUNT 4
+
+/* q8_0: a matrix [rows][cols] is rows*cols int8 values (row-major), then rows*cols/32 f16 scales (row-major:
+ * one per group of 32 consecutive values of a row). Value = q * scale. cols must be a multiple of 32. */
+#define Q8_GROUP 32
 
 /* A weight in the mapped file: a matrix [rows][cols] (row-major, one row per output) or a vector (rows 1).
  * data == NULL means "not in this model" (a bias the family does not use). */
@@ -17,13 +24,44 @@ typedef struct {
 
 float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t b);
-int dtype_size(DType d);
+const char *dtype_name(DType d);
+/* Bytes a [rows][cols] tensor of dtype d takes in the file (a vector is 1 row), or 0 if d cannot hold that
+ * shape (q8_0 needs cols to be a multiple of Q8_GROUP). */
+uint64_t tensor_nbytes(DType d, uint64_t rows, uint64_t cols);
 
 /* out[cols] = row `row` of t, in f32 */
 void tensor_row(float *out, const Tensor *t, int row);
 
-/* out[n][w.rows] = x[n][w.cols] . W^T   (n tokens at once; n = 1 is the decode step) */
+/* out[n][w.rows] = x[n][w.cols] . W^T   (n tokens at once; n = 1 is the decode step).
+ * Every output is computed the same way whatever n and the thread count, so a prompt gives the same
+ * logits in chunks of any size (matmul.c). */
 void matmul(float *out, const float *x, const Tensor *w, int n);
+/* One product of several weights with the same input x[n][cols], in a single parallel pass:
+ * out_i[n][w_i.rows] = x . W_i^T  (q, k, v together; gate and up together) */
+typedef struct {
+    float *out;
+    const Tensor *w;
+} Projection;
+void matmul_many(const Projection *p, int count, const float *x, int n);
+/* Threads (parallel.c): a pool started on first use. body(ctx, begin, end) runs over [0, n) in chunks of
+ * `grain` items, which the calling thread and the pool's threads claim as they come free. work: an estimate
+ * of the multiply-adds in the whole job; below PARALLEL_MIN_WORK it runs on the calling thread alone
+ * (waking the others would cost more than it saves). */
+#define PARALLEL_MIN_WORK 65536
+typedef void (*ParallelRange)(void *ctx, int begin, int end);
+void parallel_for(int n, int grain, long long work, ParallelRange body, void *ctx);
+/* --threads N (0: all online cores); takes effect if called before the first job */
+void parallel_set_threads(int n);
+int parallel_threads(void);
+
+/* a . b over n floats, vectorised (the same 16-lane order as matmul: results do not depend on the build) */
+float dot_product(const float *a, const float *b, int n);
+
+/* Sets aside the scratch memory matmul needs for up to max_tokens rows of max_cols (q8_0 activations), so
+ * that matmul itself never allocates. Returns 0, or -1 when out of memory. */
+int matmul_reserve(int max_tokens, int max_cols);
+/* The SIMD kernels this build uses ("avx512", "avx2" or "portable C"), and whether BLAS does f32 prefill. */
+const char *matmul_kernels(void);
 /* x[n][b.cols] += b, or nothing when the model has no such bias */
 void add_bias(float *x, const Tensor *b, int n);
 

@@ -9,9 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "model.h"
 
@@ -242,9 +239,7 @@ static int encode_text(const Model *m, const char *text, int add_bos, int **out)
 
 int main(int argc, char **argv) {
     Options o = parse_args(argc, argv);
-#ifdef _OPENMP
-    if (o.threads > 0) omp_set_num_threads(o.threads);
-#endif
+    if (o.threads > 0) parallel_set_threads(o.threads);
     Model model;
     char err[512];
     if (model_load(&model, o.model_path, err, sizeof err) != 0) die("%s", err);

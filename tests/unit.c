@@ -16,6 +16,7 @@ static int failures = 0;
 
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 #include <stdarg.h>
+#include <stdint.h>
 static void check(int ok, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -209,6 +210,91 @@ static void test_ops(void) {
     check(fabsf(softcap(1000.0f, 30.0f) - 30.0f) < 1e-4f && softcap(1.0f, 0.0f) == 1.0f, "softcap");
 }
 
+static uint16_t random_half(void) { /* a normal f16 between 2^-6 and 2^2, either sign */
+    frand();
+    return (uint16_t)((rng_state & 0x80000000u) >> 16 | (9 + (rng_state >> 4) % 8) << 10 | (rng_state >> 12 & 0x3FF));
+}
+
+/* A random weight matrix of any dtype. */
+static void *random_weights(DType d, int rows, int cols) {
+    size_t count = (size_t)rows * cols;
+    void *data = malloc(tensor_nbytes(d, (uint64_t)rows, (uint64_t)cols));
+    for (size_t i = 0; i < count; i++) {
+        float v = frand();
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        if (d == DTYPE_F32) ((float *)data)[i] = v;
+        else if (d == DTYPE_BF16) ((uint16_t *)data)[i] = (uint16_t)(u >> 16);
+        else if (d == DTYPE_F16) ((uint16_t *)data)[i] = random_half();
+        else ((int8_t *)data)[i] = (int8_t)(v * 127.0f);
+    }
+    if (d == DTYPE_Q8_0) /* the scales follow the values */
+        for (size_t g = 0; g < count / Q8_GROUP; g++) ((uint16_t *)((int8_t *)data + count))[g] = random_half();
+    return data;
+}
+
+/* x . row in double; for q8_0, with x quantized per group of 32 as matmul.c does (scale max|x|/127) */
+static double reference_dot(const Tensor *w, int row, const float *x, double *magnitude) {
+    float *wr = malloc(sizeof(float) * (size_t)w->cols);
+    tensor_row(wr, w, row);
+    double sum = 0.0, mag = 0.0;
+    for (int g = 0; g < w->cols; g += Q8_GROUP) {
+        int n = w->cols - g < Q8_GROUP ? w->cols - g : Q8_GROUP;
+        float amax = 0.0f;
+        for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(x[g + j]));
+        for (int j = 0; j < n; j++) {
+            double xv = x[g + j];
+            if (w->dtype == DTYPE_Q8_0) xv = amax > 0 ? nearbyintf(x[g + j] * (127.0f / amax)) * (double)(amax / 127.0f) : 0.0;
+            sum += (double)wr[g + j] * xv;
+            mag += fabs((double)wr[g + j] * xv);
+        }
+    }
+    free(wr);
+    *magnitude = mag;
+    return sum;
+}
+
+static void test_matmul(void) {
+    static const int rows_[] = {1, 3, 4, 5, 37, 300}, cols_float[] = {1, 7, 16, 17, 100}, cols_q8[] = {32, 96, 544, 1024};
+    static const int tokens[] = {1, 2, 6, 7, 13};
+    for (int d = 0; d < DTYPE_COUNT; d++) {
+        const int *cols_ = d == DTYPE_Q8_0 ? cols_q8 : cols_float;
+        int n_cols = d == DTYPE_Q8_0 ? 4 : 5, shapes = 0, exact = 1;
+        double worst = 0.0;
+        for (int ri = 0; ri < 6; ri++)
+            for (int ci = 0; ci < n_cols; ci++)
+                for (int ti = 0; ti < 5; ti++) {
+                    int rows = rows_[ri], cols = cols_[ci], n = tokens[ti];
+                    Tensor w = {random_weights((DType)d, rows, cols), (DType)d, rows, cols};
+                    float *x = malloc(sizeof(float) * (size_t)n * cols), *out = malloc(sizeof(float) * (size_t)n * rows);
+                    float *one = malloc(sizeof(float) * (size_t)rows), *twice = malloc(sizeof(float) * (size_t)n * rows);
+                    for (int i = 0; i < n * cols; i++) x[i] = frand();
+                    matmul_reserve(n, cols);
+                    matmul(out, x, &w, n);
+                    for (int t = 0; t < n; t++) {
+                        matmul(one, x + (size_t)t * cols, &w, 1); /* token by token: the very same bits */
+                        if (memcmp(one, out + (size_t)t * rows, sizeof(float) * (size_t)rows)) exact = 0;
+                        for (int r = 0; r < rows; r++) {
+                            double mag, want = reference_dot(&w, r, x + (size_t)t * cols, &mag);
+                            double err = fabs(out[(size_t)t * rows + r] - want) / (mag + 1e-30);
+                            if (err > worst) worst = err;
+                        }
+                    }
+                    Projection both[2] = {{twice, &w}, {one, &w}};
+                    if (n == 1) {
+                        matmul_many(both, 2, x, 1);
+                        if (memcmp(one, out, sizeof(float) * (size_t)rows) || memcmp(twice, out, sizeof(float) * (size_t)rows)) exact = 0;
+                    }
+                    free((void *)w.data), free(x), free(out), free(one), free(twice);
+                    shapes++;
+                }
+        check(worst < 1e-5 && exact,
+              "matmul %s: %d shapes (rows 1..300, cols %d..%d, 1..13 tokens) match a double-precision reference "
+              "(max error %.1e of sum |w x|), and n tokens at once give the bits of one at a time",
+              dtype_name((DType)d), shapes, cols_[0], cols_[n_cols - 1], worst);
+    }
+}
+
 static void test_utf8(void) {
     uint32_t cp;
     check(utf8_decode((const unsigned char *)"\xE2\x82\xAC", 3, &cp) == 3 && cp == 0x20AC, "utf8: decodes a 3-byte character");
@@ -240,6 +326,7 @@ int main(void) {
     test_head_mapping();
     test_attention();
     test_ops();
+    test_matmul();
     test_utf8();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""bench/bench.py - `make bench`: how fast ./run decodes and prefills, against what this machine can do.
+
+Builds random-weight models shaped like stories110M (dim 768, 12 layers, 12 heads, hidden 2048, vocab 32000)
+and stories15M (dim 288, 6 layers, 6 heads, hidden 768, vocab 32000) as llama2.c checkpoints, exports them
+through export.py (f32, bf16, q8_0), and measures in the same run:
+  - the machine's read bandwidth (bench/roofline.c, --threads threads): decode reads every weight once per
+    token, so its roofline is bandwidth / bytes of weights;
+  - the f32 FMA peak (bench/roofline.c): prefill does ~2 FLOPs per weight per token;
+  - decode tok/s, prefill tok/s of a 512-token prompt (and token by token, --batch 1, as the baseline),
+    peak RSS; each the median of several runs;
+  - decode ms/token at positions 100 and 4000 of a model whose layers all slide with a window of 256.
+Timings on a shared machine are noisy: run it when the machine is quiet. Never a pass/fail test.
+
+    python3 bench/bench.py [--runs N] [--threads N] [--quick]
+"""
+import argparse
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(ROOT, "build", "bench")
+RUN = os.path.join(ROOT, "run")
+
+SHAPES = {  # name: (dim, hidden, layers, heads, vocab, context)
+    "110M": (768, 2048, 12, 12, 32000, 1024),
+    "15M": (288, 768, 6, 6, 32000, 1024),
+}
+WINDOW = 256
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_tools():
+    os.makedirs(BUILD, exist_ok=True)
+    for name in ("roofline", "peak_rss"):
+        exe = os.path.join(BUILD, name)
+        src = os.path.join(ROOT, "bench", name + ".c")
+        if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+            subprocess.run(["cc", "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-Wall", "-Wextra", "-std=c11",
+                            "-D_POSIX_C_SOURCE=200809L", "-D_DEFAULT_SOURCE", src, "-o", exe], check=True)
+
+
+def random_matrix(rng, rows, cols):
+    return (rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)).astype("<f4")
+
+
+def write_llama2c(path, shape, seed=0):
+    """A llama2.c legacy checkpoint (version 0) with random weights and a shared classifier."""
+    dim, hidden, layers, heads, vocab, context = shape
+    rng = np.random.default_rng(seed)
+    head = dim // heads
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<7i", dim, hidden, layers, heads, heads, vocab, context))
+        f.write(random_matrix(rng, vocab, dim).tobytes())            # token embeddings (= classifier)
+        f.write(np.ones(layers * dim, "<f4").tobytes())               # attention rmsnorm
+        for rows, cols in ((dim, dim), (dim, dim), (dim, dim), (dim, dim)):  # wq wk wv wo
+            for _ in range(layers):
+                f.write(random_matrix(rng, rows, cols).tobytes())
+        f.write(np.ones(layers * dim, "<f4").tobytes())               # mlp rmsnorm
+        for rows, cols in ((hidden, dim), (dim, hidden), (hidden, dim)):  # w1 w2 w3
+            for _ in range(layers):
+                f.write(random_matrix(rng, rows, cols).tobytes())
+        f.write(np.ones(dim, "<f4").tobytes())                        # final rmsnorm
+        f.write(np.zeros(context * head, "<f4").tobytes())            # legacy freq_cis (unused)
+    os.replace(path + ".tmp", path)
+
+
+def write_sliding_checkpoint(directory, shape, window, seed=1):
+    """A Hugging Face Mistral-style checkpoint whose every layer slides with the given window."""
+    dim, hidden, layers, heads, vocab, context = shape
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cfg = {"model_type": "mistral", "hidden_size": dim, "intermediate_size": hidden, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
+           "max_position_embeddings": 8192, "sliding_window": window, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "tie_word_embeddings": True}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    tensors = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n, s in (("self_attn.q_proj", (dim, dim)), ("self_attn.k_proj", (dim, dim)), ("self_attn.v_proj", (dim, dim)),
+                     ("self_attn.o_proj", (dim, dim)), ("mlp.gate_proj", (hidden, dim)), ("mlp.up_proj", (hidden, dim)),
+                     ("mlp.down_proj", (dim, hidden))):
+            tensors[p + n + ".weight"] = s
+        tensors[p + "input_layernorm.weight"] = (dim,)
+        tensors[p + "post_attention_layernorm.weight"] = (dim,)
+    header, offset = {}, 0
+    for name, s in tensors.items():
+        n = int(np.prod(s)) * 4
+        header[name] = {"dtype": "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
+        offset += n
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for name, s in tensors.items():
+            arr = np.ones(s, "<f4") if len(s) == 1 else random_matrix(rng, *s)
+            f.write(arr.tobytes())
+
+
+def export(src, out, dtype):
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(os.path.join(ROOT, "export.py")):
+        log(f"bench: exporting {os.path.basename(out)}")
+        subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), src, out, "--dtype", dtype], check=True,
+                       stderr=subprocess.DEVNULL)
+    return out
+
+
+def weight_bytes(path):
+    """Bytes of weights one decode step reads: every tensor, except the embedding table when a separate
+    classifier exists (decode reads one row of it)."""
+    with open(path, "rb") as f:
+        head = f.read(128)
+        n_tensors, = struct.unpack_from("<I", head, 72)
+        tensors_off, = struct.unpack_from("<Q", head, 64)
+        f.seek(tensors_off)
+        d = f.read(128 * n_tensors)
+    sizes = {}
+    for i in range(n_tensors):
+        rec = d[128 * i:128 * (i + 1)]
+        name = rec[:80].split(b"\0")[0].decode()
+        sizes[name] = struct.unpack_from("<Q", rec, 112)[0]
+    total = sum(sizes.values())
+    return total - sizes["tok_embeddings"] if "output" in sizes else total
+
+
+def run_stats(args, threads):
+    """Runs ./run; returns (prefill tok/s, decode tok/s, peak RSS bytes)."""
+    cmd = [os.path.join(BUILD, "peak_rss"), RUN] + [str(a) for a in args] + ["--threads", str(threads)]
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    m = re.search(r"prefill \d+ tok ([\d.]+) tok/s \| decode \d+ tok ([\d.]+) tok/s", r.stderr)
+    rss = re.search(r"peak_rss_kb (\d+)", r.stderr)
+    if r.returncode != 0 or not m or not rss:
+        raise RuntimeError(f"{' '.join(cmd[1:3])} ... failed: {r.stderr.strip()[-300:]}")
+    return float(m.group(1)), float(m.group(2)), int(rss.group(1)) * 1024
+
+
+def median_of(runs, f):
+    results = [f() for _ in range(runs)]
+    return [float(np.median([r[i] for r in results])) for i in range(len(results[0]))]
+
+
+def tokens(n, vocab, seed):
+    return ",".join(str(t) for t in np.random.default_rng(seed).integers(1, vocab, n))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ./run (default: all cores)")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test of the script)")
+    args = ap.parse_args()
+    if not os.path.exists(RUN):
+        sys.exit("error: ./run is not built (make)")
+    runs = 1 if args.quick else args.runs
+    n_decode = 16 if args.quick else 128
+    build_tools()
+
+    models = {}
+    for name, shape in SHAPES.items():
+        ckpt = os.path.join(BUILD, f"stories{name}-random.bin")
+        if not os.path.exists(ckpt):
+            log(f"bench: writing random {name} checkpoint")
+            write_llama2c(ckpt, shape)
+        for dtype in ("f32", "bf16", "q8_0"):
+            models[name, dtype] = export(ckpt, os.path.join(BUILD, f"stories{name}-{dtype}.bin"), dtype)
+    sliding_dir = os.path.join(BUILD, "sliding15M")
+    if not os.path.exists(os.path.join(sliding_dir, "model.safetensors")):
+        log("bench: writing random sliding-window checkpoint")
+        write_sliding_checkpoint(sliding_dir, SHAPES["15M"], WINDOW)
+    sliding = export(sliding_dir, os.path.join(BUILD, "sliding15M-f32.bin"), "f32")
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    roofline = os.path.join(BUILD, "roofline")
+    out = subprocess.run([roofline, "bandwidth", "1024", "5" if args.quick else "11"], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    bandwidth = float(out[1]) * 1e9
+    out = subprocess.run([roofline, "fma"], env=env, capture_output=True, text=True, check=True).stdout.split()
+    fma_peak = float(out[1]) * 1e9
+
+    rows = []
+    prompt = tokens(512, 32000, 1)
+    short = tokens(16, 32000, 2)
+    for (name, dtype), path in models.items():
+        dim, hidden, layers, heads, vocab, context = SHAPES[name]
+        nbytes = weight_bytes(path)
+        _, decode, rss = median_of(runs, lambda: run_stats([path, "--tokens", short, "-n", n_decode, "-t", "0"], args.threads))
+        row = {"model": name, "dtype": dtype, "MB": nbytes / 1e6, "decode": decode, "roofline": bandwidth / nbytes,
+               "rss": rss}
+        if dtype == "f32" or name == "110M":
+            prefill, _, rss2 = median_of(runs, lambda: run_stats([path, "--tokens", prompt, "-n", 0], args.threads))
+            # FLOPs per prompt token: the matrices of every layer, and attention (q.k and weights.v over ~256 keys)
+            matrix_params = layers * (4 * dim * dim + 3 * dim * hidden)
+            flops = 2 * matrix_params + 4 * layers * dim * (512 + 1) / 2
+            row.update(prefill=prefill, flops=flops, rss=max(rss, rss2))
+            if dtype == "f32":
+                row["prefill_b1"] = median_of(max(1, runs // 2), lambda: run_stats(
+                    [path, "--tokens", prompt, "-n", 0, "--batch", 1], args.threads))[0]
+        rows.append(row)
+        log(f"bench: {name} {dtype}: decode {decode:.1f} tok/s" + (f", prefill {row['prefill']:.0f} tok/s" if "prefill" in row else ""))
+
+    # decode at position 100 and 4000 of the sliding-window model: prompts of 100 and 4000 tokens, then decode
+    window_ms = {}
+    for pos in (100, 4000):
+        ids = tokens(pos, 32000, 3)
+        _, decode, rss = median_of(runs, lambda: run_stats([sliding, "--tokens", ids, "-n", n_decode, "-t", "0"], args.threads))
+        window_ms[pos] = (1000.0 / decode, rss)
+
+    print(f"\nattn.c bench ({os.cpu_count()} cores, --threads {args.threads}, median of {runs} runs; "
+          f"kernels: {kernels()})")
+    print(f"measured now: read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads, 1 GiB buffer), "
+          f"f32 FMA peak {fma_peak / 1e9:.0f} GFLOP/s\n")
+    print("| model | dtype | weights read/token | decode tok/s | % of bandwidth roofline | prefill 512 tok/s "
+          "| % of FMA peak | vs --batch 1 | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pre = pct = ratio = "-"
+        if "prefill" in r:
+            pre = f"{r['prefill']:.0f}"
+            pct = f"{100 * r['prefill'] * r['flops'] / fma_peak:.0f}%"
+        if "prefill_b1" in r:
+            ratio = f"{r['prefill'] / r['prefill_b1']:.1f}x ({r['prefill_b1']:.0f})"
+        print(f"| stories{r['model']} | {r['dtype']} | {r['MB']:.0f} MB | {r['decode']:.1f} | "
+              f"{100 * r['decode'] / r['roofline']:.0f}% of {r['roofline']:.0f} | {pre} | {pct} | {ratio} | "
+              f"{r['rss'] / 1e6:.0f} MB |")
+    a, b = window_ms[100], window_ms[4000]
+    print(f"\nsliding window {WINDOW} on every layer (stories15M shape, f32): decode {a[0]:.2f} ms/token at position 100, "
+          f"{b[0]:.2f} ms/token at position 4000 ({b[0] / a[0]:.2f}x); peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
+
+
+def kernels():
+    """The matmul kernels ./run was built with, read off the compiler's target (matmul.c's rule)."""
+    r = subprocess.run(["cc", "-march=native", "-dM", "-E", "-"], input="", capture_output=True, text=True)
+    if "__AVX512F__" in r.stdout:
+        return "AVX-512" + (" + VNNI" if "__AVX512VNNI__" in r.stdout else "")
+    return "AVX2" if "__AVX2__" in r.stdout else "portable C"
+
+
+if __name__ == "__main__":
+    main()

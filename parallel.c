@@ -1,0 +1,158 @@
+/* parallel.c - a small pool of threads for the matmuls and attention (ops.h: parallel_for).
+ *
+ * A job is n items cut into chunks; the calling thread and the workers claim chunks from a shared counter
+ * until none are left, and the caller returns once every claimed chunk is done. A worker that is not
+ * running at the moment (the machine is shared, or it is still waking up) simply claims nothing, so no job
+ * waits for a thread that never got a core; only a chunk already claimed is waited for.
+ *
+ * The threads are started once, on first use. Between jobs a worker spins for up to SPIN_MICROSECONDS
+ * (decode posts a job every few microseconds: a spinning worker picks it up at once), then sleeps on a
+ * condition variable and gives its core back. That bound is why this is not OpenMP: libgomp's idle threads
+ * spin for up to 300000 PAUSEs (milliseconds) before sleeping, and when another process holds one of the
+ * cores, every barrier then waits for whole scheduler time slices (measured on a loaded 2-core machine:
+ * kjv-5m decoding at 1.5 tok/s instead of 460).
+ *
+ * Thread count: parallel_set_threads() (./run --threads N), else the number of online cores. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ops.h"
+
+#define SPIN_MICROSECONDS 100
+#define MAX_THREADS 256
+
+static struct {
+    int n_threads;                    /* 0 until started; then the workers + the caller */
+    unsigned generation;              /* jobs posted so far (the caller's own count) */
+    _Atomic(ParallelRange) body;      /* the current job: body(ctx, begin, end) over [0, n_items) */
+    _Atomic(void *) ctx;
+    atomic_int n_items, grain;
+    atomic_ullong claim;              /* generation << 32 | first unclaimed item */
+    atomic_int finished;              /* items of the current job done */
+    atomic_int sleepers;              /* workers blocked on `wake` */
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+
+static int requested_threads;
+static _Thread_local int inside_job; /* a job that calls parallel_for runs the inner one by itself */
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static double seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Spins while still() holds, for up to SPIN_MICROSECONDS; returns 1 if it stopped holding. */
+static int spin_while(int (*still)(unsigned), unsigned arg) {
+    double deadline = 0.0;
+    for (unsigned i = 1; still(arg); i++) {
+        cpu_relax();
+        if (i % 64 == 0) { /* a look at the clock now and then */
+            double t = seconds();
+            if (deadline == 0.0) deadline = t + SPIN_MICROSECONDS * 1e-6;
+            else if (t > deadline) return 0;
+        }
+    }
+    return 1;
+}
+
+static unsigned posted_generation(void) { return (unsigned)(atomic_load(&pool.claim) >> 32); }
+static int no_new_job(unsigned seen) { return posted_generation() == seen; }
+static int job_unfinished(unsigned n) { return atomic_load(&pool.finished) < (int)n; }
+
+/* Claims and runs chunks of job `generation` until none are left. */
+static void work_on(unsigned generation) {
+    for (;;) {
+        unsigned long long v = atomic_load(&pool.claim);
+        int next = (int)(v & 0xFFFFFFFFu), n = atomic_load_explicit(&pool.n_items, memory_order_relaxed);
+        if ((unsigned)(v >> 32) != generation || next >= n) return; /* a job is only reposted once all of it is done */
+        int grain = atomic_load_explicit(&pool.grain, memory_order_relaxed), end = n - next > grain ? next + grain : n;
+        ParallelRange body = atomic_load_explicit(&pool.body, memory_order_relaxed);
+        void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
+        if (!atomic_compare_exchange_weak(&pool.claim, &v, ((unsigned long long)generation << 32) | (unsigned)end)) continue;
+        body(ctx, next, end);
+        if (atomic_fetch_add(&pool.finished, end - next) + (end - next) == n) { /* the last chunk: tell the caller */
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
+}
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    unsigned seen = 0;
+    inside_job = 1;
+    for (;;) {
+        if (!spin_while(no_new_job, seen)) { /* nothing came while spinning: sleep until a job does */
+            pthread_mutex_lock(&pool.lock);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while (posted_generation() == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = posted_generation();
+        work_on(seen);
+    }
+    return NULL;
+}
+
+void parallel_set_threads(int n) { requested_threads = n; }
+
+int parallel_threads(void) {
+    if (pool.n_threads) return pool.n_threads;
+    int n = requested_threads > 0 ? requested_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
+}
+
+/* Starts the workers (once). If a thread cannot be started, the pool makes do with those that were. */
+static void start_pool(void) {
+    int n = parallel_threads(), started = 1;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 1 << 20);
+    for (pthread_t t; started < n && pthread_create(&t, &attr, worker_main, NULL) == 0; started++) pthread_detach(t);
+    pthread_attr_destroy(&attr);
+    pool.n_threads = started;
+}
+
+void parallel_for(int n, int grain, long long work, ParallelRange body, void *ctx) {
+    if (n <= 0) return;
+    if (work >= PARALLEL_MIN_WORK && n > 1 && !inside_job && !pool.n_threads) start_pool();
+    if (work < PARALLEL_MIN_WORK || n == 1 || inside_job || pool.n_threads <= 1) {
+        body(ctx, 0, n);
+        return;
+    }
+    atomic_store_explicit(&pool.body, body, memory_order_relaxed);
+    atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&pool.n_items, n, memory_order_relaxed);
+    atomic_store_explicit(&pool.grain, grain < 1 ? 1 : grain, memory_order_relaxed);
+    atomic_store(&pool.finished, 0);
+    unsigned generation = ++pool.generation;
+    atomic_store(&pool.claim, (unsigned long long)generation << 32); /* publishes the job */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    inside_job = 1;
+    work_on(generation);
+    inside_job = 0;
+    if (!spin_while(job_unfinished, (unsigned)n)) { /* a worker still has a chunk: wait for it */
+        pthread_mutex_lock(&pool.lock);
+        while (job_unfinished((unsigned)n)) pthread_cond_wait(&pool.done, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+    }
+}

@@ -1,0 +1,210 @@
+"""The fast paths must not change the numbers.
+
+- Batched prefill: logits from any --batch equal --batch 1 (token by token) on every fixture and on kjv-5m,
+  for batch sizes that do and do not divide the prompt, and larger than the sliding window (16). The matmul
+  kernels sum every output in the same order whatever the chunk (matmul.c), so the logits are bit-identical;
+  the check allows BATCH_TOLERANCE.
+- Threads: --threads 1, 2, 3 give bit-identical logits.
+- Other builds of the kernels: AVX2 (on a CPU that has it) and the portable C kernels built for this CPU
+  (KERNELS=portable, fused multiply-add available) give the default build's bits; the fully portable build
+  (PORTABLE=1, plain x86-64 without FMA) rounds a*b+c twice, so it is held to PORTABLE_TOLERANCE on f32/bf16
+  weights, and to Q8_PORTABLE_BOUND on q8_0 weights (a last-bit difference in an activation can round it to
+  the neighbouring int8 value). make BLAS=1 (cblas_sgemm for f32 prefill) is held to BATCH_TOLERANCE (and
+  Q8_PORTABLE_BOUND for q8_0 models, whose f32 matrices BLAS computes).
+- q8_0 (export.py --dtype q8_0): perplexity over the 300 held-out KJV tokens within Q8_PERPLEXITY of the f32
+  export's, and logits within Q8_LOGIT_BOUND of f32 (kjv-5m) or of the reference (fixtures); matrices whose
+  columns do not fill groups of 32 stay f32; the loader rejects a q8_0 tensor with such columns.
+Errors are max |delta| relative to max(1, max |ref|) (harness.relative_error)."""
+import json
+import os
+import platform
+import struct
+import subprocess
+
+import numpy as np
+
+from harness import relative_error
+from test_fixtures import FIXTURES
+
+BATCHES = [2, 3, 7, 16, 17, 33, 64, 80, 128]   # 80 is the fixtures' whole prompt; 3, 7, 17, 33 do not divide it
+BATCH_TOLERANCE = 1e-5
+PORTABLE_TOLERANCE = 1e-5
+Q8_PORTABLE_BOUND = 3e-2
+Q8_PERPLEXITY = 0.01       # |ppl(q8_0) / ppl(f32) - 1|
+Q8_LOGIT_BOUND = 5e-2      # measured: 1.8e-2 on kjv-5m, 2e-2 .. 4.2e-2 on the (tiny, random) fixtures
+
+
+def build(t, name, *make_args):
+    """./run built another way (make build/NAME/run ARGS), or None after reporting why not."""
+    exe = os.path.join(t.root, "build", name, "run")
+    r = subprocess.run(["make", "-s", f"build/{name}/run"] + list(make_args), cwd=t.root, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode != 0:
+        t.check(f"make build/{name}/run {' '.join(make_args)} builds", False, (r.stderr or r.stdout).strip()[-300:])
+        return None
+    return exe
+
+
+def logits_with(t, exe, model, ids, *extra):
+    """t.logits() through another build of ./run."""
+    saved, t.run_bin = t.run_bin, exe
+    try:
+        return t.logits(model, ids, *extra)
+    finally:
+        t.run_bin = saved
+
+
+def perplexity(logits, ids):
+    l = logits.astype(np.float64)
+    top = l.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(l - top).sum(axis=1)) + top[:, 0]
+    nll = log_z[:-1] - l[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.exp(nll.mean()))
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def compiler_defines(*flags):
+    r = subprocess.run(["cc"] + list(flags) + ["-dM", "-E", "-"], input="", capture_output=True, text=True)
+    return r.stdout
+
+
+def tensor_records(path):
+    """name -> (record offset, dtype, shape, nbytes) from a model file's tensor directory."""
+    with open(path, "rb") as f:
+        data = f.read()
+    n, = struct.unpack_from("<I", data, 72)
+    off, = struct.unpack_from("<Q", data, 64)
+    out = {}
+    for i in range(n):
+        rec = off + 128 * i
+        name = data[rec:rec + 80].split(b"\0")[0].decode()
+        dtype, ndim = struct.unpack_from("<2I", data, rec + 80)
+        shape = struct.unpack_from("<4I", data, rec + 88)[:ndim]
+        nbytes, = struct.unpack_from("<Q", data, rec + 112)
+        out[name] = (rec, dtype, shape, nbytes)
+    return out
+
+
+def patched(t, src, name, edits):
+    """A copy of model file src with (offset, struct format, value) edits applied."""
+    data = bytearray(open(src, "rb").read())
+    for offset, fmt, value in edits:
+        struct.pack_into(fmt, data, offset, value)
+    path = t.tmp(name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def check_batches(t, label, model, ids, batches):
+    ref = t.logits(model, ids, "--batch", "1")
+    errs = {b: relative_error(t.logits(model, ids, "--batch", b), ref) for b in batches}
+    worst = max(errs.values())
+    t.check(f"{label}: --batch {','.join(map(str, batches))} equal --batch 1 "
+            f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'})", worst <= BATCH_TOLERANCE,
+            f"errors {errs}")
+
+
+def run(t):
+    fixture_models = {}
+    for name in FIXTURES:
+        src = os.path.join(t.data, "fixtures", name)
+        ref = json.load(open(os.path.join(src, "ref.json")))
+        fixture_models[name] = (t.export(src, f"{name}.bin"), ref["input_ids"])
+        check_batches(t, name, *fixture_models[name], BATCHES)
+
+    kjv = os.path.join(t.root, "models", "kjv-5m.bin")
+    kjv_ids = json.load(open(os.path.join(t.data, "kjv-5m", "ref.json")))["input_ids"]
+    check_batches(t, "kjv-5m", kjv, kjv_ids, [5, 64, 300])
+    ref = t.logits(kjv, kjv_ids)
+    same = all(np.array_equal(t.logits(kjv, kjv_ids, "--threads", n), ref) for n in (1, 2, 3))
+    t.check("kjv-5m: --threads 1, 2, 3 give bit-identical logits", same)
+
+    # q8_0 against f32 on the KJV held-out tokens (perplexity, logits), and on the fixtures
+    src = t.shared_file("models/kjv-5m/model.safetensors", "q8_0: kjv-5m perplexity within 1% of f32")
+    kjv_q8 = None
+    if src:
+        kjv_f32 = t.export(os.path.dirname(src), "kjv-5m-f32.bin", "--bf16-rope", "--dtype", "f32")
+        kjv_q8 = t.export(os.path.dirname(src), "kjv-5m-q8_0.bin", "--bf16-rope", "--dtype", "q8_0")
+        f32, q8 = t.logits(kjv_f32, kjv_ids), t.logits(kjv_q8, kjv_ids)
+        p32, p8 = perplexity(f32, kjv_ids), perplexity(q8, kjv_ids)
+        t.check(f"q8_0: kjv-5m perplexity {p8:.4f} vs f32 {p32:.4f} ({100 * (p8 / p32 - 1):+.2f}%, bound "
+                f"{100 * Q8_PERPLEXITY:.0f}%)", abs(p8 / p32 - 1) <= Q8_PERPLEXITY)
+        err = relative_error(q8, f32)
+        t.check(f"q8_0: kjv-5m logits within {Q8_LOGIT_BOUND} of f32 (max rel err {err:.1e})", err <= Q8_LOGIT_BOUND)
+        check_batches(t, "kjv-5m q8_0", kjv_q8, kjv_ids, [7, 64, 300])
+
+    worst, fixture_q8 = 0.0, {}
+    for name in FIXTURES:
+        src = os.path.join(t.data, "fixtures", name)
+        fixture_q8[name] = t.export(src, f"{name}-q8_0.bin", "--dtype", "q8_0")
+        worst = max(worst, relative_error(t.logits(fixture_q8[name], fixture_models[name][1]),
+                                          np.load(os.path.join(src, "ref_logits.npy"))))
+    t.check(f"q8_0: every fixture's logits within {Q8_LOGIT_BOUND} of the reference (worst {worst:.1e})",
+            worst <= Q8_LOGIT_BOUND)
+    records = tensor_records(fixture_q8["llama_gqa"])
+    t.check("q8_0: matrices with 64 columns are q8_0, w_down's 176 columns stay f32, vectors f32",
+            records["layers.0.wq"][1] == 3 and records["layers.0.w_down"][1] == 0 and records["layers.0.attn_norm"][1] == 0
+            and records["layers.0.wq"][3] == 64 * 64 + 64 * 2 * 2)
+
+    # the loader checks q8_0 shapes and sizes
+    rec, _, _, nbytes = records["layers.0.w_down"]
+    bad = patched(t, fixture_q8["llama_gqa"], "q8_cols.bin", [(rec + 80, "<I", 3)])
+    r = t.run([bad, "--tokens", "1,2", "-n", "0"])
+    err = r.stderr.decode(errors="replace")
+    t.check("q8_0: the loader rejects a q8_0 tensor whose columns are not a multiple of 32",
+            r.returncode == 1 and err.startswith("error: ") and "multiple of 32" in err and err.count("\n") == 1, err)
+    rec, _, _, nbytes = records["layers.0.wq"]
+    bad = patched(t, fixture_q8["llama_gqa"], "q8_size.bin", [(rec + 112, "<Q", 64 * 64)])
+    r = t.run([bad, "--tokens", "1,2", "-n", "0"])
+    err = r.stderr.decode(errors="replace")
+    t.check("q8_0: the loader rejects a q8_0 tensor without its scales (nbytes rows*cols)",
+            r.returncode == 1 and "bytes, its shape and dtype need" in err, err)
+
+    # other builds of the kernels
+    models = [(n, m, ids) for n, (m, ids) in fixture_models.items()] + [("kjv-5m", kjv, kjv_ids)]
+    q8_models = [(n + " q8_0", fixture_q8[n], fixture_models[n][1]) for n in ("llama_gqa", "gemma3")]
+    if kjv_q8:
+        q8_models.append(("kjv-5m q8_0", kjv_q8, kjv_ids))
+
+    default = {m: t.logits(m, ids, "--batch", "1") for _, m, ids in models + q8_models}
+
+    def compare(label, exe, tolerance, q8_tolerance, extra=()):
+        worst = max(relative_error(logits_with(t, exe, m, ids, *extra), default[m]) for _, m, ids in models)
+        worst8 = max(relative_error(logits_with(t, exe, m, ids, *extra), default[m]) for _, m, ids in q8_models)
+        t.check(f"{label}: logits of the fixtures and kjv-5m within {tolerance:g} of the default build "
+                f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'}), q8_0 models within {q8_tolerance:g} "
+                f"({'bit-identical' if worst8 == 0 else f'{worst8:.1e}'})", worst <= tolerance and worst8 <= q8_tolerance)
+
+    exe = build(t, "portable", "PORTABLE=1")
+    if exe:
+        compare("make PORTABLE=1", exe, PORTABLE_TOLERANCE, Q8_PORTABLE_BOUND)
+    native = compiler_defines("-march=native")
+    if "__FMA__" in native or "__aarch64__" in native:
+        exe = build(t, "portable-kernels", "KERNELS=portable")
+        if exe:
+            compare("make KERNELS=portable (C kernels, fused multiply-add)", exe, 0.0, 0.0)
+    else:
+        t.skip("portable kernels with FMA", "the compiler's native target has no fused multiply-add")
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= cpu_flags() and "__AVX512F__" in native:
+        exe = build(t, "avx2", "ARCH=-march=haswell")
+        if exe:
+            compare("AVX2 kernels (ARCH=-march=haswell)", exe, 0.0, 0.0)
+    else:
+        t.skip("AVX2 kernels", "needs an x86-64 CPU with AVX-512 (the default build) and AVX2")
+    have_blas = subprocess.run(["sh", "-c", "echo '#include <cblas.h>' | cc $(pkg-config --cflags openblas 2>/dev/null) "
+                                "-E -x c - >/dev/null 2>&1"]).returncode == 0
+    if have_blas:
+        exe = build(t, "blas", "BLAS=1")
+        if exe:
+            compare("make BLAS=1 (cblas_sgemm for f32 prefill, --batch 64)", exe, BATCH_TOLERANCE, Q8_PORTABLE_BOUND,
+                    ("--batch", "64"))
+    else:
+        t.skip("make BLAS=1", "no cblas.h (Debian: apt-get install libopenblas-dev)")
