@@ -536,9 +536,8 @@ static void rotate_heads(RunState *s, const LayerConfig *lc, const float *inv_fr
     if (lc->rope_dim == 0) return;
     int hd = lc->head_dim;
     for (int t = 0; t < n; t++) {
-        for (int h = 0; h < lc->n_heads; h++) rope(s->q + ((size_t)t * lc->n_heads + h) * hd, lc->rope_dim, pos + t, inv_freq);
-        for (int h = 0; h < lc->n_kv_heads; h++)
-            rope(s->k + ((size_t)t * lc->n_kv_heads + h) * hd, lc->rope_dim, pos + t, inv_freq);
+        rope_heads(s->q + (size_t)t * lc->n_heads * hd, lc->n_heads, hd, lc->rope_dim, pos + t, inv_freq);
+        rope_heads(s->k + (size_t)t * lc->n_kv_heads * hd, lc->n_kv_heads, hd, lc->rope_dim, pos + t, inv_freq);
     }
 }
 

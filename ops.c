@@ -85,16 +85,25 @@ void rope_frequencies(float *inv_freq, float theta, int rope_dim) {
     for (int i = 0; i < rope_dim / 2; i++) inv_freq[i] = (float)(1.0 / pow(theta, (2.0 * i) / rope_dim));
 }
 
-void rope(float *head, int rope_dim, int pos, const float *inv_freq) {
+void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq) {
     int half = rope_dim / 2;
+    float c[512], s[512]; /* rope_dim <= head_dim <= 1024 (model.c) */
     for (int i = 0; i < half; i++) {
         float angle = (float)pos * inv_freq[i]; /* f32 product, as the reference computes it */
-        float c = (float)cos(angle), s = (float)sin(angle);
-        float a = head[i], b = head[i + half];
-        head[i] = a * c - b * s;
-        head[i + half] = b * c + a * s;
+        c[i] = (float)cos(angle);
+        s[i] = (float)sin(angle);
+    }
+    for (int h = 0; h < n_heads; h++) {
+        float *head = heads + (size_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            float a = head[i], b = head[i + half];
+            head[i] = a * c[i] - b * s[i];
+            head[i + half] = b * c[i] + a * s[i];
+        }
     }
 }
+
+void rope(float *head, int rope_dim, int pos, const float *inv_freq) { rope_heads(head, 1, rope_dim, rope_dim, pos, inv_freq); }
 
 void softmax(float *x, int n) {
     float max = x[0];

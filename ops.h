@@ -72,6 +72,8 @@ void layernorm(float *out, const float *x, const float *w, const float *b, int d
 
 /* Rotates the pairs (x[i], x[i + rope_dim/2]) of one head by angle pos * inv_freq[i]. */
 void rope(float *head, int rope_dim, int pos, const float *inv_freq);
+/* rope() on n_heads heads of head_dim floats at the same position (the angles are computed once) */
+void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq);
 /* inv_freq[i] = theta^(-2i / rope_dim), i < rope_dim / 2 */
 void rope_frequencies(float *inv_freq, float theta, int rope_dim);
 

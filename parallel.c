@@ -24,14 +24,21 @@
 #define SPIN_MICROSECONDS 100
 #define MAX_THREADS 256
 
+/* A job: body(ctx, begin, end) over [0, n_items) in chunks of grain. Job number g is written into
+ * jobs[g % 2]: a worker may still be looking at job g - 1 while job g is being posted, and slot g % 2 is
+ * only written again for job g + 2, which cannot be posted before job g is done. */
+typedef struct {
+    _Atomic(ParallelRange) body;
+    _Atomic(void *) ctx;
+    atomic_int n_items, grain;
+    atomic_int finished;              /* items done */
+} Job;
+
 static struct {
     int n_threads;                    /* 0 until started; then the workers + the caller */
     unsigned generation;              /* jobs posted so far (the caller's own count) */
-    _Atomic(ParallelRange) body;      /* the current job: body(ctx, begin, end) over [0, n_items) */
-    _Atomic(void *) ctx;
-    atomic_int n_items, grain;
-    atomic_ullong claim;              /* generation << 32 | first unclaimed item */
-    atomic_int finished;              /* items of the current job done */
+    Job jobs[2];
+    atomic_ullong claim;              /* generation << 32 | first unclaimed item of that job */
     atomic_int sleepers;              /* workers blocked on `wake` */
     pthread_mutex_t lock;
     pthread_cond_t wake, done;
@@ -70,20 +77,25 @@ static int spin_while(int (*still)(unsigned), unsigned arg) {
 
 static unsigned posted_generation(void) { return (unsigned)(atomic_load(&pool.claim) >> 32); }
 static int no_new_job(unsigned seen) { return posted_generation() == seen; }
-static int job_unfinished(unsigned n) { return atomic_load(&pool.finished) < (int)n; }
+static int job_unfinished(unsigned generation) {
+    Job *job = &pool.jobs[generation % 2];
+    return atomic_load(&job->finished) < atomic_load_explicit(&job->n_items, memory_order_relaxed);
+}
 
-/* Claims and runs chunks of job `generation` until none are left. */
+/* Claims and runs chunks of job `generation` until none are left. The claim word names the job, so a
+ * claim made with a stale view of it fails and is retried (and then sees the job is over). */
 static void work_on(unsigned generation) {
+    Job *job = &pool.jobs[generation % 2];
     for (;;) {
         unsigned long long v = atomic_load(&pool.claim);
-        int next = (int)(v & 0xFFFFFFFFu), n = atomic_load_explicit(&pool.n_items, memory_order_relaxed);
-        if ((unsigned)(v >> 32) != generation || next >= n) return; /* a job is only reposted once all of it is done */
-        int grain = atomic_load_explicit(&pool.grain, memory_order_relaxed), end = n - next > grain ? next + grain : n;
-        ParallelRange body = atomic_load_explicit(&pool.body, memory_order_relaxed);
-        void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
+        int next = (int)(v & 0xFFFFFFFFu), n = atomic_load_explicit(&job->n_items, memory_order_relaxed);
+        if ((unsigned)(v >> 32) != generation || next >= n) return;
+        int grain = atomic_load_explicit(&job->grain, memory_order_relaxed), end = n - next > grain ? next + grain : n;
+        ParallelRange body = atomic_load_explicit(&job->body, memory_order_relaxed);
+        void *ctx = atomic_load_explicit(&job->ctx, memory_order_relaxed);
         if (!atomic_compare_exchange_weak(&pool.claim, &v, ((unsigned long long)generation << 32) | (unsigned)end)) continue;
         body(ctx, next, end);
-        if (atomic_fetch_add(&pool.finished, end - next) + (end - next) == n) { /* the last chunk: tell the caller */
+        if (atomic_fetch_add(&job->finished, end - next) + (end - next) == n) { /* the last chunk: tell the caller */
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
             pthread_mutex_unlock(&pool.lock);
@@ -135,12 +147,13 @@ void parallel_for(int n, int grain, long long work, ParallelRange body, void *ct
         body(ctx, 0, n);
         return;
     }
-    atomic_store_explicit(&pool.body, body, memory_order_relaxed);
-    atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
-    atomic_store_explicit(&pool.n_items, n, memory_order_relaxed);
-    atomic_store_explicit(&pool.grain, grain < 1 ? 1 : grain, memory_order_relaxed);
-    atomic_store(&pool.finished, 0);
     unsigned generation = ++pool.generation;
+    Job *job = &pool.jobs[generation % 2];
+    atomic_store_explicit(&job->body, body, memory_order_relaxed);
+    atomic_store_explicit(&job->ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&job->n_items, n, memory_order_relaxed);
+    atomic_store_explicit(&job->grain, grain < 1 ? 1 : grain, memory_order_relaxed);
+    atomic_store(&job->finished, 0);
     atomic_store(&pool.claim, (unsigned long long)generation << 32); /* publishes the job */
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.lock);
@@ -150,9 +163,9 @@ void parallel_for(int n, int grain, long long work, ParallelRange body, void *ct
     inside_job = 1;
     work_on(generation);
     inside_job = 0;
-    if (!spin_while(job_unfinished, (unsigned)n)) { /* a worker still has a chunk: wait for it */
+    if (!spin_while(job_unfinished, generation)) { /* a worker still has a chunk: wait for it */
         pthread_mutex_lock(&pool.lock);
-        while (job_unfinished((unsigned)n)) pthread_cond_wait(&pool.done, &pool.lock);
+        while (job_unfinished(generation)) pthread_cond_wait(&pool.done, &pool.lock);
         pthread_mutex_unlock(&pool.lock);
     }
 }

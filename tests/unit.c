@@ -16,6 +16,7 @@ static int failures = 0;
 
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 static void check(int ok, const char *fmt, ...) {
     va_list ap;
@@ -295,6 +296,30 @@ static void test_matmul(void) {
     }
 }
 
+/* parallel_for: many small jobs back to back, as decode posts them (alternately few and more items, a little
+ * work each); every item must run exactly once, and all of them before the call returns */
+static atomic_int item_runs[64];
+static void count_runs(void *ctx, int begin, int end) {
+    volatile float sink = 0.0f;
+    for (int i = begin; i < end; i++) {
+        for (int k = 0; k < 200; k++) sink = sink + (float)k;
+        atomic_fetch_add(&item_runs[i], 1);
+    }
+    (void)ctx;
+}
+
+static void test_parallel(void) {
+    int ok = 1, jobs = 0;
+    for (; jobs < 40000 && ok; jobs++) {
+        int n = jobs % 2 ? 16 + jobs % 48 : 1 + jobs % 12;
+        for (int i = 0; i < n; i++) atomic_store(&item_runs[i], 0);
+        parallel_for(n, 1, 1 << 20, count_runs, NULL);
+        for (int i = 0; i < n; i++) ok &= atomic_load(&item_runs[i]) == 1;
+    }
+    check(ok, "parallel_for: %d jobs of 1..63 items on %d threads: every item ran exactly once, before the call returned",
+          jobs, parallel_threads());
+}
+
 static void test_utf8(void) {
     uint32_t cp;
     check(utf8_decode((const unsigned char *)"\xE2\x82\xAC", 3, &cp) == 3 && cp == 0x20AC, "utf8: decodes a 3-byte character");
@@ -327,6 +352,7 @@ int main(void) {
     test_attention();
     test_ops();
     test_matmul();
+    test_parallel();
     test_utf8();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;
