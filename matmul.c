@@ -137,14 +137,15 @@ ALWAYS_INLINE __m512 load_weights(DType d, const void *row, int k, __mmask16 m) 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16: the top half of an f32 */
 }
 
-/* out[t][r] for 4 rows (w[r] rows of `cols` weights) x T tokens (x[t] rows, stride ldx) */
-ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int cols, const float *x, size_t ldx, float *out,
-                              size_t ldo) {
+/* out[t][r] for 4 rows (w[r] rows of `cols` weights) x T tokens (x[t] rows, stride ldx), over columns
+ * [k0, k1): the running sums start from `sums` if k0 > 0, and are left there if k1 < cols (see rows_float). */
+ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, int k1, int cols, const float *x,
+                              size_t ldx, float *sums, float *out, size_t ldo) {
     __m512 acc[4][TOKENS_PER_TILE];
     for (int r = 0; r < 4; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + LANES <= cols; k += LANES) {
+        for (int t = 0; t < T; t++) acc[r][t] = k0 ? _mm512_loadu_ps(sums + (r * T + t) * LANES) : _mm512_setzero_ps();
+    int k = k0;
+    for (; k + LANES <= k1; k += LANES) {
         __m512 xv[TOKENS_PER_TILE];
         for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + k);
         for (int r = 0; r < 4; r++) {
@@ -152,14 +153,19 @@ ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int cols, 
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
     }
-    if (k < cols) {
-        __mmask16 m = (__mmask16)((1u << (cols - k)) - 1);
+    if (k < k1) {
+        __mmask16 m = (__mmask16)((1u << (k1 - k)) - 1);
         __m512 xv[TOKENS_PER_TILE];
         for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
         for (int r = 0; r < 4; r++) {
             __m512 wv = load_weights(d, w[r], k, m);
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
         }
+    }
+    if (k1 < cols) {
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < T; t++) _mm512_storeu_ps(sums + (r * T + t) * LANES, acc[r][t]);
+        return;
     }
     for (int t = 0; t < T; t++) {
         float s[4];
@@ -254,6 +260,7 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
     }
 }
 #define KERNEL_NAME "avx512"
+#define COLUMN_BLOCK 1024 /* columns per pass: 6 tokens x 1024 f32 = 24 KiB of activations stay in L1 */
 
 #elif defined(KERNELS_AVX2)
 /* ---------------------------------------------------------------------------------------------
@@ -328,8 +335,10 @@ ALWAYS_INLINE void block_float(DType d, int R, int T, const void *const *w, int 
         for (int t = 0; t < T; t++) out[t * ldo + r] = lane_sum(acc[r][t]);
 }
 
-ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int cols, const float *x, size_t ldx, float *out,
-                              size_t ldo) {
+/* the whole of every row in one pass (COLUMN_BLOCK is all columns here) */
+ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, int k1, int cols, const float *x,
+                              size_t ldx, float *sums, float *out, size_t ldo) {
+    (void)k0, (void)k1, (void)sums;
     if (T == 1) {
         block_float(d, 4, 1, w, cols, x, ldx, out, ldo);
         return;
@@ -375,6 +384,7 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
     }
 }
 #define KERNEL_NAME "avx2"
+#define COLUMN_BLOCK (1 << 30)
 
 #else
 /* ---------------------------------------------------------------------------------------------
@@ -409,8 +419,10 @@ float dot_product(const float *a, const float *b, int n) {
     return lane_sum_scalar(acc);
 }
 
-static void tile_float(DType d, int T, const void *const w[4], int cols, const float *x, size_t ldx, float *out,
-                       size_t ldo) {
+/* the whole of every row in one pass (COLUMN_BLOCK is all columns here) */
+static void tile_float(DType d, int T, const void *const w[4], int k0, int k1, int cols, const float *x, size_t ldx,
+                       float *sums, float *out, size_t ldo) {
+    (void)k0, (void)k1, (void)sums;
     float wrow[LANES];
     for (int r = 0; r < 4; r++)
         for (int t = 0; t < T; t++) {
@@ -447,6 +459,7 @@ static void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4]
     }
 }
 #define KERNEL_NAME "portable C"
+#define COLUMN_BLOCK (1 << 30)
 #endif
 
 /* ---------------------------------------------------------------------------------------------
@@ -457,37 +470,45 @@ static void tile_rows(const void *rows[4], const Tensor *w, int r, int hi, size_
     for (int i = 0; i < 4; i++) rows[i] = (const char *)w->data + (size_t)(r + i < hi ? r + i : hi - 1) * row_bytes;
 }
 
-/* Prefill order: a block of weight rows small enough to stay in L2 (ROW_BLOCK_BYTES), then for each tile of
- * tokens (in L1) every 4-row tile of the block. Weights come from memory once per call, activations from L1. */
+/* Prefill order: a block of weight rows small enough to stay in L2 (ROW_BLOCK_BYTES); for each tile of
+ * tokens, the columns in passes of COLUMN_BLOCK (the tokens' slice stays in L1), each pass over every 4-row
+ * tile of the block. Weights come from memory once per call, activations from L1. Between passes a tile's
+ * running sums wait in `sums`; each lane still adds its products in column order, so the passes change
+ * nothing in the result. */
 #define ROW_BLOCK_BYTES (512 * 1024)
+#define MAX_BLOCK_TILES 64 /* with several column passes, rows are >= 2 KiB: a block has <= 256 rows */
 
 ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor *w, int n, int lo, int hi) {
+    static _Thread_local float sums[MAX_BLOCK_TILES][4 * TOKENS_PER_TILE * LANES];
     size_t row_bytes = (size_t)w->cols * (d == DTYPE_F32 ? 4 : 2);
     int block = (int)(ROW_BLOCK_BYTES / row_bytes) / 4 * 4;
-    if (block < 4) block = 4;
+    block = block < 4 ? 4 : block > 4 * MAX_BLOCK_TILES ? 4 * MAX_BLOCK_TILES : block;
     for (int r0 = lo; r0 < hi; r0 += block) {
         int r1 = hi - r0 < block ? hi : r0 + block;
         for (int t = 0; t < n; t += TOKENS_PER_TILE) {
             int T = n - t < TOKENS_PER_TILE ? n - t : TOKENS_PER_TILE;
             const float *xt = x + (size_t)t * w->cols;
-            for (int r = r0; r < r1; r += ROWS_PER_TILE) {
-                const void *rows[4];
-                tile_rows(rows, w, r, r1, row_bytes);
-                float part[TOKENS_PER_TILE][4];
-                int full = r1 - r >= 4;
-                float *dst = full ? out + (size_t)t * w->rows + r : &part[0][0];
-                size_t ldo = full ? (size_t)w->rows : 4;
-                switch (T) { /* one specialised kernel per tile width */
-                case 1: tile_float(d, 1, rows, w->cols, xt, w->cols, dst, ldo); break;
-                case 2: tile_float(d, 2, rows, w->cols, xt, w->cols, dst, ldo); break;
-                case 3: tile_float(d, 3, rows, w->cols, xt, w->cols, dst, ldo); break;
-                case 4: tile_float(d, 4, rows, w->cols, xt, w->cols, dst, ldo); break;
-                case 5: tile_float(d, 5, rows, w->cols, xt, w->cols, dst, ldo); break;
-                default: tile_float(d, TOKENS_PER_TILE, rows, w->cols, xt, w->cols, dst, ldo); break;
+            for (int k0 = 0; k0 < w->cols; k0 += COLUMN_BLOCK) {
+                int k1 = w->cols - k0 > COLUMN_BLOCK ? k0 + COLUMN_BLOCK : w->cols;
+                for (int r = r0; r < r1; r += ROWS_PER_TILE) {
+                    const void *rows[4];
+                    tile_rows(rows, w, r, r1, row_bytes);
+                    float part[TOKENS_PER_TILE][4], *tile_sums = sums[(r - r0) / 4];
+                    int full = r1 - r >= 4;
+                    float *dst = full ? out + (size_t)t * w->rows + r : &part[0][0];
+                    size_t ldo = full ? (size_t)w->rows : 4;
+                    switch (T) { /* one specialised kernel per tile width */
+                    case 1: tile_float(d, 1, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
+                    case 2: tile_float(d, 2, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
+                    case 3: tile_float(d, 3, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
+                    case 4: tile_float(d, 4, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
+                    case 5: tile_float(d, 5, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
+                    default: tile_float(d, TOKENS_PER_TILE, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
+                    }
+                    if (!full && k1 == w->cols)
+                        for (int i = 0; i < T; i++)
+                            for (int j = 0; j < r1 - r; j++) out[(size_t)(t + i) * w->rows + r + j] = part[i][j];
                 }
-                if (!full)
-                    for (int i = 0; i < T; i++)
-                        for (int j = 0; j < r1 - r; j++) out[(size_t)(t + i) * w->rows + r + j] = part[i][j];
             }
         }
     }

@@ -597,11 +597,11 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         norm(xb, x, &lw->mlp_norm, &lw->mlp_norm_bias, n, c);
         if (c->mlp_kind == MLP_GATED) {
             matmul_many((Projection[]){{hb, &lw->w_up}, {hb2, &lw->w_gate}}, 2, xb, n);
-            for (size_t i = 0; i < (size_t)n * hidden; i++) hb[i] *= activation(hb2[i], c->activation);
+            activate(hb, hb2, (size_t)n * hidden, c->activation);
         } else {
             matmul(hb, xb, &lw->w_up, n);
             add_bias(hb, &lw->b_up, n);
-            for (size_t i = 0; i < (size_t)n * hidden; i++) hb[i] = activation(hb[i], c->activation);
+            activate(hb, NULL, (size_t)n * hidden, c->activation);
         }
         matmul(xb2, hb, &lw->w_down, n);
         add_bias(xb2, &lw->b_down, n);

@@ -5,6 +5,7 @@
 #ifndef ATTN_OPS_H
 #define ATTN_OPS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2, DTYPE_Q8_0 = 3 } DType;
@@ -81,6 +82,8 @@ void softmax(float *x, int n);
 
 enum { ACTIVATION_SILU = 0, ACTIVATION_GELU_TANH = 1, ACTIVATION_GELU = 2 };
 float activation(float x, int kind);
+/* up[i] *= act(gate[i]) (gated MLP: SwiGLU, GeGLU); gate NULL: up[i] = act(up[i]) (plain MLP). Threaded. */
+void activate(float *up, const float *gate, size_t n, int kind);
 /* c * tanh(x / c): squashes x smoothly into (-c, c) (Gemma 2) */
 float softcap(float x, float cap);
 

@@ -256,7 +256,7 @@ static double reference_dot(const Tensor *w, int row, const float *x, double *ma
 }
 
 static void test_matmul(void) {
-    static const int rows_[] = {1, 3, 4, 5, 37, 300}, cols_float[] = {1, 7, 16, 17, 100}, cols_q8[] = {32, 96, 544, 1024};
+    static const int rows_[] = {1, 3, 4, 5, 37, 300}, cols_float[] = {1, 7, 17, 100, 1500}, cols_q8[] = {32, 96, 544, 1024};
     static const int tokens[] = {1, 2, 6, 7, 13};
     for (int d = 0; d < DTYPE_COUNT; d++) {
         const int *cols_ = d == DTYPE_Q8_0 ? cols_q8 : cols_float;
