@@ -11,7 +11,7 @@
  * tree (lane_sum). So a prompt gives bit-identical logits in chunks of any size and with any --threads.
  *
  * q8_0 (weights: int8 in groups of 32, one f16 scale per group): the activations of each token are quantized
- * per group of 32 too (quantize_rows: scale max|x|/127, round to nearest even), and each group's dot product
+ * per group of 32 too (quantize_token: scale max|x|/127, round to nearest even), and each group's dot product
  * is an exact integer sum, scaled by (weight scale x activation scale). The integer sums come from VPDPBUSD,
  * which multiplies unsigned by signed bytes: the weights are flipped to unsigned by adding 128 (w ^ 0x80) and
  * 128 * sum(activation group) is subtracted afterwards (the `correction` term below).
@@ -20,9 +20,13 @@
  * from the compiler's target. They follow the same lane scheme and give the same bits, except that portable C
  * on a target without a fused multiply-add rounds a*b+c twice (tests/test_speed.py bounds the difference).
  *
- * Threads (parallel.c): the rows of each weight are split evenly over the threads, and matmul_many() runs
- * several weights with the same input (q, k, v; gate, up) as one job. Products too small to be worth waking
- * the threads for run on the calling thread. make BLAS=1 hands f32 prefill products to cblas_sgemm. */
+ * Decode also prefetches each stream of weights PREFETCH_BYTES ahead: the hardware prefetchers alone leave
+ * much of the bandwidth unused.
+ *
+ * Threads (parallel.c): the rows of each weight are cut into chunks that the threads claim as they come
+ * free, and matmul_many() runs several weights with the same input (q, k, v; gate, up) as one job. Products
+ * too small to be worth waking the threads for run on the calling thread. make BLAS=1 hands f32 prefill
+ * products to cblas_sgemm. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,8 +38,8 @@
 
 #include "ops.h"
 
-/* How far ahead of its reads, in each stream of weights, decode prefetches. The hardware prefetchers alone
- * leave much of the bandwidth unused (a one-token bf16 product streamed 9 GB/s without, 21-25 with). */
+/* How far ahead of its reads, in each stream of weights, decode prefetches (a one-token bf16 product over a
+ * 49 MB matrix streamed 9 GB/s without, 21-25 GB/s with) */
 #define PREFETCH_BYTES 4096
 
 #if defined(ATTN_PORTABLE_KERNELS) /* make KERNELS=portable: the C kernels even where SIMD ones would build */
@@ -332,6 +336,9 @@ ALWAYS_INLINE void block_float(DType d, int R, int T, const void *const *w, int 
             xl[t] = load_x8(x + t * ldx, k, left);
             xh[t] = load_x8(x + t * ldx, k + 8, left - 8);
         }
+        if (T == 1) /* decode streams the weights: ask for them early */
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)w[r] + (size_t)k * (d == DTYPE_F32 ? 4 : 2) + PREFETCH_BYTES, _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
             __m256 wl = load_weights8(d, w[r], k, left);
             __m256 wh = left > 8 ? load_weights8(d, w[r], k + 8, left - 8) : _mm256_setzero_ps();
@@ -376,6 +383,7 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
         for (int r = 0; r < 4; r++) {
             Lanes16 acc = {_mm256_setzero_ps(), _mm256_setzero_ps()}, corr = acc;
             for (int g = 0; g < groups; g++) {
+                if (T == 1 && g % 2 == 0) _mm_prefetch((const char *)(w[r] + g * Q8_GROUP) + PREFETCH_BYTES, _MM_HINT_T0);
                 __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + g * Q8_GROUP)), flip);
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xr.q + g * Q8_GROUP));
                 __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8_32(wv, xv)), _mm256_set1_ps(f16_to_f32(ws[r][g])));
