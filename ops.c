@@ -105,21 +105,45 @@ void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, 
 
 void rope(float *head, int rope_dim, int pos, const float *inv_freq) { rope_heads(head, 1, rope_dim, rope_dim, pos, inv_freq); }
 
+/* e^x in f32 without a libm call, so that loops over it vectorise: x = n ln2 + r with |r| <= ln2/2, then
+ * e^r by its Taylor polynomial (Cephes' expf coefficients) and 2^n put into the exponent bits. Within 2 ulp
+ * of expf; 0 below -87.3 (where e^x would be subnormal). The same operations in every build, so the same bits. */
+static inline float exp_f32(float x) {
+    float clamped = x > 88.0f ? 88.0f : x < -87.3f ? -87.3f : x;
+    float n = clamped * 1.44269504f + 12582912.0f - 12582912.0f; /* round(x / ln2): 1.5 * 2^23 drops the fraction */
+    float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;  /* ln2 in two parts, so r is exact */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x < -87.3f ? 0.0f : p * scale;
+}
+
 void softmax(float *x, int n) {
     float max = x[0];
-    for (int i = 1; i < n; i++)
-        if (x[i] > max) max = x[i];
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
-    for (int i = 0; i < n; i++) x[i] /= sum;
+    for (int i = 1; i < n; i++) max = x[i] > max ? x[i] : max;
+    for (int i = 0; i < n; i++) x[i] = exp_f32(x[i] - max);
+    float lanes[16] = {0}; /* the sum in 16 lanes and a fixed tree, as the matmuls sum: vectorises */
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) lanes[l] += x[i + l];
+    for (int l = 0; i < n; i++, l++) lanes[l] += x[i];
+    for (int l = 0; l < 8; l++) lanes[l] += lanes[l + 8];
+    for (int l = 0; l < 4; l++) lanes[l] += lanes[l + 4];
+    float sum = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
+    float inv = 1.0f / sum;
+    for (int k = 0; k < n; k++) x[k] *= inv;
 }
 
 float activation(float x, int kind) {
     switch (kind) {
-    case ACTIVATION_SILU: return x / (1.0f + expf(-x));
+    case ACTIVATION_SILU: return x / (1.0f + exp_f32(-x));
     case ACTIVATION_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     default: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
     }
@@ -134,7 +158,9 @@ typedef struct {
 static void activate_range(void *arg, int begin, int end) {
     const Activation *a = arg;
     size_t lo = (size_t)begin * 1024, hi = (size_t)end * 1024;
-    if (a->gate)
+    if (a->gate && a->kind == ACTIVATION_SILU) /* SwiGLU, spelled out so that it vectorises */
+        for (size_t i = lo; i < hi; i++) a->up[i] *= a->gate[i] / (1.0f + exp_f32(-a->gate[i]));
+    else if (a->gate)
         for (size_t i = lo; i < hi; i++) a->up[i] *= activation(a->gate[i], a->kind);
     else
         for (size_t i = lo; i < hi; i++) a->up[i] = activation(a->up[i], a->kind);
