@@ -146,9 +146,10 @@ ALWAYS_INLINE __m512 load_weights(DType d, const void *row, int k, __mmask16 m) 
 }
 
 /* out[t][r] for 4 rows (w[r] rows of `cols` weights) x T tokens (x[t] rows, stride ldx), over columns
- * [k0, k1): the running sums start from `sums` if k0 > 0, and are left there if k1 < cols (see rows_float). */
+ * [k0, k1): the running sums start from `sums` if k0 > 0, and are left there if k1 < cols (see rows_float).
+ * stream: these rows come from memory (decode, or prefill's first tile of tokens): prefetch ahead. */
 ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, int k1, int cols, const float *x,
-                              size_t ldx, float *sums, float *out, size_t ldo) {
+                              size_t ldx, float *sums, float *out, size_t ldo, int stream) {
     __m512 acc[4][TOKENS_PER_TILE];
     for (int r = 0; r < 4; r++)
         for (int t = 0; t < T; t++) acc[r][t] = k0 ? _mm512_loadu_ps(sums + (r * T + t) * LANES) : _mm512_setzero_ps();
@@ -156,7 +157,7 @@ ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, in
     for (; k + LANES <= k1; k += LANES) {
         __m512 xv[TOKENS_PER_TILE];
         for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + k);
-        if (T == 1 && (size == 4 || k % 32 == 0)) /* decode streams the weights: ask for them early */
+        if (stream && (size == 4 || k % 32 == 0)) /* the weights come from memory: ask for them early */
             for (int r = 0; r < 4; r++) _mm_prefetch((const char *)w[r] + (size_t)k * size + PREFETCH_BYTES, _MM_HINT_T0);
         for (int r = 0; r < 4; r++) {
             __m512 wv = load_weights(d, w[r], k, 0xFFFF);
@@ -354,8 +355,8 @@ ALWAYS_INLINE void block_float(DType d, int R, int T, const void *const *w, int 
 
 /* the whole of every row in one pass (COLUMN_BLOCK is all columns here) */
 ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, int k1, int cols, const float *x,
-                              size_t ldx, float *sums, float *out, size_t ldo) {
-    (void)k0, (void)k1, (void)sums;
+                              size_t ldx, float *sums, float *out, size_t ldo, int stream) {
+    (void)k0, (void)k1, (void)sums, (void)stream; /* block_float prefetches for one token */
     if (T == 1) {
         block_float(d, 4, 1, w, cols, x, ldx, out, ldo);
         return;
@@ -439,8 +440,8 @@ float dot_product(const float *a, const float *b, int n) {
 
 /* the whole of every row in one pass (COLUMN_BLOCK is all columns here) */
 static void tile_float(DType d, int T, const void *const w[4], int k0, int k1, int cols, const float *x, size_t ldx,
-                       float *sums, float *out, size_t ldo) {
-    (void)k0, (void)k1, (void)sums;
+                       float *sums, float *out, size_t ldo, int stream) {
+    (void)k0, (void)k1, (void)sums, (void)stream;
     float wrow[LANES];
     for (int r = 0; r < 4; r++)
         for (int t = 0; t < T; t++) {
@@ -515,13 +516,14 @@ ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor 
                     int full = r1 - r >= 4;
                     float *dst = full ? out + (size_t)t * w->rows + r : &part[0][0];
                     size_t ldo = full ? (size_t)w->rows : 4;
+                    int stream = t == 0; /* the first tile of tokens brings the block of rows in from memory */
                     switch (T) { /* one specialised kernel per tile width */
-                    case 1: tile_float(d, 1, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
-                    case 2: tile_float(d, 2, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
-                    case 3: tile_float(d, 3, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
-                    case 4: tile_float(d, 4, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
-                    case 5: tile_float(d, 5, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
-                    default: tile_float(d, TOKENS_PER_TILE, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo); break;
+                    case 1: tile_float(d, 1, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+                    case 2: tile_float(d, 2, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+                    case 3: tile_float(d, 3, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+                    case 4: tile_float(d, 4, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+                    case 5: tile_float(d, 5, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+                    default: tile_float(d, TOKENS_PER_TILE, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
                     }
                     if (!full && k1 == w->cols)
                         for (int i = 0; i < T; i++)

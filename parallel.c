@@ -12,7 +12,8 @@
  * cores, every barrier then waits for whole scheduler time slices (measured on a loaded 2-core machine:
  * kjv-5m decoding at 1.5 tok/s instead of 460).
  *
- * Thread count: parallel_set_threads() (./run --threads N), else the number of online cores. */
+ * Jobs come from one thread at a time (the one running forward()); a job posted from inside a job runs on
+ * the thread that posts it. Thread count: parallel_set_threads() (./run --threads N), else the online cores. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>

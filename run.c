@@ -128,7 +128,7 @@ static void usage(FILE *out) {
           "  --encode TEXT   print the ids TEXT encodes to as a prompt, then exit; --no-bos drops the BOS\n"
           "  --no-bos        do not add the tokenizer's BOS to -p / --encode text\n"
           "  --threads N     threads (default: all cores)\n"
-          "  --batch N       prompt tokens per forward pass (default 64; 1 = token by token)\n"
+          "  --batch N       prompt tokens per forward pass (default 256; 1 = token by token)\n"
           "  --help          this text\n",
           out);
 }
@@ -157,7 +157,7 @@ static Options parse_args(int argc, char **argv) {
     o.temperature = 1.0f;
     o.top_p = 0.9f;
     o.seed = (uint64_t)time(NULL);
-    o.batch = 64;
+    o.batch = 256;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
