@@ -146,11 +146,6 @@ def run_stats(args, threads):
     return float(m.group(1)), float(m.group(2)), int(rss.group(1)) * 1024
 
 
-def median_of(runs, f):
-    results = [f() for _ in range(runs)]
-    return [float(np.median([r[i] for r in results])) for i in range(len(results[0]))]
-
-
 def tokens(n, vocab, seed):
     return ",".join(str(t) for t in np.random.default_rng(seed).integers(1, vocab, n))
 
@@ -183,44 +178,60 @@ def main():
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     roofline = os.path.join(BUILD, "roofline")
-    out = subprocess.run([roofline, "bandwidth", "1024", "5" if args.quick else "11"], env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
-    bandwidth = float(out[1]) * 1e9
-    out = subprocess.run([roofline, "fma"], env=env, capture_output=True, text=True, check=True).stdout.split()
-    fma_peak = float(out[1]) * 1e9
+
+    def machine_limits():
+        out = subprocess.run([roofline, "bandwidth", "1024", "5" if args.quick else "11"], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        fma = subprocess.run([roofline, "fma"], env=env, capture_output=True, text=True, check=True).stdout.split()
+        return float(out[1]) * 1e9, float(fma[1]) * 1e9
+
+    # every measurement: (key, ./run arguments); run round-robin, `runs` times, so that a change in the
+    # machine's load in the meantime touches all of them alike; the medians are reported
+    prompt, short = tokens(512, 32000, 1), tokens(16, 32000, 2)
+    plan = []
+    for (name, dtype), path in models.items():
+        plan.append(((name, dtype, "decode"), [path, "--tokens", short, "-n", n_decode, "-t", "0"]))
+        if dtype == "f32" or name == "110M":
+            plan.append(((name, dtype, "prefill"), [path, "--tokens", prompt, "-n", 0]))
+    for pos in (100, 4000):
+        plan.append((("window", pos, "decode"), [sliding, "--tokens", tokens(pos, 32000, 3), "-n", n_decode, "-t", "0"]))
+    baselines = [((name, "f32", "prefill --batch 1"), [models[name, "f32"], "--tokens", prompt, "-n", 0, "--batch", 1])
+                 for name in SHAPES]
+
+    limits = [machine_limits()]
+    results = {key: [] for key, _ in plan + baselines}
+    for i in range(runs):
+        for key, cmd in plan + (baselines if i < max(1, runs // 2) else []):
+            results[key].append(run_stats(cmd, args.threads))
+        log(f"bench: round {i + 1} of {runs} done")
+    limits.append(machine_limits())
+    bandwidth, fma_peak = max(l[0] for l in limits), max(l[1] for l in limits)
+
+    def median(key, field):  # field 0: prefill tok/s, 1: decode tok/s, 2: peak RSS
+        return float(np.median([r[field] for r in results[key]]))
 
     rows = []
-    prompt = tokens(512, 32000, 1)
-    short = tokens(16, 32000, 2)
     for (name, dtype), path in models.items():
         dim, hidden, layers, heads, vocab, context = SHAPES[name]
         nbytes = weight_bytes(path)
-        _, decode, rss = median_of(runs, lambda: run_stats([path, "--tokens", short, "-n", n_decode, "-t", "0"], args.threads))
-        row = {"model": name, "dtype": dtype, "MB": nbytes / 1e6, "decode": decode, "roofline": bandwidth / nbytes,
-               "rss": rss}
-        if dtype == "f32" or name == "110M":
-            prefill, _, rss2 = median_of(runs, lambda: run_stats([path, "--tokens", prompt, "-n", 0], args.threads))
-            # FLOPs per prompt token: the matrices of every layer, and attention (q.k and weights.v over ~256 keys)
+        row = {"model": name, "dtype": dtype, "MB": nbytes / 1e6, "decode": median((name, dtype, "decode"), 1),
+               "roofline": bandwidth / nbytes, "rss": median((name, dtype, "decode"), 2)}
+        if (name, dtype, "prefill") in results:
+            # FLOPs per prompt token: the matrices of every layer, and attention (q.k and weights.v, ~256 keys)
             matrix_params = layers * (4 * dim * dim + 3 * dim * hidden)
-            flops = 2 * matrix_params + 4 * layers * dim * (512 + 1) / 2
-            row.update(prefill=prefill, flops=flops, rss=max(rss, rss2))
-            if dtype == "f32":
-                row["prefill_b1"] = median_of(max(1, runs // 2), lambda: run_stats(
-                    [path, "--tokens", prompt, "-n", 0, "--batch", 1], args.threads))[0]
+            row.update(prefill=median((name, dtype, "prefill"), 0), flops=2 * matrix_params + 4 * layers * dim * 513 / 2,
+                       rss=max(row["rss"], median((name, dtype, "prefill"), 2)))
+        if (name, dtype, "prefill --batch 1") in results:
+            row["prefill_b1"] = median((name, dtype, "prefill --batch 1"), 0)
         rows.append(row)
-        log(f"bench: {name} {dtype}: decode {decode:.1f} tok/s" + (f", prefill {row['prefill']:.0f} tok/s" if "prefill" in row else ""))
-
-    # decode at position 100 and 4000 of the sliding-window model: prompts of 100 and 4000 tokens, then decode
-    window_ms = {}
-    for pos in (100, 4000):
-        ids = tokens(pos, 32000, 3)
-        _, decode, rss = median_of(runs, lambda: run_stats([sliding, "--tokens", ids, "-n", n_decode, "-t", "0"], args.threads))
-        window_ms[pos] = (1000.0 / decode, rss)
+    window_ms = {pos: (1000.0 / median(("window", pos, "decode"), 1), median(("window", pos, "decode"), 2))
+                 for pos in (100, 4000)}
 
     print(f"\nattn.c bench ({os.cpu_count()} cores, --threads {args.threads}, median of {runs} runs; "
           f"kernels: {kernels()})")
-    print(f"measured now: read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads, 1 GiB buffer), "
-          f"f32 FMA peak {fma_peak / 1e9:.0f} GFLOP/s\n")
+    print(f"measured in this run (best of before and after): read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"({args.threads} threads, 1 GiB buffer; {limits[0][0] / 1e9:.1f} / {limits[1][0] / 1e9:.1f}), "
+          f"f32 FMA peak {fma_peak / 1e9:.0f} GFLOP/s ({limits[0][1] / 1e9:.0f} / {limits[1][1] / 1e9:.0f})\n")
     print("| model | dtype | weights read/token | decode tok/s | % of bandwidth roofline | prefill 512 tok/s "
           "| % of FMA peak | vs --batch 1 | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
