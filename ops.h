@@ -51,7 +51,7 @@ void matmul_many(const Projection *p, int count, const float *x, int n);
 #define PARALLEL_MIN_WORK 65536
 typedef void (*ParallelRange)(void *ctx, int begin, int end);
 void parallel_for(int n, int grain, long long work, ParallelRange body, void *ctx);
-/* --threads N (0: all online cores); takes effect if called before the first job */
+/* --threads N (0: all online cores; never more than those); takes effect if called before the first job */
 void parallel_set_threads(int n);
 int parallel_threads(void);
 

@@ -13,7 +13,8 @@
  * kjv-5m decoding at 1.5 tok/s instead of 460).
  *
  * Jobs come from one thread at a time (the one running forward()); a job posted from inside a job runs on
- * the thread that posts it. Thread count: parallel_set_threads() (./run --threads N), else the online cores. */
+ * the thread that posts it. Thread count: parallel_set_threads() (./run --threads N), at most the number of
+ * online cores (the default). */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -126,7 +127,8 @@ void parallel_set_threads(int n) { requested_threads = n; }
 
 int parallel_threads(void) {
     if (pool.n_threads) return pool.n_threads;
-    int n = requested_threads > 0 ? requested_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    int cores = (int)sysconf(_SC_NPROCESSORS_ONLN), n = requested_threads > 0 ? requested_threads : cores;
+    if (cores > 0 && n > cores) n = cores; /* more threads than cores would only take turns */
     return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
 }
 

@@ -126,7 +126,7 @@ def run(t):
     # token by token, so that the threads share thousands of small jobs (matmuls, attention) back to back
     ref = t.logits(kjv, kjv_ids, "--batch", "1", "--threads", "1")
     same = all(np.array_equal(t.logits(kjv, kjv_ids, "--batch", "1", "--threads", n), ref) for n in (2, 3, 2))
-    t.check("kjv-5m: --threads 1, 2, 3 give bit-identical logits (--batch 1)", same)
+    t.check("kjv-5m: --threads 1, 2, 3 give bit-identical logits (--batch 1; at most one thread per core)", same)
 
     # q8_0 against f32 on the KJV held-out tokens (perplexity, logits), and on the fixtures
     src = t.shared_file("models/kjv-5m/model.safetensors", "q8_0: kjv-5m perplexity within 1% of f32")
