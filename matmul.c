@@ -23,8 +23,9 @@
  * Decode also prefetches each stream of weights PREFETCH_BYTES ahead: the hardware prefetchers alone leave
  * much of the bandwidth unused.
  *
- * Threads (parallel.c): the rows of each weight are cut into chunks that the threads claim as they come
- * free, and matmul_many() runs several weights with the same input (q, k, v; gate, up) as one job. Products
+ * Threads (parallel.c): the rows of each weight are cut into items of 16 rows that the threads claim in
+ * chunks as they come free, and matmul_many() runs several weights with the same input (q, k, v; gate, up)
+ * as one job. Products
  * too small to be worth waking the threads for run on the calling thread. make BLAS=1 hands f32 prefill
  * products to cblas_sgemm. */
 #include <stdint.h>
@@ -576,15 +577,10 @@ static void matmul_rows(float *out, const float *x, const QuantizedRow *xq, cons
 }
 
 /* ---------------------------------------------------------------------------------------------
- * scheduling: each weight's rows in chunks that the threads claim as they come free (parallel.c) */
+ * scheduling: the rows of the weights as items of 16 rows (a cache line of outputs, so that two threads
+ * never write the same line), claimed in chunks by the threads as they come free (parallel.c) */
 
-/* Rows per chunk: a multiple of 16 (a cache line of outputs, so threads never write the same line), about
- * CHUNKS_PER_THREAD chunks per thread so that a late thread still finds work. */
-#define CHUNKS_PER_THREAD 8
-static int chunk_rows(int rows) {
-    int per = rows / (CHUNKS_PER_THREAD * parallel_threads());
-    return per < 16 ? 16 : (per + 15) / 16 * 16;
-}
+#define ROWS_PER_ITEM 16
 
 static int uses_blas(const Tensor *w, int n) {
 #ifdef USE_BLAS
@@ -625,17 +621,19 @@ typedef struct {
     int count, n;
     const float *x;
     const QuantizedRow *xq;
-    int first_chunk[4], rows_per_chunk[4]; /* per projection: its first chunk number, its chunk height */
+    int first_item[5]; /* projection j's items are first_item[j] .. first_item[j + 1] - 1 */
 } MatmulJob;
 
-static void matmul_chunks(void *arg, int begin, int end) {
+/* items [begin, end): for each projection they cover, its rows in one call */
+static void matmul_items(void *arg, int begin, int end) {
     const MatmulJob *job = arg;
-    for (int c = begin; c < end; c++) {
-        int j = 0;
-        while (j + 1 < job->count && c >= job->first_chunk[j + 1]) j++;
+    for (int j = 0; j < job->count; j++) {
+        int lo = begin > job->first_item[j] ? begin : job->first_item[j];
+        int hi = end < job->first_item[j + 1] ? end : job->first_item[j + 1];
+        if (lo >= hi) continue;
         const Projection *p = &job->p[j];
-        int lo = (c - job->first_chunk[j]) * job->rows_per_chunk[j], hi = lo + job->rows_per_chunk[j];
-        matmul_rows(p->out, job->x, job->xq, p->w, job->n, lo, hi < p->w->rows ? hi : p->w->rows);
+        int r0 = (lo - job->first_item[j]) * ROWS_PER_ITEM, r1 = (hi - job->first_item[j]) * ROWS_PER_ITEM;
+        matmul_rows(p->out, job->x, job->xq, p->w, job->n, r0, r1 < p->w->rows ? r1 : p->w->rows);
     }
 }
 
@@ -646,16 +644,14 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
         return;
     }
     QuantizedRow xq = {0};
-    MatmulJob job = {p, count, n, x, &xq, {0}, {0}};
+    MatmulJob job = {p, count, n, x, &xq, {0}};
     long long macs = 0;
-    int cols = p[0].w->cols, quantized = 0, chunks = 0;
+    int cols = p[0].w->cols, quantized = 0;
     for (int j = 0; j < count; j++) {
         quantized |= p[j].w->dtype == DTYPE_Q8_0;
-        job.first_chunk[j] = chunks;
-        job.rows_per_chunk[j] = chunk_rows(p[j].w->rows);
-        if (uses_blas(p[j].w, n)) continue; /* below */
-        chunks += (p[j].w->rows + job.rows_per_chunk[j] - 1) / job.rows_per_chunk[j];
-        macs += (long long)p[j].w->rows * p[j].w->cols * n;
+        int items = uses_blas(p[j].w, n) ? 0 : (p[j].w->rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM; /* BLAS: below */
+        job.first_item[j + 1] = job.first_item[j] + items;
+        macs += items ? (long long)p[j].w->rows * p[j].w->cols * n : 0;
     }
     if (quantized) xq = quantize_input(x, n, cols);
 #ifdef USE_BLAS
@@ -666,7 +662,7 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, p[j].w->rows, cols, 1.0f, x, cols, p[j].w->data,
                         cols, 0.0f, p[j].out, p[j].w->rows);
 #endif
-    parallel_for(chunks, 1, macs, matmul_chunks, &job);
+    parallel_for(job.first_item[count], 1, macs, matmul_items, &job);
 }
 
 void matmul(float *out, const float *x, const Tensor *w, int n) { matmul_many(&(Projection){out, w}, 1, x, n); }

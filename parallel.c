@@ -25,6 +25,8 @@
 
 #define SPIN_MICROSECONDS 100
 #define MAX_THREADS 256
+#define CHUNKS_PER_THREAD 4   /* so that a thread that comes late still finds work */
+#define MIN_CHUNK_WORK 16384  /* multiply-adds: a few microseconds, well above the cost of claiming a chunk */
 
 /* A job: body(ctx, begin, end) over [0, n_items) in chunks of grain. Job number g is written into
  * jobs[g % 2]: a worker may still be looking at job g - 1 while job g is being posted, and slot g % 2 is
@@ -150,6 +152,12 @@ void parallel_for(int n, int grain, long long work, ParallelRange body, void *ct
         body(ctx, 0, n);
         return;
     }
+    /* chunks: at most CHUNKS_PER_THREAD per thread (each claim is a contended atomic), each with at least
+     * MIN_CHUNK_WORK multiply-adds, and never smaller than the caller asks */
+    long long by_count = (n + CHUNKS_PER_THREAD * pool.n_threads - 1) / (CHUNKS_PER_THREAD * pool.n_threads);
+    long long by_work = (MIN_CHUNK_WORK * (long long)n + work - 1) / work;
+    if (grain < by_count) grain = (int)by_count;
+    if (grain < by_work) grain = (int)(by_work < n ? by_work : n);
     unsigned generation = ++pool.generation;
     Job *job = &pool.jobs[generation % 2];
     atomic_store_explicit(&job->body, body, memory_order_relaxed);

@@ -302,7 +302,7 @@ static atomic_int item_runs[64];
 static void count_runs(void *ctx, int begin, int end) {
     volatile float sink = 0.0f;
     for (int i = begin; i < end; i++) {
-        for (int k = 0; k < 200; k++) sink = sink + (float)k;
+        for (int k = 0; k < 100; k++) sink = sink + (float)k;
         atomic_fetch_add(&item_runs[i], 1);
     }
     (void)ctx;
@@ -310,13 +310,13 @@ static void count_runs(void *ctx, int begin, int end) {
 
 static void test_parallel(void) {
     int ok = 1, jobs = 0;
-    for (; jobs < 40000 && ok; jobs++) {
-        int n = jobs % 2 ? 16 + jobs % 48 : 1 + jobs % 12;
+    for (; jobs < 100000 && ok; jobs++) {
+        int n = jobs % 2 ? 8 : 1 + jobs % 4; /* few enough items that each is its own chunk */
         for (int i = 0; i < n; i++) atomic_store(&item_runs[i], 0);
-        parallel_for(n, 1, 1 << 20, count_runs, NULL);
+        parallel_for(n, 1, 1 << 24, count_runs, NULL);
         for (int i = 0; i < n; i++) ok &= atomic_load(&item_runs[i]) == 1;
     }
-    check(ok, "parallel_for: %d jobs of 1..63 items on %d threads: every item ran exactly once, before the call returned",
+    check(ok, "parallel_for: %d jobs of 1..8 items on %d threads: every item ran exactly once, before the call returned",
           jobs, parallel_threads());
 }
 
