@@ -104,7 +104,7 @@ static void quantize_token(QuantizedRow *r, const float *x) {
     for (int g = 0; g < r->groups; g++) {
         const float *xg = x + (size_t)g * Q8_GROUP;
         float amax = 0.0f;
-        for (int j = 0; j < Q8_GROUP; j++) amax = fmaxf(amax, fabsf(xg[j]));
+        for (int j = 0; j < Q8_GROUP; j++) amax = fabsf(xg[j]) > amax ? fabsf(xg[j]) : amax;
         float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int j = 0; j < Q8_GROUP; j++) {

@@ -25,7 +25,7 @@
 
 #define SPIN_MICROSECONDS 100
 #define MAX_THREADS 256
-#define CHUNKS_PER_THREAD 4   /* so that a thread that comes late still finds work */
+#define CHUNKS_PER_THREAD 8   /* so that a thread that comes late still finds work, and the last chunk is short */
 #define MIN_CHUNK_WORK 16384  /* multiply-adds: a few microseconds, well above the cost of claiming a chunk */
 
 /* A job: body(ctx, begin, end) over [0, n_items) in chunks of grain. Job number g is written into
