@@ -2,7 +2,8 @@
 #   make            build ./run (-O3 -march=native; threads: parallel.c, a pthread pool)
 #   make test       C unit tests + end-to-end tests against the reference outputs
 #   make PORTABLE=1 build without -march=native: the portable C kernels instead of AVX-512 / AVX2
-#   make BLAS=1     f32 prefill products through OpenBLAS's cblas_sgemm (Debian: libopenblas-dev)
+#   make BLAS=1     f32 prefill products through OpenBLAS's cblas_sgemm (Debian: libopenblas-dev). OpenBLAS
+#                   0.3.21 takes CPUs it does not know for a Prescott (SSE3): OPENBLAS_CORETYPE=SKYLAKEX
 #   make KERNELS=portable   the portable C kernels, but the rest still built for this CPU (for the tests)
 #   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/)
 
