@@ -336,7 +336,7 @@ def convert_llama_like(cfg, st, family):
               norm_eps=cfg.get("rms_norm_eps", 1e-6), tied=tied,
               activation=ACT_GELU_TANH if gemma else activation_of(cfg.get("hidden_act", "silu")),
               embed_scale=math.sqrt(dim) if gemma else 1.0,
-              final_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else 0.0)
+              final_softcap=cfg.get("final_logit_softcapping") or 0.0)
     types = layer_types(cfg, n_layers, family)
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     rope_dim = int(head_dim * partial)
@@ -363,7 +363,7 @@ def convert_llama_like(cfg, st, family):
         theta, table = layer_rope(m, cfg, head_dim, rope_dim, types[i] if family == "gemma3_text" else None)
         m.layers.append(Layer(n_heads, n_kv, head_dim, window=window, rope_theta=theta, rope_dim=rope_dim,
                               rope_table=table, attn_scale=scale,
-                              attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" else 0.0,
+                              attn_softcap=cfg.get("attn_logit_softcapping") or 0.0,
                               flags=flags))
 
     def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in here
@@ -500,6 +500,20 @@ def rows(st, name, lo, hi):
     return lambda: g()[lo:hi]
 
 
+# What transformers' config classes assume when a config.json leaves a field out (hub configs of these
+# families rely on it: a Gemma 3 multimodal text_config lists only a few fields).
+FAMILY_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True),
+}
+
 FAMILIES = {
     "llama": convert_llama_like,
     "mistral": convert_llama_like,
@@ -521,6 +535,7 @@ def convert_hf(src, args):
         family = "gemma3_text"
     if family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
+    cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
     log(f"export: reading {src} ({family})")
     st = SafeTensors(src)
     m = FAMILIES[family](cfg, st, family)
