@@ -213,19 +213,28 @@ typedef struct {
     int n;
 } Directory;
 
-/* Binds a tensor the config requires: present once, with this shape; vectors must be f32. */
+static int by_name(const void *a, const void *b) {
+    return strcmp(((const TensorEntry *)a)->name, ((const TensorEntry *)b)->name);
+}
+
+/* Sorts the directory by name so each lookup is a binary search; a name listed twice is an error. */
+static int index_directory(Directory *d) {
+    qsort(d->entries, (size_t)d->n, sizeof *d->entries, by_name);
+    for (int i = 1; i < d->n; i++)
+        if (strcmp(d->entries[i - 1].name, d->entries[i].name) == 0)
+            return fail(d->ctx, "tensor '%s' appears twice", d->entries[i].name);
+    return 0;
+}
+
+/* Binds a tensor the config requires: present, with this shape; vectors must be f32. */
 static int bind(Directory *d, Tensor *t, int rows, int cols, const char *fmt, ...) {
-    char name[TENSOR_NAME_SIZE + 16];
+    TensorEntry key;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
+    vsnprintf(key.name, sizeof key.name, fmt, ap);
     va_end(ap);
-    TensorEntry *e = NULL;
-    for (int i = 0; i < d->n; i++)
-        if (strcmp(d->entries[i].name, name) == 0) {
-            if (e) return fail(d->ctx, "tensor '%s' appears twice", name);
-            e = &d->entries[i];
-        }
+    const char *name = key.name;
+    TensorEntry *e = bsearch(&key, d->entries, (size_t)d->n, sizeof *d->entries, by_name);
     if (!e) return fail(d->ctx, "tensor '%s' is missing", name);
     int is_vector = rows == 0;
     uint32_t want0 = is_vector ? (uint32_t)cols : (uint32_t)rows;
@@ -390,14 +399,11 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
     TensorEntry *entries = calloc(n_tensors, sizeof *entries);
     if (!entries) return fail(&ctx, "out of memory"), model_free(m), -1;
     Directory dir = {&ctx, p, entries, (int)n_tensors};
-    for (uint32_t i = 0; i < n_tensors; i++)
-        if (parse_tensor(&ctx, &entries[i], p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off,
-                         file_size)) {
-            free(entries);
-            model_free(m);
-            return -1;
-        }
-    bad = bind_weights(&dir, m);
+    for (uint32_t i = 0; i < n_tensors && !bad; i++)
+        bad = parse_tensor(&ctx, &entries[i], p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off,
+                           file_size);
+    if (!bad) bad = index_directory(&dir);
+    if (!bad) bad = bind_weights(&dir, m);
     free(entries);
     if (bad) return model_free(m), -1;
 
