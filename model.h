@@ -98,13 +98,17 @@ typedef struct {
     float *k, *v;   /* [T][kv_dim] */
     float *hb, *hb2;/* [T][hidden_dim] */
     float *scores;  /* [n_heads][scores_stride] attention weights of one query */
-    int scores_stride; /* most keys any query can see */
+    int scores_stride; /* keys a row holds: grows with the positions reached, up to the most any query can see */
+    int scores_heads;  /* rows: the most query heads of any layer */
     float *logits;  /* [T][vocab] */
     KVCache kv;
 } RunState;
 
 /* Loads and validates a model file. On failure writes one line to err and returns -1. */
 int model_load(Model *m, const char *path, char *err, size_t errlen);
+/* The same from a file already in memory (size bytes at data, which must outlive the model); name is used
+ * in error messages. The fuzz targets load through it, so every read is checked against the exact size. */
+int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen);
 void model_free(Model *m);
 
 int runstate_init(RunState *s, const Model *m, int max_tokens);

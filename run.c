@@ -19,12 +19,14 @@
  * errors: one line, exit status 1 */
 
 static void die(const char *fmt, ...) {
+    char msg[1024];
     va_list ap;
-    fputs("error: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    for (unsigned char *s = (unsigned char *)msg; *s; s++) /* arguments and file names stay on one line */
+        if (*s < 0x20 || *s == 0x7f) *s = '?';
+    fprintf(stderr, "error: %s\n", msg);
     exit(1);
 }
 
@@ -83,6 +85,7 @@ static int sample(Sampler *s, float *logits, int n) {
     int m = 0;
     for (int i = 0; i < n; i++)
         if (logits[i] >= cutoff) s->order[m++] = i;
+    if (m == 0) return argmax(logits, n); /* no finite probabilities (NaN weights): nothing to sample from */
     sort_probs = logits;
     qsort(s->order, (size_t)m, sizeof *s->order, by_prob_desc);
     float mass = 0.0f;
@@ -187,19 +190,23 @@ static Options parse_args(int argc, char **argv) {
         const char *v = argv[++i];
         if (!strcmp(a, "-p")) o.prompt = v;
         else if (!strcmp(a, "-n")) o.n_generate = (int)parse_long(a, v, 0, 1 << 24);
-        else if (!strcmp(a, "-t")) o.temperature = parse_float(a, v, 0.0f, 100.0f);
+        else if (!strcmp(a, "-t")) {
+            o.temperature = parse_float(a, v, 0.0f, 100.0f);
+            /* logits / t must stay finite: tiny temperatures are greedy in all but name */
+            if (o.temperature > 0.0f && o.temperature < 1e-3f) die("-t must be 0 (greedy) or at least 0.001, got %s", v);
+        }
         else if (!strcmp(a, "-s")) o.seed = (uint64_t)parse_long(a, v, 0, LONG_MAX);
-        else if (!strcmp(a, "--top-p")) o.top_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "--top-p")) {
+            o.top_p = parse_float(a, v, 0.0f, 1.0f);
+            if (o.top_p == 0.0f) die("--top-p must be in (0, 1], got %s", v);
+        }
         else if (!strcmp(a, "--tokens")) o.tokens = v;
         else if (!strcmp(a, "--logits")) o.logits_path = v;
         else if (!strcmp(a, "--encode")) o.encode_text = v;
         else if (!strcmp(a, "--threads")) o.threads = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
     }
-    if (!o.model_path) {
-        usage(stderr);
-        die("no model file given");
-    }
+    if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
     if (o.prompt && o.tokens) die("give the prompt as -p TEXT or --tokens LIST, not both");
     return o;
 }
@@ -284,7 +291,7 @@ int main(int argc, char **argv) {
     for (int pos = 0; pos < n_prompt; pos += batch) {
         int n = n_prompt - pos < batch ? n_prompt - pos : batch;
         logits = forward(&model, &state, prompt + pos, n, pos, logits_file != NULL);
-        if (!logits) die("out of memory growing the KV cache at position %d", pos);
+        if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos);
         if (logits_file) {
             if (fwrite(logits, sizeof(float), (size_t)n * c->vocab_size, logits_file) != (size_t)n * c->vocab_size)
                 die("writing --logits file '%s' failed", o.logits_path);
@@ -317,7 +324,7 @@ int main(int argc, char **argv) {
             break;
         }
         logits = forward(&model, &state, &next, 1, pos++, 0);
-        if (!logits) die("out of memory growing the KV cache at position %d", pos - 1);
+        if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos - 1);
     }
     utf8_stream_flush(&out, stdout);
     if (o.n_generate > 0) printf("\n");

@@ -71,6 +71,12 @@ static int read_u32(Reader *r, uint32_t *out) {
     return 0;
 }
 
+static int hex_digit(unsigned char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if ((c | 32) >= 'a' && (c | 32) <= 'f') return (c | 32) - 'a' + 10;
+    return -1;
+}
+
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); tokenizer_free(t); return -1; } while (0)
 
 typedef struct {
@@ -152,14 +158,11 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
         if (type == PIECE_SPECIAL || type == PIECE_USER) t->specials[t->n_specials++] = (int)i;
         if (len == 1 && (type == PIECE_NORMAL) && t->byte_piece[t->piece[i][0]] < 0 && kind == TOKENIZER_BYTELEVEL_BPE)
             t->byte_piece[t->piece[i][0]] = (int)i;
-        if (type == PIECE_BYTE) { /* "<0xNN>" */
-            unsigned v;
-            char hex[8] = {0};
-            if (len != 6 || memcmp(t->piece[i], "<0x", 3) != 0 || t->piece[i][5] != '>')
+        if (type == PIECE_BYTE) { /* "<0xNN>": exactly two hex digits (sscanf's %x would take "-1") */
+            const unsigned char *s = t->piece[i];
+            if (len != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>' || hex_digit(s[3]) < 0 || hex_digit(s[4]) < 0)
                 FAIL("tokenizer byte piece %u is not of the form <0xNN>", i);
-            memcpy(hex, t->piece[i] + 3, 2);
-            if (sscanf(hex, "%2x", &v) != 1) FAIL("tokenizer byte piece %u is not of the form <0xNN>", i);
-            t->byte_piece[v] = (int)i;
+            t->byte_piece[hex_digit(s[3]) * 16 + hex_digit(s[4])] = (int)i;
         }
     }
     /* merges: (left, right) in rank order; the result is the piece spelled by their concatenation */
