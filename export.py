@@ -111,7 +111,10 @@ class SafeTensors:
             if name == "__metadata__":
                 continue
             try:
-                dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+                dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+                if not isinstance(dtype, str) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in shape + [begin, end]):
+                    raise TypeError("dtype must be a string, shape and data_offsets non-negative integers")
             except (KeyError, TypeError, ValueError):
                 raise ExportError(f"{path}: tensor '{name}' has a malformed header entry")
             if dtype not in ST_DTYPES:
@@ -221,7 +224,7 @@ def rope_settings(cfg, layer_type=None):
     if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = params if params.get("rope_type", "default") != "default" else None
-        return float(theta), scaling
+        return number(theta, "rope_theta"), scaling
     theta = cfg.get("rope_theta", 10000.0)
     scaling = cfg.get("rope_scaling")
     if layer_type == "sliding_attention" and "rope_local_base_freq" in cfg:
@@ -231,11 +234,18 @@ def rope_settings(cfg, layer_type=None):
         scaling = dict(scaling, rope_type=kind) if kind != "default" else None
     else:
         scaling = None
-    return float(theta), scaling
+    return number(theta, "rope_theta"), scaling
 
 
 def rope_inv_freq(theta, rope_dim, scaling):
     """Inverse frequencies for a scaled rope, as transformers computes them (in float32)."""
+    try:
+        return _rope_inv_freq(theta, rope_dim, scaling)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ExportError(f"config.json: rope scaling {scaling} is incomplete or malformed ({type(e).__name__}: {e})")
+
+
+def _rope_inv_freq(theta, rope_dim, scaling):
     inv = (1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.int64).astype(np.float32) / rope_dim))).astype(np.float32)
     kind = scaling["rope_type"]
     if kind == "default":
@@ -309,10 +319,33 @@ def layer_types(cfg, n_layers, family):
 
 
 def require(cfg, *keys):
-    for k in keys:
-        if cfg.get(k) is None:
-            raise ExportError(f"config.json: missing '{k}'")
-    return [cfg[k] for k in keys]
+    return [config_int(cfg, k) for k in keys]
+
+
+def config_int(cfg, keys, default=None, minimum=1):
+    """The first of keys set in cfg, as an integer >= minimum; default when none is set (error if None)."""
+    keys = (keys,) if isinstance(keys, str) else keys
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        if default is None:
+            raise ExportError(f"config.json: missing '{keys[0]}'")
+        return default
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v < 2 ** 31:
+        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {2 ** 31 - 1}")
+    return v
+
+
+def number(v, what):
+    """v as a finite float, or an error naming the config field it came from."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ExportError(f"config.json: '{what}' is {v!r}, expected a finite number")
+    return float(v)
+
+
+def config_float(cfg, key, default):
+    v = cfg.get(key)
+    return default if v is None else number(v, key)
 
 
 # ----------------------------------------------------------------------------
@@ -324,24 +357,24 @@ def convert_llama_like(cfg, st, family):
     prefix = text_prefix(st)
     dim, n_layers, n_heads, vocab, hidden = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads",
                                                     "vocab_size", "intermediate_size")
-    n_kv = cfg.get("num_key_value_heads") or n_heads
-    head_dim = cfg.get("head_dim") or dim // n_heads
+    n_kv = config_int(cfg, "num_key_value_heads", n_heads)
+    head_dim = config_int(cfg, "head_dim", dim // n_heads)
     gemma = family in ("gemma2", "gemma3_text")
     tied = cfg.get("tie_word_embeddings")
     if tied is None:
         tied = "lm_head.weight" not in st
     if not tied and "lm_head.weight" not in st:
         raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
-    m = Model(family, dim, hidden, vocab, cfg.get("max_position_embeddings", 2048),
-              norm_eps=cfg.get("rms_norm_eps", 1e-6), tied=tied,
+    m = Model(family, dim, hidden, vocab, config_int(cfg, "max_position_embeddings", 2048),
+              norm_eps=config_float(cfg, "rms_norm_eps", 1e-6), tied=tied,
               activation=ACT_GELU_TANH if gemma else activation_of(cfg.get("hidden_act", "silu")),
               embed_scale=math.sqrt(dim) if gemma else 1.0,
-              final_softcap=cfg.get("final_logit_softcapping") or 0.0)
+              final_softcap=config_float(cfg, "final_logit_softcapping", 0.0))
     types = layer_types(cfg, n_layers, family)
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    rope_dim = int(head_dim * partial)
+    rope_dim = int(head_dim * number(partial, "partial_rotary_factor"))
     if gemma:
-        scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
+        scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5
     else:
         scale = head_dim ** -0.5
     p = prefix
@@ -357,13 +390,13 @@ def convert_llama_like(cfg, st, family):
         if gemma:
             flags |= LAYER_POST_ATTN_NORM | LAYER_POST_MLP_NORM
         sliding = types[i] == "sliding_attention"
-        window = cfg.get("sliding_window") if sliding else 0
-        if sliding and not window:
+        if sliding and not cfg.get("sliding_window"):
             raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
+        window = config_int(cfg, "sliding_window") if sliding else 0
         theta, table = layer_rope(m, cfg, head_dim, rope_dim, types[i] if family == "gemma3_text" else None)
         m.layers.append(Layer(n_heads, n_kv, head_dim, window=window, rope_theta=theta, rope_dim=rope_dim,
                               rope_table=table, attn_scale=scale,
-                              attn_softcap=cfg.get("attn_logit_softcapping") or 0.0,
+                              attn_softcap=config_float(cfg, "attn_logit_softcapping", 0.0),
                               flags=flags))
 
     def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in here
@@ -414,13 +447,11 @@ def convert_llama_like(cfg, st, family):
 
 def convert_gpt2(cfg, st, family):
     """GPT-2 (Conv1D weights stored [in, out], fused c_attn) and GPTBigCode (Linear weights, MQA c_attn)."""
-    dim = cfg.get("n_embd") or cfg.get("hidden_size")
-    n_layers = cfg.get("n_layer") or cfg.get("num_hidden_layers")
-    n_heads = cfg.get("n_head") or cfg.get("num_attention_heads")
-    vocab, ctx = cfg.get("vocab_size"), cfg.get("n_positions") or cfg.get("max_position_embeddings")
-    if not all((dim, n_layers, n_heads, vocab, ctx)):
-        raise ExportError("config.json: missing one of n_embd, n_layer, n_head, vocab_size, n_positions")
-    hidden = cfg.get("n_inner") or 4 * dim
+    dim = config_int(cfg, ("n_embd", "hidden_size"))
+    n_layers = config_int(cfg, ("n_layer", "num_hidden_layers"))
+    n_heads = config_int(cfg, ("n_head", "num_attention_heads"))
+    vocab, ctx = config_int(cfg, "vocab_size"), config_int(cfg, ("n_positions", "max_position_embeddings"))
+    hidden = config_int(cfg, "n_inner", 4 * dim)
     head_dim = dim // n_heads
     bigcode = family == "gpt_bigcode"
     n_kv = 1 if bigcode and cfg.get("multi_query", True) else n_heads
@@ -429,7 +460,7 @@ def convert_gpt2(cfg, st, family):
     scale = head_dim ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
     prefix = "transformer." if "transformer.wte.weight" in st else ""
     tied = "lm_head.weight" not in st
-    m = Model(family, dim, hidden, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+    m = Model(family, dim, hidden, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5),
               mlp_kind=MLP_PLAIN, activation=activation_of(cfg.get("activation_function", "gelu_new")),
               position_kind=POS_LEARNED, tied=tied)
     for _ in range(n_layers):
@@ -529,6 +560,8 @@ FAMILIES = {
 
 def convert_hf(src, args):
     cfg = load_json(os.path.join(src, "config.json"))
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{os.path.join(src, 'config.json')}: not a JSON object")
     family = cfg.get("model_type")
     if family == "gemma3" and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper: keep the text model
         cfg = dict(cfg["text_config"], model_type="gemma3_text")
@@ -670,12 +703,33 @@ def bytelevel_pretokenizer(pre):
     return kind, prefix_space
 
 
+def check_tokenizer_json(tok):
+    """The shapes of the tokenizer.json fields the converters read: an error names the first one that is wrong."""
+    def bad(what):
+        raise ExportError(f"tokenizer.json: {what}")
+
+    if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+        bad("not a JSON object with a 'model' object")
+    vocab = tok["model"].get("vocab") or {}
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+        bad("model.vocab is not an object of token -> integer id")
+    for mg in tok["model"].get("merges") or []:
+        ok = (isinstance(mg, str) and " " in mg) or (isinstance(mg, list) and len(mg) == 2 and
+                                                      all(isinstance(x, str) for x in mg))
+        if not ok:
+            bad(f"merge {mg!r} is neither 'left right' nor [left, right]")
+    for a in tok.get("added_tokens") or []:
+        if not (isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str)):
+            bad(f"added token {a!r} lacks an integer id or a string content")
+
+
 def hf_tokenizer(src, cfg, vocab_size):
     path = os.path.join(src, "tokenizer.json")
     if not os.path.exists(path):
         log("export: no tokenizer.json: the model will run from --tokens")
         return None
     tok = load_json(path)
+    check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"tokenizer.json: model type '{model.get('type')}' is not supported (only BPE)")
@@ -802,7 +856,39 @@ def encode_tensor(arr, dtype):
     return f32_to_bf16(arr).astype("<u2").tobytes()
 
 
+# The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
+LIMITS = dict(dim=1 << 16, hidden_dim=1 << 20, vocab_size=1 << 22, context_length=1 << 24, layers=4096, heads=1024,
+              head_dim=1024)
+
+
+def check_model(m):
+    """Fail before writing if the model description breaks a rule of the format (docs/FORMAT.md)."""
+    def whole(v, what, lo, hi):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ExportError(f"{what} is {v!r} (the format allows {lo} .. {hi})")
+
+    for f in ("dim", "hidden_dim", "vocab_size", "context_length"):
+        whole(getattr(m, f), f, 1, LIMITS[f])
+    whole(len(m.layers), "the number of layers", 1, LIMITS["layers"])
+    if not 0.0 < m.norm_eps < 1.0:
+        raise ExportError(f"norm epsilon {m.norm_eps} is not in (0, 1)")
+    if not (math.isfinite(m.embed_scale) and math.isfinite(m.final_softcap) and m.final_softcap >= 0.0):
+        raise ExportError(f"embed_scale {m.embed_scale} / final softcap {m.final_softcap} is not valid")
+    for i, L in enumerate(m.layers):
+        whole(L.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
+        whole(L.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
+        whole(L.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
+        whole(L.rope_dim, f"layer {i}: rotary dimensions", 0, L.head_dim)
+        if L.rope_dim % 2:
+            raise ExportError(f"layer {i}: {L.rope_dim} rotary dimensions is odd (head_dim {L.head_dim})")
+        if m.position_kind == POS_ROPE and L.rope_dim and L.rope_table < 0 and not L.rope_theta > 1.0:
+            raise ExportError(f"layer {i}: rope_theta {L.rope_theta} is not valid")
+        if not (math.isfinite(L.attn_scale) and L.attn_scale > 0 and math.isfinite(L.attn_softcap) and L.attn_softcap >= 0):
+            raise ExportError(f"layer {i}: attention scale {L.attn_scale} / softcap {L.attn_softcap} is not valid")
+
+
 def write_model(m, out, dtype):
+    check_model(m)
     for i, t in enumerate(m.rope_tables):
         m.add(f"rope_inv_freq.{i}", t.shape, lambda t=t: t)
     n_layers, n_tensors = len(m.layers), len(m.tensors)
@@ -898,6 +984,12 @@ def main(argv=None):
         return 1
     except OSError as e:
         print(f"error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"error: {args.src}: out of memory (is a size in the config absurd?)", file=sys.stderr)
+        return 1
+    except Exception as e:  # an input problem no check above names: still one line, still no output file
+        print(f"error: {args.src}: cannot export ({type(e).__name__}: {e})", file=sys.stderr)
         return 1
     return 0
 
