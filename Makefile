@@ -2,6 +2,9 @@
 #   make            build ./run (-O3 -march=native, OpenMP when the compiler has it)
 #   make test       C unit tests + end-to-end tests against the reference outputs
 #   make PORTABLE=1 build without -march=native
+#   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
+#   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
+#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
 
 CC ?= cc
 CFLAGS ?= -O3
@@ -26,12 +29,64 @@ run: run.c $(ENGINE) $(HEADERS)
 tests/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) $(OPENMP) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS)
 
-.PHONY: all test clean
+.PHONY: all test clean asan valgrind fuzz fuzz-seeds
 all: run
 
 test: run tests/unit
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(PYTHON) tests/run_tests.py
+
+# --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
+# make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report
+# ends the process with status 86 (ASan, LeakSanitizer) or 87 (UBSan), which no test accepts.
+SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+SANITIZER_ENV = ASAN_OPTIONS=exitcode=86:detect_leaks=1:abort_on_error=0 \
+                UBSAN_OPTIONS=exitcode=87:halt_on_error=1:print_stacktrace=1
+
+build/asan/run: run.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/asan
+	$(CC) $(SANITIZE) $(WARN) $(OPENMP) -o $@ run.c $(ENGINE) $(LDLIBS)
+
+build/asan/unit: tests/unit.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/asan
+	$(CC) $(SANITIZE) $(WARN) $(OPENMP) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS)
+
+asan: build/asan/run build/asan/unit
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
+	$(SANITIZER_ENV) ATTN_RUN=build/asan/run ATTN_UNIT=build/asan/unit $(PYTHON) tests/run_tests.py
+
+# make valgrind: a portable -O1 -g build (valgrind does not know AVX-512), one thread, 32 generated tokens
+VALGRIND_PROMPT = In the beginning God created
+build/valgrind/run: run.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/valgrind
+	$(CC) -O1 -g $(WARN) $(OPENMP) -o $@ run.c $(ENGINE) $(LDLIBS)
+
+valgrind: build/valgrind/run
+	@command -v valgrind >/dev/null || { echo "error: valgrind is not installed (Debian: apt-get install valgrind)"; exit 1; }
+	OMP_NUM_THREADS=1 valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect,possible \
+	  --errors-for-leak-kinds=definite,indirect,possible build/valgrind/run models/kjv-5m.bin \
+	  -p "$(VALGRIND_PROMPT)" -n 32 -t 0.8 -s 1 --threads 1
+
+# make fuzz [FUZZ_SECONDS=600]: each target runs for FUZZ_SECONDS, starting from the committed seeds
+# (fuzz/corpus/*) and keeping what it finds in build/fuzz/corpus/*; a crash is saved as build/fuzz/crash-*
+# and stops the run. Replay one input: build/fuzz/fuzz_model FILE.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_RUN = -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -artifact_prefix=build/fuzz/ -timeout=10 -rss_limit_mb=4096
+
+build/fuzz/fuzz_%: fuzz/fuzz_%.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(WARN) -I. -o $@ $< $(ENGINE) $(LDLIBS)
+
+fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer
+	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer
+	build/fuzz/fuzz_model $(FUZZ_RUN) -max_len=65536 -dict=fuzz/model.dict build/fuzz/corpus/model fuzz/corpus/model
+	build/fuzz/fuzz_tokenizer $(FUZZ_RUN) -max_len=4096 build/fuzz/corpus/tokenizer fuzz/corpus/tokenizer
+
+# rewrites the model seeds (deterministic; needs numpy)
+fuzz-seeds:
+	$(PYTHON) fuzz/make_seeds.py
 
 clean:
 	rm -f run tests/unit

@@ -217,6 +217,7 @@ static int parse_token_list(const char *list, int vocab_size, int **out) {
     for (const char *p = list; *p; p++) cap += *p == ',';
     int *ids = malloc(cap * sizeof *ids), n = 0;
     if (!ids) die("out of memory");
+    *out = ids; /* the caller owns it from here, also when an error below ends the program */
     const char *p = list;
     while (*p) {
         char *end;
@@ -229,7 +230,6 @@ static int parse_token_list(const char *list, int vocab_size, int **out) {
         if (*end == ',' && !*p) die("--tokens: trailing comma in '%s'", list);
     }
     if (n == 0) die("--tokens: no ids given");
-    *out = ids;
     return n;
 }
 
