@@ -264,7 +264,7 @@ int main(int argc, char **argv) {
     if (o.tokens) n_prompt = parse_token_list(o.tokens, c->vocab_size, &prompt);
     else n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
     if (n_prompt == 0) die("the prompt is empty and the tokenizer has no BOS to start from: give -p TEXT");
-    int rolls = model_can_roll(c); /* every layer slides: positions may run past the context */
+    int rolls = model_can_roll(&model); /* every layer slides: positions may run past the context */
     if (n_prompt > c->context_length && !rolls)
         die("the prompt has %d tokens but the model's context is %d", n_prompt, c->context_length);
 
