@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "attention.h"
+#include "study.h"
 
 /* ---------------------------------------------------------------------------------------------
  * loading: read every field through a bounds-checked cursor, check it, and only then use it */
@@ -393,7 +394,7 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
         if (parse_layer(&ctx, c, &c->layers[i], p + layers_off + (uint64_t)i * LAYER_RECORD_SIZE, i))
             return model_free(m), -1;
 
-    /* how each layer attends, as the file says */
+    /* how each layer attends, as the file says (run.c may override it before runstate_init) */
     m->attention = calloc(n_layers, sizeof *m->attention);
     if (!m->attention) return fail(&ctx, "out of memory"), model_free(m), -1;
     for (int i = 0; i < c->n_layers; i++) m->attention[i] = attention_of_layer(&c->layers[i]);
@@ -579,12 +580,13 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         rotate_heads(s, lc, lw->rope_inv_freq, n, pos);
 
         /* attention: each token stores its key and value in the cache, then attends over what its mask
-         * lets it see */
+         * lets it see (--attn-map keeps the weights) */
         const AttentionSpec *spec = &m->attention[l];
         for (int t = 0; t < n; t++) {
             if (kvlayer_store(cache, pos + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim) != 0) return NULL;
             attention_layer(xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim, cache, lc->n_heads, lc->n_kv_heads,
                             pos + t, spec, s->scores, s->scores_stride);
+            if (s->attention_map) attention_map_record(s->attention_map, l, pos + t, s->scores, s->scores_stride);
         }
 
         /* output projection, optional post-norm (Gemma), residual connection */

@@ -87,7 +87,8 @@ typedef struct {
     void *map;            /* the whole file, mmapped read-only */
     size_t file_size;
     DType weight_dtype;   /* dtype of the matrices (for --info and stats) */
-    AttentionSpec *attention; /* per layer, how it attends when run (from its record in the file) */
+    AttentionSpec *attention; /* per layer, how it attends when run: its record in the file, then any
+                               * --window / --sinks / --sparse / --attn override (study.c) */
 } Model;
 
 /* Scratch buffers for one forward pass over up to max_tokens tokens, allocated once. */
@@ -103,6 +104,7 @@ typedef struct {
     int scores_stride; /* most keys any query can see */
     float *logits;  /* [T][vocab] */
     KVCache kv;
+    struct AttentionMap *attention_map; /* --attn-map: forward records the weights here (NULL: off) */
 } RunState;
 
 /* Loads and validates a model file. On failure writes one line to err and returns -1. */
