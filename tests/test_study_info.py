@@ -104,3 +104,12 @@ def run(t):
         e = r.stderr.decode(errors="replace")
         t.check(f"{' '.join(flags)}: one error line, exit 1", r.returncode == 1 and e.startswith("error: ")
                 and e.count("\n") == 1, e.strip())
+
+    # docs/ATTENTION.md shows this very output, and its picture stays small
+    doc = open(os.path.join(t.root, "docs", "ATTENTION.md")).read()
+    shown = re.search(r"\$ ./run models/kjv-5m.bin --info\n(.*?)```", doc, re.S)
+    t.check("docs/ATTENTION.md shows kjv-5m's --info output as it is today",
+            shown is not None and shown.group(1) == info(t, kjv)[1])
+    picture = os.path.join(t.root, "docs", "attention-map-kjv-5m.png")
+    t.check("docs/attention-map-kjv-5m.png is there and under 300 KB",
+            os.path.exists(picture) and os.path.getsize(picture) < 300_000)
