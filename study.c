@@ -3,7 +3,6 @@
 #include "study.h"
 
 #include <errno.h>
-#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -21,6 +20,8 @@ static int fail(char *err, size_t errlen, const char *fmt, ...) {
 
 /* ---------------------------------------------------------------------------------------------
  * overrides */
+
+#define MAX_SPAN (1 << 24) /* windows, strides and blocks: as long as the longest context a file may declare */
 
 /* A whole decimal number in lo .. hi, or -1 */
 static long parse_count(const char *s, long lo, long hi) {
@@ -56,8 +57,8 @@ static int split_layer_list(const char *opt, const char *list, int n_layers, cha
 
 /* --window value: W >= 1 slides, 0 is full causal attention */
 static int window_spec(AttentionSpec *a, const char *v, char *err, size_t errlen) {
-    long w = parse_count(v, 0, INT_MAX / 2);
-    if (w < 0) return fail(err, errlen, "--window: '%s' is not a window size (a whole number; 0 = full attention)", v);
+    long w = parse_count(v, 0, MAX_SPAN);
+    if (w < 0) return fail(err, errlen, "--window: '%s' is not a window size (0 .. %d; 0 = full attention)", v, MAX_SPAN);
     a->mask = w ? MASK_SLIDING : MASK_CAUSAL;
     a->span = (int)w;
     a->n_sinks = 0;
@@ -67,10 +68,10 @@ static int window_spec(AttentionSpec *a, const char *v, char *err, size_t errlen
 /* --sparse value: strided:S or fixed:B */
 static int sparse_spec(AttentionSpec *a, const char *v, char *err, size_t errlen) {
     const char *colon = strchr(v, ':');
-    long n = colon ? parse_count(colon + 1, 1, INT_MAX / 2) : -1;
+    long n = colon ? parse_count(colon + 1, 1, MAX_SPAN) : -1;
     if (n > 0 && (size_t)(colon - v) == 7 && !strncmp(v, "strided", 7)) a->mask = MASK_STRIDED;
     else if (n > 0 && (size_t)(colon - v) == 5 && !strncmp(v, "fixed", 5)) a->mask = MASK_FIXED;
-    else return fail(err, errlen, "--sparse: '%s' is not a pattern (strided:S or fixed:B, with S, B >= 1)", v);
+    else return fail(err, errlen, "--sparse: '%s' is not a pattern (strided:S or fixed:B, with S, B in 1 .. %d)", v, MAX_SPAN);
     a->span = (int)n;
     a->n_sinks = 0;
     return 0;
