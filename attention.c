@@ -1,13 +1,13 @@
 /* attention.c - attention, the way the article builds it up, one short function per variant.
  *
- *   scaled dot-product   Attention(q, K, V) = softmax(q K^T * scale) V          attention_head
- *   multi-head           each head has its own q, k, v slices of head_dim        attention_layer
- *   causal mask          the query at p sees keys 0 .. p                         causal_mask
- *   cross-attention      queries from one sequence, keys/values from another      cross_attention
- *   MQA / GQA            several query heads share one key/value head            kv_head_of
- *   block-sparse         strided and fixed patterns (Child et al. 2019)          strided_mask, fixed_mask
- *   sliding window       the last W keys, in a rolling buffer (+ sinks)          sliding_window_mask
- *   flash attention      tiles over the cache with an online softmax             attention_head_flash
+ *   scaled dot-product   Attention(q, K, V) = softmax(q K^T * scale) V        attention_head
+ *   multi-head           each head has its own q, k, v slices of head_dim     attention_layer
+ *   causal mask          the query at p sees keys 0 .. p                      causal_mask
+ *   cross-attention      queries from one sequence, keys/values from another  cross_attention
+ *   MQA / GQA            several query heads share one key/value head         kv_head_of
+ *   block-sparse         strided and fixed patterns (Child et al. 2019)       strided_mask, fixed_mask
+ *   sliding window       the last W keys, in a rolling buffer (+ sinks)       sliding_window_mask
+ *   flash attention      tiles over the cache with an online softmax          attention_head_flash
  *
  * Keys and values come from the layer's KV cache (kvcache.c), written one position at a time; each mask
  * also says which cache it needs (attention_cache_init), so a layer keeps only what it can still read. */
@@ -215,7 +215,9 @@ void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_
 /* ---------------------------------------------------------------------------------------------
  * multi-head attention */
 
-/* Multi-head attention for one token: every query head attends independently through its kv head; the
+/* Multi-head attention for one token (Vaswani et al. 2017; every transformer - GPT-2 small: 12 heads of 64):
+ *   head_h = Attention(q_h, K_kv(h), V_kv(h)),   out = concat(head_0 .. head_{H-1})
+ * Every query head attends on its own, through its kv head, over the keys the layer's mask shows it; the
  * heads' outputs sit side by side in out and the output projection (in forward) mixes them. */
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
                      const AttentionSpec *a, float *weights, int weights_stride) {

@@ -35,6 +35,7 @@ static long parse_count(const char *s, long lo, long hi) {
  * Later items win, so "all=16,2=0" means every layer but 2. */
 static int split_layer_list(const char *opt, const char *list, int n_layers, char *buf, const char **value_of,
                             char *err, size_t errlen) {
+    if (!*list) return fail(err, errlen, "%s needs L=V[,L=V...] or all=V", opt);
     strcpy(buf, list);
     for (char *item = strtok(buf, ","); item; item = strtok(NULL, ",")) {
         char *eq = strchr(item, '=');
