@@ -15,6 +15,11 @@ sys.path.insert(0, ROOT)
 import export  # noqa: E402  (export.py: SafeTensors, the safetensors reader)
 
 
+# These tests check numbers, not speed: their tiny models run on one thread, which also keeps them quick
+# on a machine whose cores are shared (OpenMP threads that wait for a busy core make every step slow).
+ONE_THREAD = ("--threads", "1")
+
+
 def visible(kind, span, sinks, i, j):
     """1 if the query at position i may see key j - each mask's definition, independent of attention.c."""
     if j > i:

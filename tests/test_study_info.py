@@ -6,7 +6,7 @@ import math
 import os
 import re
 
-from study_support import kv_bytes
+from study_support import ONE_THREAD, kv_bytes
 
 KJV_KINDS = ["sliding 64", "sliding 64", "full", "sliding 64", "sliding 64", "full"]
 
@@ -80,7 +80,7 @@ def run(t):
 
     # the prediction is the cache itself: after 1024 tokens the stats line shows the 1k figure (every layout)
     ids = json.load(open(os.path.join(t.data, "kjv-5m", "ref.json")))["input_ids"]
-    r = t.run([kjv, "--tokens", ",".join(map(str, (ids * 4)[:1024])), "-n", "0"] + list(mixed))
+    r = t.run([kjv, "--tokens", ",".join(map(str, (ids * 4)[:1024])), "-n", "0", *ONE_THREAD] + list(mixed))
     held = kv_bytes(r.stderr)
     t.check(f"kjv-5m with overrides: --info's 1k cache size is what 1024 tokens really hold ({held} bytes)",
             held is not None and cache_totals(out).get(1024, (None,))[0] == held)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from harness import relative_error
-from study_support import fixture_with_config, llama_logits, mask_matrix
+from study_support import ONE_THREAD, fixture_with_config, llama_logits, mask_matrix
 from test_fixtures import FIXTURES
 
 FLASH_TOLERANCE = 1e-5
@@ -19,15 +19,17 @@ def run(t):
         src = os.path.join(t.data, "fixtures", name)
         model = t.export(src, f"{name}.bin")
         ids = json.load(open(os.path.join(src, "ref.json")))["input_ids"]
-        naive, flash = t.logits(model, ids, "--attn", "naive"), t.logits(model, ids, "--attn", "flash")
+        naive = t.logits(model, ids, "--attn", "naive", *ONE_THREAD)
+        flash = t.logits(model, ids, "--attn", "flash", *ONE_THREAD)
         err = relative_error(flash, naive)
         t.check(f"{name}: --attn flash gives the naive kernel's logits (max rel diff {err:.1e})", err <= FLASH_TOLERANCE)
 
     kjv = os.path.join(t.root, "models", "kjv-5m.bin")
     ids = json.load(open(os.path.join(t.data, "kjv-5m", "ref.json")))["input_ids"]
-    for extra in ((), ("--window", "all=16,1=0", "--sinks", "4", "--sparse", "0=strided:8,2=fixed:16")):
+    # (as wired: with the default threads, so the heads of the flash kernel also run in parallel)
+    for extra in ((), ("--window", "all=16,1=0", "--sinks", "4", "--sparse", "0=strided:8,2=fixed:16") + ONE_THREAD):
         err = relative_error(t.logits(kjv, ids, "--attn", "flash", *extra), t.logits(kjv, ids, *extra))
-        t.check(f"kjv-5m {' '.join(extra) or '(as wired)'}: flash = naive over 300 tokens (max rel diff {err:.1e})",
+        t.check(f"kjv-5m {' '.join(extra[:-2]) or '(as wired)'}: flash = naive over 300 tokens (max rel diff {err:.1e})",
                 err <= FLASH_TOLERANCE)
 
     # --window turns full layers into the very sliding layers Hugging Face computes
@@ -39,8 +41,8 @@ def run(t):
         model = t.export(d, f"{fixture}_all_full.bin")
         ref = np.load(os.path.join(d, "ref_logits.npy"))
         ids = json.load(open(os.path.join(d, "ref.json")))["input_ids"]
-        full = relative_error(t.logits(model, ids), ref)
-        err = relative_error(t.logits(model, ids, "--window", window, "--batch", "1"), ref)
+        full = relative_error(t.logits(model, ids, *ONE_THREAD), ref)
+        err = relative_error(t.logits(model, ids, "--window", window, "--batch", "1", *ONE_THREAD), ref)
         t.check(f"{fixture} exported with full attention + --window {window} matches the reference (max rel err "
                 f"{err:.1e}; without it {full:.1e})", err <= 1e-4 and full > 1e-3)
 
@@ -61,6 +63,6 @@ def run(t):
     for flags, layers in cases:
         want = llama_logits(src, ids, [mask_matrix(kind, span, sinks, n) for kind, span, sinks in layers])
         for kernel in ("naive", "flash"):
-            err = relative_error(t.logits(model, ids, "--attn", kernel, *flags), want.astype(np.float32))
+            err = relative_error(t.logits(model, ids, "--attn", kernel, *flags, *ONE_THREAD), want.astype(np.float32))
             t.check(f"llama_gqa {' '.join(flags)} ({kernel}): logits equal a numpy forward with that mask "
                     f"(max rel err {err:.1e})", err <= 1e-4)

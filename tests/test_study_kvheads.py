@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 
 from harness import relative_error, write_safetensors
-from study_support import export, read_model_tensor
+from study_support import ONE_THREAD, export, read_model_tensor
 
 
 def export_with(t, src, name, kv_heads):
@@ -50,7 +50,7 @@ def run(t):
                            ("qwen3_mixed", "all=8"), ("qwen2_mixed", "1=4")):
         src, ids, ref = fixture(t, name)
         model = export_with(t, src, f"{name}_kv_dup.bin", kv_heads)
-        err = relative_error(t.logits(model, ids), ref)
+        err = relative_error(t.logits(model, ids, *ONE_THREAD), ref)
         t.check(f"{name} --kv-heads {kv_heads} (duplicated): reference logits still match (max rel err {err:.1e})",
                 err <= 1e-4)
 
@@ -58,15 +58,15 @@ def run(t):
     src, ids, ref = fixture(t, "qwen2_mixed")
     mixed = export_with(t, src, "qwen2_kv_mixed.bin", "0=1,1=8,2=4")
     pooled_only = export_with(t, src, "qwen2_kv_pooled0.bin", "0=1")
-    err = relative_error(t.logits(mixed, ids), t.logits(pooled_only, ids))
+    err = relative_error(t.logits(mixed, ids, *ONE_THREAD), t.logits(pooled_only, ids, *ONE_THREAD))
     t.check(f"qwen2_mixed --kv-heads 0=1,1=8,2=4 runs with 1, 8 and 4 kv heads and equals the file with only "
             f"layer 0 pooled (max rel diff {err:.1e})", err <= 1e-5)
-    moved = relative_error(t.logits(pooled_only, ids), ref)
+    moved = relative_error(t.logits(pooled_only, ids, *ONE_THREAD), ref)
     t.check(f"qwen2_mixed: pooling layer 0 to MQA does change the logits ({moved:.1e})", moved > 1e-3)
     info = t.run([mixed, "--info"]).stdout.decode()
     t.check("--info of the mixed file: 8 (MQA), 1 (MHA), 2 (GQA-4) and their bytes per token",
             all(s in info for s in ("8 (MQA)", "1 (MHA)", "2 (GQA-4)", " 64 B", " 512 B", " 256 B")), info)
-    r = t.run([mixed, "--tokens", ",".join(map(str, ids)), "-n", "0"])
+    r = t.run([mixed, "--tokens", ",".join(map(str, ids)), "-n", "0", *ONE_THREAD])
     t.check("the mixed file's cache rows follow each layer's kv heads (80 x 1, 16 x 8 and 16 x 4 heads of 8)",
             b"kv %d bytes" % ((80 * 8 * 1 + 16 * 8 * 8 + 16 * 8 * 4) * 4 * 2) in r.stderr, r.stderr.decode())
 
@@ -83,8 +83,8 @@ def run(t):
     for name, group, kv_heads in (("llama_gqa", 2, "all=1"), ("qwen3_mixed", 2, "all=2")):
         d = equal_heads_copy(t, name, group)
         _, ids, _ = fixture(t, name)
-        plain = t.logits(t.export(d, f"{name}_equal.bin"), ids)
-        pooled = t.logits(export_with(t, d, f"{name}_equal_pooled.bin", kv_heads), ids)
+        plain = t.logits(t.export(d, f"{name}_equal.bin"), ids, *ONE_THREAD)
+        pooled = t.logits(export_with(t, d, f"{name}_equal_pooled.bin", kv_heads), ids, *ONE_THREAD)
         err = relative_error(pooled, plain)
         t.check(f"{name} with equal heads in each group: --kv-heads {kv_heads} pools them without changing the "
                 f"logits (max rel diff {err:.1e})", err <= 1e-5)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from study_support import mask_matrix, read_png
+from study_support import ONE_THREAD, mask_matrix, read_png
 
 KJV_LAYERS = [("sliding", 64, 0), ("sliding", 64, 0), ("causal", 0, 0), ("sliding", 64, 0), ("sliding", 64, 0),
               ("causal", 0, 0)]
@@ -19,7 +19,8 @@ def dump(t, model, ids, n_heads, n_layers, *flags):
     for f in (png, raw):
         if os.path.exists(f):
             os.unlink(f)
-    r = t.run([model, "--tokens", ",".join(map(str, ids)), "-n", "0", "--attn-map", png, "--attn-dump", raw] + list(flags))
+    r = t.run([model, "--tokens", ",".join(map(str, ids)), "-n", "0", "--attn-map", png, "--attn-dump", raw] + list(flags)
+              + list(ONE_THREAD))
     if r.returncode != 0:
         return None, None, r.stderr.decode(errors="replace").strip()
     n = len(ids)

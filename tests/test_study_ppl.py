@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from study_support import kv_bytes, parse_ppl, reference_ppl
+from study_support import ONE_THREAD, kv_bytes, parse_ppl, reference_ppl
 from test_fixtures import FIXTURES
 
 TOLERANCE = 1e-4  # relative
@@ -17,7 +17,7 @@ def run(t):
         src = os.path.join(t.data, "fixtures", name)
         ids = json.load(open(os.path.join(src, "ref.json")))["input_ids"]
         want = reference_ppl(np.load(os.path.join(src, "ref_logits.npy")), ids)
-        r = t.run([t.export(src, f"{name}.bin"), "--tokens", ",".join(map(str, ids)), "--ppl"])
+        r = t.run([t.export(src, f"{name}.bin"), "--tokens", ",".join(map(str, ids)), "--ppl", *ONE_THREAD])
         got, n = parse_ppl(r.stdout)
         t.check(f"{name}: --ppl {got} over {n} tokens equals the reference logits' {want:.6f}",
                 r.returncode == 0 and n == len(ids) - 1 and abs(got - want) <= TOLERANCE * want)
@@ -26,7 +26,7 @@ def run(t):
     ids = json.load(open(os.path.join(t.data, "kjv-5m", "ref.json")))["input_ids"]
     tokens = ",".join(map(str, ids))
     logits_path = t.shared_file("models/kjv-5m/ref_logits.npy", "kjv-5m: --ppl of the held-out text")
-    plain = parse_ppl(t.run([kjv, "--tokens", tokens, "--ppl"]).stdout)[0]
+    plain = parse_ppl(t.run([kjv, "--tokens", tokens, "--ppl", *ONE_THREAD]).stdout)[0]
     if logits_path:
         want = reference_ppl(np.load(logits_path), ids)
         t.check(f"kjv-5m: --ppl of the 300 held-out tokens {plain} equals the reference logits' {want:.6f}",
@@ -34,7 +34,7 @@ def run(t):
 
     # overrides: narrower windows cost quality, sinks win some of it back, the flash kernel changes nothing
     def ppl(*flags):
-        r = t.run([kjv, "--tokens", tokens, "--ppl"] + list(flags))
+        r = t.run([kjv, "--tokens", tokens, "--ppl", *ONE_THREAD] + list(flags))
         return parse_ppl(r.stdout)[0], kv_bytes(r.stderr)
 
     w16, w16_bytes = ppl("--window", "all=16")
@@ -55,9 +55,9 @@ def run(t):
     with open(path, "w") as f:
         f.write(text)
     enc = t.run([kjv, "--encode", text]).stdout.decode().split()
-    by_ids = parse_ppl(t.run([kjv, "--tokens", ",".join(enc), "--ppl"]).stdout)
-    by_p = parse_ppl(t.run([kjv, "-p", text, "--ppl"]).stdout)
-    by_f = parse_ppl(t.run([kjv, "-f", path, "--ppl"]).stdout)
+    by_ids = parse_ppl(t.run([kjv, "--tokens", ",".join(enc), "--ppl", *ONE_THREAD]).stdout)
+    by_p = parse_ppl(t.run([kjv, "-p", text, "--ppl", *ONE_THREAD]).stdout)
+    by_f = parse_ppl(t.run([kjv, "-f", path, "--ppl", *ONE_THREAD]).stdout)
     t.check(f"kjv-5m: -p TEXT, -f FILE and --tokens of its ids give one perplexity ({by_p})",
             by_p[0] is not None and by_p == by_f == by_ids and by_p[1] == len(enc) - 1)
 
