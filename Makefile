@@ -20,8 +20,8 @@ LDLIBS = -lm
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c unicode.c unicode_tables.c
-HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h
+ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c unicode.c unicode_tables.c study.c png.c
+HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h
 
 run: run.c $(ENGINE) $(HEADERS)
 	$(CC) $(CFLAGS) $(ARCH) $(WARN) $(OPENMP) -o $@ run.c $(ENGINE) $(LDLIBS)
@@ -39,7 +39,7 @@ test: run tests/unit
 # --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
 # make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report
 # ends the process with status 86 (ASan, LeakSanitizer) or 87 (UBSan), which no test accepts.
-SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+SANITIZE = -O2 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 SANITIZER_ENV = ASAN_OPTIONS=exitcode=86:detect_leaks=1:abort_on_error=0 \
                 UBSAN_OPTIONS=exitcode=87:halt_on_error=1:print_stacktrace=1
 
@@ -55,11 +55,11 @@ asan: build/asan/run build/asan/unit
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(SANITIZER_ENV) ATTN_RUN=build/asan/run ATTN_UNIT=build/asan/unit $(PYTHON) tests/run_tests.py
 
-# make valgrind: a portable -O1 -g build (valgrind does not know AVX-512), one thread, 32 generated tokens
+# make valgrind: a portable -O2 -g build (valgrind does not know AVX-512), one thread, 32 generated tokens
 VALGRIND_PROMPT = In the beginning God created
 build/valgrind/run: run.c $(ENGINE) $(HEADERS)
 	@mkdir -p build/valgrind
-	$(CC) -O1 -g $(WARN) $(OPENMP) -o $@ run.c $(ENGINE) $(LDLIBS)
+	$(CC) -O2 -g $(WARN) $(OPENMP) -o $@ run.c $(ENGINE) $(LDLIBS)
 
 valgrind: build/valgrind/run
 	@command -v valgrind >/dev/null || { echo "error: valgrind is not installed (Debian: apt-get install valgrind)"; exit 1; }

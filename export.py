@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
 
-    python3 export.py SRC OUT [--dtype f32|bf16|f16]
+    python3 export.py SRC OUT [--dtype f32|bf16|f16] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
 SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
 legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors and JSON are read by hand.
@@ -287,6 +287,64 @@ def layer_rope(model, cfg, head_dim, rope_dim, layer_type=None):
     if scaling is None:
         return theta, -1
     return theta, model.rope_table_for(rope_inv_freq(theta, rope_dim, scaling))
+
+
+# ----------------------------------------------------------------------------
+# --kv-heads: regroup a layer's key/value heads (MHA -> GQA -> MQA and back)
+
+
+def parse_kv_heads(text, n_layers):
+    """'L=N[,L=N...]' or 'all=N' -> {layer: N}; later items win ('all=1,5=2')."""
+    counts = {}
+    for item in text.split(","):
+        layer, eq, value = item.partition("=")
+        if not eq or not value.strip().isdigit() or int(value) < 1:
+            raise ExportError(f"--kv-heads: '{item}' is not L=N or all=N (N >= 1)")
+        if layer.strip() == "all":
+            counts.update({i: int(value) for i in range(n_layers)})
+        elif layer.strip().isdigit() and int(layer) < n_layers:
+            counts[int(layer)] = int(value)
+        else:
+            raise ExportError(f"--kv-heads: '{layer}' is not a layer (0 .. {n_layers - 1}, or all)")
+    return counts
+
+
+def regroup_kv_heads(m, counts):
+    """--kv-heads: give layer L N key/value heads, rewriting its k and v projections (and biases).
+
+    N a multiple of the layer's kv heads (and a divisor of its query heads): each kv head is repeated
+    N / n_kv times, consecutively, so every query head still reads the same keys and values - exact, the
+    logits do not change; it only costs cache. N a divisor: each group of n_kv / N consecutive kv heads,
+    the ones whose query heads will share a head, becomes one head whose k and v projections (rows, and
+    biases) are the mean of the group's - how Ainslie et al. (2023) initialise GQA/MQA from an MHA
+    checkpoint before uptraining; without uptraining it costs quality, which --ppl measures.
+
+    The mean is taken of the projections, before anything per-head happens: RoPE rotates every head the
+    same way, so for a plain layer the pooled key is exactly the mean of the group's keys. With q/k-norm
+    (Qwen3, Gemma 3) the one k_norm weight is shared by all heads and stays as it is: the pooled head's
+    key is RMS-normalised again, so it keeps the scale the layer was trained with instead of shrinking
+    where the heads disagree (the mean of normalised keys would not be a projection at all)."""
+    for i, layer in enumerate(m.layers):
+        n = counts.get(i, layer.n_kv_heads)
+        old, hd = layer.n_kv_heads, layer.head_dim
+        if n == old:
+            continue
+        if n % old == 0 and layer.n_heads % n == 0:
+            def regroup(w, r=n // old, old=old):  # repeat each head's rows r times
+                return np.repeat(w.reshape((old, -1) + w.shape[1:]), r, axis=0).reshape((-1,) + w.shape[1:])
+        elif old % n == 0:
+            def regroup(w, r=old // n, n=n):  # mean of each group of r consecutive heads
+                heads = w.reshape((n, r, -1) + w.shape[1:]).astype(np.float64)
+                return heads.mean(axis=1).astype(np.float32).reshape((-1,) + w.shape[1:])
+        else:
+            raise ExportError(f"--kv-heads: layer {i} has {layer.n_heads} query and {old} kv heads; N must be a "
+                              f"multiple of {old} that divides {layer.n_heads}, or a divisor of {old} (got {n})")
+        layer.n_kv_heads = n
+        names = {f"layers.{i}.{t}" for t in ("wk", "wv", "bk", "bv")}
+        for j, (name, shape, producer) in enumerate(m.tensors):
+            if name in names:
+                m.tensors[j] = (name, (n * hd,) + shape[1:], lambda p=producer, f=regroup: f(np.asarray(p())))
+        log(f"export: layer {i}: {old} -> {n} kv heads ({'duplicated' if n > old else 'mean-pooled'})")
 
 
 # ----------------------------------------------------------------------------
@@ -966,6 +1024,9 @@ def main(argv=None):
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
+    ap.add_argument("--kv-heads", metavar="L=N[,L=N...]|all=N",
+                    help="regroup key/value heads per layer: N a multiple of the layer's kv heads duplicates them "
+                         "(exact), a divisor mean-pools each group's k/v projections (GQA/MQA from MHA, Ainslie et al. 2023)")
     args = ap.parse_args(argv)
     try:
         if os.path.isdir(args.src):
@@ -978,6 +1039,8 @@ def main(argv=None):
             raise ExportError(f"{args.src}: no such file or directory")
         if args.bf16_rope:
             round_rope_to_bf16(m)
+        if args.kv_heads:
+            regroup_kv_heads(m, parse_kv_heads(args.kv_heads, len(m.layers)))
         write_model(m, args.out, dtype)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

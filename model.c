@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "attention.h"
+#include "study.h"
 
 /* ---------------------------------------------------------------------------------------------
  * loading: read every field through a bounds-checked cursor, check it, and only then use it */
@@ -97,6 +98,8 @@ static int parse_config(LoadContext *ctx, Config *c, const unsigned char *p) {
     Cursor cur = {p};
     memcpy(c->family, cur.p, 32);
     c->family[31] = '\0';
+    for (char *s = c->family; *s; s++) /* shown by --info: no control characters from the file */
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) *s = '?';
     cur.p += 32;
     uint32_t dim = next_u32(&cur), hidden = next_u32(&cur), vocab = next_u32(&cur), context = next_u32(&cur);
     uint32_t norm_kind = next_u32(&cur);
@@ -168,6 +171,13 @@ static int parse_layer(LoadContext *ctx, const Config *c, LayerConfig *l, const 
     l->attn_softcap = softcap_;
     l->flags = flags;
     return 0;
+}
+
+/* How a layer attends, as its record says: causal, or a sliding window of W. */
+static AttentionSpec attention_of_layer(const LayerConfig *l) {
+    AttentionSpec a = {l->head_dim, l->attn_scale, l->attn_softcap, l->window ? MASK_SLIDING : MASK_CAUSAL, l->window,
+                       0, KERNEL_NAIVE};
+    return a;
 }
 
 /* One entry of the tensor directory, checked against the file. */
@@ -379,6 +389,11 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     for (int i = 0; i < c->n_layers; i++)
         if (parse_layer(ctx, c, &c->layers[i], p + layers_off + (uint64_t)i * LAYER_RECORD_SIZE, i)) return -1;
 
+    /* how each layer attends, as the file says (run.c may override it before runstate_init) */
+    m->attention = calloc(n_layers, sizeof *m->attention);
+    if (!m->attention) return fail(ctx, "out of memory");
+    for (int i = 0; i < c->n_layers; i++) m->attention[i] = attention_of_layer(&c->layers[i]);
+
     /* tensor directory, then bind what the config asks for */
     TensorEntry *entries = calloc(n_tensors, sizeof *entries);
     if (!entries) return fail(ctx, "out of memory");
@@ -445,26 +460,31 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
 void model_free(Model *m) {
     tokenizer_free(&m->tokenizer);
     free(m->config.layers);
+    free(m->attention);
     free(m->weights.rope_computed);
     free(m->weights.layers);
     if (m->map) munmap(m->map, m->file_size);
     memset(m, 0, sizeof *m);
 }
 
-int model_can_roll(const Config *c) {
-    if (c->position_kind != POS_ROPE) return 0;
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].window == 0) return 0;
+int model_can_roll(const Model *m) {
+    if (m->config.position_kind != POS_ROPE) return 0;
+    for (int l = 0; l < m->config.n_layers; l++)
+        if (m->attention[l].mask != MASK_SLIDING) return 0;
     return 1;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * run state */
 
-static int max_visible(const Config *c, int n_sinks) {
-    int most = c->context_length;
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].window > 0 && c->layers[l].window + n_sinks > most) most = c->layers[l].window + n_sinks;
+/* The longest score row any layer needs: positions stop at the context, except in a model that rolls */
+static int max_visible(const Model *m) {
+    int most = 1, n_positions = m->config.context_length;
+    for (int l = 0; l < m->config.n_layers; l++) {
+        const AttentionSpec *a = &m->attention[l];
+        int n = a->mask == MASK_SLIDING ? a->n_sinks + a->span : most_visible(a, n_positions);
+        if (n > most) most = n;
+    }
     return most;
 }
 
@@ -482,7 +502,7 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->max_tokens = max_tokens;
     /* the score rows start short and grow with the positions actually reached (grow_scores): a context
      * of millions of positions costs nothing until a prompt gets there */
-    s->scores_stride = max_visible(c, 0) < max_tokens ? max_visible(c, 0) : max_tokens;
+    s->scores_stride = max_visible(m) < max_tokens ? max_visible(m) : max_tokens;
     s->x = malloc(T * c->dim * sizeof(float));
     s->xb = malloc(T * wide * sizeof(float));
     s->xb2 = malloc(T * c->dim * sizeof(float));
@@ -502,7 +522,7 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         return -1;
     }
     for (int l = 0; l < c->n_layers; l++)
-        kvlayer_init(&s->kv.layers[l], c->layers[l].n_kv_heads * c->layers[l].head_dim, c->layers[l].window, 0);
+        attention_cache_init(&s->kv.layers[l], c->layers[l].n_kv_heads * c->layers[l].head_dim, &m->attention[l]);
     return 0;
 }
 
@@ -555,21 +575,19 @@ static void rotate_heads(RunState *s, const LayerConfig *lc, const float *inv_fr
     }
 }
 
-/* Makes the score rows long enough for every key a query at a position < end can see: end keys in a
- * full-attention layer, at most window + sinks in a sliding one. Grows by doubling. Returns 0, or -1 when
- * out of memory. */
-static int grow_scores(RunState *s, const Config *c, int end) {
-    int need = 0, most = 0; /* keys the queries before end can see; keys any query can ever see */
-    for (int l = 0; l < c->n_layers; l++) {
-        int cap = c->layers[l].window > 0 ? c->layers[l].window + s->kv.layers[l].n_sinks : INT_MAX;
-        if (cap > most) most = cap;
-        int visible = cap < end ? cap : end;
-        if (visible > need) need = visible;
+/* Makes the score rows long enough for every key a query at a position < end can see under its layer's
+ * mask (most_visible), growing by doubling up to the longest row any layer needs. Returns 0, or -1 when out
+ * of memory. */
+static int grow_scores(RunState *s, const Model *m, int end) {
+    int need = 1;
+    for (int l = 0; l < m->config.n_layers; l++) {
+        int n = most_visible(&m->attention[l], end);
+        if (n > need) need = n;
     }
     if (need <= s->scores_stride) return 0;
-    int stride = s->scores_stride > INT_MAX / 2 ? INT_MAX : 2 * s->scores_stride;
-    if (stride < need) stride = need;
+    int most = max_visible(m), stride = s->scores_stride > INT_MAX / 2 ? INT_MAX : 2 * s->scores_stride;
     if (stride > most) stride = most;
+    if (stride < need) stride = need;
     float *scores = malloc((size_t)s->scores_heads * stride * sizeof(float));
     if (!scores) return -1;
     free(s->scores);
@@ -580,7 +598,7 @@ static int grow_scores(RunState *s, const Config *c, int end) {
 
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits) {
     const Config *c = &m->config;
-    if (grow_scores(s, c, pos + n) != 0) return NULL;
+    if (grow_scores(s, m, pos + n) != 0) return NULL;
     const Weights *w = &m->weights;
     int dim = c->dim, hidden = c->hidden_dim;
     float *x = s->x, *xb = s->xb, *xb2 = s->xb2, *hb = s->hb, *hb2 = s->hb2;
@@ -619,12 +637,14 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         }
         rotate_heads(s, lc, lw->rope_inv_freq, n, pos);
 
-        /* attention: each token stores its key and value in the cache, then attends over what it may see */
-        AttentionSpec spec = {hd, lc->attn_scale, lc->attn_softcap, lc->window, cache->n_sinks};
+        /* attention: each token stores its key and value in the cache, then attends over what its mask
+         * lets it see (--attn-map keeps the weights) */
+        const AttentionSpec *spec = &m->attention[l];
         for (int t = 0; t < n; t++) {
             if (kvlayer_store(cache, pos + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim) != 0) return NULL;
             attention_layer(xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim, cache, lc->n_heads, lc->n_kv_heads,
-                            pos + t, &spec, s->scores, s->scores_stride);
+                            pos + t, spec, s->scores, s->scores_stride);
+            if (s->attention_map) attention_map_record(s->attention_map, l, pos + t, s->scores, s->scores_stride);
         }
 
         /* output projection, optional post-norm (Gemma), residual connection */

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "attention.h"
 #include "kvcache.h"
 #include "ops.h"
 #include "tokenizer.h"
@@ -86,6 +87,8 @@ typedef struct {
     void *map;            /* the whole file, mmapped read-only */
     size_t file_size;
     DType weight_dtype;   /* dtype of the matrices (for --info and stats) */
+    AttentionSpec *attention; /* per layer, how it attends when run: its record in the file, then any
+                               * --window / --sinks / --sparse / --attn override (study.c) */
 } Model;
 
 /* Scratch buffers for one forward pass over up to max_tokens tokens, allocated once. */
@@ -102,6 +105,7 @@ typedef struct {
     int scores_heads;  /* rows: the most query heads of any layer */
     float *logits;  /* [T][vocab] */
     KVCache kv;
+    struct AttentionMap *attention_map; /* --attn-map: forward records the weights here (NULL: off) */
 } RunState;
 
 /* Loads and validates a model file. On failure writes one line to err and returns -1. */
@@ -120,6 +124,6 @@ void runstate_free(RunState *s);
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits);
 
 /* 1 if positions can go on past the context (every layer slides and positions are rotary). */
-int model_can_roll(const Config *c);
+int model_can_roll(const Model *m);
 
 #endif

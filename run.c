@@ -14,6 +14,7 @@
 #endif
 
 #include "model.h"
+#include "study.h"
 
 /* ---------------------------------------------------------------------------------------------
  * errors: one line, exit status 1 */
@@ -119,6 +120,11 @@ typedef struct {
     uint64_t seed;
     int print_ids, no_bos;
     int threads, batch;
+    /* the attention study options (study.c) */
+    const char *prompt_file;   /* -f: prompt text from a file */
+    int info, ppl;
+    AttentionOverrides overrides;
+    const char *attn_map, *attn_map_layers, *attn_dump;
 } Options;
 
 static void usage(FILE *out) {
@@ -135,7 +141,19 @@ static void usage(FILE *out) {
           "  --no-bos        do not add the tokenizer's BOS to -p / --encode text\n"
           "  --threads N     threads (default: all cores)\n"
           "  --batch N       prompt tokens per forward pass (default 64; 1 = token by token)\n"
-          "  --help          this text\n",
+          "  --help          this text\n"
+          "attention study (docs/ATTENTION.md):\n"
+          "  --info          print the attention wiring, per layer, and what its KV cache costs; then exit\n"
+          "  -f FILE         prompt text from a file\n"
+          "  --ppl           print the perplexity of the prompt (each token given the ones before it), then exit\n"
+          "  --window LIST   make layers slide: L=W[,L=W...] or all=W (W = 0: full attention)\n"
+          "  --sinks N       the first N positions stay visible in every sliding layer (attention sinks)\n"
+          "  --sparse LIST   block-sparse layers: strided:S or fixed:B for all, or L=strided:S[,L=fixed:B...]\n"
+          "                  (after --window: it wins where both name a layer)\n"
+          "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
+          "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
+          "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
+          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n",
           out);
 }
 
@@ -176,13 +194,17 @@ static Options parse_args(int argc, char **argv) {
             continue;
         }
         /* every other option takes a value */
-        int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos");
+        int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos") || !strcmp(a, "--info") || !strcmp(a, "--ppl");
         if (is_flag) {
             if (!strcmp(a, "--print-ids")) o.print_ids = 1;
+            else if (!strcmp(a, "--info")) o.info = 1;
+            else if (!strcmp(a, "--ppl")) o.ppl = 1;
             else o.no_bos = 1;
             continue;
         }
-        const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--threads", "--batch"};
+        const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--threads", "--batch",
+                               "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
+                               "--attn-dump"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -205,9 +227,20 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--encode")) o.encode_text = v;
         else if (!strcmp(a, "--threads")) o.threads = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
+        else if (!strcmp(a, "-f")) o.prompt_file = v;
+        else if (!strcmp(a, "--window")) o.overrides.window = v;
+        else if (!strcmp(a, "--sinks")) o.overrides.n_sinks = (int)parse_long(a, v, 0, 1 << 20);
+        else if (!strcmp(a, "--sparse")) o.overrides.sparse = v;
+        else if (!strcmp(a, "--attn")) o.overrides.kernel = v;
+        else if (!strcmp(a, "--attn-map")) o.attn_map = v;
+        else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
+        else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
     }
     if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
-    if (o.prompt && o.tokens) die("give the prompt as -p TEXT or --tokens LIST, not both");
+    if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
+    if (o.attn_map_layers && !o.attn_map && !o.attn_dump) die("--attn-map-layer needs --attn-map or --attn-dump");
+    if ((o.attn_map || o.attn_dump) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
+        die("--attn-map needs the naive kernel: flash never materialises the weights");
     return o;
 }
 
@@ -233,6 +266,24 @@ static int parse_token_list(const char *list, int vocab_size, int **out) {
     return n;
 }
 
+/* -f FILE: the whole file as prompt text (NUL-terminated) */
+static char *read_text_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot read -f file '%s': %s", path, strerror(errno));
+    size_t cap = 1 << 16, len = 0, got;
+    char *text = malloc(cap);
+    while (text && (got = fread(text + len, 1, cap - len - 1, f)) > 0) {
+        len += got;
+        if (len + 1 == cap) text = realloc(text, cap *= 2);
+    }
+    if (!text) die("out of memory reading '%s'", path);
+    if (ferror(f)) die("cannot read -f file '%s'", path);
+    fclose(f);
+    text[len] = '\0';
+    if (strlen(text) != len) die("-f file '%s' contains a NUL byte: not a text file", path);
+    return text;
+}
+
 static int encode_text(const Model *m, const char *text, int add_bos, int **out) {
     if (m->tokenizer.kind == TOKENIZER_NONE) die("%s has no tokenizer: give the prompt as --tokens LIST", "this model");
     size_t len = strlen(text);
@@ -256,6 +307,12 @@ int main(int argc, char **argv) {
     char err[512];
     if (model_load(&model, o.model_path, err, sizeof err) != 0) die("%s", err);
     const Config *c = &model.config;
+    if (apply_attention_overrides(&model, &o.overrides, err, sizeof err) != 0) die("%s", err);
+    if (o.info) {
+        print_wiring(&model, o.model_path, stdout);
+        model_free(&model);
+        return 0;
+    }
 
     if (o.encode_text) {
         int *ids, n = encode_text(&model, o.encode_text, !o.no_bos, &ids);
@@ -269,9 +326,14 @@ int main(int argc, char **argv) {
     /* the prompt as ids */
     int *prompt = NULL, n_prompt;
     if (o.tokens) n_prompt = parse_token_list(o.tokens, c->vocab_size, &prompt);
-    else n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
+    else if (o.prompt_file) {
+        char *text = read_text_file(o.prompt_file);
+        n_prompt = encode_text(&model, text, !o.no_bos, &prompt);
+        free(text);
+    } else n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
     if (n_prompt == 0) die("the prompt is empty and the tokenizer has no BOS to start from: give -p TEXT");
-    int rolls = model_can_roll(c); /* every layer slides: positions may run past the context */
+    if (o.ppl && n_prompt < 2) die("--ppl needs a prompt of at least 2 tokens (each token is scored given the ones before it)");
+    int rolls = model_can_roll(&model); /* every layer slides: positions may run past the context */
     if (n_prompt > c->context_length && !rolls)
         die("the prompt has %d tokens but the model's context is %d", n_prompt, c->context_length);
 
@@ -284,14 +346,23 @@ int main(int argc, char **argv) {
     if (runstate_init(&state, &model, batch) != 0) die("out of memory allocating the run state");
     Sampler sampler = {o.temperature, o.top_p, o.seed * 2654435761ULL + 1, malloc((size_t)c->vocab_size * sizeof(int))};
     if (!sampler.order) die("out of memory");
+    if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
+    if (o.attn_map || o.attn_dump) {
+        long positions = (long)n_prompt + o.n_generate;
+        if (!rolls && positions > c->context_length) positions = c->context_length;
+        if (!(state.attention_map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+    }
 
-    /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for */
-    double t0 = now_seconds();
+    /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for
+     * (--logits, and --ppl: the logits at p score the token at p + 1) */
+    double t0 = now_seconds(), nll = 0.0;
     float *logits = NULL;
     for (int pos = 0; pos < n_prompt; pos += batch) {
         int n = n_prompt - pos < batch ? n_prompt - pos : batch;
-        logits = forward(&model, &state, prompt + pos, n, pos, logits_file != NULL);
+        logits = forward(&model, &state, prompt + pos, n, pos, logits_file != NULL || o.ppl);
         if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos);
+        for (int t = 0; o.ppl && t < n && pos + t + 1 < n_prompt; t++)
+            nll += token_nll(logits + (size_t)t * c->vocab_size, c->vocab_size, prompt[pos + t + 1]);
         if (logits_file) {
             if (fwrite(logits, sizeof(float), (size_t)n * c->vocab_size, logits_file) != (size_t)n * c->vocab_size)
                 die("writing --logits file '%s' failed", o.logits_path);
@@ -300,6 +371,7 @@ int main(int argc, char **argv) {
     }
     if (logits_file && fclose(logits_file) != 0) die("writing --logits file '%s' failed", o.logits_path);
     double t1 = now_seconds();
+    if (o.ppl) printf("perplexity: %.6f over %d tokens\n", exp(nll / (n_prompt - 1)), n_prompt - 1);
 
     /* generation: sample, print, feed the token back */
     Utf8Stream out = {{0}, 0};
@@ -329,6 +401,14 @@ int main(int argc, char **argv) {
     utf8_stream_flush(&out, stdout);
     if (o.n_generate > 0) printf("\n");
     double t2 = now_seconds();
+    if (state.attention_map) {
+        if (o.attn_map && attention_map_write_png(state.attention_map, o.attn_map) != 0)
+            die("cannot write --attn-map '%s': %s", o.attn_map, strerror(errno));
+        if (o.attn_dump && attention_map_write_raw(state.attention_map, o.attn_dump) != 0)
+            die("cannot write --attn-dump '%s': %s", o.attn_dump, strerror(errno));
+        attention_map_free(state.attention_map);
+        state.attention_map = NULL;
+    }
 
     fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes\n", n_prompt,
             n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), generated, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9),

@@ -131,6 +131,12 @@ def targeted_errors(t):
         got = r.stderr.decode("utf-8", "replace").strip()
         t.check(f"broken file, {label}: `error: FILE: {want}`", clean_error(r) and got == f"error: {path}: {want}",
                 f"status {r.returncode}: {got[:200]}")
+    with open(path, "wb") as f:
+        f.write(blob[:L.config_off] + b"\x1b]0;owned\x07\nllama".ljust(32, b"\0") + blob[L.config_off + 32:])
+    r = t.run([path, "--info"])
+    t.check("--info of a file whose family holds control characters prints none of them",
+            r.returncode == 0 and b"?]0;owned??llama" in r.stdout and not any(b in r.stdout for b in b"\x1b\x07"),
+            r.stdout.decode("utf-8", "replace")[:200])
     r = t.run([t.tmp("no-such-model.bin"), "-p", "hi"])
     t.check("a missing model file is one error line", clean_error(r) and "cannot open" in r.stderr.decode())
     r = t.run([t.build, "-p", "hi"])
@@ -147,6 +153,9 @@ def targeted_errors(t):
 def cli_errors(t):
     model = tiny_model(t, "hostile_tiny")
     short = tiny_model(t, "hostile_ctx32", max_position_embeddings=32)
+    nul_file = t.tmp("prompt-with-nul.txt")
+    with open(nul_file, "wb") as f:
+        f.write(b"In the\0 beginning")
     cases = [
         ("no model", [], "no model file given"),
         ("unknown option", [model, "--bogus"], "unknown option '--bogus'"),
@@ -177,7 +186,18 @@ def cli_errors(t):
         ("--threads not a number", [model, "--threads", "all"], "--threads expects an integer"),
         ("--batch zero", [model, "--batch", "0"], "--batch must be between 1 and 4096"),
         ("--batch absurd", [model, "--batch", "1000000"], "--batch must be between 1 and 4096"),
-        ("-p and --tokens together", [model, "-p", "x", "--tokens", "1"], "not both"),
+        ("-p and --tokens together", [model, "-p", "x", "--tokens", "1"], "give the prompt as one of"),
+        ("-f of a missing file", [model, "-f", t.tmp("no-such-prompt.txt")], "cannot read -f file"),
+        ("-f of a directory", [model, "-f", t.build], "cannot read -f file"),
+        ("-f of a file with a NUL byte", [model, "-f", nul_file], "contains a NUL byte"),
+        ("--window not a number", [model, "--window", "wide"], "--window: 'wide' is not a window size"),
+        ("--window past the limit", [model, "--window", "99999999999"], "is not a window size"),
+        ("--window of a layer the model lacks", [model, "--window", "7=16"], "'7' is not a layer"),
+        ("--sparse not a pattern", [model, "--sparse", "diagonal:4"], "is not a pattern"),
+        ("--sinks negative", [model, "--sinks", "-1"], "--sinks must be between 0 and"),
+        ("--attn unknown kernel", [model, "--attn", "magic", "-p", "x"], "'magic' is not a kernel"),
+        ("--attn-map-layer without a map", [model, "--attn-map-layer", "0"], "needs --attn-map"),
+        ("--ppl of one token", [model, "--ppl", "--tokens", "5"], "--ppl needs a prompt of at least 2 tokens"),
         ("--tokens id = vocabulary size", [model, "--tokens", "5,1024"], "id 1024 is outside the vocabulary (0 .. 1023)"),
         ("--tokens negative id", [model, "--tokens", "-1"], "id -1 is outside the vocabulary"),
         ("--tokens huge id", [model, "--tokens", "99999999999999999999"], "--tokens expects comma-separated integers"),
