@@ -647,9 +647,14 @@ static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int pre
         if (spacemark) memcpy(out, SPACE_MARK, SPACE_MARK_LEN), m = SPACE_MARK_LEN;
         else out[m++] = ' ';
     }
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        int len = spacemark ? utf8_decode(s + i, n - i, &cp) : 1;
         if (spacemark && s[i] == ' ') memcpy(out + m, SPACE_MARK, SPACE_MARK_LEN), m += SPACE_MARK_LEN;
-        else out[m++] = s[i];
+        else if (spacemark && s[i] >= 0x80 && len == 1) /* a byte that is not UTF-8 reads as U+FFFD (SentencePiece) */
+            memcpy(out + m, "\xEF\xBF\xBD", 3), m += 3;
+        else memcpy(out + m, s + i, (size_t)len), m += (size_t)len;
+        i += (size_t)len;
     }
     Text text = {out, m};
     for (size_t i = 0; i < m;) {

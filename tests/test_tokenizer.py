@@ -91,6 +91,11 @@ def check_folder(t, name, model, ref, expected_decode=None):
         round_trips += text == s["text"]
     n = len(strings)
     t.check(f"{name}: {encoded}/{n} reference encodings exact", encoded == n)
+    if "invalid_utf8" in ref:  # prompts that are not UTF-8 (argv holds any bytes)
+        bad = ref["invalid_utf8"]
+        good = sum(subprocess.run([t.run_bin, model, "--encode", bytes.fromhex(b["hex"]), "--no-bos"],
+                                  capture_output=True).stdout.split() == [str(i).encode() for i in b["ids"]] for b in bad)
+        t.check(f"{name}: {good}/{len(bad)} prompts that are not UTF-8 encode as the library reads them", good == len(bad))
     t.check(f"{name}: {decoded}/{n} decode as the tokenizer's own library does ({round_trips}/{n} give the text back exactly)",
             decoded == n)
     return round_trips

@@ -119,6 +119,15 @@ def sentencepiece_refs(model, strings):
     return [{"text": s, "ids": sp.encode(s), "decoded": sp.decode(sp.encode(s))} for s in strings]
 
 
+INVALID_UTF8 = [b"a\xffb", b"\xe2\x82", b"x\xc3", b"\x80\x80 in the beginning \xf5", b"\xed\xa0\x80 surrogate"]
+
+
+def invalid_utf8_refs(model):
+    """Prompts that are not UTF-8: the sentencepiece library reads each bad byte as U+FFFD."""
+    sp = spm.SentencePieceProcessor(model_file=model)
+    return [{"hex": b.hex(), "ids": sp.encode(b)} for b in INVALID_UTF8]
+
+
 # -- tokenizer.json forms of a SentencePiece vocabulary
 
 
@@ -219,7 +228,7 @@ console.log(JSON.stringify(out));
 """
 
 
-def write_folder(name, files, refs, note, versions):
+def write_folder(name, files, refs, note, versions, **extra):
     folder = os.path.join(OUT, name)
     os.makedirs(folder, exist_ok=True)
     for fname, data in files.items():
@@ -227,7 +236,7 @@ def write_folder(name, files, refs, note, versions):
         with open(os.path.join(folder, fname), mode) as f:
             f.write(data)
     with open(os.path.join(folder, "ref.json"), "w") as f:
-        json.dump({"strings": refs, "note": note, "versions": versions}, f, ensure_ascii=False, indent=0)
+        json.dump(dict({"strings": refs, "note": note, "versions": versions}, **extra), f, ensure_ascii=False, indent=0)
     print(f"{name}: {len(refs)} reference strings")
 
 
@@ -254,14 +263,14 @@ def main():
     write_folder("sentencepiece_kjv", {"tokenizer.model": open(model, "rb").read()}, sentencepiece_refs(model, strings),
                  f"SentencePiece BPE trained on KJV Genesis-Exodus (600 pieces, byte fallback, user-defined <|user|> "
                  f"<|assistant|> LORD, control <ctrl>, remove_extra_whitespaces), pieces {unused} retyped UNUSED; "
-                 f"ids and decoded text from the sentencepiece library", versions)
+                 f"ids and decoded text from the sentencepiece library", versions, invalid_utf8=invalid_utf8_refs(model))
 
     plain = train(train_text, "kjv_plain", byte_fallback=False, add_dummy_prefix=False,
                   remove_extra_whitespaces=False)
     write_folder("sentencepiece_kjv_plain", {"tokenizer.model": open(plain, "rb").read()}, sentencepiece_refs(plain, strings),
                  "SentencePiece BPE trained on KJV Genesis-Exodus (600 pieces) without byte fallback (unknown characters "
                  "are <unk>), without the dummy prefix, spaces kept; ids and decoded text from the sentencepiece library",
-                 versions)
+                 versions, invalid_utf8=invalid_utf8_refs(plain))
 
     for name, form in JSON_FORMS.items():
         tok = tokenizer_json(plain_vocab_model, form["normalizer"], form["pre_tokenizer"], form["decoder"], form["user_strip"])
