@@ -38,7 +38,7 @@ LAYER_QK_NORM, LAYER_QKV_BIAS, LAYER_O_BIAS, LAYER_POST_ATTN_NORM, LAYER_POST_ML
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
 PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
-TOKF_PREFIX_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
+TOKF_NORMALIZE_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
 TOKF_STRIP_LEADING_SPACE, TOKF_REMOVE_EXTRA_SPACES = 512, 1024
 PIECE_NORMAL, PIECE_SPECIAL, PIECE_BYTE, PIECE_UNUSED, PIECE_USER, PIECE_CONTROL, PIECE_UNKNOWN = 0, 1, 2, 3, 4, 5, 6
 PIECE_LSTRIP, PIECE_RSTRIP = 0x100, 0x200  # added tokens that swallow the whitespace on their left / right
@@ -776,11 +776,11 @@ def spacemark_rules(tok, path):
     before every stretch of text (even one that starts with a space), and the newer Metaspace pre-tokenizer,
     whose prepend_scheme "always" / "first" puts one only where the stretch does not already start with a
     space ("first": only at the start of the text) and whose split cuts the text before every ▁."""
-    flags, pretok, escaped = 0, PRE_NONE, False
+    flags, pretok, escaped = TOKF_NORMALIZE_EACH_STRETCH, PRE_NONE, False  # added tokens first, then each stretch
     for s in steps_of(tok.get("normalizer"), "normalizers"):
         t = s.get("type")
         if t == "Prepend" and s.get("prepend") == SPACE_MARK:
-            flags |= TOKF_DUMMY_PREFIX | TOKF_PREFIX_EACH_STRETCH
+            flags |= TOKF_DUMMY_PREFIX
         elif t == "Replace" and s.get("pattern") == {"String": " "} and s.get("content") == SPACE_MARK:
             escaped = True
         else:
@@ -795,7 +795,7 @@ def spacemark_rules(tok, path):
         if scheme not in ("always", "first", "never"):
             raise UnsupportedTokenizer(f"{path}: Metaspace prepend_scheme '{scheme}' is not supported")
         if scheme != "never" and not flags & TOKF_DUMMY_PREFIX:
-            flags |= TOKF_DUMMY_PREFIX | TOKF_PREFIX_EACH_STRETCH | TOKF_PREFIX_UNLESS_SPACE
+            flags |= TOKF_DUMMY_PREFIX | TOKF_PREFIX_UNLESS_SPACE
             if scheme == "first":
                 flags |= TOKF_PREFIX_FIRST_STRETCH
         if s.get("split", True):

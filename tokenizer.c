@@ -2,12 +2,12 @@
  *
  * encode(text):
  *   1. SentencePiece's remove_extra_whitespaces, where asked for, trims and squeezes the spaces;
- *   2. special tokens written in the text are cut out first and kept as single ids; what lies between
- *      them are "stretches" of plain text;
- *   3. a stretch may get a prefix (the SentencePiece dummy "▁", ByteLevel's add_prefix_space), and for
- *      SentencePiece-style tokenizers its spaces become "▁";
- *   4. the stretch is split into pre-tokens ("words") by the family's rule;
- *   5. each word starts as one symbol per byte (byte-level) or per character (SentencePiece-style), and
+ *   2. special tokens written in the text are cut out and kept as single ids; what lies between them are
+ *      "stretches" of plain text. SentencePiece-style tokenizers write spaces as "▁" (with a dummy "▁"
+ *      in front): the sentencepiece library writes the whole text so before it looks for its user-defined
+ *      pieces, the tokenizers library writes each stretch after cutting out its added tokens;
+ *   3. each stretch is split into pre-tokens ("words") by the family's rule;
+ *   4. each word starts as one symbol per byte (byte-level) or per character (SentencePiece-style), and
  *      BPE joins the adjacent pair with the best merge rank (or the best-scoring joined piece) until no
  *      pair can merge; characters outside the vocabulary fall back to <0xNN> byte pieces or <unk>. */
 #include "tokenizer.h"
@@ -626,22 +626,21 @@ static void encode_word_spacemark(Encoder *e, const unsigned char *w, int len) {
 /* ---------------------------------------------------------------------------------------------
  * stretches of plain text, special tokens, the whole prompt */
 
-/* Whether a stretch s[0..n) of plain text, starting at byte `at` of a text of `total` bytes, gets a
- * prefix: ByteLevel's space or the SentencePiece dummy "▁", placed as the tokenizer's rules say. */
-static int wants_prefix(const Tokenizer *t, const unsigned char *s, size_t n, size_t at, size_t total) {
+/* Whether a stretch s[0..n) of plain text, starting at byte `at` of the text, gets a prefix: ByteLevel's
+ * space, or the dummy "▁" where the tokenizers library normalizes stretch by stretch. */
+static int wants_prefix(const Tokenizer *t, const unsigned char *s, size_t n, size_t at) {
     unsigned f = t->flags;
     if (f & TOKF_PREFIX_SPACE) return n > 0 && s[0] != ' '; /* ByteLevel add_prefix_space, on every stretch */
-    if (!(f & TOKF_DUMMY_PREFIX)) return 0;
-    if (!(f & TOKF_PREFIX_EACH_STRETCH)) return at == 0 && total > 0; /* sentencepiece: once, before the text */
-    if (n == 0 || ((f & TOKF_PREFIX_FIRST_STRETCH) && at != 0)) return 0;
+    if (!(f & TOKF_DUMMY_PREFIX) || !(f & TOKF_NORMALIZE_EACH_STRETCH) || n == 0) return 0;
+    if ((f & TOKF_PREFIX_FIRST_STRETCH) && at != 0) return 0;
     return !((f & TOKF_PREFIX_UNLESS_SPACE) && (s[0] == ' ' || starts_with_mark(s, n)));
 }
 
-/* Encodes one stretch of text that holds no special token. */
-static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int prefix) {
-    const Tokenizer *t = e->t;
+/* Writes s[0..n) as the tokenizer reads it into out (room for 3 n + 3 bytes), after a prefix if asked:
+ * SentencePiece-style tokenizers write a space as "▁" and a byte that is not UTF-8 as U+FFFD (as the
+ * sentencepiece library reads it). Returns the bytes written; text written once is left as it is. */
+static size_t write_text(const Tokenizer *t, const unsigned char *s, size_t n, int prefix, unsigned char *out) {
     int spacemark = t->kind == TOKENIZER_SENTENCEPIECE_BPE;
-    unsigned char *out = e->stretch;
     size_t m = 0;
     if (prefix) {
         if (spacemark) memcpy(out, SPACE_MARK, SPACE_MARK_LEN), m = SPACE_MARK_LEN;
@@ -651,18 +650,25 @@ static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int pre
         uint32_t cp;
         int len = spacemark ? utf8_decode(s + i, n - i, &cp) : 1;
         if (spacemark && s[i] == ' ') memcpy(out + m, SPACE_MARK, SPACE_MARK_LEN), m += SPACE_MARK_LEN;
-        else if (spacemark && s[i] >= 0x80 && len == 1) /* a byte that is not UTF-8 reads as U+FFFD (SentencePiece) */
-            memcpy(out + m, "\xEF\xBF\xBD", 3), m += 3;
+        else if (spacemark && s[i] >= 0x80 && len == 1) memcpy(out + m, "\xEF\xBF\xBD", 3), m += 3;
         else memcpy(out + m, s + i, (size_t)len), m += (size_t)len;
         i += (size_t)len;
     }
+    return m;
+}
+
+/* Encodes one stretch of text that holds no special token. */
+static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int prefix) {
+    const Tokenizer *t = e->t;
+    unsigned char *out = e->stretch;
+    size_t m = write_text(t, s, n, prefix, out);
     Text text = {out, m};
     for (size_t i = 0; i < m;) {
         size_t end = next_word(t, text, i);
         if (end <= i) end = i + 1; /* cannot happen with the matchers above; keeps progress certain */
         int whole = t->flags & TOKF_IGNORE_MERGES ? hashmap_get(&t->piece_ids, out + i, (int)(end - i)) : -1;
         if (whole >= 0) emit(e, whole); /* ignore_merges: a word in the vocabulary is one token */
-        else if (spacemark) encode_word_spacemark(e, out + i, (int)(end - i));
+        else if (t->kind == TOKENIZER_SENTENCEPIECE_BPE) encode_word_spacemark(e, out + i, (int)(end - i));
         else encode_word_bytelevel(e, out + i, (int)(end - i));
         i = end;
     }
@@ -710,14 +716,25 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     Encoder e = {.t = t, .ids = ids};
     if (add_bos && (t->flags & TOKF_ADD_BOS) && t->bos_id >= 0) e.ids[e.count++] = t->bos_id;
     const unsigned char *s = (const unsigned char *)text;
-    unsigned char *squeezed = NULL;
+    unsigned char *squeezed = NULL, *normalized = NULL;
     if (t->flags & TOKF_REMOVE_EXTRA_SPACES) {
         if (!(squeezed = malloc(len + 1))) return -1;
         len = squeeze_spaces(s, len, squeezed);
         s = squeezed;
     }
-    /* a stretch is at most len bytes and a prefix; written with "▁" it can triple, and each of those
-     * bytes may become a symbol (byte fallback); each merge pushes at most two candidates */
+    if (t->kind == TOKENIZER_SENTENCEPIECE_BPE && !(t->flags & TOKF_NORMALIZE_EACH_STRETCH)) {
+        /* the sentencepiece library writes the whole text ("▁", dummy prefix) before it cuts user-defined
+         * pieces out of it; the tokenizers library does it stretch by stretch, below */
+        if (!(normalized = malloc(3 * len + SPACE_MARK_LEN + 1))) {
+            free(squeezed);
+            return -1;
+        }
+        len = write_text(t, s, len, (t->flags & TOKF_DUMMY_PREFIX) && len > 0, normalized);
+        s = normalized;
+    }
+    /* a stretch is at most len bytes and a prefix; written with "▁" it can triple (once: written text stays
+     * as it is), and each of those bytes may become a symbol (byte fallback); each merge pushes at most two
+     * candidates */
     size_t max_symbols = 3 * len + SPACE_MARK_LEN + 1;
     e.stretch = malloc(max_symbols);
     e.sym = malloc(max_symbols * sizeof *e.sym);
@@ -736,7 +753,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
             if (t->strip[special] & (PIECE_LSTRIP >> 8)) end = trailing_space(s, start, end);
             if (t->strip[special] & (PIECE_RSTRIP >> 8)) next = run_of((Text){s, len}, next, is_space);
         }
-        encode_stretch(&e, s + start, end - start, wants_prefix(t, s + start, end - start, start, len));
+        encode_stretch(&e, s + start, end - start, wants_prefix(t, s + start, end - start, start));
         if (special < 0) break;
         emit(&e, special);
         start = i = next;
@@ -746,6 +763,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     free(e.heap.items);
     free(e.splits);
     free(squeezed);
+    free(normalized);
     return ok ? e.count : -1;
 }
 

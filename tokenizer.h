@@ -24,8 +24,10 @@ enum {
     TOKF_IGNORE_MERGES = 8,        /* a whole pre-token that is in the vocabulary is taken as is (Llama 3) */
     TOKF_PREFIX_SPACE = 16,        /* ByteLevel add_prefix_space: a space before each stretch not starting with one */
     TOKF_SCORE_MERGES = 32,        /* SentencePiece .model: merge the pair whose result scores highest */
-    TOKF_PREFIX_EACH_STRETCH = 64, /* the dummy prefix goes before each stretch of text between special tokens */
-    TOKF_PREFIX_FIRST_STRETCH = 128, /* ... but only before the stretch at the very start of the text */
+    TOKF_NORMALIZE_EACH_STRETCH = 64, /* tokenizers library: special tokens are cut out of the raw text, then each
+                                       * stretch between them gets its "▁" and dummy prefix; clear: the whole text
+                                       * is written first and user-defined pieces are matched in it (sentencepiece) */
+    TOKF_PREFIX_FIRST_STRETCH = 128, /* the dummy prefix only before the stretch at the very start of the text */
     TOKF_PREFIX_UNLESS_SPACE = 256,  /* ... and not where the stretch already starts with a space (Metaspace) */
     TOKF_STRIP_LEADING_SPACE = 512,  /* decoding drops the leading space of the first piece printed */
     TOKF_REMOVE_EXTRA_SPACES = 1024, /* SentencePiece remove_extra_whitespaces: trim, and squeeze runs of spaces */

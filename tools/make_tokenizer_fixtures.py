@@ -46,7 +46,8 @@ EDGE_STRINGS = [
     "caf\u00e9 na\u00efve r\u00e9sum\u00e9", "\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac \u65e5\u672c\u8a9e",
     "emoji \U0001f642\U0001f44d\U0001f3fd!", "\u2581already\u2581marked", " \u2581 ", "zero\u200bwidth",
     "e\u0301 combining", "\u00a0nbsp\u3000ideographic", "qqqqqqqqqqqqqqqqqqqqqqqq", "Zz\u00ff\u0100\x01\x7f",
-    "unto unto unto", "thee thou thy", "'s 't don't", "!!!???...---", "x" * 40,
+    "unto unto unto", "thee thou thy", "'s 't don't", "!!!???...---", "x" * 40, " \u2581", "a \u2581 b",
+    "a  b   c", "x\n\n\ny", "\u2581\u2581\u2581",
 ]
 
 PRETOKENIZER_EDGES = [
@@ -252,7 +253,9 @@ def main():
     strings = EDGE_STRINGS + lines[-40:-20]
     versions = {"sentencepiece": spm.__version__, "tokenizers (node)": tokenizers_version}
 
-    model = train(train_text, "kjv", byte_fallback=True, user_defined_symbols=["<|user|>", "<|assistant|>", "LORD"],
+    # user-defined pieces are matched in the written text: "▁▁" catches a space after the dummy prefix
+    model = train(train_text, "kjv", byte_fallback=True,
+                  user_defined_symbols=["<|user|>", "<|assistant|>", "LORD", MARK + MARK, "\n\n"],
                   control_symbols=["<ctrl>"])
     sp = spm.SentencePieceProcessor(model_file=model)
     # two pieces that merges make often become "unused": SentencePiece undoes merges that make them
@@ -262,13 +265,14 @@ def main():
     retype_pieces(model, unused, 5)
     write_folder("sentencepiece_kjv", {"tokenizer.model": open(model, "rb").read()}, sentencepiece_refs(model, strings),
                  f"SentencePiece BPE trained on KJV Genesis-Exodus (600 pieces, byte fallback, user-defined <|user|> "
-                 f"<|assistant|> LORD, control <ctrl>, remove_extra_whitespaces), pieces {unused} retyped UNUSED; "
+                 f"<|assistant|> LORD ▁▁ and two newlines, control <ctrl>, remove_extra_whitespaces), pieces {unused} "
+                 f"retyped UNUSED; "
                  f"ids and decoded text from the sentencepiece library", versions, invalid_utf8=invalid_utf8_refs(model))
 
     plain = train(train_text, "kjv_plain", byte_fallback=False, add_dummy_prefix=False,
-                  remove_extra_whitespaces=False)
+                  remove_extra_whitespaces=False, user_defined_symbols=[MARK + MARK, "\n\n"])
     write_folder("sentencepiece_kjv_plain", {"tokenizer.model": open(plain, "rb").read()}, sentencepiece_refs(plain, strings),
-                 "SentencePiece BPE trained on KJV Genesis-Exodus (600 pieces) without byte fallback (unknown characters "
+                 "SentencePiece BPE trained on KJV Genesis-Exodus (600 pieces, user-defined ▁▁ and two newlines) without byte fallback (unknown characters "
                  "are <unk>), without the dummy prefix, spaces kept; ids and decoded text from the sentencepiece library",
                  versions, invalid_utf8=invalid_utf8_refs(plain))
 
