@@ -732,10 +732,10 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
         len = write_text(t, s, len, (t->flags & TOKF_DUMMY_PREFIX) && len > 0, normalized);
         s = normalized;
     }
-    /* a stretch is at most len bytes and a prefix; written with "▁" it can triple (once: written text stays
-     * as it is), and each of those bytes may become a symbol (byte fallback); each merge pushes at most two
-     * candidates */
-    size_t max_symbols = 3 * len + SPACE_MARK_LEN + 1;
+    /* a stretch is at most len bytes and a prefix; written with "▁" it can triple (unless the whole text is
+     * written already), and each of those bytes may become a symbol (byte fallback); each merge pushes at
+     * most two candidates */
+    size_t max_symbols = normalized ? len + 1 : 3 * len + SPACE_MARK_LEN + 1;
     e.stretch = malloc(max_symbols);
     e.sym = malloc(max_symbols * sizeof *e.sym);
     e.heap.items = malloc(3 * max_symbols * sizeof *e.heap.items);
