@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
 
-    python3 export.py SRC OUT [--dtype f32|bf16|f16] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
+    python3 export.py SRC OUT [--dtype f32|bf16|f16] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
 SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
-legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors and JSON are read by hand.
+legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
+are read by hand.
 The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
 """
 import argparse
 import json
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -34,9 +36,12 @@ MODEL_TIED_EMBEDDINGS = 1
 LAYER_QK_NORM, LAYER_QKV_BIAS, LAYER_O_BIAS, LAYER_POST_ATTN_NORM, LAYER_POST_MLP_NORM = 1, 2, 4, 8, 16
 
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
-PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2 = 0, 1, 2, 3
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
-PIECE_NORMAL, PIECE_SPECIAL, PIECE_BYTE, PIECE_UNUSED, PIECE_USER = 0, 1, 2, 3, 4
+TOKF_NORMALIZE_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
+TOKF_STRIP_LEADING_SPACE, TOKF_REMOVE_EXTRA_SPACES = 512, 1024
+PIECE_NORMAL, PIECE_SPECIAL, PIECE_BYTE, PIECE_UNUSED, PIECE_USER, PIECE_CONTROL, PIECE_UNKNOWN = 0, 1, 2, 3, 4, 5, 6
+PIECE_LSTRIP, PIECE_RSTRIP = 0x100, 0x200  # added tokens that swallow the whitespace on their left / right
 
 
 class ExportError(Exception):
@@ -631,7 +636,10 @@ def convert_hf(src, args):
     st = SafeTensors(src)
     m = FAMILIES[family](cfg, st, family)
     check_shapes(m, st)
-    m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
+    else:
+        m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
     # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
     matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) == 2}
     m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
@@ -708,11 +716,108 @@ def convert_llama2c(path, args):
     m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, vocab)
+    else:
+        log("export: no tokenizer (give --tokenizer tokenizer.bin for text prompts): the model will run from --tokens")
     return m
 
 
 # ----------------------------------------------------------------------------
-# tokenizers
+# tokenizers: a tokenizer.json (byte-level or SentencePiece-style BPE), a SentencePiece tokenizer.model or a
+# llama2.c tokenizer.bin becomes one tokenizer record (docs/FORMAT.md, "Tokenizer")
+
+SPACE_MARK = "\u2581"  # "▁": SentencePiece vocabularies spell a space as this character
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class UnsupportedTokenizer(ExportError):
+    """The tokenizer file uses a feature attn.c does not implement (named in the message)."""
+
+
+class TokenizerRecord:
+    """The fields of the tokenizer record, in the order docs/FORMAT.md lists them."""
+
+    def __init__(self, kind, vocab_size, source):
+        self.kind, self.pretokenizer, self.flags = kind, PRE_NONE, 0
+        self.bos, self.unk, self.eos = None, -1, []
+        self.pieces = [b""] * vocab_size       # ids the tokenizer lacks stay empty and unused
+        self.scores = [0.0] * vocab_size
+        self.types = [PIECE_UNUSED] * vocab_size
+        self.merges = []                       # (left id, right id) in rank order
+        self.source = source
+
+    def set_piece(self, i, data, piece_type, score=0.0):
+        if not 0 <= i < len(self.pieces):
+            raise ExportError(f"{self.source}: token id {i} is outside the model's vocabulary ({len(self.pieces)})")
+        if len(data) > 65536:
+            raise ExportError(f"{self.source}: token {i} is {len(data)} bytes long (at most 65536)")
+        self.pieces[i], self.types[i], self.scores[i] = data, piece_type, float(score)
+
+    def ids_by_text(self):
+        """piece text -> id, for finding the tokens a config names; special pieces win over normal ones."""
+        ids = {}
+        for want_special in (True, False):
+            for i, (p, t) in enumerate(zip(self.pieces, self.types)):
+                if p and ((t & 0xFF) not in (PIECE_NORMAL, PIECE_BYTE)) == want_special:
+                    ids.setdefault(p.decode("utf-8", "replace"), i)
+        return ids
+
+    def pack(self):
+        eos = self.eos[:16]
+        out = [struct.pack("<3I2iI", self.kind, self.pretokenizer, self.flags, -1 if self.bos is None else self.bos,
+                           self.unk, len(eos))]
+        out.append(struct.pack(f"<{len(eos)}i", *eos))
+        out.append(struct.pack("<2I", len(self.pieces), len(self.merges)))
+        for p, s, t in zip(self.pieces, self.scores, self.types):
+            out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
+        out.append(np.asarray(self.merges, dtype="<u4").reshape(-1).tobytes())
+        return b"".join(out)
+
+
+def read_tokenizer(path, vocab_size, cfg=None, model_dir=None):
+    """The tokenizer record for a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin.
+    tokenizer_config.json and generation_config.json are looked for beside the tokenizer and in model_dir."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    dirs = [os.path.dirname(os.path.abspath(path))] + ([model_dir] if model_dir else [])
+    if path.endswith(".json"):
+        return json_tokenizer(path, cfg or {}, vocab_size, dirs)
+    if path.endswith(".bin"):
+        return llama2c_tokenizer(path, vocab_size)
+    if path.endswith(".model") or head == b"\x0a":  # a protobuf starting with field 1 (the pieces)
+        return sentencepiece_tokenizer(path, vocab_size, dirs)
+    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin")
+
+
+def hf_tokenizer(src, cfg, vocab_size):
+    """The tokenizer of a Hugging Face model directory: tokenizer.json, else tokenizer.model, else none."""
+    json_path, model_path = os.path.join(src, "tokenizer.json"), os.path.join(src, "tokenizer.model")
+    if os.path.exists(json_path):
+        try:
+            return json_tokenizer(json_path, cfg, vocab_size, [src])
+        except UnsupportedTokenizer as e:
+            if not os.path.exists(model_path):
+                raise
+            log(f"export: {e}; using tokenizer.model instead")
+    if os.path.exists(model_path):
+        return sentencepiece_tokenizer(model_path, vocab_size, [src])
+    log("export: no tokenizer.json or tokenizer.model: the model will run from --tokens")
+    return None
+
+
+def config_file(dirs, name):
+    for d in dirs:
+        path = os.path.join(d, name)
+        if os.path.exists(path):
+            return load_json(path)
+    return {}
+
+
+# -- tokenizer.json
 
 
 def bytes_to_unicode():
@@ -734,31 +839,40 @@ QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 KNOWN_REGEXES = {GPT2_REGEX: PRE_GPT2, LLAMA3_REGEX: PRE_LLAMA3, QWEN2_REGEX: PRE_QWEN2}
 
 
-def bytelevel_pretokenizer(pre):
-    """(pretokenizer id, add_prefix_space) for a byte-level tokenizer.json, or an error naming what is unsupported."""
-    if pre is None:
-        raise ExportError("tokenizer.json: byte-level BPE without a pre_tokenizer is not supported")
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    kind, prefix_space, saw_bytelevel = PRE_NONE, False, False
+def steps_of(block, list_key):
+    """The steps of a normalizer / pre_tokenizer / decoder block: a Sequence's list, or the block itself."""
+    if block is None:
+        return []
+    return list(block.get(list_key) or []) if block.get("type") == "Sequence" else [block]
+
+
+def bytelevel_rules(tok, path):
+    """(pretokenizer id, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
+    if tok.get("normalizer") is not None:
+        raise UnsupportedTokenizer(f"{path}: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
+    steps = steps_of(tok.get("pre_tokenizer"), "pretokenizers")
+    if not steps:
+        raise UnsupportedTokenizer(f"{path}: byte-level BPE without a pre_tokenizer is not supported")
+    kind, flags, saw_bytelevel = PRE_NONE, 0, False
     for s in steps:
         t = s.get("type")
         if t == "ByteLevel":
             saw_bytelevel = True
-            prefix_space = bool(s.get("add_prefix_space", False))
+            flags = TOKF_PREFIX_SPACE if s.get("add_prefix_space", False) else 0
             if s.get("use_regex", True):
                 if kind != PRE_NONE:
-                    raise ExportError("tokenizer.json: two splitting regexes in the pre_tokenizer")
+                    raise UnsupportedTokenizer(f"{path}: two splitting regexes in the pre_tokenizer are not supported")
                 kind = PRE_GPT2
         elif t == "Split":
             pattern = s.get("pattern", {}).get("Regex")
             if pattern not in KNOWN_REGEXES or s.get("behavior") != "Isolated" or s.get("invert"):
-                raise ExportError(f"tokenizer.json: pre-tokenizer Split with pattern {pattern!r} is not supported")
+                raise UnsupportedTokenizer(f"{path}: pre-tokenizer Split with pattern {pattern!r} is not supported")
             kind = KNOWN_REGEXES[pattern]
         else:
-            raise ExportError(f"tokenizer.json: pre-tokenizer '{t}' is not supported with byte-level BPE")
+            raise UnsupportedTokenizer(f"{path}: pre-tokenizer '{t}' is not supported with byte-level BPE")
     if not saw_bytelevel:
-        raise ExportError("tokenizer.json: BPE without a ByteLevel step or byte_fallback is not supported")
-    return kind, prefix_space
+        raise UnsupportedTokenizer(f"{path}: BPE without a ByteLevel step or byte_fallback is not supported")
+    return kind, flags
 
 
 def check_tokenizer_json(tok):
@@ -781,66 +895,128 @@ def check_tokenizer_json(tok):
             bad(f"added token {a!r} lacks an integer id or a string content")
 
 
-def hf_tokenizer(src, cfg, vocab_size):
-    path = os.path.join(src, "tokenizer.json")
-    if not os.path.exists(path):
-        log("export: no tokenizer.json: the model will run from --tokens")
-        return None
+def spacemark_rules(tok, path):
+    """(pretokenizer id, flags) of a SentencePiece-style tokenizer.json (BPE with byte_fallback).
+
+    Two forms write spaces as "▁": the older normalizer Prepend("▁") + Replace(" ", "▁"), which puts a ▁
+    before every stretch of text (even one that starts with a space), and the newer Metaspace pre-tokenizer,
+    whose prepend_scheme "always" / "first" puts one only where the stretch does not already start with a
+    space ("first": only at the start of the text) and whose split cuts the text before every ▁."""
+    flags, pretok, escaped = TOKF_NORMALIZE_EACH_STRETCH, PRE_NONE, False  # added tokens first, then each stretch
+    for s in steps_of(tok.get("normalizer"), "normalizers"):
+        t = s.get("type")
+        if t == "Prepend" and s.get("prepend") == SPACE_MARK:
+            flags |= TOKF_DUMMY_PREFIX
+        elif t == "Replace" and s.get("pattern") == {"String": " "} and s.get("content") == SPACE_MARK:
+            escaped = True
+        else:
+            raise UnsupportedTokenizer(f"{path}: normalizer {t} {json.dumps(s, ensure_ascii=False)} is not supported")
+    for s in steps_of(tok.get("pre_tokenizer"), "pretokenizers"):
+        t = s.get("type")
+        if t == "Split" and escaped and s.get("pattern") == {"String": " "} and not s.get("invert"):
+            continue  # Gemma: splitting at spaces the normalizer has already replaced does nothing
+        if t != "Metaspace" or s.get("replacement", SPACE_MARK) != SPACE_MARK:
+            raise UnsupportedTokenizer(f"{path}: pre-tokenizer {json.dumps(s, ensure_ascii=False)} is not supported with SentencePiece-style BPE")
+        scheme = s.get("prepend_scheme") or ("always" if s.get("add_prefix_space", True) else "never")
+        if scheme not in ("always", "first", "never"):
+            raise UnsupportedTokenizer(f"{path}: Metaspace prepend_scheme '{scheme}' is not supported")
+        if scheme != "never" and not flags & TOKF_DUMMY_PREFIX:
+            flags |= TOKF_DUMMY_PREFIX | TOKF_PREFIX_UNLESS_SPACE
+            if scheme == "first":
+                flags |= TOKF_PREFIX_FIRST_STRETCH
+        if s.get("split", True):
+            pretok = PRE_METASPACE
+        escaped = True
+    if not escaped:
+        raise UnsupportedTokenizer(f"{path}: BPE with byte_fallback but without a Replace(' ', '▁') normalizer or a Metaspace pre-tokenizer is not supported")
+    for s in steps_of(tok.get("decoder"), "decoders"):
+        t = s.get("type")
+        if t == "Strip" and s.get("content") == " " and s.get("start", 0) <= 1 and s.get("stop", 0) == 0:
+            flags |= TOKF_STRIP_LEADING_SPACE if s.get("start", 0) == 1 else 0
+        elif t == "Metaspace":  # drops the ▁ of the first token unless prepend_scheme is "never"
+            scheme = s.get("prepend_scheme") or ("always" if s.get("add_prefix_space", True) else "never")
+            flags |= TOKF_STRIP_LEADING_SPACE if scheme != "never" else 0
+        elif not ((t == "Replace" and s.get("pattern") == {"String": SPACE_MARK} and s.get("content") == " ")
+                  or t in ("ByteFallback", "Fuse")):
+            raise UnsupportedTokenizer(f"{path}: decoder {json.dumps(s, ensure_ascii=False)} is not supported")
+    return pretok, flags
+
+
+def json_tokenizer(path, cfg, vocab_size, dirs):
     tok = load_json(path)
     check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
-        raise ExportError(f"tokenizer.json: model type '{model.get('type')}' is not supported (only BPE)")
-    if model.get("byte_fallback"):
-        raise ExportError("tokenizer.json: SentencePiece-style BPE (byte_fallback) is not supported yet; run from --tokens")
-    if tok.get("normalizer") is not None:
-        raise ExportError(f"tokenizer.json: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
-    pretok, prefix_space = bytelevel_pretokenizer(tok.get("pre_tokenizer"))
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        raise UnsupportedTokenizer(f"{path}: model type '{model.get('type')}' is not supported (only BPE)")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise UnsupportedTokenizer(f"{path}: BPE {key} is not supported")
+    if model.get("dropout"):
+        raise UnsupportedTokenizer(f"{path}: BPE dropout is not supported (it makes encoding random)")
+    spacemark = bool(model.get("byte_fallback"))
+    rec = TokenizerRecord(TOK_SENTENCEPIECE_BPE if spacemark else TOK_BYTELEVEL_BPE, vocab_size, path)
+    if spacemark:
+        rec.pretokenizer, rec.flags = spacemark_rules(tok, path)
+        rec.flags |= TOKF_BYTE_FALLBACK
 
-    def raw(piece):
-        try:
-            return bytes(byte_of[c] for c in piece)
-        except KeyError:
-            raise ExportError(f"tokenizer.json: vocabulary entry {piece!r} is not in byte-level form")
+        def spell(piece):
+            return piece.encode("utf-8")
+    else:
+        rec.pretokenizer, rec.flags = bytelevel_rules(tok, path)
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+        def spell(piece):
+            try:
+                return bytes(byte_of[c] for c in piece)
+            except KeyError:
+                raise ExportError(f"{path}: vocabulary entry {piece!r} is not in byte-level form")
+    if model.get("ignore_merges"):
+        rec.flags |= TOKF_IGNORE_MERGES
 
     vocab = model.get("vocab") or {}
-    pieces = [None] * vocab_size
-    types = [PIECE_UNUSED] * vocab_size
     for piece, i in vocab.items():
-        if not 0 <= i < vocab_size:
-            raise ExportError(f"tokenizer.json: token id {i} is outside the model's vocabulary ({vocab_size})")
-        pieces[i], types[i] = raw(piece), PIECE_NORMAL
+        byte = spacemark and BYTE_PIECE.fullmatch(piece)
+        rec.set_piece(i, spell(piece), PIECE_BYTE if byte else PIECE_NORMAL)
     for added in tok.get("added_tokens") or []:
-        i = added["id"]
-        if not 0 <= i < vocab_size:
-            raise ExportError(f"tokenizer.json: added token id {i} is outside the model's vocabulary ({vocab_size})")
-        pieces[i] = added["content"].encode("utf-8")
-        types[i] = PIECE_SPECIAL if added.get("special") else PIECE_USER
-    id_of = {p: i for i, p in enumerate(pieces) if p is not None and types[i] == PIECE_NORMAL}
-    merges = []
-    for rank, mg in enumerate(model.get("merges") or []):
-        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
-        ra, rb = raw(a), raw(b)
-        if ra not in id_of or rb not in id_of or ra + rb not in id_of:
-            raise ExportError(f"tokenizer.json: merge {rank} ({a!r} {b!r}) refers to a token not in the vocabulary")
-        merges.append((id_of[ra], id_of[rb]))
+        content = added["content"]
+        if added.get("single_word"):
+            raise UnsupportedTokenizer(f"{path}: added token {content!r} has single_word (matching only whole words) set, which is not supported")
+        if added.get("normalized") and spacemark and tok.get("normalizer") is not None:
+            raise UnsupportedTokenizer(f"{path}: added token {content!r} is matched in normalized text (normalized: true), which is not supported with a normalizer")
+        piece_type = PIECE_SPECIAL if added.get("special") else PIECE_USER
+        piece_type |= (PIECE_LSTRIP if added.get("lstrip") else 0) | (PIECE_RSTRIP if added.get("rstrip") else 0)
+        rec.set_piece(added["id"], content.encode("utf-8"), piece_type)
 
-    special_id = {p.decode("utf-8", "replace"): i for i, p in enumerate(pieces) if p is not None and types[i] != PIECE_NORMAL}
-    special_id.update({p.decode("utf-8", "replace"): i for i, p in enumerate(pieces) if p is not None and types[i] == PIECE_NORMAL and p not in special_id})
-    tcfg_path = os.path.join(src, "tokenizer_config.json")
-    tcfg = load_json(tcfg_path) if os.path.exists(tcfg_path) else {}
-    bos, add_bos = post_processor_bos(tok.get("post_processor"), special_id)
-    if bos is None:
-        bos = token_id(tcfg.get("bos_token"), special_id)
-        add_bos = bool(tcfg.get("add_bos_token", False)) and bos is not None
-    if bos is None and isinstance(cfg.get("bos_token_id"), int):
-        bos = cfg["bos_token_id"]
-    eos = eos_ids(src, cfg, tcfg, special_id)
-    flags = (TOKF_ADD_BOS if add_bos else 0) | (TOKF_IGNORE_MERGES if model.get("ignore_merges") else 0) | \
-            (TOKF_PREFIX_SPACE if prefix_space else 0)
-    log(f"export: tokenizer: byte-level BPE, {len(vocab)} tokens, {len(merges)} merges, bos {bos} (added: {add_bos}), eos {eos}")
-    return pack_tokenizer(TOK_BYTELEVEL_BPE, pretok, flags, bos, -1, eos, pieces, [0.0] * vocab_size, types, merges)
+    id_of = {p: i for i, p in enumerate(rec.pieces) if p and rec.types[i] == PIECE_NORMAL}
+    for rank, mg in enumerate(model.get("merges") or []):
+        if isinstance(mg, str):
+            if mg.count(" ") != 1:
+                raise ExportError(f"{path}: merge {rank} {mg!r} is not two tokens separated by one space")
+            mg = mg.split(" ")
+        a, b = spell(mg[0]), spell(mg[1])
+        if a not in id_of or b not in id_of or a + b not in id_of:
+            raise ExportError(f"{path}: merge {rank} ({mg[0]!r} {mg[1]!r}) refers to a token not in the vocabulary")
+        rec.merges.append((id_of[a], id_of[b]))
+
+    by_text = rec.ids_by_text()
+    if model.get("unk_token") is not None:
+        rec.unk = by_text.get(model["unk_token"], -1)
+        if rec.unk < 0:
+            raise ExportError(f"{path}: unk_token {model['unk_token']!r} is not in the vocabulary")
+        if spacemark and not model.get("fuse_unk"):
+            raise UnsupportedTokenizer(f"{path}: BPE with byte_fallback and fuse_unk false is not supported")
+    tcfg = config_file(dirs, "tokenizer_config.json")
+    rec.bos, add_bos = post_processor_bos(tok.get("post_processor"), by_text)
+    if rec.bos is None:
+        rec.bos = token_id(tcfg.get("bos_token"), by_text)
+        add_bos = bool(tcfg.get("add_bos_token", False)) and rec.bos is not None
+    if rec.bos is None and isinstance(cfg.get("bos_token_id"), int):
+        rec.bos = cfg["bos_token_id"]
+    rec.flags |= TOKF_ADD_BOS if add_bos else 0
+    rec.eos = eos_ids(dirs, cfg, tcfg, by_text)
+    log(f"export: tokenizer: {'SentencePiece-style' if spacemark else 'byte-level'} BPE from {os.path.basename(path)}, "
+        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {rec.eos}")
+    return rec.pack()
 
 
 def token_id(entry, ids):
@@ -870,29 +1046,179 @@ def post_processor_bos(post, ids):
     return None, False
 
 
-def eos_ids(src, cfg, tcfg, special_id):
+def eos_ids(dirs, cfg, tcfg, special_id, extra=()):
     eos = []
-    gen_path = os.path.join(src, "generation_config.json")
-    for source in (load_json(gen_path) if os.path.exists(gen_path) else {}, cfg):
+    for source in (config_file(dirs, "generation_config.json"), cfg):
         e = source.get("eos_token_id")
         for x in (e if isinstance(e, list) else [e]):
             if isinstance(x, int) and x not in eos:
                 eos.append(x)
-    t = token_id(tcfg.get("eos_token"), special_id)
-    if t is not None and t not in eos:
-        eos.append(t)
+    for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra):
+        if t is not None and t >= 0 and t not in eos:
+            eos.append(t)
     return eos[:16]
 
 
-def pack_tokenizer(kind, pretok, flags, bos, unk, eos, pieces, scores, types, merges):
-    out = [struct.pack("<3I2iI", kind, pretok, flags, -1 if bos is None else bos, unk, len(eos))]
-    out.append(struct.pack(f"<{len(eos)}i", *eos))
-    out.append(struct.pack("<2I", len(pieces), len(merges)))
-    for p, s, t in zip(pieces, scores, types):
-        p = p or b""
-        out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
-    out.append(np.asarray(merges, dtype="<u4").reshape(-1).tobytes())
-    return b"".join(out)
+# -- SentencePiece tokenizer.model: a protobuf (sentencepiece_model.proto), read by hand
+
+
+def protobuf_fields(data, where):
+    """The (field number, value) pairs of one protobuf message: varints as int, fixed32/fixed64 and
+    length-delimited fields as bytes."""
+    out, i, n = [], 0, len(data)
+
+    def varint():
+        nonlocal i
+        x = shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ExportError(f"{where}: truncated or malformed protobuf")
+            c = data[i]
+            i += 1
+            x |= (c & 0x7F) << shift
+            shift += 7
+            if c < 0x80:
+                return x
+
+    while i < n:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, i = data[i:i + width], i + width
+        elif wire == 2:
+            length = varint()
+            value, i = data[i:i + length], i + length
+        else:
+            raise ExportError(f"{where}: protobuf wire type {wire} is not supported")
+        if i > n:
+            raise ExportError(f"{where}: truncated protobuf")
+        out.append((field, value))
+    return out
+
+
+def int32_of(varint):
+    """A protobuf int32 (negative ones are written as 64-bit two's complement)."""
+    return varint - (1 << 64) if varint >= 1 << 63 else varint
+
+
+# ModelProto.SentencePiece.Type -> piece type of the record
+SP_PIECE_TYPES = {1: PIECE_NORMAL, 2: PIECE_UNKNOWN, 3: PIECE_CONTROL, 4: PIECE_USER, 5: PIECE_UNUSED, 6: PIECE_BYTE}
+SP_MODEL_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}
+
+
+def sentencepiece_model(path):
+    """(pieces [(text, score, type)], trainer_spec {field: value}, normalizer_spec {field: value})."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    pieces, trainer, normalizer = [], {}, {}
+    for field, value in protobuf_fields(data, path):
+        if field == 1:    # ModelProto.pieces: piece = 1, score = 2, type = 3
+            p = {f: v for f, v in protobuf_fields(value, path)}
+            if 1 not in p:
+                raise ExportError(f"{path}: piece {len(pieces)} has no text")
+            score = struct.unpack("<f", p[2])[0] if 2 in p else 0.0
+            pieces.append((p[1], score, p.get(3, 1)))
+        elif field == 2:  # trainer_spec
+            trainer.update(protobuf_fields(value, path))
+        elif field == 3:  # normalizer_spec
+            normalizer.update(protobuf_fields(value, path))
+    if not pieces:
+        raise ExportError(f"{path}: not a SentencePiece model (no pieces)")
+    return pieces, trainer, normalizer
+
+
+def sentencepiece_tokenizer(path, vocab_size, dirs):
+    """SentencePiece BPE as the sentencepiece library runs it: the text normalized (spaces to ▁, a dummy ▁
+    prefix), user-defined pieces cut out, then the pair whose joined piece scores highest merges first;
+    control pieces (<s>, </s>) are never matched in the text."""
+    pieces, trainer, normalizer = sentencepiece_model(path)
+    model_type = trainer.get(3, 1)  # TrainerSpec.model_type, default unigram
+    if model_type != 2:
+        raise UnsupportedTokenizer(f"{path}: SentencePiece {SP_MODEL_TYPES.get(model_type, model_type)} models are not supported (only BPE)")
+    if trainer.get(24):
+        raise UnsupportedTokenizer(f"{path}: SentencePiece treat_whitespace_as_suffix is not supported")
+    if normalizer.get(2):
+        name = normalizer.get(1, b"?").decode("utf-8", "replace")
+        raise UnsupportedTokenizer(f"{path}: SentencePiece normalizer '{name}' (a precompiled character map) is not supported (only identity)")
+    if not normalizer.get(5, 1):
+        raise UnsupportedTokenizer(f"{path}: SentencePiece without escape_whitespaces is not supported")
+    if len(pieces) > vocab_size:
+        raise ExportError(f"{path}: {len(pieces)} pieces but the model's vocabulary is {vocab_size}")
+    rec = TokenizerRecord(TOK_SENTENCEPIECE_BPE, vocab_size, path)
+    unk_surface = trainer.get(44, " \u2047 ".encode())
+    for i, (text, score, sp_type) in enumerate(pieces):
+        if sp_type not in SP_PIECE_TYPES:
+            raise ExportError(f"{path}: piece {i} has unknown type {sp_type}")
+        piece_type = SP_PIECE_TYPES[sp_type]
+        # the record keeps what the unknown piece prints as (" ⁇ ", SentencePiece's unk_surface)
+        rec.set_piece(i, unk_surface if piece_type == PIECE_UNKNOWN else text, piece_type, score)
+    add_dummy_prefix, remove_extra = normalizer.get(3, 1), normalizer.get(4, 1)
+    rec.flags = TOKF_SCORE_MERGES | (TOKF_BYTE_FALLBACK if trainer.get(35) else 0) | \
+        (TOKF_DUMMY_PREFIX if add_dummy_prefix else 0) | (TOKF_REMOVE_EXTRA_SPACES if remove_extra else 0) | \
+        (TOKF_STRIP_LEADING_SPACE if add_dummy_prefix or remove_extra else 0)
+    rec.unk = int32_of(trainer.get(40, 0))
+    bos, eos = int32_of(trainer.get(41, 1)), int32_of(trainer.get(42, 2))
+    # the sentencepiece library adds no BOS itself; the models built on it (Llama, Mistral, Gemma) want one
+    tcfg = config_file(dirs, "tokenizer_config.json")
+    rec.bos = bos if bos >= 0 else None
+    if rec.bos is not None and tcfg.get("add_bos_token", True):
+        rec.flags |= TOKF_ADD_BOS
+    rec.eos = eos_ids(dirs, {}, tcfg, rec.ids_by_text(), extra=[eos])
+    log(f"export: tokenizer: SentencePiece BPE from {os.path.basename(path)}, {len(pieces)} pieces, "
+        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {rec.eos}")
+    return rec.pack()
+
+
+# -- llama2.c tokenizer.bin: i32 max_token_length, then per token f32 score, i32 length, bytes
+
+
+def llama2c_tokenizer(path, vocab_size):
+    """llama2.c's export of the Llama 2 vocabulary: pieces with "▁" written as a space, BOS as "\\n<s>\\n",
+    EOS as "\\n</s>\\n", bytes as <0xNN>. llama2.c encodes like SentencePiece (a dummy-prefix space, merges
+    by score, byte fallback), decodes dropping the space after BOS, and stops at BOS as well as EOS."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    if len(data) < 4:
+        raise ExportError(f"{path}: too short for a llama2.c tokenizer")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    entries, off = [], 4
+    while off < len(data):
+        if off + 8 > len(data):
+            raise ExportError(f"{path}: truncated at token {len(entries)}")
+        score, n = struct.unpack_from("<fi", data, off)
+        off += 8
+        if n < 0 or n > max(max_len, 0) or off + n > len(data):
+            raise ExportError(f"{path}: token {len(entries)} has length {n} (max_token_length {max_len}, {len(data) - off} bytes left)")
+        entries.append((data[off:off + n], score))
+        off += n
+    if len(entries) != vocab_size:
+        raise ExportError(f"{path}: {len(entries)} tokens but the model's vocabulary is {vocab_size}")
+    rec = TokenizerRecord(TOK_SENTENCEPIECE_BPE, vocab_size, path)
+    n_bytes = 0
+    for i, (text, score) in enumerate(entries):
+        if BYTE_PIECE.fullmatch(text.decode("latin-1")):
+            rec.set_piece(i, text, PIECE_BYTE, score)
+            n_bytes += 1
+        elif i == 0 and text == b"<unk>":
+            rec.set_piece(i, text, PIECE_UNKNOWN, score)
+        elif (i, text) in ((1, b"\n<s>\n"), (2, b"\n</s>\n")):
+            rec.set_piece(i, text.strip(), PIECE_CONTROL, score)
+        else:
+            rec.set_piece(i, text.replace(b" ", SPACE_MARK.encode()), PIECE_NORMAL, score)
+    rec.flags = TOKF_SCORE_MERGES | TOKF_DUMMY_PREFIX | TOKF_STRIP_LEADING_SPACE | TOKF_ADD_BOS | \
+        (TOKF_BYTE_FALLBACK if n_bytes == 256 else 0)
+    rec.bos, rec.unk, rec.eos = 1, 0, [2, 1]
+    log(f"export: tokenizer: llama2.c tokenizer.bin, {len(entries)} tokens, {n_bytes} byte pieces, bos 1, eos [2, 1]")
+    return rec.pack()
 
 
 # ----------------------------------------------------------------------------
@@ -1021,6 +1347,9 @@ def main(argv=None):
     ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
     ap.add_argument("out", help="output model file")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's own)")
+    ap.add_argument("--tokenizer", metavar="FILE",
+                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
+                         "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")

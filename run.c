@@ -115,6 +115,7 @@ typedef struct {
     const char *tokens;     /* --tokens: comma-separated ids */
     const char *logits_path;
     const char *encode_text;
+    const char *decode_ids; /* --decode: comma-separated ids */
     int n_generate;
     float temperature, top_p;
     uint64_t seed;
@@ -138,6 +139,7 @@ static void usage(FILE *out) {
           "  --logits FILE   write float32 little-endian logits for every prompt position, [n_prompt][vocab]\n"
           "  --print-ids     print the generated ids (space-separated, one line) instead of text\n"
           "  --encode TEXT   print the ids TEXT encodes to as a prompt, then exit; --no-bos drops the BOS\n"
+          "  --decode LIST   print the text the comma-separated token ids decode to, then exit\n"
           "  --no-bos        do not add the tokenizer's BOS to -p / --encode text\n"
           "  --threads N     threads (default: all cores)\n"
           "  --batch N       prompt tokens per forward pass (default 64; 1 = token by token)\n"
@@ -202,8 +204,8 @@ static Options parse_args(int argc, char **argv) {
             else o.no_bos = 1;
             continue;
         }
-        const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--threads", "--batch",
-                               "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
+        const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
+                               "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
                                "--attn-dump"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
@@ -225,6 +227,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--tokens")) o.tokens = v;
         else if (!strcmp(a, "--logits")) o.logits_path = v;
         else if (!strcmp(a, "--encode")) o.encode_text = v;
+        else if (!strcmp(a, "--decode")) o.decode_ids = v;
         else if (!strcmp(a, "--threads")) o.threads = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
         else if (!strcmp(a, "-f")) o.prompt_file = v;
@@ -244,8 +247,8 @@ static Options parse_args(int argc, char **argv) {
     return o;
 }
 
-/* --tokens "1,2,3" -> ids, each checked against the vocabulary */
-static int parse_token_list(const char *list, int vocab_size, int **out) {
+/* --tokens / --decode "1,2,3" -> ids, each checked against the vocabulary */
+static int parse_token_list(const char *opt, const char *list, int vocab_size, int **out) {
     size_t cap = 1;
     for (const char *p = list; *p; p++) cap += *p == ',';
     int *ids = malloc(cap * sizeof *ids), n = 0;
@@ -256,13 +259,12 @@ static int parse_token_list(const char *list, int vocab_size, int **out) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ',')) die("--tokens expects comma-separated integers, got '%s'", list);
-        if (v < 0 || v >= vocab_size) die("--tokens: id %ld is outside the vocabulary (0 .. %d)", v, vocab_size - 1);
+        if (end == p || errno || (*end && *end != ',')) die("%s expects comma-separated integers, got '%s'", opt, list);
+        if (v < 0 || v >= vocab_size) die("%s: id %ld is outside the vocabulary (0 .. %d)", opt, v, vocab_size - 1);
         ids[n++] = (int)v;
         p = *end ? end + 1 : end;
-        if (*end == ',' && !*p) die("--tokens: trailing comma in '%s'", list);
+        if (*end == ',' && !*p) die("%s: trailing comma in '%s'", opt, list);
     }
-    if (n == 0) die("--tokens: no ids given");
     return n;
 }
 
@@ -287,7 +289,7 @@ static char *read_text_file(const char *path) {
 static int encode_text(const Model *m, const char *text, int add_bos, int **out) {
     if (m->tokenizer.kind == TOKENIZER_NONE) die("%s has no tokenizer: give the prompt as --tokens LIST", "this model");
     size_t len = strlen(text);
-    int *ids = malloc((len + 3) * sizeof *ids);
+    int *ids = malloc(tokenizer_max_ids(len) * sizeof *ids);
     if (!ids) die("out of memory");
     int n = tokenizer_encode(&m->tokenizer, text, len, add_bos, ids);
     if (n < 0) die("out of memory while tokenizing");
@@ -323,14 +325,33 @@ int main(int argc, char **argv) {
         return 0;
     }
 
+    if (o.decode_ids) { /* printed as generation would print them, from the start of the output */
+        if (model.tokenizer.kind == TOKENIZER_NONE) die("this model has no tokenizer to decode with");
+        int *ids, n = parse_token_list("--decode", o.decode_ids, c->vocab_size, &ids);
+        Utf8Stream out = {{0}, 0};
+        DecodeState state = {0, 0};
+        for (int i = 0, len; i < n; i++) {
+            const unsigned char *bytes = tokenizer_decode(&model.tokenizer, &state, ids[i], &len);
+            utf8_stream_write(&out, stdout, bytes, len);
+        }
+        utf8_stream_flush(&out, stdout);
+        printf("\n");
+        free(ids);
+        model_free(&model);
+        return 0;
+    }
+
     /* the prompt as ids */
     int *prompt = NULL, n_prompt;
-    if (o.tokens) n_prompt = parse_token_list(o.tokens, c->vocab_size, &prompt);
-    else if (o.prompt_file) {
+    if (o.tokens) {
+        if ((n_prompt = parse_token_list("--tokens", o.tokens, c->vocab_size, &prompt)) == 0) die("--tokens: no ids given");
+    } else if (o.prompt_file) {
         char *text = read_text_file(o.prompt_file);
         n_prompt = encode_text(&model, text, !o.no_bos, &prompt);
         free(text);
-    } else n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
+    } else {
+        n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
+    }
     if (n_prompt == 0) die("the prompt is empty and the tokenizer has no BOS to start from: give -p TEXT");
     if (o.ppl && n_prompt < 2) die("--ppl needs a prompt of at least 2 tokens (each token is scored given the ones before it)");
     int rolls = model_can_roll(&model); /* every layer slides: positions may run past the context */
@@ -375,7 +396,10 @@ int main(int argc, char **argv) {
 
     /* generation: sample, print, feed the token back */
     Utf8Stream out = {{0}, 0};
-    int generated = 0, prev = prompt[n_prompt - 1], pos = n_prompt;
+    DecodeState printed = {0, 0}; /* generation continues the prompt's text (its dummy-prefix space included) */
+    for (int i = 0, len; i < n_prompt && model.tokenizer.kind != TOKENIZER_NONE; i++)
+        tokenizer_decode(&model.tokenizer, &printed, prompt[i], &len);
+    int generated = 0, pos = n_prompt;
     while (generated < o.n_generate) {
         int next = sample(&sampler, logits, c->vocab_size);
         if (model.tokenizer.kind != TOKENIZER_NONE && tokenizer_is_eos(&model.tokenizer, next)) break;
@@ -383,13 +407,12 @@ int main(int argc, char **argv) {
             printf(generated ? " %d" : "%d", next);
         } else if (model.tokenizer.kind != TOKENIZER_NONE) {
             int len;
-            const unsigned char *bytes = tokenizer_decode(&model.tokenizer, prev, next, &len);
+            const unsigned char *bytes = tokenizer_decode(&model.tokenizer, &printed, next, &len);
             utf8_stream_write(&out, stdout, bytes, len);
         } else {
             printf(generated ? " %d" : "%d", next); /* no tokenizer: ids are all we can show */
         }
         fflush(stdout);
-        prev = next;
         if (++generated == o.n_generate) break;
         if (pos >= c->context_length && !rolls) {
             fprintf(stderr, "\nnote: stopped at the end of the model's context (%d tokens)\n", c->context_length);

@@ -3,7 +3,7 @@
  * model_load_buffer() reads them from a heap buffer of exactly their size, so AddressSanitizer sees any read
  * past the end (an mmapped file would hide it in the page's slack). The loader must refuse a bad file with
  * one line naming the problem; a file it accepts must be safe to use: a run state, three tokens through
- * forward() (a prefill of two and one decode step), a prompt through its tokenizer and every id decoded.
+ * forward() (a prefill of two and one decode step), a prompt through its tokenizer, every id decoded.
  *
  *   make fuzz FUZZ_SECONDS=600        (builds build/fuzz/fuzz_model with clang -fsanitize=fuzzer,...)
  *   build/fuzz/fuzz_model CRASH_FILE  (replays one input) */
@@ -16,17 +16,26 @@
 
 static volatile unsigned checksum; /* keeps the reads of decoded bytes from being optimised away */
 
+static void read_bytes(const unsigned char *bytes, int len) {
+    if (len < 0) abort();
+    for (int j = 0; j < len; j++) checksum += bytes[j]; /* every byte it points at must be readable */
+}
+
+/* A prompt through the tokenizer, its ids decoded as one stream, then every id of the vocabulary alone. */
 static void use_tokenizer(const Model *m) {
-    static const char text[] = "Hello, world! caf\xc3\xa9 \xff\xfe <|endoftext|><s> 12345\n\t  x";
-    int ids[sizeof text + 3];
-    int n = tokenizer_encode(&m->tokenizer, text, sizeof text - 1, 1, ids);
+    static const char text[] = "Hello, world! caf\xc3\xa9 \xff\xfe <|endoftext|><s> 12345\n\t  x  \xe2\x96\x81the";
+    int ids[tokenizer_max_ids(sizeof text)];
+    int n = tokenizer_encode(&m->tokenizer, text, sizeof text - 1, 1, ids), len;
     if (n < 0) return; /* out of memory */
-    if (n > (int)sizeof text + 2) abort();
+    if ((size_t)n > tokenizer_max_ids(sizeof text - 1)) abort();
+    DecodeState stream = {0, 0};
     for (int i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= m->config.vocab_size) abort();
-        int len;
-        const unsigned char *bytes = tokenizer_decode(&m->tokenizer, i ? ids[i - 1] : -1, ids[i], &len);
-        for (int j = 0; j < len; j++) checksum += bytes[j]; /* every byte it points at must be readable */
+        read_bytes(tokenizer_decode(&m->tokenizer, &stream, ids[i], &len), len);
+    }
+    for (int id = 0; id < m->config.vocab_size && id < 1 << 16; id++) {
+        DecodeState fresh = {0, 0};
+        read_bytes(tokenizer_decode(&m->tokenizer, &fresh, id, &len), len);
     }
 }
 

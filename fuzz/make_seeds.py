@@ -3,10 +3,13 @@
 that together use every part of the format the loader checks -- RMSNorm and LayerNorm, gated and plain
 MLPs, rotary and learned positions, sliding and full layers, GQA, q/k norm, biases, post-norms, soft-caps,
 a precomputed RoPE table, f32 / f16 / bf16 matrices, and tokenizer records of both kinds (byte-level BPE
-with the GPT-2 and Llama 3 pre-tokenizers, SentencePiece-style with <0xNN> byte pieces). Small seeds keep
+with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
+from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
 
     /usr/bin/python3 fuzz/make_seeds.py      (from the repository root; deterministic)
+    /usr/bin/python3 fuzz/make_seeds.py --shared ../shared build/fuzz   (the real Llama 2 tokenizers, for
+                                              fuzz_tokenizer; not committed: see shared/README.md)
 """
 import os
 import struct
@@ -72,16 +75,35 @@ def bytelevel_tokenizer(folder, vocab):
     return E.hf_tokenizer(src, {}, vocab)
 
 
-def sentencepiece_tokenizer():
-    """A SentencePiece-style record: specials, 256 <0xNN> byte pieces, a few scored "▁word" pieces."""
-    pieces = [b"<unk>", b"<s>", b"</s>"] + [b"<0x%02X>" % b for b in range(256)]
-    types = [E.PIECE_SPECIAL] * 3 + [E.PIECE_BYTE] * 256
-    words = ["▁", "▁t", "▁th", "▁the", "h", "e", "t", "he", "▁a", "a", "n", "an", "▁an", "d", "nd", "▁and", "é"]
-    pieces += [w.encode() for w in words]
-    types += [E.PIECE_NORMAL] * len(words)
-    scores = [0.0] * 259 + [-float(i) for i in range(len(words))]
-    flags = E.TOKF_ADD_BOS | E.TOKF_DUMMY_PREFIX | E.TOKF_BYTE_FALLBACK | E.TOKF_SCORE_MERGES
-    return E.pack_tokenizer(E.TOK_SENTENCEPIECE_BPE, E.PRE_NONE, flags, 1, 0, [2], pieces, scores, types, []), len(pieces)
+def sentencepiece_tokenizer(library_style):
+    """A SentencePiece-style record: <unk>, control <s> </s>, 256 <0xNN> byte pieces, a few "▁word" pieces,
+    an unused piece and a user-defined one. library_style False: as from a tokenizer.model (merges by the
+    score of the joined piece, whole text written with "▁" first); True: as from a tokenizer.json (ranked
+    merges, Metaspace split, each stretch between added tokens written on its own, leading space stripped)."""
+    words = ["▁", "▁t", "▁th", "▁the", "h", "e", "t", "he", "▁a", "a", "n", "an", "▁an", "d", "nd", "▁and", "é",
+             "▁é"]
+    rec = E.TokenizerRecord(E.TOK_SENTENCEPIECE_BPE, 3 + 256 + len(words) + 2, "make_seeds")
+    rec.set_piece(0, b"<unk>", E.PIECE_UNKNOWN)
+    rec.set_piece(1, b"<s>", E.PIECE_CONTROL)
+    rec.set_piece(2, b"</s>", E.PIECE_CONTROL)
+    for b in range(256):
+        rec.set_piece(3 + b, b"<0x%02X>" % b, E.PIECE_BYTE)
+    for i, w in enumerate(words):
+        rec.set_piece(259 + i, w.encode(), E.PIECE_NORMAL, score=-float(i))
+    rec.set_piece(259 + len(words), "▁thé".encode(), E.PIECE_UNUSED, score=5.0)
+    rec.set_piece(260 + len(words), b"<|user|>", E.PIECE_USER | E.PIECE_LSTRIP | E.PIECE_RSTRIP)
+    rec.bos, rec.unk, rec.eos = 1, 0, [2]
+    rec.flags = E.TOKF_ADD_BOS | E.TOKF_DUMMY_PREFIX | E.TOKF_BYTE_FALLBACK
+    if library_style:
+        rec.pretokenizer = E.PRE_METASPACE
+        rec.flags |= E.TOKF_NORMALIZE_EACH_STRETCH | E.TOKF_PREFIX_UNLESS_SPACE | E.TOKF_STRIP_LEADING_SPACE
+        ids = {w: 259 + i for i, w in enumerate(words)}
+        for a, b in (("▁", "t"), ("h", "e"), ("▁t", "h"), ("▁th", "e"), ("▁", "a"), ("a", "n"), ("n", "d"),
+                     ("▁a", "nd"), ("▁", "é")):
+            rec.merges.append((ids[a], ids[b]))
+    else:
+        rec.flags |= E.TOKF_SCORE_MERGES | E.TOKF_REMOVE_EXTRA_SPACES
+    return rec.pack(), len(rec.pieces)
 
 
 def seeds():
@@ -95,12 +117,13 @@ def seeds():
     m.layers = [E.Layer(2, 2, 4), E.Layer(2, 1, 4, window=8)]
     m.tokenizer = bytelevel_tokenizer("bytelevel_llama3_style", 1024)
     yield "llama_llama3_tokenizer_f16", tensors(m), "f16"
-    # SentencePiece-style tokenizer with byte fallback; every layer slides (rolling buffers)
-    tok, vocab = sentencepiece_tokenizer()
-    m = E.Model("llama", 8, 16, vocab, 32, tied=True)
-    m.layers = [E.Layer(2, 1, 4, window=4), E.Layer(2, 2, 4, window=4)]
-    m.tokenizer = tok
-    yield "llama_sentencepiece_tokenizer_f32", tensors(m), "f32"
+    # SentencePiece-style tokenizers with byte fallback (both libraries' ways); every layer slides
+    for style, name in ((False, "llama_sentencepiece_tokenizer_f32"), (True, "llama_metaspace_tokenizer_f32")):
+        tok, vocab = sentencepiece_tokenizer(style)
+        m = E.Model("llama", 8, 16, vocab, 32, tied=True)
+        m.layers = [E.Layer(2, 1, 4, window=4), E.Layer(2, 2, 4, window=4)]
+        m.tokenizer = tok
+        yield name, tensors(m), "f32"
     # GPT-2 style: LayerNorm with bias, learned positions, plain GELU MLP, q/k/v and output biases
     m = E.Model("gpt2", 8, 32, 32, 16, norm_kind=E.NORM_LAYER, mlp_kind=E.MLP_PLAIN, activation=E.ACT_GELU_TANH,
                 position_kind=E.POS_LEARNED, tied=True)
@@ -120,7 +143,26 @@ def seeds():
     yield "gemma_softcaps_rope_table_f32", tensors(m), "f32"
 
 
+def shared_tokenizer_models(shared, out_dir):
+    """Tiny models carrying the real Llama 2 tokenizers from $ATTN_SHARED (32000 pieces; they come from
+    another project, so they are written under build/ for fuzz_tokenizer and never committed)."""
+    for rel, name in (("tokenizers/llama2_sentencepiece/tokenizer.model", "tok_llama2_sentencepiece.bin"),
+                      ("tokenizers/llama2_hf_json/tokenizer.json", "tok_llama2_hf_json.bin")):
+        path = os.path.join(shared, rel)
+        if not os.path.exists(path):
+            print(f"make_seeds: {path} not found: skipped", file=sys.stderr)
+            continue
+        m = E.Model("llama", 8, 16, 32000, 64, tied=True)
+        m.layers = [E.Layer(2, 2, 4)]
+        m.tokenizer = E.read_tokenizer(path, 32000)
+        E.write_model(tensors(m), os.path.join(out_dir, name), E.DTYPES["bf16"])
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--shared":  # make_seeds.py --shared SHARED_DIR OUT_DIR
+        os.makedirs(sys.argv[3], exist_ok=True)
+        shared_tokenizer_models(sys.argv[2], sys.argv[3])
+        return 0
     os.makedirs(OUT, exist_ok=True)
     for name, m, dtype in seeds():
         path = os.path.join(OUT, name + ".bin")

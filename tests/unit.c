@@ -327,6 +327,93 @@ static void test_utf8(void) {
           "streaming decode: never prints half a character; an unfinished one ends as U+FFFD");
 }
 
+/* ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *text;
+    float score;
+    unsigned type;
+} TestPiece;
+
+static void put_u32(unsigned char **p, uint32_t v) {
+    memcpy(*p, &v, 4);
+    *p += 4;
+}
+
+/* A tokenizer record (docs/FORMAT.md) with no eos ids and no merges; returns its size. */
+static size_t pack_tokenizer(unsigned char *buf, unsigned kind, unsigned flags, int unk, const TestPiece *pieces, int n) {
+    unsigned char *p = buf;
+    uint32_t header[] = {kind, 0, flags, (uint32_t)-1, (uint32_t)unk, 0, (uint32_t)n, 0};
+    for (int i = 0; i < 8; i++) put_u32(&p, header[i]);
+    for (int i = 0; i < n; i++) {
+        uint32_t len = (uint32_t)strlen(pieces[i].text), score;
+        put_u32(&p, len);
+        memcpy(p, pieces[i].text, len);
+        p += len;
+        memcpy(&score, &pieces[i].score, 4);
+        put_u32(&p, score);
+        put_u32(&p, pieces[i].type);
+    }
+    return (size_t)(p - buf);
+}
+
+/* Decodes ids as one stream into buf (through Utf8Stream, as ./run prints them). */
+static void decode_all(const Tokenizer *t, const int *ids, int n, char *buf, size_t size) {
+    memset(buf, 0, size);
+    FILE *f = fmemopen(buf, size, "w");
+    Utf8Stream out = {{0}, 0};
+    DecodeState state = {0, 0};
+    for (int i = 0, len; i < n; i++) {
+        const unsigned char *bytes = tokenizer_decode(t, &state, ids[i], &len);
+        utf8_stream_write(&out, f, bytes, len);
+    }
+    utf8_stream_flush(&out, f);
+    fclose(f);
+}
+
+static void test_tokenizer_records(void) {
+    static unsigned char buf[4096];
+    char err[256], text[64];
+    Tokenizer t;
+    const TestPiece bad_strip[] = {{"a", 0, PIECE_NORMAL | PIECE_RSTRIP}};
+    const TestPiece bad_byte[] = {{"<0xZZ>", 0, PIECE_BYTE}};
+    const TestPiece bad_type[] = {{"a", 0, 7}};
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 1, 0, -1, bad_strip, 1), 1, err, sizeof err) != 0 && strstr(err, "strips"),
+          "tokenizer record: whitespace stripping on a piece not matched in the text is rejected (%s)", err);
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 2, 0, -1, bad_byte, 1), 1, err, sizeof err) != 0 && strstr(err, "<0xNN>"),
+          "tokenizer record: a byte piece not of the form <0xNN> is rejected (%s)", err);
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 2, 0, -1, bad_type, 1), 1, err, sizeof err) != 0 && strstr(err, "type"),
+          "tokenizer record: an unknown piece type is rejected (%s)", err);
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 1, TOKF_SCORE_MERGES, -1, bad_type, 1), 1, err, sizeof err) != 0,
+          "tokenizer record: merging by score is for SentencePiece-style tokenizers only (%s)", err);
+
+    /* SentencePiece-style: "▁" pieces, byte fallback, a control BOS, merges by score */
+    const TestPiece sp[] = {{" \xE2\x81\x87 ", 0, PIECE_UNKNOWN}, {"<s>", 0, PIECE_CONTROL}, {"<0xE2>", 0, PIECE_BYTE},
+                            {"<0x82>", 0, PIECE_BYTE}, {"<0xAC>", 0, PIECE_BYTE}, {"\xE2\x96\x81", -5, PIECE_NORMAL},
+                            {"a", -1, PIECE_NORMAL}, {"\xE2\x96\x81" "a", -2, PIECE_NORMAL}};
+    unsigned flags = TOKF_SCORE_MERGES | TOKF_DUMMY_PREFIX | TOKF_BYTE_FALLBACK | TOKF_STRIP_LEADING_SPACE;
+    int ok = tokenizer_load(&t, buf, pack_tokenizer(buf, 2, flags, 0, sp, 8), 8, err, sizeof err) == 0;
+    check(ok, "tokenizer record: a SentencePiece-style record loads%s%s", ok ? "" : ": ", ok ? "" : err);
+    if (!ok) return;
+    int ids[32], n = tokenizer_encode(&t, "a \xE2\x82\xAC", 5, 0, ids);
+    check(n == 5 && ids[0] == 7 && ids[1] == 5 && ids[2] == 2 && ids[3] == 3 && ids[4] == 4,
+          "sentencepiece encode: dummy prefix, \"▁a\" by score, a character outside the vocabulary as its bytes");
+    int euro[] = {1, 7, 5, 2, 3, 4};
+    decode_all(&t, euro, 6, text, sizeof text);
+    check(strcmp(text, "a \xE2\x82\xAC") == 0,
+          "sentencepiece decode: BOS prints nothing, the dummy space after it is dropped, byte pieces join into one character");
+    int spaces[] = {5, 7};
+    decode_all(&t, spaces, 2, text, sizeof text);
+    check(strcmp(text, " a") == 0, "sentencepiece decode: only the first piece loses its dummy space (\"▁\" \"▁a\" -> \" a\")");
+    tokenizer_free(&t);
+    ok = tokenizer_load(&t, buf, pack_tokenizer(buf, 2, flags | TOKF_REMOVE_EXTRA_SPACES, 0, sp, 8), 8, err, sizeof err) == 0;
+    decode_all(&t, spaces, 2, text, sizeof text);
+    check(ok && strcmp(text, "a") == 0, "sentencepiece decode: with remove_extra_whitespaces leading spaces go until text is printed");
+    n = ok ? tokenizer_encode(&t, "  a   a  ", 9, 0, ids) : 0;
+    check(n == 2 && ids[0] == 7 && ids[1] == 7, "sentencepiece encode: remove_extra_whitespaces trims and squeezes spaces");
+    tokenizer_free(&t);
+}
+
 int main(void) {
     test_paged_cache();
     test_rolling_buffer();
@@ -335,6 +422,7 @@ int main(void) {
     test_cross_attention();
     test_ops();
     test_utf8();
+    test_tokenizer_records();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;
 }
