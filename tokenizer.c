@@ -169,6 +169,10 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
     if (flags & ~2047u) FAIL("tokenizer has unknown flags 0x%x", flags);
     if ((flags & TOKF_SCORE_MERGES) && kind != TOKENIZER_SENTENCEPIECE_BPE)
         FAIL("tokenizer merges by score but is not SentencePiece-style");
+    /* ByteLevel's prefix space: in a SentencePiece-style record it would put a "▁" before each stretch of a
+     * text already written with its "▁"s, past the room tokenizer_encode sizes for it (found by fuzzing) */
+    if ((flags & TOKF_PREFIX_SPACE) && kind != TOKENIZER_BYTELEVEL_BPE)
+        FAIL("tokenizer adds ByteLevel's prefix space but is not byte-level");
     if (n_eos > TOKENIZER_MAX_EOS) FAIL("tokenizer lists %u eos ids (at most %d)", n_eos, TOKENIZER_MAX_EOS);
     t->kind = (int)kind;
     t->pretokenizer = (int)pre;
@@ -215,6 +219,9 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
             FAIL("tokenizer piece %u strips whitespace but is not matched in the text", i);
         t->type[i] = (unsigned char)base;
         t->strip[i] = (unsigned char)strip;
+        /* before the empty pieces are skipped: an empty "byte piece" would print the byte before the table */
+        int byte = base == PIECE_BYTE ? byte_of_piece(t->piece[i], (int)len) : -1;
+        if (base == PIECE_BYTE && byte < 0) FAIL("tokenizer byte piece %u is not of the form <0xNN>", i);
         if (len == 0) continue;
         /* the pieces BPE may produce: SentencePiece's unused pieces too (they are split again afterwards) */
         if (base == PIECE_NORMAL || (base == PIECE_UNUSED && kind == TOKENIZER_SENTENCEPIECE_BPE)) {
@@ -224,11 +231,7 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
         if (base == PIECE_SPECIAL || base == PIECE_USER) t->specials[t->n_specials++] = (int)i;
         if (len == 1 && base == PIECE_NORMAL && t->byte_piece[t->piece[i][0]] < 0 && kind == TOKENIZER_BYTELEVEL_BPE)
             t->byte_piece[t->piece[i][0]] = (int)i;
-        if (base == PIECE_BYTE) {
-            int v = byte_of_piece(t->piece[i], (int)len);
-            if (v < 0) FAIL("tokenizer byte piece %u is not of the form <0xNN>", i);
-            if (t->byte_piece[v] < 0) t->byte_piece[v] = (int)i;
-        }
+        if (base == PIECE_BYTE && t->byte_piece[byte] < 0) t->byte_piece[byte] = (int)i;
     }
     /* merges: (left, right) in rank order; the result is the piece spelled by their concatenation */
     if ((uint64_t)n_merges * 8 > r.left) FAIL("tokenizer lists %u merges but only %zu bytes remain", n_merges, r.left);
@@ -735,7 +738,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     /* a stretch is at most len bytes and a prefix; written with "▁" it can triple (unless the whole text is
      * written already), and each of those bytes may become a symbol (byte fallback); each merge pushes at
      * most two candidates */
-    size_t max_symbols = normalized ? len + 1 : 3 * len + SPACE_MARK_LEN + 1;
+    size_t max_symbols = normalized ? len + SPACE_MARK_LEN + 1 : 3 * len + SPACE_MARK_LEN + 1;
     e.stretch = malloc(max_symbols);
     e.sym = malloc(max_symbols * sizeof *e.sym);
     e.heap.items = malloc(3 * max_symbols * sizeof *e.heap.items);

@@ -95,10 +95,11 @@ def truncated(blob, n, consistent):
     return bytes(out)
 
 
-def mutants(blob, rng, keep=1.0):
-    """(label, bytes) pairs: structural mutations plus random ones; keep < 1 keeps that fraction (by rng)."""
+def mutants(blob, rng, keep=1.0, always=()):
+    """(label, bytes) pairs: structural mutations plus random ones; keep < 1 keeps that fraction (by rng),
+    and every mutant whose label starts with one of `always`."""
     for label, data in _all_mutants(blob, rng):
-        if keep >= 1.0 or rng.random() < keep:
+        if keep >= 1.0 or rng.random() < keep or label.startswith(tuple(always)):
             yield label, data
 
 
@@ -186,6 +187,11 @@ def _all_mutants(blob, rng, scale=1.0):
             for v in (0, 1, 2, 3, 4, 17, 63, 64, 0xFFFFFFFF, 0xFFFFFFFE, 0x7FFFFFFF, T["n_pieces_value"],
                       T["n_pieces_value"] - 1):
                 yield f"tokenizer {name} = {v:#x}", put(blob, T[name], 4, v)
+        flags = get(blob, T["flags"], 4)
+        for bit in range(12):
+            yield f"tokenizer flags ^ {1 << bit:#x}", put(blob, T["flags"], 4, flags ^ (1 << bit))
+        for v in sorted(set(int(x) for x in rng.integers(0, 2048, int(150 * scale)))):
+            yield f"tokenizer flags = {v:#x} (a random combination)", put(blob, T["flags"], 4, v)
         for off in T["eos"]:
             for v in (T["n_pieces_value"], 0xFFFFFFFF, 0x80000000):
                 yield f"tokenizer eos id = {v:#x}", put(blob, off, 4, v)
@@ -203,6 +209,13 @@ def _all_mutants(blob, rng, scale=1.0):
             for v in (1, 2, 3, 4, 5, 0xFFFFFFFF):
                 yield f"tokenizer piece {k} type {v}", put(blob, q + 4 + n + 4, 4, v)
             yield f"tokenizer piece {k} score NaN", put(blob, q + 4 + n, 4, F32(float("nan")))
+        for k in piece_picks:  # a piece emptied, the record shortened (a gap is left before the directory)
+            q, n = T["pieces"][int(k)]
+            end = L.tok_off + L.tok_size
+            out = bytearray(blob)
+            out[q:q + 4] = bytes(4)
+            out[q + 4:end] = blob[q + 4 + n:end] + bytes(n)
+            yield f"tokenizer piece {k} emptied", put(bytes(out), 56, 8, L.tok_size - n)
         # a byte-fallback piece "<0xNN>" with bad digits (sscanf's %x would read "-1" as 0xFFFFFFFF)
         six = [q for q, n in T["pieces"] if n == 6]
         for text in (b"<0x-1>", b"<0x+f>", b"<0x 1>", b"<0xzz>", b"<0xFF>", b"<0x00>"):

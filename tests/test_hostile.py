@@ -37,6 +37,10 @@ EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at",
             ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"])]
 
 
+# run on every base, whatever fraction of its other mutants runs
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config")
+
+
 def run_mutant(t, path, data, args):
     with open(path, "wb") as f:
         f.write(data)
@@ -58,12 +62,18 @@ def corpus(t):
         (t.export(os.path.join(t.data, "fixtures", "qwen3_mixed"), "qwen3_mixed.bin"), 0.12, ["--tokens", "1,2,3"]),
         (t.export(os.path.join(t.data, "fixtures", "llama_mha_rope31"), "llama_mha_rope31.bin"), 0.12,
          ["--tokens", "1,2,3"]),
+        # SentencePiece-style records (fuzz seeds): merged by score, and by rank with Metaspace; one prompt
+        # is a single stretch, the other is cut by a user-defined token
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_sentencepiece_tokenizer_f32.bin"), 0.35,
+         ["-p", "  the and th\xc3\xa9 \xe4\xb8\xad \xff x  "]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_metaspace_tokenizer_f32.bin"), 0.35,
+         ["-p", "  the and th\xc3\xa9 <|user|> \xe4\xb8\xad \xff x  "]),
     ]
     jobs = []
     for b, (model, keep, prompt) in enumerate(bases):
         blob = open(model, "rb").read()
         name = os.path.basename(model)
-        for label, data in mutants(blob, np.random.default_rng(1000 + b), keep):
+        for label, data in mutants(blob, np.random.default_rng(1000 + b), keep, ALWAYS):
             jobs.append((f"{name}: {label}", data, prompt + ["-n", "4", "-t", "0.9", "-s", "7", "--threads", "1"]))
     os.makedirs(t.tmp("corpus"), exist_ok=True)
     workers = max(2, min(8, os.cpu_count() or 2))
@@ -122,6 +132,19 @@ def targeted_errors(t):
         ("a tensor name with a newline and an escape",
          put(blob[:rec] + b"\x1b]0;x\n".ljust(80, b"\0") + blob[rec + 80:], rec + 80, 4, 7),
          "tensor '?]0;x?' has unknown dtype 7"),
+    ]
+    # SentencePiece-style: an empty "byte piece" (decoding it read the byte before the table), and ByteLevel's
+    # prefix space in a record whose text is written with "▁" (encoding overflowed its stretch buffer)
+    sp = open(os.path.join(t.root, "fuzz", "corpus", "model", "llama_sentencepiece_tokenizer_f32.bin"), "rb").read()
+    S = Layout(sp)
+    q, n = S.tok["pieces"][3]
+    end = S.tok_off + S.tok_size
+    emptied = put(sp[:q] + bytes(4) + sp[q + 4 + n:end] + bytes(n) + sp[end:], 56, 8, S.tok_size - n)
+    flags = int.from_bytes(sp[S.tok["flags"]:S.tok["flags"] + 4], "little")
+    cases += [
+        ("an empty <0xNN> byte piece", emptied, "tokenizer byte piece 3 is not of the form <0xNN>"),
+        ("ByteLevel's prefix space in a SentencePiece record", put(sp, S.tok["flags"], 4, flags | 16),
+         "tokenizer adds ByteLevel's prefix space but is not byte-level"),
     ]
     path = t.tmp("targeted.bin")
     for label, data, want in cases:
