@@ -9,6 +9,8 @@ are read by hand.
 The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
 """
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -50,6 +52,25 @@ class ExportError(Exception):
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def malformed_input(path):
+    """Python errors while reading a damaged input file (a field of an unexpected type, a missing key)
+    become one ExportError naming the file, instead of a traceback."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, struct.error) as e:
+        raise ExportError(f"{path}: malformed: a field has an unexpected type or value ({type(e).__name__}: {e})")
+
+
+def reads_input(read):
+    """malformed_input() around a reader whose first argument is the path of the file it reads."""
+    @functools.wraps(read)
+    def reader(path, *args):
+        with malformed_input(path):
+            return read(path, *args)
+    return reader
 
 
 # ----------------------------------------------------------------------------
@@ -421,7 +442,7 @@ def convert_llama_like(cfg, st, family):
     dim, n_layers, n_heads, vocab, hidden = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads",
                                                     "vocab_size", "intermediate_size")
     n_kv = config_int(cfg, "num_key_value_heads", n_heads)
-    head_dim = config_int(cfg, "head_dim", dim // n_heads)
+    head_dim = config_int(cfg, "head_dim", dim // n_heads or None)  # None: an error, hidden_size < heads
     gemma = family in ("gemma2", "gemma3_text")
     tied = cfg.get("tie_word_embeddings")
     if tied is None:
@@ -516,6 +537,8 @@ def convert_gpt2(cfg, st, family):
     vocab, ctx = config_int(cfg, "vocab_size"), config_int(cfg, ("n_positions", "max_position_embeddings"))
     hidden = config_int(cfg, "n_inner", 4 * dim)
     head_dim = dim // n_heads
+    if head_dim < 1:
+        raise ExportError(f"config.json: {dim} dimensions cannot be split over {n_heads} heads")
     bigcode = family == "gpt_bigcode"
     n_kv = 1 if bigcode and cfg.get("multi_query", True) else n_heads
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
@@ -629,12 +652,13 @@ def convert_hf(src, args):
     if family == "gemma3" and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper: keep the text model
         cfg = dict(cfg["text_config"], model_type="gemma3_text")
         family = "gemma3_text"
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
     log(f"export: reading {src} ({family})")
     st = SafeTensors(src)
-    m = FAMILIES[family](cfg, st, family)
+    with malformed_input(os.path.join(src, "config.json")):
+        m = FAMILIES[family](cfg, st, family)
     check_shapes(m, st)
     if args.tokenizer:
         m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
@@ -752,6 +776,8 @@ class TokenizerRecord:
             raise ExportError(f"{self.source}: token id {i} is outside the model's vocabulary ({len(self.pieces)})")
         if len(data) > 65536:
             raise ExportError(f"{self.source}: token {i} is {len(data)} bytes long (at most 65536)")
+        if piece_type & 0xFF == PIECE_BYTE and not BYTE_PIECE.fullmatch(data.decode("latin-1")):
+            raise ExportError(f"{self.source}: token {i} is a byte piece but is not of the form <0xNN>: {data[:20]!r}")
         self.pieces[i], self.types[i], self.scores[i] = data, piece_type, float(score)
 
     def ids_by_text(self):
@@ -765,6 +791,10 @@ class TokenizerRecord:
 
     def pack(self):
         eos = self.eos[:16]
+        n = len(self.pieces)  # the loader's rules for the special ids (tokenizer_load)
+        for what, i in [("bos", -1 if self.bos is None else self.bos), ("unk", self.unk)] + [("eos", e) for e in eos]:
+            if not (isinstance(i, int) and (-1 <= i < n if what != "eos" else 0 <= i < n)):
+                raise ExportError(f"{self.source}: {what} id {i} is outside the vocabulary ({n})")
         out = [struct.pack("<3I2iI", self.kind, self.pretokenizer, self.flags, -1 if self.bos is None else self.bos,
                            self.unk, len(eos))]
         out.append(struct.pack(f"<{len(eos)}i", *eos))
@@ -942,6 +972,7 @@ def spacemark_rules(tok, path):
     return pretok, flags
 
 
+@reads_input
 def json_tokenizer(path, cfg, vocab_size, dirs):
     tok = load_json(path)
     check_tokenizer_json(tok)
@@ -1065,6 +1096,8 @@ def eos_ids(dirs, cfg, tcfg, special_id, extra=()):
 def protobuf_fields(data, where):
     """The (field number, value) pairs of one protobuf message: varints as int, fixed32/fixed64 and
     length-delimited fields as bytes."""
+    if not isinstance(data, bytes):  # a message field that a damaged file gives as a number
+        raise ExportError(f"{where}: malformed protobuf (a message field is not length-delimited)")
     out, i, n = [], 0, len(data)
 
     def varint():
@@ -1120,8 +1153,10 @@ def sentencepiece_model(path):
     for field, value in protobuf_fields(data, path):
         if field == 1:    # ModelProto.pieces: piece = 1, score = 2, type = 3
             p = {f: v for f, v in protobuf_fields(value, path)}
-            if 1 not in p:
+            if not isinstance(p.get(1), bytes):
                 raise ExportError(f"{path}: piece {len(pieces)} has no text")
+            if not (isinstance(p.get(2, b"1234"), bytes) and len(p.get(2, b"1234")) == 4 and isinstance(p.get(3, 1), int)):
+                raise ExportError(f"{path}: piece {len(pieces)} has a malformed score or type")
             score = struct.unpack("<f", p[2])[0] if 2 in p else 0.0
             pieces.append((p[1], score, p.get(3, 1)))
         elif field == 2:  # trainer_spec
@@ -1133,6 +1168,7 @@ def sentencepiece_model(path):
     return pieces, trainer, normalizer
 
 
+@reads_input
 def sentencepiece_tokenizer(path, vocab_size, dirs):
     """SentencePiece BPE as the sentencepiece library runs it: the text normalized (spaces to ▁, a dummy ▁
     prefix), user-defined pieces cut out, then the pair whose joined piece scores highest merges first;
@@ -1178,6 +1214,7 @@ def sentencepiece_tokenizer(path, vocab_size, dirs):
 # -- llama2.c tokenizer.bin: i32 max_token_length, then per token f32 score, i32 length, bytes
 
 
+@reads_input
 def llama2c_tokenizer(path, vocab_size):
     """llama2.c's export of the Llama 2 vocabulary: pieces with "▁" written as a space, BOS as "\\n<s>\\n",
     EOS as "\\n</s>\\n", bytes as <0xNN>. llama2.c encodes like SentencePiece (a dummy-prefix space, merges

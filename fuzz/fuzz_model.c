@@ -65,7 +65,9 @@ static void put_le(uint8_t *p, int width, uint64_t v) {
 }
 
 static int add_field(Field *f, int n, uint64_t offset, int width, size_t size) {
-    if (n < MAX_FIELDS && offset + (uint64_t)width <= size) f[n++] = (Field){(uint32_t)offset, (uint32_t)width};
+    /* offsets come from the input: offset + width may wrap around */
+    if (n < MAX_FIELDS && offset <= size && (uint64_t)width <= size - offset)
+        f[n++] = (Field){(uint32_t)offset, (uint32_t)width};
     return n;
 }
 

@@ -200,12 +200,12 @@ def build_cases(t):
     return c
 
 
-def export_in_process(src, out):
-    """export.main([src, out]) in this process (no numpy start-up per case): (status, stderr text)."""
+def export_in_process(src, out, *options):
+    """export.main([src, out, ...]) in this process (no numpy start-up per case): (status, stderr text)."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            status = export.main([src, out])
+            status = export.main([src, out] + list(options))
         except BaseException:  # a traceback is a failure of the case, shown in its detail
             traceback.print_exc(file=err)
             status = "exception"
@@ -223,7 +223,118 @@ def one_error_line(status, stderr, want):
     return status == 1 and len(errors) == 1 and errors[0].startswith("error: ") and want in errors[0]
 
 
+def judge(t, i, status, stderr, run_args, counts, bad):
+    """One export of a damaged input: exported, and ./run takes the file (run_args); or refused with one error
+    line naming the problem, not the catch-all 'cannot export (...)'. Counted in counts, else added to bad."""
+    errors = [line for line in stderr.splitlines() if not line.startswith("export: ")]
+    if status == 0 and not errors:
+        counts[0] += 1
+        r = t.run(run_args + ["--threads", "1"])
+        if r.returncode != 0:
+            bad.append(f"#{i}: exported, but ./run says {r.stderr.decode('utf-8', 'replace').strip()[:200]!r}")
+    elif status == 1 and len(errors) == 1 and errors[0].startswith("error: ") and "cannot export (" not in errors[0]:
+        counts[1] += 1
+    else:
+        bad.append(f"#{i}: status {status}: {stderr.strip()[-200:]!r}")
+
+
+def mutated_tokenizers(t):
+    """--tokenizer with 200 damaged copies each of a tokenizer.model, two tokenizer.json and (from $ATTN_SHARED,
+    when there) llama2.c's tokenizer.bin: cut short or with random bytes overwritten. Each export ends with
+    status 0 and a file ./run loads, or status 1 and one error line that names the problem (not the
+    catch-all 'cannot export (...)')."""
+    rng = np.random.default_rng(11)
+    sources = [("tokenizer.model", os.path.join(t.data, "tokenizers", "sentencepiece_kjv", "tokenizer.model"), 1024),
+               ("tokenizer.json (Metaspace)", os.path.join(t.data, "tokenizers", "spacemark_metaspace_json",
+                                                           "tokenizer.json"), 1024),
+               ("tokenizer.json (byte-level)", os.path.join(t.data, "tokenizers", "bytelevel_gpt2_style",
+                                                            "tokenizer.json"), 1024)]
+    bin_path = os.path.join(t.shared, "llama2c", "tokenizer.bin")
+    if os.path.exists(bin_path):
+        sources.append(("llama2.c tokenizer.bin", bin_path, 32000))
+    out = t.tmp("export_errors/tok_out.bin")
+    for label, path, vocab in sources:
+        base = tiny_llama_dir(t.tmp(f"export_errors/tok_base_{vocab}"), vocab)
+        data = open(path, "rb").read()
+        mutant = t.tmp("export_errors/mutant" + os.path.splitext(path)[1])
+        bad, counts = [], [0, 0]
+        for i in range(200):
+            b = bytearray(data)
+            if i % 3 == 0:
+                b = b[:int(rng.integers(0, len(b)))]
+            else:
+                for _ in range(int(rng.integers(1, 9))):
+                    b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+            with open(mutant, "wb") as f:
+                f.write(b)
+            status, stderr = export_in_process(base, out, "--tokenizer", mutant)
+            judge(t, i, status, stderr, [out, "--encode", "Hello wörld \xff <s> 12"], counts, bad)
+        t.check(f"export.py --tokenizer, 200 damaged copies of a {label}: {counts[0]} exported, {counts[1]} refused "
+                "with one error line naming the problem", not bad, "; ".join(bad[:3]))
+
+
+JSON_VALUES = [None, 0, -1, 1, 2 ** 40, 1.5, "", "x", "\u2581", [], [1], ["a", "b"], {}, {"type": "Sequence"}, True]
+
+
+def json_paths(o, rng, path=()):
+    """Paths to the values of a JSON document (at most 5 items of each list, 50 keys of each object)."""
+    yield path
+    if isinstance(o, dict):
+        for k, v in list(o.items())[:50]:
+            yield from json_paths(v, rng, path + (k,))
+    elif isinstance(o, list):
+        for i in rng.permutation(len(o))[:5]:
+            yield from json_paths(o[int(i)], rng, path + (int(i),))
+
+
+def mutated_json(t):
+    """tokenizer.json and config.json with one or two values replaced by a value of another type or size
+    (a number for an object, a string for a list, ...): 80 of each of six files. Each export ends with status 0
+    and a file ./run loads, or status 1 and one error line naming the file (not the catch-all)."""
+    rng = np.random.default_rng(13)
+    base = tiny_llama_dir(t.tmp("export_errors/tok_base_1024"), 1024)
+    files = [("tokenizer.json", os.path.join(t.data, "tokenizers", d, "tokenizer.json"))
+             for d in ("spacemark_metaspace_json", "spacemark_gemma_json", "spacemark_legacy_json",
+                       "bytelevel_gpt2_style", "bytelevel_llama3_style")]
+    files.append(("config.json", os.path.join(base, "config.json")))
+    out = t.tmp("export_errors/json_out.bin")
+    for kind, path in files:
+        doc = json.load(open(path))
+        paths = [p for p in json_paths(doc, rng) if p]
+        bad, counts = [], [0, 0]
+        for i in range(80):
+            d = json.loads(json.dumps(doc))
+            for _ in range(int(rng.integers(1, 3))):
+                p = paths[int(rng.integers(0, len(paths)))]
+                o = d
+                try:
+                    for k in p[:-1]:
+                        o = o[k]
+                    o[p[-1]] = JSON_VALUES[int(rng.integers(0, len(JSON_VALUES)))]
+                except (KeyError, IndexError, TypeError):
+                    pass  # an earlier replacement removed the path
+            if kind == "config.json":
+                src = t.tmp("export_errors/json_config")
+                shutil.rmtree(src, ignore_errors=True)
+                shutil.copytree(base, src)
+                with open(os.path.join(src, "config.json"), "w") as f:
+                    json.dump(d, f)
+                status, stderr = export_in_process(src, out)
+            else:
+                mutant = t.tmp("export_errors/mutant.json")
+                with open(mutant, "w") as f:
+                    json.dump(d, f)
+                status, stderr = export_in_process(base, out, "--tokenizer", mutant)
+            use = ["--tokens", "1,2", "-n", "1"] if kind == "config.json" else ["--encode", "Hello w\u00f6rld <s> 12  x"]
+            judge(t, i, status, stderr, [out] + use, counts, bad)
+        name = os.path.basename(os.path.dirname(path))
+        t.check(f"export.py, 80 {kind} of {name} with values of the wrong type: {counts[0]} exported, {counts[1]} "
+                "refused with one error line naming the file", not bad, "; ".join(bad[:3]))
+
+
 def run(t):
+    mutated_tokenizers(t)
+    mutated_json(t)
     c = build_cases(t)
     out_dir = t.tmp("export_errors/out")
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -228,6 +228,8 @@ def cli_errors(t):
         ("--tokens empty item", [model, "--tokens", "1,,3"], "--tokens expects comma-separated integers"),
         ("--tokens trailing comma", [model, "--tokens", "1,2,"], "trailing comma"),
         ("--tokens empty", [model, "--tokens", ""], "no ids given"),
+        ("--decode id outside the vocabulary", [model, "--decode", "3,1024"], "--decode: id 1024 is outside the vocabulary"),
+        ("--decode not numbers", [model, "--decode", "x"], "--decode expects comma-separated integers"),
         ("prompt longer than the context (text)", [short, "-p", "word " * 40], "but the model's context is 32"),
         ("prompt longer than the context (ids)", [short, "--tokens", ",".join(["7"] * 33)],
          "the prompt has 33 tokens but the model's context is 32"),
