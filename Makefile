@@ -6,6 +6,9 @@
 #                   0.3.21 takes CPUs it does not know for a Prescott (SSE3): OPENBLAS_CORETYPE=SKYLAKEX
 #   make KERNELS=portable   the portable C kernels, but the rest still built for this CPU (for the tests)
 #   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/)
+#   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
+#   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
+#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
 
 CC ?= cc
 # link-time optimisation where the compiler has it: inlines the SIMD dot product into attention.c
@@ -29,8 +32,8 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c
-HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h
+ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c
+HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
 run: run.c $(ENGINE) $(HEADERS)
@@ -44,7 +47,7 @@ build/%/run: run.c $(ENGINE) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(COMPILE) -o $@ run.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
-.PHONY: all test bench clean
+.PHONY: all test bench clean asan valgrind fuzz fuzz-seeds
 all: run
 
 test: run tests/unit
@@ -54,6 +57,59 @@ test: run tests/unit
 bench: run
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(PYTHON) bench/bench.py
+
+# --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
+# make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report
+# ends the process with status 86 (ASan, LeakSanitizer) or 87 (UBSan), which no test accepts.
+SANITIZE = -O2 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+SANITIZER_ENV = ASAN_OPTIONS=exitcode=86:detect_leaks=1:abort_on_error=0 \
+                UBSAN_OPTIONS=exitcode=87:halt_on_error=1:print_stacktrace=1
+
+build/asan/run: run.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/asan
+	$(CC) $(SANITIZE) $(WARN) -o $@ run.c $(ENGINE) $(LDLIBS)
+
+build/asan/unit: tests/unit.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/asan
+	$(CC) $(SANITIZE) $(WARN) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS)
+
+asan: build/asan/run build/asan/unit
+	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
+	$(SANITIZER_ENV) ATTN_RUN=build/asan/run ATTN_UNIT=build/asan/unit $(PYTHON) tests/run_tests.py
+
+# make valgrind: a portable -O2 -g build (valgrind does not know AVX-512), one thread, 32 generated tokens
+VALGRIND_PROMPT = In the beginning God created
+build/valgrind/run: run.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/valgrind
+	$(CC) -O2 -g $(WARN) -o $@ run.c $(ENGINE) $(LDLIBS)
+
+valgrind: build/valgrind/run
+	@command -v valgrind >/dev/null || { echo "error: valgrind is not installed (Debian: apt-get install valgrind)"; exit 1; }
+	valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect,possible \
+	  --errors-for-leak-kinds=definite,indirect,possible build/valgrind/run models/kjv-5m.bin \
+	  -p "$(VALGRIND_PROMPT)" -n 32 -t 0.8 -s 1 --threads 1
+
+# make fuzz [FUZZ_SECONDS=600]: each target runs for FUZZ_SECONDS, starting from the committed seeds
+# (fuzz/corpus/*) and keeping what it finds in build/fuzz/corpus/*; a crash is saved as build/fuzz/crash-*
+# and stops the run. Replay one input: build/fuzz/fuzz_model FILE.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_RUN = -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -artifact_prefix=build/fuzz/ -timeout=10 -rss_limit_mb=4096
+
+build/fuzz/fuzz_%: fuzz/fuzz_%.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(WARN) -I. -o $@ $< $(ENGINE) $(LDLIBS)
+
+fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer
+	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer
+	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1 | grep -v '^export: \['
+	build/fuzz/fuzz_model $(FUZZ_RUN) -max_len=65536 -dict=fuzz/model.dict build/fuzz/corpus/model fuzz/corpus/model
+	build/fuzz/fuzz_tokenizer $(FUZZ_RUN) -max_len=4096 build/fuzz/corpus/tokenizer fuzz/corpus/tokenizer
+
+# rewrites the model seeds (deterministic; needs numpy)
+fuzz-seeds:
+	$(PYTHON) fuzz/make_seeds.py
 
 clean:
 	rm -f run tests/unit

@@ -1,38 +1,84 @@
-/* attention.h - attention kernels and masks (see attention.c for the formulas). */
+/* attention.h - attention kernels and masks (see attention.c for the formulas, docs/ATTENTION.md for the
+ * tour with pictures and the ./run flag that shows each one). */
 #ifndef ATTN_ATTENTION_H
 #define ATTN_ATTENTION_H
 
 #include "kvcache.h"
 
-/* What one layer's attention does for one query head. */
+/* Which keys a query may see (attention.c has one function per mask, with its formula). */
+typedef enum {
+    MASK_CAUSAL,  /* every position up to the query's own (GPT-2, Llama) */
+    MASK_SLIDING, /* the last `span` positions, plus the first n_sinks (Mistral, Gemma 2/3; StreamingLLM) */
+    MASK_STRIDED, /* the last `span` positions and every span-th one before them (Child et al. 2019) */
+    MASK_FIXED,   /* the query's own block of `span` positions and the last position of every earlier block */
+} MaskKind;
+
+typedef enum {
+    KERNEL_NAIVE, /* scores, softmax, weighted sum: the score row is materialised (and can be recorded) */
+    KERNEL_FLASH, /* the same sum one cache block at a time with an online softmax: no score row */
+} KernelKind;
+
+/* How one layer attends, for each of its query heads: the file's layer record plus any overrides
+ * (--window, --sinks, --sparse, --attn). */
 typedef struct {
     int head_dim;
-    float scale;   /* multiplies q.k: 1/sqrt(head_dim) in "Attention Is All You Need" */
-    float softcap; /* 0: none; c: scores squashed into (-c, c) before the softmax (Gemma 2) */
-    int window;    /* 0: causal, every earlier position; W: only the last W positions (sliding window) */
-    int n_sinks;   /* with a window: the first n_sinks positions stay visible too (attention sinks) */
+    float scale;     /* multiplies q.k: 1/sqrt(head_dim) in "Attention Is All You Need" */
+    float softcap;   /* 0: none; c: scores squashed into (-c, c) before the softmax (Gemma 2) */
+    MaskKind mask;
+    int span;        /* the mask's size: window W (sliding), stride S (strided), block B (fixed); 0 if causal */
+    int n_sinks;     /* sliding only: the first n_sinks positions stay visible (attention sinks) */
+    KernelKind kernel;
 } AttentionSpec;
 
 /* GQA/MQA: the kv head a query head reads. Consecutive query heads share one kv head. */
 int kv_head_of(int q_head, int n_heads, int n_kv_heads);
 
-/* The keys a query at position pos may see: sinks 0 .. n_sinks_seen-1, then first .. pos. */
+/* Key positions first, first + step, ..., first + (count - 1) * step. */
 typedef struct {
-    int n_sinks_seen;
-    int first;
+    int first, count, step;
+} KeyRun;
+
+/* The keys a query at some position may see: at most two runs, in increasing position order.
+ * Every mask of the article is a union of two arithmetic progressions. */
+typedef struct {
+    int n_runs;
+    KeyRun runs[2];
 } VisibleKeys;
+
 VisibleKeys visible_keys(const AttentionSpec *a, int pos);
 int visible_count(const AttentionSpec *a, int pos);
+/* Keys no query at position < n_positions sees more of: the score row length attention_head needs. */
+int most_visible(const AttentionSpec *a, int n_positions);
 
-/* One query head at position pos against the cached keys/values of kv head kv_head.
- * out[head_dim] = sum_j softmax_j(q.k_j * scale) v_j.  scores needs visible_count() floats; on return it
- * holds the attention weights, in the order sinks then first .. pos. */
+/* for (each visible key position j of v, in increasing order) */
+#define FOR_EACH_VISIBLE_KEY(v, j)                                                                            \
+    for (int run_ = 0; run_ < (v).n_runs; run_++)                                                             \
+        for (int i_ = 0, j = (v).runs[run_].first; i_ < (v).runs[run_].count; i_++, j += (v).runs[run_].step)
+
+/* The KV cache this layer's mask needs: it keeps only the positions the mask can still read. */
+void attention_cache_init(KVLayer *l, int kv_dim, const AttentionSpec *a);
+
+/* One query head at position pos against the cached keys/values of kv head kv_head:
+ * out[head_dim] = sum_j softmax_j(q.k_j * scale) v_j over the visible keys j.
+ * Naive: weights needs visible_count() floats; on return it holds the attention weights in
+ * FOR_EACH_VISIBLE_KEY order. Flash: no score row at all. */
 void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, int pos, const AttentionSpec *a,
-                    float *scores);
+                    float *weights);
+void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_head, int pos,
+                          const AttentionSpec *a);
 
-/* All query heads of one token: q[n_heads][head_dim] -> out[n_heads][head_dim].
- * scores: n_heads rows of scores_stride floats. */
+/* All query heads of one token: q[n_heads][head_dim] -> out[n_heads][head_dim], with the spec's kernel.
+ * weights: n_heads rows of weights_stride floats (naive kernel; row h holds head h's weights after). */
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
-                     const AttentionSpec *a, float *scores, int scores_stride);
+                     const AttentionSpec *a, float *weights, int weights_stride);
+
+/* The weights attention_head left in visible order, laid out by key position: row[0 .. pos], 0 where masked. */
+void weights_by_position(float *row, const float *weights, const AttentionSpec *a, int pos);
+
+/* Cross-attention (encoder-decoder): every query sees every key of another sequence, no mask.
+ * queries[n_queries][n_heads * head_dim], keys and values [n_keys][n_kv_heads * head_dim]
+ * -> out[n_queries][n_heads * head_dim]. */
+void cross_attention(float *out, const float *queries, int n_queries, const float *keys, const float *values,
+                     int n_keys, int n_heads, int n_kv_heads, int head_dim, float scale);
 
 #endif

@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
 
-    python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0]
+    python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
 SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
-legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors and JSON are read by hand.
+legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
+are read by hand.
 The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
 """
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -34,9 +38,12 @@ MODEL_TIED_EMBEDDINGS = 1
 LAYER_QK_NORM, LAYER_QKV_BIAS, LAYER_O_BIAS, LAYER_POST_ATTN_NORM, LAYER_POST_MLP_NORM = 1, 2, 4, 8, 16
 
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
-PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2 = 0, 1, 2, 3
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
-PIECE_NORMAL, PIECE_SPECIAL, PIECE_BYTE, PIECE_UNUSED, PIECE_USER = 0, 1, 2, 3, 4
+TOKF_NORMALIZE_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
+TOKF_STRIP_LEADING_SPACE, TOKF_REMOVE_EXTRA_SPACES = 512, 1024
+PIECE_NORMAL, PIECE_SPECIAL, PIECE_BYTE, PIECE_UNUSED, PIECE_USER, PIECE_CONTROL, PIECE_UNKNOWN = 0, 1, 2, 3, 4, 5, 6
+PIECE_LSTRIP, PIECE_RSTRIP = 0x100, 0x200  # added tokens that swallow the whitespace on their left / right
 
 
 class ExportError(Exception):
@@ -45,6 +52,25 @@ class ExportError(Exception):
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def malformed_input(path):
+    """Python errors while reading a damaged input file (a field of an unexpected type, a missing key)
+    become one ExportError naming the file, instead of a traceback."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, struct.error) as e:
+        raise ExportError(f"{path}: malformed: a field has an unexpected type or value ({type(e).__name__}: {e})")
+
+
+def reads_input(read):
+    """malformed_input() around a reader whose first argument is the path of the file it reads."""
+    @functools.wraps(read)
+    def reader(path, *args):
+        with malformed_input(path):
+            return read(path, *args)
+    return reader
 
 
 # ----------------------------------------------------------------------------
@@ -111,7 +137,10 @@ class SafeTensors:
             if name == "__metadata__":
                 continue
             try:
-                dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+                dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+                if not isinstance(dtype, str) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in shape + [begin, end]):
+                    raise TypeError("dtype must be a string, shape and data_offsets non-negative integers")
             except (KeyError, TypeError, ValueError):
                 raise ExportError(f"{path}: tensor '{name}' has a malformed header entry")
             if dtype not in ST_DTYPES:
@@ -221,7 +250,7 @@ def rope_settings(cfg, layer_type=None):
     if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = params if params.get("rope_type", "default") != "default" else None
-        return float(theta), scaling
+        return number(theta, "rope_theta"), scaling
     theta = cfg.get("rope_theta", 10000.0)
     scaling = cfg.get("rope_scaling")
     if layer_type == "sliding_attention" and "rope_local_base_freq" in cfg:
@@ -231,11 +260,18 @@ def rope_settings(cfg, layer_type=None):
         scaling = dict(scaling, rope_type=kind) if kind != "default" else None
     else:
         scaling = None
-    return float(theta), scaling
+    return number(theta, "rope_theta"), scaling
 
 
 def rope_inv_freq(theta, rope_dim, scaling):
     """Inverse frequencies for a scaled rope, as transformers computes them (in float32)."""
+    try:
+        return _rope_inv_freq(theta, rope_dim, scaling)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ExportError(f"config.json: rope scaling {scaling} is incomplete or malformed ({type(e).__name__}: {e})")
+
+
+def _rope_inv_freq(theta, rope_dim, scaling):
     inv = (1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.int64).astype(np.float32) / rope_dim))).astype(np.float32)
     kind = scaling["rope_type"]
     if kind == "default":
@@ -280,6 +316,64 @@ def layer_rope(model, cfg, head_dim, rope_dim, layer_type=None):
 
 
 # ----------------------------------------------------------------------------
+# --kv-heads: regroup a layer's key/value heads (MHA -> GQA -> MQA and back)
+
+
+def parse_kv_heads(text, n_layers):
+    """'L=N[,L=N...]' or 'all=N' -> {layer: N}; later items win ('all=1,5=2')."""
+    counts = {}
+    for item in text.split(","):
+        layer, eq, value = item.partition("=")
+        if not eq or not value.strip().isdigit() or int(value) < 1:
+            raise ExportError(f"--kv-heads: '{item}' is not L=N or all=N (N >= 1)")
+        if layer.strip() == "all":
+            counts.update({i: int(value) for i in range(n_layers)})
+        elif layer.strip().isdigit() and int(layer) < n_layers:
+            counts[int(layer)] = int(value)
+        else:
+            raise ExportError(f"--kv-heads: '{layer}' is not a layer (0 .. {n_layers - 1}, or all)")
+    return counts
+
+
+def regroup_kv_heads(m, counts):
+    """--kv-heads: give layer L N key/value heads, rewriting its k and v projections (and biases).
+
+    N a multiple of the layer's kv heads (and a divisor of its query heads): each kv head is repeated
+    N / n_kv times, consecutively, so every query head still reads the same keys and values - exact, the
+    logits do not change; it only costs cache. N a divisor: each group of n_kv / N consecutive kv heads,
+    the ones whose query heads will share a head, becomes one head whose k and v projections (rows, and
+    biases) are the mean of the group's - how Ainslie et al. (2023) initialise GQA/MQA from an MHA
+    checkpoint before uptraining; without uptraining it costs quality, which --ppl measures.
+
+    The mean is taken of the projections, before anything per-head happens: RoPE rotates every head the
+    same way, so for a plain layer the pooled key is exactly the mean of the group's keys. With q/k-norm
+    (Qwen3, Gemma 3) the one k_norm weight is shared by all heads and stays as it is: the pooled head's
+    key is RMS-normalised again, so it keeps the scale the layer was trained with instead of shrinking
+    where the heads disagree (the mean of normalised keys would not be a projection at all)."""
+    for i, layer in enumerate(m.layers):
+        n = counts.get(i, layer.n_kv_heads)
+        old, hd = layer.n_kv_heads, layer.head_dim
+        if n == old:
+            continue
+        if n % old == 0 and layer.n_heads % n == 0:
+            def regroup(w, r=n // old, old=old):  # repeat each head's rows r times
+                return np.repeat(w.reshape((old, -1) + w.shape[1:]), r, axis=0).reshape((-1,) + w.shape[1:])
+        elif old % n == 0:
+            def regroup(w, r=old // n, n=n):  # mean of each group of r consecutive heads
+                heads = w.reshape((n, r, -1) + w.shape[1:]).astype(np.float64)
+                return heads.mean(axis=1).astype(np.float32).reshape((-1,) + w.shape[1:])
+        else:
+            raise ExportError(f"--kv-heads: layer {i} has {layer.n_heads} query and {old} kv heads; N must be a "
+                              f"multiple of {old} that divides {layer.n_heads}, or a divisor of {old} (got {n})")
+        layer.n_kv_heads = n
+        names = {f"layers.{i}.{t}" for t in ("wk", "wv", "bk", "bv")}
+        for j, (name, shape, producer) in enumerate(m.tensors):
+            if name in names:
+                m.tensors[j] = (name, (n * hd,) + shape[1:], lambda p=producer, f=regroup: f(np.asarray(p())))
+        log(f"export: layer {i}: {old} -> {n} kv heads ({'duplicated' if n > old else 'mean-pooled'})")
+
+
+# ----------------------------------------------------------------------------
 # layer kinds: which layers slide, from either dialect
 
 
@@ -309,10 +403,33 @@ def layer_types(cfg, n_layers, family):
 
 
 def require(cfg, *keys):
-    for k in keys:
-        if cfg.get(k) is None:
-            raise ExportError(f"config.json: missing '{k}'")
-    return [cfg[k] for k in keys]
+    return [config_int(cfg, k) for k in keys]
+
+
+def config_int(cfg, keys, default=None, minimum=1):
+    """The first of keys set in cfg, as an integer >= minimum; default when none is set (error if None)."""
+    keys = (keys,) if isinstance(keys, str) else keys
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        if default is None:
+            raise ExportError(f"config.json: missing '{keys[0]}'")
+        return default
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v < 2 ** 31:
+        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {2 ** 31 - 1}")
+    return v
+
+
+def number(v, what):
+    """v as a finite float, or an error naming the config field it came from."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ExportError(f"config.json: '{what}' is {v!r}, expected a finite number")
+    return float(v)
+
+
+def config_float(cfg, key, default):
+    v = cfg.get(key)
+    return default if v is None else number(v, key)
 
 
 # ----------------------------------------------------------------------------
@@ -324,24 +441,24 @@ def convert_llama_like(cfg, st, family):
     prefix = text_prefix(st)
     dim, n_layers, n_heads, vocab, hidden = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads",
                                                     "vocab_size", "intermediate_size")
-    n_kv = cfg.get("num_key_value_heads") or n_heads
-    head_dim = cfg.get("head_dim") or dim // n_heads
+    n_kv = config_int(cfg, "num_key_value_heads", n_heads)
+    head_dim = config_int(cfg, "head_dim", dim // n_heads or None)  # None: an error, hidden_size < heads
     gemma = family in ("gemma2", "gemma3_text")
     tied = cfg.get("tie_word_embeddings")
     if tied is None:
         tied = "lm_head.weight" not in st
     if not tied and "lm_head.weight" not in st:
         raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
-    m = Model(family, dim, hidden, vocab, cfg.get("max_position_embeddings", 2048),
-              norm_eps=cfg.get("rms_norm_eps", 1e-6), tied=tied,
+    m = Model(family, dim, hidden, vocab, config_int(cfg, "max_position_embeddings", 2048),
+              norm_eps=config_float(cfg, "rms_norm_eps", 1e-6), tied=tied,
               activation=ACT_GELU_TANH if gemma else activation_of(cfg.get("hidden_act", "silu")),
               embed_scale=math.sqrt(dim) if gemma else 1.0,
-              final_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else 0.0)
+              final_softcap=config_float(cfg, "final_logit_softcapping", 0.0))
     types = layer_types(cfg, n_layers, family)
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    rope_dim = int(head_dim * partial)
+    rope_dim = int(head_dim * number(partial, "partial_rotary_factor"))
     if gemma:
-        scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
+        scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5
     else:
         scale = head_dim ** -0.5
     p = prefix
@@ -357,13 +474,13 @@ def convert_llama_like(cfg, st, family):
         if gemma:
             flags |= LAYER_POST_ATTN_NORM | LAYER_POST_MLP_NORM
         sliding = types[i] == "sliding_attention"
-        window = cfg.get("sliding_window") if sliding else 0
-        if sliding and not window:
+        if sliding and not cfg.get("sliding_window"):
             raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
+        window = config_int(cfg, "sliding_window") if sliding else 0
         theta, table = layer_rope(m, cfg, head_dim, rope_dim, types[i] if family == "gemma3_text" else None)
         m.layers.append(Layer(n_heads, n_kv, head_dim, window=window, rope_theta=theta, rope_dim=rope_dim,
                               rope_table=table, attn_scale=scale,
-                              attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" else 0.0,
+                              attn_softcap=config_float(cfg, "attn_logit_softcapping", 0.0),
                               flags=flags))
 
     def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in here
@@ -414,14 +531,14 @@ def convert_llama_like(cfg, st, family):
 
 def convert_gpt2(cfg, st, family):
     """GPT-2 (Conv1D weights stored [in, out], fused c_attn) and GPTBigCode (Linear weights, MQA c_attn)."""
-    dim = cfg.get("n_embd") or cfg.get("hidden_size")
-    n_layers = cfg.get("n_layer") or cfg.get("num_hidden_layers")
-    n_heads = cfg.get("n_head") or cfg.get("num_attention_heads")
-    vocab, ctx = cfg.get("vocab_size"), cfg.get("n_positions") or cfg.get("max_position_embeddings")
-    if not all((dim, n_layers, n_heads, vocab, ctx)):
-        raise ExportError("config.json: missing one of n_embd, n_layer, n_head, vocab_size, n_positions")
-    hidden = cfg.get("n_inner") or 4 * dim
+    dim = config_int(cfg, ("n_embd", "hidden_size"))
+    n_layers = config_int(cfg, ("n_layer", "num_hidden_layers"))
+    n_heads = config_int(cfg, ("n_head", "num_attention_heads"))
+    vocab, ctx = config_int(cfg, "vocab_size"), config_int(cfg, ("n_positions", "max_position_embeddings"))
+    hidden = config_int(cfg, "n_inner", 4 * dim)
     head_dim = dim // n_heads
+    if head_dim < 1:
+        raise ExportError(f"config.json: {dim} dimensions cannot be split over {n_heads} heads")
     bigcode = family == "gpt_bigcode"
     n_kv = 1 if bigcode and cfg.get("multi_query", True) else n_heads
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
@@ -429,7 +546,7 @@ def convert_gpt2(cfg, st, family):
     scale = head_dim ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
     prefix = "transformer." if "transformer.wte.weight" in st else ""
     tied = "lm_head.weight" not in st
-    m = Model(family, dim, hidden, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+    m = Model(family, dim, hidden, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5),
               mlp_kind=MLP_PLAIN, activation=activation_of(cfg.get("activation_function", "gelu_new")),
               position_kind=POS_LEARNED, tied=tied)
     for _ in range(n_layers):
@@ -500,6 +617,20 @@ def rows(st, name, lo, hi):
     return lambda: g()[lo:hi]
 
 
+# What transformers' config classes assume when a config.json leaves a field out (hub configs of these
+# families rely on it: a Gemma 3 multimodal text_config lists only a few fields).
+FAMILY_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True),
+}
+
 FAMILIES = {
     "llama": convert_llama_like,
     "mistral": convert_llama_like,
@@ -515,17 +646,24 @@ FAMILIES = {
 
 def convert_hf(src, args):
     cfg = load_json(os.path.join(src, "config.json"))
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{os.path.join(src, 'config.json')}: not a JSON object")
     family = cfg.get("model_type")
     if family == "gemma3" and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper: keep the text model
         cfg = dict(cfg["text_config"], model_type="gemma3_text")
         family = "gemma3_text"
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
+    cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
     log(f"export: reading {src} ({family})")
     st = SafeTensors(src)
-    m = FAMILIES[family](cfg, st, family)
+    with malformed_input(os.path.join(src, "config.json")):
+        m = FAMILIES[family](cfg, st, family)
     check_shapes(m, st)
-    m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
+    else:
+        m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
     # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
     matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) == 2}
     m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
@@ -602,11 +740,114 @@ def convert_llama2c(path, args):
     m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, vocab)
+    else:
+        log("export: no tokenizer (give --tokenizer tokenizer.bin for text prompts): the model will run from --tokens")
     return m
 
 
 # ----------------------------------------------------------------------------
-# tokenizers
+# tokenizers: a tokenizer.json (byte-level or SentencePiece-style BPE), a SentencePiece tokenizer.model or a
+# llama2.c tokenizer.bin becomes one tokenizer record (docs/FORMAT.md, "Tokenizer")
+
+SPACE_MARK = "\u2581"  # "▁": SentencePiece vocabularies spell a space as this character
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class UnsupportedTokenizer(ExportError):
+    """The tokenizer file uses a feature attn.c does not implement (named in the message)."""
+
+
+class TokenizerRecord:
+    """The fields of the tokenizer record, in the order docs/FORMAT.md lists them."""
+
+    def __init__(self, kind, vocab_size, source):
+        self.kind, self.pretokenizer, self.flags = kind, PRE_NONE, 0
+        self.bos, self.unk, self.eos = None, -1, []
+        self.pieces = [b""] * vocab_size       # ids the tokenizer lacks stay empty and unused
+        self.scores = [0.0] * vocab_size
+        self.types = [PIECE_UNUSED] * vocab_size
+        self.merges = []                       # (left id, right id) in rank order
+        self.source = source
+
+    def set_piece(self, i, data, piece_type, score=0.0):
+        if not 0 <= i < len(self.pieces):
+            raise ExportError(f"{self.source}: token id {i} is outside the model's vocabulary ({len(self.pieces)})")
+        if len(data) > 65536:
+            raise ExportError(f"{self.source}: token {i} is {len(data)} bytes long (at most 65536)")
+        if piece_type & 0xFF == PIECE_BYTE and not BYTE_PIECE.fullmatch(data.decode("latin-1")):
+            raise ExportError(f"{self.source}: token {i} is a byte piece but is not of the form <0xNN>: {data[:20]!r}")
+        self.pieces[i], self.types[i], self.scores[i] = data, piece_type, float(score)
+
+    def ids_by_text(self):
+        """piece text -> id, for finding the tokens a config names; special pieces win over normal ones."""
+        ids = {}
+        for want_special in (True, False):
+            for i, (p, t) in enumerate(zip(self.pieces, self.types)):
+                if p and ((t & 0xFF) not in (PIECE_NORMAL, PIECE_BYTE)) == want_special:
+                    ids.setdefault(p.decode("utf-8", "replace"), i)
+        return ids
+
+    def pack(self):
+        eos = self.eos[:16]
+        n = len(self.pieces)  # the loader's rules for the special ids (tokenizer_load)
+        for what, i in [("bos", -1 if self.bos is None else self.bos), ("unk", self.unk)] + [("eos", e) for e in eos]:
+            if not (isinstance(i, int) and (-1 <= i < n if what != "eos" else 0 <= i < n)):
+                raise ExportError(f"{self.source}: {what} id {i} is outside the vocabulary ({n})")
+        out = [struct.pack("<3I2iI", self.kind, self.pretokenizer, self.flags, -1 if self.bos is None else self.bos,
+                           self.unk, len(eos))]
+        out.append(struct.pack(f"<{len(eos)}i", *eos))
+        out.append(struct.pack("<2I", len(self.pieces), len(self.merges)))
+        for p, s, t in zip(self.pieces, self.scores, self.types):
+            out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
+        out.append(np.asarray(self.merges, dtype="<u4").reshape(-1).tobytes())
+        return b"".join(out)
+
+
+def read_tokenizer(path, vocab_size, cfg=None, model_dir=None):
+    """The tokenizer record for a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin.
+    tokenizer_config.json and generation_config.json are looked for beside the tokenizer and in model_dir."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    dirs = [os.path.dirname(os.path.abspath(path))] + ([model_dir] if model_dir else [])
+    if path.endswith(".json"):
+        return json_tokenizer(path, cfg or {}, vocab_size, dirs)
+    if path.endswith(".bin"):
+        return llama2c_tokenizer(path, vocab_size)
+    if path.endswith(".model") or head == b"\x0a":  # a protobuf starting with field 1 (the pieces)
+        return sentencepiece_tokenizer(path, vocab_size, dirs)
+    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin")
+
+
+def hf_tokenizer(src, cfg, vocab_size):
+    """The tokenizer of a Hugging Face model directory: tokenizer.json, else tokenizer.model, else none."""
+    json_path, model_path = os.path.join(src, "tokenizer.json"), os.path.join(src, "tokenizer.model")
+    if os.path.exists(json_path):
+        try:
+            return json_tokenizer(json_path, cfg, vocab_size, [src])
+        except UnsupportedTokenizer as e:
+            if not os.path.exists(model_path):
+                raise
+            log(f"export: {e}; using tokenizer.model instead")
+    if os.path.exists(model_path):
+        return sentencepiece_tokenizer(model_path, vocab_size, [src])
+    log("export: no tokenizer.json or tokenizer.model: the model will run from --tokens")
+    return None
+
+
+def config_file(dirs, name):
+    for d in dirs:
+        path = os.path.join(d, name)
+        if os.path.exists(path):
+            return load_json(path)
+    return {}
+
+
+# -- tokenizer.json
 
 
 def bytes_to_unicode():
@@ -628,92 +869,185 @@ QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 KNOWN_REGEXES = {GPT2_REGEX: PRE_GPT2, LLAMA3_REGEX: PRE_LLAMA3, QWEN2_REGEX: PRE_QWEN2}
 
 
-def bytelevel_pretokenizer(pre):
-    """(pretokenizer id, add_prefix_space) for a byte-level tokenizer.json, or an error naming what is unsupported."""
-    if pre is None:
-        raise ExportError("tokenizer.json: byte-level BPE without a pre_tokenizer is not supported")
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    kind, prefix_space, saw_bytelevel = PRE_NONE, False, False
+def steps_of(block, list_key):
+    """The steps of a normalizer / pre_tokenizer / decoder block: a Sequence's list, or the block itself."""
+    if block is None:
+        return []
+    return list(block.get(list_key) or []) if block.get("type") == "Sequence" else [block]
+
+
+def bytelevel_rules(tok, path):
+    """(pretokenizer id, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
+    if tok.get("normalizer") is not None:
+        raise UnsupportedTokenizer(f"{path}: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
+    steps = steps_of(tok.get("pre_tokenizer"), "pretokenizers")
+    if not steps:
+        raise UnsupportedTokenizer(f"{path}: byte-level BPE without a pre_tokenizer is not supported")
+    kind, flags, saw_bytelevel = PRE_NONE, 0, False
     for s in steps:
         t = s.get("type")
         if t == "ByteLevel":
             saw_bytelevel = True
-            prefix_space = bool(s.get("add_prefix_space", False))
+            flags = TOKF_PREFIX_SPACE if s.get("add_prefix_space", False) else 0
             if s.get("use_regex", True):
                 if kind != PRE_NONE:
-                    raise ExportError("tokenizer.json: two splitting regexes in the pre_tokenizer")
+                    raise UnsupportedTokenizer(f"{path}: two splitting regexes in the pre_tokenizer are not supported")
                 kind = PRE_GPT2
         elif t == "Split":
             pattern = s.get("pattern", {}).get("Regex")
             if pattern not in KNOWN_REGEXES or s.get("behavior") != "Isolated" or s.get("invert"):
-                raise ExportError(f"tokenizer.json: pre-tokenizer Split with pattern {pattern!r} is not supported")
+                raise UnsupportedTokenizer(f"{path}: pre-tokenizer Split with pattern {pattern!r} is not supported")
             kind = KNOWN_REGEXES[pattern]
         else:
-            raise ExportError(f"tokenizer.json: pre-tokenizer '{t}' is not supported with byte-level BPE")
+            raise UnsupportedTokenizer(f"{path}: pre-tokenizer '{t}' is not supported with byte-level BPE")
     if not saw_bytelevel:
-        raise ExportError("tokenizer.json: BPE without a ByteLevel step or byte_fallback is not supported")
-    return kind, prefix_space
+        raise UnsupportedTokenizer(f"{path}: BPE without a ByteLevel step or byte_fallback is not supported")
+    return kind, flags
 
 
-def hf_tokenizer(src, cfg, vocab_size):
-    path = os.path.join(src, "tokenizer.json")
-    if not os.path.exists(path):
-        log("export: no tokenizer.json: the model will run from --tokens")
-        return None
+def check_tokenizer_json(tok):
+    """The shapes of the tokenizer.json fields the converters read: an error names the first one that is wrong."""
+    def bad(what):
+        raise ExportError(f"tokenizer.json: {what}")
+
+    if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+        bad("not a JSON object with a 'model' object")
+    vocab = tok["model"].get("vocab") or {}
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+        bad("model.vocab is not an object of token -> integer id")
+    for mg in tok["model"].get("merges") or []:
+        ok = (isinstance(mg, str) and " " in mg) or (isinstance(mg, list) and len(mg) == 2 and
+                                                      all(isinstance(x, str) for x in mg))
+        if not ok:
+            bad(f"merge {mg!r} is neither 'left right' nor [left, right]")
+    for a in tok.get("added_tokens") or []:
+        if not (isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str)):
+            bad(f"added token {a!r} lacks an integer id or a string content")
+
+
+def spacemark_rules(tok, path):
+    """(pretokenizer id, flags) of a SentencePiece-style tokenizer.json (BPE with byte_fallback).
+
+    Two forms write spaces as "▁": the older normalizer Prepend("▁") + Replace(" ", "▁"), which puts a ▁
+    before every stretch of text (even one that starts with a space), and the newer Metaspace pre-tokenizer,
+    whose prepend_scheme "always" / "first" puts one only where the stretch does not already start with a
+    space ("first": only at the start of the text) and whose split cuts the text before every ▁."""
+    flags, pretok, escaped = TOKF_NORMALIZE_EACH_STRETCH, PRE_NONE, False  # added tokens first, then each stretch
+    for s in steps_of(tok.get("normalizer"), "normalizers"):
+        t = s.get("type")
+        if t == "Prepend" and s.get("prepend") == SPACE_MARK:
+            flags |= TOKF_DUMMY_PREFIX
+        elif t == "Replace" and s.get("pattern") == {"String": " "} and s.get("content") == SPACE_MARK:
+            escaped = True
+        else:
+            raise UnsupportedTokenizer(f"{path}: normalizer {t} {json.dumps(s, ensure_ascii=False)} is not supported")
+    for s in steps_of(tok.get("pre_tokenizer"), "pretokenizers"):
+        t = s.get("type")
+        if t == "Split" and escaped and s.get("pattern") == {"String": " "} and not s.get("invert"):
+            continue  # Gemma: splitting at spaces the normalizer has already replaced does nothing
+        if t != "Metaspace" or s.get("replacement", SPACE_MARK) != SPACE_MARK:
+            raise UnsupportedTokenizer(f"{path}: pre-tokenizer {json.dumps(s, ensure_ascii=False)} is not supported with SentencePiece-style BPE")
+        scheme = s.get("prepend_scheme") or ("always" if s.get("add_prefix_space", True) else "never")
+        if scheme not in ("always", "first", "never"):
+            raise UnsupportedTokenizer(f"{path}: Metaspace prepend_scheme '{scheme}' is not supported")
+        if scheme != "never" and not flags & TOKF_DUMMY_PREFIX:
+            flags |= TOKF_DUMMY_PREFIX | TOKF_PREFIX_UNLESS_SPACE
+            if scheme == "first":
+                flags |= TOKF_PREFIX_FIRST_STRETCH
+        if s.get("split", True):
+            pretok = PRE_METASPACE
+        escaped = True
+    if not escaped:
+        raise UnsupportedTokenizer(f"{path}: BPE with byte_fallback but without a Replace(' ', '▁') normalizer or a Metaspace pre-tokenizer is not supported")
+    for s in steps_of(tok.get("decoder"), "decoders"):
+        t = s.get("type")
+        if t == "Strip" and s.get("content") == " " and s.get("start", 0) <= 1 and s.get("stop", 0) == 0:
+            flags |= TOKF_STRIP_LEADING_SPACE if s.get("start", 0) == 1 else 0
+        elif t == "Metaspace":  # drops the ▁ of the first token unless prepend_scheme is "never"
+            scheme = s.get("prepend_scheme") or ("always" if s.get("add_prefix_space", True) else "never")
+            flags |= TOKF_STRIP_LEADING_SPACE if scheme != "never" else 0
+        elif not ((t == "Replace" and s.get("pattern") == {"String": SPACE_MARK} and s.get("content") == " ")
+                  or t in ("ByteFallback", "Fuse")):
+            raise UnsupportedTokenizer(f"{path}: decoder {json.dumps(s, ensure_ascii=False)} is not supported")
+    return pretok, flags
+
+
+@reads_input
+def json_tokenizer(path, cfg, vocab_size, dirs):
     tok = load_json(path)
+    check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
-        raise ExportError(f"tokenizer.json: model type '{model.get('type')}' is not supported (only BPE)")
-    if model.get("byte_fallback"):
-        raise ExportError("tokenizer.json: SentencePiece-style BPE (byte_fallback) is not supported yet; run from --tokens")
-    if tok.get("normalizer") is not None:
-        raise ExportError(f"tokenizer.json: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
-    pretok, prefix_space = bytelevel_pretokenizer(tok.get("pre_tokenizer"))
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        raise UnsupportedTokenizer(f"{path}: model type '{model.get('type')}' is not supported (only BPE)")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise UnsupportedTokenizer(f"{path}: BPE {key} is not supported")
+    if model.get("dropout"):
+        raise UnsupportedTokenizer(f"{path}: BPE dropout is not supported (it makes encoding random)")
+    spacemark = bool(model.get("byte_fallback"))
+    rec = TokenizerRecord(TOK_SENTENCEPIECE_BPE if spacemark else TOK_BYTELEVEL_BPE, vocab_size, path)
+    if spacemark:
+        rec.pretokenizer, rec.flags = spacemark_rules(tok, path)
+        rec.flags |= TOKF_BYTE_FALLBACK
 
-    def raw(piece):
-        try:
-            return bytes(byte_of[c] for c in piece)
-        except KeyError:
-            raise ExportError(f"tokenizer.json: vocabulary entry {piece!r} is not in byte-level form")
+        def spell(piece):
+            return piece.encode("utf-8")
+    else:
+        rec.pretokenizer, rec.flags = bytelevel_rules(tok, path)
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+        def spell(piece):
+            try:
+                return bytes(byte_of[c] for c in piece)
+            except KeyError:
+                raise ExportError(f"{path}: vocabulary entry {piece!r} is not in byte-level form")
+    if model.get("ignore_merges"):
+        rec.flags |= TOKF_IGNORE_MERGES
 
     vocab = model.get("vocab") or {}
-    pieces = [None] * vocab_size
-    types = [PIECE_UNUSED] * vocab_size
     for piece, i in vocab.items():
-        if not 0 <= i < vocab_size:
-            raise ExportError(f"tokenizer.json: token id {i} is outside the model's vocabulary ({vocab_size})")
-        pieces[i], types[i] = raw(piece), PIECE_NORMAL
+        byte = spacemark and BYTE_PIECE.fullmatch(piece)
+        rec.set_piece(i, spell(piece), PIECE_BYTE if byte else PIECE_NORMAL)
     for added in tok.get("added_tokens") or []:
-        i = added["id"]
-        if not 0 <= i < vocab_size:
-            raise ExportError(f"tokenizer.json: added token id {i} is outside the model's vocabulary ({vocab_size})")
-        pieces[i] = added["content"].encode("utf-8")
-        types[i] = PIECE_SPECIAL if added.get("special") else PIECE_USER
-    id_of = {p: i for i, p in enumerate(pieces) if p is not None and types[i] == PIECE_NORMAL}
-    merges = []
-    for rank, mg in enumerate(model.get("merges") or []):
-        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
-        ra, rb = raw(a), raw(b)
-        if ra not in id_of or rb not in id_of or ra + rb not in id_of:
-            raise ExportError(f"tokenizer.json: merge {rank} ({a!r} {b!r}) refers to a token not in the vocabulary")
-        merges.append((id_of[ra], id_of[rb]))
+        content = added["content"]
+        if added.get("single_word"):
+            raise UnsupportedTokenizer(f"{path}: added token {content!r} has single_word (matching only whole words) set, which is not supported")
+        if added.get("normalized") and spacemark and tok.get("normalizer") is not None:
+            raise UnsupportedTokenizer(f"{path}: added token {content!r} is matched in normalized text (normalized: true), which is not supported with a normalizer")
+        piece_type = PIECE_SPECIAL if added.get("special") else PIECE_USER
+        piece_type |= (PIECE_LSTRIP if added.get("lstrip") else 0) | (PIECE_RSTRIP if added.get("rstrip") else 0)
+        rec.set_piece(added["id"], content.encode("utf-8"), piece_type)
 
-    special_id = {p.decode("utf-8", "replace"): i for i, p in enumerate(pieces) if p is not None and types[i] != PIECE_NORMAL}
-    special_id.update({p.decode("utf-8", "replace"): i for i, p in enumerate(pieces) if p is not None and types[i] == PIECE_NORMAL and p not in special_id})
-    tcfg_path = os.path.join(src, "tokenizer_config.json")
-    tcfg = load_json(tcfg_path) if os.path.exists(tcfg_path) else {}
-    bos, add_bos = post_processor_bos(tok.get("post_processor"), special_id)
-    if bos is None:
-        bos = token_id(tcfg.get("bos_token"), special_id)
-        add_bos = bool(tcfg.get("add_bos_token", False)) and bos is not None
-    if bos is None and isinstance(cfg.get("bos_token_id"), int):
-        bos = cfg["bos_token_id"]
-    eos = eos_ids(src, cfg, tcfg, special_id)
-    flags = (TOKF_ADD_BOS if add_bos else 0) | (TOKF_IGNORE_MERGES if model.get("ignore_merges") else 0) | \
-            (TOKF_PREFIX_SPACE if prefix_space else 0)
-    log(f"export: tokenizer: byte-level BPE, {len(vocab)} tokens, {len(merges)} merges, bos {bos} (added: {add_bos}), eos {eos}")
-    return pack_tokenizer(TOK_BYTELEVEL_BPE, pretok, flags, bos, -1, eos, pieces, [0.0] * vocab_size, types, merges)
+    id_of = {p: i for i, p in enumerate(rec.pieces) if p and rec.types[i] == PIECE_NORMAL}
+    for rank, mg in enumerate(model.get("merges") or []):
+        if isinstance(mg, str):
+            if mg.count(" ") != 1:
+                raise ExportError(f"{path}: merge {rank} {mg!r} is not two tokens separated by one space")
+            mg = mg.split(" ")
+        a, b = spell(mg[0]), spell(mg[1])
+        if a not in id_of or b not in id_of or a + b not in id_of:
+            raise ExportError(f"{path}: merge {rank} ({mg[0]!r} {mg[1]!r}) refers to a token not in the vocabulary")
+        rec.merges.append((id_of[a], id_of[b]))
+
+    by_text = rec.ids_by_text()
+    if model.get("unk_token") is not None:
+        rec.unk = by_text.get(model["unk_token"], -1)
+        if rec.unk < 0:
+            raise ExportError(f"{path}: unk_token {model['unk_token']!r} is not in the vocabulary")
+        if spacemark and not model.get("fuse_unk"):
+            raise UnsupportedTokenizer(f"{path}: BPE with byte_fallback and fuse_unk false is not supported")
+    tcfg = config_file(dirs, "tokenizer_config.json")
+    rec.bos, add_bos = post_processor_bos(tok.get("post_processor"), by_text)
+    if rec.bos is None:
+        rec.bos = token_id(tcfg.get("bos_token"), by_text)
+        add_bos = bool(tcfg.get("add_bos_token", False)) and rec.bos is not None
+    if rec.bos is None and isinstance(cfg.get("bos_token_id"), int):
+        rec.bos = cfg["bos_token_id"]
+    rec.flags |= TOKF_ADD_BOS if add_bos else 0
+    rec.eos = eos_ids(dirs, cfg, tcfg, by_text)
+    log(f"export: tokenizer: {'SentencePiece-style' if spacemark else 'byte-level'} BPE from {os.path.basename(path)}, "
+        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {rec.eos}")
+    return rec.pack()
 
 
 def token_id(entry, ids):
@@ -743,29 +1077,185 @@ def post_processor_bos(post, ids):
     return None, False
 
 
-def eos_ids(src, cfg, tcfg, special_id):
+def eos_ids(dirs, cfg, tcfg, special_id, extra=()):
     eos = []
-    gen_path = os.path.join(src, "generation_config.json")
-    for source in (load_json(gen_path) if os.path.exists(gen_path) else {}, cfg):
+    for source in (config_file(dirs, "generation_config.json"), cfg):
         e = source.get("eos_token_id")
         for x in (e if isinstance(e, list) else [e]):
             if isinstance(x, int) and x not in eos:
                 eos.append(x)
-    t = token_id(tcfg.get("eos_token"), special_id)
-    if t is not None and t not in eos:
-        eos.append(t)
+    for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra):
+        if t is not None and t >= 0 and t not in eos:
+            eos.append(t)
     return eos[:16]
 
 
-def pack_tokenizer(kind, pretok, flags, bos, unk, eos, pieces, scores, types, merges):
-    out = [struct.pack("<3I2iI", kind, pretok, flags, -1 if bos is None else bos, unk, len(eos))]
-    out.append(struct.pack(f"<{len(eos)}i", *eos))
-    out.append(struct.pack("<2I", len(pieces), len(merges)))
-    for p, s, t in zip(pieces, scores, types):
-        p = p or b""
-        out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
-    out.append(np.asarray(merges, dtype="<u4").reshape(-1).tobytes())
-    return b"".join(out)
+# -- SentencePiece tokenizer.model: a protobuf (sentencepiece_model.proto), read by hand
+
+
+def protobuf_fields(data, where):
+    """The (field number, value) pairs of one protobuf message: varints as int, fixed32/fixed64 and
+    length-delimited fields as bytes."""
+    if not isinstance(data, bytes):  # a message field that a damaged file gives as a number
+        raise ExportError(f"{where}: malformed protobuf (a message field is not length-delimited)")
+    out, i, n = [], 0, len(data)
+
+    def varint():
+        nonlocal i
+        x = shift = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ExportError(f"{where}: truncated or malformed protobuf")
+            c = data[i]
+            i += 1
+            x |= (c & 0x7F) << shift
+            shift += 7
+            if c < 0x80:
+                return x
+
+    while i < n:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, i = data[i:i + width], i + width
+        elif wire == 2:
+            length = varint()
+            value, i = data[i:i + length], i + length
+        else:
+            raise ExportError(f"{where}: protobuf wire type {wire} is not supported")
+        if i > n:
+            raise ExportError(f"{where}: truncated protobuf")
+        out.append((field, value))
+    return out
+
+
+def int32_of(varint):
+    """A protobuf int32 (negative ones are written as 64-bit two's complement)."""
+    return varint - (1 << 64) if varint >= 1 << 63 else varint
+
+
+# ModelProto.SentencePiece.Type -> piece type of the record
+SP_PIECE_TYPES = {1: PIECE_NORMAL, 2: PIECE_UNKNOWN, 3: PIECE_CONTROL, 4: PIECE_USER, 5: PIECE_UNUSED, 6: PIECE_BYTE}
+SP_MODEL_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}
+
+
+def sentencepiece_model(path):
+    """(pieces [(text, score, type)], trainer_spec {field: value}, normalizer_spec {field: value})."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    pieces, trainer, normalizer = [], {}, {}
+    for field, value in protobuf_fields(data, path):
+        if field == 1:    # ModelProto.pieces: piece = 1, score = 2, type = 3
+            p = {f: v for f, v in protobuf_fields(value, path)}
+            if not isinstance(p.get(1), bytes):
+                raise ExportError(f"{path}: piece {len(pieces)} has no text")
+            if not (isinstance(p.get(2, b"1234"), bytes) and len(p.get(2, b"1234")) == 4 and isinstance(p.get(3, 1), int)):
+                raise ExportError(f"{path}: piece {len(pieces)} has a malformed score or type")
+            score = struct.unpack("<f", p[2])[0] if 2 in p else 0.0
+            pieces.append((p[1], score, p.get(3, 1)))
+        elif field == 2:  # trainer_spec
+            trainer.update(protobuf_fields(value, path))
+        elif field == 3:  # normalizer_spec
+            normalizer.update(protobuf_fields(value, path))
+    if not pieces:
+        raise ExportError(f"{path}: not a SentencePiece model (no pieces)")
+    return pieces, trainer, normalizer
+
+
+@reads_input
+def sentencepiece_tokenizer(path, vocab_size, dirs):
+    """SentencePiece BPE as the sentencepiece library runs it: the text normalized (spaces to ▁, a dummy ▁
+    prefix), user-defined pieces cut out, then the pair whose joined piece scores highest merges first;
+    control pieces (<s>, </s>) are never matched in the text."""
+    pieces, trainer, normalizer = sentencepiece_model(path)
+    model_type = trainer.get(3, 1)  # TrainerSpec.model_type, default unigram
+    if model_type != 2:
+        raise UnsupportedTokenizer(f"{path}: SentencePiece {SP_MODEL_TYPES.get(model_type, model_type)} models are not supported (only BPE)")
+    if trainer.get(24):
+        raise UnsupportedTokenizer(f"{path}: SentencePiece treat_whitespace_as_suffix is not supported")
+    if normalizer.get(2):
+        name = normalizer.get(1, b"?").decode("utf-8", "replace")
+        raise UnsupportedTokenizer(f"{path}: SentencePiece normalizer '{name}' (a precompiled character map) is not supported (only identity)")
+    if not normalizer.get(5, 1):
+        raise UnsupportedTokenizer(f"{path}: SentencePiece without escape_whitespaces is not supported")
+    if len(pieces) > vocab_size:
+        raise ExportError(f"{path}: {len(pieces)} pieces but the model's vocabulary is {vocab_size}")
+    rec = TokenizerRecord(TOK_SENTENCEPIECE_BPE, vocab_size, path)
+    unk_surface = trainer.get(44, " \u2047 ".encode())
+    for i, (text, score, sp_type) in enumerate(pieces):
+        if sp_type not in SP_PIECE_TYPES:
+            raise ExportError(f"{path}: piece {i} has unknown type {sp_type}")
+        piece_type = SP_PIECE_TYPES[sp_type]
+        # the record keeps what the unknown piece prints as (" ⁇ ", SentencePiece's unk_surface)
+        rec.set_piece(i, unk_surface if piece_type == PIECE_UNKNOWN else text, piece_type, score)
+    add_dummy_prefix, remove_extra = normalizer.get(3, 1), normalizer.get(4, 1)
+    rec.flags = TOKF_SCORE_MERGES | (TOKF_BYTE_FALLBACK if trainer.get(35) else 0) | \
+        (TOKF_DUMMY_PREFIX if add_dummy_prefix else 0) | (TOKF_REMOVE_EXTRA_SPACES if remove_extra else 0) | \
+        (TOKF_STRIP_LEADING_SPACE if add_dummy_prefix or remove_extra else 0)
+    rec.unk = int32_of(trainer.get(40, 0))
+    bos, eos = int32_of(trainer.get(41, 1)), int32_of(trainer.get(42, 2))
+    # the sentencepiece library adds no BOS itself; the models built on it (Llama, Mistral, Gemma) want one
+    tcfg = config_file(dirs, "tokenizer_config.json")
+    rec.bos = bos if bos >= 0 else None
+    if rec.bos is not None and tcfg.get("add_bos_token", True):
+        rec.flags |= TOKF_ADD_BOS
+    rec.eos = eos_ids(dirs, {}, tcfg, rec.ids_by_text(), extra=[eos])
+    log(f"export: tokenizer: SentencePiece BPE from {os.path.basename(path)}, {len(pieces)} pieces, "
+        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {rec.eos}")
+    return rec.pack()
+
+
+# -- llama2.c tokenizer.bin: i32 max_token_length, then per token f32 score, i32 length, bytes
+
+
+@reads_input
+def llama2c_tokenizer(path, vocab_size):
+    """llama2.c's export of the Llama 2 vocabulary: pieces with "▁" written as a space, BOS as "\\n<s>\\n",
+    EOS as "\\n</s>\\n", bytes as <0xNN>. llama2.c encodes like SentencePiece (a dummy-prefix space, merges
+    by score, byte fallback), decodes dropping the space after BOS, and stops at BOS as well as EOS."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    if len(data) < 4:
+        raise ExportError(f"{path}: too short for a llama2.c tokenizer")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    entries, off = [], 4
+    while off < len(data):
+        if off + 8 > len(data):
+            raise ExportError(f"{path}: truncated at token {len(entries)}")
+        score, n = struct.unpack_from("<fi", data, off)
+        off += 8
+        if n < 0 or n > max(max_len, 0) or off + n > len(data):
+            raise ExportError(f"{path}: token {len(entries)} has length {n} (max_token_length {max_len}, {len(data) - off} bytes left)")
+        entries.append((data[off:off + n], score))
+        off += n
+    if len(entries) != vocab_size:
+        raise ExportError(f"{path}: {len(entries)} tokens but the model's vocabulary is {vocab_size}")
+    rec = TokenizerRecord(TOK_SENTENCEPIECE_BPE, vocab_size, path)
+    n_bytes = 0
+    for i, (text, score) in enumerate(entries):
+        if BYTE_PIECE.fullmatch(text.decode("latin-1")):
+            rec.set_piece(i, text, PIECE_BYTE, score)
+            n_bytes += 1
+        elif i == 0 and text == b"<unk>":
+            rec.set_piece(i, text, PIECE_UNKNOWN, score)
+        elif (i, text) in ((1, b"\n<s>\n"), (2, b"\n</s>\n")):
+            rec.set_piece(i, text.strip(), PIECE_CONTROL, score)
+        else:
+            rec.set_piece(i, text.replace(b" ", SPACE_MARK.encode()), PIECE_NORMAL, score)
+    rec.flags = TOKF_SCORE_MERGES | TOKF_DUMMY_PREFIX | TOKF_STRIP_LEADING_SPACE | TOKF_ADD_BOS | \
+        (TOKF_BYTE_FALLBACK if n_bytes == 256 else 0)
+    rec.bos, rec.unk, rec.eos = 1, 0, [2, 1]
+    log(f"export: tokenizer: llama2.c tokenizer.bin, {len(entries)} tokens, {n_bytes} byte pieces, bos 1, eos [2, 1]")
+    return rec.pack()
 
 
 # ----------------------------------------------------------------------------
@@ -820,7 +1310,39 @@ def encode_tensor(arr, dtype):
     return f32_to_bf16(arr).astype("<u2").tobytes()
 
 
+# The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
+LIMITS = dict(dim=1 << 16, hidden_dim=1 << 20, vocab_size=1 << 22, context_length=1 << 24, layers=4096, heads=1024,
+              head_dim=1024)
+
+
+def check_model(m):
+    """Fail before writing if the model description breaks a rule of the format (docs/FORMAT.md)."""
+    def whole(v, what, lo, hi):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ExportError(f"{what} is {v!r} (the format allows {lo} .. {hi})")
+
+    for f in ("dim", "hidden_dim", "vocab_size", "context_length"):
+        whole(getattr(m, f), f, 1, LIMITS[f])
+    whole(len(m.layers), "the number of layers", 1, LIMITS["layers"])
+    if not 0.0 < m.norm_eps < 1.0:
+        raise ExportError(f"norm epsilon {m.norm_eps} is not in (0, 1)")
+    if not (math.isfinite(m.embed_scale) and math.isfinite(m.final_softcap) and m.final_softcap >= 0.0):
+        raise ExportError(f"embed_scale {m.embed_scale} / final softcap {m.final_softcap} is not valid")
+    for i, L in enumerate(m.layers):
+        whole(L.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
+        whole(L.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
+        whole(L.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
+        whole(L.rope_dim, f"layer {i}: rotary dimensions", 0, L.head_dim)
+        if L.rope_dim % 2:
+            raise ExportError(f"layer {i}: {L.rope_dim} rotary dimensions is odd (head_dim {L.head_dim})")
+        if m.position_kind == POS_ROPE and L.rope_dim and L.rope_table < 0 and not L.rope_theta > 1.0:
+            raise ExportError(f"layer {i}: rope_theta {L.rope_theta} is not valid")
+        if not (math.isfinite(L.attn_scale) and L.attn_scale > 0 and math.isfinite(L.attn_softcap) and L.attn_softcap >= 0):
+            raise ExportError(f"layer {i}: attention scale {L.attn_scale} / softcap {L.attn_softcap} is not valid")
+
+
 def write_model(m, out, dtype):
+    check_model(m)
     for i, t in enumerate(m.rope_tables):
         m.add(f"rope_inv_freq.{i}", t.shape, lambda t=t: t)
     n_layers, n_tensors = len(m.layers), len(m.tensors)
@@ -896,9 +1418,15 @@ def main(argv=None):
     ap.add_argument("out", help="output model file")
     ap.add_argument("--dtype", choices=sorted(DTYPES),
                     help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale each")
+    ap.add_argument("--tokenizer", metavar="FILE",
+                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
+                         "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
+    ap.add_argument("--kv-heads", metavar="L=N[,L=N...]|all=N",
+                    help="regroup key/value heads per layer: N a multiple of the layer's kv heads duplicates them "
+                         "(exact), a divisor mean-pools each group's k/v projections (GQA/MQA from MHA, Ainslie et al. 2023)")
     args = ap.parse_args(argv)
     try:
         if os.path.isdir(args.src):
@@ -911,12 +1439,20 @@ def main(argv=None):
             raise ExportError(f"{args.src}: no such file or directory")
         if args.bf16_rope:
             round_rope_to_bf16(m)
+        if args.kv_heads:
+            regroup_kv_heads(m, parse_kv_heads(args.kv_heads, len(m.layers)))
         write_model(m, args.out, dtype)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"error: {args.src}: out of memory (is a size in the config absurd?)", file=sys.stderr)
+        return 1
+    except Exception as e:  # an input problem no check above names: still one line, still no output file
+        print(f"error: {args.src}: cannot export ({type(e).__name__}: {e})", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,5 @@
-/* kvcache.c - paged blocks for full-attention layers, rolling buffers for sliding-window layers. */
+/* kvcache.c - paged blocks for full-attention layers, rolling buffers for sliding-window layers,
+ * summaries for fixed block-sparse layers. */
 #include "kvcache.h"
 
 #include <stdlib.h>
@@ -9,6 +10,11 @@ void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks) {
     l->kv_dim = kv_dim;
     l->window = window;
     l->n_sinks = window > 0 ? n_sinks : 0;
+}
+
+void kvlayer_init_summaries(KVLayer *l, int kv_dim, int block) {
+    kvlayer_init(l, kv_dim, 0, 0);
+    l->summary_every = block;
 }
 
 void kvlayer_free(KVLayer *l) {
@@ -23,13 +29,20 @@ void kvlayer_free(KVLayer *l) {
 
 int kvlayer_capacity(const KVLayer *l) { return l->window > 0 ? l->n_sinks + l->window : 0; }
 
+/* Summaries: slots 0 .. B-2 are a ring for the current block's other positions, then block k's summary
+ * (position kB + B - 1) has slot B - 1 + k: the slots in use stay contiguous, so blocks fill in order. */
+static int summary_slot_of(int pos, int B) { return pos % B == B - 1 ? B - 1 + pos / B : pos % B; }
+
 int kvlayer_slot_of(const KVLayer *l, int pos) {
+    if (l->summary_every) return summary_slot_of(pos, l->summary_every);
     if (l->window == 0 || pos < l->n_sinks) return pos;           /* paged, or a sink: slot = position */
     return l->n_sinks + (pos - l->n_sinks) % l->window;           /* rolling: wrap inside the window */
 }
 
 int kvlayer_holds(const KVLayer *l, int pos) {
     if (pos < 0 || pos >= l->n_positions) return 0;
+    if (l->summary_every) /* a summary, or in the block being filled */
+        return pos % l->summary_every == l->summary_every - 1 || pos / l->summary_every == (l->n_positions - 1) / l->summary_every;
     if (l->window == 0 || pos < l->n_sinks) return 1;
     return pos > l->n_positions - 1 - l->window;                  /* one of the last `window` positions */
 }
@@ -90,19 +103,36 @@ float *kvlayer_value(const KVLayer *l, int pos) {
     return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->kv_dim;
 }
 
+/* keys and values of `rows` positions */
+static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)l->kv_dim * sizeof(float) * 2; }
+
 size_t kvlayer_bytes_held(const KVLayer *l) {
     size_t rows = 0;
     for (int b = 0; b < l->n_blocks; b++)
         if (l->k_blocks[b]) rows += (size_t)block_rows(l, b);
-    return rows * (size_t)l->kv_dim * sizeof(float) * 2; /* keys and values */
+    return bytes_of_rows(l, rows);
+}
+
+/* Slots 0 .. slots_spanned-1 are the ones positions 0 .. n_positions-1 land in (always a contiguous range) */
+static long slots_spanned(const KVLayer *l, long n_positions) {
+    long cap = kvlayer_capacity(l), B = l->summary_every;
+    if (B) return n_positions < B ? n_positions : B - 1 + n_positions / B;
+    return cap && n_positions > cap ? cap : n_positions;
+}
+
+size_t kvlayer_bytes_for(const KVLayer *l, long n_positions) {
+    long blocks = (slots_spanned(l, n_positions) + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
+    size_t rows = 0;
+    for (long b = 0; b < blocks; b++) rows += (size_t)block_rows(l, (int)b);
+    return bytes_of_rows(l, rows);
 }
 
 void kvcache_reset(KVCache *c) {
     for (int i = 0; i < c->n_layers; i++) {
-        KVLayer *l = &c->layers[i];
-        int kv_dim = l->kv_dim, window = l->window, n_sinks = l->n_sinks;
+        KVLayer *l = &c->layers[i], kept = *l;
         kvlayer_free(l);
-        kvlayer_init(l, kv_dim, window, n_sinks);
+        kvlayer_init(l, kept.kv_dim, kept.window, kept.n_sinks);
+        l->summary_every = kept.summary_every;
     }
 }
 

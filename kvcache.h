@@ -5,6 +5,8 @@
  * actually held, not the maximum context). Sliding-window layers can only ever read their last W
  * positions (plus any attention sinks), so they use a ROLLING BUFFER: position p goes to slot p mod W,
  * overwriting the position W back, and the memory stops growing once the window is full.
+ * Layers with the fixed block-sparse pattern keep SUMMARIES: only the last position of each block of B
+ * outlives its block, so they hold the current block in a ring of B - 1 slots plus one row per block.
  * A row holds one position's keys (or values) for all kv heads of that layer: n_kv_heads * head_dim. */
 #ifndef ATTN_KVCACHE_H
 #define ATTN_KVCACHE_H
@@ -17,6 +19,7 @@ typedef struct {
     int kv_dim;     /* floats per row: this layer's n_kv_heads * head_dim */
     int window;     /* 0: full attention, paged and unbounded; W: rolling buffer of the last W positions */
     int n_sinks;    /* rolling buffers only: the first n_sinks positions stay (StreamingLLM sinks) */
+    int summary_every; /* 0, or B: only positions B-1, 2B-1, ... and the current block of B are kept */
     int n_blocks;   /* entries in the block tables (allocated blocks are non-NULL) */
     float **k_blocks, **v_blocks; /* block b holds slots b*KV_BLOCK_TOKENS .. +KV_BLOCK_TOKENS-1 */
     int n_positions;/* positions stored so far: 0 .. n_positions-1 have been written */
@@ -28,6 +31,8 @@ typedef struct {
 } KVCache;
 
 void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks);
+/* A layer that keeps the current block of `block` positions and the last position of each earlier one. */
+void kvlayer_init_summaries(KVLayer *l, int kv_dim, int block);
 void kvlayer_free(KVLayer *l);
 
 /* Slots a rolling buffer holds (n_sinks + window); 0 for a paged layer (unbounded). */
@@ -44,6 +49,8 @@ float *kvlayer_key(const KVLayer *l, int pos);
 float *kvlayer_value(const KVLayer *l, int pos);
 /* Bytes of key and value storage this layer holds right now. */
 size_t kvlayer_bytes_held(const KVLayer *l);
+/* Bytes it will hold once positions 0 .. n_positions-1 have been stored (what --info reports). */
+size_t kvlayer_bytes_for(const KVLayer *l, long n_positions);
 
 /* Forgets every position and gives the blocks back. */
 void kvcache_reset(KVCache *c);

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include "attention.h"
+#include "study.h"
 
 /* ---------------------------------------------------------------------------------------------
  * loading: read every field through a bounds-checked cursor, check it, and only then use it */
@@ -65,12 +67,17 @@ typedef struct {
     size_t errlen;
 } LoadContext;
 
+/* Writes "PATH: what is wrong (where)" to ctx->err. Names in the message come from the file, so control
+ * characters are shown as '?': the error stays one line and cannot drive the terminal. */
 static int fail(LoadContext *ctx, const char *fmt, ...) {
+    if (ctx->errlen == 0) return -1;
     int n = snprintf(ctx->err, ctx->errlen, "%s: ", ctx->path);
     va_list ap;
     va_start(ap, fmt);
     if (n >= 0 && (size_t)n < ctx->errlen) vsnprintf(ctx->err + n, ctx->errlen - (size_t)n, fmt, ap);
     va_end(ap);
+    for (unsigned char *s = (unsigned char *)ctx->err; *s; s++)
+        if (*s < 0x20 || *s == 0x7f) *s = '?';
     return -1;
 }
 
@@ -91,6 +98,8 @@ static int parse_config(LoadContext *ctx, Config *c, const unsigned char *p) {
     Cursor cur = {p};
     memcpy(c->family, cur.p, 32);
     c->family[31] = '\0';
+    for (char *s = c->family; *s; s++) /* shown by --info: no control characters from the file */
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) *s = '?';
     cur.p += 32;
     uint32_t dim = next_u32(&cur), hidden = next_u32(&cur), vocab = next_u32(&cur), context = next_u32(&cur);
     uint32_t norm_kind = next_u32(&cur);
@@ -164,6 +173,13 @@ static int parse_layer(LoadContext *ctx, const Config *c, LayerConfig *l, const 
     return 0;
 }
 
+/* How a layer attends, as its record says: causal, or a sliding window of W. */
+static AttentionSpec attention_of_layer(const LayerConfig *l) {
+    AttentionSpec a = {l->head_dim, l->attn_scale, l->attn_softcap, l->window ? MASK_SLIDING : MASK_CAUSAL, l->window,
+                       0, KERNEL_NAIVE};
+    return a;
+}
+
 /* One entry of the tensor directory, checked against the file. */
 typedef struct {
     char name[TENSOR_NAME_SIZE];
@@ -217,19 +233,28 @@ typedef struct {
     int n;
 } Directory;
 
-/* Binds a tensor the config requires: present once, with this shape; vectors must be f32. */
+static int by_name(const void *a, const void *b) {
+    return strcmp(((const TensorEntry *)a)->name, ((const TensorEntry *)b)->name);
+}
+
+/* Sorts the directory by name so each lookup is a binary search; a name listed twice is an error. */
+static int index_directory(Directory *d) {
+    qsort(d->entries, (size_t)d->n, sizeof *d->entries, by_name);
+    for (int i = 1; i < d->n; i++)
+        if (strcmp(d->entries[i - 1].name, d->entries[i].name) == 0)
+            return fail(d->ctx, "tensor '%s' appears twice", d->entries[i].name);
+    return 0;
+}
+
+/* Binds a tensor the config requires: present, with this shape; vectors must be f32. */
 static int bind(Directory *d, Tensor *t, int rows, int cols, const char *fmt, ...) {
-    char name[TENSOR_NAME_SIZE + 16];
+    TensorEntry key;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
+    vsnprintf(key.name, sizeof key.name, fmt, ap);
     va_end(ap);
-    TensorEntry *e = NULL;
-    for (int i = 0; i < d->n; i++)
-        if (strcmp(d->entries[i].name, name) == 0) {
-            if (e) return fail(d->ctx, "tensor '%s' appears twice", name);
-            e = &d->entries[i];
-        }
+    const char *name = key.name;
+    TensorEntry *e = bsearch(&key, d->entries, (size_t)d->n, sizeof *d->entries, by_name);
     if (!e) return fail(d->ctx, "tensor '%s' is missing", name);
     int is_vector = rows == 0;
     uint32_t want0 = is_vector ? (uint32_t)cols : (uint32_t)rows;
@@ -332,6 +357,89 @@ static void prefault(const void *data, size_t size) {
     madvise((void *)start, (uintptr_t)data + size - start, MADV_WILLNEED);
 }
 
+/* Parses and validates a whole model file held in memory at p[0 .. size). The weights point into p. */
+static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint64_t file_size) {
+    if (file_size < HEADER_SIZE)
+        return fail(ctx, "too short for a model file (%llu bytes, the header alone is %d)", (unsigned long long)file_size,
+                    HEADER_SIZE);
+
+    /* header */
+    if (memcmp(p, MODEL_MAGIC, 4) != 0) return fail(ctx, "not an attn.c model file (bad magic)");
+    uint32_t version = u32_at(p + 4);
+    if (version != MODEL_VERSION)
+        return fail(ctx, "file format version %u, this build reads version %d (re-export with export.py)", version,
+                    MODEL_VERSION);
+    uint64_t declared = u64_at(p + 8), config_off = u64_at(p + 16), config_size = u64_at(p + 24);
+    uint64_t layers_off = u64_at(p + 32), tok_off = u64_at(p + 48), tok_size = u64_at(p + 56);
+    uint32_t n_layers = u32_at(p + 40), layer_rec = u32_at(p + 44), n_tensors = u32_at(p + 72), tensor_rec = u32_at(p + 76);
+    uint64_t tensors_off = u64_at(p + 64), data_off = u64_at(p + 80), data_size = u64_at(p + 88);
+    Config *c = &m->config;
+    if (declared != file_size)
+        return fail(ctx, "header says %llu bytes but the file has %llu (truncated or padded?)",
+                    (unsigned long long)declared, (unsigned long long)file_size);
+    if (config_size != CONFIG_SIZE)
+        return fail(ctx, "config record is %llu bytes (expected %d)", (unsigned long long)config_size, CONFIG_SIZE);
+    if (layer_rec != LAYER_RECORD_SIZE)
+        return fail(ctx, "layer records are %u bytes (expected %d)", layer_rec, LAYER_RECORD_SIZE);
+    if (tensor_rec != TENSOR_RECORD_SIZE)
+        return fail(ctx, "tensor records are %u bytes (expected %d)", tensor_rec, TENSOR_RECORD_SIZE);
+    if (in_range(ctx, "n_layers", n_layers, 1, MAX_LAYERS) || in_range(ctx, "n_tensors", n_tensors, 1, MAX_TENSORS) ||
+        check_section(ctx, "config", config_off, CONFIG_SIZE, file_size) ||
+        check_section(ctx, "layers", layers_off, (uint64_t)n_layers * LAYER_RECORD_SIZE, file_size) ||
+        check_section(ctx, "tokenizer", tok_off, tok_size, file_size) ||
+        check_section(ctx, "tensor directory", tensors_off, (uint64_t)n_tensors * TENSOR_RECORD_SIZE, file_size) ||
+        check_section(ctx, "data", data_off, data_size, file_size))
+        return -1;
+    if (data_off % DATA_ALIGN || data_off + data_size != file_size)
+        return fail(ctx, "data section (offset %llu, size %llu) is not aligned or does not end the file",
+                    (unsigned long long)data_off, (unsigned long long)data_size);
+    if (tensors_off + (uint64_t)n_tensors * TENSOR_RECORD_SIZE > data_off)
+        return fail(ctx, "tensor directory overlaps the data section");
+
+    /* config and layer records */
+    c->n_layers = (int)n_layers;
+    c->layers = calloc(n_layers, sizeof *c->layers);
+    if (!c->layers) return fail(ctx, "out of memory");
+    if (parse_config(ctx, c, p + config_off)) return -1;
+    for (int i = 0; i < c->n_layers; i++)
+        if (parse_layer(ctx, c, &c->layers[i], p + layers_off + (uint64_t)i * LAYER_RECORD_SIZE, i)) return -1;
+
+    /* how each layer attends, as the file says (run.c may override it before runstate_init) */
+    m->attention = calloc(n_layers, sizeof *m->attention);
+    if (!m->attention) return fail(ctx, "out of memory");
+    for (int i = 0; i < c->n_layers; i++) m->attention[i] = attention_of_layer(&c->layers[i]);
+
+    /* tensor directory, then bind what the config asks for */
+    TensorEntry *entries = calloc(n_tensors, sizeof *entries);
+    if (!entries) return fail(ctx, "out of memory");
+    Directory dir = {ctx, p, entries, (int)n_tensors};
+    int bad = 0;
+    for (uint32_t i = 0; i < n_tensors && !bad; i++)
+        bad = parse_tensor(ctx, &entries[i], p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off,
+                           file_size);
+    if (!bad) bad = index_directory(&dir);
+    if (!bad) bad = bind_weights(&dir, m);
+    free(entries);
+    if (bad) return -1;
+
+    /* tokenizer */
+    char tok_err[200];
+    if (tokenizer_load(&m->tokenizer, p + tok_off, (size_t)tok_size, c->vocab_size, tok_err, sizeof tok_err) != 0)
+        return fail(ctx, "%s", tok_err);
+    return 0;
+}
+
+int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen) {
+    memset(m, 0, sizeof *m);
+    LoadContext ctx = {name, err, errlen};
+    m->file_size = size;
+    if (parse_model(&ctx, m, data, size) != 0) {
+        model_free(m);
+        return -1;
+    }
+    return 0;
+}
+
 int model_load(Model *m, const char *path, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
     LoadContext ctx = {path, err, errlen};
@@ -343,113 +451,56 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
         return fail(&ctx, "not a regular file");
     }
     uint64_t file_size = (uint64_t)st.st_size;
-    if (file_size < HEADER_SIZE) {
+    if (file_size < HEADER_SIZE) { /* also keeps an empty file away from mmap */
         close(fd);
-        return fail(&ctx, "too short for a model file (%llu bytes)", (unsigned long long)file_size);
+        return fail(&ctx, "too short for a model file (%llu bytes, the header alone is %d)",
+                    (unsigned long long)file_size, HEADER_SIZE);
+    }
+    if (file_size > SIZE_MAX) {
+        close(fd);
+        return fail(&ctx, "too large to map (%llu bytes)", (unsigned long long)file_size);
     }
     void *map = mmap(NULL, (size_t)file_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED) return fail(&ctx, "cannot map: %s", strerror(errno));
     m->map = map;
     m->file_size = (size_t)file_size;
-    const unsigned char *p = map;
-
-    /* header */
-    if (memcmp(p, MODEL_MAGIC, 4) != 0) return fail(&ctx, "not an attn.c model file (bad magic)"), model_free(m), -1;
-    uint32_t version = u32_at(p + 4);
-    if (version != MODEL_VERSION) {
-        fail(&ctx, "file format version %u, this build reads version %d (re-export with export.py)", version,
-             MODEL_VERSION);
+    if (parse_model(&ctx, m, map, file_size) != 0) {
         model_free(m);
         return -1;
     }
-    uint64_t declared = u64_at(p + 8), config_off = u64_at(p + 16), config_size = u64_at(p + 24);
-    uint64_t layers_off = u64_at(p + 32), tok_off = u64_at(p + 48), tok_size = u64_at(p + 56);
-    uint32_t n_layers = u32_at(p + 40), layer_rec = u32_at(p + 44), n_tensors = u32_at(p + 72), tensor_rec = u32_at(p + 76);
-    uint64_t tensors_off = u64_at(p + 64), data_off = u64_at(p + 80), data_size = u64_at(p + 88);
-    Config *c = &m->config;
-    int bad = 0;
-    if (declared != file_size)
-        bad = fail(&ctx, "header says %llu bytes but the file has %llu (truncated or padded?)",
-                   (unsigned long long)declared, (unsigned long long)file_size);
-    else if (config_size != CONFIG_SIZE) bad = fail(&ctx, "config record is %llu bytes (expected %d)", (unsigned long long)config_size, CONFIG_SIZE);
-    else if (layer_rec != LAYER_RECORD_SIZE) bad = fail(&ctx, "layer records are %u bytes (expected %d)", layer_rec, LAYER_RECORD_SIZE);
-    else if (tensor_rec != TENSOR_RECORD_SIZE) bad = fail(&ctx, "tensor records are %u bytes (expected %d)", tensor_rec, TENSOR_RECORD_SIZE);
-    else if (in_range(&ctx, "n_layers", n_layers, 1, MAX_LAYERS) || in_range(&ctx, "n_tensors", n_tensors, 1, MAX_TENSORS)) bad = -1;
-    else if (check_section(&ctx, "config", config_off, CONFIG_SIZE, file_size) ||
-             check_section(&ctx, "layers", layers_off, (uint64_t)n_layers * LAYER_RECORD_SIZE, file_size) ||
-             check_section(&ctx, "tokenizer", tok_off, tok_size, file_size) ||
-             check_section(&ctx, "tensor directory", tensors_off, (uint64_t)n_tensors * TENSOR_RECORD_SIZE, file_size) ||
-             check_section(&ctx, "data", data_off, data_size, file_size))
-        bad = -1;
-    else if (data_off % DATA_ALIGN || data_off + data_size != file_size)
-        bad = fail(&ctx, "data section (offset %llu, size %llu) is not aligned or does not end the file",
-                   (unsigned long long)data_off, (unsigned long long)data_size);
-    else if (tensors_off + (uint64_t)n_tensors * TENSOR_RECORD_SIZE > data_off)
-        bad = fail(&ctx, "tensor directory overlaps the data section");
-    if (bad) {
-        model_free(m);
-        return -1;
-    }
-
-    /* config and layer records */
-    c->n_layers = (int)n_layers;
-    c->layers = calloc(n_layers, sizeof *c->layers);
-    if (!c->layers) return fail(&ctx, "out of memory"), model_free(m), -1;
-    if (parse_config(&ctx, c, p + config_off)) return model_free(m), -1;
-    for (int i = 0; i < c->n_layers; i++)
-        if (parse_layer(&ctx, c, &c->layers[i], p + layers_off + (uint64_t)i * LAYER_RECORD_SIZE, i))
-            return model_free(m), -1;
-
-    /* tensor directory, then bind what the config asks for */
-    TensorEntry *entries = calloc(n_tensors, sizeof *entries);
-    if (!entries) return fail(&ctx, "out of memory"), model_free(m), -1;
-    Directory dir = {&ctx, p, entries, (int)n_tensors};
-    for (uint32_t i = 0; i < n_tensors; i++)
-        if (parse_tensor(&ctx, &entries[i], p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off,
-                         file_size)) {
-            free(entries);
-            model_free(m);
-            return -1;
-        }
-    bad = bind_weights(&dir, m);
-    free(entries);
-    if (bad) return model_free(m), -1;
-    prefault(p + data_off, (size_t)data_size);
-
-    /* tokenizer */
-    char tok_err[200];
-    if (tokenizer_load(&m->tokenizer, p + tok_off, (size_t)tok_size, c->vocab_size, tok_err, sizeof tok_err) != 0) {
-        fail(&ctx, "%s", tok_err);
-        model_free(m);
-        return -1;
-    }
+    prefault(map, (size_t)file_size); /* every check passed: bring the weights in now */
     return 0;
 }
 
 void model_free(Model *m) {
     tokenizer_free(&m->tokenizer);
     free(m->config.layers);
+    free(m->attention);
     free(m->weights.rope_computed);
     free(m->weights.layers);
     if (m->map) munmap(m->map, m->file_size);
     memset(m, 0, sizeof *m);
 }
 
-int model_can_roll(const Config *c) {
-    if (c->position_kind != POS_ROPE) return 0;
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].window == 0) return 0;
+int model_can_roll(const Model *m) {
+    if (m->config.position_kind != POS_ROPE) return 0;
+    for (int l = 0; l < m->config.n_layers; l++)
+        if (m->attention[l].mask != MASK_SLIDING) return 0;
     return 1;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * run state */
 
-static int max_visible(const Config *c, int n_sinks) {
-    int most = c->context_length;
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].window > 0 && c->layers[l].window + n_sinks > most) most = c->layers[l].window + n_sinks;
+/* The longest score row any layer needs: positions stop at the context, except in a model that rolls */
+static int max_visible(const Model *m) {
+    int most = 1, n_positions = m->config.context_length;
+    for (int l = 0; l < m->config.n_layers; l++) {
+        const AttentionSpec *a = &m->attention[l];
+        int n = a->mask == MASK_SLIDING ? a->n_sinks + a->span : most_visible(a, n_positions);
+        if (n > most) most = n;
+    }
     return most;
 }
 
@@ -465,7 +516,9 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     }
     size_t T = (size_t)max_tokens, wide = (size_t)(q_dim > c->dim ? q_dim : c->dim);
     s->max_tokens = max_tokens;
-    s->scores_stride = max_visible(c, 0);
+    /* the score rows start short and grow with the positions actually reached (grow_scores): a context
+     * of millions of positions costs nothing until a prompt gets there */
+    s->scores_stride = max_visible(m) < max_tokens ? max_visible(m) : max_tokens;
     s->x = malloc(T * c->dim * sizeof(float));
     s->xb = malloc(T * wide * sizeof(float));
     s->xb2 = malloc(T * c->dim * sizeof(float));
@@ -474,6 +527,7 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->v = malloc(T * kv_dim * sizeof(float));
     s->hb = malloc(T * c->hidden_dim * sizeof(float));
     s->hb2 = malloc(T * c->hidden_dim * sizeof(float));
+    s->scores_heads = heads;
     s->scores = malloc((size_t)heads * s->scores_stride * sizeof(float));
     s->logits = malloc(T * c->vocab_size * sizeof(float));
     s->kv.n_layers = c->n_layers;
@@ -489,7 +543,7 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         return -1;
     }
     for (int l = 0; l < c->n_layers; l++)
-        kvlayer_init(&s->kv.layers[l], c->layers[l].n_kv_heads * c->layers[l].head_dim, c->layers[l].window, 0);
+        attention_cache_init(&s->kv.layers[l], c->layers[l].n_kv_heads * c->layers[l].head_dim, &m->attention[l]);
     return 0;
 }
 
@@ -541,8 +595,30 @@ static void rotate_heads(RunState *s, const LayerConfig *lc, const float *inv_fr
     }
 }
 
+/* Makes the score rows long enough for every key a query at a position < end can see under its layer's
+ * mask (most_visible), growing by doubling up to the longest row any layer needs. Returns 0, or -1 when out
+ * of memory. */
+static int grow_scores(RunState *s, const Model *m, int end) {
+    int need = 1;
+    for (int l = 0; l < m->config.n_layers; l++) {
+        int n = most_visible(&m->attention[l], end);
+        if (n > need) need = n;
+    }
+    if (need <= s->scores_stride) return 0;
+    int most = max_visible(m), stride = s->scores_stride > INT_MAX / 2 ? INT_MAX : 2 * s->scores_stride;
+    if (stride > most) stride = most;
+    if (stride < need) stride = need;
+    float *scores = malloc((size_t)s->scores_heads * stride * sizeof(float));
+    if (!scores) return -1;
+    free(s->scores);
+    s->scores = scores;
+    s->scores_stride = stride;
+    return 0;
+}
+
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits) {
     const Config *c = &m->config;
+    if (grow_scores(s, m, pos + n) != 0) return NULL;
     const Weights *w = &m->weights;
     int dim = c->dim, hidden = c->hidden_dim;
     float *x = s->x, *xb = s->xb, *xb2 = s->xb2, *hb = s->hb, *hb2 = s->hb2;
@@ -579,12 +655,14 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         }
         rotate_heads(s, lc, lw->rope_inv_freq, n, pos);
 
-        /* attention: each token stores its key and value in the cache, then attends over what it may see */
-        AttentionSpec spec = {hd, lc->attn_scale, lc->attn_softcap, lc->window, cache->n_sinks};
+        /* attention: each token stores its key and value in the cache, then attends over what its mask
+         * lets it see (--attn-map keeps the weights) */
+        const AttentionSpec *spec = &m->attention[l];
         for (int t = 0; t < n; t++) {
             if (kvlayer_store(cache, pos + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim) != 0) return NULL;
             attention_layer(xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim, cache, lc->n_heads, lc->n_kv_heads,
-                            pos + t, &spec, s->scores, s->scores_stride);
+                            pos + t, spec, s->scores, s->scores_stride);
+            if (s->attention_map) attention_map_record(s->attention_map, l, pos + t, s->scores, s->scores_stride);
         }
 
         /* output projection, optional post-norm (Gemma), residual connection */

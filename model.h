@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "attention.h"
 #include "kvcache.h"
 #include "ops.h"
 #include "tokenizer.h"
@@ -86,6 +87,8 @@ typedef struct {
     void *map;            /* the whole file, mmapped read-only */
     size_t file_size;
     DType weight_dtype;   /* dtype of the matrices (for --info and stats) */
+    AttentionSpec *attention; /* per layer, how it attends when run: its record in the file, then any
+                               * --window / --sinks / --sparse / --attn override (study.c) */
 } Model;
 
 /* Scratch buffers for one forward pass over up to max_tokens tokens, allocated once. */
@@ -98,13 +101,18 @@ typedef struct {
     float *k, *v;   /* [T][kv_dim] */
     float *hb, *hb2;/* [T][hidden_dim] */
     float *scores;  /* [n_heads][scores_stride] attention weights of one query */
-    int scores_stride; /* most keys any query can see */
+    int scores_stride; /* keys a row holds: grows with the positions reached, up to the most any query can see */
+    int scores_heads;  /* rows: the most query heads of any layer */
     float *logits;  /* [T][vocab] */
     KVCache kv;
+    struct AttentionMap *attention_map; /* --attn-map: forward records the weights here (NULL: off) */
 } RunState;
 
 /* Loads and validates a model file. On failure writes one line to err and returns -1. */
 int model_load(Model *m, const char *path, char *err, size_t errlen);
+/* The same from a file already in memory (size bytes at data, which must outlive the model); name is used
+ * in error messages. The fuzz targets load through it, so every read is checked against the exact size. */
+int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen);
 void model_free(Model *m);
 
 int runstate_init(RunState *s, const Model *m, int max_tokens);
@@ -116,6 +124,6 @@ void runstate_free(RunState *s);
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits);
 
 /* 1 if positions can go on past the context (every layer slides and positions are rotary). */
-int model_can_roll(const Config *c);
+int model_can_roll(const Model *m);
 
 #endif

@@ -11,17 +11,20 @@
 #include <time.h>
 
 #include "model.h"
+#include "study.h"
 
 /* ---------------------------------------------------------------------------------------------
  * errors: one line, exit status 1 */
 
 static void die(const char *fmt, ...) {
+    char msg[1024];
     va_list ap;
-    fputs("error: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    for (unsigned char *s = (unsigned char *)msg; *s; s++) /* arguments and file names stay on one line */
+        if (*s < 0x20 || *s == 0x7f) *s = '?';
+    fprintf(stderr, "error: %s\n", msg);
     exit(1);
 }
 
@@ -80,6 +83,7 @@ static int sample(Sampler *s, float *logits, int n) {
     int m = 0;
     for (int i = 0; i < n; i++)
         if (logits[i] >= cutoff) s->order[m++] = i;
+    if (m == 0) return argmax(logits, n); /* no finite probabilities (NaN weights): nothing to sample from */
     sort_probs = logits;
     qsort(s->order, (size_t)m, sizeof *s->order, by_prob_desc);
     float mass = 0.0f;
@@ -108,11 +112,17 @@ typedef struct {
     const char *tokens;     /* --tokens: comma-separated ids */
     const char *logits_path;
     const char *encode_text;
+    const char *decode_ids; /* --decode: comma-separated ids */
     int n_generate;
     float temperature, top_p;
     uint64_t seed;
     int print_ids, no_bos;
     int threads, batch;
+    /* the attention study options (study.c) */
+    const char *prompt_file;   /* -f: prompt text from a file */
+    int info, ppl;
+    AttentionOverrides overrides;
+    const char *attn_map, *attn_map_layers, *attn_dump;
 } Options;
 
 static void usage(FILE *out) {
@@ -126,10 +136,23 @@ static void usage(FILE *out) {
           "  --logits FILE   write float32 little-endian logits for every prompt position, [n_prompt][vocab]\n"
           "  --print-ids     print the generated ids (space-separated, one line) instead of text\n"
           "  --encode TEXT   print the ids TEXT encodes to as a prompt, then exit; --no-bos drops the BOS\n"
+          "  --decode LIST   print the text the comma-separated token ids decode to, then exit\n"
           "  --no-bos        do not add the tokenizer's BOS to -p / --encode text\n"
           "  --threads N     threads (default: all cores)\n"
           "  --batch N       prompt tokens per forward pass (default 256; 1 = token by token)\n"
-          "  --help          this text\n",
+          "  --help          this text\n"
+          "attention study (docs/ATTENTION.md):\n"
+          "  --info          print the attention wiring, per layer, and what its KV cache costs; then exit\n"
+          "  -f FILE         prompt text from a file\n"
+          "  --ppl           print the perplexity of the prompt (each token given the ones before it), then exit\n"
+          "  --window LIST   make layers slide: L=W[,L=W...] or all=W (W = 0: full attention)\n"
+          "  --sinks N       the first N positions stay visible in every sliding layer (attention sinks)\n"
+          "  --sparse LIST   block-sparse layers: strided:S or fixed:B for all, or L=strided:S[,L=fixed:B...]\n"
+          "                  (after --window: it wins where both name a layer)\n"
+          "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
+          "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
+          "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
+          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n",
           out);
 }
 
@@ -170,13 +193,17 @@ static Options parse_args(int argc, char **argv) {
             continue;
         }
         /* every other option takes a value */
-        int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos");
+        int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos") || !strcmp(a, "--info") || !strcmp(a, "--ppl");
         if (is_flag) {
             if (!strcmp(a, "--print-ids")) o.print_ids = 1;
+            else if (!strcmp(a, "--info")) o.info = 1;
+            else if (!strcmp(a, "--ppl")) o.ppl = 1;
             else o.no_bos = 1;
             continue;
         }
-        const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--threads", "--batch"};
+        const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
+                               "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
+                               "--attn-dump"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -184,49 +211,82 @@ static Options parse_args(int argc, char **argv) {
         const char *v = argv[++i];
         if (!strcmp(a, "-p")) o.prompt = v;
         else if (!strcmp(a, "-n")) o.n_generate = (int)parse_long(a, v, 0, 1 << 24);
-        else if (!strcmp(a, "-t")) o.temperature = parse_float(a, v, 0.0f, 100.0f);
+        else if (!strcmp(a, "-t")) {
+            o.temperature = parse_float(a, v, 0.0f, 100.0f);
+            /* logits / t must stay finite: tiny temperatures are greedy in all but name */
+            if (o.temperature > 0.0f && o.temperature < 1e-3f) die("-t must be 0 (greedy) or at least 0.001, got %s", v);
+        }
         else if (!strcmp(a, "-s")) o.seed = (uint64_t)parse_long(a, v, 0, LONG_MAX);
-        else if (!strcmp(a, "--top-p")) o.top_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (!strcmp(a, "--top-p")) {
+            o.top_p = parse_float(a, v, 0.0f, 1.0f);
+            if (o.top_p == 0.0f) die("--top-p must be in (0, 1], got %s", v);
+        }
         else if (!strcmp(a, "--tokens")) o.tokens = v;
         else if (!strcmp(a, "--logits")) o.logits_path = v;
         else if (!strcmp(a, "--encode")) o.encode_text = v;
+        else if (!strcmp(a, "--decode")) o.decode_ids = v;
         else if (!strcmp(a, "--threads")) o.threads = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--batch")) o.batch = (int)parse_long(a, v, 1, 4096);
+        else if (!strcmp(a, "-f")) o.prompt_file = v;
+        else if (!strcmp(a, "--window")) o.overrides.window = v;
+        else if (!strcmp(a, "--sinks")) o.overrides.n_sinks = (int)parse_long(a, v, 0, 1 << 20);
+        else if (!strcmp(a, "--sparse")) o.overrides.sparse = v;
+        else if (!strcmp(a, "--attn")) o.overrides.kernel = v;
+        else if (!strcmp(a, "--attn-map")) o.attn_map = v;
+        else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
+        else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
     }
-    if (!o.model_path) {
-        usage(stderr);
-        die("no model file given");
-    }
-    if (o.prompt && o.tokens) die("give the prompt as -p TEXT or --tokens LIST, not both");
+    if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
+    if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
+    if (o.attn_map_layers && !o.attn_map && !o.attn_dump) die("--attn-map-layer needs --attn-map or --attn-dump");
+    if ((o.attn_map || o.attn_dump) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
+        die("--attn-map needs the naive kernel: flash never materialises the weights");
     return o;
 }
 
-/* --tokens "1,2,3" -> ids, each checked against the vocabulary */
-static int parse_token_list(const char *list, int vocab_size, int **out) {
+/* --tokens / --decode "1,2,3" -> ids, each checked against the vocabulary */
+static int parse_token_list(const char *opt, const char *list, int vocab_size, int **out) {
     size_t cap = 1;
     for (const char *p = list; *p; p++) cap += *p == ',';
     int *ids = malloc(cap * sizeof *ids), n = 0;
     if (!ids) die("out of memory");
+    *out = ids; /* the caller owns it from here, also when an error below ends the program */
     const char *p = list;
     while (*p) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ',')) die("--tokens expects comma-separated integers, got '%s'", list);
-        if (v < 0 || v >= vocab_size) die("--tokens: id %ld is outside the vocabulary (0 .. %d)", v, vocab_size - 1);
+        if (end == p || errno || (*end && *end != ',')) die("%s expects comma-separated integers, got '%s'", opt, list);
+        if (v < 0 || v >= vocab_size) die("%s: id %ld is outside the vocabulary (0 .. %d)", opt, v, vocab_size - 1);
         ids[n++] = (int)v;
         p = *end ? end + 1 : end;
-        if (*end == ',' && !*p) die("--tokens: trailing comma in '%s'", list);
+        if (*end == ',' && !*p) die("%s: trailing comma in '%s'", opt, list);
     }
-    if (n == 0) die("--tokens: no ids given");
-    *out = ids;
     return n;
+}
+
+/* -f FILE: the whole file as prompt text (NUL-terminated) */
+static char *read_text_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot read -f file '%s': %s", path, strerror(errno));
+    size_t cap = 1 << 16, len = 0, got;
+    char *text = malloc(cap);
+    while (text && (got = fread(text + len, 1, cap - len - 1, f)) > 0) {
+        len += got;
+        if (len + 1 == cap) text = realloc(text, cap *= 2);
+    }
+    if (!text) die("out of memory reading '%s'", path);
+    if (ferror(f)) die("cannot read -f file '%s'", path);
+    fclose(f);
+    text[len] = '\0';
+    if (strlen(text) != len) die("-f file '%s' contains a NUL byte: not a text file", path);
+    return text;
 }
 
 static int encode_text(const Model *m, const char *text, int add_bos, int **out) {
     if (m->tokenizer.kind == TOKENIZER_NONE) die("%s has no tokenizer: give the prompt as --tokens LIST", "this model");
     size_t len = strlen(text);
-    int *ids = malloc((len + 3) * sizeof *ids);
+    int *ids = malloc(tokenizer_max_ids(len) * sizeof *ids);
     if (!ids) die("out of memory");
     int n = tokenizer_encode(&m->tokenizer, text, len, add_bos, ids);
     if (n < 0) die("out of memory while tokenizing");
@@ -244,6 +304,12 @@ int main(int argc, char **argv) {
     char err[512];
     if (model_load(&model, o.model_path, err, sizeof err) != 0) die("%s", err);
     const Config *c = &model.config;
+    if (apply_attention_overrides(&model, &o.overrides, err, sizeof err) != 0) die("%s", err);
+    if (o.info) {
+        print_wiring(&model, o.model_path, stdout);
+        model_free(&model);
+        return 0;
+    }
 
     if (o.encode_text) {
         int *ids, n = encode_text(&model, o.encode_text, !o.no_bos, &ids);
@@ -254,12 +320,36 @@ int main(int argc, char **argv) {
         return 0;
     }
 
+    if (o.decode_ids) { /* printed as generation would print them, from the start of the output */
+        if (model.tokenizer.kind == TOKENIZER_NONE) die("this model has no tokenizer to decode with");
+        int *ids, n = parse_token_list("--decode", o.decode_ids, c->vocab_size, &ids);
+        Utf8Stream out = {{0}, 0};
+        DecodeState state = {0, 0};
+        for (int i = 0, len; i < n; i++) {
+            const unsigned char *bytes = tokenizer_decode(&model.tokenizer, &state, ids[i], &len);
+            utf8_stream_write(&out, stdout, bytes, len);
+        }
+        utf8_stream_flush(&out, stdout);
+        printf("\n");
+        free(ids);
+        model_free(&model);
+        return 0;
+    }
+
     /* the prompt as ids */
     int *prompt = NULL, n_prompt;
-    if (o.tokens) n_prompt = parse_token_list(o.tokens, c->vocab_size, &prompt);
-    else n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
+    if (o.tokens) {
+        if ((n_prompt = parse_token_list("--tokens", o.tokens, c->vocab_size, &prompt)) == 0) die("--tokens: no ids given");
+    } else if (o.prompt_file) {
+        char *text = read_text_file(o.prompt_file);
+        n_prompt = encode_text(&model, text, !o.no_bos, &prompt);
+        free(text);
+    } else {
+        n_prompt = encode_text(&model, o.prompt ? o.prompt : "", !o.no_bos, &prompt);
+    }
     if (n_prompt == 0) die("the prompt is empty and the tokenizer has no BOS to start from: give -p TEXT");
-    int rolls = model_can_roll(c); /* every layer slides: positions may run past the context */
+    if (o.ppl && n_prompt < 2) die("--ppl needs a prompt of at least 2 tokens (each token is scored given the ones before it)");
+    int rolls = model_can_roll(&model); /* every layer slides: positions may run past the context */
     if (n_prompt > c->context_length && !rolls)
         die("the prompt has %d tokens but the model's context is %d", n_prompt, c->context_length);
 
@@ -272,14 +362,23 @@ int main(int argc, char **argv) {
     if (runstate_init(&state, &model, batch) != 0) die("out of memory allocating the run state");
     Sampler sampler = {o.temperature, o.top_p, o.seed * 2654435761ULL + 1, malloc((size_t)c->vocab_size * sizeof(int))};
     if (!sampler.order) die("out of memory");
+    if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
+    if (o.attn_map || o.attn_dump) {
+        long positions = (long)n_prompt + o.n_generate;
+        if (!rolls && positions > c->context_length) positions = c->context_length;
+        if (!(state.attention_map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+    }
 
-    /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for */
-    double t0 = now_seconds();
+    /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for
+     * (--logits, and --ppl: the logits at p score the token at p + 1) */
+    double t0 = now_seconds(), nll = 0.0;
     float *logits = NULL;
     for (int pos = 0; pos < n_prompt; pos += batch) {
         int n = n_prompt - pos < batch ? n_prompt - pos : batch;
-        logits = forward(&model, &state, prompt + pos, n, pos, logits_file != NULL);
-        if (!logits) die("out of memory growing the KV cache at position %d", pos);
+        logits = forward(&model, &state, prompt + pos, n, pos, logits_file != NULL || o.ppl);
+        if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos);
+        for (int t = 0; o.ppl && t < n && pos + t + 1 < n_prompt; t++)
+            nll += token_nll(logits + (size_t)t * c->vocab_size, c->vocab_size, prompt[pos + t + 1]);
         if (logits_file) {
             if (fwrite(logits, sizeof(float), (size_t)n * c->vocab_size, logits_file) != (size_t)n * c->vocab_size)
                 die("writing --logits file '%s' failed", o.logits_path);
@@ -288,10 +387,14 @@ int main(int argc, char **argv) {
     }
     if (logits_file && fclose(logits_file) != 0) die("writing --logits file '%s' failed", o.logits_path);
     double t1 = now_seconds();
+    if (o.ppl) printf("perplexity: %.6f over %d tokens\n", exp(nll / (n_prompt - 1)), n_prompt - 1);
 
     /* generation: sample, print, feed the token back */
     Utf8Stream out = {{0}, 0};
-    int generated = 0, prev = prompt[n_prompt - 1], pos = n_prompt;
+    DecodeState printed = {0, 0}; /* generation continues the prompt's text (its dummy-prefix space included) */
+    for (int i = 0, len; i < n_prompt && model.tokenizer.kind != TOKENIZER_NONE; i++)
+        tokenizer_decode(&model.tokenizer, &printed, prompt[i], &len);
+    int generated = 0, pos = n_prompt;
     while (generated < o.n_generate) {
         int next = sample(&sampler, logits, c->vocab_size);
         if (model.tokenizer.kind != TOKENIZER_NONE && tokenizer_is_eos(&model.tokenizer, next)) break;
@@ -299,24 +402,31 @@ int main(int argc, char **argv) {
             printf(generated ? " %d" : "%d", next);
         } else if (model.tokenizer.kind != TOKENIZER_NONE) {
             int len;
-            const unsigned char *bytes = tokenizer_decode(&model.tokenizer, prev, next, &len);
+            const unsigned char *bytes = tokenizer_decode(&model.tokenizer, &printed, next, &len);
             utf8_stream_write(&out, stdout, bytes, len);
         } else {
             printf(generated ? " %d" : "%d", next); /* no tokenizer: ids are all we can show */
         }
         fflush(stdout);
-        prev = next;
         if (++generated == o.n_generate) break;
         if (pos >= c->context_length && !rolls) {
             fprintf(stderr, "\nnote: stopped at the end of the model's context (%d tokens)\n", c->context_length);
             break;
         }
         logits = forward(&model, &state, &next, 1, pos++, 0);
-        if (!logits) die("out of memory growing the KV cache at position %d", pos - 1);
+        if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos - 1);
     }
     utf8_stream_flush(&out, stdout);
     if (o.n_generate > 0) printf("\n");
     double t2 = now_seconds();
+    if (state.attention_map) {
+        if (o.attn_map && attention_map_write_png(state.attention_map, o.attn_map) != 0)
+            die("cannot write --attn-map '%s': %s", o.attn_map, strerror(errno));
+        if (o.attn_dump && attention_map_write_raw(state.attention_map, o.attn_dump) != 0)
+            die("cannot write --attn-dump '%s': %s", o.attn_dump, strerror(errno));
+        attention_map_free(state.attention_map);
+        state.attention_map = NULL;
+    }
 
     fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes\n", n_prompt,
             n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), generated, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9),

@@ -1,10 +1,15 @@
-/* tokenizer.c - byte-level BPE (GPT-2 / Llama 3 / Qwen2 pre-tokenizers), special tokens, streaming decode.
+/* tokenizer.c - BPE tokenizers (byte-level and SentencePiece-style), special tokens, streaming decode.
  *
  * encode(text):
- *   1. special tokens written in the text are cut out first and kept as single ids;
- *   2. each remaining stretch is split into pre-tokens ("words") by the family's regex rule;
- *   3. each word becomes one token per byte, and BPE joins the adjacent pair with the best merge rank
- *      until no pair can merge. */
+ *   1. SentencePiece's remove_extra_whitespaces, where asked for, trims and squeezes the spaces;
+ *   2. special tokens written in the text are cut out and kept as single ids; what lies between them are
+ *      "stretches" of plain text. SentencePiece-style tokenizers write spaces as "▁" (with a dummy "▁"
+ *      in front): the sentencepiece library writes the whole text so before it looks for its user-defined
+ *      pieces, the tokenizers library writes each stretch after cutting out its added tokens;
+ *   3. each stretch is split into pre-tokens ("words") by the family's rule;
+ *   4. each word starts as one symbol per byte (byte-level) or per character (SentencePiece-style), and
+ *      BPE joins the adjacent pair with the best merge rank (or the best-scoring joined piece) until no
+ *      pair can merge; characters outside the vocabulary fall back to <0xNN> byte pieces or <unk>. */
 #include "tokenizer.h"
 
 #include <stdint.h>
@@ -12,6 +17,9 @@
 #include <string.h>
 
 #include "unicode.h"
+
+#define SPACE_MARK "\xE2\x96\x81" /* "▁" (U+2581): SentencePiece's spelling of a space */
+#define SPACE_MARK_LEN 3
 
 /* ---------------------------------------------------------------------------------------------
  * a small open-addressing hash map from byte strings to ints */
@@ -93,6 +101,58 @@ static int sort_longest_first(int *ids, int n, const int *lens) {
     return 0;
 }
 
+static int starts_with_mark(const unsigned char *s, size_t n) {
+    return n >= SPACE_MARK_LEN && memcmp(s, SPACE_MARK, SPACE_MARK_LEN) == 0;
+}
+
+/* "<0xNN>" -> NN, or -1 */
+static int byte_of_piece(const unsigned char *p, int len) {
+    static const char hex[] = "0123456789ABCDEF0123456789abcdef";
+    if (len != 6 || memcmp(p, "<0x", 3) != 0 || p[5] != '>') return -1;
+    const char *hi = memchr(hex, p[3], 32), *lo = memchr(hex, p[4], 32);
+    if (!hi || !lo) return -1;
+    return (int)((hi - hex) % 16 * 16 + (lo - hex) % 16);
+}
+
+/* What each token prints as: SentencePiece-style pieces with "▁" as a space, byte pieces as their byte,
+ * control pieces (and ids the tokenizer lacks) as nothing. */
+static int build_texts(Tokenizer *t) {
+    size_t total = 256;
+    for (int i = 0; i < t->n_pieces; i++) total += (size_t)t->piece_len[i];
+    t->text = calloc((size_t)t->n_pieces, sizeof *t->text);
+    t->text_len = calloc((size_t)t->n_pieces, sizeof *t->text_len);
+    t->text_storage = malloc(total);
+    if (!t->text || !t->text_len || !t->text_storage) return -1;
+    unsigned char *bytes = t->text_storage, *out = t->text_storage + 256;
+    for (int b = 0; b < 256; b++) bytes[b] = (unsigned char)b;
+    for (int i = 0; i < t->n_pieces; i++) {
+        const unsigned char *p = t->piece[i];
+        int n = t->piece_len[i];
+        t->text[i] = out;
+        if (t->type[i] == PIECE_CONTROL) continue;
+        if (t->type[i] == PIECE_BYTE) {
+            t->text[i] = bytes + byte_of_piece(p, n);
+            t->text_len[i] = 1;
+            continue;
+        }
+        if (t->kind != TOKENIZER_SENTENCEPIECE_BPE || t->type[i] == PIECE_UNKNOWN) {
+            t->text[i] = p; /* printed as stored */
+            t->text_len[i] = n;
+            continue;
+        }
+        for (int k = 0; k < n;) {
+            if (starts_with_mark(p + k, (size_t)(n - k))) {
+                *out++ = ' ';
+                k += SPACE_MARK_LEN;
+            } else {
+                *out++ = p[k++];
+            }
+        }
+        t->text_len[i] = (int)(out - t->text[i]);
+    }
+    return 0;
+}
+
 int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size, char *err, size_t errlen) {
     memset(t, 0, sizeof *t);
     t->bos_id = t->unk_id = -1;
@@ -105,8 +165,14 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
         FAIL("tokenizer record truncated in its header (%zu bytes)", size);
     if (kind != TOKENIZER_BYTELEVEL_BPE && kind != TOKENIZER_SENTENCEPIECE_BPE)
         FAIL("tokenizer kind %u is not supported", kind);
-    if (pre > PRETOKENIZE_QWEN2) FAIL("tokenizer pre-tokenizer %u is not supported", pre);
-    if (flags & ~63u) FAIL("tokenizer has unknown flags 0x%x", flags);
+    if (pre > PRETOKENIZE_METASPACE) FAIL("tokenizer pre-tokenizer %u is not supported", pre);
+    if (flags & ~2047u) FAIL("tokenizer has unknown flags 0x%x", flags);
+    if ((flags & TOKF_SCORE_MERGES) && kind != TOKENIZER_SENTENCEPIECE_BPE)
+        FAIL("tokenizer merges by score but is not SentencePiece-style");
+    /* ByteLevel's prefix space: in a SentencePiece-style record it would put a "▁" before each stretch of a
+     * text already written with its "▁"s, past the room tokenizer_encode sizes for it (found by fuzzing) */
+    if ((flags & TOKF_PREFIX_SPACE) && kind != TOKENIZER_BYTELEVEL_BPE)
+        FAIL("tokenizer adds ByteLevel's prefix space but is not byte-level");
     if (n_eos > TOKENIZER_MAX_EOS) FAIL("tokenizer lists %u eos ids (at most %d)", n_eos, TOKENIZER_MAX_EOS);
     t->kind = (int)kind;
     t->pretokenizer = (int)pre;
@@ -132,8 +198,10 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
     t->piece_len = calloc(n_pieces, sizeof *t->piece_len);
     t->score = calloc(n_pieces, sizeof *t->score);
     t->type = calloc(n_pieces, 1);
+    t->strip = calloc(n_pieces, 1);
     t->specials = calloc(n_pieces, sizeof *t->specials);
-    if (!t->piece || !t->piece_len || !t->score || !t->type || !t->specials || hashmap_init(&t->piece_ids, (int)n_pieces))
+    if (!t->piece || !t->piece_len || !t->score || !t->type || !t->strip || !t->specials ||
+        hashmap_init(&t->piece_ids, (int)n_pieces))
         FAIL("out of memory loading the tokenizer");
     for (uint32_t i = 0; i < n_pieces; i++) {
         uint32_t len, score, type;
@@ -145,22 +213,25 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
         r.left -= len;
         if (read_u32(&r, &score) || read_u32(&r, &type)) FAIL("tokenizer record truncated at piece %u", i);
         memcpy(&t->score[i], &score, 4);
-        if (type > PIECE_USER) FAIL("tokenizer piece %u has unknown type %u", i, type);
-        t->type[i] = (unsigned char)type;
+        unsigned base = type & 0xFF, strip = type >> 8;
+        if (base > PIECE_UNKNOWN || strip > 3) FAIL("tokenizer piece %u has unknown type 0x%x", i, type);
+        if (strip && base != PIECE_SPECIAL && base != PIECE_USER)
+            FAIL("tokenizer piece %u strips whitespace but is not matched in the text", i);
+        t->type[i] = (unsigned char)base;
+        t->strip[i] = (unsigned char)strip;
+        /* before the empty pieces are skipped: an empty "byte piece" would print the byte before the table */
+        int byte = base == PIECE_BYTE ? byte_of_piece(t->piece[i], (int)len) : -1;
+        if (base == PIECE_BYTE && byte < 0) FAIL("tokenizer byte piece %u is not of the form <0xNN>", i);
         if (len == 0) continue;
-        if (type == PIECE_NORMAL) hashmap_put(&t->piece_ids, t->piece[i], (int)len, (int)i);
-        if (type == PIECE_SPECIAL || type == PIECE_USER) t->specials[t->n_specials++] = (int)i;
-        if (len == 1 && (type == PIECE_NORMAL) && t->byte_piece[t->piece[i][0]] < 0 && kind == TOKENIZER_BYTELEVEL_BPE)
-            t->byte_piece[t->piece[i][0]] = (int)i;
-        if (type == PIECE_BYTE) { /* "<0xNN>" */
-            unsigned v;
-            char hex[8] = {0};
-            if (len != 6 || memcmp(t->piece[i], "<0x", 3) != 0 || t->piece[i][5] != '>')
-                FAIL("tokenizer byte piece %u is not of the form <0xNN>", i);
-            memcpy(hex, t->piece[i] + 3, 2);
-            if (sscanf(hex, "%2x", &v) != 1) FAIL("tokenizer byte piece %u is not of the form <0xNN>", i);
-            t->byte_piece[v] = (int)i;
+        /* the pieces BPE may produce: SentencePiece's unused pieces too (they are split again afterwards) */
+        if (base == PIECE_NORMAL || (base == PIECE_UNUSED && kind == TOKENIZER_SENTENCEPIECE_BPE)) {
+            hashmap_put(&t->piece_ids, t->piece[i], (int)len, (int)i);
+            if (base == PIECE_UNUSED) t->has_unused_pieces = 1;
         }
+        if (base == PIECE_SPECIAL || base == PIECE_USER) t->specials[t->n_specials++] = (int)i;
+        if (len == 1 && base == PIECE_NORMAL && t->byte_piece[t->piece[i][0]] < 0 && kind == TOKENIZER_BYTELEVEL_BPE)
+            t->byte_piece[t->piece[i][0]] = (int)i;
+        if (base == PIECE_BYTE && t->byte_piece[byte] < 0) t->byte_piece[byte] = (int)i;
     }
     /* merges: (left, right) in rank order; the result is the piece spelled by their concatenation */
     if ((uint64_t)n_merges * 8 > r.left) FAIL("tokenizer lists %u merges but only %zu bytes remain", n_merges, r.left);
@@ -194,7 +265,8 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
     }
     free(joined);
     if (r.left != 0) FAIL("tokenizer record has %zu unexpected trailing bytes", r.left);
-    if (sort_longest_first(t->specials, t->n_specials, t->piece_len) != 0) FAIL("out of memory loading the tokenizer");
+    if (sort_longest_first(t->specials, t->n_specials, t->piece_len) != 0 || build_texts(t) != 0)
+        FAIL("out of memory loading the tokenizer");
     return 0;
 }
 
@@ -203,6 +275,10 @@ void tokenizer_free(Tokenizer *t) {
     free(t->piece_len);
     free(t->score);
     free(t->type);
+    free(t->strip);
+    free(t->text);
+    free(t->text_len);
+    free(t->text_storage);
     free(t->specials);
     free(t->piece_ids.slots);
     free(t->merge_ranks.slots);
@@ -241,12 +317,14 @@ static size_t run_of(Text t, size_t i, int (*cls)(uint32_t)) {
     return i;
 }
 
-/* 's 't 're 've 'm 'll 'd: the length of the contraction at i, or 0 */
+/* 's 't 're 've 'm 'll 'd: the length of the contraction at i, or 0. Case-insensitively (Llama 3), a
+ * letter also matches its upper case, and "s" the long s "ſ" (U+017F), which case-folds to it. */
 static size_t contraction(Text t, size_t i, int ignore_case) {
     static const char *forms[] = {"s", "t", "re", "ve", "m", "ll", "d"};
     if (t.s[i] != '\'') return 0;
     for (int f = 0; f < 7; f++) {
         size_t k = strlen(forms[f]);
+        if (ignore_case && f == 0 && i + 3 <= t.n && t.s[i + 1] == 0xC5 && t.s[i + 2] == 0xBF) return 3;
         if (i + 1 + k > t.n) continue;
         size_t j = 0;
         for (; j < k; j++) {
@@ -321,27 +399,38 @@ static size_t llama3_word(Text t, size_t i, int digits_max) {
     return spaces(t, i);
 }
 
+/* Metaspace with split: a word starts at every "▁" (the mark stays with the word it opens) */
+static size_t metaspace_word(Text t, size_t i) {
+    size_t j = i + (starts_with_mark(t.s + i, t.n - i) ? SPACE_MARK_LEN : 1);
+    while (j < t.n && !starts_with_mark(t.s + j, t.n - j)) j++; /* "▁" cannot start inside another character */
+    return j;
+}
+
 static size_t next_word(const Tokenizer *tok, Text t, size_t i) {
     switch (tok->pretokenizer) {
     case PRETOKENIZE_GPT2: return gpt2_word(t, i);
     case PRETOKENIZE_LLAMA3: return llama3_word(t, i, 3);
     case PRETOKENIZE_QWEN2: return llama3_word(t, i, 1);
+    case PRETOKENIZE_METASPACE: return metaspace_word(t, i);
     default: return t.n; /* no pre-tokenizer: the whole stretch is one word */
     }
 }
 
 /* ---------------------------------------------------------------------------------------------
  * BPE over one word: symbols in a linked list, candidate merges in a min-heap keyed by
- * (priority, position) so the best-ranked, leftmost pair merges first. */
+ * (priority, position) so the best pair merges first and, between equals, the leftmost. */
 
 typedef struct {
-    int id, prev, next;
+    int id;         /* token id; -1 for a character outside the vocabulary (SentencePiece .model) */
+    int start, len; /* the bytes of the word it covers; len 0 once merged into its left neighbour */
+    int prev, next;
 } Symbol;
 
 typedef struct {
-    float priority; /* lower merges first: the merge rank, or minus the score of the merged piece */
-    int left, right, merged;
-    int left_id, right_id;
+    float priority; /* lower merges first: the merge rank, or minus the score of the joined piece */
+    int left, right;
+    int size;       /* bytes of the joined pair; the candidate is stale once either side has changed */
+    int merged;
 } Candidate;
 
 typedef struct {
@@ -380,23 +469,46 @@ static Candidate heap_pop(Heap *h) {
     return top;
 }
 
-/* The merge of two neighbouring tokens, if the tokenizer has one: sets priority and merged id. */
-static int find_merge(const Tokenizer *t, int a, int b, float *priority, int *merged) {
+/* An unused piece some merge could make, and the two pieces it would be made from: SentencePiece splits
+ * such a piece back into them once merging is done (the last pair recorded for a piece wins). */
+typedef struct {
+    int id, left_start, left_len, right_start, right_len;
+} UnusedSplit;
+
+/* One encode call: scratch sized for its longest stretch, and the ids written so far. */
+typedef struct {
+    const Tokenizer *t;
+    const unsigned char *word; /* the word being merged */
+    Symbol *sym;
+    Heap heap;
+    UnusedSplit *splits;
+    int n_splits;
+    unsigned char *stretch;    /* a stretch with its prefix, spaces written "▁" where the tokenizer does */
+    int *ids;
+    int count;
+    int prev_unknown;          /* the last id written is an <unk> standing for text outside the vocabulary */
+} Encoder;
+
+static void emit(Encoder *e, int id) {
+    e->ids[e->count++] = id;
+    e->prev_unknown = 0;
+}
+
+/* The merge of two neighbouring symbols, if the tokenizer has one: sets priority and merged id. */
+static int find_merge(Encoder *e, const Symbol *a, const Symbol *b, float *priority, int *merged) {
+    const Tokenizer *t = e->t;
     if (t->flags & TOKF_SCORE_MERGES) { /* SentencePiece .model: the pair whose joined piece scores best */
-        unsigned char buf[512];
-        int la = t->piece_len[a], lb = t->piece_len[b];
-        if (la + lb > (int)sizeof buf) return 0;
-        memcpy(buf, t->piece[a], (size_t)la);
-        memcpy(buf + la, t->piece[b], (size_t)lb);
-        int id = hashmap_get(&t->piece_ids, buf, la + lb);
+        int id = hashmap_get(&t->piece_ids, e->word + a->start, a->len + b->len);
         if (id < 0) return 0;
         *priority = -t->score[id];
         *merged = id;
+        if (t->type[id] == PIECE_UNUSED) e->splits[e->n_splits++] = (UnusedSplit){id, a->start, a->len, b->start, b->len};
         return 1;
     }
+    if (a->id < 0 || b->id < 0) return 0;
     unsigned char key[8];
-    memcpy(key, &a, 4);
-    memcpy(key + 4, &b, 4);
+    memcpy(key, &a->id, 4);
+    memcpy(key + 4, &b->id, 4);
     int rank = hashmap_get(&t->merge_ranks, key, 8);
     if (rank < 0) return 0;
     *priority = (float)rank;
@@ -404,69 +516,165 @@ static int find_merge(const Tokenizer *t, int a, int b, float *priority, int *me
     return 1;
 }
 
-static void push_pair(const Tokenizer *t, Heap *h, const Symbol *sym, int left) {
-    int right = sym[left].next;
+static void push_pair(Encoder *e, int left) {
+    const Symbol *a = &e->sym[left];
     Candidate c;
-    if (right < 0 || !find_merge(t, sym[left].id, sym[right].id, &c.priority, &c.merged)) return;
+    if (a->next < 0 || !find_merge(e, a, &e->sym[a->next], &c.priority, &c.merged)) return;
     c.left = left;
-    c.right = right;
-    c.left_id = sym[left].id;
-    c.right_id = sym[right].id;
-    heap_push(h, c);
+    c.right = a->next;
+    c.size = a->len + e->sym[a->next].len;
+    heap_push(&e->heap, c);
 }
 
-/* Tokenizes one word whose initial symbols are sym[0..n) (ids set); appends the result to ids. */
-static int bpe_word(const Tokenizer *t, Symbol *sym, int n, Heap *h, int *ids) {
+/* Merges the word's symbols sym[0..n) (id, start and len set) until no pair can merge. */
+static void bpe(Encoder *e, int n) {
+    Symbol *sym = e->sym;
     for (int i = 0; i < n; i++) {
         sym[i].prev = i - 1;
         sym[i].next = i + 1 < n ? i + 1 : -1;
     }
-    h->n = 0;
-    for (int i = 0; i + 1 < n; i++) push_pair(t, h, sym, i);
-    while (h->n > 0) {
-        Candidate c = heap_pop(h);
-        /* skip candidates made stale by an earlier merge */
-        if (sym[c.left].id != c.left_id || sym[c.left].next != c.right || sym[c.right].id != c.right_id) continue;
-        sym[c.left].id = c.merged;
-        sym[c.right].id = -1;
-        sym[c.left].next = sym[c.right].next;
-        if (sym[c.right].next >= 0) sym[sym[c.right].next].prev = c.left;
-        if (sym[c.left].prev >= 0) push_pair(t, h, sym, sym[c.left].prev);
-        push_pair(t, h, sym, c.left);
+    e->heap.n = 0;
+    e->n_splits = 0;
+    for (int i = 0; i + 1 < n; i++) push_pair(e, i);
+    while (e->heap.n > 0) {
+        Candidate c = heap_pop(&e->heap);
+        Symbol *a = &sym[c.left], *b = &sym[c.right];
+        /* skip candidates made stale by an earlier merge: a side that grew or was swallowed */
+        if (a->len == 0 || b->len == 0 || a->next != c.right || a->len + b->len != c.size) continue;
+        a->id = c.merged;
+        a->len += b->len;
+        b->len = 0;
+        a->next = b->next;
+        if (b->next >= 0) sym[b->next].prev = c.left;
+        if (a->prev >= 0) push_pair(e, a->prev);
+        push_pair(e, c.left);
     }
-    int count = 0;
-    for (int i = 0; i >= 0 && n > 0; i = sym[i].next) ids[count++] = sym[i].id;
-    return count;
 }
 
-/* Byte-level BPE of one word: whole-word lookup (ignore_merges), else one symbol per byte, then merges. */
-static int encode_word_bytelevel(const Tokenizer *t, const unsigned char *w, int len, Symbol *sym, Heap *h, int *ids) {
-    if (t->flags & TOKF_IGNORE_MERGES) {
-        int id = hashmap_get(&t->piece_ids, w, len);
-        if (id >= 0) {
-            ids[0] = id;
-            return 1;
-        }
-    }
+/* Byte-level BPE of one word: one symbol per byte, then merges. */
+static void encode_word_bytelevel(Encoder *e, const unsigned char *w, int len) {
+    const Tokenizer *t = e->t;
     int n = 0;
     for (int i = 0; i < len; i++) {
         int id = t->byte_piece[w[i]];
         if (id < 0) id = t->unk_id;
-        if (id >= 0) sym[n++].id = id; /* a byte the vocabulary lacks (and no unk) is dropped, as HF does */
+        if (id >= 0) e->sym[n++] = (Symbol){id, i, 1, 0, 0}; /* a byte the vocabulary lacks (and no unk) is dropped, as HF does */
     }
-    return bpe_word(t, sym, n, h, ids);
+    e->word = w;
+    bpe(e, n);
+    for (int i = 0; n > 0 && i >= 0; i = e->sym[i].next) emit(e, e->sym[i].id);
 }
 
-/* Encodes a stretch of text that holds no special token. */
-static int encode_plain(const Tokenizer *t, Text text, Symbol *sym, Heap *h, int *ids) {
-    int count = 0;
-    for (size_t i = 0; i < text.n;) {
+static int bytes_have_pieces(const Tokenizer *t, const unsigned char *s, int n) {
+    if (!(t->flags & TOKF_BYTE_FALLBACK)) return 0;
+    for (int i = 0; i < n; i++)
+        if (t->byte_piece[s[i]] < 0) return 0;
+    return 1;
+}
+
+/* Writes the piece a SentencePiece (.model) merge left over word[start, start + len): an unused piece
+ * splits back into the pieces it was made from, text outside the vocabulary becomes its byte pieces,
+ * or without byte fallback one <unk> for a whole run. */
+static void emit_sentencepiece(Encoder *e, int start, int len, int id) {
+    const Tokenizer *t = e->t;
+    if (id >= 0 && t->type[id] == PIECE_UNUSED) {
+        for (int k = e->n_splits - 1; k >= 0; k--) {
+            const UnusedSplit *s = &e->splits[k];
+            if (s->id != id) continue;
+            emit_sentencepiece(e, start, s->left_len, hashmap_get(&t->piece_ids, e->word + s->left_start, s->left_len));
+            emit_sentencepiece(e, start + s->left_len, s->right_len,
+                               hashmap_get(&t->piece_ids, e->word + s->right_start, s->right_len));
+            return;
+        }
+    }
+    if (id >= 0) {
+        emit(e, id);
+    } else if (bytes_have_pieces(t, e->word + start, len)) {
+        for (int k = 0; k < len; k++) emit(e, t->byte_piece[e->word[start + k]]);
+    } else if (t->unk_id >= 0 && !e->prev_unknown) {
+        emit(e, t->unk_id);
+        e->prev_unknown = 1;
+    }
+}
+
+/* SentencePiece-style BPE of one word (its spaces already "▁"): one symbol per character. A character
+ * outside the vocabulary becomes its byte pieces (or <unk>) before merging as the tokenizers library does,
+ * or, merging by score as the sentencepiece library does, stays a symbol and falls back afterwards. */
+static void encode_word_spacemark(Encoder *e, const unsigned char *w, int len) {
+    const Tokenizer *t = e->t;
+    int by_score = (t->flags & TOKF_SCORE_MERGES) != 0;
+    int n = 0;
+    for (int i = 0; i < len;) {
+        uint32_t cp;
+        int clen = utf8_decode(w + i, (size_t)(len - i), &cp);
+        int id = hashmap_get(&t->piece_ids, w + i, clen);
+        if (id >= 0 || by_score) {
+            e->sym[n++] = (Symbol){id, i, clen, 0, 0};
+        } else if (bytes_have_pieces(t, w + i, clen)) {
+            for (int k = 0; k < clen; k++) e->sym[n++] = (Symbol){t->byte_piece[w[i + k]], i + k, 1, 0, 0};
+        } else if (t->unk_id >= 0) {
+            if (n > 0 && e->sym[n - 1].id == t->unk_id) e->sym[n - 1].len += clen; /* fuse_unk: one <unk> per run */
+            else e->sym[n++] = (Symbol){t->unk_id, i, clen, 0, 0};
+        } /* else dropped, as the tokenizers library does without an unk token */
+        i += clen;
+    }
+    e->word = w;
+    bpe(e, n);
+    for (int i = 0; n > 0 && i >= 0; i = e->sym[i].next) {
+        if (by_score) emit_sentencepiece(e, e->sym[i].start, e->sym[i].len, e->sym[i].id);
+        else emit(e, e->sym[i].id);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * stretches of plain text, special tokens, the whole prompt */
+
+/* Whether a stretch s[0..n) of plain text, starting at byte `at` of the text, gets a prefix: ByteLevel's
+ * space, or the dummy "▁" where the tokenizers library normalizes stretch by stretch. */
+static int wants_prefix(const Tokenizer *t, const unsigned char *s, size_t n, size_t at) {
+    unsigned f = t->flags;
+    if (f & TOKF_PREFIX_SPACE) return n > 0 && s[0] != ' '; /* ByteLevel add_prefix_space, on every stretch */
+    if (!(f & TOKF_DUMMY_PREFIX) || !(f & TOKF_NORMALIZE_EACH_STRETCH) || n == 0) return 0;
+    if ((f & TOKF_PREFIX_FIRST_STRETCH) && at != 0) return 0;
+    return !((f & TOKF_PREFIX_UNLESS_SPACE) && (s[0] == ' ' || starts_with_mark(s, n)));
+}
+
+/* Writes s[0..n) as the tokenizer reads it into out (room for 3 n + 3 bytes), after a prefix if asked:
+ * SentencePiece-style tokenizers write a space as "▁" and a byte that is not UTF-8 as U+FFFD (as the
+ * sentencepiece library reads it). Returns the bytes written; text written once is left as it is. */
+static size_t write_text(const Tokenizer *t, const unsigned char *s, size_t n, int prefix, unsigned char *out) {
+    int spacemark = t->kind == TOKENIZER_SENTENCEPIECE_BPE;
+    size_t m = 0;
+    if (prefix) {
+        if (spacemark) memcpy(out, SPACE_MARK, SPACE_MARK_LEN), m = SPACE_MARK_LEN;
+        else out[m++] = ' ';
+    }
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        int len = spacemark ? utf8_decode(s + i, n - i, &cp) : 1;
+        if (spacemark && s[i] == ' ') memcpy(out + m, SPACE_MARK, SPACE_MARK_LEN), m += SPACE_MARK_LEN;
+        else if (spacemark && s[i] >= 0x80 && len == 1) memcpy(out + m, "\xEF\xBF\xBD", 3), m += 3;
+        else memcpy(out + m, s + i, (size_t)len), m += (size_t)len;
+        i += (size_t)len;
+    }
+    return m;
+}
+
+/* Encodes one stretch of text that holds no special token. */
+static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int prefix) {
+    const Tokenizer *t = e->t;
+    unsigned char *out = e->stretch;
+    size_t m = write_text(t, s, n, prefix, out);
+    Text text = {out, m};
+    for (size_t i = 0; i < m;) {
         size_t end = next_word(t, text, i);
         if (end <= i) end = i + 1; /* cannot happen with the matchers above; keeps progress certain */
-        count += encode_word_bytelevel(t, text.s + i, (int)(end - i), sym, h, ids + count);
+        int whole = t->flags & TOKF_IGNORE_MERGES ? hashmap_get(&t->piece_ids, out + i, (int)(end - i)) : -1;
+        if (whole >= 0) emit(e, whole); /* ignore_merges: a word in the vocabulary is one token */
+        else if (t->kind == TOKENIZER_SENTENCEPIECE_BPE) encode_word_spacemark(e, out + i, (int)(end - i));
+        else encode_word_bytelevel(e, out + i, (int)(end - i));
         i = end;
     }
-    return count;
 }
 
 /* The longest special token that starts at s[0..n), or -1. */
@@ -479,56 +687,110 @@ static int special_at(const Tokenizer *t, const unsigned char *s, size_t n) {
     return -1;
 }
 
+/* Where the whitespace that ends s[start..end) begins (end if it does not end in whitespace). */
+static size_t trailing_space(const unsigned char *s, size_t start, size_t end) {
+    size_t after_text = start;
+    Text t = {s, end};
+    for (size_t i = start; i < end;) {
+        int len;
+        uint32_t c = char_at(t, i, &len);
+        i += (size_t)len;
+        if (!is_space(c)) after_text = i;
+    }
+    return after_text;
+}
+
+/* SentencePiece remove_extra_whitespaces: no space at the start, each run of spaces as one, and nothing
+ * that would be written "▁" at the end (a "▁" in the text itself included, as SentencePiece strips the
+ * written form). */
+static size_t squeeze_spaces(const unsigned char *s, size_t n, unsigned char *out) {
+    size_t i = 0, m = 0;
+    while (i < n && s[i] == ' ') i++;
+    for (; i < n; i++)
+        if (s[i] != ' ' || out[m - 1] != ' ') out[m++] = s[i]; /* out is not empty: s[i] was not a space first */
+    for (;;) {
+        if (m > 0 && out[m - 1] == ' ') m--;
+        else if (m >= SPACE_MARK_LEN && memcmp(out + m - SPACE_MARK_LEN, SPACE_MARK, SPACE_MARK_LEN) == 0) m -= SPACE_MARK_LEN;
+        else return m;
+    }
+}
+
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *ids) {
-    int count = 0;
-    if (add_bos && (t->flags & TOKF_ADD_BOS) && t->bos_id >= 0) ids[count++] = t->bos_id;
-    unsigned char *buf = NULL;
+    Encoder e = {.t = t, .ids = ids};
+    if (add_bos && (t->flags & TOKF_ADD_BOS) && t->bos_id >= 0) e.ids[e.count++] = t->bos_id;
     const unsigned char *s = (const unsigned char *)text;
-    if ((t->flags & TOKF_PREFIX_SPACE) && len > 0 && text[0] != ' ') { /* ByteLevel add_prefix_space */
-        buf = malloc(len + 1);
-        if (!buf) return -1;
-        buf[0] = ' ';
-        memcpy(buf + 1, text, len);
-        s = buf;
-        len++;
+    unsigned char *squeezed = NULL, *normalized = NULL;
+    if (t->flags & TOKF_REMOVE_EXTRA_SPACES) {
+        if (!(squeezed = malloc(len + 1))) return -1;
+        len = squeeze_spaces(s, len, squeezed);
+        s = squeezed;
     }
-    Symbol *sym = malloc((len + 1) * sizeof *sym);
-    Heap heap = {malloc((3 * len + 4) * sizeof(Candidate)), 0};
-    if (!sym || !heap.items) {
-        free(sym);
-        free(heap.items);
-        free(buf);
-        return -1;
-    }
-    size_t start = 0;
-    for (size_t i = 0; i <= len; i++) {
-        int special = i < len && t->n_specials ? special_at(t, s + i, len - i) : -1;
-        if (special < 0 && i < len) continue;
-        Text plain = {s + start, i - start};
-        count += encode_plain(t, plain, sym, &heap, ids + count);
-        if (special >= 0) {
-            ids[count++] = special;
-            i += (size_t)t->piece_len[special] - 1;
+    if (t->kind == TOKENIZER_SENTENCEPIECE_BPE && !(t->flags & TOKF_NORMALIZE_EACH_STRETCH)) {
+        /* the sentencepiece library writes the whole text ("▁", dummy prefix) before it cuts user-defined
+         * pieces out of it; the tokenizers library does it stretch by stretch, below */
+        if (!(normalized = malloc(3 * len + SPACE_MARK_LEN + 1))) {
+            free(squeezed);
+            return -1;
         }
-        start = i + 1;
+        len = write_text(t, s, len, (t->flags & TOKF_DUMMY_PREFIX) && len > 0, normalized);
+        s = normalized;
     }
-    free(sym);
-    free(heap.items);
-    free(buf);
-    return count;
+    /* a stretch is at most len bytes and a prefix; written with "▁" it can triple (unless the whole text is
+     * written already), and each of those bytes may become a symbol (byte fallback); each merge pushes at
+     * most two candidates */
+    size_t max_symbols = normalized ? len + SPACE_MARK_LEN + 1 : 3 * len + SPACE_MARK_LEN + 1;
+    e.stretch = malloc(max_symbols);
+    e.sym = malloc(max_symbols * sizeof *e.sym);
+    e.heap.items = malloc(3 * max_symbols * sizeof *e.heap.items);
+    e.splits = malloc((t->has_unused_pieces ? 3 * max_symbols : 1) * sizeof *e.splits);
+    int ok = e.stretch && e.sym && e.heap.items && e.splits;
+    for (size_t start = 0, i = 0; ok && i <= len;) { /* s[start..i) is plain text so far */
+        int special = i < len && t->n_specials ? special_at(t, s + i, len - i) : -1;
+        if (special < 0 && i < len) {
+            i++;
+            continue;
+        }
+        size_t end = i, next = i; /* the stretch is s[start..end); matching resumes at next */
+        if (special >= 0) {
+            next = i + (size_t)t->piece_len[special];
+            if (t->strip[special] & (PIECE_LSTRIP >> 8)) end = trailing_space(s, start, end);
+            if (t->strip[special] & (PIECE_RSTRIP >> 8)) next = run_of((Text){s, len}, next, is_space);
+        }
+        encode_stretch(&e, s + start, end - start, wants_prefix(t, s + start, end - start, start));
+        if (special < 0) break;
+        emit(&e, special);
+        start = i = next;
+    }
+    free(e.stretch);
+    free(e.sym);
+    free(e.heap.items);
+    free(e.splits);
+    free(squeezed);
+    free(normalized);
+    return ok ? e.count : -1;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * decoding */
 
-const unsigned char *tokenizer_decode(const Tokenizer *t, int prev_id, int id, int *len) {
-    (void)prev_id;
-    if (id < 0 || id >= t->n_pieces || t->type[id] == PIECE_UNUSED) {
+const unsigned char *tokenizer_decode(const Tokenizer *t, DecodeState *d, int id, int *len) {
+    if (id < 0 || id >= t->n_pieces) {
         *len = 0;
         return (const unsigned char *)"";
     }
-    *len = t->piece_len[id];
-    return t->piece[id];
+    const unsigned char *s = t->text[id];
+    int n = t->text_len[id], type = t->type[id];
+    if (type != PIECE_BYTE) { /* (byte pieces leave the dropped-space mark alone, as SentencePiece does) */
+        int drop = (t->flags & TOKF_STRIP_LEADING_SPACE) && !d->printed && !d->dropped_space && n > 0 && s[0] == ' ' &&
+                   type != PIECE_UNKNOWN;
+        s += drop;
+        n -= drop;
+        /* with remove_extra_whitespaces SentencePiece keeps dropping until something is printed */
+        d->dropped_space = drop && !(t->flags & TOKF_REMOVE_EXTRA_SPACES);
+    }
+    if (n > 0) d->printed = 1;
+    *len = n;
+    return s;
 }
 
 int tokenizer_is_eos(const Tokenizer *t, int id) {

@@ -1,8 +1,14 @@
 /* tokenizer.h - text <-> token ids, from the tokenizer record embedded in the model file.
  *
- * Byte-level BPE (GPT-2, Llama 3, Qwen): the text is split by a pre-tokenizer rule into words, each word's
- * bytes start as one token per byte, and ranked merges join neighbours until none applies.
- * Special tokens (<|endoftext|>, <s>, ...) written in the prompt text are matched first, as themselves. */
+ * Two kinds of BPE:
+ *  - byte-level (GPT-2, Llama 3, Qwen): the text is split by a pre-tokenizer rule into words, each word's
+ *    bytes start as one token per byte, and ranked merges join neighbours until none applies;
+ *  - SentencePiece-style (Llama 2, Mistral, TinyLlama, Gemma, Phi-3): spaces are written "▁" (a dummy one
+ *    usually put before the text), each character starts as one token, merges join neighbours by rank
+ *    (tokenizer.json) or by the score of the joined piece (tokenizer.model), and characters outside the
+ *    vocabulary fall back to <0xNN> byte pieces.
+ * Special tokens (<|endoftext|>, <s>, ...) written in the prompt are matched first, as themselves, where
+ * the tokenizer's own rules say so. */
 #ifndef ATTN_TOKENIZER_H
 #define ATTN_TOKENIZER_H
 
@@ -10,16 +16,32 @@
 #include <stdio.h>
 
 enum { TOKENIZER_NONE = 0, TOKENIZER_BYTELEVEL_BPE = 1, TOKENIZER_SENTENCEPIECE_BPE = 2 };
-enum { PRETOKENIZE_NONE = 0, PRETOKENIZE_GPT2 = 1, PRETOKENIZE_LLAMA3 = 2, PRETOKENIZE_QWEN2 = 3 };
+enum { PRETOKENIZE_NONE = 0, PRETOKENIZE_GPT2 = 1, PRETOKENIZE_LLAMA3 = 2, PRETOKENIZE_QWEN2 = 3, PRETOKENIZE_METASPACE = 4 };
 enum {
-    TOKF_ADD_BOS = 1,         /* prompts start with bos_id */
-    TOKF_DUMMY_PREFIX = 2,    /* SentencePiece: a space is put before the text */
-    TOKF_BYTE_FALLBACK = 4,   /* characters outside the vocabulary become <0xNN> byte pieces */
-    TOKF_IGNORE_MERGES = 8,   /* a whole pre-token that is in the vocabulary is taken as is (Llama 3) */
-    TOKF_PREFIX_SPACE = 16,   /* ByteLevel add_prefix_space: a space is put before the text */
-    TOKF_SCORE_MERGES = 32,   /* SentencePiece .model: merge the pair whose result scores highest */
+    TOKF_ADD_BOS = 1,              /* prompts start with bos_id */
+    TOKF_DUMMY_PREFIX = 2,         /* a "▁" is put before the text (SentencePiece add_dummy_prefix) */
+    TOKF_BYTE_FALLBACK = 4,        /* characters outside the vocabulary become <0xNN> byte pieces */
+    TOKF_IGNORE_MERGES = 8,        /* a whole pre-token that is in the vocabulary is taken as is (Llama 3) */
+    TOKF_PREFIX_SPACE = 16,        /* ByteLevel add_prefix_space: a space before each stretch not starting with one */
+    TOKF_SCORE_MERGES = 32,        /* SentencePiece .model: merge the pair whose result scores highest */
+    TOKF_NORMALIZE_EACH_STRETCH = 64, /* tokenizers library: special tokens are cut out of the raw text, then each
+                                       * stretch between them gets its "▁" and dummy prefix; clear: the whole text
+                                       * is written first and user-defined pieces are matched in it (sentencepiece) */
+    TOKF_PREFIX_FIRST_STRETCH = 128, /* the dummy prefix only before the stretch at the very start of the text */
+    TOKF_PREFIX_UNLESS_SPACE = 256,  /* ... and not where the stretch already starts with a space (Metaspace) */
+    TOKF_STRIP_LEADING_SPACE = 512,  /* decoding drops the leading space of the first piece printed */
+    TOKF_REMOVE_EXTRA_SPACES = 1024, /* SentencePiece remove_extra_whitespaces: trim, and squeeze runs of spaces */
 };
-enum { PIECE_NORMAL = 0, PIECE_SPECIAL = 1, PIECE_BYTE = 2, PIECE_UNUSED = 3, PIECE_USER = 4 };
+enum {
+    PIECE_NORMAL = 0,
+    PIECE_SPECIAL = 1, /* added special token: matched in the text, printed as its text */
+    PIECE_BYTE = 2,    /* <0xNN>: stands for one byte */
+    PIECE_UNUSED = 3,
+    PIECE_USER = 4,    /* user-defined / added token: matched in the text */
+    PIECE_CONTROL = 5, /* SentencePiece control (<s>, </s>): never matched in the text, prints nothing */
+    PIECE_UNKNOWN = 6, /* the unknown piece: never matched or merged into; prints its bytes */
+};
+enum { PIECE_LSTRIP = 0x100, PIECE_RSTRIP = 0x200 }; /* a matched token swallows the whitespace left / right of it */
 
 #define TOKENIZER_MAX_EOS 16
 
@@ -46,26 +68,44 @@ typedef struct {
     int *piece_len;
     float *score;
     unsigned char *type;         /* PIECE_* */
+    unsigned char *strip;        /* PIECE_LSTRIP / PIECE_RSTRIP, shifted down by 8 */
+    const unsigned char **text;  /* what each token prints as: "▁" as a space, a byte piece as its byte */
+    int *text_len;
+    unsigned char *text_storage;
     int n_merges;
-    HashMap piece_ids;           /* bytes -> id of the normal pieces */
+    HashMap piece_ids;           /* bytes -> id of the pieces BPE may produce */
     HashMap merge_ranks;         /* (left id, right id) as 8 bytes -> rank */
     int *merge_result;           /* rank -> merged id */
     unsigned char *merge_keys;   /* storage for merge_ranks' keys */
     int byte_piece[256];         /* id of the piece for one raw byte (-1 if none) */
     int *specials;               /* ids matched in text, longest first */
     int n_specials;
+    int has_unused_pieces;       /* SentencePiece unused pieces that merges may make and must split again */
 } Tokenizer;
 
 /* Parses and validates the tokenizer record (docs/FORMAT.md). Returns 0, or -1 with a message in err. */
 int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size, char *err, size_t errlen);
 void tokenizer_free(Tokenizer *t);
 
-/* Encodes len bytes of text. ids must have room for len + 3 entries. Adds the BOS when add_bos and the
- * tokenizer asks for one. Returns the number of ids, or -1 when out of memory. */
+/* Room encoding len bytes of text may need: a BOS and, per byte, at most 4 ids (a space written "▁" that
+ * falls back to its 3 byte pieces, or a 1-byte special token and the prefix of the stretch after it). */
+static inline size_t tokenizer_max_ids(size_t len) { return 4 * len + 4; }
+
+/* Encodes len bytes of text into ids (room for tokenizer_max_ids(len) entries). Adds the BOS when add_bos
+ * and the tokenizer asks for one. Returns the number of ids, or -1 when out of memory. */
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *ids);
 
-/* The bytes token id stands for when printed (byte pieces give their byte; specials their text). */
-const unsigned char *tokenizer_decode(const Tokenizer *t, int prev_id, int id, int *len);
+/* Where one stream of decoded tokens stands: whether the dummy-prefix space of the next piece is dropped. */
+typedef struct {
+    int printed;       /* some text has been printed (a prompt being continued counts) */
+    int dropped_space; /* the previous piece's leading space was dropped */
+} DecodeState;
+
+/* The bytes token id prints as next in the stream d (start with all zero; feed a prompt being continued
+ * through it first): "▁" becomes a space, byte pieces give their byte, control tokens nothing, and the
+ * dummy-prefix space of the first piece is dropped where the tokenizer's decoder drops it (SentencePiece:
+ * the first piece printed; the tokenizers library's Strip decoder: the first character of the output). */
+const unsigned char *tokenizer_decode(const Tokenizer *t, DecodeState *d, int id, int *len);
 
 int tokenizer_is_eos(const Tokenizer *t, int id);
 

@@ -19,7 +19,9 @@ class Tester:
         self.root = ROOT
         self.data = DATA
         self.python = sys.executable
-        self.run_bin = os.path.join(ROOT, "run")
+        # make asan points these at sanitizer builds; by default the tests use what `make` built
+        self.run_bin = os.path.abspath(os.environ.get("ATTN_RUN") or os.path.join(ROOT, "run"))
+        self.unit_bin = os.path.abspath(os.environ.get("ATTN_UNIT") or os.path.join(ROOT, "tests", "unit"))
         self.build = os.path.join(ROOT, "build", "test")
         os.makedirs(self.build, exist_ok=True)
         explicit = os.environ.get("ATTN_SHARED")
@@ -60,7 +62,7 @@ class Tester:
     # -- running things
     def run(self, args, timeout=300, input=None):
         """Runs ./run with args; returns CompletedProcess (stdout/stderr as text, bytes-safe)."""
-        return subprocess.run([self.run_bin] + [str(a) for a in args], capture_output=True, timeout=timeout,
+        return subprocess.run([self.run_bin] + [a if isinstance(a, bytes) else str(a) for a in args], capture_output=True, timeout=timeout,
                               input=input)
 
     def export(self, src, out_name, *extra):

@@ -4,10 +4,14 @@ config rewritten in the transformers 4 dialect; the llama2.c legacy checkpoint l
 import copy
 import json
 import os
+import sys
 
 import numpy as np
 
-from harness import relative_error
+from harness import relative_error, write_safetensors, ROOT
+
+sys.path.insert(0, ROOT)
+from export import SafeTensors  # noqa: E402
 
 FIXTURES = ["llama_gqa", "llama_mqa", "llama_mha_rope31", "mistral_swa", "qwen2_mixed", "qwen3_mixed",
             "gemma2", "gemma3", "gpt2", "phi3", "starcoder_mqa"]
@@ -88,6 +92,24 @@ def run(t):
     model = t.export(dialect_dir(t, "gemma3", "gemma3_stale_pattern", cfg), "gemma3_stale_pattern.bin")
     t.check("gemma3: layer_types wins over a stale _sliding_window_pattern",
             open(model, "rb").read() == open(t.export(src, "gemma3.bin"), "rb").read())
+
+    # Gemma 3 multimodal checkpoints keep the text model under a language_model prefix, its config in
+    # text_config; the exporter must take out exactly the text model (vision tensors ignored)
+    for style, prefix in (("t4", "language_model.model."), ("t5", "model.language_model.")):
+        d = t.tmp(f"gemma3_multimodal_{style}")
+        os.makedirs(d, exist_ok=True)
+        text_cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")}
+        text_cfg.pop("_sliding_window_pattern")
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                       "text_config": text_cfg, "vision_config": {"model_type": "siglip_vision_model"}}, f)
+        st = SafeTensors(src)
+        tensors = {n.replace("model.", prefix, 1): st.get(n) for n in st.names()}
+        tensors["vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 3), np.float32)
+        write_safetensors(os.path.join(d, "model.safetensors"), tensors)
+        model = t.export(d, f"gemma3_multimodal_{style}.bin")
+        t.check(f"gemma3: multimodal checkpoint ({prefix}*, text_config) exports the text model exactly",
+                open(model, "rb").read() == open(t.export(src, "gemma3.bin"), "rb").read())
 
     # llama2.c legacy checkpoint of the llama_gqa fixture (Meta q/k order, untied classifier)
     legacy = t.export(os.path.join(t.data, "llama2c", "llama_gqa_legacy.bin"), "llama_gqa_legacy.bin")

@@ -1,11 +1,9 @@
 """The C unit tests (tests/unit.c): KV cache paging and rolling, head mapping, attention, tokenizer."""
-import os
 import subprocess
 
 
 def run(t):
-    exe = os.path.join(t.root, "tests", "unit")
-    r = subprocess.run([exe], capture_output=True, text=True, timeout=300, cwd=t.root)
+    r = subprocess.run([t.unit_bin], capture_output=True, text=True, timeout=300, cwd=t.root)
     lines = r.stdout.splitlines()
     for line in lines:
         if line.startswith("ok "):

@@ -107,6 +107,38 @@ static void test_rolling_buffer(void) {
     check(sinks_ok && kvlayer_bytes_held(&l) == 10 * (size_t)kv_dim * sizeof(float) * 2,
           "rolling buffer with 2 sinks: keeps positions 0, 1 and the last 8, in 10 slots");
     kvlayer_free(&l);
+
+    /* summaries (fixed pattern, B = 5): the current block and the last position of every earlier block */
+    kvlayer_init_summaries(&l, kv_dim, 5);
+    int summaries_ok = 1, bytes_ok = 1;
+    for (int pos = 0; pos < 200; pos++) {
+        for (int i = 0; i < kv_dim; i++) k[i] = (float)pos, v[i] = (float)-pos;
+        kvlayer_store(&l, pos, k, v);
+        for (int p = 0; p <= pos; p++) {
+            int want = p % 5 == 4 || p / 5 == pos / 5;
+            if (kvlayer_holds(&l, p) != want || (want && (kvlayer_key(&l, p)[0] != (float)p || kvlayer_value(&l, p)[1] != (float)-p)))
+                summaries_ok = 0;
+        }
+        if (kvlayer_bytes_held(&l) != kvlayer_bytes_for(&l, pos + 1)) bytes_ok = 0;
+    }
+    check(summaries_ok, "summaries (B=5): holds each block's last position and the current block, all reading back");
+    check(bytes_ok && kvlayer_bytes_held(&l) == (size_t)3 * KV_BLOCK_TOKENS * kv_dim * sizeof(float) * 2,
+          "summaries (B=5): 200 positions fit in 4 + 40 rows (3 blocks), as kvlayer_bytes_for predicts");
+    kvlayer_free(&l);
+
+    /* kvlayer_bytes_for predicts what storing really allocates, for every layout */
+    int layouts[][3] = {{0, 0, 0}, {20, 0, 0}, {8, 3, 0}, {64, 0, 0}, {0, 0, 16}, {0, 0, 1}};
+    int predicted = 1;
+    for (size_t i = 0; i < sizeof layouts / sizeof *layouts; i++) {
+        if (layouts[i][2]) kvlayer_init_summaries(&l, kv_dim, layouts[i][2]);
+        else kvlayer_init(&l, kv_dim, layouts[i][0], layouts[i][1]);
+        for (int pos = 0; pos < 300; pos++) {
+            kvlayer_store(&l, pos, k, v);
+            predicted &= kvlayer_bytes_held(&l) == kvlayer_bytes_for(&l, pos + 1);
+        }
+        kvlayer_free(&l);
+    }
+    check(predicted, "kvlayer_bytes_for equals the bytes really held after every position (paged, rolling, sinks, summaries)");
 }
 
 static void test_head_mapping(void) {
@@ -122,13 +154,24 @@ static void test_head_mapping(void) {
     check(ok, "head mapping: GQA 8/2 maps heads 0-3 to kv 0 and 4-7 to kv 1");
 }
 
+/* The masks as the article defines them, one predicate each (independent of attention.c's runs). */
+static int reference_visible(MaskKind mask, int span, int sinks, int i, int j) {
+    if (j > i) return 0;
+    switch (mask) {
+    case MASK_SLIDING: return i - j < span || j < sinks;
+    case MASK_STRIDED: return i - j < span || (i - j) % span == 0;
+    case MASK_FIXED: return j / span == i / span || j % span == span - 1;
+    default: return 1;
+    }
+}
+
 /* The attention formula written out with full matrices: S = Q K^T * scale, mask, softmax, S V. */
 static void reference_attention(float *out, const float *q, const float *keys, const float *values, int n_pos, int pos,
-                                int head_dim, int kv_stride, float scale, float cap, int window, int sinks) {
+                                int head_dim, int kv_stride, float scale, float cap, MaskKind mask, int span, int sinks) {
     double *s = malloc(sizeof(double) * (size_t)n_pos);
     double max = -1e300, sum = 0.0;
     for (int j = 0; j < n_pos; j++) {
-        int visible = j <= pos && (window == 0 || pos - j < window || j < sinks);
+        int visible = reference_visible(mask, span, sinks, pos, j);
         if (!visible) {
             s[j] = -INFINITY;
             continue;
@@ -153,40 +196,90 @@ static void reference_attention(float *out, const float *q, const float *keys, c
 static void test_attention(void) {
     struct {
         const char *name;
-        int n_heads, n_kv_heads, window, sinks;
+        int n_heads, n_kv_heads;
+        MaskKind mask;
+        int span, sinks;
         float cap;
-    } cases[] = {{"MHA causal", 4, 4, 0, 0, 0}, {"GQA 8/2 causal", 8, 2, 0, 0, 0}, {"MQA sliding W=7", 4, 1, 7, 0, 0},
-                 {"GQA sliding W=5 + 2 sinks", 4, 2, 5, 2, 0}, {"MHA soft-capped 5", 2, 2, 0, 0, 5.0f}};
-    int head_dim = 16, n_pos = 40;
+    } cases[] = {{"MHA causal", 4, 4, MASK_CAUSAL, 0, 0, 0},
+                 {"GQA 8/2 causal", 8, 2, MASK_CAUSAL, 0, 0, 0},
+                 {"MQA sliding W=7", 4, 1, MASK_SLIDING, 7, 0, 0},
+                 {"GQA sliding W=5 + 2 sinks", 4, 2, MASK_SLIDING, 5, 2, 0},
+                 {"GQA sliding W=20 + 3 sinks (window over block edges)", 4, 2, MASK_SLIDING, 20, 3, 0},
+                 {"MHA soft-capped 5", 2, 2, MASK_CAUSAL, 0, 0, 5.0f},
+                 {"GQA strided S=6", 4, 2, MASK_STRIDED, 6, 0, 0},
+                 {"MQA strided S=1", 2, 1, MASK_STRIDED, 1, 0, 0},
+                 {"GQA fixed B=7", 4, 2, MASK_FIXED, 7, 0, 0},
+                 {"MHA fixed B=16 (cache blocks = pattern blocks)", 2, 2, MASK_FIXED, 16, 0, 0},
+                 {"MHA fixed B=1", 2, 2, MASK_FIXED, 1, 0, 0}};
+    int head_dim = 16, n_pos = 70;
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         int H = cases[c].n_heads, KV = cases[c].n_kv_heads, kv_dim = KV * head_dim;
         float *keys = malloc(sizeof(float) * (size_t)n_pos * kv_dim), *vals = malloc(sizeof(float) * (size_t)n_pos * kv_dim);
         float *q = malloc(sizeof(float) * (size_t)H * head_dim), *out = malloc(sizeof(float) * (size_t)H * head_dim);
+        float *flash = malloc(sizeof(float) * (size_t)H * head_dim);
         float *scores = malloc(sizeof(float) * (size_t)H * n_pos), ref[64];
         for (int i = 0; i < n_pos * kv_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
+        AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].mask, cases[c].span,
+                              cases[c].sinks, KERNEL_NAIVE};
+        AttentionSpec flash_spec = spec;
+        flash_spec.kernel = KERNEL_FLASH;
         KVLayer l;
-        kvlayer_init(&l, kv_dim, cases[c].window, cases[c].sinks);
-        AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].window, cases[c].sinks};
-        double worst = 0.0;
+        attention_cache_init(&l, kv_dim, &spec);
+        double worst = 0.0, worst_flash = 0.0;
+        int counts_ok = 1, most = 0;
         for (int pos = 0; pos < n_pos; pos++) {
             kvlayer_store(&l, pos, keys + (size_t)pos * kv_dim, vals + (size_t)pos * kv_dim);
             for (int i = 0; i < H * head_dim; i++) q[i] = frand();
             attention_layer(out, q, &l, H, KV, pos, &spec, scores, n_pos);
+            attention_layer(flash, q, &l, H, KV, pos, &flash_spec, NULL, 0);
+            int visible = 0;
+            for (int j = 0; j <= pos; j++) visible += reference_visible(spec.mask, spec.span, spec.n_sinks, pos, j);
+            counts_ok &= visible == visible_count(&spec, pos);
+            if (visible > most) most = visible;
             for (int h = 0; h < H; h++) {
                 int kvh = h / (H / KV);
                 reference_attention(ref, q + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim, n_pos, pos,
-                                    head_dim, kv_dim, spec.scale, spec.softcap, cases[c].window, cases[c].sinks);
+                                    head_dim, kv_dim, spec.scale, spec.softcap, spec.mask, spec.span, spec.n_sinks);
                 for (int i = 0; i < head_dim; i++) {
-                    double d = fabs(out[h * head_dim + i] - ref[i]);
+                    double d = fabs(out[h * head_dim + i] - ref[i]), df = fabs(flash[h * head_dim + i] - ref[i]);
                     if (d > worst) worst = d;
+                    if (df > worst_flash) worst_flash = df;
                 }
             }
         }
-        check(worst < 1e-5, "attention %s: cached kernel equals the full-matrix formula at all %d positions (max |d| %.1e)",
+        check(worst < 1e-5, "attention %s: naive kernel equals the full-matrix formula at all %d positions (max |d| %.1e)",
               cases[c].name, n_pos, worst);
+        check(worst_flash < 1e-5, "attention %s: flash kernel equals the full-matrix formula (max |d| %.1e)",
+              cases[c].name, worst_flash);
+        check(counts_ok && most_visible(&spec, n_pos) == most,
+              "attention %s: visible_count and most_visible agree with the mask's definition", cases[c].name);
         kvlayer_free(&l);
-        free(keys), free(vals), free(q), free(out), free(scores);
+        free(keys), free(vals), free(q), free(out), free(flash), free(scores);
     }
+}
+
+/* Queries of one sequence against keys and values of another, no mask: the same full-matrix formula with
+ * every key visible (reference_attention at the last key position, causal). */
+static void test_cross_attention(void) {
+    int n_queries = 5, n_keys = 37, H = 8, KV = 2, head_dim = 16, q_dim = H * head_dim, kv_dim = KV * head_dim;
+    float *queries = malloc(sizeof(float) * (size_t)n_queries * q_dim), *out = malloc(sizeof(float) * (size_t)n_queries * q_dim);
+    float *keys = malloc(sizeof(float) * (size_t)n_keys * kv_dim), *vals = malloc(sizeof(float) * (size_t)n_keys * kv_dim);
+    float ref[64], scale = 1.0f / sqrtf((float)head_dim);
+    for (int i = 0; i < n_queries * q_dim; i++) queries[i] = frand();
+    for (int i = 0; i < n_keys * kv_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
+    cross_attention(out, queries, n_queries, keys, vals, n_keys, H, KV, head_dim, scale);
+    double worst = 0.0;
+    for (int i = 0; i < n_queries; i++)
+        for (int h = 0; h < H; h++) {
+            int kvh = h / (H / KV);
+            reference_attention(ref, queries + (size_t)i * q_dim + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim,
+                                n_keys, n_keys - 1, head_dim, kv_dim, scale, 0.0f, MASK_CAUSAL, 0, 0);
+            for (int d = 0; d < head_dim; d++)
+                if (fabs(out[(size_t)i * q_dim + h * head_dim + d] - ref[d]) > worst) worst = fabs(out[(size_t)i * q_dim + h * head_dim + d] - ref[d]);
+        }
+    check(worst < 1e-5, "cross-attention: %d queries x %d keys (GQA 8/2) equal the unmasked formula (max |d| %.1e)",
+          n_queries, n_keys, worst);
+    free(queries), free(out), free(keys), free(vals);
 }
 
 static void test_ops(void) {
@@ -345,15 +438,104 @@ static void test_utf8(void) {
           "streaming decode: never prints half a character; an unfinished one ends as U+FFFD");
 }
 
+/* ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *text;
+    float score;
+    unsigned type;
+} TestPiece;
+
+static void put_u32(unsigned char **p, uint32_t v) {
+    memcpy(*p, &v, 4);
+    *p += 4;
+}
+
+/* A tokenizer record (docs/FORMAT.md) with no eos ids and no merges; returns its size. */
+static size_t pack_tokenizer(unsigned char *buf, unsigned kind, unsigned flags, int unk, const TestPiece *pieces, int n) {
+    unsigned char *p = buf;
+    uint32_t header[] = {kind, 0, flags, (uint32_t)-1, (uint32_t)unk, 0, (uint32_t)n, 0};
+    for (int i = 0; i < 8; i++) put_u32(&p, header[i]);
+    for (int i = 0; i < n; i++) {
+        uint32_t len = (uint32_t)strlen(pieces[i].text), score;
+        put_u32(&p, len);
+        memcpy(p, pieces[i].text, len);
+        p += len;
+        memcpy(&score, &pieces[i].score, 4);
+        put_u32(&p, score);
+        put_u32(&p, pieces[i].type);
+    }
+    return (size_t)(p - buf);
+}
+
+/* Decodes ids as one stream into buf (through Utf8Stream, as ./run prints them). */
+static void decode_all(const Tokenizer *t, const int *ids, int n, char *buf, size_t size) {
+    memset(buf, 0, size);
+    FILE *f = fmemopen(buf, size, "w");
+    Utf8Stream out = {{0}, 0};
+    DecodeState state = {0, 0};
+    for (int i = 0, len; i < n; i++) {
+        const unsigned char *bytes = tokenizer_decode(t, &state, ids[i], &len);
+        utf8_stream_write(&out, f, bytes, len);
+    }
+    utf8_stream_flush(&out, f);
+    fclose(f);
+}
+
+static void test_tokenizer_records(void) {
+    static unsigned char buf[4096];
+    char err[256], text[64];
+    Tokenizer t;
+    const TestPiece bad_strip[] = {{"a", 0, PIECE_NORMAL | PIECE_RSTRIP}};
+    const TestPiece bad_byte[] = {{"<0xZZ>", 0, PIECE_BYTE}};
+    const TestPiece bad_type[] = {{"a", 0, 7}};
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 1, 0, -1, bad_strip, 1), 1, err, sizeof err) != 0 && strstr(err, "strips"),
+          "tokenizer record: whitespace stripping on a piece not matched in the text is rejected (%s)", err);
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 2, 0, -1, bad_byte, 1), 1, err, sizeof err) != 0 && strstr(err, "<0xNN>"),
+          "tokenizer record: a byte piece not of the form <0xNN> is rejected (%s)", err);
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 2, 0, -1, bad_type, 1), 1, err, sizeof err) != 0 && strstr(err, "type"),
+          "tokenizer record: an unknown piece type is rejected (%s)", err);
+    check(tokenizer_load(&t, buf, pack_tokenizer(buf, 1, TOKF_SCORE_MERGES, -1, bad_type, 1), 1, err, sizeof err) != 0,
+          "tokenizer record: merging by score is for SentencePiece-style tokenizers only (%s)", err);
+
+    /* SentencePiece-style: "▁" pieces, byte fallback, a control BOS, merges by score */
+    const TestPiece sp[] = {{" \xE2\x81\x87 ", 0, PIECE_UNKNOWN}, {"<s>", 0, PIECE_CONTROL}, {"<0xE2>", 0, PIECE_BYTE},
+                            {"<0x82>", 0, PIECE_BYTE}, {"<0xAC>", 0, PIECE_BYTE}, {"\xE2\x96\x81", -5, PIECE_NORMAL},
+                            {"a", -1, PIECE_NORMAL}, {"\xE2\x96\x81" "a", -2, PIECE_NORMAL}};
+    unsigned flags = TOKF_SCORE_MERGES | TOKF_DUMMY_PREFIX | TOKF_BYTE_FALLBACK | TOKF_STRIP_LEADING_SPACE;
+    int ok = tokenizer_load(&t, buf, pack_tokenizer(buf, 2, flags, 0, sp, 8), 8, err, sizeof err) == 0;
+    check(ok, "tokenizer record: a SentencePiece-style record loads%s%s", ok ? "" : ": ", ok ? "" : err);
+    if (!ok) return;
+    int ids[32], n = tokenizer_encode(&t, "a \xE2\x82\xAC", 5, 0, ids);
+    check(n == 5 && ids[0] == 7 && ids[1] == 5 && ids[2] == 2 && ids[3] == 3 && ids[4] == 4,
+          "sentencepiece encode: dummy prefix, \"▁a\" by score, a character outside the vocabulary as its bytes");
+    int euro[] = {1, 7, 5, 2, 3, 4};
+    decode_all(&t, euro, 6, text, sizeof text);
+    check(strcmp(text, "a \xE2\x82\xAC") == 0,
+          "sentencepiece decode: BOS prints nothing, the dummy space after it is dropped, byte pieces join into one character");
+    int spaces[] = {5, 7};
+    decode_all(&t, spaces, 2, text, sizeof text);
+    check(strcmp(text, " a") == 0, "sentencepiece decode: only the first piece loses its dummy space (\"▁\" \"▁a\" -> \" a\")");
+    tokenizer_free(&t);
+    ok = tokenizer_load(&t, buf, pack_tokenizer(buf, 2, flags | TOKF_REMOVE_EXTRA_SPACES, 0, sp, 8), 8, err, sizeof err) == 0;
+    decode_all(&t, spaces, 2, text, sizeof text);
+    check(ok && strcmp(text, "a") == 0, "sentencepiece decode: with remove_extra_whitespaces leading spaces go until text is printed");
+    n = ok ? tokenizer_encode(&t, "  a   a  ", 9, 0, ids) : 0;
+    check(n == 2 && ids[0] == 7 && ids[1] == 7, "sentencepiece encode: remove_extra_whitespaces trims and squeezes spaces");
+    tokenizer_free(&t);
+}
+
 int main(void) {
     test_paged_cache();
     test_rolling_buffer();
     test_head_mapping();
     test_attention();
+    test_cross_attention();
     test_ops();
     test_matmul();
     test_parallel();
     test_utf8();
+    test_tokenizer_records();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;
 }

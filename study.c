@@ -1,0 +1,461 @@
+/* study.c - looking at a model's attention: the wiring table (--info), experiments on the wiring
+ * (--window, --sinks, --sparse, --attn), attention maps (--attn-map) and perplexity (--ppl). */
+#include "study.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "png.h"
+
+static int fail(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * overrides */
+
+#define MAX_SPAN (1 << 24) /* windows, strides and blocks: as long as the longest context a file may declare */
+
+/* A whole decimal number in lo .. hi, or -1 */
+static long parse_count(const char *s, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    return errno || end == s || *end || v < lo || v > hi ? -1 : v;
+}
+
+/* Splits "L=V,L=V" / "all=V" / "V" (= all) into value_of[layer]: pointers into buf (a copy of list).
+ * Later items win, so "all=16,2=0" means every layer but 2. */
+static int split_layer_list(const char *opt, const char *list, int n_layers, char *buf, const char **value_of,
+                            char *err, size_t errlen) {
+    if (!*list) return fail(err, errlen, "%s needs L=V[,L=V...] or all=V", opt);
+    strcpy(buf, list);
+    for (char *item = strtok(buf, ","); item; item = strtok(NULL, ",")) {
+        char *eq = strchr(item, '=');
+        const char *value = eq ? eq + 1 : item;
+        int first = 0, last = n_layers - 1;
+        if (eq) {
+            *eq = '\0';
+            if (strcmp(item, "all") != 0) {
+                long l = parse_count(item, 0, n_layers - 1);
+                if (l < 0)
+                    return fail(err, errlen, "%s: '%s' is not a layer (the model has %d layers: 0 .. %d, or all)", opt,
+                                item, n_layers, n_layers - 1);
+                first = last = (int)l;
+            }
+        }
+        for (int l = first; l <= last; l++) value_of[l] = value;
+    }
+    return 0;
+}
+
+/* --window value: W >= 1 slides, 0 is full causal attention */
+static int window_spec(AttentionSpec *a, const char *v, char *err, size_t errlen) {
+    long w = parse_count(v, 0, MAX_SPAN);
+    if (w < 0) return fail(err, errlen, "--window: '%s' is not a window size (0 .. %d; 0 = full attention)", v, MAX_SPAN);
+    a->mask = w ? MASK_SLIDING : MASK_CAUSAL;
+    a->span = (int)w;
+    a->n_sinks = 0;
+    return 0;
+}
+
+/* --sparse value: strided:S or fixed:B */
+static int sparse_spec(AttentionSpec *a, const char *v, char *err, size_t errlen) {
+    const char *colon = strchr(v, ':');
+    long n = colon ? parse_count(colon + 1, 1, MAX_SPAN) : -1;
+    if (n > 0 && (size_t)(colon - v) == 7 && !strncmp(v, "strided", 7)) a->mask = MASK_STRIDED;
+    else if (n > 0 && (size_t)(colon - v) == 5 && !strncmp(v, "fixed", 5)) a->mask = MASK_FIXED;
+    else return fail(err, errlen, "--sparse: '%s' is not a pattern (strided:S or fixed:B, with S, B in 1 .. %d)", v, MAX_SPAN);
+    a->span = (int)n;
+    a->n_sinks = 0;
+    return 0;
+}
+
+int apply_attention_overrides(Model *m, const AttentionOverrides *o, char *err, size_t errlen) {
+    int n_layers = m->config.n_layers;
+    const char **window_of = calloc((size_t)n_layers, sizeof *window_of);
+    const char **sparse_of = calloc((size_t)n_layers, sizeof *sparse_of);
+    size_t buf_len = (o->window ? strlen(o->window) : 0) + (o->sparse ? strlen(o->sparse) : 0) + 2;
+    char *buf = malloc(buf_len);
+    int bad = !window_of || !sparse_of || !buf ? fail(err, errlen, "out of memory") : 0;
+    if (!bad && o->window) bad = split_layer_list("--window", o->window, n_layers, buf, window_of, err, errlen);
+    if (!bad && o->sparse)
+        bad = split_layer_list("--sparse", o->sparse, n_layers, buf + strlen(o->window ? o->window : "") + 1, sparse_of,
+                               err, errlen);
+    for (int l = 0; l < n_layers && !bad; l++) { /* --sparse after --window: it wins where both name a layer */
+        if (window_of[l]) bad = window_spec(&m->attention[l], window_of[l], err, errlen);
+        if (!bad && sparse_of[l]) bad = sparse_spec(&m->attention[l], sparse_of[l], err, errlen);
+    }
+    free(window_of), free(sparse_of), free(buf);
+    if (bad) return -1;
+
+    if (o->n_sinks > 0) {
+        int sliding = 0;
+        for (int l = 0; l < n_layers; l++)
+            if (m->attention[l].mask == MASK_SLIDING) m->attention[l].n_sinks = o->n_sinks, sliding++;
+        if (!sliding) return fail(err, errlen, "--sinks: no layer slides (make some with --window L=W)");
+    }
+    KernelKind kernel = KERNEL_NAIVE;
+    if (o->kernel && !strcmp(o->kernel, "flash")) kernel = KERNEL_FLASH;
+    else if (o->kernel && strcmp(o->kernel, "naive") != 0)
+        return fail(err, errlen, "--attn: '%s' is not a kernel (naive or flash)", o->kernel);
+    for (int l = 0; l < n_layers; l++) m->attention[l].kernel = kernel;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * --info: the wiring table */
+
+static long long count_parameters(const Model *m) {
+    const Config *c = &m->config;
+    const Weights *w = &m->weights;
+    long long n = 0;
+    const Tensor *model_wide[] = {&w->tok_embeddings, &w->pos_embeddings, &w->final_norm, &w->final_norm_bias,
+                                  (c->flags & MODEL_TIED_EMBEDDINGS) ? NULL : &w->output};
+    for (size_t i = 0; i < sizeof model_wide / sizeof *model_wide; i++)
+        if (model_wide[i] && model_wide[i]->data) n += (long long)model_wide[i]->rows * model_wide[i]->cols;
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *lw = &w->layers[l];
+        const Tensor *ts[] = {&lw->attn_norm, &lw->attn_norm_bias, &lw->wq, &lw->wk, &lw->wv, &lw->bq, &lw->bk, &lw->bv,
+                              &lw->q_norm, &lw->k_norm, &lw->wo, &lw->bo, &lw->attn_post_norm, &lw->mlp_norm,
+                              &lw->mlp_norm_bias, &lw->w_gate, &lw->w_up, &lw->w_down, &lw->b_up, &lw->b_down,
+                              &lw->mlp_post_norm};
+        for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
+            if (ts[i]->data) n += (long long)ts[i]->rows * ts[i]->cols;
+    }
+    return n;
+}
+
+/* 1234567 -> "1,234,567" */
+static const char *grouped(long long v, char *buf) {
+    char digits[32];
+    int n = snprintf(digits, sizeof digits, "%lld", v), o = 0;
+    for (int i = 0; i < n; i++) {
+        if (i > 0 && (n - i) % 3 == 0) buf[o++] = ',';
+        buf[o++] = digits[i];
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+static const char *human_bytes(double b, char *buf) {
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024.0 && u < 4) b /= 1024.0, u++;
+    sprintf(buf, u ? "%.1f %s" : "%.0f %s", b, unit[u]);
+    return buf;
+}
+
+/* "full", "sliding 64", "sliding 16 + 4 sinks", "strided 8", "fixed 16" */
+static const char *mask_name(const AttentionSpec *a, char *buf) {
+    switch (a->mask) {
+    case MASK_SLIDING:
+        if (a->n_sinks) sprintf(buf, "sliding %d + %d sinks", a->span, a->n_sinks);
+        else sprintf(buf, "sliding %d", a->span);
+        break;
+    case MASK_STRIDED: sprintf(buf, "strided %d", a->span); break;
+    case MASK_FIXED: sprintf(buf, "fixed %d", a->span); break;
+    default: strcpy(buf, "full");
+    }
+    return buf;
+}
+
+/* What the layer's cache keeps as the sequence grows */
+static const char *keeps(const AttentionSpec *a, char *buf) {
+    switch (a->mask) {
+    case MASK_SLIDING: sprintf(buf, "last %d%s", a->span, a->n_sinks ? " + sinks" : ""); break;
+    case MASK_FIXED: sprintf(buf, "block + 1/%d", a->span); break;
+    default: strcpy(buf, "every position");
+    }
+    return buf;
+}
+
+/* MHA, GQA-G (G = number of kv heads, i.e. of groups, as in Ainslie et al. 2023), MQA */
+static const char *sharing_name(int n_heads, int n_kv_heads, char *buf) {
+    if (n_kv_heads == n_heads) strcpy(buf, "MHA");
+    else if (n_kv_heads == 1) strcpy(buf, "MQA");
+    else sprintf(buf, "GQA-%d", n_kv_heads);
+    return buf;
+}
+
+static void extras_of(const Model *m, int l, char *buf) {
+    const LayerConfig *lc = &m->config.layers[l];
+    buf[0] = '\0';
+    if (lc->flags & LAYER_QK_NORM) strcat(buf, "q/k-norm ");
+    if (lc->attn_softcap > 0) sprintf(buf + strlen(buf), "soft-cap %g ", lc->attn_softcap);
+    if (lc->flags & LAYER_QKV_BIAS) strcat(buf, "qkv-bias ");
+    if (lc->flags & (LAYER_POST_ATTN_NORM | LAYER_POST_MLP_NORM)) strcat(buf, "post-norms ");
+    if (lc->rope_dim > 0 && lc->rope_dim < lc->head_dim) sprintf(buf + strlen(buf), "rope %d/%d dims ", lc->rope_dim, lc->head_dim);
+    if (lc->rope_table >= 0) strcat(buf, "rope-table ");
+    size_t n = strlen(buf);
+    if (n) buf[n - 1] = '\0';
+    else strcpy(buf, "-");
+}
+
+static int is_overridden(const Model *m, int l) {
+    const AttentionSpec *a = &m->attention[l];
+    int window = m->config.layers[l].window;
+    return a->mask != (window ? MASK_SLIDING : MASK_CAUSAL) || a->span != window || a->n_sinks != 0;
+}
+
+void print_wiring(const Model *m, const char *path, FILE *out) {
+    const Config *c = &m->config;
+    const char *acts[] = {"SiLU", "GELU (tanh)", "GELU"};
+    char b1[64], b2[64], b3[64], b4[96];
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    fprintf(out, "%s: %s, %s parameters, vocab %d, %s weights, file %s\n", base, c->family,
+            grouped(count_parameters(m), b1), c->vocab_size, dtype_name(m->weight_dtype), human_bytes((double)m->file_size, b2));
+    fprintf(out, "dim %d, MLP %d (%s %s), %d layers, context %d, %s positions, %s%s\n", c->dim, c->hidden_dim,
+            c->mlp_kind == MLP_GATED ? "gated" : "plain", acts[c->activation], c->n_layers, c->context_length,
+            c->position_kind == POS_ROPE ? "rotary" : "learned", c->norm_kind == NORM_RMS ? "RMSNorm" : "LayerNorm",
+            c->flags & MODEL_TIED_EMBEDDINGS ? ", tied embeddings" : "");
+    fprintf(out, "attention kernel: %s\n\n", m->attention[0].kernel == KERNEL_FLASH ? "flash" : "naive");
+
+    fprintf(out, "%5s  %-22s %3s %3s  %-10s %8s  %9s  %-22s %8s  %s\n", "layer", "attention", "q", "kv", "group",
+            "head_dim", "rope base", "extras", "KV/token", "keeps");
+    int overridden = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        const AttentionSpec *a = &m->attention[l];
+        char kind[48], group[24], rope_base[24], extras[128];
+        snprintf(kind, sizeof kind, "%s%s", mask_name(a, b1), is_overridden(m, l) ? " *" : "");
+        overridden |= is_overridden(m, l);
+        snprintf(group, sizeof group, "%d (%s)", lc->n_heads / lc->n_kv_heads, sharing_name(lc->n_heads, lc->n_kv_heads, b2));
+        if (lc->rope_dim > 0) snprintf(rope_base, sizeof rope_base, "%g", lc->rope_theta);
+        else strcpy(rope_base, "-");
+        extras_of(m, l, extras);
+        fprintf(out, "%5d  %-22s %3d %3d  %-10s %8d  %9s  %-22s %6d B  %s\n", l, kind, lc->n_heads, lc->n_kv_heads, group,
+                lc->head_dim, rope_base, extras, (int)(2 * lc->n_kv_heads * lc->head_dim * sizeof(float)), keeps(a, b3));
+    }
+    if (overridden) {
+        fprintf(out, "* set on the command line; in the file");
+        for (int l = 0, first = 1; l < c->n_layers; l++)
+            if (is_overridden(m, l)) {
+                if (c->layers[l].window) fprintf(out, "%s layer %d slides %d", first ? "" : ",", l, c->layers[l].window);
+                else fprintf(out, "%s layer %d is full", first ? "" : ",", l);
+                first = 0;
+            }
+        fprintf(out, "\n");
+    }
+
+    /* the cache as kvcache.c would lay it out, and the same model as plain MHA with full attention */
+    fprintf(out, "\nKV cache (float32 keys + values, blocks of %d positions; %d-token context):\n", KV_BLOCK_TOKENS,
+            c->context_length);
+    fprintf(out, "%7s  %28s  %32s  %6s\n", "tokens", "as wired", "MHA + full attention everywhere", "ratio");
+    const long lengths[] = {1024, 8192, 32768, 131072};
+    for (int i = 0; i < 4; i++) {
+        size_t wired = 0, plain = 0;
+        for (int l = 0; l < c->n_layers; l++) {
+            const LayerConfig *lc = &c->layers[l];
+            KVLayer cache, mha;
+            attention_cache_init(&cache, lc->n_kv_heads * lc->head_dim, &m->attention[l]);
+            kvlayer_init(&mha, lc->n_heads * lc->head_dim, 0, 0);
+            wired += kvlayer_bytes_for(&cache, lengths[i]);
+            plain += kvlayer_bytes_for(&mha, lengths[i]);
+        }
+        snprintf(b4, sizeof b4, "%s B (%s)", grouped((long long)wired, b1), human_bytes((double)wired, b2));
+        char plain_text[96];
+        snprintf(plain_text, sizeof plain_text, "%s B (%s)", grouped((long long)plain, b1), human_bytes((double)plain, b3));
+        fprintf(out, "%6ldk  %28s  %32s  %5.1f%%\n", lengths[i] / 1024, b4, plain_text, 100.0 * (double)wired / (double)plain);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * attention maps */
+
+struct AttentionMap {
+    const Model *model;
+    int n_positions;     /* capacity: positions 0 .. n_positions-1 */
+    int positions_seen;  /* 1 + the last position recorded */
+    int n_recorded;      /* 0 .. n_layers */
+    int *layers;         /* [n_recorded] the layers recorded, in order */
+    int *index_of_layer; /* [n_layers] index into layers / weights, -1 if not recorded */
+    float **weights;     /* [n_recorded] -> [n_heads][n_positions][n_positions] */
+};
+
+#define MAP_MAX_BYTES (512u << 20) /* recorded weights */
+#define MAP_MAX_PIXELS (64u << 20)
+
+void attention_map_free(AttentionMap *map) {
+    if (!map) return;
+    for (int i = 0; map->weights && i < map->n_recorded; i++) free(map->weights[i]);
+    free(map->weights), free(map->layers), free(map->index_of_layer), free(map);
+}
+
+AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positions, char *err, size_t errlen) {
+    int n_layers = m->config.n_layers;
+    AttentionMap *map = calloc(1, sizeof *map);
+    if (!map || !(map->layers = malloc((size_t)n_layers * sizeof(int))) ||
+        !(map->index_of_layer = malloc((size_t)n_layers * sizeof(int))))
+        return attention_map_free(map), fail(err, errlen, "out of memory"), NULL;
+    map->model = m;
+    map->n_positions = n_positions;
+    for (int l = 0; l < n_layers; l++) map->index_of_layer[l] = -1;
+    if (!layers) {
+        for (int l = 0; l < n_layers; l++) map->index_of_layer[l] = map->n_recorded, map->layers[map->n_recorded++] = l;
+    } else {
+        const char *p = layers;
+        while (*p) {
+            char *end;
+            errno = 0;
+            long l = strtol(p, &end, 10);
+            if (end == p || errno || (*end && *end != ',') || l < 0 || l >= n_layers) {
+                fail(err, errlen, "--attn-map-layer: '%s' is not a list of layers (0 .. %d)", layers, n_layers - 1);
+                return attention_map_free(map), NULL;
+            }
+            if (map->index_of_layer[l] < 0) map->index_of_layer[l] = map->n_recorded, map->layers[map->n_recorded++] = (int)l;
+            p = *end ? end + 1 : end;
+        }
+        if (map->n_recorded == 0) return fail(err, errlen, "--attn-map-layer: no layer given"), attention_map_free(map), NULL;
+    }
+    double bytes = 0;
+    for (int i = 0; i < map->n_recorded; i++)
+        bytes += (double)m->config.layers[map->layers[i]].n_heads * n_positions * n_positions * sizeof(float);
+    if (bytes > MAP_MAX_BYTES) {
+        fail(err, errlen, "--attn-map: %d positions x %d layers would need %.0f MiB; use --attn-map-layer, a shorter "
+             "prompt or a smaller -n", n_positions, map->n_recorded, bytes / (1 << 20));
+        return attention_map_free(map), NULL;
+    }
+    if (!(map->weights = calloc((size_t)n_layers, sizeof *map->weights)))
+        return fail(err, errlen, "out of memory"), attention_map_free(map), NULL;
+    for (int i = 0; i < map->n_recorded; i++) {
+        size_t n = (size_t)m->config.layers[map->layers[i]].n_heads * n_positions * n_positions;
+        if (!(map->weights[i] = calloc(n, sizeof(float))))
+            return fail(err, errlen, "out of memory"), attention_map_free(map), NULL;
+    }
+    return map;
+}
+
+void attention_map_record(AttentionMap *map, int layer, int pos, const float *weights, int weights_stride) {
+    int i = map->index_of_layer[layer], T = map->n_positions;
+    if (i < 0 || pos >= T) return;
+    int n_heads = map->model->config.layers[layer].n_heads;
+    for (int h = 0; h < n_heads; h++)
+        weights_by_position(map->weights[i] + ((size_t)h * T + pos) * T, weights + (size_t)h * weights_stride,
+                            &map->model->attention[layer], pos);
+    if (pos + 1 > map->positions_seen) map->positions_seen = pos + 1;
+}
+
+int attention_map_positions(const AttentionMap *map) { return map->positions_seen; }
+
+int attention_map_write_raw(const AttentionMap *map, const char *path) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return -1;
+    int T = map->n_positions, seen = map->positions_seen, bad = 0;
+    for (int i = 0; i < map->n_recorded; i++)
+        for (int h = 0; h < map->model->config.layers[map->layers[i]].n_heads; h++)
+            for (int q = 0; q < seen; q++)
+                bad |= fwrite(map->weights[i] + ((size_t)h * T + q) * T, sizeof(float), (size_t)seen, f) != (size_t)seen;
+    return fclose(f) != 0 || bad ? -1 : 0;
+}
+
+/* palette: 0 background, 1 masked (grey), 2 .. 255 a viridis-like scale from dark purple to yellow */
+enum { COLOR_BACKGROUND = 0, COLOR_MASKED = 1, COLOR_SCALE = 2, N_COLORS = 256 };
+
+static void make_palette(unsigned char (*pal)[3]) {
+    static const unsigned char anchors[5][3] = {{68, 1, 84}, {59, 82, 139}, {33, 145, 140}, {94, 201, 98}, {253, 231, 37}};
+    pal[COLOR_BACKGROUND][0] = pal[COLOR_BACKGROUND][1] = pal[COLOR_BACKGROUND][2] = 255;
+    pal[COLOR_MASKED][0] = pal[COLOR_MASKED][1] = pal[COLOR_MASKED][2] = 200;
+    for (int i = COLOR_SCALE; i < N_COLORS; i++) {
+        double t = (double)(i - COLOR_SCALE) / (N_COLORS - 1 - COLOR_SCALE) * 4.0;
+        int k = t >= 4.0 ? 3 : (int)t;
+        double f = t - k;
+        for (int ch = 0; ch < 3; ch++) pal[i][ch] = (unsigned char)lround(anchors[k][ch] * (1 - f) + anchors[k + 1][ch] * f);
+    }
+}
+
+/* Weights span decades: colour by log10(w) from 1e-4 (dark) to 1 (bright) */
+static unsigned char color_of_weight(float w) {
+    double t = (log10(w > 1e-4f ? w : 1e-4f) + 4.0) / 4.0;
+    return (unsigned char)(COLOR_SCALE + lround(t * (N_COLORS - 1 - COLOR_SCALE)));
+}
+
+/* 1 if key j is visible to the query at position i in this layer */
+static int is_visible(const AttentionSpec *a, int i, int j) {
+    VisibleKeys v = visible_keys(a, i);
+    for (int r = 0; r < v.n_runs; r++) {
+        const KeyRun *run = &v.runs[r];
+        if (j >= run->first && (j - run->first) % run->step == 0 && (j - run->first) / run->step < run->count) return 1;
+    }
+    return 0;
+}
+
+/* Where panels go: one row of panels per layer, one panel per head; a single layer's heads in a grid of
+ * floor(sqrt(heads)) rows, drawn larger. Panels are T cells of cell x cell pixels, GAP pixels apart. */
+#define GAP 3
+typedef struct {
+    int columns, cell;
+} MapLayout;
+
+static MapLayout map_layout(const AttentionMap *map, int T) {
+    MapLayout g = {0, 0};
+    for (int i = 0; i < map->n_recorded; i++)
+        if (map->model->config.layers[map->layers[i]].n_heads > g.columns) g.columns = map->model->config.layers[map->layers[i]].n_heads;
+    int target = 128; /* pixels per panel, never less than one per cell */
+    if (map->n_recorded == 1) {
+        int rows = (int)sqrt((double)g.columns);
+        g.columns = (g.columns + rows - 1) / rows;
+        target = 384;
+    }
+    g.cell = T < target ? target / T : 1;
+    return g;
+}
+
+int attention_map_write_png(const AttentionMap *map, const char *path) {
+    int T = map->positions_seen, N = map->n_positions;
+    MapLayout g = map_layout(map, T);
+    int cell = g.cell, gap = GAP, panel = T * cell, n_rows = 0;
+    for (int i = 0; i < map->n_recorded; i++) {
+        int heads = map->model->config.layers[map->layers[i]].n_heads;
+        n_rows += (heads + g.columns - 1) / g.columns;
+    }
+    long width = 2L * gap + (long)g.columns * panel + (long)(g.columns - 1) * gap;
+    long height = 2L * gap + (long)n_rows * panel + (long)(n_rows - 1) * gap;
+    if (T == 0 || (double)width * height > MAP_MAX_PIXELS) {
+        errno = T == 0 ? EINVAL : EFBIG;
+        return -1;
+    }
+    unsigned char *pixels = malloc((size_t)width * height), palette[N_COLORS][3];
+    if (!pixels) return -1;
+    memset(pixels, COLOR_BACKGROUND, (size_t)width * height);
+    make_palette(palette);
+    for (int r = 0, row = 0; r < map->n_recorded; r++) {
+        int layer = map->layers[r], heads = map->model->config.layers[layer].n_heads;
+        const AttentionSpec *a = &map->model->attention[layer];
+        for (int h = 0; h < heads; h++) {
+            long x0 = gap + (long)(h % g.columns) * (panel + gap), y0 = gap + (long)(row + h / g.columns) * (panel + gap);
+            for (int i = 0; i < T; i++)
+                for (int j = 0; j < T; j++) {
+                    unsigned char color = j <= i && is_visible(a, i, j)
+                                              ? color_of_weight(map->weights[r][((size_t)h * N + i) * N + j])
+                                              : COLOR_MASKED;
+                    for (int dy = 0; dy < cell; dy++)
+                        memset(pixels + (size_t)(y0 + (long)i * cell + dy) * width + x0 + (long)j * cell, color, (size_t)cell);
+                }
+        }
+        row += (heads + g.columns - 1) / g.columns;
+    }
+    int rc = png_write_indexed(path, (int)width, (int)height, pixels, (const unsigned char(*)[3])palette, N_COLORS);
+    free(pixels);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * perplexity */
+
+/* -log softmax(logits)[target] = log sum_i e^(l_i - max) + max - l_target, in double so that the sum over
+ * a long text does not drift */
+double token_nll(const float *logits, int vocab_size, int target) {
+    double max = logits[0], sum = 0.0;
+    for (int i = 1; i < vocab_size; i++)
+        if (logits[i] > max) max = logits[i];
+    for (int i = 0; i < vocab_size; i++) sum += exp((double)logits[i] - max);
+    return log(sum) + max - (double)logits[target];
+}

@@ -1,0 +1,50 @@
+/* study.h - tools for looking at how a model wires its attention (./run's --info, --window, --sinks,
+ * --sparse, --attn, --attn-map, --ppl). docs/ATTENTION.md walks through them. */
+#ifndef ATTN_STUDY_H
+#define ATTN_STUDY_H
+
+#include <stdio.h>
+
+#include "model.h"
+
+/* ---- overrides: experiments on top of the file's own wiring */
+
+typedef struct {
+    const char *window; /* --window: "L=W[,L=W...]" or "all=W" (W = 0: full causal attention) */
+    int n_sinks;        /* --sinks N: the first N positions stay visible in every sliding layer */
+    const char *sparse; /* --sparse: "strided:S" / "fixed:B" for every layer, or "L=strided:S[,L=fixed:B...]" */
+    const char *kernel; /* --attn: "naive" or "flash"; NULL: naive */
+} AttentionOverrides;
+
+/* Rewrites m->attention[] (before runstate_init). On bad input writes one line to err and returns -1. */
+int apply_attention_overrides(Model *m, const AttentionOverrides *o, char *err, size_t errlen);
+
+/* --info: the model-wide facts, one row per layer, and the KV cache the wiring costs at 1k .. 128k tokens
+ * next to plain MHA with full attention everywhere. */
+void print_wiring(const Model *m, const char *path, FILE *out);
+
+/* ---- attention maps: every head's weights over the processed sequence */
+
+typedef struct AttentionMap AttentionMap;
+
+/* Records the layers in `layers` ("L[,L...]"; NULL: every layer) for positions 0 .. n_positions-1.
+ * NULL with a message in err when the list is bad or the map would not fit in memory. */
+AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positions, char *err, size_t errlen);
+/* Called by forward() after the naive kernel: weights holds each head's row (weights_stride apart). */
+void attention_map_record(AttentionMap *map, int layer, int pos, const float *weights, int weights_stride);
+/* A grid of heatmaps, one row of panels per layer and one panel per head (a single layer: its heads in
+ * floor(sqrt(heads)) rows, drawn larger): in a panel, rows are query positions and columns key positions;
+ * grey where the mask hides the key, a colour scale of log10(weight) from 1e-4 (dark) to 1 elsewhere. */
+int attention_map_write_png(const AttentionMap *map, const char *path);
+/* The recorded weights as little-endian float32 [layer][head][query][key] over the positions processed. */
+int attention_map_write_raw(const AttentionMap *map, const char *path);
+/* Positions recorded so far. */
+int attention_map_positions(const AttentionMap *map);
+void attention_map_free(AttentionMap *map);
+
+/* ---- perplexity */
+
+/* -log softmax(logits)[target], computed in double */
+double token_nll(const float *logits, int vocab_size, int target);
+
+#endif
