@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <float.h>
 #include <math.h>
 #ifdef USE_BLAS
 #include <cblas.h>
@@ -98,17 +99,25 @@ static QuantizedRow token_row(const QuantizedRow *first, int t) {
 }
 
 /* One token: q = round(x / scale) with scale = max|x| / 127 per group of 32. Plain C in every build, so the
- * quantized activations are the same bits everywhere. */
+ * quantized activations are the same bits everywhere. A group holding an inf or NaN gets q = 0 and a NaN
+ * scale: the NaN reaches the output, as it would in f32. q is clamped to [-127, 127] before it becomes an int
+ * (127 / amax overflows to inf when amax is subnormal). */
 static void quantize_token(QuantizedRow *r, const float *x) {
     memset(r->q, 0, r->stride);
     for (int g = 0; g < r->groups; g++) {
         const float *xg = x + (size_t)g * Q8_GROUP;
         float amax = 0.0f;
-        for (int j = 0; j < Q8_GROUP; j++) amax = fabsf(xg[j]) > amax ? fabsf(xg[j]) : amax;
-        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int finite = 1;
+        for (int j = 0; j < Q8_GROUP; j++) {
+            float a = fabsf(xg[j]);
+            if (!(a <= FLT_MAX)) finite = 0;
+            else if (a > amax) amax = a;
+        }
+        float scale = finite ? amax / 127.0f : NAN, inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int j = 0; j < Q8_GROUP; j++) {
-            int q = (int)nearbyintf(xg[j] * inv);
+            float v = xg[j] * inv;
+            int q = v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)nearbyintf(v) : 0;
             r->q[g * Q8_GROUP + j] = (int8_t)q;
             sum += q;
         }

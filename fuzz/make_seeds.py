@@ -2,7 +2,7 @@
 """Writes the fuzz seed corpus fuzz/corpus/model/*.bin: tiny model files (random weights, a few KB each)
 that together use every part of the format the loader checks -- RMSNorm and LayerNorm, gated and plain
 MLPs, rotary and learned positions, sliding and full layers, GQA, q/k norm, biases, post-norms, soft-caps,
-a precomputed RoPE table, f32 / f16 / bf16 matrices, and tokenizer records of both kinds (byte-level BPE
+a precomputed RoPE table, f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
 with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
 from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
@@ -141,6 +141,10 @@ def seeds():
     m.layers = [E.Layer(2, 1, 4, window=4, attn_softcap=50.0, flags=post),
                 E.Layer(2, 1, 4, rope_table=table, attn_softcap=50.0, flags=post)]
     yield "gemma_softcaps_rope_table_f32", tensors(m), "f32"
+    # q8_0: matrices of 32 or 64 columns hold int8 groups with f16 scales; w_down (48 columns) stays f32
+    m = E.Model("llama", 32, 48, 32, 64, tied=False)
+    m.layers = [E.Layer(4, 2, 8, window=4), E.Layer(4, 1, 8)]
+    yield "llama_q8_0", tensors(m), "q8_0"
 
 
 def shared_tokenizer_models(shared, out_dir):

@@ -62,6 +62,9 @@ def corpus(t):
         (t.export(os.path.join(t.data, "fixtures", "qwen3_mixed"), "qwen3_mixed.bin"), 0.12, ["--tokens", "1,2,3"]),
         (t.export(os.path.join(t.data, "fixtures", "llama_mha_rope31"), "llama_mha_rope31.bin"), 0.12,
          ["--tokens", "1,2,3"]),
+        # q8_0 weights: int8 groups with f16 scales, quantized activations
+        (t.export(os.path.join(t.data, "fixtures", "qwen3_mixed"), "qwen3_mixed_q8_0.bin", "--dtype", "q8_0"), 0.12,
+         ["--tokens", "1,2,3"]),
         # SentencePiece-style records (fuzz seeds): merged by score, and by rank with Metaspace; one prompt
         # is a single stretch, the other is cut by a user-defined token
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_sentencepiece_tokenizer_f32.bin"), 0.35,

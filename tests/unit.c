@@ -301,6 +301,11 @@ static void test_ops(void) {
     float s[3] = {1, 2, 3};
     softmax(s, 3);
     check(fabsf(s[0] + s[1] + s[2] - 1.0f) < 1e-6f && s[2] > s[1], "softmax");
+    float wide[3] = {-INFINITY, 0.0f, -1e30f}, bad[3] = {1.0f, NAN, 2.0f};
+    softmax(wide, 3);
+    softmax(bad, 3);
+    check(wide[0] == 0.0f && wide[1] == 1.0f && wide[2] == 0.0f && isnan(bad[1]) && isnan(bad[2]),
+          "softmax: -inf and far-below-max scores weigh 0; a NaN score stays NaN (no NaN converted to an int)");
     check(fabsf(softcap(1000.0f, 30.0f) - 30.0f) < 1e-4f && softcap(1.0f, 0.0f) == 1.0f, "softcap");
 }
 
@@ -382,9 +387,22 @@ static void test_matmul(void) {
                     free((void *)w.data), free(x), free(out), free(one), free(twice);
                     shapes++;
                 }
+        /* a NaN or inf activation (a damaged model can make them) gives NaN outputs, never undefined behaviour
+         * in quantize_token; nor does a subnormal group, whose 127 / max|x| overflows */
+        Tensor w = {random_weights((DType)d, 3, cols_[0]), (DType)d, 3, cols_[0]};
+        float *x = calloc((size_t)cols_[0], sizeof(float)), out[3];
+        for (int v = 0; v < 3; v++) {
+            for (int i = 0; i < cols_[0]; i++) x[i] = v == 2 ? 1e-45f : 0.5f;
+            if (v < 2) x[cols_[0] - 1] = v ? INFINITY : NAN;
+            matmul(out, x, &w, 1);
+            if (v < 2 && !isnan(out[0]) && !isinf(out[0])) exact = 0;
+            if (v == 2 && !isfinite(out[0])) exact = 0;
+        }
+        free((void *)w.data), free(x);
         check(worst < 1e-5 && exact,
               "matmul %s: %d shapes (rows 1..300, cols %d..%d, 1..13 tokens) match a double-precision reference "
-              "(max error %.1e of sum |w x|), and n tokens at once give the bits of one at a time",
+              "(max error %.1e of sum |w x|), n tokens at once give the bits of one at a time, a NaN / inf input "
+              "gives a NaN / inf output",
               dtype_name((DType)d), shapes, cols_[0], cols_[n_cols - 1], worst);
     }
 }
