@@ -418,6 +418,7 @@ int main(int argc, char **argv) {
     }
     utf8_stream_flush(&out, stdout);
     if (o.n_generate > 0) printf("\n");
+    fflush(stdout); /* the text ends before the stats line when both go to one terminal or pipe */
     double t2 = now_seconds();
     if (state.attention_map) {
         if (o.attn_map && attention_map_write_png(state.attention_map, o.attn_map) != 0)
