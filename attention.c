@@ -211,34 +211,40 @@ void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_
 /* ---------------------------------------------------------------------------------------------
  * multi-head attention */
 
-/* Multi-head attention for one token (Vaswani et al. 2017; every transformer - GPT-2 small: 12 heads of 64):
+/* Multi-head attention (Vaswani et al. 2017; every transformer - GPT-2 small: 12 heads of 64):
  *   head_h = Attention(q_h, K_kv(h), V_kv(h)),   out = concat(head_0 .. head_{H-1})
  * Every query head attends on its own, through its kv head, over the keys the layer's mask shows it; the
- * heads' outputs sit side by side in out and the output projection (in forward) mixes them. */
+ * heads' outputs sit side by side in out and the output projection (in forward) mixes them.
+ * For n tokens at once (a prompt chunk whose keys are all in the cache already), each head does all n
+ * tokens in a row, so its slice of the cache stays in the CPU's caches from one token to the next. */
 typedef struct {
     float *out, *weights;
     const float *q;
     const KVLayer *kv;
-    int n_heads, n_kv_heads, pos, weights_stride;
+    int n_heads, n_kv_heads, pos, n_tokens, weights_stride;
     const AttentionSpec *a;
 } HeadsJob;
 
 static void attend_heads(void *arg, int first, int end) {
     const HeadsJob *j = arg;
     int hd = j->a->head_dim;
+    size_t q_dim = (size_t)j->n_heads * hd;
     for (int h = first; h < end; h++) {
         int kv_head = kv_head_of(h, j->n_heads, j->n_kv_heads);
-        float *out = j->out + (size_t)h * hd;
-        const float *q = j->q + (size_t)h * hd;
-        if (j->a->kernel == KERNEL_FLASH) attention_head_flash(out, q, j->kv, kv_head, j->pos, j->a);
-        else attention_head(out, q, j->kv, kv_head, j->pos, j->a, j->weights + (size_t)h * j->weights_stride);
+        for (int t = 0; t < j->n_tokens; t++) {
+            float *out = j->out + t * q_dim + (size_t)h * hd;
+            const float *q = j->q + t * q_dim + (size_t)h * hd;
+            if (j->a->kernel == KERNEL_FLASH) attention_head_flash(out, q, j->kv, kv_head, j->pos + t, j->a);
+            else attention_head(out, q, j->kv, kv_head, j->pos + t, j->a, j->weights + (size_t)h * j->weights_stride);
+        }
     }
 }
 
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
-                     const AttentionSpec *a, float *weights, int weights_stride) {
-    HeadsJob job = {out, weights, q, kv, n_heads, n_kv_heads, pos, weights_stride, a};
-    parallel_for(n_heads, 1, 2LL * n_heads * visible_count(a, pos) * a->head_dim, attend_heads, &job); /* ops.h */
+                     int n_tokens, const AttentionSpec *a, float *weights, int weights_stride) {
+    HeadsJob job = {out, weights, q, kv, n_heads, n_kv_heads, pos, n_tokens, weights_stride, a};
+    long long work = 2LL * n_heads * n_tokens * visible_count(a, pos + n_tokens - 1) * a->head_dim;
+    parallel_for(n_heads, 1, work, attend_heads, &job); /* ops.h */
 }
 
 void weights_by_position(float *row, const float *weights, const AttentionSpec *a, int pos) {

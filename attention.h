@@ -67,10 +67,12 @@ void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, 
 void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_head, int pos,
                           const AttentionSpec *a);
 
-/* All query heads of one token: q[n_heads][head_dim] -> out[n_heads][head_dim], with the spec's kernel.
- * weights: n_heads rows of weights_stride floats (naive kernel; row h holds head h's weights after). */
+/* All query heads of n_tokens tokens at positions pos .. pos + n_tokens - 1, whose keys and values are in
+ * the cache: q[n_tokens][n_heads][head_dim] -> out[n_tokens][n_heads][head_dim], with the spec's kernel.
+ * weights: n_heads rows of weights_stride floats (naive kernel; row h holds head h's weights of the last
+ * token after). */
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
-                     const AttentionSpec *a, float *weights, int weights_stride);
+                     int n_tokens, const AttentionSpec *a, float *weights, int weights_stride);
 
 /* The weights attention_head left in visible order, laid out by key position: row[0 .. pos], 0 where masked. */
 void weights_by_position(float *row, const float *weights, const AttentionSpec *a, int pos);

@@ -29,6 +29,8 @@ void kvlayer_free(KVLayer *l) {
 
 int kvlayer_capacity(const KVLayer *l) { return l->window > 0 ? l->n_sinks + l->window : 0; }
 
+int kvlayer_keeps_every_position(const KVLayer *l) { return l->window == 0 && l->summary_every == 0; }
+
 /* Summaries: slots 0 .. B-2 are a ring for the current block's other positions, then block k's summary
  * (position kB + B - 1) has slot B - 1 + k: the slots in use stay contiguous, so blocks fill in order. */
 static int summary_slot_of(int pos, int B) { return pos % B == B - 1 ? B - 1 + pos / B : pos % B; }

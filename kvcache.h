@@ -37,6 +37,8 @@ void kvlayer_free(KVLayer *l);
 
 /* Slots a rolling buffer holds (n_sinks + window); 0 for a paged layer (unbounded). */
 int kvlayer_capacity(const KVLayer *l);
+/* 1 for a paged layer: no position it stores is ever overwritten. */
+int kvlayer_keeps_every_position(const KVLayer *l);
 /* The slot position pos occupies. */
 int kvlayer_slot_of(const KVLayer *l, int pos);
 /* 1 if pos is still held (written and not yet overwritten by the rolling buffer). */

@@ -656,14 +656,19 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         rotate_heads(s, lc, lw->rope_inv_freq, n, pos);
 
         /* attention: each token stores its key and value in the cache, then attends over what its mask
-         * lets it see (--attn-map keeps the weights) */
+         * lets it see (--attn-map keeps the weights). A paged cache overwrites nothing, so there all the
+         * chunk's keys go in first and the heads then attend for every token in one pass. */
         const AttentionSpec *spec = &m->attention[l];
+        int keys_first = kvlayer_keeps_every_position(cache) && !s->attention_map;
         for (int t = 0; t < n; t++) {
             if (kvlayer_store(cache, pos + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim) != 0) return NULL;
+            if (keys_first) continue;
             attention_layer(xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim, cache, lc->n_heads, lc->n_kv_heads,
-                            pos + t, spec, s->scores, s->scores_stride);
+                            pos + t, 1, spec, s->scores, s->scores_stride);
             if (s->attention_map) attention_map_record(s->attention_map, l, pos + t, s->scores, s->scores_stride);
         }
+        if (keys_first)
+            attention_layer(xb, s->q, cache, lc->n_heads, lc->n_kv_heads, pos, n, spec, s->scores, s->scores_stride);
 
         /* output projection, optional post-norm (Gemma), residual connection */
         matmul(xb2, xb, &lw->wo, n);

@@ -230,8 +230,8 @@ static void test_attention(void) {
         for (int pos = 0; pos < n_pos; pos++) {
             kvlayer_store(&l, pos, keys + (size_t)pos * kv_dim, vals + (size_t)pos * kv_dim);
             for (int i = 0; i < H * head_dim; i++) q[i] = frand();
-            attention_layer(out, q, &l, H, KV, pos, &spec, scores, n_pos);
-            attention_layer(flash, q, &l, H, KV, pos, &flash_spec, NULL, 0);
+            attention_layer(out, q, &l, H, KV, pos, 1, &spec, scores, n_pos);
+            attention_layer(flash, q, &l, H, KV, pos, 1, &flash_spec, NULL, 0);
             int visible = 0;
             for (int j = 0; j <= pos; j++) visible += reference_visible(spec.mask, spec.span, spec.n_sinks, pos, j);
             counts_ok &= visible == visible_count(&spec, pos);
@@ -253,6 +253,23 @@ static void test_attention(void) {
               cases[c].name, worst_flash);
         check(counts_ok && most_visible(&spec, n_pos) == most,
               "attention %s: visible_count and most_visible agree with the mask's definition", cases[c].name);
+        if (kvlayer_keeps_every_position(&l)) { /* a prompt chunk: every key cached first, then all tokens at once */
+            size_t q_dim = (size_t)H * head_dim;
+            float *qs = malloc(sizeof(float) * n_pos * q_dim), *all = malloc(sizeof(float) * n_pos * q_dim);
+            int same = 1;
+            for (size_t i = 0; i < n_pos * q_dim; i++) qs[i] = frand();
+            for (int k = 0; k < 2; k++) {
+                AttentionSpec *sp = k ? &flash_spec : &spec;
+                attention_layer(all, qs, &l, H, KV, 0, n_pos, sp, scores, n_pos);
+                for (int pos = 0; pos < n_pos; pos++) {
+                    attention_layer(out, qs + pos * q_dim, &l, H, KV, pos, 1, sp, scores, n_pos);
+                    same &= !memcmp(out, all + pos * q_dim, sizeof(float) * q_dim);
+                }
+            }
+            check(same, "attention %s: %d tokens in one call (keys cached first) give the bits of one call each",
+                  cases[c].name, n_pos);
+            free(qs), free(all);
+        }
         kvlayer_free(&l);
         free(keys), free(vals), free(q), free(out), free(flash), free(scores);
     }
