@@ -129,15 +129,6 @@ size_t kvlayer_bytes_for(const KVLayer *l, long n_positions) {
     return bytes_of_rows(l, rows);
 }
 
-void kvcache_reset(KVCache *c) {
-    for (int i = 0; i < c->n_layers; i++) {
-        KVLayer *l = &c->layers[i], kept = *l;
-        kvlayer_free(l);
-        kvlayer_init(l, kept.kv_dim, kept.window, kept.n_sinks);
-        l->summary_every = kept.summary_every;
-    }
-}
-
 size_t kvcache_bytes_held(const KVCache *c) {
     size_t total = 0;
     for (int i = 0; i < c->n_layers; i++) total += kvlayer_bytes_held(&c->layers[i]);

@@ -54,8 +54,6 @@ size_t kvlayer_bytes_held(const KVLayer *l);
 /* Bytes it will hold once positions 0 .. n_positions-1 have been stored (what --info reports). */
 size_t kvlayer_bytes_for(const KVLayer *l, long n_positions);
 
-/* Forgets every position and gives the blocks back. */
-void kvcache_reset(KVCache *c);
 size_t kvcache_bytes_held(const KVCache *c);
 void kvcache_free(KVCache *c);
 

@@ -131,7 +131,7 @@ static void quantize_token(QuantizedRow *r, const float *x) {
  * AVX-512 */
 
 /* The lane sums of four accumulators at once, in lanes 0, 4, 8, 12. The tree: lanes (l, l+8) added, then
- * (l, l+4), (l, l+2), (l, l+1), as lane_sum_scalar in the portable kernels. */
+ * (l, l+4), (l, l+2), (l, l+1), as lane_sum16 (ops.h) in the portable kernels. */
 ALWAYS_INLINE __m512 lane_sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
     __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
@@ -284,7 +284,6 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
         for (int r = 0; r < 4; r++) out[t * ldo + r] = v[r];
     }
 }
-#define KERNEL_NAME "avx512"
 #define COLUMN_BLOCK 1024 /* columns per pass: 6 tokens x 1024 f32 = 24 KiB of activations stay in L1 */
 
 #elif defined(KERNELS_AVX2)
@@ -412,7 +411,6 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
         }
     }
 }
-#define KERNEL_NAME "avx2"
 #define COLUMN_BLOCK (1 << 30)
 
 #else
@@ -427,14 +425,6 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
 #define MULTIPLY_ADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-/* the fixed summation tree over 16 lanes: (l, l+8), then (l, l+4), (l, l+2), (l, l+1) */
-static float lane_sum_scalar(float *a) {
-    for (int i = 0; i < 8; i++) a[i] += a[i + 8];
-    for (int i = 0; i < 4; i++) a[i] += a[i + 4];
-    for (int i = 0; i < 2; i++) a[i] += a[i + 2];
-    return a[0] + a[1];
-}
-
 static float weight_at(DType d, const void *row, int k) {
     if (d == DTYPE_F32) return ((const float *)row)[k];
     if (d == DTYPE_F16) return f16_to_f32(((const uint16_t *)row)[k]);
@@ -445,7 +435,7 @@ float dot_product(const float *a, const float *b, int n) {
     float acc[LANES] = {0};
     for (int k = 0; k < n; k += LANES)
         for (int l = 0; l < LANES && k + l < n; l++) acc[l] = MULTIPLY_ADD(a[k + l], b[k + l], acc[l]);
-    return lane_sum_scalar(acc);
+    return lane_sum16(acc);
 }
 
 /* the whole of every row in one pass (COLUMN_BLOCK is all columns here) */
@@ -462,7 +452,7 @@ static void tile_float(DType d, int T, const void *const w[4], int k0, int k1, i
                 for (int l = 0; l < n; l++) wrow[l] = weight_at(d, w[r], k + l);
                 for (int l = 0; l < n; l++) acc[l] = MULTIPLY_ADD(wrow[l], xt[k + l], acc[l]);
             }
-            out[t * ldo + r] = lane_sum_scalar(acc);
+            out[t * ldo + r] = lane_sum16(acc);
         }
 }
 
@@ -483,11 +473,10 @@ static void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4]
                 }
             }
             for (int g = 0; g < groups; g++) corr[g % LANES] = MULTIPLY_ADD(f16_to_f32(ws[r][g]), xr.correction[g], corr[g % LANES]);
-            out[t * ldo + r] = lane_sum_scalar(acc) - lane_sum_scalar(corr);
+            out[t * ldo + r] = lane_sum16(acc) - lane_sum16(corr);
         }
     }
 }
-#define KERNEL_NAME "portable C"
 #define COLUMN_BLOCK (1 << 30)
 #endif
 
@@ -675,11 +664,3 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
 }
 
 void matmul(float *out, const float *x, const Tensor *w, int n) { matmul_many(&(Projection){out, w}, 1, x, n); }
-
-const char *matmul_kernels(void) {
-#ifdef USE_BLAS
-    return KERNEL_NAME " + BLAS for f32 prefill";
-#else
-    return KERNEL_NAME;
-#endif
-}

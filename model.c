@@ -67,6 +67,11 @@ typedef struct {
     size_t errlen;
 } LoadContext;
 
+void make_printable(char *s) {
+    for (unsigned char *p = (unsigned char *)s; *p; p++)
+        if (*p < 0x20 || *p == 0x7f) *p = '?';
+}
+
 /* Writes "PATH: what is wrong (where)" to ctx->err. Names in the message come from the file, so control
  * characters are shown as '?': the error stays one line and cannot drive the terminal. */
 static int fail(LoadContext *ctx, const char *fmt, ...) {
@@ -76,8 +81,7 @@ static int fail(LoadContext *ctx, const char *fmt, ...) {
     va_start(ap, fmt);
     if (n >= 0 && (size_t)n < ctx->errlen) vsnprintf(ctx->err + n, ctx->errlen - (size_t)n, fmt, ap);
     va_end(ap);
-    for (unsigned char *s = (unsigned char *)ctx->err; *s; s++)
-        if (*s < 0x20 || *s == 0x7f) *s = '?';
+    make_printable(ctx->err);
     return -1;
 }
 
@@ -98,8 +102,7 @@ static int parse_config(LoadContext *ctx, Config *c, const unsigned char *p) {
     Cursor cur = {p};
     memcpy(c->family, cur.p, 32);
     c->family[31] = '\0';
-    for (char *s = c->family; *s; s++) /* shown by --info: no control characters from the file */
-        if ((unsigned char)*s < 0x20 || *s == 0x7f) *s = '?';
+    make_printable(c->family); /* shown by --info: no control characters from the file */
     cur.p += 32;
     uint32_t dim = next_u32(&cur), hidden = next_u32(&cur), vocab = next_u32(&cur), context = next_u32(&cur);
     uint32_t norm_kind = next_u32(&cur);
@@ -173,8 +176,7 @@ static int parse_layer(LoadContext *ctx, const Config *c, LayerConfig *l, const 
     return 0;
 }
 
-/* How a layer attends, as its record says: causal, or a sliding window of W. */
-static AttentionSpec attention_of_layer(const LayerConfig *l) {
+AttentionSpec attention_of_layer(const LayerConfig *l) {
     AttentionSpec a = {l->head_dim, l->attn_scale, l->attn_softcap, l->window ? MASK_SLIDING : MASK_CAUSAL, l->window,
                        0, KERNEL_NAIVE};
     return a;
@@ -341,8 +343,7 @@ static int bind_weights(Directory *d, Model *m) {
     else if (bind(d, &w->output, c->vocab_size, c->dim, "output")) return -1;
     for (int i = 0; i < d->n; i++)
         if (!d->entries[i].used) return fail(d->ctx, "tensor '%s' is not used by this config", d->entries[i].name);
-    m->weight_dtype = w->tok_embeddings.dtype;
-    for (int l = 0; l < c->n_layers; l++) m->weight_dtype = w->layers[l].wq.dtype;
+    m->weight_dtype = w->layers[0].wq.dtype;
     return 0;
 }
 
@@ -518,7 +519,8 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->max_tokens = max_tokens;
     /* the score rows start short and grow with the positions actually reached (grow_scores): a context
      * of millions of positions costs nothing until a prompt gets there */
-    s->scores_stride = max_visible(m) < max_tokens ? max_visible(m) : max_tokens;
+    int most = max_visible(m);
+    s->scores_stride = most < max_tokens ? most : max_tokens;
     s->x = malloc(T * c->dim * sizeof(float));
     s->xb = malloc(T * wide * sizeof(float));
     s->xb2 = malloc(T * c->dim * sizeof(float));

@@ -114,6 +114,10 @@ int model_load(Model *m, const char *path, char *err, size_t errlen);
  * in error messages. The fuzz targets load through it, so every read is checked against the exact size. */
 int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen);
 void model_free(Model *m);
+/* How a layer attends as its record says (causal, or a sliding window of W), before any study override. */
+AttentionSpec attention_of_layer(const LayerConfig *l);
+/* Replaces control characters with '?', so that text from a file or the command line stays on one line. */
+void make_printable(char *s);
 
 int runstate_init(RunState *s, const Model *m, int max_tokens);
 void runstate_free(RunState *s);

@@ -103,8 +103,6 @@ void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, 
     }
 }
 
-void rope(float *head, int rope_dim, int pos, const float *inv_freq) { rope_heads(head, 1, rope_dim, rope_dim, pos, inv_freq); }
-
 /* e^x in f32 without a libm call, so that loops over it vectorise: x = n ln2 + r with |r| <= ln2/2, then
  * e^r by its Taylor polynomial (Cephes' expf coefficients) and 2^n put into the exponent bits. Within 2 ulp
  * of expf; 0 below -87.3 (where e^x would be subnormal); NaN stays NaN. The same operations in every
@@ -136,10 +134,7 @@ void softmax(float *x, int n) {
     for (; i + 16 <= n; i += 16)
         for (int l = 0; l < 16; l++) lanes[l] += x[i + l];
     for (int l = 0; i < n; i++, l++) lanes[l] += x[i];
-    for (int l = 0; l < 8; l++) lanes[l] += lanes[l + 8];
-    for (int l = 0; l < 4; l++) lanes[l] += lanes[l + 4];
-    float sum = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
-    float inv = 1.0f / sum;
+    float inv = 1.0f / lane_sum16(lanes);
     for (int k = 0; k < n; k++) x[k] *= inv;
 }
 
@@ -154,12 +149,13 @@ float activation(float x, int kind) {
 typedef struct {
     float *up;
     const float *gate;
+    size_t n;
     int kind;
 } Activation;
 
 static void activate_range(void *arg, int begin, int end) {
     const Activation *a = arg;
-    size_t lo = (size_t)begin * 1024, hi = (size_t)end * 1024;
+    size_t lo = (size_t)begin * 1024, hi = (size_t)end * 1024 < a->n ? (size_t)end * 1024 : a->n;
     if (a->gate && a->kind == ACTIVATION_SILU) /* SwiGLU, spelled out so that it vectorises */
         for (size_t i = lo; i < hi; i++) a->up[i] *= a->gate[i] / (1.0f + exp_f32(-a->gate[i]));
     else if (a->gate)
@@ -169,10 +165,8 @@ static void activate_range(void *arg, int begin, int end) {
 }
 
 void activate(float *up, const float *gate, size_t n, int kind) {
-    Activation a = {up, gate, kind};
-    int blocks = (int)(n / 1024);
-    parallel_for(blocks, 4, (long long)n * 16, activate_range, &a); /* an exp or tanh: ~16 multiply-adds */
-    for (size_t i = (size_t)blocks * 1024; i < n; i++) up[i] = gate ? up[i] * activation(gate[i], kind) : activation(up[i], kind);
+    Activation a = {up, gate, n, kind};
+    parallel_for((int)((n + 1023) / 1024), 4, (long long)n * 16, activate_range, &a); /* an exp or tanh: ~16 multiply-adds */
 }
 
 float softcap(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }

@@ -57,12 +57,17 @@ int parallel_threads(void);
 
 /* a . b over n floats, vectorised (the same 16-lane order as matmul: results do not depend on the build) */
 float dot_product(const float *a, const float *b, int n);
+/* The fixed summation tree over 16 lanes that every sum uses: (l, l+8), then (l, l+4), (l, l+2), (l, l+1).
+ * Adds into a. */
+static inline float lane_sum16(float a[16]) {
+    for (int i = 0; i < 8; i++) a[i] += a[i + 8];
+    for (int i = 0; i < 4; i++) a[i] += a[i + 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
 
 /* Sets aside the scratch memory matmul needs for up to max_tokens rows of max_cols (q8_0 activations), so
  * that matmul itself never allocates. Returns 0, or -1 when out of memory. */
 int matmul_reserve(int max_tokens, int max_cols);
-/* The SIMD kernels this build uses ("avx512", "avx2" or "portable C"), and whether BLAS does f32 prefill. */
-const char *matmul_kernels(void);
 /* x[n][b.cols] += b, or nothing when the model has no such bias */
 void add_bias(float *x, const Tensor *b, int n);
 
@@ -71,9 +76,8 @@ void rmsnorm(float *out, const float *x, const float *w, int dim, float eps);
 /* out = (x - mean) / sqrt(var + eps) * w + b   (b may be NULL) */
 void layernorm(float *out, const float *x, const float *w, const float *b, int dim, float eps);
 
-/* Rotates the pairs (x[i], x[i + rope_dim/2]) of one head by angle pos * inv_freq[i]. */
-void rope(float *head, int rope_dim, int pos, const float *inv_freq);
-/* rope() on n_heads heads of head_dim floats at the same position (the angles are computed once) */
+/* Rotates the pairs (x[i], x[i + rope_dim/2]) of each of n_heads heads of head_dim floats by angle
+ * pos * inv_freq[i] (the angles are computed once for all heads). */
 void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq);
 /* inv_freq[i] = theta^(-2i / rope_dim), i < rope_dim / 2 */
 void rope_frequencies(float *inv_freq, float theta, int rope_dim);

@@ -22,8 +22,7 @@ static void die(const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    for (unsigned char *s = (unsigned char *)msg; *s; s++) /* arguments and file names stay on one line */
-        if (*s < 0x20 || *s == 0x7f) *s = '?';
+    make_printable(msg); /* arguments and file names stay on one line */
     fprintf(stderr, "error: %s\n", msg);
     exit(1);
 }
@@ -398,14 +397,12 @@ int main(int argc, char **argv) {
     while (generated < o.n_generate) {
         int next = sample(&sampler, logits, c->vocab_size);
         if (model.tokenizer.kind != TOKENIZER_NONE && tokenizer_is_eos(&model.tokenizer, next)) break;
-        if (o.print_ids) {
+        if (o.print_ids || model.tokenizer.kind == TOKENIZER_NONE) { /* without a tokenizer, ids are all we can show */
             printf(generated ? " %d" : "%d", next);
-        } else if (model.tokenizer.kind != TOKENIZER_NONE) {
+        } else {
             int len;
             const unsigned char *bytes = tokenizer_decode(&model.tokenizer, &printed, next, &len);
             utf8_stream_write(&out, stdout, bytes, len);
-        } else {
-            printf(generated ? " %d" : "%d", next); /* no tokenizer: ids are all we can show */
         }
         fflush(stdout);
         if (++generated == o.n_generate) break;

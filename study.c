@@ -200,9 +200,8 @@ static void extras_of(const Model *m, int l, char *buf) {
 }
 
 static int is_overridden(const Model *m, int l) {
-    const AttentionSpec *a = &m->attention[l];
-    int window = m->config.layers[l].window;
-    return a->mask != (window ? MASK_SLIDING : MASK_CAUSAL) || a->span != window || a->n_sinks != 0;
+    const AttentionSpec *a = &m->attention[l], own = attention_of_layer(&m->config.layers[l]);
+    return a->mask != own.mask || a->span != own.span || a->n_sinks != own.n_sinks;
 }
 
 void print_wiring(const Model *m, const char *path, FILE *out) {
@@ -225,8 +224,9 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
         const LayerConfig *lc = &c->layers[l];
         const AttentionSpec *a = &m->attention[l];
         char kind[48], group[24], rope_base[24], extras[128];
-        snprintf(kind, sizeof kind, "%s%s", mask_name(a, b1), is_overridden(m, l) ? " *" : "");
-        overridden |= is_overridden(m, l);
+        int changed = is_overridden(m, l);
+        snprintf(kind, sizeof kind, "%s%s", mask_name(a, b1), changed ? " *" : "");
+        overridden |= changed;
         snprintf(group, sizeof group, "%d (%s)", lc->n_heads / lc->n_kv_heads, sharing_name(lc->n_heads, lc->n_kv_heads, b2));
         if (lc->rope_dim > 0) snprintf(rope_base, sizeof rope_base, "%g", lc->rope_theta);
         else strcpy(rope_base, "-");
@@ -343,8 +343,6 @@ void attention_map_record(AttentionMap *map, int layer, int pos, const float *we
     if (pos + 1 > map->positions_seen) map->positions_seen = pos + 1;
 }
 
-int attention_map_positions(const AttentionMap *map) { return map->positions_seen; }
-
 int attention_map_write_raw(const AttentionMap *map, const char *path) {
     FILE *f = fopen(path, "wb");
     if (!f) return -1;
@@ -375,16 +373,6 @@ static void make_palette(unsigned char (*pal)[3]) {
 static unsigned char color_of_weight(float w) {
     double t = (log10(w > 1e-4f ? w : 1e-4f) + 4.0) / 4.0;
     return (unsigned char)(COLOR_SCALE + lround(t * (N_COLORS - 1 - COLOR_SCALE)));
-}
-
-/* 1 if key j is visible to the query at position i in this layer */
-static int is_visible(const AttentionSpec *a, int i, int j) {
-    VisibleKeys v = visible_keys(a, i);
-    for (int r = 0; r < v.n_runs; r++) {
-        const KeyRun *run = &v.runs[r];
-        if (j >= run->first && (j - run->first) % run->step == 0 && (j - run->first) / run->step < run->count) return 1;
-    }
-    return 0;
 }
 
 /* Where panels go: one row of panels per layer, one panel per head; a single layer's heads in a grid of
@@ -422,28 +410,34 @@ int attention_map_write_png(const AttentionMap *map, const char *path) {
         errno = T == 0 ? EINVAL : EFBIG;
         return -1;
     }
-    unsigned char *pixels = malloc((size_t)width * height), palette[N_COLORS][3];
-    if (!pixels) return -1;
+    unsigned char *pixels = malloc((size_t)width * height), *visible = malloc((size_t)T), palette[N_COLORS][3];
+    if (!pixels || !visible) {
+        free(pixels), free(visible);
+        return -1;
+    }
     memset(pixels, COLOR_BACKGROUND, (size_t)width * height);
     make_palette(palette);
     for (int r = 0, row = 0; r < map->n_recorded; r++) {
         int layer = map->layers[r], heads = map->model->config.layers[layer].n_heads;
         const AttentionSpec *a = &map->model->attention[layer];
-        for (int h = 0; h < heads; h++) {
-            long x0 = gap + (long)(h % g.columns) * (panel + gap), y0 = gap + (long)(row + h / g.columns) * (panel + gap);
-            for (int i = 0; i < T; i++)
+        for (int i = 0; i < T; i++) {
+            VisibleKeys v = visible_keys(a, i); /* the keys query i sees in this layer: the same for every head */
+            memset(visible, 0, (size_t)T);
+            FOR_EACH_VISIBLE_KEY(v, j) visible[j] = 1;
+            for (int h = 0; h < heads; h++) {
+                long x0 = gap + (long)(h % g.columns) * (panel + gap), y0 = gap + (long)(row + h / g.columns) * (panel + gap);
                 for (int j = 0; j < T; j++) {
-                    unsigned char color = j <= i && is_visible(a, i, j)
-                                              ? color_of_weight(map->weights[r][((size_t)h * N + i) * N + j])
-                                              : COLOR_MASKED;
+                    unsigned char color = visible[j] ? color_of_weight(map->weights[r][((size_t)h * N + i) * N + j])
+                                                     : COLOR_MASKED;
                     for (int dy = 0; dy < cell; dy++)
                         memset(pixels + (size_t)(y0 + (long)i * cell + dy) * width + x0 + (long)j * cell, color, (size_t)cell);
                 }
+            }
         }
         row += (heads + g.columns - 1) / g.columns;
     }
     int rc = png_write_indexed(path, (int)width, (int)height, pixels, (const unsigned char(*)[3])palette, N_COLORS);
-    free(pixels);
+    free(pixels), free(visible);
     return rc;
 }
 

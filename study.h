@@ -38,8 +38,6 @@ void attention_map_record(AttentionMap *map, int layer, int pos, const float *we
 int attention_map_write_png(const AttentionMap *map, const char *path);
 /* The recorded weights as little-endian float32 [layer][head][query][key] over the positions processed. */
 int attention_map_write_raw(const AttentionMap *map, const char *path);
-/* Positions recorded so far. */
-int attention_map_positions(const AttentionMap *map);
 void attention_map_free(AttentionMap *map);
 
 /* ---- perplexity */

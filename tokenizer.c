@@ -235,7 +235,6 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
     }
     /* merges: (left, right) in rank order; the result is the piece spelled by their concatenation */
     if ((uint64_t)n_merges * 8 > r.left) FAIL("tokenizer lists %u merges but only %zu bytes remain", n_merges, r.left);
-    t->n_merges = (int)n_merges;
     t->merge_result = malloc((n_merges + 1) * sizeof *t->merge_result);
     t->merge_keys = malloc((size_t)n_merges * 8 + 1);
     if (!t->merge_result || !t->merge_keys || hashmap_init(&t->merge_ranks, (int)n_merges))

@@ -72,7 +72,6 @@ typedef struct {
     const unsigned char **text;  /* what each token prints as: "▁" as a space, a byte piece as its byte */
     int *text_len;
     unsigned char *text_storage;
-    int n_merges;
     HashMap piece_ids;           /* bytes -> id of the pieces BPE may produce */
     HashMap merge_ranks;         /* (left id, right id) as 8 bytes -> rank */
     int *merge_result;           /* rank -> merged id */

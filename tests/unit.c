@@ -311,7 +311,7 @@ static void test_ops(void) {
     layernorm(out, x, w, b, 4, 0.0f);
     check(fabsf(out[0] + 1.5f / sqrtf(1.25f)) < 1e-6f && fabsf(out[3] - (1.0f + 1.5f / sqrtf(1.25f))) < 1e-6f, "layernorm");
     float head[4] = {1, 0, 0, 1}, inv[2] = {1.0f, 0.5f};
-    rope(head, 4, 2, inv); /* pairs (0,2) by angle 2, (1,3) by angle 1 */
+    rope_heads(head, 1, 4, 4, 2, inv); /* pairs (0,2) by angle 2, (1,3) by angle 1 */
     check(fabsf(head[0] - cosf(2)) < 1e-6f && fabsf(head[2] - sinf(2)) < 1e-6f && fabsf(head[1] + sinf(1)) < 1e-6f &&
               fabsf(head[3] - cosf(1)) < 1e-6f,
           "rope rotates the pairs (i, i + d/2)");
