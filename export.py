@@ -147,7 +147,7 @@ class SafeTensors:
                 raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16 and F16 are supported")
             np_dtype, width = ST_DTYPES[dtype]
             count = int(np.prod(shape)) if shape else 1
-            if end - begin != count * width or begin < 0 or base + end > size:
+            if end - begin != count * width or base + end > size:
                 raise ExportError(f"{path}: tensor '{name}' data ({begin}..{end}) does not match its shape or lies past the end of the file")
             if mm is None:
                 mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -170,7 +170,6 @@ class SafeTensors:
         if name not in self.entries:
             raise ExportError(f"missing tensor '{name}' in the checkpoint")
         mm, offset, count, np_dtype, dtype, shape = self.entries[name]
-        width = ST_DTYPES[dtype][1]
         arr = np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset)
         arr = bf16_to_f32(arr) if dtype == "BF16" else arr.astype(np.float32)
         return arr.reshape(shape)
@@ -221,6 +220,7 @@ class Model:
         self.rope_tables = []      # float32 arrays of inverse frequencies
         self.tensors = []          # (name, shape, producer() -> float32 array)
         self.tokenizer = None      # bytes of the tokenizer section, or None
+        self.source_dtype = DTYPES["f32"]  # what the weights are stored as without --dtype
 
     def add(self, name, shape, producer):
         self.tensors.append((name, tuple(int(d) for d in shape), producer))
@@ -307,7 +307,7 @@ def round_rope_to_bf16(m):
         L.rope_table = m.rope_table_for(bf16_to_f32(f32_to_bf16(inv)))
 
 
-def layer_rope(model, cfg, head_dim, rope_dim, layer_type=None):
+def layer_rope(model, cfg, rope_dim, layer_type=None):
     """(rope_theta, rope_table) for a layer."""
     theta, scaling = rope_settings(cfg, layer_type)
     if scaling is None:
@@ -477,7 +477,7 @@ def convert_llama_like(cfg, st, family):
         if sliding and not cfg.get("sliding_window"):
             raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
         window = config_int(cfg, "sliding_window") if sliding else 0
-        theta, table = layer_rope(m, cfg, head_dim, rope_dim, types[i] if family == "gemma3_text" else None)
+        theta, table = layer_rope(m, cfg, rope_dim, types[i] if family == "gemma3_text" else None)
         m.layers.append(Layer(n_heads, n_kv, head_dim, window=window, rope_theta=theta, rope_dim=rope_dim,
                               rope_table=table, attn_scale=scale,
                               attn_softcap=config_float(cfg, "attn_logit_softcapping", 0.0),
@@ -1341,6 +1341,23 @@ def check_model(m):
             raise ExportError(f"layer {i}: attention scale {L.attn_scale} / softcap {L.attn_softcap} is not valid")
 
 
+HEADER = struct.Struct("<4sIQQQQIIQQQIIQQ")  # docs/FORMAT.md, the first bytes of the 128-byte header
+TENSOR_RECORD = struct.Struct("<80s2I4IQQ")  # name, dtype, ndim, shape[4], offset, nbytes (of 128 bytes)
+
+
+def read_tensor_directory(data):
+    """The tensor directory of an attn.c file (bytes, or an mmap: only the header and the directory are
+    read): a list of (record offset, name, dtype, shape, data offset, nbytes), in file order."""
+    fields = HEADER.unpack_from(data)
+    tensors_off, n_tensors = fields[10], fields[11]
+    out = []
+    for i in range(n_tensors):
+        rec = tensors_off + 128 * i
+        name, dt, ndim, *dims, off, nbytes = TENSOR_RECORD.unpack_from(data, rec)
+        out.append((rec, name.split(b"\0")[0].decode(), dt, tuple(dims[:ndim]), off, nbytes))
+    return out
+
+
 def write_model(m, out, dtype):
     check_model(m)
     for i, t in enumerate(m.rope_tables):
@@ -1362,7 +1379,7 @@ def write_model(m, out, dtype):
         offset = pad_to(offset + nbytes)
     file_size = offset
 
-    header = struct.pack("<4sIQQQQIIQQQIIQQ", b"ATNC", FORMAT_VERSION, file_size, config_off, 128, layers_off,
+    header = HEADER.pack(b"ATNC", FORMAT_VERSION, file_size, config_off, 128, layers_off,
                          n_layers, 64, tok_off, len(tok), tensors_off, n_tensors, 128, data_off, file_size - data_off)
     header += bytes(128 - len(header))
     config = struct.pack("<32s4I I f 3I 2f 2I", m.family.encode()[:31], m.dim, m.hidden_dim, m.vocab_size,
@@ -1377,7 +1394,7 @@ def write_model(m, out, dtype):
     dir_bytes = b""
     for name, dt, shape, off, nbytes in directory:
         dims = list(shape) + [0] * (4 - len(shape))
-        rec = struct.pack("<80s2I4IQQ", name.encode(), dt, len(shape), *dims, off, nbytes)
+        rec = TENSOR_RECORD.pack(name.encode(), dt, len(shape), *dims, off, nbytes)
         dir_bytes += rec + bytes(128 - len(rec))
 
     out_dir = os.path.dirname(os.path.abspath(out))
@@ -1431,12 +1448,11 @@ def main(argv=None):
     try:
         if os.path.isdir(args.src):
             m = convert_hf(args.src, args)
-            dtype = DTYPES[args.dtype] if args.dtype else m.source_dtype
         elif os.path.isfile(args.src):
             m = convert_llama2c(args.src, args)
-            dtype = DTYPES[args.dtype or "f32"]
         else:
             raise ExportError(f"{args.src}: no such file or directory")
+        dtype = DTYPES[args.dtype] if args.dtype else m.source_dtype
         if args.bf16_rope:
             round_rope_to_bf16(m)
         if args.kv_heads:

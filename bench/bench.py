@@ -16,6 +16,7 @@ Timings on a shared machine are noisy: run it when the machine is quiet. Never a
 """
 import argparse
 import json
+import mmap
 import os
 import re
 import struct
@@ -28,6 +29,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "bench")
 RUN = os.path.join(ROOT, "run")
+sys.path.insert(0, ROOT)
+from export import read_tensor_directory  # noqa: E402
 
 SHAPES = {  # name: (dim, hidden, layers, heads, vocab, context)
     "110M": (768, 2048, 12, 12, 32000, 1024),
@@ -120,17 +123,8 @@ def export(src, out, dtype):
 def weight_bytes(path):
     """Bytes of weights one decode step reads: every tensor, except the embedding table when a separate
     classifier exists (decode reads one row of it)."""
-    with open(path, "rb") as f:
-        head = f.read(128)
-        n_tensors, = struct.unpack_from("<I", head, 72)
-        tensors_off, = struct.unpack_from("<Q", head, 64)
-        f.seek(tensors_off)
-        d = f.read(128 * n_tensors)
-    sizes = {}
-    for i in range(n_tensors):
-        rec = d[128 * i:128 * (i + 1)]
-        name = rec[:80].split(b"\0")[0].decode()
-        sizes[name] = struct.unpack_from("<Q", rec, 112)[0]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        sizes = {name: nbytes for _, name, _, _, _, nbytes in read_tensor_directory(data)}
     total = sum(sizes.values())
     return total - sizes["tok_embeddings"] if "output" in sizes else total
 

@@ -106,6 +106,20 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
+def fixture_dir(t, fixture, name, cfg):
+    """A checkpoint directory with the files of tests/data/fixtures/FIXTURE (linked) and config.json = cfg."""
+    src = os.path.join(t.data, "fixtures", fixture)
+    d = t.tmp(name)
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(src):
+        link = os.path.join(d, f)
+        if f != "config.json" and not os.path.lexists(link):
+            os.symlink(os.path.join(src, f), link)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return d
+
+
 def tiny_llama_dir(path, vocab, tokenizer_files=(), seed=0, **cfg_extra):
     """A random-weight 1-layer Llama checkpoint of the given vocabulary, with tokenizer files copied in."""
     os.makedirs(path, exist_ok=True)

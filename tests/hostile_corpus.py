@@ -1,13 +1,17 @@
-"""Mutated copies of a real model file, for the corpus test (tests/test_hostile.py) and the fuzz seeds.
+"""Mutated copies of a real model file, for the corpus test (tests/test_hostile.py).
 
 layout(blob) walks a file the way docs/FORMAT.md lays it out and returns every field's offset and width,
 so the mutations below can aim at each structure: truncations at every boundary (with the header's size
 fields left alone, or patched to match so the cut reaches the deeper checks), each header / config /
 layer / tensor-record / tokenizer field set to absurd values, random byte flips per section, wrong magic
 and version. mutants(blob, rng) yields (label, bytes)."""
+import os
 import struct
+import sys
 
-HEADER = struct.Struct("<4sIQQQQIIQQQIIQQ")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from export import HEADER, read_tensor_directory  # noqa: E402
+
 # (name, offset, width) of the header fields after the magic
 HEADER_FIELDS = [("version", 4, 4), ("file_size", 8, 8), ("config_offset", 16, 8), ("config_size", 24, 8),
                  ("layers_offset", 32, 8), ("n_layers", 40, 4), ("layer_record_size", 44, 4),
@@ -30,12 +34,8 @@ class Layout:
         (magic, self.version, self.file_size, self.config_off, _, self.layers_off, self.n_layers, _, self.tok_off,
          self.tok_size, self.tensors_off, self.n_tensors, _, self.data_off, self.data_size) = HEADER.unpack_from(blob)
         assert magic == b"ATNC" and self.file_size == len(blob)
-        self.tensors = []  # (record offset, name, data offset, nbytes)
-        for i in range(self.n_tensors):
-            rec = self.tensors_off + 128 * i
-            name = blob[rec:rec + 80].split(b"\0")[0].decode()
-            off, nbytes = struct.unpack_from("<QQ", blob, rec + 104)
-            self.tensors.append((rec, name, off, nbytes))
+        # (record offset, name, data offset, nbytes)
+        self.tensors = [(rec, name, off, nbytes) for rec, name, _, _, off, nbytes in read_tensor_directory(blob)]
         self.tok = self._tokenizer(blob) if self.tok_size else None
 
     def _tokenizer(self, blob):

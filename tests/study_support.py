@@ -13,6 +13,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import export  # noqa: E402  (export.py: SafeTensors, the safetensors reader)
+from harness import fixture_dir  # noqa: E402
 
 
 # These tests check numbers, not speed: their tiny models run on one thread, which also keeps them quick
@@ -64,20 +65,17 @@ def read_png(path):
 def read_model_tensor(path, name):
     """A tensor of an attn.c model file (docs/FORMAT.md), as float32."""
     data = open(path, "rb").read()
-    tensors_off, n_tensors = struct.unpack_from("<QI", data, 64)
-    for i in range(n_tensors):
-        rec = data[tensors_off + 128 * i:tensors_off + 128 * (i + 1)]
-        if rec[:80].split(b"\0")[0].decode() != name:
+    for _, n, dtype, shape, offset, nbytes in export.read_tensor_directory(data):
+        if n != name:
             continue
-        dtype, ndim = struct.unpack_from("<2I", rec, 80)
-        shape = struct.unpack_from("<4I", rec, 88)[:ndim]
-        offset, nbytes = struct.unpack_from("<QQ", rec, 104)
         raw = data[offset:offset + nbytes]
-        if dtype == 0:
+        if dtype == export.DTYPES["f32"]:
             return np.frombuffer(raw, dtype="<f4").reshape(shape)
-        if dtype == 1:
+        if dtype == export.DTYPES["f16"]:
             return np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(shape)
-        return export.bf16_to_f32(np.frombuffer(raw, dtype="<u2")).reshape(shape)
+        if dtype == export.DTYPES["bf16"]:
+            return export.bf16_to_f32(np.frombuffer(raw, dtype="<u2")).reshape(shape)
+        raise ValueError(f"{name}: dtype {dtype} is not read here")
     raise KeyError(name)
 
 
@@ -144,15 +142,6 @@ def llama_logits(src, ids, masks):
 
 def fixture_with_config(t, fixture, name, edit):
     """A checkpoint directory with a fixture's weights and its config.json passed through edit(cfg)."""
-    src = os.path.join(t.data, "fixtures", fixture)
-    d = t.tmp(name)
-    os.makedirs(d, exist_ok=True)
-    for f in os.listdir(src):
-        link = os.path.join(d, f)
-        if f != "config.json" and not os.path.lexists(link):
-            os.symlink(os.path.join(src, f), link)
-    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg = json.load(open(os.path.join(t.data, "fixtures", fixture, "config.json")))
     edit(cfg)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
-    return d
+    return fixture_dir(t, fixture, name, cfg)

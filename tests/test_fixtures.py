@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from harness import relative_error, write_safetensors, ROOT
+from harness import fixture_dir, relative_error, write_safetensors, ROOT
 
 sys.path.insert(0, ROOT)
 from export import SafeTensors  # noqa: E402
@@ -58,19 +58,6 @@ def transformers4_config(cfg):
     return c
 
 
-def dialect_dir(t, fixture, name, cfg):
-    """A checkpoint directory with fixture's weights and the given config."""
-    d = t.tmp(name)
-    os.makedirs(d, exist_ok=True)
-    for f in ("model.safetensors", "ref.json", "ref_logits.npy"):
-        link = os.path.join(d, f)
-        if not os.path.lexists(link):
-            os.symlink(os.path.join(t.data, "fixtures", fixture, f), link)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
-    return d
-
-
 def run(t):
     errors = {}
     for name in FIXTURES:
@@ -80,7 +67,7 @@ def run(t):
 
         # the transformers 4 dialect must give the very same model file
         cfg = json.load(open(os.path.join(src, "config.json")))
-        d = dialect_dir(t, name, f"{name}_t4", transformers4_config(cfg))
+        d = fixture_dir(t, name, f"{name}_t4", transformers4_config(cfg))
         model4 = t.export(d, f"{name}_t4.bin")
         same = open(model, "rb").read() == open(model4, "rb").read()
         t.check(f"{name}: transformers-4 dialect config exports the identical model file", same)
@@ -89,7 +76,7 @@ def run(t):
     src = os.path.join(t.data, "fixtures", "gemma3")
     cfg = json.load(open(os.path.join(src, "config.json")))
     cfg["_sliding_window_pattern"] = 2
-    model = t.export(dialect_dir(t, "gemma3", "gemma3_stale_pattern", cfg), "gemma3_stale_pattern.bin")
+    model = t.export(fixture_dir(t, "gemma3", "gemma3_stale_pattern", cfg), "gemma3_stale_pattern.bin")
     t.check("gemma3: layer_types wins over a stale _sliding_window_pattern",
             open(model, "rb").read() == open(t.export(src, "gemma3.bin"), "rb").read())
 

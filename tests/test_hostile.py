@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from harness import tiny_llama_dir
+from study_support import kv_bytes
 from hostile_corpus import Layout, mutants, put
 
 RUN_TIMEOUT = 10  # seconds per run of a mutant; a healthy one takes milliseconds
@@ -63,7 +64,7 @@ def corpus(t):
         (t.export(os.path.join(t.data, "fixtures", "llama_mha_rope31"), "llama_mha_rope31.bin"), 0.12,
          ["--tokens", "1,2,3"]),
         # q8_0 weights: int8 groups with f16 scales, quantized activations
-        (t.export(os.path.join(t.data, "fixtures", "qwen3_mixed"), "qwen3_mixed_q8_0.bin", "--dtype", "q8_0"), 0.12,
+        (t.export(os.path.join(t.data, "fixtures", "qwen3_mixed"), "qwen3_mixed-q8_0.bin", "--dtype", "q8_0"), 0.12,
          ["--tokens", "1,2,3"]),
         # SentencePiece-style records (fuzz seeds): merged by score, and by rank with Metaspace; one prompt
         # is a single stretch, the other is cut by a user-defined token
@@ -293,11 +294,6 @@ def invalid_utf8(t):
 # the end of the context
 
 
-def kv_bytes(r):
-    line = [l for l in r.stderr.decode().splitlines() if l.startswith("stats:")]
-    return int(line[0].split("kv ")[1].split()[0]) if line else -1
-
-
 def context_end(t):
     short = tiny_model(t, "hostile_ctx32", max_position_embeddings=32)
     r = t.run([short, "--tokens", "1,2,3,4,5", "-n", "100", "-t", "1", "-s", "3", "--print-ids", "--threads", "1"])
@@ -313,7 +309,8 @@ def context_end(t):
 
     # Mistral fixture: every layer slides (window 16), context 512: it may run past 512, in constant memory
     swa = t.export(os.path.join(t.data, "fixtures", "mistral_swa"), "mistral_swa.bin")
-    cfg_ctx = struct.unpack_from("<I", open(swa, "rb").read(), Layout(open(swa, "rb").read()).config_off + 44)[0]
+    blob = open(swa, "rb").read()
+    cfg_ctx = struct.unpack_from("<I", blob, Layout(blob).config_off + 44)[0]
     args = [swa, "--tokens", "1,2,3", "-t", "1", "-s", "5", "--print-ids", "--threads", "1"]
     r_short = t.run(args + ["-n", "100"])
     r_long = t.run(args + ["-n", str(cfg_ctx + 200)], timeout=300)
@@ -322,8 +319,8 @@ def context_end(t):
             r_long.returncode == 0 and n_long == cfg_ctx + 200 and b"stopped" not in r_long.stderr,
             f"status {r_long.returncode}, {n_long} tokens: {r_long.stderr.decode()[-200:]}")
     t.check("sliding on every layer: KV bytes after 100 tokens == after 700 (rolling buffers never grow)",
-            kv_bytes(r_short) > 0 and kv_bytes(r_short) == kv_bytes(r_long),
-            f"{kv_bytes(r_short)} vs {kv_bytes(r_long)}")
+            (kv_bytes(r_short.stderr) or -1) > 0 and kv_bytes(r_short.stderr) == kv_bytes(r_long.stderr),
+            f"{kv_bytes(r_short.stderr)} vs {kv_bytes(r_long.stderr)}")
     # a long prompt too: the rolling model takes more than its context as a prompt
     r = t.run([swa, "--tokens", ",".join(str(1 + i % 200) for i in range(cfg_ctx + 40)), "-n", "2", "--print-ids",
                "--threads", "1"],

@@ -24,6 +24,7 @@ import subprocess
 import numpy as np
 
 from harness import relative_error
+from study_support import export, reference_ppl
 from test_fixtures import FIXTURES
 
 BATCHES = [2, 3, 7, 16, 17, 33, 64, 80, 128]   # 80 is the fixtures' whole prompt; 3, 7, 17, 33 do not divide it
@@ -54,14 +55,6 @@ def logits_with(t, exe, model, ids, *extra):
         t.run_bin = saved
 
 
-def perplexity(logits, ids):
-    l = logits.astype(np.float64)
-    top = l.max(axis=1, keepdims=True)
-    log_z = np.log(np.exp(l - top).sum(axis=1)) + top[:, 0]
-    nll = log_z[:-1] - l[np.arange(len(ids) - 1), ids[1:]]
-    return float(np.exp(nll.mean()))
-
-
 def cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,18 +71,8 @@ def compiler_defines(*flags):
 def tensor_records(path):
     """name -> (record offset, dtype, shape, nbytes) from a model file's tensor directory."""
     with open(path, "rb") as f:
-        data = f.read()
-    n, = struct.unpack_from("<I", data, 72)
-    off, = struct.unpack_from("<Q", data, 64)
-    out = {}
-    for i in range(n):
-        rec = off + 128 * i
-        name = data[rec:rec + 80].split(b"\0")[0].decode()
-        dtype, ndim = struct.unpack_from("<2I", data, rec + 80)
-        shape = struct.unpack_from("<4I", data, rec + 88)[:ndim]
-        nbytes, = struct.unpack_from("<Q", data, rec + 112)
-        out[name] = (rec, dtype, shape, nbytes)
-    return out
+        return {name: (rec, dtype, shape, nbytes)
+                for rec, name, dtype, shape, _, nbytes in export.read_tensor_directory(f.read())}
 
 
 def patched(t, src, name, edits):
@@ -103,8 +86,9 @@ def patched(t, src, name, edits):
     return path
 
 
-def check_batches(t, label, model, ids, batches):
-    ref = t.logits(model, ids, "--batch", "1")
+def check_batches(t, label, model, ids, batches, batch1):
+    """--batch b against --batch 1 for each b; keeps the --batch 1 logits in batch1[model]."""
+    ref = batch1[model] = t.logits(model, ids, "--batch", "1")
     errs = {b: relative_error(t.logits(model, ids, "--batch", b), ref) for b in batches}
     worst = max(errs.values())
     t.check(f"{label}: --batch {','.join(map(str, batches))} equal --batch 1 "
@@ -113,16 +97,16 @@ def check_batches(t, label, model, ids, batches):
 
 
 def run(t):
-    fixture_models = {}
+    fixture_models, batch1 = {}, {}  # batch1: model path -> its --batch 1 logits
     for name in FIXTURES:
         src = os.path.join(t.data, "fixtures", name)
         ref = json.load(open(os.path.join(src, "ref.json")))
         fixture_models[name] = (t.export(src, f"{name}.bin"), ref["input_ids"])
-        check_batches(t, name, *fixture_models[name], BATCHES)
+        check_batches(t, name, *fixture_models[name], BATCHES, batch1)
 
     kjv = os.path.join(t.root, "models", "kjv-5m.bin")
     kjv_ids = json.load(open(os.path.join(t.data, "kjv-5m", "ref.json")))["input_ids"]
-    check_batches(t, "kjv-5m", kjv, kjv_ids, [5, 64, 300])
+    check_batches(t, "kjv-5m", kjv, kjv_ids, [5, 64, 300], batch1)
     # token by token, so that the threads share thousands of small jobs (matmuls, attention) back to back
     ref = t.logits(kjv, kjv_ids, "--batch", "1", "--threads", "1")
     same = all(np.array_equal(t.logits(kjv, kjv_ids, "--batch", "1", "--threads", n), ref) for n in (2, 3, 2))
@@ -135,12 +119,12 @@ def run(t):
         kjv_f32 = t.export(os.path.dirname(src), "kjv-5m-f32.bin", "--bf16-rope", "--dtype", "f32")
         kjv_q8 = t.export(os.path.dirname(src), "kjv-5m-q8_0.bin", "--bf16-rope", "--dtype", "q8_0")
         f32, q8 = t.logits(kjv_f32, kjv_ids), t.logits(kjv_q8, kjv_ids)
-        p32, p8 = perplexity(f32, kjv_ids), perplexity(q8, kjv_ids)
+        p32, p8 = reference_ppl(f32, kjv_ids), reference_ppl(q8, kjv_ids)
         t.check(f"q8_0: kjv-5m perplexity {p8:.4f} vs f32 {p32:.4f} ({100 * (p8 / p32 - 1):+.2f}%, bound "
                 f"{100 * Q8_PERPLEXITY:.0f}%)", abs(p8 / p32 - 1) <= Q8_PERPLEXITY)
         err = relative_error(q8, f32)
         t.check(f"q8_0: kjv-5m logits within {Q8_LOGIT_BOUND} of f32 (max rel err {err:.1e})", err <= Q8_LOGIT_BOUND)
-        check_batches(t, "kjv-5m q8_0", kjv_q8, kjv_ids, [7, 64, 300])
+        check_batches(t, "kjv-5m q8_0", kjv_q8, kjv_ids, [7, 64, 300], batch1)
 
     worst, fixture_q8 = 0.0, {}
     for name in FIXTURES:
@@ -175,7 +159,7 @@ def run(t):
     if kjv_q8:
         q8_models.append(("kjv-5m q8_0", kjv_q8, kjv_ids))
 
-    default = {m: t.logits(m, ids, "--batch", "1") for _, m, ids in models + q8_models}
+    default = {m: batch1[m] if m in batch1 else t.logits(m, ids, "--batch", "1") for _, m, ids in models + q8_models}
 
     def compare(label, exe, tolerance, q8_tolerance, extra=()):
         worst = max(relative_error(logits_with(t, exe, m, ids, *extra), default[m]) for _, m, ids in models)
