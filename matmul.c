@@ -39,6 +39,7 @@
 #endif
 
 #include "ops.h"
+#include "profile.h"
 
 /* How far ahead of its reads, in each stream of weights, decode prefetches (a one-token bf16 product over a
  * 49 MB matrix streamed 9 GB/s without, 21-25 GB/s with) */
@@ -651,7 +652,11 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
         job.first_item[j + 1] = job.first_item[j] + items;
         macs += items ? (long long)p[j].w->rows * p[j].w->cols * n : 0;
     }
-    if (quantized) xq = quantize_input(x, n, cols);
+    if (quantized) {
+        ProfileSection was = profile_section(PROFILE_QUANTIZE);
+        xq = quantize_input(x, n, cols);
+        profile_section(was);
+    }
 #ifdef USE_BLAS
     static int blas_threads;
     if (!blas_threads) openblas_set_num_threads(blas_threads = parallel_threads());

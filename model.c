@@ -1,5 +1,6 @@
 /* model.c - loading a model file (docs/FORMAT.md) with every field validated, and forward(). */
 #include "model.h"
+#include "profile.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -625,6 +626,7 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
     int dim = c->dim, hidden = c->hidden_dim;
     float *x = s->x, *xb = s->xb, *xb2 = s->xb2, *hb = s->hb, *hb2 = s->hb2;
 
+    profile_section(PROFILE_OTHER);
     /* token embeddings (Gemma scales them by sqrt(dim)); GPT-2 adds a learned position embedding */
     for (int t = 0; t < n; t++) {
         float *xt = x + (size_t)t * dim;
@@ -644,13 +646,16 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         int hd = lc->head_dim, q_dim = lc->n_heads * hd, kv_dim = lc->n_kv_heads * hd;
 
         /* attention norm, then q, k, v for these tokens in one pass (+ biases: Qwen2, GPT-2) */
+        profile_section(PROFILE_NORM);
         norm(xb, x, &lw->attn_norm, &lw->attn_norm_bias, n, c);
+        profile_section(PROFILE_QKV);
         matmul_many((Projection[]){{s->q, &lw->wq}, {s->k, &lw->wk}, {s->v, &lw->wv}}, 3, xb, n);
         add_bias(s->q, &lw->bq, n);
         add_bias(s->k, &lw->bk, n);
         add_bias(s->v, &lw->bv, n);
 
         /* per-head RMSNorm of queries and keys (Qwen3, Gemma 3), then rotary positions */
+        profile_section(PROFILE_ROPE);
         if (lc->flags & LAYER_QK_NORM) {
             norm_heads(s->q, &lw->q_norm, n, lc->n_heads, hd, c->norm_eps);
             norm_heads(s->k, &lw->k_norm, n, lc->n_kv_heads, hd, c->norm_eps);
@@ -660,6 +665,7 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         /* attention: each token stores its key and value in the cache, then attends over what its mask
          * lets it see (--attn-map keeps the weights). A paged cache overwrites nothing, so there all the
          * chunk's keys go in first and the heads then attend for every token in one pass. */
+        profile_section(PROFILE_ATTENTION);
         const AttentionSpec *spec = &m->attention[l];
         int keys_first = kvlayer_keeps_every_position(cache) && !s->attention_map;
         for (int t = 0; t < n; t++) {
@@ -673,32 +679,45 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
             attention_layer(xb, s->q, cache, lc->n_heads, lc->n_kv_heads, pos, n, spec, s->scores, s->scores_stride);
 
         /* output projection, optional post-norm (Gemma), residual connection */
+        profile_section(PROFILE_WO);
         matmul(xb2, xb, &lw->wo, n);
         add_bias(xb2, &lw->bo, n);
+        profile_section(PROFILE_NORM);
         if (lc->flags & LAYER_POST_ATTN_NORM) norm(xb2, xb2, &lw->attn_post_norm, NULL, n, c);
+        profile_section(PROFILE_OTHER);
         residual(x, xb2, n, dim);
 
         /* MLP: gated  down(act(gate(x)) * up(x))  (SwiGLU, GeGLU)  or plain  down(act(up(x) + b) + b)  (GPT-2) */
+        profile_section(PROFILE_NORM);
         norm(xb, x, &lw->mlp_norm, &lw->mlp_norm_bias, n, c);
+        profile_section(PROFILE_GATE_UP);
         if (c->mlp_kind == MLP_GATED) {
             matmul_many((Projection[]){{hb, &lw->w_up}, {hb2, &lw->w_gate}}, 2, xb, n);
+            profile_section(PROFILE_ACTIVATION);
             activate(hb, hb2, (size_t)n * hidden, c->activation);
         } else {
             matmul(hb, xb, &lw->w_up, n);
             add_bias(hb, &lw->b_up, n);
+            profile_section(PROFILE_ACTIVATION);
             activate(hb, NULL, (size_t)n * hidden, c->activation);
         }
+        profile_section(PROFILE_DOWN);
         matmul(xb2, hb, &lw->w_down, n);
         add_bias(xb2, &lw->b_down, n);
+        profile_section(PROFILE_NORM);
         if (lc->flags & LAYER_POST_MLP_NORM) norm(xb2, xb2, &lw->mlp_post_norm, NULL, n, c);
+        profile_section(PROFILE_OTHER);
         residual(x, xb2, n, dim);
     }
 
     /* final norm and classifier: every token's logits, or the last one's */
     int first = all_logits ? 0 : n - 1, rows = n - first;
+    profile_section(PROFILE_NORM);
     norm(xb, x + (size_t)first * dim, &w->final_norm, &w->final_norm_bias, rows, c);
+    profile_section(PROFILE_CLASSIFIER);
     matmul(s->logits, xb, &w->output, rows);
     if (c->final_softcap > 0.0f)
         for (size_t i = 0; i < (size_t)rows * c->vocab_size; i++) s->logits[i] = softcap(s->logits[i], c->final_softcap);
+    profile_section(PROFILE_OTHER);
     return s->logits;
 }

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "ops.h"
+#include "profile.h"
 
 #define SPIN_MICROSECONDS 100
 #define MAX_THREADS 256
@@ -50,6 +51,7 @@ static struct {
 
 static int requested_threads;
 static _Thread_local int inside_job; /* a job that calls parallel_for runs the inner one by itself */
+static _Thread_local int is_worker;  /* a pool thread (not the one that posts jobs): --profile counts its chunks */
 
 static void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -98,7 +100,9 @@ static void work_on(unsigned generation) {
         ParallelRange body = atomic_load_explicit(&job->body, memory_order_relaxed);
         void *ctx = atomic_load_explicit(&job->ctx, memory_order_relaxed);
         if (!atomic_compare_exchange_weak(&pool.claim, &v, ((unsigned long long)generation << 32) | (unsigned)end)) continue;
+        long long t0 = profile_on && is_worker ? profile_now_ns() : 0;
         body(ctx, next, end);
+        if (t0) profile_worker_busy(profile_now_ns() - t0);
         if (atomic_fetch_add(&job->finished, end - next) + (end - next) == n) { /* the last chunk: tell the caller */
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
@@ -110,7 +114,7 @@ static void work_on(unsigned generation) {
 static void *worker_main(void *unused) {
     (void)unused;
     unsigned seen = 0;
-    inside_job = 1;
+    inside_job = is_worker = 1;
     for (;;) {
         if (!spin_while(no_new_job, seen)) { /* nothing came while spinning: sleep until a job does */
             pthread_mutex_lock(&pool.lock);
@@ -174,9 +178,11 @@ void parallel_for(int n, int grain, long long work, ParallelRange body, void *ct
     inside_job = 1;
     work_on(generation);
     inside_job = 0;
+    long long t0 = profile_on ? profile_now_ns() : 0;
     if (!spin_while(job_unfinished, generation)) { /* a worker still has a chunk: wait for it */
         pthread_mutex_lock(&pool.lock);
         while (job_unfinished(generation)) pthread_cond_wait(&pool.done, &pool.lock);
         pthread_mutex_unlock(&pool.lock);
     }
+    if (t0) profile_caller_waited(profile_now_ns() - t0);
 }

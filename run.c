@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "model.h"
+#include "profile.h"
 #include "study.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ typedef struct {
     int n_generate;
     float temperature, top_p;
     uint64_t seed;
-    int print_ids, no_bos;
+    int print_ids, no_bos, profile;
     int threads, batch;
     /* the attention study options (study.c) */
     const char *prompt_file;   /* -f: prompt text from a file */
@@ -139,6 +140,7 @@ static void usage(FILE *out) {
           "  --no-bos        do not add the tokenizer's BOS to -p / --encode text\n"
           "  --threads N     threads (default: all cores)\n"
           "  --batch N       prompt tokens per forward pass (default 256; 1 = token by token)\n"
+          "  --profile       after the stats line, where prefill's and decode's time went, step by step\n"
           "  --help          this text\n"
           "attention study (docs/ATTENTION.md):\n"
           "  --info          print the attention wiring, per layer, and what its KV cache costs; then exit\n"
@@ -192,9 +194,11 @@ static Options parse_args(int argc, char **argv) {
             continue;
         }
         /* every other option takes a value */
-        int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos") || !strcmp(a, "--info") || !strcmp(a, "--ppl");
+        int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos") || !strcmp(a, "--info") || !strcmp(a, "--ppl") ||
+                      !strcmp(a, "--profile");
         if (is_flag) {
             if (!strcmp(a, "--print-ids")) o.print_ids = 1;
+            else if (!strcmp(a, "--profile")) o.profile = 1;
             else if (!strcmp(a, "--info")) o.info = 1;
             else if (!strcmp(a, "--ppl")) o.ppl = 1;
             else o.no_bos = 1;
@@ -370,6 +374,7 @@ int main(int argc, char **argv) {
 
     /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for
      * (--logits, and --ppl: the logits at p score the token at p + 1) */
+    if (o.profile) profile_start();
     double t0 = now_seconds(), nll = 0.0;
     float *logits = NULL;
     for (int pos = 0; pos < n_prompt; pos += batch) {
@@ -394,8 +399,11 @@ int main(int argc, char **argv) {
     for (int i = 0, len; i < n_prompt && model.tokenizer.kind != TOKENIZER_NONE; i++)
         tokenizer_decode(&model.tokenizer, &printed, prompt[i], &len);
     int generated = 0, pos = n_prompt;
+    profile_phase(PROFILE_DECODE);
     while (generated < o.n_generate) {
+        profile_section(PROFILE_SAMPLING);
         int next = sample(&sampler, logits, c->vocab_size);
+        profile_section(PROFILE_OTHER);
         if (model.tokenizer.kind != TOKENIZER_NONE && tokenizer_is_eos(&model.tokenizer, next)) break;
         if (o.print_ids || model.tokenizer.kind == TOKENIZER_NONE) { /* without a tokenizer, ids are all we can show */
             printf(generated ? " %d" : "%d", next);
@@ -429,6 +437,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes\n", n_prompt,
             n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), generated, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9),
             kvcache_bytes_held(&state.kv));
+    profile_report(stderr, n_prompt, pos - n_prompt, parallel_threads());
     free(sampler.order);
     free(prompt);
     runstate_free(&state);

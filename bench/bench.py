@@ -10,13 +10,14 @@ through export.py (f32, bf16, q8_0), and measures in the same run:
   - decode tok/s, prefill tok/s of a 512-token prompt (and token by token, --batch 1, as the baseline),
     peak RSS; each the median of several runs;
   - decode ms/token at positions 100 and 4000 of a model whose layers all slide with a window of 256.
+With LLAMA_BENCH=path/to/llama-bench (a llama.cpp build), then attn.c and llama.cpp side by side on the same
+random weights, stories110M- and Llama-3.2-1B-shaped, with attn.c's per-step profile (bench/llamacpp.py).
 Timings on a shared machine are noisy: run it when the machine is quiet. Never a pass/fail test.
 
-    python3 bench/bench.py [--runs N] [--threads N] [--quick]
+    python3 bench/bench.py [--runs N] [--threads N] [--quick] [--llama-only] [--shapes 110M,1B]
 """
 import argparse
 import json
-import mmap
 import os
 import re
 import struct
@@ -30,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "bench")
 RUN = os.path.join(ROOT, "run")
 sys.path.insert(0, ROOT)
-from export import read_tensor_directory  # noqa: E402
+from llamacpp import weight_bytes, write_safetensors  # noqa: E402
 
 SHAPES = {  # name: (dim, hidden, layers, heads, vocab, context)
     "110M": (768, 2048, 12, 12, 32000, 1024),
@@ -98,18 +99,8 @@ def write_sliding_checkpoint(directory, shape, window, seed=1):
             tensors[p + n + ".weight"] = s
         tensors[p + "input_layernorm.weight"] = (dim,)
         tensors[p + "post_attention_layernorm.weight"] = (dim,)
-    header, offset = {}, 0
-    for name, s in tensors.items():
-        n = int(np.prod(s)) * 4
-        header[name] = {"dtype": "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
-        offset += n
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        for name, s in tensors.items():
-            arr = np.ones(s, "<f4") if len(s) == 1 else random_matrix(rng, *s)
-            f.write(arr.tobytes())
+    write_safetensors(os.path.join(directory, "model.safetensors"), tensors,
+                      lambda i, s: np.ones(s, "<f4") if len(s) == 1 else random_matrix(rng, *s))
 
 
 def export(src, out, dtype):
@@ -120,13 +111,15 @@ def export(src, out, dtype):
     return out
 
 
-def weight_bytes(path):
-    """Bytes of weights one decode step reads: every tensor, except the embedding table when a separate
-    classifier exists (decode reads one row of it)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        sizes = {name: nbytes for _, name, _, _, _, nbytes in read_tensor_directory(data)}
-    total = sum(sizes.values())
-    return total - sizes["tok_embeddings"] if "output" in sizes else total
+def machine_limits(threads, quick=False):
+    """(read bandwidth in bytes/s, f32 FMA peak in FLOP/s), measured now with `threads` threads (bench/roofline.c)"""
+    build_tools()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    roofline = os.path.join(BUILD, "roofline")
+    out = subprocess.run([roofline, "bandwidth", "1024", "5" if quick else "11"], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    fma = subprocess.run([roofline, "fma"], env=env, capture_output=True, text=True, check=True).stdout.split()
+    return float(out[1]) * 1e9, float(fma[1]) * 1e9
 
 
 def run_stats(args, threads):
@@ -149,9 +142,29 @@ def main():
     ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ./run (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test of the script)")
+    ap.add_argument("--llama-only", action="store_true", help="only the side by side with llama.cpp (LLAMA_BENCH)")
+    ap.add_argument("--shapes", default="110M,1B", help="shapes for the side by side with llama.cpp (110M, 1B)")
     args = ap.parse_args()
     if not os.path.exists(RUN):
         sys.exit("error: ./run is not built (make)")
+    if not args.llama_only:
+        own_bench(args)
+    llama = os.environ.get("LLAMA_BENCH")
+    if not llama:
+        print("\nllama.cpp side by side: skipped (set LLAMA_BENCH=path/to/llama-bench, a llama.cpp build)")
+    elif not os.access(llama, os.X_OK):
+        sys.exit(f"error: LLAMA_BENCH={llama} is not an executable")
+    else:
+        import llamacpp
+        shapes = [x for x in args.shapes.split(",") if x]
+        bad = [x for x in shapes if x not in llamacpp.SHAPES]
+        if bad:
+            sys.exit(f"error: --shapes: unknown shape {bad[0]} (known: {', '.join(llamacpp.SHAPES)})")
+        llamacpp.side_by_side(llama, args.threads, 1 if args.quick else max(3, args.runs // 2 * 2 + 1), shapes, args.quick,
+                              lambda: machine_limits(args.threads, args.quick)[0])
+
+
+def own_bench(args):
     runs = 1 if args.quick else args.runs
     n_decode = 16 if args.quick else 128
     build_tools()
@@ -170,15 +183,6 @@ def main():
         write_sliding_checkpoint(sliding_dir, SHAPES["15M"], WINDOW)
     sliding = export(sliding_dir, os.path.join(BUILD, "sliding15M-f32.bin"), "f32")
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    roofline = os.path.join(BUILD, "roofline")
-
-    def machine_limits():
-        out = subprocess.run([roofline, "bandwidth", "1024", "5" if args.quick else "11"], env=env, capture_output=True,
-                             text=True, check=True).stdout.split()
-        fma = subprocess.run([roofline, "fma"], env=env, capture_output=True, text=True, check=True).stdout.split()
-        return float(out[1]) * 1e9, float(fma[1]) * 1e9
-
     # every measurement: (key, ./run arguments); run round-robin, `runs` times, so that a change in the
     # machine's load in the meantime touches all of them alike; the medians are reported
     prompt, short = tokens(512, 32000, 1), tokens(16, 32000, 2)
@@ -192,13 +196,13 @@ def main():
     baselines = [((name, "f32", "prefill --batch 1"), [models[name, "f32"], "--tokens", prompt, "-n", 0, "--batch", 1])
                  for name in SHAPES]
 
-    limits = [machine_limits()]
+    limits = [machine_limits(args.threads, args.quick)]
     results = {key: [] for key, _ in plan + baselines}
     for i in range(runs):
         for key, cmd in plan + (baselines if i < max(1, runs // 2) else []):
             results[key].append(run_stats(cmd, args.threads))
         log(f"bench: round {i + 1} of {runs} done")
-    limits.append(machine_limits())
+    limits.append(machine_limits(args.threads, args.quick))
     bandwidth, fma_peak = max(l[0] for l in limits), max(l[1] for l in limits)
 
     def median(key, field):  # field 0: prefill tok/s, 1: decode tok/s, 2: peak RSS
