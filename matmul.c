@@ -67,8 +67,8 @@ typedef struct {
     int cols, groups;          /* groups = cols / 32 */
     size_t stride;             /* bytes per token */
     int8_t *q;                 /* [cols] values, padded with zeros to a whole number of group pairs */
-    float *scale_pairs;        /* [groups/2 rounded up][16]: lanes 0-7 scale of group 2p, 8-15 of group 2p+1 */
-    float *correction;         /* [groups rounded up to 16]: 128 * sum(q of group) * scale, zero padded */
+    float *scale;              /* [groups rounded up to 16]: max|x| / 127 of each group, zero padded */
+    int32_t *sum;              /* [groups rounded up to 16]: sum of each group's q, zero padded */
 } QuantizedRow;
 
 static struct {
@@ -78,11 +78,10 @@ static struct {
 
 static size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 
-/* a token's bytes: values, scale pairs, corrections, each a multiple of 64 bytes */
+/* a token's bytes: values, scales, sums, each a multiple of 64 bytes */
 static size_t value_bytes(int cols) { return round_up((size_t)cols, 2 * Q8_GROUP); }
-static size_t scale_pair_bytes(int cols) { return value_bytes(cols) / (2 * Q8_GROUP) * LANES * sizeof(float); }
-static size_t correction_bytes(int cols) { return round_up((size_t)(cols / Q8_GROUP), LANES) * sizeof(float); }
-static size_t quantized_stride(int cols) { return value_bytes(cols) + scale_pair_bytes(cols) + correction_bytes(cols); }
+static size_t group_bytes(int cols) { return round_up((size_t)(cols / Q8_GROUP), LANES) * 4; }
+static size_t quantized_stride(int cols) { return value_bytes(cols) + 2 * group_bytes(cols); }
 
 static QuantizedRow quantized_row(unsigned char *base, int cols) {
     QuantizedRow r;
@@ -90,8 +89,8 @@ static QuantizedRow quantized_row(unsigned char *base, int cols) {
     r.groups = cols / Q8_GROUP;
     r.stride = quantized_stride(cols);
     r.q = (int8_t *)base;
-    r.scale_pairs = (float *)(base + value_bytes(cols));
-    r.correction = (float *)(base + value_bytes(cols) + scale_pair_bytes(cols));
+    r.scale = (float *)(base + value_bytes(cols));
+    r.sum = (int32_t *)(base + value_bytes(cols) + group_bytes(cols));
     return r;
 }
 
@@ -99,33 +98,35 @@ static QuantizedRow token_row(const QuantizedRow *first, int t) {
     return quantized_row((unsigned char *)first->q + (size_t)t * first->stride, first->cols);
 }
 
-/* One token: q = round(x / scale) with scale = max|x| / 127 per group of 32. Plain C in every build, so the
- * quantized activations are the same bits everywhere. A group holding an inf or NaN gets q = 0 and a NaN
- * scale: the NaN reaches the output, as it would in f32. q is clamped to [-127, 127] before it becomes an int
- * (127 / amax overflows to inf when amax is subnormal). */
+/* One group: q = round(x / scale) with scale = max|x| / 127. A group holding an inf or NaN gets q = 0 and a
+ * NaN scale: the NaN reaches the output, as it would in f32. q is clamped to [-127, 127] before it becomes an
+ * int (127 / amax overflows to inf when amax is subnormal). The SIMD version below gives the same bits. */
+static void quantize_group(QuantizedRow *r, int g, const float *xg) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int j = 0; j < Q8_GROUP; j++) {
+        float a = fabsf(xg[j]);
+        if (!(a <= FLT_MAX)) finite = 0;
+        else if (a > amax) amax = a;
+    }
+    float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < Q8_GROUP; j++) {
+        float v = xg[j] * inv;
+        int q = v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)nearbyintf(v) : 0;
+        r->q[g * Q8_GROUP + j] = (int8_t)q;
+        sum += q;
+    }
+    r->scale[g] = finite ? amax / 127.0f : NAN;
+    r->sum[g] = sum;
+}
+
+#if !defined(KERNELS_AVX512) /* AVX-512 has its own, below */
 static void quantize_token(QuantizedRow *r, const float *x) {
     memset(r->q, 0, r->stride);
-    for (int g = 0; g < r->groups; g++) {
-        const float *xg = x + (size_t)g * Q8_GROUP;
-        float amax = 0.0f;
-        int finite = 1;
-        for (int j = 0; j < Q8_GROUP; j++) {
-            float a = fabsf(xg[j]);
-            if (!(a <= FLT_MAX)) finite = 0;
-            else if (a > amax) amax = a;
-        }
-        float scale = finite ? amax / 127.0f : NAN, inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < Q8_GROUP; j++) {
-            float v = xg[j] * inv;
-            int q = v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)nearbyintf(v) : 0;
-            r->q[g * Q8_GROUP + j] = (int8_t)q;
-            sum += q;
-        }
-        for (int l = 0; l < LANES / 2; l++) r->scale_pairs[(g / 2) * LANES + (g % 2) * (LANES / 2) + l] = scale;
-        r->correction[g] = (float)(128 * sum) * scale;
-    }
+    for (int g = 0; g < r->groups; g++) quantize_group(r, g, x + g * Q8_GROUP);
 }
+#endif
 
 #if defined(KERNELS_AVX512)
 /* ---------------------------------------------------------------------------------------------
@@ -210,6 +211,30 @@ float dot_product(const float *a, const float *b, int n) {
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))); /* the tree of lane_sum4 */
 }
 
+/* One token's groups (quantize_group, with the same bits): the largest |x| of each group, then x * 127 / amax
+ * rounded to nearest even (VCVTPS2DQ in the default rounding mode, as nearbyintf). A group with an inf or NaN
+ * is left to quantize_group. */
+static void quantize_token(QuantizedRow *r, const float *x) {
+    memset(r->q, 0, r->stride);
+    const __m512 big = _mm512_set1_ps(FLT_MAX), limit = _mm512_set1_ps(127.0f);
+    for (int g = 0; g < r->groups; g++) {
+        __m512 a = _mm512_loadu_ps(x + g * Q8_GROUP), b = _mm512_loadu_ps(x + g * Q8_GROUP + 16);
+        __m512 aa = _mm512_abs_ps(a), ab = _mm512_abs_ps(b);
+        if ((_mm512_cmp_ps_mask(aa, big, _CMP_LE_OQ) & _mm512_cmp_ps_mask(ab, big, _CMP_LE_OQ)) != 0xFFFF) {
+            quantize_group(r, g, x + g * Q8_GROUP);
+            continue;
+        }
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab)), inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512 vinv = _mm512_set1_ps(inv), neg = _mm512_set1_ps(-127.0f);
+        __m512i qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(a, vinv), neg), limit));
+        __m512i qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(b, vinv), neg), limit));
+        _mm_storeu_si128((__m128i *)(r->q + g * Q8_GROUP), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(r->q + g * Q8_GROUP + 16), _mm512_cvtepi32_epi8(qb));
+        r->scale[g] = amax / 127.0f;
+        r->sum[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    }
+}
+
 /* VPDPBUSD: per 32-bit lane, sum of 4 products unsigned byte x signed byte */
 ALWAYS_INLINE __m512i dot_u8s8(__m512i u, __m512i s) {
 #if defined(__AVX512VNNI__)
@@ -225,7 +250,28 @@ ALWAYS_INLINE __m512i dot_u8s8(__m512i u, __m512i s) {
 #endif
 }
 
-/* q8_0 weights: out[t][r] for 4 rows x T tokens.  w[r]: int8 values of a row; ws[r]: its f16 scales. */
+/* Two VPDPBUSD results of group pairs (lanes 0-7: 4-product sums of group 2i, 8-15: of group 2i+1) -> one
+ * vector whose 128-bit block k holds 4 partial sums of group k of the four */
+ALWAYS_INLINE __m512i fold_pairs(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
+}
+
+/* The 16 exact group sums (lane g: group g) of 8 VPDPBUSD results v[i] over groups 2i, 2i+1: integer adds in
+ * any order give the same sums, so this only has to be cheap. */
+ALWAYS_INLINE __m512i group_sums16(const __m512i v[8]) {
+    __m512i u0 = fold_pairs(v[0], v[1]), u1 = fold_pairs(v[2], v[3]), u2 = fold_pairs(v[4], v[5]),
+            u3 = fold_pairs(v[6], v[7]); /* u_j: groups 4j .. 4j+3, 4 partial sums each */
+    __m512i s0 = _mm512_add_epi32(_mm512_unpacklo_epi64(u0, u1), _mm512_unpackhi_epi64(u0, u1)); /* block k: groups k, 4+k */
+    __m512i s1 = _mm512_add_epi32(_mm512_unpacklo_epi64(u2, u3), _mm512_unpackhi_epi64(u2, u3)); /* 8+k, 12+k */
+    __m512i x = _mm512_unpacklo_epi32(s0, s1), y = _mm512_unpackhi_epi32(s0, s1);
+    __m512i r = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y)); /* block k: k, 8+k, 4+k, 12+k */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15);
+    return _mm512_permutexvar_epi32(order, r);
+}
+
+/* q8_0 weights: out[t][r] for 4 rows x T tokens.  w[r]: int8 values of a row; ws[r]: its f16 scales.
+ * Per block of 16 groups: the group sums S_g (VPDPBUSD on the weights + 128, minus 128 * sum(x q)), then in
+ * lane g mod 16: acc += (S_g * w_scale) * x_scale. */
 ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4], int cols,
                            const QuantizedRow *xq, float *out, size_t ldo) {
     __m512 acc[4][Q8_TOKENS_PER_TILE];
@@ -235,53 +281,36 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
     int groups = cols / Q8_GROUP;
     QuantizedRow xr[Q8_TOKENS_PER_TILE];
     for (int t = 0; t < T; t++) xr[t] = token_row(xq, t);
-    for (int g0 = 0; g0 < groups; g0 += 16) { /* 16 groups: one vector of scales per row */
-        int gn = groups - g0 < 16 ? groups - g0 : 16;
-        __mmask16 gm = (__mmask16)((1u << gn) - 1);
-        __m512 scales[4];
-        for (int r = 0; r < 4; r++) scales[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, ws[r] + g0));
-        if (T == 1) /* decode: the scales come 16 to a 32-byte load, from a stream of their own */
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_BYTES / 16, _MM_HINT_T0);
-        /* pick: lanes 0-7 take scale 2p, lanes 8-15 scale 2p+1 */
-        __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        for (int p = 0; p < (gn + 1) / 2; p++, pick = _mm512_add_epi32(pick, _mm512_set1_epi32(2))) {
-            int g = g0 + 2 * p;
-            __m512i xv[Q8_TOKENS_PER_TILE];
-            __m512 xs[Q8_TOKENS_PER_TILE];
-            for (int t = 0; t < T; t++) {
-                xv[t] = _mm512_load_si512((const void *)(xr[t].q + g * Q8_GROUP));
-                xs[t] = _mm512_loadu_ps(xr[t].scale_pairs + (size_t)(g / 2) * LANES);
-            }
-            if (T == 1)
-                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + g * Q8_GROUP) + PREFETCH_BYTES, _MM_HINT_T0);
-            for (int r = 0; r < 4; r++) {
-                __m512i wv = g + 1 < groups ? _mm512_loadu_si512((const void *)(w[r] + g * Q8_GROUP))
-                                            : _mm512_zextsi256_si512(_mm256_loadu_si256((const void *)(w[r] + g * Q8_GROUP)));
-                wv = _mm512_xor_si512(wv, flip);
-                __m512 ws2 = _mm512_permutexvar_ps(pick, scales[r]);
-                for (int t = 0; t < T; t++) {
-                    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(dot_u8s8(wv, xv[t])), ws2);
-                    acc[r][t] = _mm512_fmadd_ps(f, xs[t], acc[r][t]);
-                }
-            }
-        }
-    }
-    /* subtract 128 * sum(q) * scales for the +128 on the weights: sum over groups of w_scale * correction */
-    __m512 corr[4][Q8_TOKENS_PER_TILE];
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < T; t++) corr[r][t] = _mm512_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 16) {
-        __mmask16 gm = (__mmask16)((1u << (groups - g0 < 16 ? groups - g0 : 16)) - 1);
+        int gn = groups - g0 < 16 ? groups - g0 : 16, pairs = (gn + 1) / 2;
+        __mmask16 gm = (__mmask16)((1u << gn) - 1);
         for (int r = 0; r < 4; r++) {
-            __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, ws[r] + g0));
-            for (int t = 0; t < T; t++) corr[r][t] = _mm512_fmadd_ps(s, _mm512_loadu_ps(xr[t].correction + g0), corr[r][t]);
+            if (T == 1) /* decode streams the weights: ask for them early */
+                for (int p = 0; p < pairs; p++) _mm_prefetch((const char *)(w[r] + (g0 + 2 * p) * Q8_GROUP) + PREFETCH_BYTES, _MM_HINT_T0);
+            if (T == 1) _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_BYTES / 16, _MM_HINT_T0);
+            __m512 wscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, ws[r] + g0));
+            __m512i wv[8];
+            for (int p = 0; p < 8; p++) {
+                const int8_t *src = w[r] + (g0 + 2 * p) * Q8_GROUP;
+                wv[p] = p >= pairs ? flip
+                      : g0 + 2 * p + 1 < groups ? _mm512_loadu_si512((const void *)src)
+                                                : _mm512_zextsi256_si512(_mm256_loadu_si256((const void *)src));
+                wv[p] = _mm512_xor_si512(wv[p], flip);
+            }
+            for (int t = 0; t < T; t++) {
+                __m512i v[8];
+                for (int p = 0; p < 8; p++)
+                    v[p] = p < pairs ? dot_u8s8(wv[p], _mm512_load_si512((const void *)(xr[t].q + (g0 + 2 * p) * Q8_GROUP)))
+                                     : _mm512_setzero_si512();
+                __m512i sums = _mm512_sub_epi32(group_sums16(v), _mm512_slli_epi32(_mm512_load_si512((const void *)(xr[t].sum + g0)), 7));
+                __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), wscale);
+                acc[r][t] = _mm512_fmadd_ps(f, _mm512_load_ps(xr[t].scale + g0), acc[r][t]);
+            }
         }
     }
     for (int t = 0; t < T; t++) {
-        __m512 s = _mm512_sub_ps(lane_sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]),
-                                 lane_sum4(corr[0][t], corr[1][t], corr[2][t], corr[3][t]));
         float v[4];
-        store4(v, s);
+        store4(v, lane_sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
         for (int r = 0; r < 4; r++) out[t * ldo + r] = v[r];
     }
 }
@@ -377,14 +406,22 @@ ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, in
             else block_float(d, 2, 1, w + r, cols, x + t * ldx, ldx, out + t * ldo + r, ldo);
 }
 
-/* lanes of 4 products unsigned x signed byte (as VPDPBUSD) for 32 bytes: 16-bit products, pairs, pairs of pairs */
+/* 8 lanes whose sum is the exact dot product of 32 unsigned by 32 signed bytes (16-bit products, pairs) */
 ALWAYS_INLINE __m256i dot_u8s8_32(__m256i u, __m256i s) {
     __m256i a = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(u)), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(s)));
     __m256i b = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1)),
                                   _mm256_cvtepi8_epi16(_mm256_extracti128_si256(s, 1)));
-    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
+    return _mm256_add_epi32(a, b);
 }
 
+/* the sums of 8 vectors v[0..7] in lanes 0..7 */
+ALWAYS_INLINE __m256i sums8(const __m256i v[8]) {
+    __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
+/* the AVX-512 tile_q8's sums and lanes: groups g0 .. g0+7 in acc.lo, g0+8 .. g0+15 in acc.hi */
 ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4], int cols,
                            const QuantizedRow *xq, float *out, size_t ldo) {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
@@ -392,23 +429,27 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
     for (int t = 0; t < T; t++) {
         QuantizedRow xr = token_row(xq, t);
         for (int r = 0; r < 4; r++) {
-            Lanes16 acc = {_mm256_setzero_ps(), _mm256_setzero_ps()}, corr = acc;
-            for (int g = 0; g < groups; g++) {
-                if (T == 1 && g % 2 == 0) _mm_prefetch((const char *)(w[r] + g * Q8_GROUP) + PREFETCH_BYTES, _MM_HINT_T0);
-                __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + g * Q8_GROUP)), flip);
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xr.q + g * Q8_GROUP));
-                __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8s8_32(wv, xv)), _mm256_set1_ps(f16_to_f32(ws[r][g])));
-                __m256 xs = _mm256_set1_ps(xr.scale_pairs[(g / 2) * LANES + (g % 2) * 8]);
-                if (g % 2 == 0) acc.lo = _mm256_fmadd_ps(f, xs, acc.lo);
-                else acc.hi = _mm256_fmadd_ps(f, xs, acc.hi);
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int g0 = 0; g0 < groups; g0 += 8) {
+                __m256i v[8];
+                uint16_t scale[8] = {0};
+                for (int i = 0; i < 8; i++) {
+                    int g = g0 + i;
+                    if (g >= groups) {
+                        v[i] = _mm256_setzero_si256();
+                        continue;
+                    }
+                    if (T == 1 && i % 2 == 0) _mm_prefetch((const char *)(w[r] + g * Q8_GROUP) + PREFETCH_BYTES, _MM_HINT_T0);
+                    __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + g * Q8_GROUP)), flip);
+                    v[i] = dot_u8s8_32(wv, _mm256_load_si256((const __m256i *)(xr.q + g * Q8_GROUP)));
+                    scale[i] = ws[r][g];
+                }
+                __m256i sums = _mm256_sub_epi32(sums8(v), _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(xr.sum + g0)), 7));
+                __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scale)));
+                acc[g0 / 8 % 2] = _mm256_fmadd_ps(f, _mm256_load_ps(xr.scale + g0), acc[g0 / 8 % 2]);
             }
-            for (int g0 = 0; g0 < groups; g0 += 16) {
-                float s[16] = {0};
-                for (int i = 0; i < 16 && g0 + i < groups; i++) s[i] = f16_to_f32(ws[r][g0 + i]);
-                corr.lo = _mm256_fmadd_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(xr.correction + g0), corr.lo);
-                corr.hi = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8), _mm256_loadu_ps(xr.correction + g0 + 8), corr.hi);
-            }
-            out[t * ldo + r] = lane_sum(acc) - lane_sum(corr);
+            Lanes16 a = {acc[0], acc[1]};
+            out[t * ldo + r] = lane_sum(a);
         }
     }
 }
@@ -457,24 +498,21 @@ static void tile_float(DType d, int T, const void *const w[4], int k0, int k1, i
         }
 }
 
+/* the exact dot product of one group of weights and activations, then in lane g mod 16 as the SIMD kernels */
 static void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4], int cols, const QuantizedRow *xq,
                     float *out, size_t ldo) {
     int groups = cols / Q8_GROUP;
     for (int t = 0; t < T; t++) {
         QuantizedRow xr = token_row(xq, t);
         for (int r = 0; r < 4; r++) {
-            float acc[LANES] = {0}, corr[LANES] = {0};
+            float acc[LANES] = {0};
             for (int g = 0; g < groups; g++) {
-                float wscale = f16_to_f32(ws[r][g]), xscale = xr.scale_pairs[(g / 2) * LANES + (g % 2) * 8];
-                for (int l = 0; l < 8; l++) { /* lane (g % 2) * 8 + l: 4 products of (w + 128) and x */
-                    int s = 0;
-                    for (int j = 0; j < 4; j++) s += (w[r][g * Q8_GROUP + 4 * l + j] + 128) * xr.q[g * Q8_GROUP + 4 * l + j];
-                    float f = (float)s * wscale;
-                    acc[(g % 2) * 8 + l] = MULTIPLY_ADD(f, xscale, acc[(g % 2) * 8 + l]);
-                }
+                int32_t sum = 0;
+                for (int j = 0; j < Q8_GROUP; j++) sum += w[r][g * Q8_GROUP + j] * xr.q[g * Q8_GROUP + j];
+                float f = (float)sum * f16_to_f32(ws[r][g]);
+                acc[g % LANES] = MULTIPLY_ADD(f, xr.scale[g], acc[g % LANES]);
             }
-            for (int g = 0; g < groups; g++) corr[g % LANES] = MULTIPLY_ADD(f16_to_f32(ws[r][g]), xr.correction[g], corr[g % LANES]);
-            out[t * ldo + r] = lane_sum16(acc) - lane_sum16(corr);
+            out[t * ldo + r] = lane_sum16(acc);
         }
     }
 }
