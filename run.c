@@ -366,10 +366,12 @@ int main(int argc, char **argv) {
     Sampler sampler = {o.temperature, o.top_p, o.seed * 2654435761ULL + 1, malloc((size_t)c->vocab_size * sizeof(int))};
     if (!sampler.order) die("out of memory");
     if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
+    AttentionMap *map = NULL;
     if (o.attn_map || o.attn_dump) {
         long positions = (long)n_prompt + o.n_generate;
         if (!rolls && positions > c->context_length) positions = c->context_length;
-        if (!(state.attention_map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+        if (!(map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+        state.observer = (AttentionObserver){attention_map_record, map};
     }
 
     /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for
@@ -425,13 +427,13 @@ int main(int argc, char **argv) {
     if (o.n_generate > 0) printf("\n");
     fflush(stdout); /* the text ends before the stats line when both go to one terminal or pipe */
     double t2 = now_seconds();
-    if (state.attention_map) {
-        if (o.attn_map && attention_map_write_png(state.attention_map, o.attn_map) != 0)
+    if (map) {
+        if (o.attn_map && attention_map_write_png(map, o.attn_map) != 0)
             die("cannot write --attn-map '%s': %s", o.attn_map, strerror(errno));
-        if (o.attn_dump && attention_map_write_raw(state.attention_map, o.attn_dump) != 0)
+        if (o.attn_dump && attention_map_write_raw(map, o.attn_dump) != 0)
             die("cannot write --attn-dump '%s': %s", o.attn_dump, strerror(errno));
-        attention_map_free(state.attention_map);
-        state.attention_map = NULL;
+        attention_map_free(map);
+        state.observer.record = NULL;
     }
 
     fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes\n", n_prompt,
