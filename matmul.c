@@ -34,6 +34,11 @@
 #include <string.h>
 #include <float.h>
 #include <math.h>
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #ifdef USE_BLAS
 #include <cblas.h>
 #endif
@@ -127,6 +132,56 @@ static void quantize_token(QuantizedRow *r, const float *x) {
     for (int g = 0; g < r->groups; g++) quantize_group(r, g, x + g * Q8_GROUP);
 }
 #endif
+
+/* ---------------------------------------------------------------------------------------------
+ * q8_0 activations for the tile matrix units (AMX, below) */
+
+#define AMX_MIN_TOKENS 16 /* fewer tokens would leave most of a 16-token tile empty */
+
+/* The VNNI layout of quantized tokens: per block of 16 tokens and group g, 8 rows (4-byte column pieces
+ * k = 0 .. 7 of the group) of 16 tokens x 4 bytes; then per block and group the 16 tokens' scales. Tokens
+ * past n are zeros. */
+typedef struct {
+    int blocks, groups;
+    int8_t *q;      /* [blocks][groups][8][16][4] */
+    float *scale;   /* [blocks][groups][16] */
+} VnniTokens;
+
+static size_t vnni_bytes(int n, int cols) {
+    size_t blocks = (size_t)(n + 15) / 16, groups = (size_t)(cols / Q8_GROUP);
+    return blocks * groups * (512 + 64);
+}
+
+static void vnni_tokens(VnniTokens *v, const QuantizedRow *xq, int n, unsigned char *base) {
+    v->blocks = (n + 15) / 16;
+    v->groups = xq->groups;
+    v->q = (int8_t *)base;
+    v->scale = (float *)(base + (size_t)v->blocks * v->groups * 512);
+    memset(base, 0, vnni_bytes(n, xq->cols));
+    for (int t = 0; t < n; t++) {
+        QuantizedRow r = token_row(xq, t);
+        int b = t / 16, m = t % 16;
+        for (int g = 0; g < v->groups; g++) {
+            int8_t *dst = v->q + ((size_t)b * v->groups + g) * 512 + m * 4;
+            for (int k = 0; k < 8; k++) memcpy(dst + k * 64, r.q + g * Q8_GROUP + k * 4, 4);
+            v->scale[((size_t)b * v->groups + g) * 16 + m] = r.scale[g];
+        }
+    }
+}
+
+/* Whether this CPU has AMX-TILE and AMX-INT8 and Linux lets this process use them (XTILEDATA permission). */
+static int amx_usable(void) {
+    static int usable = -1;
+    if (usable >= 0) return usable;
+    usable = 0;
+#if defined(KERNELS_AVX512) && defined(__linux__) && defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) &&
+        syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0)
+        usable = getenv("ATTN_NO_AMX") == NULL; /* ATTN_NO_AMX=1: the AVX-512 kernels instead (tests compare) */
+#endif
+    return usable;
+}
 
 #if defined(KERNELS_AVX512)
 /* ---------------------------------------------------------------------------------------------
@@ -314,6 +369,94 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
         for (int r = 0; r < 4; r++) out[t * ldo + r] = v[r];
     }
 }
+/* ---------------------------------------------------------------------------------------------
+ * AMX-INT8 (Intel Xeon since Sapphire Rapids): q8_0 prefill on the tile matrix unit, detected at run time.
+ *
+ * TDPBSSD multiplies a tile of 16 weight rows x 32 int8 values (one group, as it lies in the file) by a tile of
+ * the same 32 activations of 16 tokens ("VNNI" layout: 8 rows of 16 tokens x 4 bytes) into 16 x 16 exact int32
+ * group sums S_g; the AVX-512 units then scale and add them exactly as tile_q8 does: in class g mod 16,
+ * acc += (S_g * w_scale) * x_scale, and the classes are added by lane_sum16's tree. Same sums, same float
+ * operations in the same order: prefill on the tiles gives decode's bits. */
+
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* tmm0, tmm1: 16 x 16 int32 sums (two blocks of 16 tokens); tmm2: 16 weight rows x 32 bytes;
+ * tmm3, tmm4: 8 x 64 bytes, one group of 16 tokens each */
+static const TileConfig amx_tiles __attribute__((aligned(64))) = {
+    .palette = 1, .colsb = {64, 64, 32, 64, 64}, .rows = {16, 16, 16, 8, 8}};
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
+#define AMX_MAX_GROUPS 1024 /* rows of up to 32768 columns; wider ones take the AVX-512 kernel */
+#define COMPILER_BARRIER() __asm__ volatile("" ::: "memory") /* the tile instructions are asm without memory operands */
+
+/* rows r0 .. r0+15 of a q8_0 weight (values w, f16 scales ws, `groups` per row) x all n tokens */
+AMX_TARGET static void amx_rows16(float *out, size_t ldo, const int8_t *w, const uint16_t *ws, int cols,
+                                  const VnniTokens *v, int n) {
+    int groups = cols / Q8_GROUP;
+    static _Thread_local float wscale[AMX_MAX_GROUPS][16]; /* [group][row] in f32, read as broadcasts below */
+    static _Thread_local __m512 acc[16][16][2];  /* [class][row][token block] */
+    static _Thread_local int32_t sums[2][16][16] __attribute__((aligned(64)));
+    for (int g = 0; g < groups; g++)
+        for (int i = 0; i < 16; i++) wscale[g][i] = f16_to_f32(ws[(size_t)i * groups + g]);
+    for (int b0 = 0; b0 < v->blocks; b0 += 2) {
+        int nb = v->blocks - b0 < 2 ? 1 : 2;
+        memset(acc, 0, sizeof acc);
+        for (int g = 0; g < groups; g++) {
+            const int8_t *x0 = v->q + ((size_t)b0 * groups + g) * 512;
+            COMPILER_BARRIER();
+            _tile_zero(0);
+            _tile_loadd(2, w + g * Q8_GROUP, cols);
+            _tile_loadd(3, x0, 64);
+            _tile_dpbssd(0, 2, 3);
+            _tile_stored(0, sums[0], 64);
+            if (nb == 2) {
+                _tile_zero(1);
+                _tile_loadd(4, x0 + (size_t)groups * 512, 64);
+                _tile_dpbssd(1, 2, 4);
+                _tile_stored(1, sums[1], 64);
+            }
+            COMPILER_BARRIER();
+            __m512(*a)[2] = acc[g % 16];
+            for (int j = 0; j < nb; j++) {
+                __m512 xs = _mm512_loadu_ps(v->scale + ((size_t)(b0 + j) * groups + g) * 16);
+                for (int i = 0; i < 16; i++) {
+                    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[j][i])), _mm512_set1_ps(wscale[g][i]));
+                    a[i][j] = _mm512_fmadd_ps(f, xs, a[i][j]);
+                }
+            }
+        }
+        for (int j = 0; j < nb; j++)
+            for (int i = 0; i < 16; i++) {
+                __m512 c[16];
+                for (int l = 0; l < 16; l++) c[l] = acc[l][i][j];
+                for (int l = 0; l < 8; l++) c[l] = _mm512_add_ps(c[l], c[l + 8]); /* lane_sum16's tree */
+                for (int l = 0; l < 4; l++) c[l] = _mm512_add_ps(c[l], c[l + 4]);
+                float sum[16];
+                _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3])));
+                for (int m = 0; m < 16 && (b0 + j) * 16 + m < n; m++) out[(size_t)((b0 + j) * 16 + m) * ldo + i] = sum[m];
+            }
+    }
+}
+
+/* every whole block of 16 rows in [lo, hi) on the tiles; returns the first row left for tile_q8 */
+AMX_TARGET static int amx_rows(float *out, const Tensor *w, const VnniTokens *v, int n, int lo, int hi) {
+    const int8_t *values = w->data;
+    const uint16_t *scales = (const uint16_t *)(values + (size_t)w->rows * w->cols);
+    int groups = w->cols / Q8_GROUP;
+    if (groups > AMX_MAX_GROUPS) return lo;
+    _tile_loadconfig(&amx_tiles);
+    int r = lo;
+    for (; r + 16 <= hi; r += 16)
+        amx_rows16(out + r, (size_t)w->rows, values + (size_t)r * w->cols, scales + (size_t)r * groups, w->cols, v, n);
+    _tile_release();
+    return r;
+}
+
 #define COLUMN_BLOCK 1024 /* columns per pass: 6 tokens x 1024 f32 = 24 KiB of activations stay in L1 */
 
 #elif defined(KERNELS_AVX2)
@@ -572,7 +715,13 @@ ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor 
     }
 }
 
-static void rows_q8(float *out, const QuantizedRow *xq, const Tensor *w, int n, int lo, int hi) {
+static void rows_q8(float *out, const QuantizedRow *xq, const VnniTokens *tiles, const Tensor *w, int n, int lo,
+                    int hi) {
+#if defined(KERNELS_AVX512)
+    if (tiles) lo = amx_rows(out, w, tiles, n, lo, hi); /* whole blocks of 16 rows on the tiles, the rest below */
+#else
+    (void)tiles;
+#endif
     const int8_t *values = w->data;
     const uint16_t *scales = (const uint16_t *)(values + (size_t)w->rows * w->cols);
     int groups = w->cols / Q8_GROUP;
@@ -603,13 +752,14 @@ static void rows_q8(float *out, const QuantizedRow *xq, const Tensor *w, int n, 
     }
 }
 
-static void matmul_rows(float *out, const float *x, const QuantizedRow *xq, const Tensor *w, int n, int lo, int hi) {
+static void matmul_rows(float *out, const float *x, const QuantizedRow *xq, const VnniTokens *tiles, const Tensor *w,
+                        int n, int lo, int hi) {
     if (lo >= hi) return;
     switch (w->dtype) {
     case DTYPE_F32: rows_float(DTYPE_F32, out, x, w, n, lo, hi); break;
     case DTYPE_F16: rows_float(DTYPE_F16, out, x, w, n, lo, hi); break;
     case DTYPE_BF16: rows_float(DTYPE_BF16, out, x, w, n, lo, hi); break;
-    case DTYPE_Q8_0: rows_q8(out, xq, w, n, lo, hi); break;
+    case DTYPE_Q8_0: rows_q8(out, xq, tiles, w, n, lo, hi); break;
     }
 }
 
@@ -629,7 +779,7 @@ static int uses_blas(const Tensor *w, int n) {
 }
 
 int matmul_reserve(int max_tokens, int max_cols) {
-    size_t need = quantized_stride(max_cols) * (size_t)max_tokens;
+    size_t need = quantized_stride(max_cols) * (size_t)max_tokens + vnni_bytes(max_tokens, max_cols);
     if (need <= scratch.size) return 0;
     free(scratch.data);
     scratch.size = 0;
@@ -658,6 +808,7 @@ typedef struct {
     int count, n;
     const float *x;
     const QuantizedRow *xq;
+    const VnniTokens *tiles; /* the activations in tiles for AMX, or NULL */
     int first_item[5]; /* projection j's items are first_item[j] .. first_item[j + 1] - 1 */
 } MatmulJob;
 
@@ -670,7 +821,7 @@ static void matmul_items(void *arg, int begin, int end) {
         if (lo >= hi) continue;
         const Projection *p = &job->p[j];
         int r0 = (lo - job->first_item[j]) * ROWS_PER_ITEM, r1 = (hi - job->first_item[j]) * ROWS_PER_ITEM;
-        matmul_rows(p->out, job->x, job->xq, p->w, job->n, r0, r1 < p->w->rows ? r1 : p->w->rows);
+        matmul_rows(p->out, job->x, job->xq, job->tiles, p->w, job->n, r0, r1 < p->w->rows ? r1 : p->w->rows);
     }
 }
 
@@ -681,7 +832,8 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
         return;
     }
     QuantizedRow xq = {0};
-    MatmulJob job = {p, count, n, x, &xq, {0}};
+    VnniTokens tiles;
+    MatmulJob job = {p, count, n, x, &xq, NULL, {0}};
     long long macs = 0;
     int cols = p[0].w->cols, quantized = 0;
     for (int j = 0; j < count; j++) {
@@ -693,6 +845,10 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
     if (quantized) {
         ProfileSection was = profile_section(PROFILE_QUANTIZE);
         xq = quantize_input(x, n, cols);
+        if (n >= AMX_MIN_TOKENS && amx_usable()) {
+            vnni_tokens(&tiles, &xq, n, scratch.data + quantized_stride(cols) * (size_t)n);
+            job.tiles = &tiles;
+        }
         profile_section(was);
     }
 #ifdef USE_BLAS

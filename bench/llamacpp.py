@@ -208,6 +208,10 @@ def make_models(shape_name, dtypes, gguf):
     src = os.path.join(WORK, f"src-{shape_name}")
     files = {d: (os.path.join(WORK, f"{shape_name}-{d}.bin"), os.path.join(WORK, f"{shape_name}-{d}.gguf"))
              for d in dtypes}
+    exporter = os.path.getmtime(os.path.join(ROOT, "export.py"))
+    for attn, _ in files.values():  # an attn.c file older than export.py may be in an older format
+        if os.path.exists(attn) and os.path.getmtime(attn) < exporter:
+            os.unlink(attn)
     missing = [d for d, (a, g) in files.items() if not (os.path.exists(a) and os.path.exists(g))]
     if not missing:
         return files
