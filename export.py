@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
 
-    python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
+    python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0|q4_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
 SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
 legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
@@ -27,8 +27,9 @@ except ImportError:  # pragma: no cover - depends on the machine
 FORMAT_VERSION = 2
 ALIGN = 64
 
-DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3}
-Q8_GROUP = 32  # q8_0: int8 values in groups of 32 along a row, one f16 scale per group
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
+Q8_GROUP = 32  # q8_0 / q4_0: int8 / 4-bit values in groups of 32 along a row, one f16 scale per group
+Q4_PAIR = 64   # q4_0: a row's columns come in pairs of groups, 32 bytes each (docs/FORMAT.md)
 
 NORM_RMS, NORM_LAYER = 0, 1
 ACT_SILU, ACT_GELU_TANH, ACT_GELU, ACT_SWIGLU_CLAMPED = 0, 1, 2, 3
@@ -1619,6 +1620,8 @@ def tensor_nbytes(dtype, shape):
     count = int(np.prod(shape))
     if dtype == DTYPES["q8_0"]:  # the int8 values, then one f16 scale per group
         return count + count // Q8_GROUP * 2
+    if dtype == DTYPES["q4_0"]:  # the 4-bit values, two a byte, then one f16 scale per group
+        return count // 2 + count // Q8_GROUP * 2
     return count * (4 if dtype == DTYPES["f32"] else 2)
 
 
@@ -1641,9 +1644,31 @@ def quantize_q8_0(arr):
     return q.tobytes() + scale.astype("<f2").tobytes()
 
 
+def quantize_q4_0(arr):
+    """[rows][cols] -> rows*cols/2 bytes of 4-bit values u, then rows*cols/32 f16 scales, as GGML's Q4_0: per group
+    of 32, scale = the value of largest magnitude / -8 and u = round(w / scale) + 8 clamped to 0 .. 15, so that
+    (u - 8) * scale approximates w. The 32 bytes of each pair of groups hold columns j (low 4 bits) and 32 + j
+    (high 4 bits)."""
+    rows, cols = arr.shape
+    groups = arr.reshape(rows, cols // Q8_GROUP, Q8_GROUP)
+    biggest = np.take_along_axis(groups, np.abs(groups).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    with np.errstate(over="ignore"):
+        scale = (biggest / np.float32(-8.0)).astype(np.float16)
+    if not np.isfinite(scale).all():
+        raise ExportError("a weight exceeds the q4_0 range (its scale overflows f16); export with --dtype bf16 or f32")
+    s32 = scale.astype(np.float32)
+    inv = np.divide(np.float32(1.0), s32, out=np.zeros_like(s32), where=s32 != 0)
+    u = np.clip(np.rint(groups * inv[..., None]) + 8, 0, 15).astype(np.uint8).reshape(rows, cols // Q4_PAIR, 2, 32)
+    return (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).tobytes() + scale.astype("<f2").tobytes()
+
+
 def matrix_dtype(dtype, name, shape):
     """The dtype a matrix (or stack of matrices) is stored in: the export dtype, except that q8_0 needs whole
-    groups of 32 columns (matrices that have not stay f32)."""
+    groups of 32 columns and q4_0 whole pairs of groups (64): a matrix without them is stored as q8_0 if it can
+    be, else f32."""
+    if dtype == DTYPES["q4_0"] and shape[-1] % Q4_PAIR:
+        log(f"export: {name} {list(shape)} has columns that do not fill pairs of groups ({Q4_PAIR}): not q4_0")
+        dtype = DTYPES["q8_0"]
     if dtype == DTYPES["q8_0"] and shape[-1] % Q8_GROUP:
         log(f"export: {name} {list(shape)} has columns that do not fill groups of {Q8_GROUP}: stored as f32, not q8_0")
         return DTYPES["f32"]
@@ -1656,6 +1681,8 @@ def encode_tensor(arr, dtype):
         return b"".join(encode_tensor(a, dtype).ljust(stack_stride(dtype, a.shape), b"\0") for a in arr)
     if dtype == DTYPES["q8_0"]:
         return quantize_q8_0(arr)
+    if dtype == DTYPES["q4_0"]:
+        return quantize_q4_0(arr)
     if dtype == DTYPES["f32"]:
         return arr.astype("<f4").tobytes()
     if dtype == DTYPES["f16"]:
@@ -1811,7 +1838,8 @@ def main(argv=None):
     ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
     ap.add_argument("out", help="output model file")
     ap.add_argument("--dtype", choices=sorted(DTYPES),
-                    help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale each")
+                    help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale "
+                         "each; q4_0: 4-bit in groups of 32 with an f16 scale each")
     ap.add_argument("--tokenizer", metavar="FILE",
                     help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
                          "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")

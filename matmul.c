@@ -103,6 +103,12 @@ static QuantizedRow token_row(const QuantizedRow *first, int t) {
     return quantized_row((unsigned char *)first->q + (size_t)t * first->stride, first->cols);
 }
 
+/* Bytes of one row's values (q8_0: cols int8, q4_0: cols / 2), and where its f16 scales start */
+static size_t quantized_row_bytes(const Tensor *w) { return w->dtype == DTYPE_Q4_0 ? (size_t)w->cols / 2 : (size_t)w->cols; }
+static const uint16_t *quantized_scales(const Tensor *w) {
+    return (const uint16_t *)((const uint8_t *)w->data + (size_t)w->rows * quantized_row_bytes(w));
+}
+
 /* One group: q = round(x / scale) with scale = max|x| / 127. A group holding an inf or NaN gets q = 0 and a
  * NaN scale: the NaN reaches the output, as it would in f32. q is clamped to [-127, 127] before it becomes an
  * int (127 / amax overflows to inf when amax is subnormal). The SIMD version below gives the same bits. */
@@ -324,41 +330,49 @@ ALWAYS_INLINE __m512i group_sums16(const __m512i v[8]) {
     return _mm512_permutexvar_epi32(order, r);
 }
 
-/* q8_0 weights: out[t][r] for 4 rows x T tokens.  w[r]: int8 values of a row; ws[r]: its f16 scales.
- * Per block of 16 groups: the group sums S_g (VPDPBUSD on the weights + 128, minus 128 * sum(x q)), then in
- * lane g mod 16: acc += (S_g * w_scale) * x_scale. */
-ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4], int cols,
-                           const QuantizedRow *xq, float *out, size_t ldo) {
+/* 64 weights of groups 2p, 2p+1 of a row as unsigned bytes (u = w + 128 for q8_0, the 4-bit u for q4_0), in
+ * column order; a lone last group of q8_0 (p == pairs - 1 of an odd count) fills the low half */
+ALWAYS_INLINE __m512i load_pair(DType d, const void *row, int p, int lone) {
+    if (d == DTYPE_Q4_0) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)((const uint8_t *)row + (size_t)p * 32)), nibble = _mm256_set1_epi8(15);
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, nibble)),
+                                  _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble), 1);
+    }
+    const int8_t *src = (const int8_t *)row + (size_t)p * 64;
+    __m512i w = lone ? _mm512_zextsi256_si512(_mm256_loadu_si256((const void *)src)) : _mm512_loadu_si512((const void *)src);
+    return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+}
+
+/* q8_0 / q4_0 weights: out[t][r] for 4 rows x T tokens.  w[r]: the values of a row; ws[r]: its f16 scales.
+ * Per block of 16 groups: the group sums S_g (VPDPBUSD on the unsigned weights, minus offset * sum(x q), the
+ * offset being 128 for q8_0, 8 for q4_0), then in lane g mod 16: acc += (S_g * w_scale) * x_scale. */
+ALWAYS_INLINE void tile_quant(DType d, int T, const void *const w[4], const uint16_t *const ws[4], int cols,
+                              const QuantizedRow *xq, float *out, size_t ldo) {
     __m512 acc[4][Q8_TOKENS_PER_TILE];
     for (int r = 0; r < 4; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    int groups = cols / Q8_GROUP;
+    int groups = cols / Q8_GROUP, pair_bytes = d == DTYPE_Q4_0 ? 32 : 64, offset_shift = d == DTYPE_Q4_0 ? 3 : 7;
     QuantizedRow xr[Q8_TOKENS_PER_TILE];
     for (int t = 0; t < T; t++) xr[t] = token_row(xq, t);
     for (int g0 = 0; g0 < groups; g0 += 16) {
         int gn = groups - g0 < 16 ? groups - g0 : 16, pairs = (gn + 1) / 2;
         __mmask16 gm = (__mmask16)((1u << gn) - 1);
         for (int r = 0; r < 4; r++) {
-            if (T == 1) /* decode streams the weights: ask for them early */
-                for (int p = 0; p < pairs; p++) _mm_prefetch((const char *)(w[r] + (g0 + 2 * p) * Q8_GROUP) + PREFETCH_BYTES, _MM_HINT_T0);
-            if (T == 1) _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_BYTES / 16, _MM_HINT_T0);
+            const char *row = (const char *)w[r] + (size_t)g0 / 2 * pair_bytes;
+            if (T == 1) { /* decode streams the weights: ask for them early */
+                for (int p = 0; p < pairs; p += 64 / pair_bytes) _mm_prefetch(row + p * pair_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_BYTES / 16, _MM_HINT_T0);
+            }
             __m512 wscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, ws[r] + g0));
             __m512i wv[8];
-            for (int p = 0; p < 8; p++) {
-                const int8_t *src = w[r] + (g0 + 2 * p) * Q8_GROUP;
-                wv[p] = p >= pairs ? flip
-                      : g0 + 2 * p + 1 < groups ? _mm512_loadu_si512((const void *)src)
-                                                : _mm512_zextsi256_si512(_mm256_loadu_si256((const void *)src));
-                wv[p] = _mm512_xor_si512(wv[p], flip);
-            }
+            for (int p = 0; p < pairs; p++) wv[p] = load_pair(d, row, p, g0 + 2 * p + 1 == groups);
             for (int t = 0; t < T; t++) {
                 __m512i v[8];
                 for (int p = 0; p < 8; p++)
                     v[p] = p < pairs ? dot_u8s8(wv[p], _mm512_load_si512((const void *)(xr[t].q + (g0 + 2 * p) * Q8_GROUP)))
                                      : _mm512_setzero_si512();
-                __m512i sums = _mm512_sub_epi32(group_sums16(v), _mm512_slli_epi32(_mm512_load_si512((const void *)(xr[t].sum + g0)), 7));
-                __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), wscale);
+                __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)(xr[t].sum + g0)), offset_shift);
+                __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(group_sums16(v), offsets)), wscale);
                 acc[r][t] = _mm512_fmadd_ps(f, _mm512_load_ps(xr[t].scale + g0), acc[r][t]);
             }
         }
@@ -369,6 +383,7 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
         for (int r = 0; r < 4; r++) out[t * ldo + r] = v[r];
     }
 }
+
 /* ---------------------------------------------------------------------------------------------
  * AMX-INT8 (Intel Xeon since Sapphire Rapids): q8_0 prefill on the tile matrix unit, detected at run time.
  *
@@ -443,16 +458,39 @@ AMX_TARGET static void amx_rows16(float *out, size_t ldo, const int8_t *w, const
     }
 }
 
-/* every whole block of 16 rows in [lo, hi) on the tiles; returns the first row left for tile_q8 */
+/* 16 rows of q4_0 values as int8 u - 8, row-major [16][cols] */
+static void unpack_q4_rows16(int8_t *dst, const uint8_t *src, int cols) {
+    const __m256i nibble = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    for (int i = 0; i < 16; i++)
+        for (int k = 0; k < cols; k += Q4_PAIR) {
+            __m256i b = _mm256_loadu_si256((const __m256i *)(src + (size_t)i * cols / 2 + k / 2));
+            _mm256_storeu_si256((__m256i *)(dst + (size_t)i * cols + k), _mm256_sub_epi8(_mm256_and_si256(b, nibble), eight));
+            _mm256_storeu_si256((__m256i *)(dst + (size_t)i * cols + k + 32),
+                                _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), nibble), eight));
+        }
+}
+
+/* every whole block of 16 rows in [lo, hi) on the tiles; returns the first row left for tile_quant. q4_0 rows
+ * are first unpacked to int8 (u - 8), 16 at a time, into this thread's buffer. */
 AMX_TARGET static int amx_rows(float *out, const Tensor *w, const VnniTokens *v, int n, int lo, int hi) {
-    const int8_t *values = w->data;
-    const uint16_t *scales = (const uint16_t *)(values + (size_t)w->rows * w->cols);
-    int groups = w->cols / Q8_GROUP;
+    static _Thread_local int8_t *unpacked;
+    static _Thread_local size_t unpacked_size;
+    size_t row_bytes = quantized_row_bytes(w), need = (size_t)16 * w->cols;
+    const uint16_t *scales = quantized_scales(w);
+    int groups = w->cols / Q8_GROUP, q4 = w->dtype == DTYPE_Q4_0;
     if (groups > AMX_MAX_GROUPS) return lo;
+    if (q4 && unpacked_size < need) {
+        free(unpacked);
+        unpacked_size = (unpacked = aligned_alloc(64, need)) ? need : 0;
+        if (!unpacked) return lo; /* no memory for it: the AVX-512 kernel needs none */
+    }
     _tile_loadconfig(&amx_tiles);
     int r = lo;
-    for (; r + 16 <= hi; r += 16)
-        amx_rows16(out + r, (size_t)w->rows, values + (size_t)r * w->cols, scales + (size_t)r * groups, w->cols, v, n);
+    for (; r + 16 <= hi; r += 16) {
+        const uint8_t *rows = (const uint8_t *)w->data + (size_t)r * row_bytes;
+        if (q4) unpack_q4_rows16(unpacked, rows, w->cols);
+        amx_rows16(out + r, (size_t)w->rows, q4 ? unpacked : (const int8_t *)rows, scales + (size_t)r * groups, w->cols, v, n);
+    }
     _tile_release();
     return r;
 }
@@ -564,11 +602,20 @@ ALWAYS_INLINE __m256i sums8(const __m256i v[8]) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
 }
 
-/* the AVX-512 tile_q8's sums and lanes: groups g0 .. g0+7 in acc.lo, g0+8 .. g0+15 in acc.hi */
-ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4], int cols,
-                           const QuantizedRow *xq, float *out, size_t ldo) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    int groups = cols / Q8_GROUP;
+/* group g of a row as 32 unsigned bytes: w + 128 (q8_0) or the 4-bit values (q4_0) */
+ALWAYS_INLINE __m256i load_group(DType d, const void *row, int g) {
+    if (d == DTYPE_Q4_0) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)((const uint8_t *)row + (size_t)g / 2 * 32));
+        return _mm256_and_si256(g % 2 ? _mm256_srli_epi16(b, 4) : b, _mm256_set1_epi8(15));
+    }
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)((const int8_t *)row + (size_t)g * Q8_GROUP)),
+                            _mm256_set1_epi8((char)0x80));
+}
+
+/* the AVX-512 tile_quant's sums and lanes: groups g0 .. g0+7 in acc.lo, g0+8 .. g0+15 in acc.hi */
+ALWAYS_INLINE void tile_quant(DType d, int T, const void *const w[4], const uint16_t *const ws[4], int cols,
+                              const QuantizedRow *xq, float *out, size_t ldo) {
+    int groups = cols / Q8_GROUP, offset_shift = d == DTYPE_Q4_0 ? 3 : 7, group_bytes = d == DTYPE_Q4_0 ? 16 : 32;
     for (int t = 0; t < T; t++) {
         QuantizedRow xr = token_row(xq, t);
         for (int r = 0; r < 4; r++) {
@@ -582,13 +629,14 @@ ALWAYS_INLINE void tile_q8(int T, const int8_t *const w[4], const uint16_t *cons
                         v[i] = _mm256_setzero_si256();
                         continue;
                     }
-                    if (T == 1 && i % 2 == 0) _mm_prefetch((const char *)(w[r] + g * Q8_GROUP) + PREFETCH_BYTES, _MM_HINT_T0);
-                    __m256i wv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[r] + g * Q8_GROUP)), flip);
-                    v[i] = dot_u8s8_32(wv, _mm256_load_si256((const __m256i *)(xr.q + g * Q8_GROUP)));
+                    if (T == 1 && g * group_bytes % 64 == 0)
+                        _mm_prefetch((const char *)w[r] + (size_t)g * group_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+                    v[i] = dot_u8s8_32(load_group(d, w[r], g), _mm256_load_si256((const __m256i *)(xr.q + g * Q8_GROUP)));
                     scale[i] = ws[r][g];
                 }
-                __m256i sums = _mm256_sub_epi32(sums8(v), _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(xr.sum + g0)), 7));
-                __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scale)));
+                __m256i offsets = _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(xr.sum + g0)), offset_shift);
+                __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums8(v), offsets)),
+                                         _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scale)));
                 acc[g0 / 8 % 2] = _mm256_fmadd_ps(f, _mm256_load_ps(xr.scale + g0), acc[g0 / 8 % 2]);
             }
             Lanes16 a = {acc[0], acc[1]};
@@ -642,8 +690,8 @@ static void tile_float(DType d, int T, const void *const w[4], int k0, int k1, i
 }
 
 /* the exact dot product of one group of weights and activations, then in lane g mod 16 as the SIMD kernels */
-static void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4], int cols, const QuantizedRow *xq,
-                    float *out, size_t ldo) {
+static void tile_quant(DType d, int T, const void *const w[4], const uint16_t *const ws[4], int cols,
+                       const QuantizedRow *xq, float *out, size_t ldo) {
     int groups = cols / Q8_GROUP;
     for (int t = 0; t < T; t++) {
         QuantizedRow xr = token_row(xq, t);
@@ -651,7 +699,8 @@ static void tile_q8(int T, const int8_t *const w[4], const uint16_t *const ws[4]
             float acc[LANES] = {0};
             for (int g = 0; g < groups; g++) {
                 int32_t sum = 0;
-                for (int j = 0; j < Q8_GROUP; j++) sum += w[r][g * Q8_GROUP + j] * xr.q[g * Q8_GROUP + j];
+                for (int j = g * Q8_GROUP; j < (g + 1) * Q8_GROUP; j++)
+                    sum += (d == DTYPE_Q4_0 ? q4_value(w[r], j) - 8 : ((const int8_t *)w[r])[j]) * xr.q[j];
                 float f = (float)sum * f16_to_f32(ws[r][g]);
                 acc[g % LANES] = MULTIPLY_ADD(f, xr.scale[g], acc[g % LANES]);
             }
@@ -715,22 +764,31 @@ ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor 
     }
 }
 
-static void rows_q8(float *out, const QuantizedRow *xq, const VnniTokens *tiles, const Tensor *w, int n, int lo,
-                    int hi) {
+ALWAYS_INLINE void tile_quant_t(DType d, int T, const void *const w[4], const uint16_t *const ws[4], int cols,
+                                const QuantizedRow *xq, float *out, size_t ldo) {
+    switch (T) { /* one specialised kernel per tile width */
+    case 1: tile_quant(d, 1, w, ws, cols, xq, out, ldo); break;
+    case 2: tile_quant(d, 2, w, ws, cols, xq, out, ldo); break;
+    default: tile_quant(d, Q8_TOKENS_PER_TILE, w, ws, cols, xq, out, ldo); break;
+    }
+}
+
+static void rows_quantized(float *out, const QuantizedRow *xq, const VnniTokens *tiles, const Tensor *w, int n, int lo,
+                           int hi) {
 #if defined(KERNELS_AVX512)
     if (tiles) lo = amx_rows(out, w, tiles, n, lo, hi); /* whole blocks of 16 rows on the tiles, the rest below */
 #else
     (void)tiles;
 #endif
-    const int8_t *values = w->data;
-    const uint16_t *scales = (const uint16_t *)(values + (size_t)w->rows * w->cols);
+    size_t row_bytes = quantized_row_bytes(w);
+    const uint16_t *scales = quantized_scales(w);
     int groups = w->cols / Q8_GROUP;
     for (int r = lo; r < hi; r += ROWS_PER_TILE) {
-        const int8_t *rows[4];
+        const void *rows[4];
         const uint16_t *row_scales[4];
         for (int i = 0; i < 4; i++) {
             int ri = r + i < hi ? r + i : hi - 1;
-            rows[i] = values + (size_t)ri * w->cols;
+            rows[i] = (const uint8_t *)w->data + (size_t)ri * row_bytes;
             row_scales[i] = scales + (size_t)ri * groups;
         }
         float part[Q8_TOKENS_PER_TILE][4];
@@ -740,11 +798,8 @@ static void rows_q8(float *out, const QuantizedRow *xq, const VnniTokens *tiles,
             float *dst = full ? out + (size_t)t * w->rows + r : &part[0][0];
             size_t ldo = full ? (size_t)w->rows : 4;
             QuantizedRow xt = token_row(xq, t);
-            switch (T) {
-            case 1: tile_q8(1, rows, row_scales, w->cols, &xt, dst, ldo); break;
-            case 2: tile_q8(2, rows, row_scales, w->cols, &xt, dst, ldo); break;
-            default: tile_q8(Q8_TOKENS_PER_TILE, rows, row_scales, w->cols, &xt, dst, ldo); break;
-            }
+            if (w->dtype == DTYPE_Q4_0) tile_quant_t(DTYPE_Q4_0, T, rows, row_scales, w->cols, &xt, dst, ldo);
+            else tile_quant_t(DTYPE_Q8_0, T, rows, row_scales, w->cols, &xt, dst, ldo);
             if (!full)
                 for (int i = 0; i < T; i++)
                     for (int j = 0; j < hi - r; j++) out[(size_t)(t + i) * w->rows + r + j] = part[i][j];
@@ -759,7 +814,8 @@ static void matmul_rows(float *out, const float *x, const QuantizedRow *xq, cons
     case DTYPE_F32: rows_float(DTYPE_F32, out, x, w, n, lo, hi); break;
     case DTYPE_F16: rows_float(DTYPE_F16, out, x, w, n, lo, hi); break;
     case DTYPE_BF16: rows_float(DTYPE_BF16, out, x, w, n, lo, hi); break;
-    case DTYPE_Q8_0: rows_q8(out, xq, tiles, w, n, lo, hi); break;
+    case DTYPE_Q8_0:
+    case DTYPE_Q4_0: rows_quantized(out, xq, tiles, w, n, lo, hi); break;
     }
 }
 
@@ -837,7 +893,7 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
     long long macs = 0;
     int cols = p[0].w->cols, quantized = 0;
     for (int j = 0; j < count; j++) {
-        quantized |= p[j].w->dtype == DTYPE_Q8_0;
+        quantized |= DTYPE_IS_QUANTIZED(p[j].w->dtype);
         int items = uses_blas(p[j].w, n) ? 0 : (p[j].w->rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM; /* BLAS: below */
         job.first_item[j + 1] = job.first_item[j] + items;
         macs += items ? (long long)p[j].w->rows * p[j].w->cols * n : 0;

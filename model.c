@@ -316,7 +316,7 @@ static int parse_tensor(LoadContext *ctx, TensorEntry *e, const unsigned char *p
     uint64_t one = tensor_nbytes(e->dtype, rows, cols), need = ndim == 3 ? stack * tensor_stack_stride(e->dtype, rows, cols) : one;
     if (one == 0)
         return fail(ctx, "tensor '%s' is %s but its %llu columns are not a multiple of %d", e->name,
-                    dtype_name(e->dtype), (unsigned long long)cols, Q8_GROUP);
+                    dtype_name(e->dtype), (unsigned long long)cols, dtype_column_multiple(e->dtype));
     if (e->nbytes != need)
         return fail(ctx, "tensor '%s' has %llu bytes, its shape and dtype need %llu", e->name,
                     (unsigned long long)e->nbytes, (unsigned long long)need);

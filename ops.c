@@ -27,7 +27,7 @@ float f16_to_f32(uint16_t h) {
 }
 
 const char *dtype_name(DType d) {
-    static const char *names[DTYPE_COUNT] = {"f32", "f16", "bf16", "q8_0"};
+    static const char *names[DTYPE_COUNT] = {"f32", "f16", "bf16", "q8_0", "q4_0"};
     return (unsigned)d < DTYPE_COUNT ? names[d] : "?";
 }
 
@@ -37,9 +37,12 @@ uint64_t tensor_nbytes(DType d, uint64_t rows, uint64_t cols) {
     case DTYPE_F16:
     case DTYPE_BF16: return rows * cols * 2;
     case DTYPE_Q8_0: return cols % Q8_GROUP ? 0 : rows * cols + rows * (cols / Q8_GROUP) * 2; /* values, then scales */
+    case DTYPE_Q4_0: return cols % Q4_PAIR ? 0 : rows * cols / 2 + rows * (cols / Q8_GROUP) * 2;
     }
     return 0;
 }
+
+int dtype_column_multiple(DType d) { return d == DTYPE_Q8_0 ? Q8_GROUP : d == DTYPE_Q4_0 ? Q4_PAIR : 1; }
 
 uint64_t tensor_stack_stride(DType d, uint64_t rows, uint64_t cols) { return (tensor_nbytes(d, rows, cols) + 63) / 64 * 64; }
 
@@ -60,10 +63,14 @@ void tensor_row(float *out, const Tensor *t, int row) {
     } else if (t->dtype == DTYPE_F16) {
         const uint16_t *w = (const uint16_t *)t->data + base;
         for (int j = 0; j < t->cols; j++) out[j] = f16_to_f32(w[j]);
-    } else { /* q8_0: value * its group's scale */
+    } else if (t->dtype == DTYPE_Q8_0) { /* value * its group's scale */
         const int8_t *q = (const int8_t *)t->data + base;
         const uint16_t *scale = (const uint16_t *)((const int8_t *)t->data + (size_t)t->rows * t->cols) + base / Q8_GROUP;
         for (int j = 0; j < t->cols; j++) out[j] = (float)q[j] * f16_to_f32(scale[j / Q8_GROUP]);
+    } else { /* q4_0: (4-bit value - 8) * its group's scale */
+        const uint8_t *u = (const uint8_t *)t->data + base / 2;
+        const uint16_t *scale = (const uint16_t *)((const uint8_t *)t->data + (size_t)t->rows * t->cols / 2) + base / Q8_GROUP;
+        for (int j = 0; j < t->cols; j++) out[j] = (float)(q4_value(u, j) - 8) * f16_to_f32(scale[j / Q8_GROUP]);
     }
 }
 

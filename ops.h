@@ -1,6 +1,7 @@
 /* ops.h - the neural-net building blocks forward() is written in: matmul, norms, RoPE, softmax,
- * activations. Weights may be f32, f16, bf16 or q8_0 (int8 in groups of 32 with one f16 scale each);
- * activations are f32 (q8_0 products quantize them to int8 per group of 32 on the fly).
+ * activations. Weights may be f32, f16, bf16, q8_0 (int8 in groups of 32 with one f16 scale each) or q4_0
+ * (4-bit in groups of 32, one f16 scale each); activations are f32 (q8_0 / q4_0 products quantize them to int8
+ * per group of 32 on the fly).
  * The matmul kernels (SIMD, threads, tiling) are in matmul.c; the rest is in ops.c. */
 #ifndef ATTN_OPS_H
 #define ATTN_OPS_H
@@ -8,12 +9,24 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2, DTYPE_Q8_0 = 3 } DType;
-#define DTYPE_COUNT 4
+typedef enum { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2, DTYPE_Q8_0 = 3, DTYPE_Q4_0 = 4 } DType;
+#define DTYPE_COUNT 5
 
 /* q8_0: a matrix [rows][cols] is rows*cols int8 values (row-major), then rows*cols/32 f16 scales (row-major:
  * one per group of 32 consecutive values of a row). Value = q * scale. cols must be a multiple of 32. */
 #define Q8_GROUP 32
+/* q4_0: rows*cols/2 bytes of 4-bit values u (row-major), then the f16 scales as q8_0's. Value = (u - 8) * scale.
+ * Each 64 columns of a row (two groups) are 32 bytes: byte j holds column j in its low 4 bits and column
+ * 32 + j in its high 4 bits, so that the low halves, then the high halves, are the 64 columns in order.
+ * cols must be a multiple of 64. */
+#define Q4_PAIR 64
+/* the 4-bit value of column j of a q4_0 row (its bytes at row) */
+static inline int q4_value(const uint8_t *row, int j) {
+    uint8_t b = row[j / Q4_PAIR * 32 + j % 32];
+    return j % Q4_PAIR < 32 ? b & 15 : b >> 4;
+}
+/* q8_0 or q4_0: the dtypes whose products quantize the activations */
+#define DTYPE_IS_QUANTIZED(d) ((d) == DTYPE_Q8_0 || (d) == DTYPE_Q4_0)
 
 /* A weight in the mapped file: a matrix [rows][cols] (row-major, one row per output) or a vector (rows 1), or
  * a stack of `stack` such matrices (the experts of a mixture), each starting on a 64-byte boundary
@@ -29,8 +42,10 @@ float f16_to_f32(uint16_t h);
 float bf16_to_f32(uint16_t b);
 const char *dtype_name(DType d);
 /* Bytes a [rows][cols] tensor of dtype d takes in the file (a vector is 1 row), or 0 if d cannot hold that
- * shape (q8_0 needs cols to be a multiple of Q8_GROUP). */
+ * shape (q8_0 needs cols to be a multiple of Q8_GROUP, q4_0 of Q4_PAIR). */
 uint64_t tensor_nbytes(DType d, uint64_t rows, uint64_t cols);
+/* The multiple of which a dtype needs the columns to be (1, 32 or 64) */
+int dtype_column_multiple(DType d);
 
 /* Bytes from one matrix of a stack to the next: its size rounded up to 64 */
 uint64_t tensor_stack_stride(DType d, uint64_t rows, uint64_t cols);

@@ -367,14 +367,16 @@ static void *random_weights(DType d, int rows, int cols) {
         if (d == DTYPE_F32) ((float *)data)[i] = v;
         else if (d == DTYPE_BF16) ((uint16_t *)data)[i] = (uint16_t)(u >> 16);
         else if (d == DTYPE_F16) ((uint16_t *)data)[i] = random_half();
-        else ((int8_t *)data)[i] = (int8_t)(v * 127.0f);
+        else if (d == DTYPE_Q8_0) ((int8_t *)data)[i] = (int8_t)(v * 127.0f);
+        else if (i % 2 == 0) ((uint8_t *)data)[i / 2] = (uint8_t)(u >> 9); /* q4_0: two 4-bit values a byte */
     }
-    if (d == DTYPE_Q8_0) /* the scales follow the values */
-        for (size_t g = 0; g < count / Q8_GROUP; g++) ((uint16_t *)((int8_t *)data + count))[g] = random_half();
+    size_t value_bytes = d == DTYPE_Q4_0 ? count / 2 : count;
+    if (DTYPE_IS_QUANTIZED(d)) /* the scales follow the values */
+        for (size_t g = 0; g < count / Q8_GROUP; g++) ((uint16_t *)((int8_t *)data + value_bytes))[g] = random_half();
     return data;
 }
 
-/* x . row in double; for q8_0, with x quantized per group of 32 as matmul.c does (scale max|x|/127) */
+/* x . row in double; for q8_0 and q4_0, with x quantized per group of 32 as matmul.c does (scale max|x|/127) */
 static double reference_dot(const Tensor *w, int row, const float *x, double *magnitude) {
     float *wr = malloc(sizeof(float) * (size_t)w->cols);
     tensor_row(wr, w, row);
@@ -385,7 +387,7 @@ static double reference_dot(const Tensor *w, int row, const float *x, double *ma
         for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(x[g + j]));
         for (int j = 0; j < n; j++) {
             double xv = x[g + j];
-            if (w->dtype == DTYPE_Q8_0) xv = amax > 0 ? nearbyintf(x[g + j] * (127.0f / amax)) * (double)(amax / 127.0f) : 0.0;
+            if (DTYPE_IS_QUANTIZED(w->dtype)) xv = amax > 0 ? nearbyintf(x[g + j] * (127.0f / amax)) * (double)(amax / 127.0f) : 0.0;
             sum += (double)wr[g + j] * xv;
             mag += fabs((double)wr[g + j] * xv);
         }
@@ -396,11 +398,12 @@ static double reference_dot(const Tensor *w, int row, const float *x, double *ma
 }
 
 static void test_matmul(void) {
-    static const int rows_[] = {1, 3, 4, 5, 37, 300}, cols_float[] = {1, 7, 17, 100, 1500}, cols_q8[] = {32, 96, 544, 1024};
+    static const int rows_[] = {1, 3, 4, 5, 37, 300}, cols_float[] = {1, 7, 17, 100, 1500}, cols_q8[] = {32, 96, 544, 1024},
+                     cols_q4[] = {64, 128, 576, 1024};
     static const int tokens[] = {1, 2, 6, 7, 13, 40}; /* 40: q8_0 prefill on AMX tiles where the CPU has them */
     for (int d = 0; d < DTYPE_COUNT; d++) {
-        const int *cols_ = d == DTYPE_Q8_0 ? cols_q8 : cols_float;
-        int n_cols = d == DTYPE_Q8_0 ? 4 : 5, shapes = 0, exact = 1;
+        const int *cols_ = d == DTYPE_Q8_0 ? cols_q8 : d == DTYPE_Q4_0 ? cols_q4 : cols_float;
+        int n_cols = DTYPE_IS_QUANTIZED(d) ? 4 : 5, shapes = 0, exact = 1;
         double worst = 0.0;
         for (int ri = 0; ri < 6; ri++)
             for (int ci = 0; ci < n_cols; ci++)
