@@ -4,7 +4,7 @@ that together use every part of the format the loader checks -- RMSNorm and Laye
 MLPs, mixtures of experts (every router kind, grouped routing, biases, shared experts, stacked 3-D expert
 tensors in f32 and q8_0), rotary and learned positions, NoPE, sliding, chunked and full layers, GQA, every
 kind of q/k norm, learned sinks, attention temperature, biases, pre- and post-norms, soft-caps,
-precomputed RoPE tables (one with YaRN's attention factor), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
+precomputed RoPE tables (one with YaRN's attention factor), f32 / f16 / bf16 / q8_0 / q4_0 matrices, and tokenizer records of both kinds (byte-level BPE
 with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
 from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
@@ -144,6 +144,10 @@ def seeds():
     post = E.LAYER_MIXER_POST_NORM | E.LAYER_FFN_POST_NORM
     m.layers = [L(A(2, 1, 4, window=4, flags=E.ATTN_QK_NORM_FULL), D(16), post), L(A(2, 1, 4, rope_dim=0), D(16), post)]
     yield "olmo_post_norms_bf16", tensors(m), "bf16"
+    # q4_0: matrices of 64 columns hold 4-bit pairs of groups; ffn.w_down (96 columns) falls back to q8_0
+    m = E.Model("llama", 64, 32, 64, tied=False)
+    m.layers = [L(A(4, 2, 16, window=4), D(96)), L(A(4, 1, 16), D(96))]
+    yield "llama_q4_0", tensors(m), "q4_0"
 
 
 def shared_tokenizer_models(shared, out_dir):

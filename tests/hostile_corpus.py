@@ -191,7 +191,7 @@ def _all_mutants(blob, rng, scale=1.0):
     for k in picks:
         rec, name, off, nbytes = L.tensors[int(k)]
         t = f"tensor '{name}'"
-        for v in (1, 2, 3, 0xFFFFFFFF):
+        for v in (1, 2, 3, 4, 5, 0xFFFFFFFF):
             yield f"{t} dtype {v}", put(blob, rec + 80, 4, v)
         for v in (0, 1, 2, 3, 4, 0xFFFFFFFF):
             yield f"{t} ndim {v}", put(blob, rec + 84, 4, v)

@@ -63,9 +63,11 @@ def corpus(t):
         (t.export(os.path.join(t.data, "fixtures", "qwen3_mixed"), "qwen3_mixed.bin"), 0.12, ["--tokens", "1,2,3"]),
         (t.export(os.path.join(t.data, "fixtures", "llama_mha_rope31"), "llama_mha_rope31.bin"), 0.12,
          ["--tokens", "1,2,3"]),
-        # q8_0 weights: int8 groups with f16 scales, quantized activations
+        # q8_0 weights: int8 groups with f16 scales, quantized activations; q4_0: 4-bit pairs of groups (the
+        # matrices whose columns do not fill them fall back to q8_0 or f32)
         (t.export(os.path.join(t.data, "fixtures", "qwen3_mixed"), "qwen3_mixed-q8_0.bin", "--dtype", "q8_0"), 0.12,
          ["--tokens", "1,2,3"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_q4_0.bin"), 0.2, ["--tokens", "1,2,3"]),
         # SentencePiece-style records (fuzz seeds): merged by score, and by rank with Metaspace; one prompt
         # is a single stretch, the other is cut by a user-defined token
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_sentencepiece_tokenizer_f32.bin"), 0.35,

@@ -8,12 +8,14 @@
 - Other builds of the kernels: AVX2 (on a CPU that has it) and the portable C kernels built for this CPU
   (KERNELS=portable, fused multiply-add available) give the default build's bits; the fully portable build
   (PORTABLE=1, plain x86-64 without FMA) rounds a*b+c twice, so it is held to PORTABLE_TOLERANCE on f32/bf16
-  weights, and to Q8_PORTABLE_BOUND on q8_0 weights (a last-bit difference in an activation can round it to
+  weights, and to Q8_PORTABLE_BOUND on q8_0 / q4_0 weights (a last-bit difference in an activation can round it to
   the neighbouring int8 value). make BLAS=1 (cblas_sgemm for f32 prefill) is held to BATCH_TOLERANCE (and
   Q8_PORTABLE_BOUND for q8_0 models, whose f32 matrices BLAS computes).
-- q8_0 (export.py --dtype q8_0): perplexity over the 300 held-out KJV tokens within Q8_PERPLEXITY of the f32
-  export's, and logits within Q8_LOGIT_BOUND of f32 (kjv-5m) or of the reference (fixtures); matrices whose
-  columns do not fill groups of 32 stay f32; the loader rejects a q8_0 tensor with such columns.
+- q8_0 and q4_0 (export.py --dtype): perplexity over the 300 held-out KJV tokens and logits near the f32
+  export's, fixtures' logits near the reference (QUANTIZED); --batch bit-identical to --batch 1; matrices whose
+  columns do not fill their groups fall back (q4_0 -> q8_0 -> f32); the loader rejects a tensor with such
+  columns, or without its scales. Where the CPU has AMX, prefill on the tiles (the default) and on the AVX-512
+  kernels (ATTN_NO_AMX=1) give the same bits.
 Errors are max |delta| relative to max(1, max |ref|) (harness.relative_error)."""
 import json
 import os
@@ -31,8 +33,10 @@ BATCHES = [2, 3, 7, 16, 17, 33, 64, 80, 128]   # 80 is the fixtures' whole promp
 BATCH_TOLERANCE = 1e-5
 PORTABLE_TOLERANCE = 1e-5
 Q8_PORTABLE_BOUND = 3e-2
-Q8_PERPLEXITY = 0.01       # |ppl(q8_0) / ppl(f32) - 1|
-Q8_LOGIT_BOUND = 5e-2      # measured: 1.8e-2 on kjv-5m, 2e-2 .. 4.2e-2 on the (tiny, random) fixtures
+# dtype: (bound on |ppl / ppl(f32) - 1| on kjv-5m, on its logits' error against f32, on the fixtures' against the
+# reference). Measured, q8_0: -0.04%, 2.0e-2, 2.1e-2 .. 4.2e-2; q4_0: +0.11%, 1.2e-1, 0.23 .. 0.45 (the fixtures'
+# random weights use the 16 levels less well than trained ones)
+QUANTIZED = {"q8_0": (0.01, 5e-2, 5e-2), "q4_0": (0.02, 0.2, 0.6)}
 
 
 def build(t, name, *make_args):
@@ -46,13 +50,20 @@ def build(t, name, *make_args):
     return exe
 
 
-def logits_with(t, exe, model, ids, *extra):
-    """t.logits() through another build of ./run."""
+def logits_with(t, exe, model, ids, *extra, env=None):
+    """t.logits() through another build of ./run (with these environment variables set)."""
     saved, t.run_bin = t.run_bin, exe
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         return t.logits(model, ids, *extra)
     finally:
         t.run_bin = saved
+        for k, v in saved_env.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def cpu_flags():
@@ -96,6 +107,30 @@ def check_batches(t, label, model, ids, batches, batch1):
             f"errors {errs}")
 
 
+def check_quantized(t, dtype, ppl_bound, logit_bound, fixture_bound, kjv_src, kjv_f32, kjv_ids, fixture_models, batch1):
+    """kjv-5m's perplexity and logits in dtype against f32, --batch against --batch 1, and every fixture's logits
+    against the reference; returns {label: (model path, ids)}."""
+    out = {}
+    if kjv_src:
+        model = t.export(os.path.dirname(kjv_src), f"kjv-5m-{dtype}.bin", "--bf16-rope", "--dtype", dtype)
+        f32, q = t.logits(kjv_f32, kjv_ids), t.logits(model, kjv_ids)
+        p32, pq = reference_ppl(f32, kjv_ids), reference_ppl(q, kjv_ids)
+        t.check(f"{dtype}: kjv-5m perplexity {pq:.4f} vs f32 {p32:.4f} ({100 * (pq / p32 - 1):+.2f}%, bound "
+                f"{100 * ppl_bound:.0f}%)", abs(pq / p32 - 1) <= ppl_bound)
+        err = relative_error(q, f32)
+        t.check(f"{dtype}: kjv-5m logits within {logit_bound} of f32 (max rel err {err:.1e})", err <= logit_bound)
+        check_batches(t, f"kjv-5m {dtype}", model, kjv_ids, [7, 64, 300], batch1)
+        out["kjv-5m"] = (model, kjv_ids)
+    worst = 0.0
+    for name in FIXTURES:
+        src = os.path.join(t.data, "fixtures", name)
+        out[name] = (t.export(src, f"{name}-{dtype}.bin", "--dtype", dtype), fixture_models[name][1])
+        worst = max(worst, relative_error(t.logits(out[name][0], out[name][1]), np.load(os.path.join(src, "ref_logits.npy"))))
+    t.check(f"{dtype}: every fixture's logits within {fixture_bound} of the reference (worst {worst:.1e})",
+            worst <= fixture_bound)
+    return out
+
+
 def run(t):
     fixture_models, batch1 = {}, {}  # batch1: model path -> its --batch 1 logits
     for name in FIXTURES:
@@ -112,52 +147,62 @@ def run(t):
     same = all(np.array_equal(t.logits(kjv, kjv_ids, "--batch", "1", "--threads", n), ref) for n in (2, 3, 2))
     t.check("kjv-5m: --threads 1, 2, 3 give bit-identical logits (--batch 1; at most one thread per core)", same)
 
-    # q8_0 against f32 on the KJV held-out tokens (perplexity, logits), and on the fixtures
-    src = t.shared_file("models/kjv-5m/model.safetensors", "q8_0: kjv-5m perplexity within 1% of f32")
-    kjv_q8 = None
-    if src:
-        kjv_f32 = t.export(os.path.dirname(src), "kjv-5m-f32.bin", "--bf16-rope", "--dtype", "f32")
-        kjv_q8 = t.export(os.path.dirname(src), "kjv-5m-q8_0.bin", "--bf16-rope", "--dtype", "q8_0")
-        f32, q8 = t.logits(kjv_f32, kjv_ids), t.logits(kjv_q8, kjv_ids)
-        p32, p8 = reference_ppl(f32, kjv_ids), reference_ppl(q8, kjv_ids)
-        t.check(f"q8_0: kjv-5m perplexity {p8:.4f} vs f32 {p32:.4f} ({100 * (p8 / p32 - 1):+.2f}%, bound "
-                f"{100 * Q8_PERPLEXITY:.0f}%)", abs(p8 / p32 - 1) <= Q8_PERPLEXITY)
-        err = relative_error(q8, f32)
-        t.check(f"q8_0: kjv-5m logits within {Q8_LOGIT_BOUND} of f32 (max rel err {err:.1e})", err <= Q8_LOGIT_BOUND)
-        check_batches(t, "kjv-5m q8_0", kjv_q8, kjv_ids, [7, 64, 300], batch1)
-
-    worst, fixture_q8 = 0.0, {}
-    for name in FIXTURES:
-        src = os.path.join(t.data, "fixtures", name)
-        fixture_q8[name] = t.export(src, f"{name}-q8_0.bin", "--dtype", "q8_0")
-        worst = max(worst, relative_error(t.logits(fixture_q8[name], fixture_models[name][1]),
-                                          np.load(os.path.join(src, "ref_logits.npy"))))
-    t.check(f"q8_0: every fixture's logits within {Q8_LOGIT_BOUND} of the reference (worst {worst:.1e})",
-            worst <= Q8_LOGIT_BOUND)
-    records = tensor_records(fixture_q8["llama_gqa"])
+    # q8_0 and q4_0 against f32 on the KJV held-out tokens (perplexity, logits), and on the fixtures
+    src = t.shared_file("models/kjv-5m/model.safetensors", "q8_0, q4_0: kjv-5m perplexity near f32's")
+    kjv_f32 = t.export(os.path.dirname(src), "kjv-5m-f32.bin", "--bf16-rope", "--dtype", "f32") if src else None
+    quantized = {}  # dtype -> {model label: (path, ids)}
+    for dtype, (ppl_bound, logit_bound, fixture_bound) in QUANTIZED.items():
+        quantized[dtype] = check_quantized(t, dtype, ppl_bound, logit_bound, fixture_bound, src, kjv_f32, kjv_ids,
+                                           fixture_models, batch1)
+    records = tensor_records(quantized["q8_0"]["llama_gqa"][0])
     t.check("q8_0: matrices with 64 columns are q8_0, w_down's 176 columns stay f32, vectors f32",
             records["layers.0.attn.wq"][1] == 3 and records["layers.0.ffn.w_down"][1] == 0 and records["layers.0.mixer_norm"][1] == 0
             and records["layers.0.attn.wq"][3] == 64 * 64 + 64 * 2 * 2)
+    q4_records = tensor_records(quantized["q4_0"]["qwen3_mixed"][0])
+    t.check("q4_0: matrices with 64 columns are q4_0 (half a byte a weight, then the scales), 32 more columns "
+            "make q8_0, vectors f32",
+            q4_records["layers.0.attn.wq"][1] == 4 and q4_records["layers.0.attn.wq"][3] == 128 * 64 // 2 + 128 * 2 * 2
+            and all(rec[1] in (0, 3, 4) for rec in q4_records.values()))
 
-    # the loader checks q8_0 shapes and sizes
-    rec, _, _, nbytes = records["layers.0.ffn.w_down"]
-    bad = patched(t, fixture_q8["llama_gqa"], "q8_cols.bin", [(rec + 80, "<I", 3)])
-    r = t.run([bad, "--tokens", "1,2", "-n", "0"])
-    err = r.stderr.decode(errors="replace")
-    t.check("q8_0: the loader rejects a q8_0 tensor whose columns are not a multiple of 32",
-            r.returncode == 1 and err.startswith("error: ") and "multiple of 32" in err and err.count("\n") == 1, err)
+    # the loader checks q8_0 and q4_0 shapes and sizes
+    for dtype, code, cols, multiple in (("q8_0", 3, 176, 32), ("q4_0", 4, 176, 64)):
+        rec, _, _, nbytes = records["layers.0.ffn.w_down"]
+        bad = patched(t, quantized["q8_0"]["llama_gqa"][0], f"{dtype}_cols.bin", [(rec + 80, "<I", code)])
+        r = t.run([bad, "--tokens", "1,2", "-n", "0"])
+        err = r.stderr.decode(errors="replace")
+        t.check(f"{dtype}: the loader rejects a {dtype} tensor whose {cols} columns are not a multiple of {multiple}",
+                r.returncode == 1 and err.startswith("error: ") and f"multiple of {multiple}" in err and err.count("\n") == 1, err)
     rec, _, _, nbytes = records["layers.0.attn.wq"]
-    bad = patched(t, fixture_q8["llama_gqa"], "q8_size.bin", [(rec + 112, "<Q", 64 * 64)])
+    bad = patched(t, quantized["q8_0"]["llama_gqa"][0], "q8_size.bin", [(rec + 112, "<Q", 64 * 64)])
     r = t.run([bad, "--tokens", "1,2", "-n", "0"])
     err = r.stderr.decode(errors="replace")
     t.check("q8_0: the loader rejects a q8_0 tensor without its scales (nbytes rows*cols)",
             r.returncode == 1 and "bytes, its shape and dtype need" in err, err)
+    rec, _, _, nbytes = q4_records["layers.0.attn.wq"]
+    bad = patched(t, quantized["q4_0"]["qwen3_mixed"][0], "q4_size.bin", [(rec + 112, "<Q", 128 * 64 // 2)])
+    r = t.run([bad, "--tokens", "1,2", "-n", "0"])
+    err = r.stderr.decode(errors="replace")
+    t.check("q4_0: the loader rejects a q4_0 tensor without its scales (nbytes rows*cols/2)",
+            r.returncode == 1 and "bytes, its shape and dtype need" in err, err)
+
+    # prefill on the AMX tiles (where the CPU has them) against the AVX-512 kernels
+    amx = "amx_int8" in cpu_flags() and t.run_bin == os.path.join(t.root, "run")
+    if amx:
+        worst = 0.0
+        for dtype, models_of in quantized.items():
+            for label, (model, ids) in models_of.items():
+                if label in ("kjv-5m", "llama_gqa", "gemma3"):
+                    worst = max(worst, relative_error(logits_with(t, t.run_bin, model, ids, env={"ATTN_NO_AMX": "1"}),
+                                                      t.logits(model, ids)))
+        t.check(f"q8_0, q4_0: prefill on AMX tiles gives the AVX-512 kernels' logits "
+                f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'})", worst == 0.0)
+    else:
+        t.skip("AMX prefill against AVX-512", "no amx_int8 in /proc/cpuinfo (or not the default build)")
 
     # other builds of the kernels
     models = [(n, m, ids) for n, (m, ids) in fixture_models.items()] + [("kjv-5m", kjv, kjv_ids)]
-    q8_models = [(n + " q8_0", fixture_q8[n], fixture_models[n][1]) for n in ("llama_gqa", "gemma3")]
-    if kjv_q8:
-        q8_models.append(("kjv-5m q8_0", kjv_q8, kjv_ids))
+    q8_models = [(f"{n} {dtype}", model, ids) for dtype, models_of in quantized.items() for n, (model, ids) in models_of.items()
+                 if n in ("llama_gqa", "gemma3", "kjv-5m")]
 
     default = {m: batch1[m] if m in batch1 else t.logits(m, ids, "--batch", "1") for _, m, ids in models + q8_models}
 
@@ -165,7 +210,7 @@ def run(t):
         worst = max(relative_error(logits_with(t, exe, m, ids, *extra), default[m]) for _, m, ids in models)
         worst8 = max(relative_error(logits_with(t, exe, m, ids, *extra), default[m]) for _, m, ids in q8_models)
         t.check(f"{label}: logits of the fixtures and kjv-5m within {tolerance:g} of the default build "
-                f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'}), q8_0 models within {q8_tolerance:g} "
+                f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'}), q8_0 / q4_0 models within {q8_tolerance:g} "
                 f"({'bit-identical' if worst8 == 0 else f'{worst8:.1e}'})", worst <= tolerance and worst8 <= q8_tolerance)
 
     exe = build(t, "portable", "PORTABLE=1")
