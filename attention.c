@@ -126,9 +126,9 @@ void attention_cache_init(KVLayer *l, int kv_dim, const AttentionSpec *a) {
 
 static float dot(const float *a, const float *b, int n) { return dot_product(a, b, n); /* SIMD, ops.h */ }
 
-/* out += w * v */
+/* out += w * v  (each element rounded once: a fused multiply-add) */
 static void add_scaled(float *out, float w, const float *v, int n) {
-    for (int i = 0; i < n; i++) out[i] += w * v[i];
+    for (int i = 0; i < n; i++) out[i] = fmaf(w, v[i], out[i]);
 }
 
 /* s_j = softcap(q . k_j * scale): Gemma 2 squashes scores into (-c, c) so no logit can run away */
@@ -234,8 +234,13 @@ void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_
  *   head_h = Attention(q_h, K_kv(h), V_kv(h)),   out = concat(head_0 .. head_{H-1})
  * Every query head attends on its own, through its kv head, over the keys the layer's mask shows it; the
  * heads' outputs sit side by side in out and the output projection (in forward) mixes them.
- * For n tokens at once (a prompt chunk whose keys are all in the cache already), each head does all n
- * tokens in a row, so its slice of the cache stays in the CPU's caches from one token to the next. */
+ *
+ * attention_head above is the formula; attention_layer runs the same arithmetic for every (query, head) --
+ * the same scores, softmax and weighted sum in the same order, so the same bits (tests/unit.c compares
+ * them) -- in the order the memory hierarchy wants: a job takes a range of query heads (those of one kv
+ * head together), and for a tile of up to ATTENTION_QUERY_TILE consecutive queries reads each cached key and
+ * value row once for all of them, instead of once per query and head. The dot products go four keys at a
+ * time (dot_product4: the lane sums of four keys share one tree). */
 typedef struct {
     float *out, *weights;
     const float *q;
@@ -244,19 +249,211 @@ typedef struct {
     const AttentionSpec *a;
 } HeadsJob;
 
-static void attend_heads(void *arg, int first, int end) {
-    const HeadsJob *j = arg;
-    int hd = j->a->head_dim;
-    size_t q_dim = (size_t)j->n_heads * hd;
-    for (int h = first; h < end; h++) {
-        int kv_head = kv_head_of(h, j->n_heads, j->n_kv_heads);
-        float sink = j->a->sink_logits ? j->a->sink_logits[h] : -INFINITY;
-        for (int t = 0; t < j->n_tokens; t++) {
-            float *out = j->out + t * q_dim + (size_t)h * hd;
-            const float *q = j->q + t * q_dim + (size_t)h * hd;
-            if (j->a->kernel == KERNEL_FLASH) attention_head_flash(out, q, j->kv, kv_head, j->pos + t, j->a, sink);
-            else attention_head(out, q, j->kv, kv_head, j->pos + t, j->a, sink, j->weights + (size_t)h * j->weights_stride);
+/* 1 if key position j is one of v's */
+static int is_visible(const VisibleKeys *v, int j) {
+    for (int r = 0; r < v->n_runs; r++) {
+        const KeyRun *k = &v->runs[r];
+        if (k->count > 0 && j >= k->first && j <= k->first + (k->count - 1) * k->step &&
+            (k->step == 1 || (j - k->first) % k->step == 0))
+            return 1;
+    }
+    return 0;
+}
+
+/* Walks key positions in increasing order, up to four at a time */
+typedef struct {
+    VisibleKeys v;
+    int run, i;
+} KeyCursor;
+
+static int next_keys(KeyCursor *c, int keys[4]) {
+    int n = 0;
+    while (n < 4 && c->run < c->v.n_runs) {
+        const KeyRun *k = &c->v.runs[c->run];
+        if (c->i < k->count) keys[n++] = k->first + c->i++ * k->step;
+        else c->run++, c->i = 0;
+    }
+    return n;
+}
+
+/* The keys a tile of queries at positions p0 .. p0+T-1 walks: one query walks its own visible keys; several
+ * walk the span from the first key any of them sees to the last, each skipping those it does not see, when
+ * that span is not much wider than what one of them sees (causal, sliding and chunked masks); otherwise
+ * (strided, fixed) the tile is cut to one query. */
+static VisibleKeys tile_keys(const AttentionSpec *a, int p0, int *T) {
+    VisibleKeys first = visible_keys(a, p0);
+    if (*T == 1) return first;
+    int lo = p0, hi = 0, most = 0;
+    for (int t = 0; t < *T; t++) {
+        VisibleKeys v = visible_keys(a, p0 + t);
+        int n = v.runs[0].count + (v.n_runs > 1 ? v.runs[1].count : 0);
+        for (int r = 0; r < v.n_runs; r++)
+            if (v.runs[r].count > 0) {
+                if (v.runs[r].first < lo) lo = v.runs[r].first;
+                int last = v.runs[r].first + (v.runs[r].count - 1) * v.runs[r].step;
+                if (last + 1 > hi) hi = last + 1;
+            }
+        if (n > most) most = n;
+    }
+    if (hi - lo > 2 * most + 64) {
+        *T = 1;
+        return first;
+    }
+    VisibleKeys span = {1, {{lo, hi - lo, 1}}};
+    return span;
+}
+
+/* A tile: queries t0 .. t0+T-1 of a job, its heads h0 .. h1-1, the keys they walk, and how many of them each
+ * query has seen so far (its place in its row of weights) */
+typedef struct {
+    const HeadsJob *j;
+    int t0, T, h0, h1;
+    VisibleKeys vis[ATTENTION_QUERY_TILE], walk;
+    int seen[ATTENTION_QUERY_TILE];
+} Tile;
+
+/* query t's row of weights for head h: row (t * n_heads + h) of the job's buffer */
+static float *weights_row(const Tile *c, int t, int h) {
+    return c->j->weights + ((size_t)t * c->j->n_heads + h) * (size_t)c->j->weights_stride;
+}
+
+static const float *query_of(const Tile *c, int t, int h) {
+    return c->j->q + ((size_t)(c->t0 + t) * c->j->n_heads + h) * c->j->a->head_dim;
+}
+
+/* which of keys k[0 .. n-1] query t sees, as bits */
+static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
+    unsigned bits = 0;
+    for (int i = 0; i < n; i++) bits |= (unsigned)(c->T == 1 || is_visible(&c->vis[t], k[i])) << i;
+    return bits;
+}
+
+/* the scores of keys k[0 .. n-1] (those of `bits`) for query t, head h, appended to its row */
+static void append_scores(Tile *c, int t, int h, const float *dots, const int *k, int n, unsigned bits) {
+    const AttentionSpec *a = c->j->a;
+    float *w = weights_row(c, t, h) + c->seen[t];
+    (void)k;
+    for (int i = 0, m = 0; i < n; i++)
+        if (bits >> i & 1) w[m++] = softcap(dots[i] * a->scale, a->softcap);
+}
+
+/* Scores four keys at a time: each key row is read once for the tile's queries and heads */
+static void scores_by_four(Tile *c) {
+    const HeadsJob *j = c->j;
+    int hd = j->a->head_dim, keys[4], nk;
+    KeyCursor cur = {c->walk, 0, 0};
+    while ((nk = next_keys(&cur, keys)) > 0) {
+        const float *krow[4];
+        for (int i = 0; i < 4; i++) krow[i] = kvlayer_key(j->kv, keys[i < nk ? i : 0]);
+        for (int t = 0; t < c->T; t++) {
+            unsigned bits = seen_bits(c, t, keys, nk);
+            if (!bits) continue;
+            for (int h = c->h0; h < c->h1; h++) {
+                int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
+                const float *k4[4] = {krow[0] + off, krow[1] + off, krow[2] + off, krow[3] + off};
+                float d[4];
+                dot_product4(d, query_of(c, t, h), k4, hd);
+                append_scores(c, t, h, d, keys, nk, bits);
+            }
+            c->seen[t] += __builtin_popcount(bits);
         }
+    }
+}
+
+/* Scores a block of 16 keys at a time (a tile of queries over a contiguous span, head_dim a multiple of 16):
+ * the block's keys of each kv head are transposed once, then every query and head of the tile takes its 16
+ * dot products from them without summing across a vector (dot_product16) */
+static void scores_by_block(Tile *c) {
+    const HeadsJob *j = c->j;
+    int hd = j->a->head_dim, lo = c->walk.runs[0].first, hi = lo + c->walk.runs[0].count, group = j->n_heads / j->n_kv_heads;
+    float kt[1024 * 16]; /* head_dim <= 1024 (model.c) */
+    for (int k0 = lo; k0 < hi; k0 += 16) {
+        int nk = hi - k0 < 16 ? hi - k0 : 16, keys[16];
+        const float *krow[16];
+        unsigned bits[ATTENTION_QUERY_TILE];
+        for (int i = 0; i < 16; i++) keys[i] = k0 + (i < nk ? i : 0), krow[i] = kvlayer_key(j->kv, keys[i]);
+        for (int t = 0; t < c->T; t++) bits[t] = seen_bits(c, t, keys, nk);
+        for (int g = c->h0 / group; g * group < c->h1; g++) { /* each kv head the tile's heads read */
+            const float *rows[16];
+            for (int i = 0; i < 16; i++) rows[i] = krow[i] + g * hd;
+            transpose_rows16(kt, rows, hd);
+            int h_lo = g * group > c->h0 ? g * group : c->h0, h_hi = (g + 1) * group < c->h1 ? (g + 1) * group : c->h1;
+            for (int h = h_lo; h < h_hi; h++)
+                for (int t = 0; t < c->T; t++) {
+                    if (!bits[t]) continue;
+                    float d[16];
+                    dot_product16(d, query_of(c, t, h), kt, hd);
+                    append_scores(c, t, h, d, keys, nk, bits[t]);
+                }
+        }
+        for (int t = 0; t < c->T; t++) c->seen[t] += __builtin_popcount(bits[t]);
+    }
+}
+
+/* out = sum_j w_j v_j over each query's keys, in its visible order, 16 keys at a time: each value row is read
+ * once for the tile, each output stays in registers while 16 rows go by (add_scaled_rows) */
+static void weighted_sums(Tile *c) {
+    const HeadsJob *j = c->j;
+    int hd = j->a->head_dim, keys[4], nk;
+    for (int t = 0; t < c->T; t++) {
+        for (int h = c->h0; h < c->h1; h++) memset(j->out + (query_of(c, t, h) - j->q), 0, (size_t)hd * sizeof(float));
+        c->seen[t] = 0;
+    }
+    KeyCursor cur = {c->walk, 0, 0};
+    for (;;) {
+        const float *vrow[16];
+        int chunk[16], n = 0;
+        while (n < 16 && (nk = next_keys(&cur, keys)) > 0)
+            for (int i = 0; i < nk; i++) chunk[n] = keys[i], vrow[n++] = kvlayer_value(j->kv, keys[i]);
+        if (n == 0) break;
+        for (int t = 0; t < c->T; t++) {
+            unsigned bits = seen_bits(c, t, chunk, n);
+            const float *mine[16];
+            int m = 0;
+            for (int i = 0; i < n; i++)
+                if (bits >> i & 1) mine[m++] = vrow[i];
+            for (int h = c->h0; h < c->h1; h++) {
+                const float *rows_h[16];
+                int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
+                for (int i = 0; i < m; i++) rows_h[i] = mine[i] + off;
+                add_scaled_rows(j->out + (query_of(c, t, h) - j->q), weights_row(c, t, h) + c->seen[t], rows_h, m, hd);
+            }
+            c->seen[t] += m;
+        }
+    }
+}
+
+/* queries t0 .. t0+T-1 of the job (or fewer: tile_keys), heads h0 .. h1-1: scores, softmax, weighted sums,
+ * each (query, head) as attention_head. Returns the number of queries done. */
+static int naive_tile(const HeadsJob *j, int t0, int T, int h0, int h1) {
+    Tile c = {j, t0, T, h0, h1, {{0}}, {0}, {0}};
+    for (int t = 0; t < T; t++) c.vis[t] = visible_keys(j->a, j->pos + t0 + t);
+    c.walk = tile_keys(j->a, j->pos + t0, &c.T);
+    if (c.T > 1 && j->a->head_dim % 16 == 0) scores_by_block(&c);
+    else scores_by_four(&c);
+    for (int t = 0; t < c.T; t++)
+        for (int h = h0; h < h1; h++)
+            softmax_with_sink(weights_row(&c, t, h), c.seen[t], j->a->sink_logits ? j->a->sink_logits[h] : -INFINITY);
+    weighted_sums(&c);
+    return c.T;
+}
+
+static void attend_heads(void *arg, int h0, int h1) {
+    const HeadsJob *j = arg;
+    if (j->a->kernel == KERNEL_FLASH) {
+        int hd = j->a->head_dim;
+        size_t q_dim = (size_t)j->n_heads * hd;
+        for (int h = h0; h < h1; h++) {
+            float sink = j->a->sink_logits ? j->a->sink_logits[h] : -INFINITY;
+            for (int t = 0; t < j->n_tokens; t++)
+                attention_head_flash(j->out + t * q_dim + (size_t)h * hd, j->q + t * q_dim + (size_t)h * hd, j->kv,
+                                     kv_head_of(h, j->n_heads, j->n_kv_heads), j->pos + t, j->a, sink);
+        }
+        return;
+    }
+    for (int t0 = 0; t0 < j->n_tokens;) {
+        int T = j->n_tokens - t0 < ATTENTION_QUERY_TILE ? j->n_tokens - t0 : ATTENTION_QUERY_TILE;
+        t0 += naive_tile(j, t0, T, h0, h1);
     }
 }
 
@@ -264,7 +461,10 @@ void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads,
                      int n_tokens, const AttentionSpec *a, float *weights, int weights_stride) {
     HeadsJob job = {out, weights, q, kv, n_heads, n_kv_heads, pos, n_tokens, weights_stride, a};
     long long work = 2LL * n_heads * n_tokens * visible_count(a, pos + n_tokens - 1) * a->head_dim;
-    parallel_for(n_heads, 1, work, attend_heads, &job); /* ops.h */
+    /* a job takes whole kv groups while that leaves two jobs per thread; the split changes no result */
+    int group = n_heads / n_kv_heads, threads = parallel_threads(), grain = group;
+    while (grain > 1 && n_heads / grain < 2 * threads) grain = (grain + 1) / 2;
+    parallel_for(n_heads, grain, work, attend_heads, &job); /* ops.h */
 }
 
 void weights_by_position(float *row, const float *weights, const AttentionSpec *a, int pos) {

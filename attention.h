@@ -72,8 +72,9 @@ void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_
 
 /* All query heads of n_tokens tokens at positions pos .. pos + n_tokens - 1, whose keys and values are in
  * the cache: q[n_tokens][n_heads][head_dim] -> out[n_tokens][n_heads][head_dim], with the spec's kernel.
- * weights: n_heads rows of weights_stride floats (naive kernel; row h holds head h's weights of the last
- * token after). */
+ * weights (naive kernel): n_heads * min(n_tokens, ATTENTION_QUERY_TILE) rows of weights_stride floats; for
+ * one token, row h holds head h's weights after. */
+#define ATTENTION_QUERY_TILE 16
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
                      int n_tokens, const AttentionSpec *a, float *weights, int weights_stride);
 

@@ -64,6 +64,14 @@
 #define TOKENS_PER_TILE 6      /* f32 / f16 / bf16 tiles: 4 rows x up to 6 tokens */
 #define Q8_TOKENS_PER_TILE 3   /* q8_0 tiles: 4 rows x up to 3 tokens */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* a*b+c rounded once where the target has a fused multiply-add (FP_FAST_FMAF: aarch64, x86 with -mfma), as the
+ * SIMD kernels do; elsewhere (plain x86-64) rounded twice, and the last bits differ */
+#ifdef FP_FAST_FMAF
+#define MULTIPLY_ADD(a, b, c) fmaf(a, b, c)
+#else
+#define MULTIPLY_ADD(a, b, c) ((a) * (b) + (c))
+#endif
+
 
 /* ---------------------------------------------------------------------------------------------
  * q8_0 activations: x[n][cols] quantized per group of 32, in a scratch buffer shared by all threads */
@@ -270,6 +278,83 @@ float dot_product(const float *a, const float *b, int n) {
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
     __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))); /* the tree of lane_sum4 */
+}
+
+void dot_product4(float out[4], const float *a, const float *const b[4], int n) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int k = 0;
+    for (; k + LANES <= n; k += LANES) {
+        __m512 av = _mm512_loadu_ps(a + k);
+        for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(av, _mm512_loadu_ps(b[i] + k), acc[i]);
+    }
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+        __m512 av = _mm512_maskz_loadu_ps(m, a + k);
+        for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, b[i] + k), acc[i]);
+    }
+    store4(out, lane_sum4(acc[0], acc[1], acc[2], acc[3]));
+}
+
+/* r[i] <- column i of the 16 x 16 block r, except that columns 1 and 2 of each 4 come out swapped */
+ALWAYS_INLINE void transpose16x16(__m512 r[16]) {
+    __m512 t[16], u[16], v[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 2; j++) {
+            __m512d a = _mm512_castps_pd(t[4 * i + j]), b = _mm512_castps_pd(t[4 * i + 2 + j]);
+            u[4 * i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            u[4 * i + 2 + j] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            v[8 * i + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+            v[8 * i + 4 + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0xDD);
+    }
+}
+
+void transpose_rows16(float *kt, const float *const rows[16], int len) {
+    static const int column[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+    for (int c = 0; c < len; c += LANES) {
+        __m512 r[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(rows[i] + c);
+        transpose16x16(r);
+        for (int i = 0; i < 16; i++) _mm512_storeu_ps(kt + (size_t)(c + column[i]) * LANES, r[i]);
+    }
+}
+
+void dot_product16(float out[16], const float *q, const float *kt, int len) {
+    __m512 acc[16];
+    for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
+    for (int c = 0; c < len; c += LANES)
+        for (int l = 0; l < 16; l++)
+            acc[l] = _mm512_fmadd_ps(_mm512_set1_ps(q[c + l]), _mm512_loadu_ps(kt + (size_t)(c + l) * LANES), acc[l]);
+    for (int l = 0; l < 8; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 8]); /* lane_sum16's tree, key by key */
+    for (int l = 0; l < 4; l++) acc[l] = _mm512_add_ps(acc[l], acc[l + 4]);
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3])));
+}
+
+void add_scaled_rows(float *out, const float *w, const float *const *rows, int n, int len) {
+    for (int d = 0; d < len; d += 4 * LANES) { /* 64 columns in registers while the rows go by */
+        __mmask16 m[4];
+        __m512 acc[4];
+        for (int c = 0; c < 4; c++) {
+            int left = len - d - c * LANES;
+            m[c] = left >= LANES ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            acc[c] = _mm512_maskz_loadu_ps(m[c], out + d + c * LANES);
+        }
+        for (int i = 0; i < n; i++) {
+            __m512 wi = _mm512_set1_ps(w[i]);
+            for (int c = 0; c < 4; c++) acc[c] = _mm512_fmadd_ps(wi, _mm512_maskz_loadu_ps(m[c], rows[i] + d + c * LANES), acc[c]);
+        }
+        for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out + d + c * LANES, m[c], acc[c]);
+    }
 }
 
 /* One token's groups (quantize_group, with the same bits): the largest |x| of each group, then x * 127 / amax
@@ -652,11 +737,6 @@ ALWAYS_INLINE void tile_quant(DType d, int T, const void *const w[4], const uint
  * x86 with -mfma) it is used and the results are the SIMD kernels' bit for bit; elsewhere (plain x86-64)
  * a*b+c is rounded twice and the last bits differ. */
 
-#ifdef FP_FAST_FMAF
-#define MULTIPLY_ADD(a, b, c) fmaf(a, b, c)
-#else
-#define MULTIPLY_ADD(a, b, c) ((a) * (b) + (c))
-#endif
 
 static float weight_at(DType d, const void *row, int k) {
     if (d == DTYPE_F32) return ((const float *)row)[k];
@@ -709,6 +789,33 @@ static void tile_quant(DType d, int T, const void *const w[4], const uint16_t *c
     }
 }
 #define COLUMN_BLOCK (1 << 30)
+#endif
+
+#if !defined(KERNELS_AVX512)
+/* ---------------------------------------------------------------------------------------------
+ * attention's helpers (attention.c), in C: the same bits as dot_product and add_scaled */
+
+void dot_product4(float out[4], const float *a, const float *const b[4], int n) {
+    for (int i = 0; i < 4; i++) out[i] = dot_product(a, b[i], n);
+}
+
+void add_scaled_rows(float *out, const float *w, const float *const *rows, int n, int len) {
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < len; k++) out[k] = fmaf(w[i], rows[i][k], out[k]);
+}
+
+void transpose_rows16(float *kt, const float *const rows[16], int len) {
+    for (int d = 0; d < len; d++)
+        for (int i = 0; i < 16; i++) kt[(size_t)d * LANES + i] = rows[i][d];
+}
+
+void dot_product16(float out[16], const float *q, const float *kt, int len) {
+    for (int i = 0; i < 16; i++) {
+        float acc[LANES] = {0};
+        for (int d = 0; d < len; d++) acc[d % LANES] = MULTIPLY_ADD(q[d], kt[(size_t)d * LANES + i], acc[d % LANES]);
+        out[i] = lane_sum16(acc);
+    }
+}
 #endif
 
 /* ---------------------------------------------------------------------------------------------

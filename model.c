@@ -769,8 +769,9 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->v = malloc(T * kv_dim * sizeof(float));
     s->hb = malloc(T * hidden * sizeof(float));
     s->hb2 = malloc(T * hidden * sizeof(float));
-    s->scores_heads = heads;
-    s->scores = malloc((size_t)heads * s->scores_stride * sizeof(float));
+    /* a row per query head and token of a tile of queries (attention_layer) */
+    s->scores_heads = heads * (max_tokens < ATTENTION_QUERY_TILE ? max_tokens : ATTENTION_QUERY_TILE);
+    s->scores = malloc((size_t)s->scores_heads * s->scores_stride * sizeof(float));
     s->logits = malloc(T * c->vocab_size * sizeof(float));
     s->kv.n_layers = c->n_layers;
     s->kv.layers = calloc((size_t)c->n_layers, sizeof *s->kv.layers);

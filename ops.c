@@ -144,9 +144,22 @@ static inline float exp_f32(float x) {
     return x < -87.3f ? 0.0f : x == x ? p * scale : x;
 }
 
+/* The largest of start, x[0 .. n-1], NaNs passed over (unless start is one), in 16 lanes so that it vectorises:
+ * the same value as one running maximum */
+static float max_of(const float *x, int n, float start) {
+    float lanes[16];
+    for (int l = 0; l < 16; l++) lanes[l] = start;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+    for (; i < n; i++) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
+    float max = lanes[0];
+    for (int l = 1; l < 16; l++) max = lanes[l] > max ? lanes[l] : max;
+    return max;
+}
+
 void softmax(float *x, int n) {
-    float max = x[0];
-    for (int i = 1; i < n; i++) max = x[i] > max ? x[i] : max;
+    float max = max_of(x, n, x[0]);
     for (int i = 0; i < n; i++) x[i] = exp_f32(x[i] - max);
     float lanes[16] = {0}; /* the sum in 16 lanes and a fixed tree, as the matmuls sum: vectorises */
     int i = 0;
@@ -162,8 +175,7 @@ void softmax_with_sink(float *x, int n, float sink) {
         softmax(x, n);
         return;
     }
-    float max = sink;
-    for (int i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
+    float max = max_of(x, n, sink);
     for (int i = 0; i < n; i++) x[i] = exp_f32(x[i] - max);
     float lanes[16] = {0};
     int i = 0;

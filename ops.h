@@ -79,6 +79,15 @@ int parallel_threads(void);
 
 /* a . b over n floats, vectorised (the same 16-lane order as matmul: results do not depend on the build) */
 float dot_product(const float *a, const float *b, int n);
+/* out[i] = dot_product(a, b[i], n) for i < 4, with its bits (AVX-512: the four sums share one lane tree) */
+void dot_product4(float out[4], const float *a, const float *const b[4], int n);
+/* kt[d][i] = rows[i][d]: 16 rows of len floats (len a multiple of 16) transposed, for dot_product16 */
+void transpose_rows16(float *kt, const float *const rows[16], int len);
+/* out[i] = dot_product(a, row i, len) for the 16 rows transposed in kt, with dot_product's bits: one vector
+ * of 16 keys' sums per lane, no sum across a vector until the tree (a tile of queries shares one kt) */
+void dot_product16(float out[16], const float *q, const float *kt, int len);
+/* out[k] = fmaf(w[i], rows[i][k], out[k]) for i = 0 .. n-1 in turn (attention's weighted sum of value rows) */
+void add_scaled_rows(float *out, const float *w, const float *const *rows, int n, int len);
 /* The fixed summation tree over 16 lanes that every sum uses: (l, l+8), then (l, l+4), (l, l+2), (l, l+1).
  * Adds into a. */
 static inline float lane_sum16(float a[16]) {

@@ -225,7 +225,7 @@ static void test_attention(void) {
         float *keys = malloc(sizeof(float) * (size_t)n_pos * kv_dim), *vals = malloc(sizeof(float) * (size_t)n_pos * kv_dim);
         float *q = malloc(sizeof(float) * (size_t)H * head_dim), *out = malloc(sizeof(float) * (size_t)H * head_dim);
         float *flash = malloc(sizeof(float) * (size_t)H * head_dim);
-        float *scores = malloc(sizeof(float) * (size_t)H * n_pos), ref[64];
+        float *scores = malloc(sizeof(float) * (size_t)H * ATTENTION_QUERY_TILE * n_pos), ref[64];
         for (int i = 0; i < n_pos * kv_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
         float sink_logits[8];
         for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
@@ -236,7 +236,7 @@ static void test_attention(void) {
         KVLayer l;
         attention_cache_init(&l, kv_dim, &spec);
         double worst = 0.0, worst_flash = 0.0;
-        int counts_ok = 1, most = 0;
+        int counts_ok = 1, most = 0, readable = 1;
         for (int pos = 0; pos < n_pos; pos++) {
             kvlayer_store(&l, pos, keys + (size_t)pos * kv_dim, vals + (size_t)pos * kv_dim);
             for (int i = 0; i < H * head_dim; i++) q[i] = frand();
@@ -246,6 +246,13 @@ static void test_attention(void) {
             for (int j = 0; j <= pos; j++) visible += reference_visible(spec.mask, spec.span, spec.n_sinks, pos, j);
             counts_ok &= visible == visible_count(&spec, pos);
             if (visible > most) most = visible;
+            for (int h = 0; h < H; h++) { /* attention_layer's fast path against the formula as written */
+                float one[64], sink = spec.sink_logits ? spec.sink_logits[h] : -INFINITY;
+                attention_head(one, q + h * head_dim, &l, h / (H / KV), pos, &spec, sink, scores + (size_t)H * n_pos);
+                readable &= !memcmp(one, out + h * head_dim, sizeof(float) * head_dim);
+                attention_head_flash(one, q + h * head_dim, &l, h / (H / KV), pos, &spec, sink);
+                readable &= !memcmp(one, flash + h * head_dim, sizeof(float) * head_dim);
+            }
             for (int h = 0; h < H; h++) {
                 int kvh = h / (H / KV);
                 reference_attention(ref, q + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim, n_pos, pos,
@@ -262,6 +269,8 @@ static void test_attention(void) {
               cases[c].name, n_pos, worst);
         check(worst_flash < 1e-5, "attention %s: flash kernel equals the full-matrix formula (max |d| %.1e)",
               cases[c].name, worst_flash);
+        check(readable, "attention %s: attention_layer gives attention_head's and attention_head_flash's bits "
+              "(the fast paths against the formulas as written)", cases[c].name);
         check(counts_ok && most_visible(&spec, n_pos) == most,
               "attention %s: visible_count and most_visible agree with the mask's definition", cases[c].name);
         if (kvlayer_keeps_every_position(&l)) { /* a prompt chunk: every key cached first, then all tokens at once */
