@@ -172,20 +172,20 @@ typedef struct {
  * Rescaling by e^(m - m') is what lets the max change without revisiting earlier tiles. */
 static void online_softmax_tile(float *acc, OnlineSoftmax *st, const float *scores, const float *const *values,
                                 int n, int hd) {
-    float tile_max = scores[0];
+    float tile_max = scores[0], p[KV_BLOCK_TOKENS];
     for (int t = 1; t < n; t++)
         if (scores[t] > tile_max) tile_max = scores[t];
     if (tile_max > st->max) {
-        float rescale = expf(st->max - tile_max); /* 0 before the first tile (max = -inf) */
+        float rescale = exp_f32(st->max - tile_max); /* 0 before the first tile (max = -inf) */
         st->sum *= rescale;
         for (int i = 0; i < hd; i++) acc[i] *= rescale;
         st->max = tile_max;
     }
     for (int t = 0; t < n; t++) {
-        float p = expf(scores[t] - st->max);
-        st->sum += p;
-        add_scaled(acc, p, values[t], hd);
+        p[t] = exp_f32(scores[t] - st->max);
+        st->sum += p[t];
     }
+    add_scaled_rows(acc, p, values, n, hd); /* acc += p_t v_t for each t in turn: add_scaled's bits (ops.h) */
 }
 
 /* Nothing seen yet: max -inf, sum 0. A learned sink starts the state as one score already seen that carries
@@ -321,6 +321,10 @@ static const float *query_of(const Tile *c, int t, int h) {
     return c->j->q + ((size_t)(c->t0 + t) * c->j->n_heads + h) * c->j->a->head_dim;
 }
 
+static float *output_of(const Tile *c, int t, int h) {
+    return c->j->out + ((size_t)(c->t0 + t) * c->j->n_heads + h) * c->j->a->head_dim;
+}
+
 /* which of keys k[0 .. n-1] query t sees, as bits */
 static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
     unsigned bits = 0;
@@ -396,7 +400,7 @@ static void weighted_sums(Tile *c) {
     const HeadsJob *j = c->j;
     int hd = j->a->head_dim, keys[4], nk;
     for (int t = 0; t < c->T; t++) {
-        for (int h = c->h0; h < c->h1; h++) memset(j->out + (query_of(c, t, h) - j->q), 0, (size_t)hd * sizeof(float));
+        for (int h = c->h0; h < c->h1; h++) memset(output_of(c, t, h), 0, (size_t)hd * sizeof(float));
         c->seen[t] = 0;
     }
     KeyCursor cur = {c->walk, 0, 0};
@@ -416,7 +420,7 @@ static void weighted_sums(Tile *c) {
                 const float *rows_h[16];
                 int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
                 for (int i = 0; i < m; i++) rows_h[i] = mine[i] + off;
-                add_scaled_rows(j->out + (query_of(c, t, h) - j->q), weights_row(c, t, h) + c->seen[t], rows_h, m, hd);
+                add_scaled_rows(output_of(c, t, h), weights_row(c, t, h) + c->seen[t], rows_h, m, hd);
             }
             c->seen[t] += m;
         }
@@ -438,22 +442,84 @@ static int naive_tile(const HeadsJob *j, int t0, int T, int h0, int h1) {
     return c.T;
 }
 
+/* The next tile of the flash kernel's walk: the keys (up to 16) that share a cache block, as
+ * attention_head_flash cuts them; for a tile of queries over a paged cache (slot = position), the blocks of 16
+ * positions. Returns how many. */
+static int next_flash_tile(const Tile *c, KeyCursor *cur, int keys[16], int *pending, int *n_pending) {
+    int n = 0, block = -1;
+    for (;;) {
+        if (*n_pending == 0 && (*n_pending = next_keys(cur, pending)) == 0) return n;
+        int k = pending[0], b = kvlayer_slot_of(c->j->kv, k) / KV_BLOCK_TOKENS;
+        if (n > 0 && (b != block || n == 16)) return n;
+        block = b;
+        keys[n++] = k;
+        for (int i = 1; i < *n_pending; i++) pending[i - 1] = pending[i];
+        (*n_pending)--;
+    }
+}
+
+/* The flash kernel for a tile of queries and up to 8 heads of one kv head: each tile of keys is scored for
+ * all of them (as scores_by_four / scores_by_block), then folded into each (query, head)'s online softmax by
+ * online_softmax_tile, the function attention_head_flash calls on the same tiles: its bits. */
+static int flash_tile(const HeadsJob *j, int t0, int T, int h0, int h1) {
+    Tile c = {j, t0, T, h0, h1, {{0}}, {0}, {0}};
+    const AttentionSpec *a = j->a;
+    int hd = a->head_dim, n_heads = j->n_heads;
+    for (int t = 0; t < T; t++) c.vis[t] = visible_keys(a, j->pos + t0 + t);
+    c.walk = tile_keys(a, j->pos + t0, &c.T);
+    if (!kvlayer_keeps_every_position(j->kv)) c.T = 1, c.walk = c.vis[0];
+    OnlineSoftmax st[ATTENTION_QUERY_TILE][8];
+    for (int t = 0; t < c.T; t++)
+        for (int h = h0; h < h1; h++)
+            st[t][h - h0] = online_softmax_start(output_of(&c, t, h), hd,
+                                                 a->sink_logits ? a->sink_logits[h] : -INFINITY);
+    int off = kv_head_of(h0, n_heads, j->n_kv_heads) * hd, keys[16], pending[4], n_pending = 0, nk;
+    float kt[1024 * 16], scores[16];
+    KeyCursor cur = {c.walk, 0, 0};
+    while ((nk = next_flash_tile(&c, &cur, keys, pending, &n_pending)) > 0) {
+        const float *krow[16], *vrow[16];
+        for (int i = 0; i < 16; i++)
+            krow[i] = kvlayer_key(j->kv, keys[i < nk ? i : 0]) + off, vrow[i] = kvlayer_value(j->kv, keys[i < nk ? i : 0]) + off;
+        int by_block = c.T > 1 && hd % 16 == 0;
+        if (by_block) transpose_rows16(kt, krow, hd);
+        for (int t = 0; t < c.T; t++) {
+            unsigned bits = seen_bits(&c, t, keys, nk);
+            if (!bits) continue;
+            const float *values[16];
+            int m = 0;
+            for (int i = 0; i < nk; i++)
+                if (bits >> i & 1) values[m++] = vrow[i];
+            for (int h = h0; h < h1; h++) {
+                float d[16];
+                if (by_block) dot_product16(d, query_of(&c, t, h), kt, hd);
+                else
+                    for (int i = 0; i < nk; i += 4) dot_product4(d + i, query_of(&c, t, h), krow + i, hd);
+                for (int i = 0, k = 0; i < nk; i++)
+                    if (bits >> i & 1) scores[k++] = softcap(d[i] * a->scale, a->softcap);
+                online_softmax_tile(output_of(&c, t, h), &st[t][h - h0], scores, values, m, hd);
+            }
+        }
+    }
+    for (int t = 0; t < c.T; t++)
+        for (int h = h0; h < h1; h++) online_softmax_finish(output_of(&c, t, h), &st[t][h - h0], hd);
+    return c.T;
+}
+
 static void attend_heads(void *arg, int h0, int h1) {
     const HeadsJob *j = arg;
-    if (j->a->kernel == KERNEL_FLASH) {
-        int hd = j->a->head_dim;
-        size_t q_dim = (size_t)j->n_heads * hd;
-        for (int h = h0; h < h1; h++) {
-            float sink = j->a->sink_logits ? j->a->sink_logits[h] : -INFINITY;
-            for (int t = 0; t < j->n_tokens; t++)
-                attention_head_flash(j->out + t * q_dim + (size_t)h * hd, j->q + t * q_dim + (size_t)h * hd, j->kv,
-                                     kv_head_of(h, j->n_heads, j->n_kv_heads), j->pos + t, j->a, sink);
-        }
-        return;
-    }
+    int group = j->n_heads / j->n_kv_heads;
     for (int t0 = 0; t0 < j->n_tokens;) {
-        int T = j->n_tokens - t0 < ATTENTION_QUERY_TILE ? j->n_tokens - t0 : ATTENTION_QUERY_TILE;
-        t0 += naive_tile(j, t0, T, h0, h1);
+        int T = j->n_tokens - t0 < ATTENTION_QUERY_TILE ? j->n_tokens - t0 : ATTENTION_QUERY_TILE, done = T;
+        if (j->a->kernel == KERNEL_FLASH) /* up to 8 heads of one kv head at a time */
+            for (int h = h0; h < h1;) {
+                int end = (h / group + 1) * group;
+                end = end < h1 ? end : h1;
+                end = end - h > 8 ? h + 8 : end;
+                done = flash_tile(j, t0, T, h, end);
+                h = end;
+            }
+        else done = naive_tile(j, t0, T, h0, h1);
+        t0 += done;
     }
 }
 

@@ -126,7 +126,7 @@ void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, 
  * e^r by its Taylor polynomial (Cephes' expf coefficients) and 2^n put into the exponent bits. Within 2 ulp
  * of expf; 0 below -87.3 (where e^x would be subnormal); NaN stays NaN. The same operations in every
  * build, so the same bits. */
-static inline float exp_f32(float x) {
+float exp_f32(float x) {
     float clamped = x < 88.0f ? x : 88.0f; /* a NaN becomes 88 here (so n converts to int) and is returned below */
     clamped = clamped > -87.3f ? clamped : -87.3f;
     float n = clamped * 1.44269504f + 12582912.0f - 12582912.0f; /* round(x / ln2): 1.5 * 2^23 drops the fraction */

@@ -114,6 +114,8 @@ void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, 
 /* inv_freq[i] = theta^(-2i / rope_dim), i < rope_dim / 2 */
 void rope_frequencies(float *inv_freq, float theta, int rope_dim);
 
+/* e^x without libm, within 2 ulp of expf, the same bits in every build; loops over it vectorise (ops.c) */
+float exp_f32(float x);
 void softmax(float *x, int n);
 /* softmax over x[0..n) and one more logit, the sink, which takes its share of the mass but has no output:
  * x_i <- e^(x_i - m) / (e^(sink - m) + sum_j e^(x_j - m)). sink = -inf is plain softmax. */
