@@ -338,7 +338,7 @@ static void append_scores(Tile *c, int t, int h, const float *dots, const int *k
     float *w = weights_row(c, t, h) + c->seen[t];
     (void)k;
     for (int i = 0, m = 0; i < n; i++)
-        if (bits >> i & 1) w[m++] = softcap(dots[i] * a->scale, a->softcap);
+        if (bits >> i & 1) w[m++] = a->softcap > 0.0f ? softcap(dots[i] * a->scale, a->softcap) : dots[i] * a->scale;
 }
 
 /* Scores four keys at a time: each key row is read once for the tile's queries and heads */
@@ -495,7 +495,7 @@ static int flash_tile(const HeadsJob *j, int t0, int T, int h0, int h1) {
                 else
                     for (int i = 0; i < nk; i += 4) dot_product4(d + i, query_of(&c, t, h), krow + i, hd);
                 for (int i = 0, k = 0; i < nk; i++)
-                    if (bits >> i & 1) scores[k++] = softcap(d[i] * a->scale, a->softcap);
+                    if (bits >> i & 1) scores[k++] = a->softcap > 0.0f ? softcap(d[i] * a->scale, a->softcap) : d[i] * a->scale;
                 online_softmax_tile(output_of(&c, t, h), &st[t][h - h0], scores, values, m, hd);
             }
         }

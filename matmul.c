@@ -48,7 +48,12 @@
 
 /* How far ahead of its reads, in each stream of weights, decode prefetches (a one-token bf16 product over a
  * 49 MB matrix streamed 9 GB/s without, 21-25 GB/s with) */
+#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
 
 #if defined(ATTN_PORTABLE_KERNELS) /* make KERNELS=portable: the C kernels even where SIMD ones would build */
 #elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
@@ -239,7 +244,7 @@ ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, in
         __m512 xv[TOKENS_PER_TILE];
         for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + k);
         if (stream && (size == 4 || k % 32 == 0)) /* the weights come from memory: ask for them early */
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)w[r] + (size_t)k * size + PREFETCH_BYTES, _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)w[r] + (size_t)k * size + PREFETCH_BYTES, PREFETCH_HINT);
         for (int r = 0; r < 4; r++) {
             __m512 wv = load_weights(d, w[r], k, 0xFFFF);
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
@@ -445,8 +450,8 @@ ALWAYS_INLINE void tile_quant(DType d, int T, const void *const w[4], const uint
         for (int r = 0; r < 4; r++) {
             const char *row = (const char *)w[r] + (size_t)g0 / 2 * pair_bytes;
             if (T == 1) { /* decode streams the weights: ask for them early */
-                for (int p = 0; p < pairs; p += 64 / pair_bytes) _mm_prefetch(row + p * pair_bytes + PREFETCH_BYTES, _MM_HINT_T0);
-                _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_BYTES / 16, _MM_HINT_T0);
+                for (int p = 0; p < pairs; p += 64 / pair_bytes) _mm_prefetch(row + p * pair_bytes + PREFETCH_BYTES, PREFETCH_HINT);
+                _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_BYTES / 16, PREFETCH_HINT);
             }
             __m512 wscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, ws[r] + g0));
             __m512i wv[8];
@@ -644,7 +649,7 @@ ALWAYS_INLINE void block_float(DType d, int R, int T, const void *const *w, int 
         }
         if (T == 1) /* decode streams the weights: ask for them early */
             for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)w[r] + (size_t)k * (d == DTYPE_F32 ? 4 : 2) + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)w[r] + (size_t)k * (d == DTYPE_F32 ? 4 : 2) + PREFETCH_BYTES, PREFETCH_HINT);
         for (int r = 0; r < R; r++) {
             __m256 wl = load_weights8(d, w[r], k, left);
             __m256 wh = left > 8 ? load_weights8(d, w[r], k + 8, left - 8) : _mm256_setzero_ps();
@@ -715,7 +720,7 @@ ALWAYS_INLINE void tile_quant(DType d, int T, const void *const w[4], const uint
                         continue;
                     }
                     if (T == 1 && g * group_bytes % 64 == 0)
-                        _mm_prefetch((const char *)w[r] + (size_t)g * group_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+                        _mm_prefetch((const char *)w[r] + (size_t)g * group_bytes + PREFETCH_BYTES, PREFETCH_HINT);
                     v[i] = dot_u8s8_32(load_group(d, w[r], g), _mm256_load_si256((const __m256i *)(xr.q + g * Q8_GROUP)));
                     scale[i] = ws[r][g];
                 }
