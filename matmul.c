@@ -188,18 +188,41 @@ static void vnni_tokens(VnniTokens *v, const QuantizedRow *xq, int n, unsigned c
     }
 }
 
-/* Whether this CPU has AMX-TILE and AMX-INT8 and Linux lets this process use them (XTILEDATA permission). */
-static int amx_usable(void) {
-    static int usable = -1;
-    if (usable >= 0) return usable;
-    usable = 0;
+/* The tile units this CPU has and Linux lets this process use (XTILEDATA permission): AMX_INT8 | AMX_BF16 */
+enum { AMX_INT8 = 1, AMX_BF16 = 2 };
+static int amx_features(void) {
+    static int features = -1;
+    if (features >= 0) return features;
+    features = 0;
 #if defined(KERNELS_AVX512) && defined(__linux__) && defined(__x86_64__)
     unsigned a, b, c, d;
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) &&
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && getenv("ATTN_NO_AMX") == NULL && /* tests compare */
         syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0)
-        usable = getenv("ATTN_NO_AMX") == NULL; /* ATTN_NO_AMX=1: the AVX-512 kernels instead (tests compare) */
+        features = (d >> 25 & 1 ? AMX_INT8 : 0) | (d >> 22 & 1 ? AMX_BF16 : 0);
 #endif
-    return usable;
+    return features;
+}
+
+/* --bf16-prefill: f32 / bf16 products of 16 tokens or more on AMX-BF16 tiles (matmul_bf16_prefill) */
+static int bf16_prefill;
+void matmul_bf16_prefill(int on) { bf16_prefill = on; }
+
+/* f32 -> bf16, rounded to nearest even (a NaN stays a NaN) */
+static uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(u >> 16 | 0x40);
+    return (uint16_t)((u + 0x7FFF + (u >> 16 & 1)) >> 16);
+}
+
+/* Tokens as bf16 in the tiles' pair layout: per block of 16 tokens and 32 columns, 16 rows (column pairs) of
+ * 16 tokens x 2 values; tokens past n are zeros */
+static void bf16_tokens(uint16_t *v, const float *x, int n, int cols) {
+    int blocks = (n + 15) / 16, chunks = cols / 32;
+    memset(v, 0, (size_t)blocks * 16 * cols * 2);
+    for (int t = 0; t < n; t++)
+        for (int k = 0; k < cols; k++)
+            v[(((size_t)(t / 16) * chunks + k / 32) * 16 + k % 32 / 2) * 32 + t % 16 * 2 + k % 2] = bf16_round(x[(size_t)t * cols + k]);
 }
 
 #if defined(KERNELS_AVX512)
@@ -585,6 +608,65 @@ AMX_TARGET static int amx_rows(float *out, const Tensor *w, const VnniTokens *v,
     return r;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * AMX-BF16, on request (--bf16-prefill): f32 and bf16 products of 16 tokens or more on the tiles. TDPBF16PS
+ * multiplies bf16 by bf16 and adds pairs of products into f32 with its own rounding, so the activations (and
+ * f32 weights) are rounded to bf16 and the sums are not decode's: docs/FORMAT.md says by how much. */
+
+#define AMX_BF16_TARGET __attribute__((target("amx-tile,amx-bf16")))
+
+/* tmm0, tmm1: 16 x 16 f32 sums (two blocks of 16 tokens); tmm2: 16 weight rows x 32 bf16; tmm3, tmm4: 16 column
+ * pairs x 16 tokens */
+static const TileConfig bf16_tiles __attribute__((aligned(64))) = {
+    .palette = 1, .colsb = {64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16}};
+
+/* every whole block of 16 rows in [lo, hi) on the tiles; returns the first row left for rows_float */
+AMX_BF16_TARGET static int amx_bf16_rows(float *out, const Tensor *w, const uint16_t *v, int n, int lo, int hi) {
+    static _Thread_local uint16_t *rounded; /* f32 weights: 16 rows at a time, as bf16 */
+    static _Thread_local size_t rounded_size;
+    int cols = w->cols, chunks = cols / 32, blocks = (n + 15) / 16;
+    size_t need = (size_t)16 * cols * 2;
+    if (w->dtype == DTYPE_F32 && rounded_size < need) {
+        free(rounded);
+        rounded_size = (rounded = aligned_alloc(64, need)) ? need : 0;
+        if (!rounded) return lo;
+    }
+    _tile_loadconfig(&bf16_tiles);
+    float sums[2][16][16] __attribute__((aligned(64)));
+    int r = lo;
+    for (; r + 16 <= hi; r += 16) {
+        const uint16_t *a = (const uint16_t *)w->data + (size_t)r * cols;
+        if (w->dtype == DTYPE_F32) {
+            for (size_t i = 0; i < (size_t)16 * cols; i++) rounded[i] = bf16_round(((const float *)w->data)[(size_t)r * cols + i]);
+            a = rounded;
+        }
+        for (int b0 = 0; b0 < blocks; b0 += 2) {
+            int nb = blocks - b0 < 2 ? 1 : 2;
+            COMPILER_BARRIER();
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int c = 0; c < chunks; c++) {
+                const uint16_t *x0 = v + ((size_t)b0 * chunks + c) * 512;
+                _tile_loadd(2, a + c * 32, cols * 2);
+                _tile_loadd(3, x0, 64);
+                _tile_dpbf16ps(0, 2, 3);
+                if (nb == 2) {
+                    _tile_loadd(4, x0 + (size_t)chunks * 512, 64);
+                    _tile_dpbf16ps(1, 2, 4);
+                }
+            }
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(1, sums[1], 64);
+            COMPILER_BARRIER();
+            for (int j = 0; j < nb; j++)
+                for (int i = 0; i < 16; i++)
+                    for (int m = 0; m < 16 && (b0 + j) * 16 + m < n; m++) out[(size_t)((b0 + j) * 16 + m) * w->rows + r + i] = sums[j][i][m];
+        }
+    }
+    _tile_release();
+    return r;
+}
+
 #define COLUMN_BLOCK 1024 /* columns per pass: 6 tokens x 1024 f32 = 24 KiB of activations stay in L1 */
 
 #elif defined(KERNELS_AVX2)
@@ -919,8 +1001,14 @@ static void rows_quantized(float *out, const QuantizedRow *xq, const VnniTokens 
     }
 }
 
-static void matmul_rows(float *out, const float *x, const QuantizedRow *xq, const VnniTokens *tiles, const Tensor *w,
-                        int n, int lo, int hi) {
+static void matmul_rows(float *out, const float *x, const QuantizedRow *xq, const VnniTokens *tiles,
+                        const uint16_t *bf16_x, const Tensor *w, int n, int lo, int hi) {
+#if defined(KERNELS_AVX512)
+    if (bf16_x && (w->dtype == DTYPE_F32 || w->dtype == DTYPE_BF16) && w->cols % 32 == 0)
+        lo = amx_bf16_rows(out, w, bf16_x, n, lo, hi); /* --bf16-prefill: whole blocks of 16 rows on the tiles */
+#else
+    (void)bf16_x;
+#endif
     if (lo >= hi) return;
     switch (w->dtype) {
     case DTYPE_F32: rows_float(DTYPE_F32, out, x, w, n, lo, hi); break;
@@ -946,8 +1034,12 @@ static int uses_blas(const Tensor *w, int n) {
 #endif
 }
 
+/* bytes of the bf16 tiles of n tokens of cols (--bf16-prefill) */
+static size_t bf16_tokens_bytes(int n, int cols) { return round_up((size_t)n, 16) * (size_t)cols * 2; }
+
 int matmul_reserve(int max_tokens, int max_cols) {
-    size_t need = quantized_stride(max_cols) * (size_t)max_tokens + vnni_bytes(max_tokens, max_cols);
+    size_t need = quantized_stride(max_cols) * (size_t)max_tokens + vnni_bytes(max_tokens, max_cols) +
+                  round_up(bf16_tokens_bytes(max_tokens, max_cols), 64);
     if (need <= scratch.size) return 0;
     free(scratch.data);
     scratch.size = 0;
@@ -977,6 +1069,7 @@ typedef struct {
     const float *x;
     const QuantizedRow *xq;
     const VnniTokens *tiles; /* the activations in tiles for AMX, or NULL */
+    const uint16_t *bf16_x;  /* the activations as bf16 tiles (--bf16-prefill), or NULL */
     int first_item[5]; /* projection j's items are first_item[j] .. first_item[j + 1] - 1 */
 } MatmulJob;
 
@@ -989,7 +1082,7 @@ static void matmul_items(void *arg, int begin, int end) {
         if (lo >= hi) continue;
         const Projection *p = &job->p[j];
         int r0 = (lo - job->first_item[j]) * ROWS_PER_ITEM, r1 = (hi - job->first_item[j]) * ROWS_PER_ITEM;
-        matmul_rows(p->out, job->x, job->xq, job->tiles, p->w, job->n, r0, r1 < p->w->rows ? r1 : p->w->rows);
+        matmul_rows(p->out, job->x, job->xq, job->tiles, job->bf16_x, p->w, job->n, r0, r1 < p->w->rows ? r1 : p->w->rows);
     }
 }
 
@@ -1001,7 +1094,7 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
     }
     QuantizedRow xq = {0};
     VnniTokens tiles;
-    MatmulJob job = {p, count, n, x, &xq, NULL, {0}};
+    MatmulJob job = {p, count, n, x, &xq, NULL, NULL, {0}};
     long long macs = 0;
     int cols = p[0].w->cols, quantized = 0;
     for (int j = 0; j < count; j++) {
@@ -1010,10 +1103,24 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
         job.first_item[j + 1] = job.first_item[j] + items;
         macs += items ? (long long)p[j].w->rows * p[j].w->cols * n : 0;
     }
+    int float_tiles = 0; /* --bf16-prefill: the f32 / bf16 weights go to the AMX-BF16 tiles */
+    for (int j = 0; j < count; j++)
+        float_tiles |= (p[j].w->dtype == DTYPE_F32 || p[j].w->dtype == DTYPE_BF16) && !uses_blas(p[j].w, n);
+    if (float_tiles && bf16_prefill && n >= AMX_MIN_TOKENS && cols % 32 == 0 && amx_features() & AMX_BF16) {
+        ProfileSection was = profile_section(PROFILE_QUANTIZE);
+        if (matmul_reserve(n, cols) != 0) {
+            fputs("error: out of memory for the bf16 activations\n", stderr);
+            exit(1);
+        }
+        uint16_t *v = (uint16_t *)(scratch.data + scratch.size - round_up(bf16_tokens_bytes(n, cols), 64));
+        bf16_tokens(v, x, n, cols);
+        job.bf16_x = v;
+        profile_section(was);
+    }
     if (quantized) {
         ProfileSection was = profile_section(PROFILE_QUANTIZE);
         xq = quantize_input(x, n, cols);
-        if (n >= AMX_MIN_TOKENS && amx_usable()) {
+        if (n >= AMX_MIN_TOKENS && amx_features() & AMX_INT8) {
             vnni_tokens(&tiles, &xq, n, scratch.data + quantized_stride(cols) * (size_t)n);
             job.tiles = &tiles;
         }

@@ -67,6 +67,9 @@ typedef struct {
     const Tensor *w;
 } Projection;
 void matmul_many(const Projection *p, int count, const float *x, int n);
+/* --bf16-prefill: f32 and bf16 products of 16 tokens or more on AMX-BF16 tiles where the CPU has them, the
+ * activations (and f32 weights) rounded to bf16: faster prompts, but the logits are no longer decode's */
+void matmul_bf16_prefill(int on);
 /* Threads (parallel.c): a pool started on first use. body(ctx, begin, end) runs over [0, n) in chunks of
  * `grain` items, which the calling thread and the pool's threads claim as they come free. work: an estimate
  * of the multiply-adds in the whole job; below PARALLEL_MIN_WORK it runs on the calling thread alone

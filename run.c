@@ -116,7 +116,7 @@ typedef struct {
     int n_generate;
     float temperature, top_p;
     uint64_t seed;
-    int print_ids, no_bos, profile;
+    int print_ids, no_bos, profile, bf16_prefill;
     int threads, batch;
     /* the attention study options (study.c) */
     const char *prompt_file;   /* -f: prompt text from a file */
@@ -141,6 +141,8 @@ static void usage(FILE *out) {
           "  --threads N     threads (default: all cores)\n"
           "  --batch N       prompt tokens per forward pass (default 256; 1 = token by token)\n"
           "  --profile       after the stats line, where prefill's and decode's time went, step by step\n"
+          "  --bf16-prefill  f32 / bf16 weights: prompts on AMX-BF16 tiles where the CPU has them, activations\n"
+          "                  rounded to bf16 (faster; the logits then differ from token by token's: docs/FORMAT.md)\n"
           "  --help          this text\n"
           "attention study (docs/ATTENTION.md):\n"
           "  --info          print the attention wiring, per layer, and what its KV cache costs; then exit\n"
@@ -195,10 +197,11 @@ static Options parse_args(int argc, char **argv) {
         }
         /* every other option takes a value */
         int is_flag = !strcmp(a, "--print-ids") || !strcmp(a, "--no-bos") || !strcmp(a, "--info") || !strcmp(a, "--ppl") ||
-                      !strcmp(a, "--profile");
+                      !strcmp(a, "--profile") || !strcmp(a, "--bf16-prefill");
         if (is_flag) {
             if (!strcmp(a, "--print-ids")) o.print_ids = 1;
             else if (!strcmp(a, "--profile")) o.profile = 1;
+            else if (!strcmp(a, "--bf16-prefill")) o.bf16_prefill = 1;
             else if (!strcmp(a, "--info")) o.info = 1;
             else if (!strcmp(a, "--ppl")) o.ppl = 1;
             else o.no_bos = 1;
@@ -303,6 +306,7 @@ static int encode_text(const Model *m, const char *text, int add_bos, int **out)
 int main(int argc, char **argv) {
     Options o = parse_args(argc, argv);
     if (o.threads > 0) parallel_set_threads(o.threads);
+    matmul_bf16_prefill(o.bf16_prefill);
     Model model;
     char err[512];
     if (model_load(&model, o.model_path, err, sizeof err) != 0) die("%s", err);

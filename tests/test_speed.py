@@ -15,7 +15,8 @@
   export's, fixtures' logits near the reference (QUANTIZED); --batch bit-identical to --batch 1; matrices whose
   columns do not fill their groups fall back (q4_0 -> q8_0 -> f32); the loader rejects a tensor with such
   columns, or without its scales. Where the CPU has AMX, prefill on the tiles (the default) and on the AVX-512
-  kernels (ATTN_NO_AMX=1) give the same bits.
+  kernels (ATTN_NO_AMX=1) give the same bits. --bf16-prefill (AMX-BF16, activations rounded to bf16) is held
+  to BF16_PREFILL_F32 / BF16_PREFILL_BF16 of token by token, and does not touch chunks under 16 tokens.
 Errors are max |delta| relative to max(1, max |ref|) (harness.relative_error)."""
 import json
 import os
@@ -37,6 +38,9 @@ Q8_PORTABLE_BOUND = 3e-2
 # reference). Measured, q8_0: -0.04%, 2.0e-2, 2.1e-2 .. 4.2e-2; q4_0: +0.11%, 1.2e-1, 0.23 .. 0.45 (the fixtures'
 # random weights use the 16 levels less well than trained ones)
 QUANTIZED = {"q8_0": (0.01, 5e-2, 5e-2), "q4_0": (0.02, 0.2, 0.6)}
+# --bf16-prefill against --batch 1; measured: 5.6e-3 .. 1.2e-2 (fixtures, f32 weights), 2.0e-3 (kjv-5m, bf16)
+BF16_PREFILL_F32 = 2e-2
+BF16_PREFILL_BF16 = 5e-3
 
 
 def build(t, name, *make_args):
@@ -198,6 +202,18 @@ def run(t):
                 f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'})", worst == 0.0)
     else:
         t.skip("AMX prefill against AVX-512", "no amx_int8 in /proc/cpuinfo (or not the default build)")
+
+    # --bf16-prefill: f32 / bf16 prompts on AMX-BF16 tiles, activations rounded to bf16 (not decode's bits)
+    if "amx_bf16" in cpu_flags():
+        worst = max(relative_error(t.logits(m, ids, "--bf16-prefill"), batch1[m]) for m, ids in fixture_models.values())
+        kjv_err = relative_error(t.logits(kjv, kjv_ids, "--bf16-prefill"), batch1[kjv])
+        t.check(f"--bf16-prefill: fixtures (f32 weights, rounded to bf16) within {BF16_PREFILL_F32} of token by token "
+                f"(max rel err {worst:.1e}), kjv-5m (bf16 weights) within {BF16_PREFILL_BF16} ({kjv_err:.1e})",
+                worst <= BF16_PREFILL_F32 and kjv_err <= BF16_PREFILL_BF16)
+    else:
+        t.skip("--bf16-prefill", "no amx_bf16 in /proc/cpuinfo: the flag changes nothing here")
+    same = np.array_equal(t.logits(kjv, kjv_ids, "--batch", "7", "--bf16-prefill"), batch1[kjv])
+    t.check("--bf16-prefill: chunks of fewer than 16 tokens stay on the exact kernels (--batch 7: bit-identical)", same)
 
     # other builds of the kernels
     models = [(n, m, ids) for n, (m, ids) in fixture_models.items()] + [("kjv-5m", kjv, kjv_ids)]
