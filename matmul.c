@@ -171,14 +171,18 @@ static size_t vnni_bytes(int n, int cols) {
     return blocks * groups * (512 + 64);
 }
 
-static void vnni_tokens(VnniTokens *v, const QuantizedRow *xq, int n, unsigned char *base) {
-    v->blocks = (n + 15) / 16;
-    v->groups = xq->groups;
-    v->q = (int8_t *)base;
-    v->scale = (float *)(base + (size_t)v->blocks * v->groups * 512);
-    memset(base, 0, vnni_bytes(n, xq->cols));
-    for (int t = 0; t < n; t++) {
-        QuantizedRow r = token_row(xq, t);
+typedef struct {
+    const VnniTokens *v;
+    const QuantizedRow *xq;
+    int n;
+} VnniJob;
+
+/* blocks [begin, end) of 16 tokens */
+static void vnni_blocks(void *arg, int begin, int end) {
+    const VnniJob *job = arg;
+    const VnniTokens *v = job->v;
+    for (int t = begin * 16; t < end * 16 && t < job->n; t++) {
+        QuantizedRow r = token_row(job->xq, t);
         int b = t / 16, m = t % 16;
         for (int g = 0; g < v->groups; g++) {
             int8_t *dst = v->q + ((size_t)b * v->groups + g) * 512 + m * 4;
@@ -186,6 +190,16 @@ static void vnni_tokens(VnniTokens *v, const QuantizedRow *xq, int n, unsigned c
             v->scale[((size_t)b * v->groups + g) * 16 + m] = r.scale[g];
         }
     }
+}
+
+static void vnni_tokens(VnniTokens *v, const QuantizedRow *xq, int n, unsigned char *base) {
+    v->blocks = (n + 15) / 16;
+    v->groups = xq->groups;
+    v->q = (int8_t *)base;
+    v->scale = (float *)(base + (size_t)v->blocks * v->groups * 512);
+    memset(base, 0, vnni_bytes(n, xq->cols));
+    VnniJob job = {v, xq, n};
+    parallel_for(v->blocks, 1, (long long)n * xq->cols, vnni_blocks, &job);
 }
 
 /* The tile units this CPU has and Linux lets this process use (XTILEDATA permission): AMX_INT8 | AMX_BF16 */
@@ -1049,6 +1063,19 @@ int matmul_reserve(int max_tokens, int max_cols) {
     return 0;
 }
 
+typedef struct {
+    const QuantizedRow *xq;
+    const float *x;
+} Quantizing;
+
+static void quantize_tokens(void *arg, int begin, int end) {
+    const Quantizing *job = arg;
+    for (int t = begin; t < end; t++) {
+        QuantizedRow r = token_row(job->xq, t);
+        quantize_token(&r, job->x + (size_t)t * job->xq->cols);
+    }
+}
+
 /* q8_0 weights need x quantized: into the scratch buffer, once for all the weights of this call */
 static QuantizedRow quantize_input(const float *x, int n, int cols) {
     if (matmul_reserve(n, cols) != 0) {
@@ -1056,10 +1083,8 @@ static QuantizedRow quantize_input(const float *x, int n, int cols) {
         exit(1);
     }
     QuantizedRow xq = quantized_row(scratch.data, cols);
-    for (int t = 0; t < n; t++) {
-        QuantizedRow r = token_row(&xq, t);
-        quantize_token(&r, x + (size_t)t * cols);
-    }
+    Quantizing job = {&xq, x};
+    parallel_for(n, 1, (long long)n * cols * 4, quantize_tokens, &job); /* ~4 operations a value */
     return xq;
 }
 
