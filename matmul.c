@@ -10,24 +10,31 @@
  * accumulates the products at columns k = l mod 16 in increasing k, then the 16 lanes are added as a fixed
  * tree (lane_sum). So a prompt gives bit-identical logits in chunks of any size and with any --threads.
  *
- * q8_0 (weights: int8 in groups of 32, one f16 scale per group): the activations of each token are quantized
- * per group of 32 too (quantize_token: scale max|x|/127, round to nearest even), and each group's dot product
- * is an exact integer sum, scaled by (weight scale x activation scale). The integer sums come from VPDPBUSD,
- * which multiplies unsigned by signed bytes: the weights are flipped to unsigned by adding 128 (w ^ 0x80) and
- * 128 * sum(activation group) is subtracted afterwards (the `correction` term below).
+ * q8_0 / q4_0 (weights: int8 or 4-bit in groups of 32, one f16 scale per group): the activations of each
+ * token are quantized per group of 32 too (quantize_token: scale max|x|/127, round to nearest even), and
+ * each group's dot product S_g is an exact integer sum. The output is sum_g (S_g x w_scale) x x_scale, the
+ * groups in lane g mod 16 and the lanes by the same tree: since S_g is exact, it does not matter how the
+ * hardware forms it. VPDPBUSD multiplies unsigned by signed bytes: q8_0 weights are flipped to unsigned by
+ * adding 128 (w ^ 0x80) and 128 x sum(x group) is subtracted from the sum (q4_0's 4-bit values are unsigned
+ * already, their offset 8). Prefill of 16 tokens or more runs on AMX-INT8 tiles where the CPU has them
+ * (TDPBSSD: the exact S_g of 16 rows x 16 tokens), the same float steps after.
  *
- * Kernels: AVX-512 (VNNI for q8_0), AVX2 + FMA + F16C, and portable C (make PORTABLE=1), chosen at build time
- * from the compiler's target. They follow the same lane scheme and give the same bits, except that portable C
- * on a target without a fused multiply-add rounds a*b+c twice (tests/test_speed.py bounds the difference).
+ * Kernels: AVX-512 (VNNI for q8_0 / q4_0; AMX detected at run time), AVX2 + FMA + F16C, and portable C
+ * (make PORTABLE=1), chosen at build time from the compiler's target. They follow the same lane scheme and
+ * give the same bits, except that portable C on a target without a fused multiply-add rounds a*b+c twice
+ * (tests/test_speed.py bounds the difference). --bf16-prefill puts f32 / bf16 prompts on AMX-BF16 tiles, which
+ * round the activations to bf16: faster, not the same bits (docs/FORMAT.md).
  *
  * Decode also prefetches each stream of weights PREFETCH_BYTES ahead: the hardware prefetchers alone leave
  * much of the bandwidth unused.
  *
  * Threads (parallel.c): the rows of each weight are cut into items of 16 rows that the threads claim in
  * chunks as they come free, and matmul_many() runs several weights with the same input (q, k, v; gate, up)
- * as one job. Products
- * too small to be worth waking the threads for run on the calling thread. make BLAS=1 hands f32 prefill
- * products to cblas_sgemm. */
+ * as one job. Products too small to be worth waking the threads for run on the calling thread. make BLAS=1
+ * hands f32 prefill products to cblas_sgemm.
+ *
+ * Attention's inner loops (dot_product4, dot_product16, add_scaled_rows) are here too, beside the SIMD they
+ * share. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
