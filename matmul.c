@@ -534,61 +534,77 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* tmm0, tmm1: 16 x 16 int32 sums (two blocks of 16 tokens); tmm2: 16 weight rows x 32 bytes;
- * tmm3, tmm4: 8 x 64 bytes, one group of 16 tokens each */
+/* tmm0, tmm1: 16 x 16 int32 sums (of groups g, g + 1); tmm2, tmm3: 16 weight rows x 32 bytes; tmm4, tmm5: 8 x 64
+ * bytes, a group of 16 tokens */
 static const TileConfig amx_tiles __attribute__((aligned(64))) = {
-    .palette = 1, .colsb = {64, 64, 32, 64, 64}, .rows = {16, 16, 16, 8, 8}};
+    .palette = 1, .colsb = {64, 64, 32, 32, 64, 64}, .rows = {16, 16, 16, 16, 8, 8}};
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
 #define AMX_MAX_GROUPS 1024 /* rows of up to 32768 columns; wider ones take the AVX-512 kernel */
 #define COMPILER_BARRIER() __asm__ volatile("" ::: "memory") /* the tile instructions are asm without memory operands */
 
 /* rows r0 .. r0+15 of a q8_0 weight (values w, f16 scales ws, `groups` per row) x all n tokens */
+/* One group g into tile c from weight tile a and activation tile b: C = A . B, exact int32 */
+#define AMX_GROUP_PRODUCT(c, a, b, w, cols, x, g)                                                                 \
+    do {                                                                                                      \
+        _tile_zero(c);                                                                                        \
+        _tile_loadd(a, (w) + (g) * Q8_GROUP, cols);                                                           \
+        _tile_loadd(b, (x) + (size_t)(g) * 512, 64);                                                          \
+        _tile_dpbssd(c, a, b);                                                                                \
+    } while (0)
+
+/* the sums of group g (16 rows x 16 tokens) into class g mod 16: acc += (S_g * w_scale) * x_scale; the first
+ * group of a class (g < 16) adds to zero */
+ALWAYS_INLINE void amx_scale_add(__m512 acc[16], const int32_t sums[16][16], const float wscale[16], __m512 xs, int g) {
+    for (int i = 0; i < 16; i++) {
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[i])), _mm512_set1_ps(wscale[i]));
+        acc[i] = _mm512_fmadd_ps(f, xs, g < 16 ? _mm512_setzero_ps() : acc[i]);
+    }
+}
+
+/* rows r0 .. r0+15 of a q8_0 weight (values w, f16 scales ws, `groups` per row) x all n tokens, a block of 16
+ * tokens at a time. The tile unit works on group g + 1 (tiles 1, 3, 5) while the vector units scale and add
+ * the sums of group g (from tiles 0, 2, 4), and the other way round. */
 AMX_TARGET static void amx_rows16(float *out, size_t ldo, const int8_t *w, const uint16_t *ws, int cols,
                                   const VnniTokens *v, int n) {
     int groups = cols / Q8_GROUP;
     static _Thread_local float wscale[AMX_MAX_GROUPS][16]; /* [group][row] in f32, read as broadcasts below */
-    static _Thread_local __m512 acc[16][16][2];  /* [class][row][token block] */
+    static _Thread_local __m512 acc[16][16];                 /* [class][row]: 16 tokens each */
     static _Thread_local int32_t sums[2][16][16] __attribute__((aligned(64)));
     for (int g = 0; g < groups; g++)
         for (int i = 0; i < 16; i++) wscale[g][i] = f16_to_f32(ws[(size_t)i * groups + g]);
-    for (int b0 = 0; b0 < v->blocks; b0 += 2) {
-        int nb = v->blocks - b0 < 2 ? 1 : 2;
-        memset(acc, 0, sizeof acc);
-        for (int g = 0; g < groups; g++) {
-            const int8_t *x0 = v->q + ((size_t)b0 * groups + g) * 512;
-            COMPILER_BARRIER();
-            _tile_zero(0);
-            _tile_loadd(2, w + g * Q8_GROUP, cols);
-            _tile_loadd(3, x0, 64);
-            _tile_dpbssd(0, 2, 3);
+    for (int b = 0; b < v->blocks; b++) {
+        const int8_t *x = v->q + (size_t)b * groups * 512;
+        const float *xs = v->scale + (size_t)b * groups * 16;
+        if (groups < 16) memset(acc, 0, sizeof acc); /* classes no group reaches */
+        COMPILER_BARRIER();
+        AMX_GROUP_PRODUCT(0, 2, 4, w, cols, x, 0);
+        for (int g = 0; g < groups; g += 2) { /* group g's sums are read one step after they were stored */
             _tile_stored(0, sums[0], 64);
-            if (nb == 2) {
-                _tile_zero(1);
-                _tile_loadd(4, x0 + (size_t)groups * 512, 64);
-                _tile_dpbssd(1, 2, 4);
+            if (g + 1 < groups) AMX_GROUP_PRODUCT(1, 3, 5, w, cols, x, g + 1);
+            COMPILER_BARRIER();
+            if (g > 0) amx_scale_add(acc[(g - 1) % 16], sums[1], wscale[g - 1], _mm512_loadu_ps(xs + (size_t)(g - 1) * 16), g - 1);
+            COMPILER_BARRIER();
+            if (g + 1 < groups) {
                 _tile_stored(1, sums[1], 64);
+                if (g + 2 < groups) AMX_GROUP_PRODUCT(0, 2, 4, w, cols, x, g + 2);
             }
             COMPILER_BARRIER();
-            __m512(*a)[2] = acc[g % 16];
-            for (int j = 0; j < nb; j++) {
-                __m512 xs = _mm512_loadu_ps(v->scale + ((size_t)(b0 + j) * groups + g) * 16);
-                for (int i = 0; i < 16; i++) {
-                    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[j][i])), _mm512_set1_ps(wscale[g][i]));
-                    a[i][j] = _mm512_fmadd_ps(f, xs, a[i][j]);
-                }
-            }
+            amx_scale_add(acc[g % 16], sums[0], wscale[g], _mm512_loadu_ps(xs + (size_t)g * 16), g);
+            COMPILER_BARRIER();
         }
-        for (int j = 0; j < nb; j++)
-            for (int i = 0; i < 16; i++) {
-                __m512 c[16];
-                for (int l = 0; l < 16; l++) c[l] = acc[l][i][j];
-                for (int l = 0; l < 8; l++) c[l] = _mm512_add_ps(c[l], c[l + 8]); /* lane_sum16's tree */
-                for (int l = 0; l < 4; l++) c[l] = _mm512_add_ps(c[l], c[l + 4]);
-                float sum[16];
-                _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3])));
-                for (int m = 0; m < 16 && (b0 + j) * 16 + m < n; m++) out[(size_t)((b0 + j) * 16 + m) * ldo + i] = sum[m];
-            }
+        if (groups % 2 == 0)
+            amx_scale_add(acc[(groups - 1) % 16], sums[1], wscale[groups - 1], _mm512_loadu_ps(xs + (size_t)(groups - 1) * 16),
+                          groups - 1);
+        for (int i = 0; i < 16; i++) {
+            __m512 c[16];
+            for (int l = 0; l < 16; l++) c[l] = acc[l][i];
+            for (int l = 0; l < 8; l++) c[l] = _mm512_add_ps(c[l], c[l + 8]); /* lane_sum16's tree */
+            for (int l = 0; l < 4; l++) c[l] = _mm512_add_ps(c[l], c[l + 4]);
+            float sum[16];
+            _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3])));
+            for (int m = 0; m < 16 && b * 16 + m < n; m++) out[(size_t)(b * 16 + m) * ldo + i] = sum[m];
+        }
     }
 }
 
