@@ -332,11 +332,10 @@ static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
     return bits;
 }
 
-/* the scores of keys k[0 .. n-1] (those of `bits`) for query t, head h, appended to its row */
-static void append_scores(Tile *c, int t, int h, const float *dots, const int *k, int n, unsigned bits) {
+/* s = softcap(dot * scale) of the n keys whose bits are set, appended to query t's row for head h */
+static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsigned bits) {
     const AttentionSpec *a = c->j->a;
     float *w = weights_row(c, t, h) + c->seen[t];
-    (void)k;
     for (int i = 0, m = 0; i < n; i++)
         if (bits >> i & 1) w[m++] = a->softcap > 0.0f ? softcap(dots[i] * a->scale, a->softcap) : dots[i] * a->scale;
 }
@@ -357,7 +356,7 @@ static void scores_by_four(Tile *c) {
                 const float *k4[4] = {krow[0] + off, krow[1] + off, krow[2] + off, krow[3] + off};
                 float d[4];
                 dot_product4(d, query_of(c, t, h), k4, hd);
-                append_scores(c, t, h, d, keys, nk, bits);
+                append_scores(c, t, h, d, nk, bits);
             }
             c->seen[t] += __builtin_popcount(bits);
         }
@@ -387,7 +386,7 @@ static void scores_by_block(Tile *c) {
                     if (!bits[t]) continue;
                     float d[16];
                     dot_product16(d, query_of(c, t, h), kt, hd);
-                    append_scores(c, t, h, d, keys, nk, bits[t]);
+                    append_scores(c, t, h, d, nk, bits[t]);
                 }
         }
         for (int t = 0; t < c->T; t++) c->seen[t] += __builtin_popcount(bits[t]);
