@@ -61,6 +61,13 @@
 #ifndef PREFETCH_HINT
 #define PREFETCH_HINT _MM_HINT_T0
 #endif
+/* how far ahead of a row of row_bytes: PREFETCH_BYTES, or with -DPREFETCH_TILES=N the same place N tiles of 4
+ * rows on (bench experiments) */
+#ifdef PREFETCH_TILES
+#define PREFETCH_AHEAD(row_bytes) ((size_t)(row_bytes) * 4 * PREFETCH_TILES)
+#else
+#define PREFETCH_AHEAD(row_bytes) ((size_t)PREFETCH_BYTES)
+#endif
 
 #if defined(ATTN_PORTABLE_KERNELS) /* make KERNELS=portable: the C kernels even where SIMD ones would build */
 #elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
@@ -288,7 +295,8 @@ ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, in
         __m512 xv[TOKENS_PER_TILE];
         for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + k);
         if (stream && (size == 4 || k % 32 == 0)) /* the weights come from memory: ask for them early */
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)w[r] + (size_t)k * size + PREFETCH_BYTES, PREFETCH_HINT);
+            for (int r = 0; r < 4; r++)
+                _mm_prefetch((const char *)w[r] + (size_t)k * size + PREFETCH_AHEAD((size_t)cols * size), PREFETCH_HINT);
         for (int r = 0; r < 4; r++) {
             __m512 wv = load_weights(d, w[r], k, 0xFFFF);
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
@@ -494,8 +502,9 @@ ALWAYS_INLINE void tile_quant(DType d, int T, const void *const w[4], const uint
         for (int r = 0; r < 4; r++) {
             const char *row = (const char *)w[r] + (size_t)g0 / 2 * pair_bytes;
             if (T == 1) { /* decode streams the weights: ask for them early */
-                for (int p = 0; p < pairs; p += 64 / pair_bytes) _mm_prefetch(row + p * pair_bytes + PREFETCH_BYTES, PREFETCH_HINT);
-                _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_BYTES / 16, PREFETCH_HINT);
+                for (int p = 0; p < pairs; p += 64 / pair_bytes)
+                    _mm_prefetch(row + p * pair_bytes + PREFETCH_AHEAD((size_t)groups * pair_bytes / 2), PREFETCH_HINT);
+                _mm_prefetch((const char *)(ws[r] + g0) + PREFETCH_AHEAD((size_t)groups * 2 * 16) / 16, PREFETCH_HINT);
             }
             __m512 wscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, ws[r] + g0));
             __m512i wv[8];
