@@ -522,10 +522,78 @@ static void attend_heads(void *arg, int h0, int h1) {
     }
 }
 
+/* Few heads and many keys (one token of a model with fewer heads than two per thread): the naive kernel's steps
+ * split another way, none of them changing a bit -- the scores over (head, run of SPLIT_KEYS keys), each score
+ * being its own; the softmax per head; the weighted sum over (head, 16 columns of head_dim), each output
+ * element adding its keys in order as before. (The flash kernel's online softmax would need a merge of
+ * partial softmaxes, whose rounding depends on the split: it stays per head.) */
+#define SPLIT_KEYS 256
+
+/* the i-th of v's key positions */
+static int nth_key(const VisibleKeys *v, int i) {
+    if (i < v->runs[0].count) return v->runs[0].first + i * v->runs[0].step;
+    i -= v->runs[0].count;
+    return v->runs[1].first + i * v->runs[1].step;
+}
+
+static void split_scores(void *arg, int begin, int end) {
+    const HeadsJob *j = arg;
+    VisibleKeys v = visible_keys(j->a, j->pos);
+    int n = visible_count(j->a, j->pos), chunks = (n + SPLIT_KEYS - 1) / SPLIT_KEYS, hd = j->a->head_dim;
+    Tile c = {j, 0, 1, 0, 0, {v}, v, {0}};
+    for (int item = begin; item < end; item++) {
+        int h = item / chunks, i0 = item % chunks * SPLIT_KEYS, i1 = i0 + SPLIT_KEYS < n ? i0 + SPLIT_KEYS : n;
+        int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
+        for (int i = i0; i < i1; i += 4) {
+            int nk = i1 - i < 4 ? i1 - i : 4;
+            const float *k4[4];
+            float d[4];
+            for (int k = 0; k < 4; k++) k4[k] = kvlayer_key(j->kv, nth_key(&v, i + (k < nk ? k : 0))) + off;
+            dot_product4(d, query_of(&c, 0, h), k4, hd);
+            c.seen[0] = i;
+            append_scores(&c, 0, h, d, nk, (1u << nk) - 1);
+        }
+    }
+}
+
+static void split_softmax(void *arg, int begin, int end) {
+    const HeadsJob *j = arg;
+    Tile c = {j, 0, 1, 0, 0, {{0}}, {0}, {0}};
+    for (int h = begin; h < end; h++)
+        softmax_with_sink(weights_row(&c, 0, h), visible_count(j->a, j->pos), j->a->sink_logits ? j->a->sink_logits[h] : -INFINITY);
+}
+
+static void split_sums(void *arg, int begin, int end) {
+    const HeadsJob *j = arg;
+    VisibleKeys v = visible_keys(j->a, j->pos);
+    int n = visible_count(j->a, j->pos), hd = j->a->head_dim, slices = (hd + 15) / 16;
+    Tile c = {j, 0, 1, 0, 0, {v}, v, {0}};
+    for (int item = begin; item < end; item++) {
+        int h = item / slices, d0 = item % slices * 16, width = hd - d0 < 16 ? hd - d0 : 16;
+        int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd + d0;
+        float *out = output_of(&c, 0, h) + d0;
+        memset(out, 0, (size_t)width * sizeof(float));
+        for (int i = 0; i < n; i += 16) {
+            const float *rows[16];
+            int m = n - i < 16 ? n - i : 16;
+            for (int k = 0; k < m; k++) rows[k] = kvlayer_value(j->kv, nth_key(&v, i + k)) + off;
+            add_scaled_rows(out, weights_row(&c, 0, h) + i, rows, m, width);
+        }
+    }
+}
+
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
                      int n_tokens, const AttentionSpec *a, float *weights, int weights_stride) {
     HeadsJob job = {out, weights, q, kv, n_heads, n_kv_heads, pos, n_tokens, weights_stride, a};
-    long long work = 2LL * n_heads * n_tokens * visible_count(a, pos + n_tokens - 1) * a->head_dim;
+    int n_keys = visible_count(a, pos + n_tokens - 1);
+    long long work = 2LL * n_heads * n_tokens * n_keys * a->head_dim;
+    if (a->kernel == KERNEL_NAIVE && n_tokens == 1 && n_heads < 2 * parallel_threads() && n_keys >= 2 * SPLIT_KEYS) {
+        int chunks = (n_keys + SPLIT_KEYS - 1) / SPLIT_KEYS;
+        parallel_for(n_heads * chunks, 1, work / 2, split_scores, &job);
+        parallel_for(n_heads, 1, (long long)n_heads * n_keys * 16, split_softmax, &job);
+        parallel_for(n_heads * ((a->head_dim + 15) / 16), 1, work / 2, split_sums, &job);
+        return;
+    }
     /* a job takes whole kv groups while that leaves two jobs per thread; the split changes no result */
     int group = n_heads / n_kv_heads, threads = parallel_threads(), grain = group;
     while (grain > 1 && n_heads / grain < 2 * threads) grain = (grain + 1) / 2;

@@ -297,6 +297,35 @@ static void test_attention(void) {
 
 /* Queries of one sequence against keys and values of another, no mask: the same full-matrix formula with
  * every key visible (reference_attention at the last key position, causal). */
+/* Few heads, many keys: attention_layer splits the naive kernel over keys and over head_dim (two heads on the
+ * threads of this machine); the bits must still be attention_head's */
+static void test_attention_split(void) {
+    int H = 2, KV = 1, head_dim = 48, n_pos = 1100, same = 1;
+    float *keys = malloc(sizeof(float) * (size_t)n_pos * head_dim), *vals = malloc(sizeof(float) * (size_t)n_pos * head_dim);
+    float q[96], out[96], one[48], *scores = malloc(sizeof(float) * (size_t)H * n_pos);
+    for (int i = 0; i < n_pos * head_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
+    for (int i = 0; i < H * head_dim; i++) q[i] = frand();
+    for (int m = 0; m < 2; m++) {
+        AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), 0, m ? MASK_SLIDING : MASK_CAUSAL, m ? 700 : 0,
+                              m ? 4 : 0, NULL, KERNEL_NAIVE};
+        KVLayer l;
+        attention_cache_init(&l, head_dim, &spec);
+        for (int pos = 0; pos < n_pos; pos++) {
+            kvlayer_store(&l, pos, keys + (size_t)pos * head_dim, vals + (size_t)pos * head_dim);
+            if (pos < 520 || pos % 97) continue;
+            attention_layer(out, q, &l, H, KV, pos, 1, &spec, scores, n_pos);
+            for (int h = 0; h < H; h++) {
+                attention_head(one, q + h * head_dim, &l, 0, pos, &spec, -INFINITY, scores);
+                same &= !memcmp(one, out + h * head_dim, sizeof one);
+            }
+        }
+        kvlayer_free(&l);
+    }
+    check(same, "attention, 2 heads over 520 .. 1100 keys (causal; sliding 700 + 4 sinks): split over keys and "
+          "head_dim on %d threads, attention_head's bits", parallel_threads());
+    free(keys), free(vals), free(scores);
+}
+
 static void test_cross_attention(void) {
     int n_queries = 5, n_keys = 37, H = 8, KV = 2, head_dim = 16, q_dim = H * head_dim, kv_dim = KV * head_dim;
     float *queries = malloc(sizeof(float) * (size_t)n_queries * q_dim), *out = malloc(sizeof(float) * (size_t)n_queries * q_dim);
@@ -602,6 +631,7 @@ int main(void) {
     test_rolling_buffer();
     test_head_mapping();
     test_attention();
+    test_attention_split();
     test_cross_attention();
     test_ops();
     test_matmul();
