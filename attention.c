@@ -325,10 +325,22 @@ static float *output_of(const Tile *c, int t, int h) {
     return c->j->out + ((size_t)(c->t0 + t) * c->j->n_heads + h) * c->j->a->head_dim;
 }
 
-/* which of keys k[0 .. n-1] query t sees, as bits */
+/* which of keys k[0 .. n-1] query t sees, as bits; consecutive keys against runs of step 1 (causal, sliding,
+ * chunked masks) by intersecting ranges */
 static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
+    if (c->T == 1) return (1u << n) - 1;
+    const VisibleKeys *v = &c->vis[t];
     unsigned bits = 0;
-    for (int i = 0; i < n; i++) bits |= (unsigned)(c->T == 1 || is_visible(&c->vis[t], k[i])) << i;
+    if (k[n - 1] - k[0] == n - 1 && v->runs[0].step == 1 && (v->n_runs == 1 || v->runs[1].step == 1)) {
+        for (int r = 0; r < v->n_runs; r++) {
+            int lo = v->runs[r].first - k[0], hi = lo + v->runs[r].count; /* the run as key indices lo .. hi-1 */
+            lo = lo < 0 ? 0 : lo;
+            hi = hi > n ? n : hi;
+            if (lo < hi) bits |= ((hi - lo == 32 ? 0u : 1u << (hi - lo)) - 1) << lo;
+        }
+        return bits;
+    }
+    for (int i = 0; i < n; i++) bits |= (unsigned)is_visible(v, k[i]) << i;
     return bits;
 }
 
@@ -336,6 +348,10 @@ static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
 static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsigned bits) {
     const AttentionSpec *a = c->j->a;
     float *w = weights_row(c, t, h) + c->seen[t];
+    if (bits == (1u << n) - 1 && a->softcap == 0.0f) { /* every key seen, no cap: a loop that vectorises */
+        for (int i = 0; i < n; i++) w[i] = dots[i] * a->scale;
+        return;
+    }
     for (int i = 0, m = 0; i < n; i++)
         if (bits >> i & 1) w[m++] = a->softcap > 0.0f ? softcap(dots[i] * a->scale, a->softcap) : dots[i] * a->scale;
 }
