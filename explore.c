@@ -155,6 +155,14 @@ typedef struct {
 
 static void page_weights_free(PageWeights *p) { free(p->scales), free(p->bitmap), free(p->codes); }
 
+/* Says which row err is about: "--explore: layer L head H position P: ..." */
+static int row_failed(int l, int h, int q, char *err, size_t errlen) {
+    char why[256];
+    snprintf(why, sizeof why, "%s", err);
+    snprintf(err, errlen, "--explore: layer %d head %d position %d: %s", l, h, q, why);
+    return -1;
+}
+
 /* Rows in the order the page reads them: recorded layers, their heads, queries 0 .. T-1 */
 #define FOR_EACH_ROW(m, map, T, l, h, q)                                                                          \
     for (int l = 0; l < (m)->config.n_layers; l++)                                                                \
@@ -169,7 +177,7 @@ static int choose_threshold(const Model *m, const AttentionMap *map, int T, floa
         const float *row = attention_map_row(map, l, h, q);
         const AttentionSpec *a = &m->attention[l];
         float max = 0.0f;
-        if (check_recorded_row(row, a, q, &max, err, errlen) != 0) return -1;
+        if (check_recorded_row(row, a, q, &max, err, errlen) != 0) return row_failed(l, h, q, err, errlen);
         VisibleKeys v = visible_keys(a, q);
         int code;
         FOR_EACH_VISIBLE_KEY(v, j)
@@ -197,12 +205,8 @@ static int quantise_weights(const Model *m, const AttentionMap *map, int T, Page
         const AttentionSpec *a = &m->attention[l];
         int n_codes;
         if (explore_quantise_row(attention_map_row(map, l, h, q), a, q, p->threshold, p->bitmap + p->bitmap_len,
-                                 p->codes + p->n_codes, &p->scales[p->n_rows], &n_codes, err, errlen) != 0) {
-            char why[256];
-            snprintf(why, sizeof why, "%s", err);
-            snprintf(err, errlen, "--explore: layer %d head %d position %d: %s", l, h, q, why);
-            return page_weights_free(p), -1;
-        }
+                                 p->codes + p->n_codes, &p->scales[p->n_rows], &n_codes, err, errlen) != 0)
+            return page_weights_free(p), row_failed(l, h, q, err, errlen);
         p->n_rows++;
         p->bitmap_len += (size_t)(visible_count(a, q) + 7) / 8;
         p->n_codes += (size_t)n_codes;
