@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "explore.h"
 #include "model.h"
 #include "study.h"
 
@@ -122,6 +123,7 @@ typedef struct {
     int info, ppl;
     AttentionOverrides overrides;
     const char *attn_map, *attn_map_layers, *attn_dump;
+    const char *explore;       /* --explore: the page (explore.c) */
 } Options;
 
 static void usage(FILE *out) {
@@ -151,7 +153,9 @@ static void usage(FILE *out) {
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
           "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
-          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n",
+          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n"
+          "  --explore HTML  one self-contained page of the run: where each head looks from each token, the\n"
+          "                  wiring, the KV cache at each position (at most 2048 positions; opens offline)\n",
           out);
 }
 
@@ -202,7 +206,7 @@ static Options parse_args(int argc, char **argv) {
         }
         const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
                                "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
-                               "--attn-dump"};
+                               "--attn-dump", "--explore"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -234,12 +238,14 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--attn-map")) o.attn_map = v;
         else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
+        else if (!strcmp(a, "--explore")) o.explore = v;
     }
     if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
     if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
-    if (o.attn_map_layers && !o.attn_map && !o.attn_dump) die("--attn-map-layer needs --attn-map or --attn-dump");
-    if ((o.attn_map || o.attn_dump) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
-        die("--attn-map needs the naive kernel: flash never materialises the weights");
+    if (o.attn_map_layers && !o.attn_map && !o.attn_dump && !o.explore)
+        die("--attn-map-layer needs --attn-map, --attn-dump or --explore");
+    if ((o.attn_map || o.attn_dump || o.explore) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
+        die("%s needs the naive kernel: flash never materialises the weights", o.explore ? "--explore" : "--attn-map");
     return o;
 }
 
@@ -363,11 +369,18 @@ int main(int argc, char **argv) {
     if (!sampler.order) die("out of memory");
     if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
     AttentionMap *map = NULL;
-    if (o.attn_map || o.attn_dump) {
+    int *sequence = NULL; /* --explore: the prompt's ids, then the generated ones */
+    if (o.attn_map || o.attn_dump || o.explore) {
         long positions = (long)n_prompt + o.n_generate;
         if (!rolls && positions > c->context_length) positions = c->context_length;
+        if (o.explore && positions > EXPLORE_MAX_POSITIONS)
+            die("--explore: a page holds at most %d positions (prompt + -n), this run has up to %ld; use a shorter prompt "
+                "or a smaller -n", EXPLORE_MAX_POSITIONS, positions);
         if (!(map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
         state.observer = (AttentionObserver){attention_map_record, map};
+        if (o.explore && explore_check_size(&model, map, (int)positions, err, sizeof err) != 0) die("%s", err);
+        if (o.explore && !(sequence = malloc(((size_t)n_prompt + o.n_generate) * sizeof *sequence))) die("out of memory");
+        if (sequence) memcpy(sequence, prompt, (size_t)n_prompt * sizeof *sequence);
     }
 
     /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for
@@ -399,6 +412,7 @@ int main(int argc, char **argv) {
     while (generated < o.n_generate) {
         int next = sample(&sampler, logits, c->vocab_size);
         if (model.tokenizer.kind != TOKENIZER_NONE && tokenizer_is_eos(&model.tokenizer, next)) break;
+        if (sequence) sequence[n_prompt + generated] = next;
         if (o.print_ids || model.tokenizer.kind == TOKENIZER_NONE) { /* without a tokenizer, ids are all we can show */
             printf(generated ? " %d" : "%d", next);
         } else {
@@ -424,6 +438,12 @@ int main(int argc, char **argv) {
             die("cannot write --attn-map '%s': %s", o.attn_map, strerror(errno));
         if (o.attn_dump && attention_map_write_raw(map, o.attn_dump) != 0)
             die("cannot write --attn-dump '%s': %s", o.attn_dump, strerror(errno));
+        if (o.explore) {
+            char *command = explore_command_line(argc, argv);
+            ExploreRun run = {o.model_path, command ? command : "./run", sequence, n_prompt, n_prompt + generated};
+            if (explore_write(o.explore, &model, map, &run, err, sizeof err) != 0) die("%s", err);
+            free(command);
+        }
         attention_map_free(map);
         state.observer.record = NULL;
     }
@@ -432,6 +452,7 @@ int main(int argc, char **argv) {
             n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), generated, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9),
             kvcache_bytes_held(&state.kv));
     free(sampler.order);
+    free(sequence);
     free(prompt);
     runstate_free(&state);
     model_free(&model);

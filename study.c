@@ -289,6 +289,40 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
     }
 }
 
+static void add_property(LayerWiring *w, const char *name, const char *fmt, ...) {
+    if (w->n_props == WIRING_MAX_PROPS) return;
+    va_list ap;
+    va_start(ap, fmt);
+    snprintf(w->props[w->n_props].name, sizeof w->props[0].name, "%s", name);
+    vsnprintf(w->props[w->n_props].value, sizeof w->props[0].value, fmt, ap);
+    va_end(ap);
+    w->n_props++;
+}
+
+/* The columns of print_wiring's row, as properties */
+void layer_wiring(const Model *m, int l, LayerWiring *w) {
+    const AttentionConfig *lc = &m->config.layers[l].attn;
+    const AttentionSpec *a = &m->attention[l], own = attention_of_layer(m, l);
+    char b[160];
+    memset(w, 0, sizeof *w);
+    w->kind = "attention";
+    w->has_attention_weights = 1;
+    w->overridden = is_overridden(m, l);
+    if (w->overridden) mask_name(&own, w->in_file);
+    add_property(w, "mask", "%s", mask_name(a, b));
+    add_property(w, "q heads", "%d", lc->n_heads);
+    add_property(w, "kv heads", "%d", lc->n_kv_heads);
+    add_property(w, "group", "%d (%s)", lc->n_heads / lc->n_kv_heads, sharing_name(lc->n_heads, lc->n_kv_heads, b));
+    add_property(w, "head_dim", "%d", lc->head_dim);
+    if (lc->rope.dim > 0) add_property(w, "rope base", "%g", lc->rope.theta);
+    else add_property(w, "rope base", "%s", m->config.position_kind == POS_ROPE ? "- (NoPE)" : "- (learned positions)");
+    extras_of(m, l, b);
+    add_property(w, "extras", "%s", b);
+    add_property(w, "KV/token", "%d B", (int)(2 * lc->n_kv_heads * lc->head_dim * sizeof(float)));
+    add_property(w, "keeps", "%s", keeps(a, b));
+    add_property(w, "FFN", "%s", ffn_name(&m->config.layers[l], b));
+}
+
 /* ---------------------------------------------------------------------------------------------
  * attention maps */
 
@@ -364,6 +398,13 @@ void attention_map_record(void *ctx, int layer, int pos, const float *weights, i
         weights_by_position(map->weights[i] + ((size_t)h * T + pos) * T, weights + (size_t)h * weights_stride,
                             &map->model->attention[layer], pos);
     if (pos + 1 > map->positions_seen) map->positions_seen = pos + 1;
+}
+
+int attention_map_positions(const AttentionMap *map) { return map->positions_seen; }
+
+const float *attention_map_row(const AttentionMap *map, int layer, int head, int query) {
+    int i = map->index_of_layer[layer], T = map->n_positions;
+    return i < 0 ? NULL : map->weights[i] + ((size_t)head * T + query) * T;
 }
 
 int attention_map_write_raw(const AttentionMap *map, const char *path) {

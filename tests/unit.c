@@ -8,6 +8,7 @@
 
 #include "attention.h"
 #include "blocks.h"
+#include "explore.h"
 #include "kvcache.h"
 #include "ops.h"
 #include "tokenizer.h"
@@ -618,6 +619,48 @@ static void test_router_ties(void) {
           same, cases);
 }
 
+/* --explore's rows: a stored weight reads back within m/510, one left out is below the threshold, and a row
+ * that is not a distribution over the mask's keys is refused */
+static void test_explore_rows(void) {
+    AttentionSpec a = {8, 1.0f, 0.0f, MASK_SLIDING, 4, 0, NULL, KERNEL_NAIVE}; /* query 9 sees keys 6 .. 9 */
+    float row[10] = {0, 0, 0, 0, 0, 0, 0.5f, 0.25f, 0.2495f, 0.0005f}, m;
+    unsigned char bitmap[4], codes[16];
+    char err[128];
+    int n;
+    int rc = explore_quantise_row(row, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err);
+    check(rc == 0 && m == 0.5f && n == 3 && bitmap[0] == 7 && codes[0] == 255 && codes[1] == 128 && codes[2] == 127,
+          "explore: a row is stored as its largest weight, a bitmap of the keys kept, and 8-bit codes (%d)", rc);
+    float bad[10];
+    memcpy(bad, row, sizeof row);
+    bad[7] = NAN;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "finite"),
+          "explore: a weight that is not finite is refused (%s)", err);
+    memcpy(bad, row, sizeof row);
+    bad[2] = 0.25f, bad[7] = 0.0f;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "hides"),
+          "explore: weight on a key the mask hides is refused (%s)", err);
+    memcpy(bad, row, sizeof row);
+    bad[6] = 0.4f;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "sum"),
+          "explore: a row that does not sum to 1 is refused (%s)", err);
+
+    /* a causal row of 300 random weights: every stored one within m/510, every other below the threshold */
+    enum { N = 300 };
+    AttentionSpec causal = {8, 1.0f, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE};
+    static float w[N];
+    static unsigned char big_codes[N], big_bitmap[(N + 7) / 8];
+    float sum = 0.0f;
+    for (int j = 0; j < N; j++) sum += w[j] = expf(4.0f * frand());
+    for (int j = 0; j < N; j++) w[j] /= sum;
+    rc = explore_quantise_row(w, &causal, N - 1, 1e-3f, big_bitmap, big_codes, &m, &n, err, sizeof err);
+    int ok = rc == 0, k = 0, left_out = 0;
+    for (int j = 0; ok && j < N; j++)
+        if (big_bitmap[j / 8] >> (j % 8) & 1) ok &= fabsf(big_codes[k++] * m / 255.0f - w[j]) <= m / 510.0f + 1e-7f;
+        else ok &= w[j] < 1e-3f || w[j] < m / 510.0f, left_out++;
+    check(ok && k == n && left_out > 0 && n > 0, "explore: 300 random weights: %d stored within m/510, %d below the threshold", n,
+          left_out);
+}
+
 int main(void) {
     test_paged_cache();
     test_rolling_buffer();
@@ -630,6 +673,7 @@ int main(void) {
     test_parallel();
     test_utf8();
     test_tokenizer_records();
+    test_explore_rows();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;
 }
