@@ -347,6 +347,82 @@ static int bind_weights(Directory *d, Model *m) {
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * whole-file checks: every byte belongs to one structure, tables hold usable numbers, the run fits */
+
+/* A stretch of the file that one structure claims: a section or a tensor's data. */
+typedef struct {
+    uint64_t start, end;
+    const char *what; /* "header", "config", ... or a tensor's name */
+    int is_tensor;
+} FileRange;
+
+static int by_start(const void *a, const void *b) {
+    const FileRange *x = a, *y = b;
+    return (x->start > y->start) - (x->start < y->start);
+}
+
+/* Every byte of the file belongs to exactly one section or tensor, apart from the padding before an
+ * aligned start (fewer than DATA_ALIGN bytes). Two tensors that share bytes would let a small file stand
+ * for huge matrices (and the memory the config implies); bytes no tensor claims are a file larger than
+ * its contents (a sparse tail the prefault would read in). */
+static int check_file_layout(LoadContext *ctx, const FileRange *sections, int n_sections, const TensorEntry *entries,
+                             int n_tensors, uint64_t file_size) {
+    int n = 0;
+    FileRange *r = malloc((size_t)(n_sections + n_tensors) * sizeof *r);
+    if (!r) return fail(ctx, "out of memory");
+    for (int i = 0; i < n_sections; i++)
+        if (sections[i].end > sections[i].start) r[n++] = sections[i];
+    for (int i = 0; i < n_tensors; i++)
+        r[n++] = (FileRange){entries[i].offset, entries[i].offset + entries[i].nbytes, entries[i].name, 1};
+    qsort(r, (size_t)n, sizeof *r, by_start);
+    int bad = 0;
+    uint64_t covered = 0; /* every byte before this belongs to r[0 .. i-1] or is padding */
+    for (int i = 0; i < n && !bad; i++) {
+        if (i > 0 && r[i].start < r[i - 1].end)
+            bad = r[i].is_tensor && r[i - 1].is_tensor
+                      ? fail(ctx, "tensors '%s' and '%s' share bytes (offsets %llu and %llu): tensors may not overlap",
+                             r[i - 1].what, r[i].what, (unsigned long long)r[i - 1].start, (unsigned long long)r[i].start)
+                      : fail(ctx, "%s%s%s overlaps %s%s%s (offsets %llu and %llu)", r[i - 1].is_tensor ? "tensor '" : "the ",
+                             r[i - 1].what, r[i - 1].is_tensor ? "'" : " section", r[i].is_tensor ? "tensor '" : "the ",
+                             r[i].what, r[i].is_tensor ? "'" : " section", (unsigned long long)r[i - 1].start,
+                             (unsigned long long)r[i].start);
+        else if (r[i].start - covered >= DATA_ALIGN)
+            bad = fail(ctx, "bytes %llu .. %llu belong to no section or tensor (only padding shorter than %d bytes may)",
+                       (unsigned long long)covered, (unsigned long long)r[i].start - 1, DATA_ALIGN);
+        covered = r[i].end;
+    }
+    if (!bad && file_size - covered >= DATA_ALIGN)
+        bad = fail(ctx, "bytes %llu .. %llu at the end belong to no tensor (only padding shorter than %d bytes may)",
+                   (unsigned long long)covered, (unsigned long long)file_size - 1, DATA_ALIGN);
+    free(r);
+    return bad ? -1 : 0;
+}
+
+/* The precomputed RoPE tables (rope_inv_freq.N) hold inverse frequencies: each finite and positive. A NaN
+ * or an infinity there (a rope scaling factor of 0 or NaN in the checkpoint) makes every rotated query and
+ * key NaN or zero. */
+static int check_rope_tables(LoadContext *ctx, const Model *m) {
+    const Config *c = &m->config;
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        if (lc->rope_dim == 0 || lc->rope_table < 0) continue;
+        const float *f = m->weights.layers[l].rope_inv_freq;
+        for (int i = 0; i < lc->rope_dim / 2; i++)
+            if (!(f[i] > 0.0f) || !isfinite(f[i]))
+                return fail(ctx, "rope table %d (layer %d) holds %g at %d: inverse frequencies must be finite and positive",
+                            lc->rope_table, l, f[i], i);
+    }
+    return 0;
+}
+
+/* A window that covers the whole context hides nothing: the layer is full attention (and positions stop at
+ * the context, as a layer with full attention says). */
+static void normalize_windows(Config *c) {
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].window >= c->context_length) c->layers[l].window = 0;
+}
+
 /* The weights stay in the mapped file (no copy). Once the file has passed every check, map all of its pages
  * in now, so that the first forward pass does not take ~one page fault per 4 KiB of weights. Advisory: if
  * the kernel cannot, pages are faulted in as they are first read. */
@@ -404,6 +480,7 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     if (parse_config(ctx, c, p + config_off)) return -1;
     for (int i = 0; i < c->n_layers; i++)
         if (parse_layer(ctx, c, &c->layers[i], p + layers_off + (uint64_t)i * LAYER_RECORD_SIZE, i)) return -1;
+    normalize_windows(c);
 
     /* how each layer attends, as the file says (run.c may override it before runstate_init) */
     m->attention = calloc(n_layers, sizeof *m->attention);
@@ -418,8 +495,14 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     for (uint32_t i = 0; i < n_tensors && !bad; i++)
         bad = parse_tensor(ctx, &entries[i], p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off,
                            file_size);
+    FileRange sections[] = {{0, HEADER_SIZE, "header", 0}, {config_off, config_off + CONFIG_SIZE, "config", 0},
+                            {layers_off, layers_off + (uint64_t)n_layers * LAYER_RECORD_SIZE, "layers", 0},
+                            {tok_off, tok_off + tok_size, "tokenizer", 0},
+                            {tensors_off, tensors_off + (uint64_t)n_tensors * TENSOR_RECORD_SIZE, "tensor directory", 0}};
+    if (!bad) bad = check_file_layout(ctx, sections, 5, entries, (int)n_tensors, file_size);
     if (!bad) bad = index_directory(&dir);
     if (!bad) bad = bind_weights(&dir, m);
+    if (!bad) bad = check_rope_tables(ctx, m);
     free(entries);
     if (bad) return -1;
 
@@ -444,7 +527,8 @@ int model_load_buffer(Model *m, const void *data, size_t size, const char *name,
 int model_load(Model *m, const char *path, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
     LoadContext ctx = {path, err, errlen};
-    int fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO for reading would wait for a writer; it is refused below as not a regular file */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return fail(&ctx, "cannot open: %s", strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -470,7 +554,43 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
         model_free(m);
         return -1;
     }
-    prefault(map, (size_t)file_size); /* every check passed: bring the weights in now */
+    uint64_t data_off = u64_at(map + 80); /* every byte of the data section belongs to a tensor (check_file_layout) */
+    prefault((const unsigned char *)map + data_off, (size_t)(file_size - data_off)); /* every check passed: bring the weights in now */
+    return 0;
+}
+
+/* 1 if an element of the tensor holds an infinity or a NaN (all exponent bits set); q8_0: in its scales */
+static int tensor_has_nonfinite(const unsigned char *data, const TensorEntry *e) {
+    uint64_t count = e->ndim == 1 ? e->shape[0] : (uint64_t)e->shape[0] * e->shape[1];
+    if (e->dtype == DTYPE_F32) {
+        for (uint64_t i = 0; i < count; i++)
+            if ((u32_at(data + 4 * i) & 0x7F800000u) == 0x7F800000u) return 1;
+        return 0;
+    }
+    if (e->dtype == DTYPE_Q8_0) data += count, count /= Q8_GROUP; /* the int8 values are always finite */
+    uint16_t mask = e->dtype == DTYPE_BF16 ? 0x7F80 : 0x7C00;
+    for (uint64_t i = 0; i < count; i++)
+        if (((data[2 * i] | data[2 * i + 1] << 8) & mask) == mask) return 1;
+    return 0;
+}
+
+int model_find_nonfinite_tensor(const Model *m, char *name, size_t len) {
+    if (!m->map) return 0;
+    const unsigned char *p = m->map;
+    uint64_t tensors_off = u64_at(p + 64), data_off = u64_at(p + 80);
+    uint32_t n_tensors = u32_at(p + 72);
+    char err[1];
+    LoadContext quiet = {"", err, 0};
+    for (uint32_t i = 0; i < n_tensors; i++) {
+        TensorEntry e;
+        if (parse_tensor(&quiet, &e, p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off, m->file_size))
+            return 0;
+        if (tensor_has_nonfinite(p + e.offset, &e)) {
+            snprintf(name, len, "%s", e.name);
+            make_printable(name);
+            return 1;
+        }
+    }
     return 0;
 }
 
@@ -505,16 +625,51 @@ static int max_visible(const Model *m) {
     return most;
 }
 
+/* The widest query and kv rows and the most query heads of any layer: what the scratch buffers hold */
+static void widest_layer(const Config *c, int *q_dim, int *kv_dim, int *heads) {
+    *q_dim = *kv_dim = *heads = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerConfig *lc = &c->layers[l];
+        if (lc->n_heads * lc->head_dim > *q_dim) *q_dim = lc->n_heads * lc->head_dim;
+        if (lc->n_kv_heads * lc->head_dim > *kv_dim) *kv_dim = lc->n_kv_heads * lc->head_dim;
+        if (lc->n_heads > *heads) *heads = lc->n_heads;
+    }
+}
+
+static const char *gib(double bytes, char *buf, size_t n) {
+    snprintf(buf, n, "%.1f GiB", bytes / (1u << 30));
+    return buf;
+}
+
+int model_check_memory(const Model *m, int max_tokens, long n_positions, char *err, size_t errlen) {
+    const Config *c = &m->config;
+    int q_dim, kv_dim, heads;
+    widest_layer(c, &q_dim, &kv_dim, &heads);
+    double T = max_tokens, wide = q_dim > c->dim ? q_dim : c->dim, widest = wide > c->hidden_dim ? wide : c->hidden_dim;
+    /* runstate_init's buffers, the quantized activations (at most 2 bytes a value), the longest score rows */
+    double scratch = 4.0 * T * (2.0 * c->dim + wide + q_dim + 2.0 * kv_dim + 2.0 * c->hidden_dim + c->vocab_size) +
+                     2.0 * T * widest + 4.0 * heads * (double)(n_positions < max_visible(m) ? n_positions : max_visible(m));
+    double kv = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        KVLayer cache;
+        attention_cache_init(&cache, c->layers[l].n_kv_heads * c->layers[l].head_dim, &m->attention[l]);
+        kv += (double)kvlayer_bytes_for(&cache, n_positions);
+    }
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double machine = pages > 0 && page > 0 ? (double)pages * page : INFINITY;
+    if (scratch + kv <= machine) return 0;
+    char b1[32], b2[32], b3[32], b4[32];
+    snprintf(err, errlen, "this run needs %s of memory (KV cache %s for %ld positions, scratch %s), more than the "
+             "machine's %s: give a smaller -n or a shorter prompt", gib(scratch + kv, b1, sizeof b1), gib(kv, b2, sizeof b2),
+             n_positions, gib(scratch, b3, sizeof b3), gib(machine, b4, sizeof b4));
+    return -1;
+}
+
 int runstate_init(RunState *s, const Model *m, int max_tokens) {
     const Config *c = &m->config;
     memset(s, 0, sizeof *s);
-    int q_dim = 0, kv_dim = 0, heads = 0;
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerConfig *lc = &c->layers[l];
-        if (lc->n_heads * lc->head_dim > q_dim) q_dim = lc->n_heads * lc->head_dim;
-        if (lc->n_kv_heads * lc->head_dim > kv_dim) kv_dim = lc->n_kv_heads * lc->head_dim;
-        if (lc->n_heads > heads) heads = lc->n_heads;
-    }
+    int q_dim, kv_dim, heads;
+    widest_layer(c, &q_dim, &kv_dim, &heads);
     size_t T = (size_t)max_tokens, wide = (size_t)(q_dim > c->dim ? q_dim : c->dim);
     s->max_tokens = max_tokens;
     /* the score rows start short and grow with the positions actually reached (grow_scores): a context
