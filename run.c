@@ -1,6 +1,7 @@
 /* run.c - the command line: load a model, turn the prompt into ids, run it through the model, sample
  * new tokens one at a time and print them as they come. */
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -321,17 +322,26 @@ static void check_outputs(const Options *o) {
     }
 }
 
-/* Logits that stopped being finite (a NaN or an infinity in the weights, or activations that overflow):
- * sampling and perplexity would make nothing of them. Names the tensor at fault when there is one. */
-static void check_logits_finite(const Model *m, const float *logits, int rows, int first_pos) {
-    int vocab = m->config.vocab_size;
-    for (size_t i = 0; i < (size_t)rows * vocab; i++) {
-        if (isfinite(logits[i])) continue;
-        int pos = first_pos + (int)(i / (size_t)vocab);
+/* Logits that stopped being finite (a NaN or an infinity in the weights), or a residual stream too large for
+ * the final norm (its sum of squares overflows float32, so the norm returns zeros and every logit is 0: weights
+ * of 1e30): sampling and perplexity would make nothing of them. Checks the rows of tokens x[t0 .. t0+rows) at
+ * positions first_pos ..; names the tensor at fault when there is one. */
+static void check_outputs_finite(const Model *m, const RunState *s, int t0, int rows, int first_pos) {
+    int vocab = m->config.vocab_size, dim = m->config.dim;
+    const float *logits = s->logits;
+    for (int r = 0; r < rows; r++) {
+        const float *x = s->x + (size_t)(t0 + r) * dim, *l = logits + (size_t)r * vocab;
+        double squares = 0.0;
+        for (int i = 0; i < dim; i++) squares += (double)x[i] * x[i];
+        int finite = 1;
+        for (int i = 0; i < vocab && finite; i++) finite = isfinite(l[i]);
+        if (finite && squares <= FLT_MAX) continue;
         char name[96];
         if (model_find_nonfinite_tensor(m, name, sizeof name))
-            die("the logits at position %d are not finite: tensor '%s' of the model holds a NaN or an infinity", pos, name);
-        die("the logits at position %d are not finite: the activations overflow (weights too large?)", pos);
+            die("the logits at position %d are not finite: tensor '%s' of the model holds a NaN or an infinity",
+                first_pos + r, name);
+        die("the activations at position %d overflow float32 (the last hidden state reaches a norm of %.3g): its "
+            "logits are %s (weights too large?)", first_pos + r, sqrt(squares), finite ? "meaningless" : "not finite");
     }
 }
 
@@ -434,7 +444,7 @@ int main(int argc, char **argv) {
         int all_rows = logits_file != NULL || o.ppl;
         logits = forward(&model, &state, prompt + pos, n, pos, all_rows);
         if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos);
-        check_logits_finite(&model, logits, all_rows ? n : 1, all_rows ? pos : pos + n - 1);
+        check_outputs_finite(&model, &state, all_rows ? 0 : n - 1, all_rows ? n : 1, all_rows ? pos : pos + n - 1);
         for (int t = 0; o.ppl && t < n && pos + t + 1 < n_prompt; t++)
             nll += token_nll(logits + (size_t)t * c->vocab_size, c->vocab_size, prompt[pos + t + 1]);
         if (logits_file) {
@@ -471,7 +481,7 @@ int main(int argc, char **argv) {
         }
         logits = forward(&model, &state, &next, 1, pos++, 0);
         if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos - 1);
-        check_logits_finite(&model, logits, 1, pos - 1);
+        check_outputs_finite(&model, &state, 0, 1, pos - 1);
     }
     utf8_stream_flush(&out, stdout);
     if (o.n_generate > 0) printf("\n");
