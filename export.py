@@ -11,6 +11,7 @@ The file layout is documented in docs/FORMAT.md; write_model() below writes the 
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -192,8 +193,12 @@ class SafeTensors:
                 raise ExportError(f"{directory}: no model.safetensors, no model.safetensors.index.json, no *.safetensors")
         self.entries = {}
         self.file_of = {}  # tensor name -> the file that holds it
-        for path in files:
-            self._read_header(path)
+        gc.disable()  # a header of 200k entries is 1M small objects: the cycle collector would walk them again and again
+        try:
+            for path in files:
+                self._read_header(path)
+        finally:
+            gc.enable()
 
     def _read_header(self, path):
         with open_input(path) as f:
