@@ -619,6 +619,10 @@ def run_outputs_first(t, F, model):
             a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip(), f"{a.stdout!r} vs {b.stdout!r}")
     r = F.run([model, "--tokens", "@" + F.path("no-such-ids.txt")])
     check_error(t, "--tokens @FILE of a missing file", r, "cannot read --tokens file")
+    a = F.run([model, "-f", "-", "-n", "4", "-t", "0", "--print-ids"], input=b"In the beginning")
+    b = F.run([model, "-p", "In the beginning", "-n", "4", "-t", "0", "--print-ids"])
+    t.check("-f - reads the prompt from standard input (a pipe: only a literal '-' may be one)",
+            a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip(), f"{a.stdout!r} vs {b.stdout!r}")
 
 
 def run(t):
