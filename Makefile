@@ -5,7 +5,8 @@
 #   make BLAS=1     f32 prefill products through OpenBLAS's cblas_sgemm (Debian: libopenblas-dev). OpenBLAS
 #                   0.3.21 takes CPUs it does not know for a Prescott (SSE3): OPENBLAS_CORETYPE=SKYLAKEX
 #   make KERNELS=portable   the portable C kernels, but the rest still built for this CPU (for the tests)
-#   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/)
+#   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/),
+#                   and a mixture of experts against the roofline of the bytes it reads (bench/moe.py)
 #   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
 #   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
 #   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
@@ -32,8 +33,8 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c specials.c files.c
-HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h specials.h files.h
+ENGINE = model.c blocks.c moe.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c specials.c files.c
+HEADERS = model.h blocks.h tensors.def attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h specials.h files.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
 run: run.c $(ENGINE) $(HEADERS)
@@ -57,6 +58,7 @@ test: run tests/unit
 bench: run
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/moe.py
 
 # --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
 # make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report

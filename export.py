@@ -26,18 +26,27 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("error: export.py needs numpy (Debian: apt-get install python3-numpy)")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGN = 64
 
 DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3}
 Q8_GROUP = 32  # q8_0: int8 values in groups of 32 along a row, one f16 scale per group
 
 NORM_RMS, NORM_LAYER = 0, 1
-MLP_GATED, MLP_PLAIN = 0, 1
-ACT_SILU, ACT_GELU_TANH, ACT_GELU = 0, 1, 2
+ACT_SILU, ACT_GELU_TANH, ACT_GELU, ACT_SWIGLU_CLAMPED = 0, 1, 2, 3
 POS_ROPE, POS_LEARNED = 0, 1
-MODEL_TIED_EMBEDDINGS = 1
-LAYER_QK_NORM, LAYER_QKV_BIAS, LAYER_O_BIAS, LAYER_POST_ATTN_NORM, LAYER_POST_MLP_NORM = 1, 2, 4, 8, 16
+MIXER_ATTENTION = 1
+FFN_NONE, FFN_GATED, FFN_PLAIN, FFN_MOE = 0, 1, 2, 3
+ROUTER_SOFTMAX, ROUTER_TOPK_SOFTMAX, ROUTER_SIGMOID = 0, 1, 2
+# flag bits (model.h): each record has its own range, so one word says which tensors a layer has (tensors.def)
+FLAG_BITS = dict(
+    LAYER_MIXER_NORM=1 << 0, LAYER_MIXER_POST_NORM=1 << 1, LAYER_FFN_NORM=1 << 2, LAYER_FFN_POST_NORM=1 << 3,
+    ATTN_QK_NORM=1 << 4, ATTN_QKV_BIAS=1 << 5, ATTN_O_BIAS=1 << 6, ATTN_QK_NORM_FULL=1 << 7, ATTN_QK_NORM_PLAIN=1 << 8,
+    ATTN_SINKS=1 << 9,
+    FFN_BIAS=1 << 12, MOE_NORM_TOPK=1 << 13, MOE_ROUTER_BIAS=1 << 14, MOE_EXPERT_BIAS=1 << 15, MOE_SCORE_BIAS=1 << 16,
+    MOE_SHARED=1 << 17, MOE_SHARED_GATE=1 << 18, MOE_SCALE_INPUT=1 << 19, MOE_GROUP_TOP2=1 << 20,
+    MODEL_TIED_EMBEDDINGS=1 << 24, PRESENT_LEARNED_POSITIONS=1 << 29, PRESENT_LAYERNORM=1 << 30)
+globals().update(FLAG_BITS)
 
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
 PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
@@ -140,7 +149,7 @@ def load_json(path, limit=MAX_JSON_BYTES):
 # ----------------------------------------------------------------------------
 # reading safetensors by hand: 8-byte header length, JSON header, raw little-endian data
 
-ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "U8": ("<u1", 1)}  # U8: MXFP4 blocks, scales
 
 
 def bf16_to_f32(u16):
@@ -227,7 +236,7 @@ class SafeTensors:
             except (KeyError, TypeError, ValueError):
                 raise ExportError(f"{path}: tensor '{name}' has a malformed header entry")
             if dtype not in ST_DTYPES:
-                raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16 and F16 are supported")
+                raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16, F16 (and U8 for MXFP4) are supported")
             np_dtype, width = ST_DTYPES[dtype]
             count = math.prod(shape)
             if end - begin != count * width or base + end > size:
@@ -255,46 +264,119 @@ class SafeTensors:
     def dtype(self, name):
         return self.entries[name][4]
 
-    def get(self, name):
-        """The tensor as float32, in its stored shape."""
+    def get_raw(self, name):
+        """The tensor as stored (uint16 for bf16), in its stored shape."""
         if name not in self.entries:
             raise ExportError(f"missing tensor '{name}' in the checkpoint")
         mm, offset, count, np_dtype, dtype, shape = self.entries[name]
-        arr = np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset)
-        arr = bf16_to_f32(arr) if dtype == "BF16" else arr.astype(np.float32)
-        return arr.reshape(shape)
+        return np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset).reshape(shape)
+
+    def get(self, name):
+        """The tensor as float32, in its stored shape."""
+        arr = self.get_raw(name)
+        return bf16_to_f32(arr) if self.dtype(name) == "BF16" else arr.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
 # the model description every converter produces
 
 
-class Layer:
-    def __init__(self, n_heads, n_kv_heads, head_dim, window=0, rope_theta=10000.0, rope_dim=None,
-                 rope_table=-1, attn_scale=None, attn_softcap=0.0, flags=0):
+class Attention:
+    """A softmax-attention mixer (docs/FORMAT.md, "attention record")."""
+    kind = MIXER_ATTENTION
+
+    def __init__(self, n_heads, n_kv_heads, head_dim, window=0, chunk=0, rope_theta=10000.0, rope_dim=None,
+                 rope_table=-1, rope_attn_factor=1.0, attn_scale=None, attn_softcap=0.0, temperature_floor=0.0,
+                 temperature_scale=0.0, flags=0):
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ExportError(f"bad head counts: {n_heads} query heads, {n_kv_heads} kv heads")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.window = int(window or 0)
+        self.window, self.chunk = int(window or 0), int(chunk or 0)
         self.rope_theta = float(rope_theta)
         self.rope_dim = head_dim if rope_dim is None else rope_dim
         self.rope_table = rope_table
+        self.rope_attn_factor = float(rope_attn_factor)
         self.attn_scale = head_dim ** -0.5 if attn_scale is None else attn_scale
         self.attn_softcap = float(attn_softcap or 0.0)
+        self.temperature_floor, self.temperature_scale = float(temperature_floor), float(temperature_scale)
         self.flags = flags
+
+    def dims(self):
+        return dict(Q_DIM=self.n_heads * self.head_dim, KV_DIM=self.n_kv_heads * self.head_dim, HEAD_DIM=self.head_dim,
+                    N_HEADS=self.n_heads)
+
+    def pack(self):
+        return struct.pack("<7I 6f I", self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.chunk,
+                           self.rope_dim, self.rope_table & 0xFFFFFFFF, self.rope_theta, self.rope_attn_factor,
+                           self.attn_scale, self.attn_softcap, self.temperature_floor, self.temperature_scale, self.flags)
+
+
+class Dense:
+    """A dense FFN: gated down(act(gate x) * up x) or plain down(act(up x))."""
+
+    def __init__(self, hidden, activation=ACT_SILU, gated=True, flags=0):
+        self.kind = FFN_GATED if gated else FFN_PLAIN
+        self.hidden, self.activation, self.flags = hidden, activation, flags
+
+    def dims(self):
+        return dict(HIDDEN=self.hidden)
+
+    def pack(self):
+        return struct.pack("<3I", self.hidden, self.activation, self.flags)
+
+
+class MoE:
+    """A mixture of experts: a router, n_experts gated experts of width hidden, top_k per token."""
+    kind = FFN_MOE
+
+    def __init__(self, n_experts, top_k, hidden, activation=ACT_SILU, router=ROUTER_SOFTMAX, n_groups=1,
+                 topk_groups=1, shared_hidden=0, routed_scale=1.0, act_alpha=0.0, act_limit=0.0, flags=0):
+        self.n_experts, self.top_k, self.hidden, self.activation = n_experts, top_k, hidden, activation
+        self.router, self.n_groups, self.topk_groups, self.shared_hidden = router, n_groups, topk_groups, shared_hidden
+        self.routed_scale, self.act_alpha, self.act_limit = float(routed_scale), float(act_alpha), float(act_limit)
+        self.flags = flags | (MOE_SHARED if shared_hidden else 0)
+
+    def dims(self):
+        return dict(HIDDEN=self.hidden, N_EXPERTS=self.n_experts, EXPERTS=self.n_experts, SHARED_HIDDEN=self.shared_hidden)
+
+    def pack(self):
+        return struct.pack("<8I 3f I", self.n_experts, self.top_k, self.hidden, self.activation, self.router,
+                           self.n_groups, self.topk_groups, self.shared_hidden, self.routed_scale, self.act_alpha,
+                           self.act_limit, self.flags)
+
+
+class Layer:
+    """One layer record: the norms around its two blocks, its mixer and its FFN (None: no FFN)."""
+
+    def __init__(self, mixer, ffn, flags=LAYER_MIXER_NORM | LAYER_FFN_NORM):
+        self.mixer, self.ffn, self.flags = mixer, ffn, flags
+        if ffn is None:
+            self.flags &= ~(LAYER_FFN_NORM | LAYER_FFN_POST_NORM)
+
+    @property
+    def attn(self):
+        return self.mixer
+
+    def pack(self):
+        mixer = self.mixer.pack()
+        ffn = self.ffn.pack() if self.ffn else b""
+        body = struct.pack("<2I", self.mixer.kind, len(mixer)) + mixer + \
+            struct.pack("<2I", self.ffn.kind if self.ffn else FFN_NONE, len(ffn)) + ffn
+        size = pad_to(8 + len(body), 8)
+        return (struct.pack("<2I", size, self.flags) + body).ljust(size, b"\0")
 
 
 class Model:
     """Config + layer records + an ordered list of (name, shape, producer) for the tensors."""
 
-    def __init__(self, family, dim, hidden_dim, vocab_size, context_length, norm_kind=NORM_RMS, norm_eps=1e-5,
-                 mlp_kind=MLP_GATED, activation=ACT_SILU, position_kind=POS_ROPE, embed_scale=1.0,
-                 final_softcap=0.0, tied=False):
+    def __init__(self, family, dim, vocab_size, context_length, norm_kind=NORM_RMS, norm_eps=1e-5,
+                 position_kind=POS_ROPE, embed_scale=1.0, residual_scale=1.0, logit_scale=1.0, final_softcap=0.0,
+                 tied=False):
         self.family = family
-        self.dim, self.hidden_dim, self.vocab_size, self.context_length = dim, hidden_dim, vocab_size, context_length
-        self.norm_kind, self.norm_eps = norm_kind, float(norm_eps)
-        self.mlp_kind, self.activation, self.position_kind = mlp_kind, activation, position_kind
-        self.embed_scale, self.final_softcap = float(embed_scale), float(final_softcap or 0.0)
+        self.dim, self.vocab_size, self.context_length = dim, vocab_size, context_length
+        self.norm_kind, self.norm_eps, self.position_kind = norm_kind, float(norm_eps), position_kind
+        self.embed_scale, self.residual_scale, self.logit_scale = float(embed_scale), float(residual_scale), float(logit_scale)
+        self.final_softcap = float(final_softcap or 0.0)
         self.tied = tied
         self.layers = []
         self.rope_tables = []      # float32 arrays of inverse frequencies
@@ -313,6 +395,47 @@ class Model:
                 return i
         self.rope_tables.append(inv_freq)
         return len(self.rope_tables) - 1
+
+    def flags(self):
+        return MODEL_TIED_EMBEDDINGS if self.tied else 0
+
+
+# ----------------------------------------------------------------------------
+# the tensor table (tensors.def, shared with model.c): what each part of a model holds
+
+
+TABLE_ROW = re.compile(r"^(MODEL_TENSOR|TENSOR)\(\s*([\w|]+)\s*,\s*\"([^\"]+)\"\s*,\s*[\w.]+\s*,\s*(\w+)\s*,\s*(\w+)\s*,"
+                       r"\s*(\w+)\s*,\s*(\w+)\s*,\s*([\w| ]+?)\s*,\s*([\w| ]+?)\s*\)", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_table():
+    """[(parts, name, dims, storage, needs, unless)] from tensors.def, in table order."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensors.def")) as f:
+        text = f.read()
+    bits = lambda expr: functools.reduce(lambda a, b: a | b, (0 if w == "0" else FLAG_BITS[w] for w in expr.replace(" ", "").split("|")))  # noqa: E731
+    return [(set(parts.split("|")), name, [d for d in (d0, d1, d2) if d != "0"], storage, bits(needs), bits(unless))
+            for _, parts, name, d0, d1, d2, storage, needs, unless in TABLE_ROW.findall(text)]
+
+
+def expected_tensors(m):
+    """{name: (shape, storage)} of every tensor the table asks of model m (the rope tables apart)."""
+    present = m.flags() | (PRESENT_LAYERNORM if m.norm_kind == NORM_LAYER else 0) | \
+        (PRESENT_LEARNED_POSITIONS if m.position_kind == POS_LEARNED else 0)
+    model_dims = dict(DIM=m.dim, VOCAB=m.vocab_size, CONTEXT=m.context_length)
+    mixer_parts, ffn_parts = {MIXER_ATTENTION: "ATTENTION"}, {FFN_GATED: "GATED", FFN_PLAIN: "PLAIN", FFN_MOE: "MOE"}
+    out = {}
+    for parts, name, dims, storage, needs, unless in tensor_table():
+        if "MODEL" in parts and present & needs == needs and not present & unless:
+            out[name] = (tuple(model_dims[d] for d in dims), storage)
+    for i, L in enumerate(m.layers):
+        have = {"LAYER", mixer_parts[L.mixer.kind]} | ({ffn_parts[L.ffn.kind]} if L.ffn else set())
+        bits = present | L.flags | L.mixer.flags | (L.ffn.flags if L.ffn else 0)
+        dims = dict(model_dims, **L.mixer.dims(), **(L.ffn.dims() if L.ffn else {}))
+        for parts, name, shape, storage, needs, unless in tensor_table():
+            if parts & have and bits & needs == needs and not bits & unless:
+                out[f"layers.{i}.{name}"] = (tuple(dims[d] for d in shape), storage)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -343,27 +466,33 @@ def rope_settings(cfg, layer_type=None):
     return number(theta, "rope_theta"), scaling
 
 
-def rope_inv_freq(theta, rope_dim, scaling):
-    """Inverse frequencies for a scaled rope, as transformers computes them (in float32); each must come out
-    finite and positive (a factor of 0 or NaN, or a rope_theta <= 0, would give NaN or infinite tables)."""
+def rope_inv_freq(theta, rope_dim, scaling, context=None):
+    """(inverse frequencies, attention factor) of a scaled rope, as transformers computes them (in float32);
+    the attention factor multiplies cos and sin (YaRN), 1 otherwise. The frequencies must come out finite and
+    positive (a factor of 0 or NaN, or a rope_theta <= 0, would give NaN or infinite tables)."""
     try:
         with np.errstate(all="ignore"):
-            inv = _rope_inv_freq(theta, rope_dim, scaling)
+            inv, attention = _rope_inv_freq(theta, rope_dim, scaling, context)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ExportError(f"config.json: rope scaling {scaling} is incomplete or malformed ({type(e).__name__}: {e})")
-    if not (np.isfinite(inv).all() and (inv > 0).all()):
-        raise ExportError(f"config.json: rope_theta {theta} with rope scaling {scaling} gives inverse frequencies that "
-                          f"are not finite and positive")
-    return inv
+    if not (np.isfinite(inv).all() and (inv > 0).all() and math.isfinite(attention) and attention > 0):
+        raise ExportError(f"config.json: rope_theta {theta} with rope scaling {scaling} gives inverse frequencies (or an "
+                          f"attention factor) that are not finite and positive")
+    return inv, attention
 
 
-def _rope_inv_freq(theta, rope_dim, scaling):
+def yarn_mscale(factor, mscale=1.0):
+    """YaRN's attention temperature: 0.1 m ln(s) + 1 for a context stretched s times (Peng et al. 2023)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_inv_freq(theta, rope_dim, scaling, context):
     inv = (1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.int64).astype(np.float32) / rope_dim))).astype(np.float32)
     kind = scaling["rope_type"]
     if kind == "default":
-        return inv
+        return inv, 1.0
     if kind == "linear":
-        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+        return (inv / np.float32(scaling["factor"])).astype(np.float32), 1.0
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -374,17 +503,43 @@ def _rope_inv_freq(theta, rope_dim, scaling):
         smooth = (old_ctx / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ExportError(f"rope scaling type '{kind}' is not supported (supported: linear, llama3)")
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        # low frequencies (long wavelengths) are interpolated by the factor, high ones kept, a linear ramp
+        # between the dimensions that turn beta_fast and beta_slow times over the original context
+        factor = float(scaling["factor"])
+        attention = scaling.get("attention_factor")
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if attention is None:
+            attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all \
+                else yarn_mscale(factor)
+        fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+        old_ctx = scaling.get("original_max_position_embeddings") or context
+        turns = lambda rot: rope_dim * math.log(old_ctx / (rot * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+        low, high = turns(fast), turns(slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rope_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(rope_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        pos_freqs = (np.float32(theta) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim))).astype(np.float32)
+        keep = (np.float32(1) - ramp).astype(np.float32)
+        inv = (np.float32(1) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - keep) + (np.float32(1) / pos_freqs) * keep
+        return inv.astype(np.float32), float(attention)
+    raise ExportError(f"rope scaling type '{kind}' is not supported (supported: linear, llama3, yarn)")
 
 
 def full_attention_windows(m):
-    """A sliding window that covers the whole context hides nothing: such a layer is stored as full attention
-    (0), so that ./run keeps positions inside the context as it does for any layer that sees everything."""
+    """A sliding window (or a chunk) that covers the whole context hides nothing: such a layer is stored as full
+    attention (0), so that ./run keeps positions inside the context as it does for any layer that sees
+    everything."""
     for i, L in enumerate(m.layers):
-        if L.window >= m.context_length:
-            log(f"export: layer {i}: sliding window {L.window} covers the context of {m.context_length}: full attention")
-            L.window = 0
+        a = L.attn
+        for what in ("window", "chunk"):
+            if getattr(a, what) >= m.context_length:
+                log(f"export: layer {i}: {what} {getattr(a, what)} covers the context of {m.context_length}: full attention")
+                setattr(a, what, 0)
 
 
 def round_rope_to_bf16(m):
@@ -396,18 +551,21 @@ def round_rope_to_bf16(m):
     tables = list(m.rope_tables)
     m.rope_tables = []
     for L in m.layers:
-        if L.rope_dim == 0:
+        a = L.attn
+        if a.rope_dim == 0:
             continue
-        inv = tables[L.rope_table] if L.rope_table >= 0 else rope_inv_freq(L.rope_theta, L.rope_dim, {"rope_type": "default"})
-        L.rope_table = m.rope_table_for(bf16_to_f32(f32_to_bf16(inv)))
+        inv = tables[a.rope_table] if a.rope_table >= 0 else rope_inv_freq(a.rope_theta, a.rope_dim, {"rope_type": "default"})[0]
+        a.rope_table = m.rope_table_for(bf16_to_f32(f32_to_bf16(inv)))
 
 
-def layer_rope(model, cfg, rope_dim, layer_type=None):
-    """(rope_theta, rope_table) for a layer."""
+def layer_rope(model, cfg, rope_dim, layer_type=None, scaled=True):
+    """(rope_theta, rope_table, attention factor) for a layer; scaled=False: the base frequencies even where the
+    config scales them (OLMo 3's sliding layers)."""
     theta, scaling = rope_settings(cfg, layer_type)
-    if scaling is None:
-        return theta, -1
-    return theta, model.rope_table_for(rope_inv_freq(theta, rope_dim, scaling))
+    if scaling is None or not scaled:
+        return theta, -1, 1.0
+    inv, factor = rope_inv_freq(theta, rope_dim, scaling, cfg.get("max_position_embeddings"))
+    return theta, model.rope_table_for(inv), factor
 
 
 # ----------------------------------------------------------------------------
@@ -446,6 +604,7 @@ def regroup_kv_heads(m, counts):
     key is RMS-normalised again, so it keeps the scale the layer was trained with instead of shrinking
     where the heads disagree (the mean of normalised keys would not be a projection at all)."""
     for i, layer in enumerate(m.layers):
+        layer = layer.attn
         n = counts.get(i, layer.n_kv_heads)
         old, hd = layer.n_kv_heads, layer.head_dim
         if n == old:
@@ -461,7 +620,7 @@ def regroup_kv_heads(m, counts):
             raise ExportError(f"--kv-heads: layer {i} has {layer.n_heads} query and {old} kv heads; N must be a "
                               f"multiple of {old} that divides {layer.n_heads}, or a divisor of {old} (got {n})")
         layer.n_kv_heads = n
-        names = {f"layers.{i}.{t}" for t in ("wk", "wv", "bk", "bv")}
+        names = {f"layers.{i}.attn.{t}" for t in ("wk", "wv", "bk", "bv")}
         for j, (name, shape, producer) in enumerate(m.tensors):
             if name in names:
                 m.tensors[j] = (name, (n * hd,) + shape[1:], lambda p=producer, f=regroup: f(np.asarray(p())))
@@ -472,29 +631,56 @@ def regroup_kv_heads(m, counts):
 # layer kinds: which layers slide, from either dialect
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
 def layer_types(cfg, n_layers, family):
-    """'full_attention' / 'sliding_attention' for each layer."""
+    """'full_attention' / 'sliding_attention' / 'chunked_attention' for each layer."""
     types = cfg.get("layer_types")
+    window = cfg.get("sliding_window")
     if types is not None:
         if not isinstance(types, list) or len(types) != n_layers:
             raise ExportError(f"config.json: layer_types has {len(types) if isinstance(types, list) else '?'} entries for {n_layers} layers")
         for t in types:
-            if t not in ("full_attention", "sliding_attention"):
-                raise ExportError(f"config.json: layer type '{t}' is not supported")
+            if t not in LAYER_TYPES:
+                raise ExportError(f"config.json: layer type '{t}' is not supported (supported: {', '.join(LAYER_TYPES)})")
+        if family == "smollm3" and not cfg.get("use_sliding_window"):  # its layers slide only when this is set
+            return ["full_attention" if t == "sliding_attention" else t for t in types]
         return list(types)
-    window = cfg.get("sliding_window")
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         # transformers 4: layers from max_window_layers on slide, when use_sliding_window is set
         if not cfg.get("use_sliding_window", False) or not window:
             return ["full_attention"] * n_layers
         first = cfg.get("max_window_layers", n_layers)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-    if family == "gemma2":
+    if family in ("gemma2", "gpt_oss"):
         return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-    if family == "gemma3_text":
-        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+    if family in ("gemma3_text", "olmo3", "exaone4"):
+        default = {"gemma3_text": 6, "olmo3": 4, "exaone4": 4}[family]
+        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", default))
+        if family == "exaone4" and not window:
+            return ["full_attention"] * n_layers
+        if isinstance(pattern, str):  # EXAONE 4 may spell it "LLLG": L local (sliding), G global
+            return ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(n_layers)]
         return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    if family == "llama4_text":
+        return ["chunked_attention" if rope else "full_attention" for rope in rope_layers(cfg, n_layers, family)]
+    if family == "smollm3":
+        slide = cfg.get("use_sliding_window") and window
+        return ["sliding_attention" if slide and not rope else "full_attention" for rope in rope_layers(cfg, n_layers, family)]
     return ["sliding_attention" if window else "full_attention"] * n_layers
+
+
+def rope_layers(cfg, n_layers, family):
+    """Which layers rotate positions (1) and which have none (0, NoPE): SmolLM3 and Llama 4's
+    `no_rope_layers` (despite the name, 1 means rope), else every `no_rope_layer_interval`-th layer is NoPE."""
+    flags = cfg.get("no_rope_layers")
+    if flags:
+        if not isinstance(flags, list) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
+            raise ExportError(f"config.json: no_rope_layers must list 0 or 1 for each of the {n_layers} layers")
+        return list(flags)
+    interval = config_int(cfg, "no_rope_layer_interval", 4)
+    return [int((i + 1) % interval != 0) for i in range(n_layers)]
 
 
 def require(cfg, *keys):
@@ -520,7 +706,10 @@ def config_int(cfg, keys, default=None, minimum=1):
 KEY_LIMITS = {"num_hidden_layers": "layers", "n_layer": "layers", "hidden_size": "dim", "n_embd": "dim",
               "intermediate_size": "hidden_dim", "n_inner": "hidden_dim", "num_attention_heads": "heads",
               "n_head": "heads", "num_key_value_heads": "heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
-              "sliding_window": "context_length"}
+              "sliding_window": "context_length", "attention_chunk_size": "context_length",
+              "moe_intermediate_size": "hidden_dim", "shared_expert_intermediate_size": "hidden_dim",
+              "num_experts": "experts", "num_local_experts": "experts", "n_routed_experts": "experts",
+              "num_experts_per_tok": "experts"}
 
 
 def number(v, what):
@@ -539,97 +728,260 @@ def config_float(cfg, key, default):
 # Hugging Face families
 
 
+# The decoder families whose layers are variations of [norm, attention, norm, FFN]: what differs is data
+# (which norms, which q/k norm, which positions, which FFN), set here per family from its config.
+POST_NORMS_ONLY = ("olmo3", "exaone4")      # x += post_norm(block(x)), no norm before the blocks
+SANDWICH_NORMS = ("gemma2", "gemma3_text")  # x += post_norm(block(norm(x)))
+
+
 def convert_llama_like(cfg, st, family):
-    """llama, mistral, qwen2, qwen3 (and gemma2 / gemma3_text, phi3 through the same layer recipe)."""
+    """llama, mistral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3, smollm3, olmo3, exaone4, gpt_oss,
+    llama4_text."""
     prefix = text_prefix(st)
-    dim, n_layers, n_heads, vocab, hidden = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                    "vocab_size", "intermediate_size")
+    dim, n_layers, n_heads, vocab = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     n_kv = config_int(cfg, "num_key_value_heads", n_heads)
     head_dim = config_int(cfg, "head_dim", dim // n_heads or None)  # None: an error, hidden_size < heads
-    gemma = family in ("gemma2", "gemma3_text")
+    gemma = family in SANDWICH_NORMS
+    head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight") if n in st), None)
     tied = cfg.get("tie_word_embeddings")
     if tied is None:
-        tied = "lm_head.weight" not in st
-    if not tied and "lm_head.weight" not in st:
+        tied = head is None
+    if not tied and head is None:
         raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
-    m = Model(family, dim, hidden, vocab, config_int(cfg, "max_position_embeddings", 2048),
+    m = Model(family, dim, vocab, config_int(cfg, "max_position_embeddings", 2048),
               norm_eps=config_float(cfg, "rms_norm_eps", 1e-6), tied=tied,
-              activation=ACT_GELU_TANH if gemma else activation_of(cfg.get("hidden_act", "silu")),
               embed_scale=math.sqrt(dim) if gemma else 1.0,
               final_softcap=config_float(cfg, "final_logit_softcapping", 0.0))
     types = layer_types(cfg, n_layers, family)
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     rope_dim = int(head_dim * number(partial, "partial_rotary_factor"))
-    if gemma:
-        scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5
-    else:
-        scale = head_dim ** -0.5
+    scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5 if gemma else head_dim ** -0.5
+    ropes = rope_layers(cfg, n_layers, family) if family in ("smollm3", "llama4_text") else [1] * n_layers
+    if family == "exaone4" and "sliding_attention" in types:  # EXAONE 4's global layers see no positions
+        ropes = [int(t == "sliding_attention") for t in types]
     p = prefix
     for i in range(n_layers):
         a = f"{p}layers.{i}."
         flags = 0
         if f"{a}self_attn.q_norm.weight" in st:
-            flags |= LAYER_QK_NORM
+            flags |= ATTN_QK_NORM_FULL if family == "olmo3" else ATTN_QK_NORM
+        if family == "llama4_text" and cfg.get("use_qk_norm") and ropes[i]:
+            flags |= ATTN_QK_NORM_PLAIN
         if f"{a}self_attn.q_proj.bias" in st:
-            flags |= LAYER_QKV_BIAS
+            flags |= ATTN_QKV_BIAS
         if f"{a}self_attn.o_proj.bias" in st:
-            flags |= LAYER_O_BIAS
-        if gemma:
-            flags |= LAYER_POST_ATTN_NORM | LAYER_POST_MLP_NORM
-        sliding = types[i] == "sliding_attention"
-        if sliding and not cfg.get("sliding_window"):
-            raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
-        window = config_int(cfg, "sliding_window") if sliding else 0
-        theta, table = layer_rope(m, cfg, rope_dim, types[i] if family == "gemma3_text" else None)
-        m.layers.append(Layer(n_heads, n_kv, head_dim, window=window, rope_theta=theta, rope_dim=rope_dim,
-                              rope_table=table, attn_scale=scale,
+            flags |= ATTN_O_BIAS
+        if f"{a}self_attn.sinks" in st:
+            flags |= ATTN_SINKS
+        window = chunk = 0
+        if types[i] == "sliding_attention":
+            if not cfg.get("sliding_window"):
+                raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
+            window = config_int(cfg, "sliding_window")
+        elif types[i] == "chunked_attention":
+            chunk = config_int(cfg, "attention_chunk_size")
+        if window >= m.context_length:  # a window over the whole context is full attention
+            window = 0
+        theta, table, attn_factor = layer_rope(m, cfg, rope_dim, types[i] if family == "gemma3_text" else None,
+                                               scaled=not (family == "olmo3" and types[i] == "sliding_attention"))
+        temperature = (config_float(cfg, "floor_scale", 8192.0), config_float(cfg, "attn_scale", 0.1)) \
+            if family == "llama4_text" and cfg.get("attn_temperature_tuning") and not ropes[i] else (0.0, 0.0)
+        attention = Attention(n_heads, n_kv, head_dim, window=window, chunk=chunk, rope_theta=theta,
+                              rope_dim=rope_dim if ropes[i] else 0, rope_table=table if ropes[i] else -1,
+                              rope_attn_factor=attn_factor, attn_scale=scale,
                               attn_softcap=config_float(cfg, "attn_logit_softcapping", 0.0),
-                              flags=flags))
+                              temperature_floor=temperature[0], temperature_scale=temperature[1], flags=flags)
+        norms = LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM if family in POST_NORMS_ONLY else \
+            LAYER_MIXER_NORM | LAYER_FFN_NORM | (LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM if gemma else 0)
+        m.layers.append(Layer(attention, ffn_of(cfg, st, family, i, a), norms))
 
     def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in here
-        return (lambda: st.get(name) + 1.0) if gemma else (lambda: st.get(name))
+        return (lambda: st.get(name) + 1.0) if gemma else getter(st, name)
 
-    m.add("tok_embeddings", (vocab, dim), lambda: st.get(f"{p}embed_tokens.weight"))
+    m.add("tok_embeddings", (vocab, dim), getter(st, f"{p}embed_tokens.weight"))
     qd, kd = n_heads * head_dim, n_kv * head_dim
     for i, layer in enumerate(m.layers):
-        a, o = f"{p}layers.{i}.", f"layers.{i}."
-        m.add(o + "attn_norm", (dim,), norm(a + "input_layernorm.weight"))
+        a, o, at = f"{p}layers.{i}.", f"layers.{i}.", layer.attn
+        if family in POST_NORMS_ONLY:
+            m.add(o + "mixer_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
+            m.add(o + "ffn_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+        else:
+            m.add(o + "mixer_norm", (dim,), norm(a + "input_layernorm.weight"))
+            m.add(o + "ffn_norm", (dim,), norm(a + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")))
+        if gemma:
+            m.add(o + "mixer_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
+            m.add(o + "ffn_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+        # Llama 4 rotates interleaved pairs (2i, 2i+1); attn.c rotates (i, i + d/2): reorder the q and k rows
+        qk = (lambda g, heads: interleaved_to_halves(g, heads, head_dim)) if family == "llama4_text" else (lambda g, heads: g)
         if f"{a}self_attn.qkv_proj.weight" in st:  # Phi-3: q, k, v stacked in one matrix
             fused = a + "self_attn.qkv_proj.weight"
-            m.add(o + "wq", (qd, dim), rows(st, fused, 0, qd))
-            m.add(o + "wk", (kd, dim), rows(st, fused, qd, qd + kd))
-            m.add(o + "wv", (kd, dim), rows(st, fused, qd + kd, qd + 2 * kd))
+            m.add(o + "attn.wq", (qd, dim), rows(st, fused, 0, qd))
+            m.add(o + "attn.wk", (kd, dim), rows(st, fused, qd, qd + kd))
+            m.add(o + "attn.wv", (kd, dim), rows(st, fused, qd + kd, qd + 2 * kd))
         else:
+            m.add(o + "attn.wq", (qd, dim), qk(getter(st, f"{a}self_attn.q_proj.weight"), n_heads))
+            m.add(o + "attn.wk", (kd, dim), qk(getter(st, f"{a}self_attn.k_proj.weight"), n_kv))
+            m.add(o + "attn.wv", (kd, dim), getter(st, f"{a}self_attn.v_proj.weight"))
+        if at.flags & ATTN_QKV_BIAS:
             for n, proj, d in (("q", "q_proj", qd), ("k", "k_proj", kd), ("v", "v_proj", kd)):
-                m.add(o + "w" + n, (d, dim), getter(st, f"{a}self_attn.{proj}.weight"))
-        if layer.flags & LAYER_QKV_BIAS:
-            for n, proj, d in (("q", "q_proj", qd), ("k", "k_proj", kd), ("v", "v_proj", kd)):
-                m.add(o + "b" + n, (d,), getter(st, f"{a}self_attn.{proj}.bias"))
-        if layer.flags & LAYER_QK_NORM:
-            m.add(o + "q_norm", (head_dim,), norm(a + "self_attn.q_norm.weight"))
-            m.add(o + "k_norm", (head_dim,), norm(a + "self_attn.k_norm.weight"))
-        m.add(o + "wo", (dim, qd), getter(st, a + "self_attn.o_proj.weight"))
-        if layer.flags & LAYER_O_BIAS:
-            m.add(o + "bo", (dim,), getter(st, a + "self_attn.o_proj.bias"))
-        if gemma:
-            m.add(o + "attn_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
-            m.add(o + "mlp_norm", (dim,), norm(a + "pre_feedforward_layernorm.weight"))
-        else:
-            m.add(o + "mlp_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
-        if f"{a}mlp.gate_up_proj.weight" in st:  # Phi-3: gate and up stacked
-            fused = a + "mlp.gate_up_proj.weight"
-            m.add(o + "w_gate", (hidden, dim), rows(st, fused, 0, hidden))
-            m.add(o + "w_up", (hidden, dim), rows(st, fused, hidden, 2 * hidden))
-        else:
-            m.add(o + "w_gate", (hidden, dim), getter(st, a + "mlp.gate_proj.weight"))
-            m.add(o + "w_up", (hidden, dim), getter(st, a + "mlp.up_proj.weight"))
-        m.add(o + "w_down", (dim, hidden), getter(st, a + "mlp.down_proj.weight"))
-        if gemma:
-            m.add(o + "mlp_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+                m.add(o + "attn.b" + n, (d,), getter(st, f"{a}self_attn.{proj}.bias"))
+        if at.flags & ATTN_QK_NORM:
+            m.add(o + "attn.q_norm", (head_dim,), norm(a + "self_attn.q_norm.weight"))
+            m.add(o + "attn.k_norm", (head_dim,), norm(a + "self_attn.k_norm.weight"))
+        if at.flags & ATTN_QK_NORM_FULL:
+            m.add(o + "attn.q_norm_full", (qd,), norm(a + "self_attn.q_norm.weight"))
+            m.add(o + "attn.k_norm_full", (kd,), norm(a + "self_attn.k_norm.weight"))
+        if at.flags & ATTN_SINKS:
+            m.add(o + "attn.sinks", (n_heads,), getter(st, a + "self_attn.sinks"))
+        m.add(o + "attn.wo", (dim, qd), getter(st, a + "self_attn.o_proj.weight"))
+        if at.flags & ATTN_O_BIAS:
+            m.add(o + "attn.bo", (dim,), getter(st, a + "self_attn.o_proj.bias"))
+        add_ffn(m, st, layer.ffn, a, o, dim)
     m.add("final_norm", (dim,), norm(f"{p}norm.weight"))
     if not tied:
-        m.add("output", (vocab, dim), getter(st, "lm_head.weight"))
+        m.add("output", (vocab, dim), getter(st, head))
     return m
+
+
+def interleaved_to_halves(get, heads, head_dim):
+    """q/k rows of each head reordered from rotary pairs (2i, 2i+1) to (i, i + head_dim/2): the scores q.k do
+    not change (both sides move alike), and one rope kernel serves both layouts."""
+    def f():
+        w = get()
+        return w.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+    f.source = getattr(get, "source", None)
+    return f
+
+
+def ffn_of(cfg, st, family, i, a):
+    """The FFN record of layer i: dense (its width), or a mixture of experts where the family's config puts one."""
+    act = ACT_GELU_TANH if family in SANDWICH_NORMS else activation_of(cfg.get("hidden_act", "silu"))
+    dense_width = cfg.get("intermediate_size_mlp") if family == "llama4_text" else cfg.get("intermediate_size")
+    dense = lambda: Dense(config_int({"intermediate_size": dense_width}, "intermediate_size"), act,  # noqa: E731
+                          flags=FFN_BIAS if cfg.get("mlp_bias") else 0)
+    if family == "qwen3_moe":
+        sparse = i not in (cfg.get("mlp_only_layers") or []) and config_int(cfg, "num_experts", 0, 0) > 0 and \
+            (i + 1) % config_int(cfg, "decoder_sparse_step", 1) == 0
+        if not sparse:
+            return dense()
+        return MoE(config_int(cfg, "num_experts"), config_int(cfg, "num_experts_per_tok"),
+                   config_int(cfg, "moe_intermediate_size"), act, ROUTER_SOFTMAX,
+                   flags=MOE_NORM_TOPK if cfg.get("norm_topk_prob", False) else 0)
+    if family == "gpt_oss":
+        return MoE(config_int(cfg, ("num_local_experts", "num_experts")), config_int(cfg, "num_experts_per_tok"),
+                   config_int(cfg, "intermediate_size"), ACT_SWIGLU_CLAMPED, ROUTER_TOPK_SOFTMAX,
+                   act_alpha=1.702, act_limit=config_float(cfg, "swiglu_limit", 7.0),
+                   flags=MOE_ROUTER_BIAS | MOE_EXPERT_BIAS)
+    if family == "llama4_text":
+        step = config_int(cfg, "interleave_moe_layer_step", 1)
+        moe_layers = cfg.get("moe_layers")
+        if moe_layers is None:
+            moe_layers = list(range(step - 1, config_int(cfg, "num_hidden_layers"), step))
+        if i not in moe_layers:
+            return dense()
+        width = config_int(cfg, "intermediate_size")
+        return MoE(config_int(cfg, "num_local_experts"), config_int(cfg, "num_experts_per_tok"), width, act,
+                   ROUTER_SIGMOID, shared_hidden=width, flags=MOE_SCALE_INPUT)
+    return dense()
+
+
+def add_ffn(m, st, ffn, a, o, dim):
+    """The FFN's tensors of layer prefix a (checkpoint) / o (file)."""
+    hidden = ffn.hidden
+    if isinstance(ffn, Dense):
+        mlp = a + ("feed_forward." if f"{a}feed_forward.gate_proj.weight" in st else "mlp.")
+        if f"{mlp}gate_up_proj.weight" in st:  # Phi-3: gate and up stacked
+            m.add(o + "ffn.w_gate", (hidden, dim), rows(st, mlp + "gate_up_proj.weight", 0, hidden))
+            m.add(o + "ffn.w_up", (hidden, dim), rows(st, mlp + "gate_up_proj.weight", hidden, 2 * hidden))
+        else:
+            m.add(o + "ffn.w_gate", (hidden, dim), getter(st, mlp + "gate_proj.weight"))
+            m.add(o + "ffn.w_up", (hidden, dim), getter(st, mlp + "up_proj.weight"))
+        m.add(o + "ffn.w_down", (dim, hidden), getter(st, mlp + "down_proj.weight"))
+        if ffn.flags & FFN_BIAS:
+            m.add(o + "ffn.b_gate", (hidden,), getter(st, mlp + "gate_proj.bias"))
+            m.add(o + "ffn.b_up", (hidden,), getter(st, mlp + "up_proj.bias"))
+            m.add(o + "ffn.b_down", (dim,), getter(st, mlp + "down_proj.bias"))
+        return
+    E = ffn.n_experts
+    experts = ExpertSource(st, a, E, hidden, dim)
+    m.add(o + "moe.router", (E, dim), getter(st, experts.router))
+    if ffn.flags & MOE_ROUTER_BIAS:
+        m.add(o + "moe.router_bias", (E,), getter(st, experts.router_bias))
+    for name, shape in (("w_gate", (E, hidden, dim)), ("w_up", (E, hidden, dim)), ("w_down", (E, dim, hidden))):
+        m.add(o + "moe." + name, shape, experts.producer(name))
+    if ffn.flags & MOE_EXPERT_BIAS:
+        for name, shape in (("b_gate", (E, hidden)), ("b_up", (E, hidden)), ("b_down", (E, dim))):
+            m.add(o + "moe." + name, shape, experts.producer(name))
+    if ffn.flags & MOE_SHARED:
+        sh, s = ffn.shared_hidden, experts.shared
+        m.add(o + "moe.shared.w_gate", (sh, dim), getter(st, s + "gate_proj.weight"))
+        m.add(o + "moe.shared.w_up", (sh, dim), getter(st, s + "up_proj.weight"))
+        m.add(o + "moe.shared.w_down", (dim, sh), getter(st, s + "down_proj.weight"))
+
+
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def mxfp4(blocks, scales):
+    """MXFP4 (OCP microscaling, gpt-oss's experts): blocks [..., G, 16] of two 4-bit e2m1 values per byte (low
+    nibble first), scales [..., G] of e8m0 exponents (2^(s - 127)) for each group of 32 -> float32 [..., G * 32].
+    Every value is a small power-of-two multiple, exact in bf16 as in f32."""
+    blocks, scales = np.asarray(blocks), np.asarray(scales)
+    values = np.stack([FP4_VALUES[blocks & 0x0F], FP4_VALUES[blocks >> 4]], axis=-1).reshape(blocks.shape[:-1] + (32,))
+    values = np.ldexp(values, (scales.astype(np.int32) - 127)[..., None]).astype(np.float32)
+    return values.reshape(blocks.shape[:-2] + (-1,))
+
+
+class ExpertSource:
+    """The experts of one MoE layer in whatever layout the checkpoint keeps them, as the stacks attn.c stores:
+    w_gate, w_up [E][hidden][dim], w_down [E][dim][hidden] (and biases [E][...]).
+      per expert      experts.{e}.gate_proj / up_proj / down_proj (Qwen3-MoE, Mixtral-style)
+      fused, halves   experts.gate_up_proj [E][dim][2 hidden]: gate | up (Llama 4)
+      interleaved     experts.gate_up_proj [E][dim][2 hidden]: gate, up alternating (gpt-oss), + biases
+      MXFP4           experts.gate_up_proj_blocks / _scales, rows interleaved (gpt-oss as released)"""
+
+    def __init__(self, st, a, E, hidden, dim):
+        self.st, self.E, self.hidden, self.dim = st, E, hidden, dim
+        for mlp in (a + "mlp.", a + "feed_forward.", a + "block_sparse_moe."):
+            if any(n in st for n in (mlp + "experts.gate_up_proj", mlp + "experts.gate_up_proj_blocks",
+                                     mlp + "experts.0.gate_proj.weight", mlp + "experts.0.w1.weight")):
+                break
+        else:
+            raise ExportError(f"missing tensor '{a}mlp.experts.*' (the experts of a mixture-of-experts layer)")
+        self.mlp, self.shared = mlp, mlp + "shared_expert."
+        self.router = next((mlp + n for n in ("router.weight", "gate.weight") if mlp + n in st), mlp + "router.weight")
+        self.router_bias = mlp + "router.bias"
+        self.interleaved = mlp + "experts.gate_up_proj_bias" in st or mlp + "experts.gate_up_proj_blocks" in st
+
+    def producer(self, name):
+        f = lambda: self.get(name)  # noqa: E731
+        return f
+
+    def get(self, name):
+        st, mlp, H = self.st, self.mlp + "experts.", self.hidden
+        if mlp + "0.gate_proj.weight" in st or mlp + "0.w1.weight" in st:  # one tensor per expert
+            mixtral = mlp + "0.w1.weight" in st
+            part = {"w_gate": "w1" if mixtral else "gate_proj", "w_up": "w3" if mixtral else "up_proj",
+                    "w_down": "w2" if mixtral else "down_proj"}[name]
+            return np.stack([st.get(f"{mlp}{e}.{part}.weight") for e in range(self.E)])
+        if name.startswith("b_"):
+            if name == "b_down":
+                return st.get(mlp + "down_proj_bias")
+            bias = st.get(mlp + "gate_up_proj_bias")
+            return bias[:, 0::2] if name == "b_gate" else bias[:, 1::2]
+        if mlp + "gate_up_proj_blocks" in st:  # MXFP4, already [out][in]
+            if name == "w_down":
+                return mxfp4(st.get_raw(mlp + "down_proj_blocks"), st.get_raw(mlp + "down_proj_scales"))
+            gate_up = mxfp4(st.get_raw(mlp + "gate_up_proj_blocks"), st.get_raw(mlp + "gate_up_proj_scales"))
+            return gate_up[:, 0::2] if name == "w_gate" else gate_up[:, 1::2]
+        if name == "w_down":  # [E][hidden][dim] as x @ W: transpose to [E][dim][hidden]
+            return np.ascontiguousarray(st.get(mlp + "down_proj").transpose(0, 2, 1))
+        gate_up = st.get(mlp + "gate_up_proj")
+        if self.interleaved:
+            half = gate_up[:, :, 0::2] if name == "w_gate" else gate_up[:, :, 1::2]
+        else:
+            half = gate_up[:, :, :H] if name == "w_gate" else gate_up[:, :, H:]
+        return np.ascontiguousarray(half.transpose(0, 2, 1))
 
 
 def convert_gpt2(cfg, st, family):
@@ -649,12 +1001,13 @@ def convert_gpt2(cfg, st, family):
     scale = head_dim ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
     prefix = "transformer." if "transformer.wte.weight" in st else ""
     tied = "lm_head.weight" not in st
-    m = Model(family, dim, hidden, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5),
-              mlp_kind=MLP_PLAIN, activation=activation_of(cfg.get("activation_function", "gelu_new")),
+    m = Model(family, dim, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5),
               position_kind=POS_LEARNED, tied=tied)
+    act = activation_of(cfg.get("activation_function", "gelu_new"))
     for _ in range(n_layers):
-        m.layers.append(Layer(n_heads, n_kv, head_dim, rope_dim=0, attn_scale=scale,
-                              flags=LAYER_QKV_BIAS | LAYER_O_BIAS))
+        m.layers.append(Layer(Attention(n_heads, n_kv, head_dim, rope_dim=0, attn_scale=scale,
+                                        flags=ATTN_QKV_BIAS | ATTN_O_BIAS),
+                              Dense(hidden, act, gated=False, flags=FFN_BIAS)))
     # Conv1D (GPT-2) stores [in, out]: transpose to [out, in]. nn.Linear (GPTBigCode) is already [out, in].
     lin = (lambda name: getter(st, name)) if bigcode else (lambda name: transposed(st, name))
     p = prefix
@@ -663,21 +1016,21 @@ def convert_gpt2(cfg, st, family):
     qd, kd = n_heads * head_dim, n_kv * head_dim
     for i in range(n_layers):
         a, o = f"{p}h.{i}.", f"layers.{i}."
-        m.add(o + "attn_norm", (dim,), getter(st, a + "ln_1.weight"))
-        m.add(o + "attn_norm_bias", (dim,), getter(st, a + "ln_1.bias"))
+        m.add(o + "mixer_norm", (dim,), getter(st, a + "ln_1.weight"))
+        m.add(o + "mixer_norm_bias", (dim,), getter(st, a + "ln_1.bias"))
         w = lin(a + "attn.c_attn.weight")
         b = getter(st, a + "attn.c_attn.bias")
         for n, lo, hi in (("q", 0, qd), ("k", qd, qd + kd), ("v", qd + kd, qd + 2 * kd)):
-            m.add(o + "w" + n, (hi - lo, dim), (lambda w=w, lo=lo, hi=hi: w()[lo:hi]))
-            m.add(o + "b" + n, (hi - lo,), (lambda b=b, lo=lo, hi=hi: b()[lo:hi]))
-        m.add(o + "wo", (dim, qd), lin(a + "attn.c_proj.weight"))
-        m.add(o + "bo", (dim,), getter(st, a + "attn.c_proj.bias"))
-        m.add(o + "mlp_norm", (dim,), getter(st, a + "ln_2.weight"))
-        m.add(o + "mlp_norm_bias", (dim,), getter(st, a + "ln_2.bias"))
-        m.add(o + "w_up", (hidden, dim), lin(a + "mlp.c_fc.weight"))
-        m.add(o + "b_up", (hidden,), getter(st, a + "mlp.c_fc.bias"))
-        m.add(o + "w_down", (dim, hidden), lin(a + "mlp.c_proj.weight"))
-        m.add(o + "b_down", (dim,), getter(st, a + "mlp.c_proj.bias"))
+            m.add(o + "attn.w" + n, (hi - lo, dim), (lambda w=w, lo=lo, hi=hi: w()[lo:hi]))
+            m.add(o + "attn.b" + n, (hi - lo,), (lambda b=b, lo=lo, hi=hi: b()[lo:hi]))
+        m.add(o + "attn.wo", (dim, qd), lin(a + "attn.c_proj.weight"))
+        m.add(o + "attn.bo", (dim,), getter(st, a + "attn.c_proj.bias"))
+        m.add(o + "ffn_norm", (dim,), getter(st, a + "ln_2.weight"))
+        m.add(o + "ffn_norm_bias", (dim,), getter(st, a + "ln_2.bias"))
+        m.add(o + "ffn.w_up", (hidden, dim), lin(a + "mlp.c_fc.weight"))
+        m.add(o + "ffn.b_up", (hidden,), getter(st, a + "mlp.c_fc.bias"))
+        m.add(o + "ffn.w_down", (dim, hidden), lin(a + "mlp.c_proj.weight"))
+        m.add(o + "ffn.b_down", (dim,), getter(st, a + "mlp.c_proj.bias"))
     m.add("final_norm", (dim,), getter(st, p + "ln_f.weight"))
     m.add("final_norm_bias", (dim,), getter(st, p + "ln_f.bias"))
     if not tied:
@@ -739,9 +1092,15 @@ FAMILIES = {
     "mistral": convert_llama_like,
     "qwen2": convert_llama_like,
     "qwen3": convert_llama_like,
+    "qwen3_moe": convert_llama_like,
     "gemma2": convert_llama_like,
     "gemma3_text": convert_llama_like,
     "phi3": convert_llama_like,
+    "smollm3": convert_llama_like,
+    "olmo3": convert_llama_like,
+    "exaone4": convert_llama_like,
+    "gpt_oss": convert_llama_like,
+    "llama4_text": convert_llama_like,
     "gpt2": convert_gpt2,
     "gpt_bigcode": convert_gpt2,
 }
@@ -752,9 +1111,10 @@ def convert_hf(src, args):
     if not isinstance(cfg, dict):
         raise ExportError(f"{os.path.join(src, 'config.json')}: not a JSON object")
     family = cfg.get("model_type")
-    if family == "gemma3" and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper: keep the text model
-        cfg = dict(cfg["text_config"], model_type="gemma3_text")
-        family = "gemma3_text"
+    wrappers = {"gemma3": "gemma3_text", "llama4": "llama4_text"}  # multimodal checkpoints: keep the text model
+    if isinstance(family, str) and family in wrappers and isinstance(cfg.get("text_config"), dict):
+        family = wrappers[family]
+        cfg = dict(cfg["text_config"], model_type=family)
     if not isinstance(family, str) or family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
@@ -768,7 +1128,7 @@ def convert_hf(src, args):
     else:
         m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
     # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
-    matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) == 2}
+    matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) >= 2 and st.dtype(n) != "U8"}
     m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
     return m
 
@@ -819,32 +1179,25 @@ def convert_llama2c(path, args):
     for name, n in sizes:
         arrays[name] = mm[off:off + n]
         off += n
-    m = Model("llama", dim, hidden, vocab, seq_len, norm_eps=1e-5, tied=shared)
+    m = Model("llama", dim, vocab, seq_len, norm_eps=1e-5, tied=shared)
     for _ in range(n_layers):
-        m.layers.append(Layer(n_heads, n_kv, head, rope_theta=10000.0))
+        m.layers.append(Layer(Attention(n_heads, n_kv, head, rope_theta=10000.0), Dense(hidden)))
 
     def mat(name, layer, r, c):
         return lambda: np.asarray(arrays[name][layer * r * c:(layer + 1) * r * c]).reshape(r, c)
 
-    def unpermute(get, heads):
-        # Meta/llama2.c rotate interleaved pairs (2i, 2i+1); attn.c rotates (i, i + d/2): reorder the rows
-        def f():
-            w = get()
-            return w.reshape(heads, head // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
-        return f
-
     m.add("tok_embeddings", (vocab, dim), mat("tok", 0, vocab, dim))
     for i in range(n_layers):
         o = f"layers.{i}."
-        m.add(o + "attn_norm", (dim,), lambda i=i: np.asarray(arrays["rms_att"][i * dim:(i + 1) * dim]))
-        m.add(o + "wq", (dim, dim), unpermute(mat("wq", i, dim, dim), n_heads))
-        m.add(o + "wk", (kv_dim, dim), unpermute(mat("wk", i, kv_dim, dim), n_kv))
-        m.add(o + "wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
-        m.add(o + "wo", (dim, dim), mat("wo", i, dim, dim))
-        m.add(o + "mlp_norm", (dim,), lambda i=i: np.asarray(arrays["rms_ffn"][i * dim:(i + 1) * dim]))
-        m.add(o + "w_gate", (hidden, dim), mat("w1", i, hidden, dim))
-        m.add(o + "w_up", (hidden, dim), mat("w3", i, hidden, dim))
-        m.add(o + "w_down", (dim, hidden), mat("w2", i, dim, hidden))
+        m.add(o + "mixer_norm", (dim,), lambda i=i: np.asarray(arrays["rms_att"][i * dim:(i + 1) * dim]))
+        m.add(o + "attn.wq", (dim, dim), interleaved_to_halves(mat("wq", i, dim, dim), n_heads, head))
+        m.add(o + "attn.wk", (kv_dim, dim), interleaved_to_halves(mat("wk", i, kv_dim, dim), n_kv, head))
+        m.add(o + "attn.wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
+        m.add(o + "attn.wo", (dim, dim), mat("wo", i, dim, dim))
+        m.add(o + "ffn_norm", (dim,), lambda i=i: np.asarray(arrays["rms_ffn"][i * dim:(i + 1) * dim]))
+        m.add(o + "ffn.w_gate", (hidden, dim), mat("w1", i, hidden, dim))
+        m.add(o + "ffn.w_up", (hidden, dim), mat("w3", i, hidden, dim))
+        m.add(o + "ffn.w_down", (dim, hidden), mat("w2", i, dim, hidden))
     m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
@@ -1369,10 +1722,16 @@ def pad_to(n, align=ALIGN):
 
 
 def tensor_nbytes(dtype, shape):
+    if len(shape) == 3:  # a stack of matrices, each padded to 64 bytes
+        return shape[0] * stack_stride(dtype, shape[1:])
     count = int(np.prod(shape))
     if dtype == DTYPES["q8_0"]:  # the int8 values, then one f16 scale per group
         return count + count // Q8_GROUP * 2
     return count * (4 if dtype == DTYPES["f32"] else 2)
+
+
+def stack_stride(dtype, shape):
+    return pad_to(tensor_nbytes(dtype, tuple(shape)))
 
 
 def quantize_q8_0(arr):
@@ -1397,9 +1756,9 @@ def quantize_q8_0(arr):
 
 
 def matrix_dtype(dtype, name, shape):
-    """The dtype a matrix is stored in: the export dtype, except that q8_0 needs whole groups of 32 columns
-    (matrices that have not stay f32)."""
-    if dtype == DTYPES["q8_0"] and shape[1] % Q8_GROUP:
+    """The dtype a matrix (or stack of matrices) is stored in: the export dtype, except that q8_0 needs whole
+    groups of 32 columns (matrices that have not stay f32)."""
+    if dtype == DTYPES["q8_0"] and shape[-1] % Q8_GROUP:
         log(f"export: {name} {list(shape)} has columns that do not fill groups of {Q8_GROUP}: stored as f32, not q8_0")
         return DTYPES["f32"]
     return dtype
@@ -1412,6 +1771,8 @@ def encode_tensor(arr, dtype):
     if not np.isfinite(arr).all():
         bad = np.flatnonzero(~np.isfinite(arr))
         raise ExportError(f"holds {bad.size} NaN or infinite values (the first at flat index {bad[0]})")
+    if arr.ndim == 3:  # a stack: each matrix on its own, starting 64-byte aligned
+        return b"".join(encode_tensor(a, dtype).ljust(stack_stride(dtype, a.shape), b"\0") for a in arr)
     if dtype == DTYPES["q8_0"]:
         return quantize_q8_0(arr)
     if dtype == DTYPES["f32"]:
@@ -1428,33 +1789,58 @@ def encode_tensor(arr, dtype):
 
 # The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
 LIMITS = dict(dim=1 << 16, hidden_dim=1 << 20, vocab_size=1 << 22, context_length=1 << 24, layers=4096, heads=1024,
-              head_dim=1024)
+              head_dim=1024, experts=4096)
 
 
 def check_model(m):
-    """Fail before writing if the model description breaks a rule of the format (docs/FORMAT.md)."""
+    """Fail before writing if the model description breaks a rule of the format (docs/FORMAT.md), or if its
+    tensors are not exactly those the tensor table asks for."""
     def whole(v, what, lo, hi):
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise ExportError(f"{what} is {v!r} (the format allows {lo} .. {hi})")
 
-    for f in ("dim", "hidden_dim", "vocab_size", "context_length"):
+    for f in ("dim", "vocab_size", "context_length"):
         whole(getattr(m, f), f, 1, LIMITS[f])
     whole(len(m.layers), "the number of layers", 1, LIMITS["layers"])
     if not 0.0 < m.norm_eps < 1.0:
         raise ExportError(f"norm epsilon {m.norm_eps} is not in (0, 1)")
-    if not (math.isfinite(m.embed_scale) and math.isfinite(m.final_softcap) and m.final_softcap >= 0.0):
-        raise ExportError(f"embed_scale {m.embed_scale} / final softcap {m.final_softcap} is not valid")
+    if not all(math.isfinite(v) for v in (m.embed_scale, m.residual_scale, m.logit_scale, m.final_softcap)) or m.final_softcap < 0:
+        raise ExportError(f"embed / residual / logit scale {m.embed_scale} / {m.residual_scale} / {m.logit_scale} or "
+                          f"final softcap {m.final_softcap} is not valid")
     for i, L in enumerate(m.layers):
-        whole(L.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
-        whole(L.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
-        whole(L.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
-        whole(L.rope_dim, f"layer {i}: rotary dimensions", 0, L.head_dim)
-        if L.rope_dim % 2:
-            raise ExportError(f"layer {i}: {L.rope_dim} rotary dimensions is odd (head_dim {L.head_dim})")
-        if m.position_kind == POS_ROPE and L.rope_dim and L.rope_table < 0 and not L.rope_theta > 1.0:
-            raise ExportError(f"layer {i}: rope_theta {L.rope_theta} is not valid")
-        if not (math.isfinite(L.attn_scale) and L.attn_scale > 0 and math.isfinite(L.attn_softcap) and L.attn_softcap >= 0):
-            raise ExportError(f"layer {i}: attention scale {L.attn_scale} / softcap {L.attn_softcap} is not valid")
+        a = L.attn
+        whole(a.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
+        whole(a.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
+        whole(a.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
+        whole(a.chunk, f"layer {i}: attention chunk", 0, LIMITS["context_length"])
+        whole(a.rope_dim, f"layer {i}: rotary dimensions", 0, a.head_dim)
+        if a.rope_dim % 2:
+            raise ExportError(f"layer {i}: {a.rope_dim} rotary dimensions is odd (head_dim {a.head_dim})")
+        if m.position_kind == POS_ROPE and a.rope_dim and a.rope_table < 0 and not a.rope_theta > 1.0:
+            raise ExportError(f"layer {i}: rope_theta {a.rope_theta} is not valid")
+        if not (math.isfinite(a.attn_scale) and a.attn_scale > 0 and math.isfinite(a.attn_softcap) and a.attn_softcap >= 0
+                and math.isfinite(a.rope_attn_factor) and a.rope_attn_factor > 0):
+            raise ExportError(f"layer {i}: attention scale {a.attn_scale} / softcap {a.attn_softcap} / rope factor "
+                              f"{a.rope_attn_factor} is not valid")
+        if L.ffn is not None:
+            whole(L.ffn.hidden, f"layer {i}: FFN width", 1, LIMITS["hidden_dim"])
+        if isinstance(L.ffn, MoE):
+            whole(L.ffn.n_experts, f"layer {i}: experts", 1, LIMITS["experts"])
+            whole(L.ffn.top_k, f"layer {i}: experts per token", 1, L.ffn.n_experts)
+    for t in m.rope_tables:
+        if not (np.isfinite(t).all() and (t > 0).all()):
+            raise ExportError("a rope table has frequencies that are not finite and positive (check rope_scaling)")
+    want = expected_tensors(m)
+    have = {name: shape for name, shape, _ in m.tensors}
+    for name, (shape, _) in want.items():
+        if name not in have:
+            raise ExportError(f"the converter gave no tensor '{name}' (tensors.def asks for it)")
+        if have[name] != shape:
+            raise ExportError(f"tensor '{name}' has shape {list(have[name])}, tensors.def asks for {list(shape)}")
+    extra = [n for n in have if n not in want and not n.startswith("rope_inv_freq.")]
+    if extra:
+        raise ExportError(f"tensor '{extra[0]}' is not one tensors.def lists for this model")
+    return want
 
 
 HEADER = struct.Struct("<4sIQQQQIIQQQIIQQ")  # docs/FORMAT.md, the first bytes of the 128-byte header
@@ -1475,38 +1861,35 @@ def read_tensor_directory(data):
 
 
 def write_model(m, out, dtype):
-    check_model(m)
+    table = check_model(m)
     for i, t in enumerate(m.rope_tables):
         m.add(f"rope_inv_freq.{i}", t.shape, lambda t=t: t)
     n_layers, n_tensors = len(m.layers), len(m.tensors)
     tok = m.tokenizer or b""
+    layers = b"".join(L.pack() for L in m.layers)
     config_off = 128
     layers_off = config_off + 128
-    tok_off = layers_off + 64 * n_layers
+    tok_off = layers_off + len(layers)
     tensors_off = pad_to(tok_off + len(tok), 8)
     data_off = pad_to(tensors_off + 128 * n_tensors)
     directory, offset = [], data_off
     for name, shape, _ in m.tensors:
         if len(name.encode()) >= 80:
             raise ExportError(f"tensor name too long: {name}")
-        dt = matrix_dtype(dtype, name, shape) if len(shape) == 2 else DTYPES["f32"]
+        storage = table[name][1] if name in table else "F32"
+        dt = matrix_dtype(dtype, name, shape) if storage == "MATRIX" else DTYPES["f32"]
         nbytes = tensor_nbytes(dt, shape)
         directory.append((name, dt, shape, offset, nbytes))
         offset = pad_to(offset + nbytes)
     file_size = offset
 
     header = HEADER.pack(b"ATNC", FORMAT_VERSION, file_size, config_off, 128, layers_off,
-                         n_layers, 64, tok_off, len(tok), tensors_off, n_tensors, 128, data_off, file_size - data_off)
+                         n_layers, len(layers), tok_off, len(tok), tensors_off, n_tensors, 128, data_off, file_size - data_off)
     header += bytes(128 - len(header))
-    config = struct.pack("<32s4I I f 3I 2f 2I", m.family.encode()[:31], m.dim, m.hidden_dim, m.vocab_size,
-                         m.context_length, m.norm_kind, m.norm_eps, m.mlp_kind, m.activation, m.position_kind,
-                         m.embed_scale, m.final_softcap, MODEL_TIED_EMBEDDINGS if m.tied else 0, len(m.rope_tables))
+    config = struct.pack("<32s 3I I f I 4f 2I", m.family.encode()[:31], m.dim, m.vocab_size, m.context_length,
+                         m.norm_kind, m.norm_eps, m.position_kind, m.embed_scale, m.residual_scale, m.logit_scale,
+                         m.final_softcap, m.flags(), len(m.rope_tables))
     config += bytes(128 - len(config))
-    layers = b""
-    for L in m.layers:
-        rec = struct.pack("<4I f I i 2f I", L.n_heads, L.n_kv_heads, L.head_dim, L.window, L.rope_theta, L.rope_dim,
-                          L.rope_table, L.attn_scale, L.attn_softcap, L.flags)
-        layers += rec + bytes(64 - len(rec))
     dir_bytes = b""
     for name, dt, shape, off, nbytes in directory:
         dims = list(shape) + [0] * (4 - len(shape))

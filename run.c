@@ -149,7 +149,7 @@ static void usage(FILE *out) {
           "  --ppl           print the perplexity of the prompt (each token given the ones before it), then exit\n"
           "  --window LIST   make layers slide: L=W[,L=W...] or all=W (W = 0: full attention)\n"
           "  --sinks N       the first N positions stay visible in every sliding layer (attention sinks)\n"
-          "  --sparse LIST   block-sparse layers: strided:S or fixed:B for all, or L=strided:S[,L=fixed:B...]\n"
+          "  --sparse LIST   block-sparse layers: strided:S, fixed:B or chunked:C for all, or L=strided:S[,L=fixed:B...]\n"
           "                  (after --window: it wins where both name a layer)\n"
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
@@ -430,9 +430,11 @@ int main(int argc, char **argv) {
     if (runstate_init(&state, &model, batch) != 0) die("out of memory allocating the run state");
     Sampler sampler = {o.temperature, o.top_p, o.seed * 2654435761ULL + 1, malloc((size_t)c->vocab_size * sizeof(int))};
     if (!sampler.order) die("out of memory");
+    AttentionMap *map = NULL;
     if (o.attn_map || o.attn_dump) {
-        if (!(state.attention_map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
-        if (o.attn_map && attention_map_check_png(state.attention_map, err, sizeof err) != 0) die("%s", err);
+        if (!(map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+        if (o.attn_map && attention_map_check_png(map, err, sizeof err) != 0) die("%s", err);
+        state.observer = (AttentionObserver){attention_map_record, map};
     }
 
     /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for
@@ -487,13 +489,13 @@ int main(int argc, char **argv) {
     if (o.n_generate > 0) printf("\n");
     check_stdout(1); /* every byte written; and the text ends before the stats line on one terminal or pipe */
     double t2 = now_seconds();
-    if (state.attention_map) {
-        if (o.attn_map && attention_map_write_png(state.attention_map, o.attn_map) != 0)
+    if (map) {
+        if (o.attn_map && attention_map_write_png(map, o.attn_map) != 0)
             die("cannot write --attn-map '%s': %s", o.attn_map, strerror(errno));
-        if (o.attn_dump && attention_map_write_raw(state.attention_map, o.attn_dump) != 0)
+        if (o.attn_dump && attention_map_write_raw(map, o.attn_dump) != 0)
             die("cannot write --attn-dump '%s': %s", o.attn_dump, strerror(errno));
-        attention_map_free(state.attention_map);
-        state.attention_map = NULL;
+        attention_map_free(map);
+        state.observer.record = NULL;
     }
 
     fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes\n", n_prompt,

@@ -30,8 +30,9 @@ typedef struct AttentionMap AttentionMap;
 /* Records the layers in `layers` ("L[,L...]"; NULL: every layer) for positions 0 .. n_positions-1.
  * NULL with a message in err when the list is bad or the map would not fit in memory. */
 AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positions, char *err, size_t errlen);
-/* Called by forward() after the naive kernel: weights holds each head's row (weights_stride apart). */
-void attention_map_record(AttentionMap *map, int layer, int pos, const float *weights, int weights_stride);
+/* The model's AttentionObserver (model.h) with ctx = the map: after the naive kernel, weights holds each
+ * head's row (weights_stride apart). */
+void attention_map_record(void *map, int layer, int pos, const float *weights, int weights_stride);
 /* A grid of heatmaps, one row of panels per layer and one panel per head (a single layer: its heads in
  * floor(sqrt(heads)) rows, drawn larger): in a panel, rows are query positions and columns key positions;
  * grey where the mask hides the key, a colour scale of log10(weight) from 1e-4 (dark) to 1 elsewhere. */

@@ -93,11 +93,12 @@ def relative_error(got, ref):
 
 
 def write_safetensors(path, tensors):
-    """A safetensors file of float32 tensors (for synthetic test models)."""
+    """A safetensors file of float32 tensors, and uint8 ones as U8 (MXFP4 blocks), for synthetic test models."""
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():
-        data = np.ascontiguousarray(arr, dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        u8 = np.asarray(arr).dtype == np.uint8
+        data = np.ascontiguousarray(arr, dtype="u1" if u8 else "<f4").tobytes()
+        header[name] = {"dtype": "U8" if u8 else "F32", "shape": list(np.shape(arr)), "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
     h = json.dumps(header).encode()

@@ -14,13 +14,19 @@ from export import HEADER, read_tensor_directory  # noqa: E402
 
 # (name, offset, width) of the header fields after the magic
 HEADER_FIELDS = [("version", 4, 4), ("file_size", 8, 8), ("config_offset", 16, 8), ("config_size", 24, 8),
-                 ("layers_offset", 32, 8), ("n_layers", 40, 4), ("layer_record_size", 44, 4),
+                 ("layers_offset", 32, 8), ("n_layers", 40, 4), ("layers_size", 44, 4),
                  ("tokenizer_offset", 48, 8), ("tokenizer_size", 56, 8), ("tensors_offset", 64, 8),
                  ("n_tensors", 72, 4), ("tensor_record_size", 76, 4), ("data_offset", 80, 8), ("data_size", 88, 8)]
-CONFIG_FIELDS = ["dim", "hidden_dim", "vocab_size", "context_length", "norm_kind", "norm_eps", "mlp_kind",
-                 "activation", "position_kind", "embed_scale", "final_softcap", "flags", "n_rope_tables"]
-LAYER_FIELDS = ["n_heads", "n_kv_heads", "head_dim", "window", "rope_theta", "rope_dim", "rope_table",
-                "attn_scale", "attn_softcap", "flags"]
+CONFIG_FIELDS = ["dim", "vocab_size", "context_length", "norm_kind", "norm_eps", "position_kind", "embed_scale",
+                 "residual_scale", "logit_scale", "final_softcap", "flags", "n_rope_tables"]
+# a layer record (docs/FORMAT.md): its header, then each kind's payload, field by field (4 bytes each)
+LAYER_HEADER_FIELDS = ["record_size", "flags", "mixer_kind", "mixer_size"]
+MIXER_FIELDS = {1: ["n_heads", "n_kv_heads", "head_dim", "window", "chunk", "rope_dim", "rope_table", "rope_theta",
+                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"]}
+DENSE_FIELDS = ["hidden_dim", "activation", "flags"]
+FFN_FIELDS = {0: [], 1: DENSE_FIELDS, 2: DENSE_FIELDS,
+              3: ["n_experts", "top_k", "hidden_dim", "activation", "router", "n_groups", "topk_groups",
+                  "shared_hidden", "routed_scale", "act_alpha", "act_limit", "flags"]}
 F32 = lambda x: struct.unpack("<I", struct.pack("<f", x))[0]  # noqa: E731
 ODD_U32 = [0, 1, 2, 3, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFF, 1 << 16, 1 << 20, 1 << 24, (1 << 24) + 1,
            F32(float("nan")), F32(float("inf")), F32(float("-inf")), F32(-1.0), F32(1e30), F32(1e-30), F32(0.5)]
@@ -31,12 +37,30 @@ class Layout:
     """Offsets of the structures of one model file."""
 
     def __init__(self, blob):
-        (magic, self.version, self.file_size, self.config_off, _, self.layers_off, self.n_layers, _, self.tok_off,
-         self.tok_size, self.tensors_off, self.n_tensors, _, self.data_off, self.data_size) = HEADER.unpack_from(blob)
+        (magic, self.version, self.file_size, self.config_off, _, self.layers_off, self.n_layers, self.layers_size,
+         self.tok_off, self.tok_size, self.tensors_off, self.n_tensors, _, self.data_off, self.data_size) = HEADER.unpack_from(blob)
         assert magic == b"ATNC" and self.file_size == len(blob)
+        self.layers = [self._layer(blob, off) for off in self._layer_offsets(blob)]
         # (record offset, name, data offset, nbytes)
         self.tensors = [(rec, name, off, nbytes) for rec, name, _, _, off, nbytes in read_tensor_directory(blob)]
         self.tok = self._tokenizer(blob) if self.tok_size else None
+
+    def _layer_offsets(self, blob):
+        off = self.layers_off
+        for _ in range(self.n_layers):
+            yield off
+            off += struct.unpack_from("<I", blob, off)[0]
+
+    def _layer(self, blob, off):
+        """{"offset", "size", "fields": [(name, offset)], "parts": [offsets where its parts begin]}"""
+        size, _, mixer, mixer_size = struct.unpack_from("<4I", blob, off)
+        fields = [(n, off + 4 * i) for i, n in enumerate(LAYER_HEADER_FIELDS)]
+        fields += [("mixer " + n, off + 16 + 4 * i) for i, n in enumerate(MIXER_FIELDS.get(mixer, []))]
+        q = off + 16 + mixer_size
+        ffn = struct.unpack_from("<I", blob, q)[0]
+        fields += [("ffn_kind", q), ("ffn_size", q + 4)]
+        fields += [("ffn " + n, q + 8 + 4 * i) for i, n in enumerate(FFN_FIELDS.get(ffn, []))]
+        return {"offset": off, "size": size, "fields": fields, "parts": [off, off + 16, q, q + 8, off + size]}
 
     def _tokenizer(self, blob):
         """Offsets inside the tokenizer record: its header fields, each piece, the merges."""
@@ -63,9 +87,10 @@ class Layout:
     def boundaries(self):
         """Every offset where one structure ends and the next begins."""
         b = {0, 4, 8, 16, 96, 128, self.config_off + 32, self.config_off + 128, self.layers_off,
-             self.layers_off + 64 * self.n_layers, self.tok_off, self.tok_off + self.tok_size, self.tensors_off,
+             self.layers_off + self.layers_size, self.tok_off, self.tok_off + self.tok_size, self.tensors_off,
              self.data_off, self.file_size - 1}
-        b.update(self.layers_off + 64 * i for i in range(self.n_layers))
+        for layer in self.layers:
+            b.update(layer["parts"])
         for rec, _, off, nbytes in self.tensors:
             b.update((rec, rec + 80, rec + 104, off, off + nbytes))
         if self.tok:
@@ -122,7 +147,7 @@ def _all_mutants(blob, rng, scale=1.0):
     # magic and version
     for magic in (b"ATNc", b"\0\0\0\0", b"GGUF", b"\x7fELF"):
         yield f"magic {magic!r}", magic + blob[4:]
-    for v in (0, 2, 0xFFFFFFFF):
+    for v in (0, 1, 3, 0xFFFFFFFF):
         yield f"version {v}", put(blob, 4, 4, v)
 
     # every header field set to absurd values
@@ -147,14 +172,19 @@ def _all_mutants(blob, rng, scale=1.0):
                 yield f"config {name} = {v:#x}", put(blob, off, 4, v)
     yield "config family not NUL-terminated", blob[:L.config_off] + b"\n" * 32 + blob[L.config_off + 32:]
 
-    # every field of the first and last layer records
+    # every field of the first and last layer records: the record's header, each kind's payload
     for layer in sorted({0, L.n_layers - 1}):
-        for i, name in enumerate(LAYER_FIELDS):
-            off = L.layers_off + 64 * layer + 4 * i
+        for name, off in L.layers[layer]["fields"]:
             orig = get(blob, off, 4)
-            for v in sorted(set(ODD_U32 + [orig + 1, orig - 1, orig * 2])):
+            for v in sorted(set(ODD_U32 + [orig + 1, orig - 1, orig * 2, orig + 8, orig - 8, 4, 5, 6, 7])):
                 if v != orig:
                     yield f"layer {layer} {name} = {v:#x}", put(blob, off, 4, v)
+        flags_at = dict(L.layers[layer]["fields"])
+        for field in ("flags", "mixer flags", "ffn flags"):
+            if field in flags_at:
+                orig = get(blob, flags_at[field], 4)
+                for bit in range(32):
+                    yield f"layer {layer} {field} ^ {1 << bit:#x}", put(blob, flags_at[field], 4, orig ^ (1 << bit))
 
     # tensor records
     picks = sorted(set([0, len(L.tensors) - 1] + list(rng.integers(0, len(L.tensors), 4))))
@@ -163,7 +193,7 @@ def _all_mutants(blob, rng, scale=1.0):
         t = f"tensor '{name}'"
         for v in (1, 2, 3, 0xFFFFFFFF):
             yield f"{t} dtype {v}", put(blob, rec + 80, 4, v)
-        for v in (0, 2 if get(blob, rec + 84, 4) == 1 else 1, 3, 0xFFFFFFFF):
+        for v in (0, 1, 2, 3, 4, 0xFFFFFFFF):
             yield f"{t} ndim {v}", put(blob, rec + 84, 4, v)
         for d in (0, 1):
             for v in (0, 1, get(blob, rec + 88 + 4 * d, 4) + 1, 1 << 24, 0xFFFFFFFF):
@@ -178,7 +208,11 @@ def _all_mutants(blob, rng, scale=1.0):
         yield f"{t} empty name", blob[:rec] + bytes(80) + blob[rec + 80:]
         other = L.tensors[(int(k) + 1) % len(L.tensors)][1].encode()
         yield f"{t} renamed to a duplicate", blob[:rec] + other.ljust(80, b"\0") + blob[rec + 80:]
-        yield f"{t} renamed to an unknown name", blob[:rec] + b"layers.99.wq".ljust(80, b"\0") + blob[rec + 80:]
+        yield f"{t} renamed to an unknown name", blob[:rec] + b"layers.99.attn.wq".ljust(80, b"\0") + blob[rec + 80:]
+        dims = [get(blob, rec + 88 + 4 * d, 4) for d in range(3)]
+        if get(blob, rec + 84, 4) == 3:  # a stack of experts: one matrix more or less
+            for v in (dims[0] + 1, dims[0] - 1, 0):
+                yield f"{t} stack of {v}", put(blob, rec + 88, 4, v)
 
     # the tokenizer record
     if L.tok:
@@ -235,7 +269,7 @@ def _all_mutants(blob, rng, scale=1.0):
 
     # random byte flips, section by section
     sections = [("header", 0, 128), ("config", L.config_off, L.config_off + 128),
-                ("layers", L.layers_off, L.layers_off + 64 * L.n_layers),
+                ("layers", L.layers_off, L.layers_off + L.layers_size),
                 ("tensor directory", L.tensors_off, L.tensors_off + 128 * L.n_tensors),
                 ("data", L.data_off, size)]
     if L.tok:
@@ -288,17 +322,21 @@ def semantic_mutants(blob):
         for label, bits in (("NaN", 0x7FC00000), ("+inf", 0x7F800000), ("0", 0), ("-1", 0xBF800000)):
             yield f"semantic: {label} in {name}", put(blob, off + 4, 4, bits), ["must be finite and positive"]
     # a NaN in a weight every token goes through: the run stops at the first logits, naming the tensor
-    rec, off, _ = by_name["layers.0.wq"]
+    rec, off, _ = by_name["layers.0.attn.wq"]
     dtype = get(blob, rec + 80, 4)
     if dtype in NAN_BITS:
         bits, width = NAN_BITS[dtype]
-        yield "semantic: NaN in layers.0.wq", put(blob, off, width, bits), ["holds a NaN or an infinity"]
+        yield "semantic: NaN in layers.0.attn.wq", put(blob, off, width, bits), ["holds a NaN or an infinity"]
     else:  # q8_0: the first group's f16 scale, after the int8 values
         rows, cols = get(blob, rec + 88, 4), get(blob, rec + 92, 4)
-        yield "semantic: NaN scale in layers.0.wq", put(blob, off + rows * cols, 2, 0x7E00), ["holds a NaN or an infinity"]
-    # a window that covers the context is full attention: such a file runs
-    context = get(blob, L.config_off + 44, 4)
+        yield "semantic: NaN scale in layers.0.attn.wq", put(blob, off + rows * cols, 2, 0x7E00), \
+            ["holds a NaN or an infinity"]
+    # a window that covers the context is full attention: such a file runs (a chunked layer keeps its chunks)
+    context = get(blob, L.config_off + 32 + 4 * CONFIG_FIELDS.index("context_length"), 4)
     for layer in sorted({0, L.n_layers - 1}):
-        for w in (context, context + 1, 0xFFFFFF):
-            yield f"semantic: layer {layer} window {w} (context {context})", put(blob, L.layers_off + 64 * layer + 12, 4, w), \
+        fields = dict(L.layers[layer]["fields"])
+        if "mixer window" not in fields or get(blob, fields["mixer chunk"], 4):
+            continue
+        for w in (context, context + 1, (1 << 24) + 1):
+            yield f"semantic: layer {layer} window {w} (context {context})", put(blob, fields["mixer window"], 4, w), \
                 None if w <= 1 << 24 else ["window"]

@@ -39,7 +39,7 @@ EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at",
 
 
 # run on every base, whatever fraction of its other mutants runs
-ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config")
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config", "layer")
 
 
 def run_mutant(t, path, data, args):
@@ -72,6 +72,11 @@ def corpus(t):
          ["-p", "  the and th\xc3\xa9 \xe4\xb8\xad \xff x  "]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_metaspace_tokenizer_f32.bin"), 0.35,
          ["-p", "  the and th\xc3\xa9 <|user|> \xe4\xb8\xad \xff x  "]),
+        # layer kinds (fuzz seeds): mixtures of experts (every router, grouped, biases, shared, q8_0 stacks),
+        # learned sinks, chunked and NoPE layers, post-norms only, q/k norm over the whole projection
+        (os.path.join(t.root, "fuzz", "corpus", "model", "gpt_oss_moe_sinks_f32.bin"), 0.35, ["--tokens", "1,2,3"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama4_chunked_moe_q8_0.bin"), 0.35, ["--tokens", "1,2,3,4,5,6"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "olmo_post_norms_bf16.bin"), 0.35, ["--tokens", "1,2,3"]),
     ]
     jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
@@ -131,18 +136,26 @@ def targeted_errors(t):
     tiny = tiny_model(t, "hostile_tiny")
     blob = open(tiny, "rb").read()
     L = Layout(blob)
-    rec, name, off, nbytes = next(x for x in L.tensors if x[1] == "layers.0.wq")
+    rec, name, off, nbytes = next(x for x in L.tensors if x[1] == "layers.0.attn.wq")
+    fields = dict(L.layers[0]["fields"])
     end = (len(blob) + 63) // 64 * 64
     cases = [
         ("tensor past the end of the file", put(blob, rec + 104, 8, end),
-         f"tensor 'layers.0.wq' extends past end of file (offset {end}, size {nbytes}, file {len(blob)})"),
+         f"tensor 'layers.0.attn.wq' extends past end of file (offset {end}, size {nbytes}, file {len(blob)})"),
         ("nbytes disagreeing with the shape", put(blob, rec + 112, 8, nbytes + 4),
-         f"tensor 'layers.0.wq' has {nbytes + 4} bytes, its shape and dtype need {nbytes}"),
-        ("context_length of 16M positions", put(blob, L.config_off + 44, 4, (1 << 24) + 1),
+         f"tensor 'layers.0.attn.wq' has {nbytes + 4} bytes, its shape and dtype need {nbytes}"),
+        ("context_length of 16M positions", put(blob, L.config_off + 40, 4, (1 << 24) + 1),
          "config context_length is 16777217 (must be 1 .. 16777216)"),
-        ("n_heads not divisible by n_kv_heads", put(blob, L.layers_off + 4, 4, 3),
+        ("n_heads not divisible by n_kv_heads", put(blob, fields["mixer n_kv_heads"], 4, 3),
          "layer 0 n_kv_heads is 3 (must be 1 .. 2)"),
-        ("NaN norm_eps", put(blob, L.config_off + 52, 4, 0x7FC00000), "config norm_eps nan is not in (0, 1)"),
+        ("NaN norm_eps", put(blob, L.config_off + 48, 4, 0x7FC00000), "config norm_eps nan is not in (0, 1)"),
+        ("a mixer kind this build does not know", put(blob, fields["mixer_kind"], 4, 9),
+         "layer 0: mixer kind 9 is not one this build knows (1 = attention); a newer attn.c may read it"),
+        ("an FFN kind this build does not know", put(blob, fields["ffn_kind"], 4, 9),
+         "layer 0: FFN kind 9 is not one this build knows (0 .. 3); a newer attn.c may read it"),
+        ("an attention record of the wrong size", put(blob, fields["mixer_size"], 4, 60),
+         "layer 0: attention record is 60 bytes, this build reads 56"),
+        ("a version 1 file", put(blob, 4, 4, 1), "file format version 1, this build reads version 2 (re-export it with export.py)"),
         ("tokenizer merge outside the vocabulary", put(blob, L.tok["merges"], 4, 5000),
          "tokenizer merge 0 refers to token 5000 outside the vocabulary"),
         ("a tensor name with a newline and an escape",

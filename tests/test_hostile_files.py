@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from harness import ROOT, read_safetensors, tiny_llama_dir, write_safetensors
-from hostile_corpus import Layout, put
+from hostile_corpus import CONFIG_FIELDS, Layout, put
 
 sys.path.insert(0, ROOT)
 import export as E  # noqa: E402
@@ -217,8 +217,8 @@ def many_specials(t, F):
         rec.set_piece(256 + i, b"<|s%d|>" % i, E.PIECE_SPECIAL)
     rec.set_piece(256 + 7, b"<|s7|>", E.PIECE_SPECIAL | E.PIECE_RSTRIP)  # whitespace after it is swallowed
     rec.pretokenizer = E.PRE_NONE
-    m = E.Model("llama", 8, 8, vocab, 1024, tied=True)
-    m.layers = [E.Layer(1, 1, 8)]
+    m = E.Model("llama", 8, vocab, 1024, tied=True)
+    m.layers = [E.Layer(E.Attention(1, 1, 8), E.Dense(8))]
     m.tokenizer = rec.pack()
     zeros(m)
     path = F.path("specials.bin")
@@ -237,20 +237,9 @@ def many_specials(t, F):
 
 
 def zeros(m):
-    """Every tensor a llama-like Model needs, all zeros (for files whose weights do not matter)."""
-    z = lambda *shape: (lambda: np.zeros(shape, np.float32))  # noqa: E731
-    m.add("tok_embeddings", (m.vocab_size, m.dim), z(m.vocab_size, m.dim))
-    for i, L in enumerate(m.layers):
-        o, qd, kd = f"layers.{i}.", L.n_heads * L.head_dim, L.n_kv_heads * L.head_dim
-        m.add(o + "attn_norm", (m.dim,), z(m.dim))
-        for name, rows in (("wq", qd), ("wk", kd), ("wv", kd)):
-            m.add(o + name, (rows, m.dim), z(rows, m.dim))
-        m.add(o + "wo", (m.dim, qd), z(m.dim, qd))
-        m.add(o + "mlp_norm", (m.dim,), z(m.dim))
-        for name in ("w_gate", "w_up"):
-            m.add(o + name, (m.hidden_dim, m.dim), z(m.hidden_dim, m.dim))
-        m.add(o + "w_down", (m.dim, m.hidden_dim), z(m.dim, m.hidden_dim))
-    m.add("final_norm", (m.dim,), z(m.dim))
+    """Every tensor the tensor table asks of m, all zeros (for files whose weights do not matter)."""
+    for name, (shape, _) in E.expected_tensors(m).items():
+        m.add(name, shape, lambda s=shape: np.zeros(s, np.float32))
 
 
 def eos_lists(t, F):
@@ -313,8 +302,8 @@ def special_files(t, F, model, src):
 def aliasing_and_memory(t, F):
     """8: tensors that share bytes are refused; a config whose KV cache and scratch would not fit in the
     machine is refused in one line before anything is allocated, and a short run of it works."""
-    m = E.Model("llama", 1, 1, 4, 1 << 24, tied=True)
-    m.layers = [E.Layer(1024, 1024, 1024, rope_dim=0)]
+    m = E.Model("llama", 1, 4, 1 << 24, tied=True)
+    m.layers = [E.Layer(E.Attention(1024, 1024, 1024, rope_dim=0), E.Dense(1))]
     zeros(m)
     big = F.path("heads.bin")
     write_quietly(m, big, "bf16")
@@ -326,7 +315,7 @@ def aliasing_and_memory(t, F):
     blob = open(big, "rb").read()
     L = Layout(blob)
     rec = {name: (r_, off) for r_, name, off, _ in L.tensors}
-    aliased = put(blob, rec["layers.0.wk"][0] + 104, 8, rec["layers.0.wq"][1])
+    aliased = put(blob, rec["layers.0.attn.wk"][0] + 104, 8, rec["layers.0.attn.wq"][1])
     path = F.path("aliased.bin")
     open(path, "wb").write(aliased)
     r = F.run([path, "--tokens", "1,2", "-n", "2"])
@@ -400,15 +389,15 @@ def nonfinite_weights(t, F, src, model):
         check_error(t, f"13: export of {label}", r, want)
     blob = open(model, "rb").read()
     L = Layout(blob)
-    off = next(o for _, name, o, _ in L.tensors if name == "layers.0.w_up")
+    off = next(o for _, name, o, _ in L.tensors if name == "layers.0.ffn.w_up")
     nan = F.path("nan-weight.bin")
-    open(nan, "wb").write(put(blob, off + 4 * 7, 4, 0x7FC00000) if read_dtype(blob, "layers.0.w_up") == 0 else
+    open(nan, "wb").write(put(blob, off + 4 * 7, 4, 0x7FC00000) if read_dtype(blob, "layers.0.ffn.w_up") == 0 else
                           put(blob, off + 2 * 7, 2, 0x7FC0))
     for label, args, pos in (("generation", ["--tokens", "5,6", "-n", "3"], 1), ("--ppl", ["--tokens", "5,6", "--ppl"], 0),
                              ("--logits", ["--tokens", "5,6", "-n", "0", "--logits", F.path("l.bin")], 0)):
         r = F.run([nan] + args)
-        check_error(t, f"13: a NaN in layers.0.w_up, {label}: the position and the tensor are named", r,
-                    f"the logits at position {pos} are not finite: tensor 'layers.0.w_up' of the model holds a NaN")
+        check_error(t, f"13: a NaN in layers.0.ffn.w_up, {label}: the position and the tensor are named", r,
+                    f"the logits at position {pos} are not finite: tensor 'layers.0.ffn.w_up' of the model holds a NaN")
     big = F.path("huge-weight.bin")
     d = F.path("huge_src")
     shutil.copytree(src, d)
@@ -532,9 +521,9 @@ def windows(t, F, model):
     check_error(t, "18: ... and a prompt past the context is refused", r, "but the model's context is 64")
     blob = open(model, "rb").read()
     L = Layout(blob)
-    ctx = struct.unpack_from("<I", blob, L.config_off + 44)[0]
+    ctx = struct.unpack_from("<I", blob, L.config_off + 32 + 4 * CONFIG_FIELDS.index("context_length"))[0]
     path = F.path("window-file.bin")
-    open(path, "wb").write(put(blob, L.layers_off + 12, 4, ctx + 5))
+    open(path, "wb").write(put(blob, dict(L.layers[0]["fields"])["mixer window"], 4, ctx + 5))
     r = F.run([path, "--tokens", ",".join(["5"] * (ctx + 1)), "-n", "1"], timeout=60)
     check_error(t, "18: the loader treats a file's window >= the context as full attention", r,
                 f"but the model's context is {ctx}")
@@ -543,15 +532,15 @@ def windows(t, F, model):
 def q8_tiny_groups(t, F):
     """19: a q8_0 group whose largest weight is ~4e-6 keeps a nonzero scale: its weights survive the export
     (the scale max|w| / 127 rounded to the nearest f16 was 0)."""
-    m = E.Model("llama", 32, 32, 32, 64, tied=True)
-    m.layers = [E.Layer(2, 2, 16)]
+    m = E.Model("llama", 32, 32, 64, tied=True)
+    m.layers = [E.Layer(E.Attention(2, 2, 16), E.Dense(32))]
     zeros(m)
     tiny_w = np.random.default_rng(7).uniform(-4e-6, 4e-6, (32, 32)).astype(np.float32)
-    m.tensors = [(n, s, (lambda: tiny_w) if n == "layers.0.w_up" else p) for n, s, p in m.tensors]
+    m.tensors = [(n, s, (lambda: tiny_w) if n == "layers.0.ffn.w_up" else p) for n, s, p in m.tensors]
     path = F.path("q8.bin")
     write_quietly(m, path, "q8_0")
     blob = open(path, "rb").read()
-    _, _, dtype, _, off, nbytes = next(x for x in E.read_tensor_directory(blob) if x[1] == "layers.0.w_up")
+    _, _, dtype, _, off, nbytes = next(x for x in E.read_tensor_directory(blob) if x[1] == "layers.0.ffn.w_up")
     q = np.frombuffer(blob, np.int8, 32 * 32, off).reshape(32, 1, 32).astype(np.float32)
     scale = np.frombuffer(blob, "<f2", 32, off + 32 * 32).astype(np.float32).reshape(32, 1, 1)
     back = (q * scale).reshape(32, 32)

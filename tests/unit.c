@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "blocks.h"
 #include "kvcache.h"
 #include "ops.h"
 #include "tokenizer.h"
@@ -161,15 +162,17 @@ static int reference_visible(MaskKind mask, int span, int sinks, int i, int j) {
     case MASK_SLIDING: return i - j < span || j < sinks;
     case MASK_STRIDED: return i - j < span || (i - j) % span == 0;
     case MASK_FIXED: return j / span == i / span || j % span == span - 1;
+    case MASK_CHUNKED: return j / span == i / span;
     default: return 1;
     }
 }
 
 /* The attention formula written out with full matrices: S = Q K^T * scale, mask, softmax, S V. */
 static void reference_attention(float *out, const float *q, const float *keys, const float *values, int n_pos, int pos,
-                                int head_dim, int kv_stride, float scale, float cap, MaskKind mask, int span, int sinks) {
+                                int head_dim, int kv_stride, float scale, float cap, MaskKind mask, int span, int sinks,
+                                double sink_logit) {
     double *s = malloc(sizeof(double) * (size_t)n_pos);
-    double max = -1e300, sum = 0.0;
+    double max = sink_logit > -1e300 ? sink_logit : -1e300, sum = 0.0;
     for (int j = 0; j < n_pos; j++) {
         int visible = reference_visible(mask, span, sinks, pos, j);
         if (!visible) {
@@ -184,6 +187,7 @@ static void reference_attention(float *out, const float *q, const float *keys, c
         if (d > max) max = d;
     }
     for (int j = 0; j < n_pos; j++) sum += s[j] == -INFINITY ? 0.0 : exp(s[j] - max);
+    if (sink_logit > -1e300) sum += exp(sink_logit - max); /* a learned sink: its share of the mass, no value */
     for (int i = 0; i < head_dim; i++) {
         double acc = 0.0;
         for (int j = 0; j < n_pos; j++)
@@ -200,17 +204,22 @@ static void test_attention(void) {
         MaskKind mask;
         int span, sinks;
         float cap;
-    } cases[] = {{"MHA causal", 4, 4, MASK_CAUSAL, 0, 0, 0},
-                 {"GQA 8/2 causal", 8, 2, MASK_CAUSAL, 0, 0, 0},
-                 {"MQA sliding W=7", 4, 1, MASK_SLIDING, 7, 0, 0},
-                 {"GQA sliding W=5 + 2 sinks", 4, 2, MASK_SLIDING, 5, 2, 0},
-                 {"GQA sliding W=20 + 3 sinks (window over block edges)", 4, 2, MASK_SLIDING, 20, 3, 0},
-                 {"MHA soft-capped 5", 2, 2, MASK_CAUSAL, 0, 0, 5.0f},
-                 {"GQA strided S=6", 4, 2, MASK_STRIDED, 6, 0, 0},
-                 {"MQA strided S=1", 2, 1, MASK_STRIDED, 1, 0, 0},
-                 {"GQA fixed B=7", 4, 2, MASK_FIXED, 7, 0, 0},
-                 {"MHA fixed B=16 (cache blocks = pattern blocks)", 2, 2, MASK_FIXED, 16, 0, 0},
-                 {"MHA fixed B=1", 2, 2, MASK_FIXED, 1, 0, 0}};
+        int learned_sinks;
+    } cases[] = {{"MHA causal", 4, 4, MASK_CAUSAL, 0, 0, 0, 0},
+                 {"GQA 8/2 causal", 8, 2, MASK_CAUSAL, 0, 0, 0, 0},
+                 {"MQA sliding W=7", 4, 1, MASK_SLIDING, 7, 0, 0, 0},
+                 {"GQA sliding W=5 + 2 sinks", 4, 2, MASK_SLIDING, 5, 2, 0, 0},
+                 {"GQA sliding W=20 + 3 sinks (window over block edges)", 4, 2, MASK_SLIDING, 20, 3, 0, 0},
+                 {"MHA soft-capped 5", 2, 2, MASK_CAUSAL, 0, 0, 5.0f, 0},
+                 {"GQA strided S=6", 4, 2, MASK_STRIDED, 6, 0, 0, 0},
+                 {"MQA strided S=1", 2, 1, MASK_STRIDED, 1, 0, 0, 0},
+                 {"GQA fixed B=7", 4, 2, MASK_FIXED, 7, 0, 0, 0},
+                 {"MHA fixed B=16 (cache blocks = pattern blocks)", 2, 2, MASK_FIXED, 16, 0, 0, 0},
+                 {"MHA fixed B=1", 2, 2, MASK_FIXED, 1, 0, 0, 0},
+                 {"GQA chunked C=16 (chunks = cache blocks)", 4, 2, MASK_CHUNKED, 16, 0, 0, 0},
+                 {"MQA chunked C=7", 4, 1, MASK_CHUNKED, 7, 0, 0, 0},
+                 {"GQA causal + learned sinks", 4, 2, MASK_CAUSAL, 0, 0, 0, 1},
+                 {"GQA sliding W=9 + learned sinks", 4, 2, MASK_SLIDING, 9, 0, 0, 1}};
     int head_dim = 16, n_pos = 70;
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         int H = cases[c].n_heads, KV = cases[c].n_kv_heads, kv_dim = KV * head_dim;
@@ -219,8 +228,10 @@ static void test_attention(void) {
         float *flash = malloc(sizeof(float) * (size_t)H * head_dim);
         float *scores = malloc(sizeof(float) * (size_t)H * n_pos), ref[64];
         for (int i = 0; i < n_pos * kv_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
+        float sink_logits[8];
+        for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
         AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].mask, cases[c].span,
-                              cases[c].sinks, KERNEL_NAIVE};
+                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE};
         AttentionSpec flash_spec = spec;
         flash_spec.kernel = KERNEL_FLASH;
         KVLayer l;
@@ -239,7 +250,8 @@ static void test_attention(void) {
             for (int h = 0; h < H; h++) {
                 int kvh = h / (H / KV);
                 reference_attention(ref, q + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim, n_pos, pos,
-                                    head_dim, kv_dim, spec.scale, spec.softcap, spec.mask, spec.span, spec.n_sinks);
+                                    head_dim, kv_dim, spec.scale, spec.softcap, spec.mask, spec.span, spec.n_sinks,
+                                    spec.sink_logits ? spec.sink_logits[h] : -INFINITY);
                 for (int i = 0; i < head_dim; i++) {
                     double d = fabs(out[h * head_dim + i] - ref[i]), df = fabs(flash[h * head_dim + i] - ref[i]);
                     if (d > worst) worst = d;
@@ -290,7 +302,7 @@ static void test_cross_attention(void) {
         for (int h = 0; h < H; h++) {
             int kvh = h / (H / KV);
             reference_attention(ref, queries + (size_t)i * q_dim + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim,
-                                n_keys, n_keys - 1, head_dim, kv_dim, scale, 0.0f, MASK_CAUSAL, 0, 0);
+                                n_keys, n_keys - 1, head_dim, kv_dim, scale, 0.0f, MASK_CAUSAL, 0, 0, -INFINITY);
             for (int d = 0; d < head_dim; d++)
                 if (fabs(out[(size_t)i * q_dim + h * head_dim + d] - ref[d]) > worst) worst = fabs(out[(size_t)i * q_dim + h * head_dim + d] - ref[d]);
         }
@@ -311,7 +323,7 @@ static void test_ops(void) {
     layernorm(out, x, w, b, 4, 0.0f);
     check(fabsf(out[0] + 1.5f / sqrtf(1.25f)) < 1e-6f && fabsf(out[3] - (1.0f + 1.5f / sqrtf(1.25f))) < 1e-6f, "layernorm");
     float head[4] = {1, 0, 0, 1}, inv[2] = {1.0f, 0.5f};
-    rope_heads(head, 1, 4, 4, 2, inv); /* pairs (0,2) by angle 2, (1,3) by angle 1 */
+    rope_heads(head, 1, 4, 4, 2, inv, 1.0f); /* pairs (0,2) by angle 2, (1,3) by angle 1 */
     check(fabsf(head[0] - cosf(2)) < 1e-6f && fabsf(head[2] - sinf(2)) < 1e-6f && fabsf(head[1] + sinf(1)) < 1e-6f &&
               fabsf(head[3] - cosf(1)) < 1e-6f,
           "rope rotates the pairs (i, i + d/2)");
@@ -324,6 +336,20 @@ static void test_ops(void) {
     check(wide[0] == 0.0f && wide[1] == 1.0f && wide[2] == 0.0f && isnan(bad[1]) && isnan(bad[2]),
           "softmax: -inf and far-below-max scores weigh 0; a NaN score stays NaN (no NaN converted to an int)");
     check(fabsf(softcap(1000.0f, 30.0f) - 30.0f) < 1e-4f && softcap(1.0f, 0.0f) == 1.0f, "softcap");
+    float with_sink[3] = {1, 2, 3}, plain[3] = {1, 2, 3};
+    softmax_with_sink(with_sink, 3, 2.5f);
+    softmax_with_sink(plain, 3, -INFINITY);
+    double denominator = exp(1.0) + exp(2.0) + exp(3.0) + exp(2.5);
+    check(fabs(with_sink[2] - exp(3.0) / denominator) < 1e-6 && fabs(with_sink[0] - exp(1.0) / denominator) < 1e-6 &&
+              !memcmp(plain, s, sizeof plain),
+          "softmax with a learned sink: the sink takes its share of the denominator; -inf is plain softmax (same bits)");
+    float up[4] = {-9, 0.5f, 9, 1}, gate[4] = {1, 9, -2, 0};
+    activate_clamped(up, gate, 4, 1.702f, 7.0f);
+    double want[4] = {(-7 + 1) * (1 / (1 + exp(-1.702))), (0.5 + 1) * 7 / (1 + exp(-1.702 * 7)),
+                      (7 + 1) * -2 / (1 + exp(1.702 * 2)), 0};
+    int clamped_ok = 1;
+    for (int i = 0; i < 4; i++) clamped_ok &= fabs(up[i] - want[i]) < 1e-5 * (1 + fabs(want[i]));
+    check(clamped_ok, "clamped SwiGLU (gpt-oss): gate <= 7, up in [-7, 7], (up + 1) * gate * sigmoid(1.702 gate)");
 }
 
 static uint16_t random_half(void) { /* a normal f16 between 2^-6 and 2^2, either sign */
@@ -381,7 +407,7 @@ static void test_matmul(void) {
             for (int ci = 0; ci < n_cols; ci++)
                 for (int ti = 0; ti < 5; ti++) {
                     int rows = rows_[ri], cols = cols_[ci], n = tokens[ti];
-                    Tensor w = {random_weights((DType)d, rows, cols), (DType)d, rows, cols};
+                    Tensor w = {random_weights((DType)d, rows, cols), (DType)d, rows, cols, 1};
                     float *x = malloc(sizeof(float) * (size_t)n * cols), *out = malloc(sizeof(float) * (size_t)n * rows);
                     float *one = malloc(sizeof(float) * (size_t)rows), *twice = malloc(sizeof(float) * (size_t)n * rows);
                     for (int i = 0; i < n * cols; i++) x[i] = frand();
@@ -406,7 +432,7 @@ static void test_matmul(void) {
                 }
         /* a NaN or inf activation (a damaged model can make them) gives NaN outputs, never undefined behaviour
          * in quantize_token; nor does a subnormal group, whose 127 / max|x| overflows */
-        Tensor w = {random_weights((DType)d, 3, cols_[0]), (DType)d, 3, cols_[0]};
+        Tensor w = {random_weights((DType)d, 3, cols_[0]), (DType)d, 3, cols_[0], 1};
         float *x = calloc((size_t)cols_[0], sizeof(float)), out[3];
         for (int v = 0; v < 3; v++) {
             for (int i = 0; i < cols_[0]; i++) x[i] = v == 2 ? 1e-45f : 0.5f;
@@ -602,6 +628,38 @@ static void test_special_matcher(void) {
     check(bad == 0, "special tokens: the automaton finds the longest token at each of 50 x 400 bytes (%d wrong)", bad);
 }
 
+/* torch.topk's choice among tied scores (tests/data/router_ties.txt, from tools/make_router_ties.py): the
+experts moe.c routes to must be the very same set. */
+static void test_router_ties(void) {
+    FILE *f = fopen("tests/data/router_ties.txt", "r");
+    if (!f) {
+        check(0, "router ties: tests/data/router_ties.txt is readable");
+        return;
+    }
+    char line[16384];
+    int cases = 0, same = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#') continue;
+        char *p = line, *end;
+        int n = (int)strtol(p, &end, 10), k = (int)strtol(end, &p, 10), want[64], got[64];
+        float scores[512];
+        for (int i = 0; i < n; i++) scores[i] = strtof(p, &p);
+        p = strchr(p, '|') + 1;
+        for (int i = 0; i < k; i++) want[i] = (int)strtol(p, &p, 10);
+        router_top_k(scores, NULL, n, k, got);
+        int all = 1;
+        for (int i = 0; i < k; i++) {
+            int found = 0;
+            for (int j = 0; j < k; j++) found |= got[j] == want[i];
+            all &= found;
+        }
+        same += all, cases++;
+    }
+    fclose(f);
+    check(cases >= 300 && same == cases, "router ties: the experts chosen among tied scores are torch.topk's, in %d of %d cases",
+          same, cases);
+}
+
 int main(void) {
     test_paged_cache();
     test_rolling_buffer();
@@ -609,6 +667,7 @@ int main(void) {
     test_attention();
     test_cross_attention();
     test_ops();
+    test_router_ties();
     test_matmul();
     test_parallel();
     test_utf8();
