@@ -194,6 +194,8 @@ def export_outputs(t, F, src):
         os.mkdir(ro, 0o555)
         r = F.export(src, os.path.join(ro, "m.bin"))
         check_error(t, "export into a read-only directory", r, "cannot create a file in")
+    else:
+        t.skip("export into a read-only directory", "root writes into any directory of a writable file system")
     t.check("4: the inputs are unchanged", open(shard, "rb").read() == before and
             open(os.path.join(src, "config.json"), "rb").read() == open(hard, "rb").read())
     leftovers = [f for f in os.listdir(F.dir) if f.startswith(".export-")]
