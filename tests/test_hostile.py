@@ -39,7 +39,8 @@ EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at",
 
 
 # run on every base, whatever fraction of its other mutants runs
-ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config", "layer")
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config", "layer 0 mixer_kind",
+          "layer 0 ffn_kind", "layer 0 mixer_size", "layer 0 ffn_size", "layer 0 record_size")
 
 
 def run_mutant(t, path, data, args):
