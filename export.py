@@ -11,10 +11,12 @@ The file layout is documented in docs/FORMAT.md; write_model() below writes the 
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -83,6 +85,68 @@ def reads_input(read):
 
 
 # ----------------------------------------------------------------------------
+# reading inputs: regular files only, text of a bounded size, and a record of what was read
+
+MAX_JSON_BYTES = 64 << 20        # config.json, tokenizer_config.json, generation_config.json, an index
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json / .model / .bin (Gemma 3's 262k-token tokenizer.json: 33 MB)
+INPUTS = set()                   # (st_dev, st_ino) of every file this export has read: the output may be none of them
+
+
+def open_input(path, limit=None):
+    """path opened for reading in binary, if it is a regular file (of at most limit bytes). A FIFO would block
+    and /dev/zero never ends, so the type is checked before anything is read (O_NONBLOCK: opening a FIFO
+    waits for a writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{path}: {os.strerror(21)}")  # EISDIR: "Is a directory"
+        if not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"{path}: not a regular file (a FIFO, a device or a socket cannot be an input)")
+        raise ExportError(f"{path}: {st.st_size} bytes, more than the {limit >> 20} MiB such a file may have")
+    os.set_blocking(fd, True)
+    INPUTS.add((st.st_dev, st.st_ino))
+    return os.fdopen(fd, "rb")
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs):
+    """json object_pairs_hook: an object that names a key twice is refused (which one would count?)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKey(k)
+            seen.add(k)
+    return obj
+
+
+def parse_json(path, raw, what=""):
+    """raw bytes of a JSON file -> its value; an error names the file (and never quotes its bytes)."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
+        raise ExportError(f"{path}: key {e.args[0]!r} appears twice in one JSON object")
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: {what}not valid JSON (not UTF-8 text)")
+    except (ValueError, RecursionError) as e:
+        raise ExportError(f"{path}: {what}not valid JSON ({e})")
+
+
+def load_json(path, limit=MAX_JSON_BYTES):
+    with open_input(path, limit) as f:
+        return parse_json(path, f.read())
+
+
+# ----------------------------------------------------------------------------
 # reading safetensors by hand: 8-byte header length, JSON header, raw little-endian data
 
 ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "U8": ("<u1", 1)}  # U8: MXFP4 blocks, scales
@@ -102,6 +166,23 @@ def f32_to_bf16(x):
     return rounded
 
 
+MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON: room for ~100k tensor entries, more than any real file holds
+
+
+def shard_path(directory, index, name):
+    """The file a weight_map entry names, which must lie inside the model directory: a relative path without
+    "..", whose real path (symbolic links resolved) is inside the directory's -- or, for a snapshot of the
+    Hugging Face cache (.../snapshots/REV/, whose files link to ../../blobs/), inside that cache's blobs."""
+    inside = [os.path.realpath(directory)]
+    if os.path.basename(os.path.dirname(inside[0])) == "snapshots":
+        inside.append(os.path.join(os.path.dirname(os.path.dirname(inside[0])), "blobs"))
+    real = os.path.realpath(os.path.join(directory, name))
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts or not any(real.startswith(d + os.sep) for d in inside):
+        raise ExportError(f"{index}: weight_map names {name!r}, which lies outside the model directory")
+    return os.path.join(directory, name)
+
+
 class SafeTensors:
     """All tensors of a checkpoint (one file or shards), read lazily through numpy memmaps."""
 
@@ -112,39 +193,41 @@ class SafeTensors:
             files = [single]
         elif os.path.exists(index):
             weight_map = load_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ExportError(f"{index}: no weight_map")
-            files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ExportError(f"{index}: no weight_map of tensor names to file names")
+            files = [shard_path(directory, index, f) for f in sorted(set(weight_map.values()))]
         else:
             files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors"))
             if not files:
                 raise ExportError(f"{directory}: no model.safetensors, no model.safetensors.index.json, no *.safetensors")
         self.entries = {}
-        for path in files:
-            self._read_header(path)
+        self.file_of = {}  # tensor name -> the file that holds it
+        gc.disable()  # a header of 200k entries is 1M small objects: the cycle collector would walk them again and again
+        try:
+            for path in files:
+                self._read_header(path)
+        finally:
+            gc.enable()
 
     def _read_header(self, path):
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) != 8:
-                    raise ExportError(f"{path}: truncated safetensors file (no header length)")
-                (n,) = struct.unpack("<Q", raw)
-                if n > size - 8 or n > 100 << 20:
-                    raise ExportError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
-                header = json.loads(f.read(n))
-        except OSError as e:
-            raise ExportError(f"{path}: {e.strerror}")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ExportError(f"{path}: safetensors header is not valid JSON ({e})")
-        if not isinstance(header, dict):
-            raise ExportError(f"{path}: safetensors header is not a JSON object")
-        base = 8 + n
-        mm = None
+        with open_input(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ExportError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+                raise ExportError(f"{path}: safetensors header length does not fit the file ({size} bytes) or the "
+                                  f"{MAX_SAFETENSORS_HEADER >> 20} MiB limit: not a safetensors file?")
+            header = parse_json(path, f.read(n), "safetensors header is ")
+            if not isinstance(header, dict):
+                raise ExportError(f"{path}: safetensors header is not a JSON object")
+            meta = header.pop("__metadata__", {})
+            if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+                raise ExportError(f"{path}: safetensors __metadata__ is not an object of strings")
+            mm = np.memmap(f, dtype=np.uint8, mode="r") if header else None
+        base, spans = 8 + n, []
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             try:
                 dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
                 if not isinstance(dtype, str) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
@@ -155,12 +238,19 @@ class SafeTensors:
             if dtype not in ST_DTYPES:
                 raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16, F16 (and U8 for MXFP4) are supported")
             np_dtype, width = ST_DTYPES[dtype]
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             if end - begin != count * width or base + end > size:
                 raise ExportError(f"{path}: tensor '{name}' data ({begin}..{end}) does not match its shape or lies past the end of the file")
-            if mm is None:
-                mm = np.memmap(path, dtype=np.uint8, mode="r")
+            if name in self.entries:
+                raise ExportError(f"tensor '{name}' is in both {self.file_of[name]} and {path}")
             self.entries[name] = (mm, base + begin, count, np_dtype, dtype, shape)
+            self.file_of[name] = path
+            if end > begin:
+                spans.append((begin, end, name))
+        spans.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise ExportError(f"{path}: tensors '{a}' and '{b}' share bytes (their data_offsets overlap)")
 
     def __contains__(self, name):
         return name in self.entries
@@ -185,16 +275,6 @@ class SafeTensors:
         """The tensor as float32, in its stored shape."""
         arr = self.get_raw(name)
         return bf16_to_f32(arr) if self.dtype(name) == "BF16" else arr.astype(np.float32)
-
-
-def load_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
-    except ValueError as e:
-        raise ExportError(f"{path}: not valid JSON ({e})")
 
 
 # ----------------------------------------------------------------------------
@@ -388,11 +468,17 @@ def rope_settings(cfg, layer_type=None):
 
 def rope_inv_freq(theta, rope_dim, scaling, context=None):
     """(inverse frequencies, attention factor) of a scaled rope, as transformers computes them (in float32);
-    the attention factor multiplies cos and sin (YaRN), 1 otherwise."""
+    the attention factor multiplies cos and sin (YaRN), 1 otherwise. The frequencies must come out finite and
+    positive (a factor of 0 or NaN, or a rope_theta <= 0, would give NaN or infinite tables)."""
     try:
-        return _rope_inv_freq(theta, rope_dim, scaling, context)
+        with np.errstate(all="ignore"):
+            inv, attention = _rope_inv_freq(theta, rope_dim, scaling, context)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ExportError(f"config.json: rope scaling {scaling} is incomplete or malformed ({type(e).__name__}: {e})")
+    if not (np.isfinite(inv).all() and (inv > 0).all() and math.isfinite(attention) and attention > 0):
+        raise ExportError(f"config.json: rope_theta {theta} with rope scaling {scaling} gives inverse frequencies (or an "
+                          f"attention factor) that are not finite and positive")
+    return inv, attention
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -442,6 +528,18 @@ def _rope_inv_freq(theta, rope_dim, scaling, context):
         inv = (np.float32(1) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - keep) + (np.float32(1) / pos_freqs) * keep
         return inv.astype(np.float32), float(attention)
     raise ExportError(f"rope scaling type '{kind}' is not supported (supported: linear, llama3, yarn)")
+
+
+def full_attention_windows(m):
+    """A sliding window (or a chunk) that covers the whole context hides nothing: such a layer is stored as full
+    attention (0), so that ./run keeps positions inside the context as it does for any layer that sees
+    everything."""
+    for i, L in enumerate(m.layers):
+        a = L.attn
+        for what in ("window", "chunk"):
+            if getattr(a, what) >= m.context_length:
+                log(f"export: layer {i}: {what} {getattr(a, what)} covers the context of {m.context_length}: full attention")
+                setattr(a, what, 0)
 
 
 def round_rope_to_bf16(m):
@@ -598,9 +696,20 @@ def config_int(cfg, keys, default=None, minimum=1):
             raise ExportError(f"config.json: missing '{keys[0]}'")
         return default
     v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v < 2 ** 31:
-        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {2 ** 31 - 1}")
+    top = LIMITS.get(KEY_LIMITS.get(key), 2 ** 31 - 1)  # sizes the format bounds: refused before anything is built
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= top:
+        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {top}")
     return v
+
+
+# config.json keys that size what export builds, and the limit of the format (LIMITS) each is held to
+KEY_LIMITS = {"num_hidden_layers": "layers", "n_layer": "layers", "hidden_size": "dim", "n_embd": "dim",
+              "intermediate_size": "hidden_dim", "n_inner": "hidden_dim", "num_attention_heads": "heads",
+              "n_head": "heads", "num_key_value_heads": "heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+              "sliding_window": "context_length", "attention_chunk_size": "context_length",
+              "moe_intermediate_size": "hidden_dim", "shared_expert_intermediate_size": "hidden_dim",
+              "num_experts": "experts", "num_local_experts": "experts", "n_routed_experts": "experts",
+              "num_experts_per_tok": "experts"}
 
 
 def number(v, what):
@@ -1037,16 +1146,21 @@ def check_shapes(m, st):
 
 
 def convert_llama2c(path, args):
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open_input(path) as f:
+        size = os.fstat(f.fileno()).st_size
         header = f.read(28)
-    if len(header) != 28:
-        raise ExportError(f"{path}: too short for a llama2.c header")
+        if len(header) != 28:
+            raise ExportError(f"{path}: too short for a llama2.c header")
+        mm = np.memmap(f, dtype=np.uint8, mode="r")
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
     shared = vocab > 0
     vocab = abs(vocab)
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
-        raise ExportError(f"{path}: implausible llama2.c header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len}")
+    limits = (LIMITS["dim"], LIMITS["hidden_dim"], LIMITS["layers"], LIMITS["heads"], LIMITS["heads"],
+              LIMITS["vocab_size"], LIMITS["context_length"])
+    sizes = (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len)
+    if not all(0 < x <= hi for x, hi in zip(sizes, limits)) or dim % n_heads or n_heads % n_kv:
+        # the numbers are not shown: a file that is not a checkpoint would have its first bytes printed
+        raise ExportError(f"{path}: implausible llama2.c header (not a llama2.c checkpoint, or sizes past the format's limits)")
     head = dim // n_heads
     kv_dim = n_kv * head
     sizes = [("tok", vocab * dim), ("rms_att", n_layers * dim), ("wq", n_layers * dim * dim),
@@ -1060,7 +1174,7 @@ def convert_llama2c(path, args):
     if size < need:
         raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {need})")
     log(f"export: reading {path} (llama2.c legacy: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, vocab {vocab})")
-    mm = np.memmap(path, dtype=np.float32, mode="r", offset=28, shape=((need - 28) // 4,))
+    mm = mm[28:need].view(np.float32)
     arrays, off = {}, 0
     for name, n in sizes:
         arrays[name] = mm[off:off + n]
@@ -1137,7 +1251,7 @@ class TokenizerRecord:
         return ids
 
     def pack(self):
-        eos = self.eos[:16]
+        eos = self.eos
         n = len(self.pieces)  # the loader's rules for the special ids (tokenizer_load)
         for what, i in [("bos", -1 if self.bos is None else self.bos), ("unk", self.unk)] + [("eos", e) for e in eos]:
             if not (isinstance(i, int) and (-1 <= i < n if what != "eos" else 0 <= i < n)):
@@ -1155,11 +1269,8 @@ class TokenizerRecord:
 def read_tokenizer(path, vocab_size, cfg=None, model_dir=None):
     """The tokenizer record for a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin.
     tokenizer_config.json and generation_config.json are looked for beside the tokenizer and in model_dir."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1)
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        head = f.read(1)
     dirs = [os.path.dirname(os.path.abspath(path))] + ([model_dir] if model_dir else [])
     if path.endswith(".json"):
         return json_tokenizer(path, cfg or {}, vocab_size, dirs)
@@ -1321,7 +1432,7 @@ def spacemark_rules(tok, path):
 
 @reads_input
 def json_tokenizer(path, cfg, vocab_size, dirs):
-    tok = load_json(path)
+    tok = load_json(path, MAX_TOKENIZER_BYTES)
     check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
@@ -1393,7 +1504,7 @@ def json_tokenizer(path, cfg, vocab_size, dirs):
     rec.flags |= TOKF_ADD_BOS if add_bos else 0
     rec.eos = eos_ids(dirs, cfg, tcfg, by_text)
     log(f"export: tokenizer: {'SentencePiece-style' if spacemark else 'byte-level'} BPE from {os.path.basename(path)}, "
-        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {rec.eos}")
+        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {shown_ids(rec.eos)}")
     return rec.pack()
 
 
@@ -1425,16 +1536,19 @@ def post_processor_bos(post, ids):
 
 
 def eos_ids(dirs, cfg, tcfg, special_id, extra=()):
-    eos = []
+    """Every end-of-sequence id the checkpoint names (generation_config.json, config.json, the tokenizer's
+    eos_token), each once, in the order found; the record keeps them all (the loader checks each id)."""
+    candidates = []
     for source in (config_file(dirs, "generation_config.json"), cfg):
         e = source.get("eos_token_id")
-        for x in (e if isinstance(e, list) else [e]):
-            if isinstance(x, int) and x not in eos:
-                eos.append(x)
-    for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra):
-        if t is not None and t >= 0 and t not in eos:
-            eos.append(t)
-    return eos[:16]
+        candidates += [x for x in (e if isinstance(e, list) else [e]) if isinstance(x, int) and not isinstance(x, bool)]
+    candidates += [t for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra) if t is not None and t >= 0]
+    return list(dict.fromkeys(candidates))  # each once, in order (a set for membership: linear in the count)
+
+
+def shown_ids(ids, most=8):
+    """A list of ids for a log line: the first few and how many."""
+    return f"{ids}" if len(ids) <= most else f"[{', '.join(map(str, ids[:most]))}, ... ({len(ids)} ids)]"
 
 
 # -- SentencePiece tokenizer.model: a protobuf (sentencepiece_model.proto), read by hand
@@ -1491,11 +1605,8 @@ SP_MODEL_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}
 
 def sentencepiece_model(path):
     """(pieces [(text, score, type)], trainer_spec {field: value}, normalizer_spec {field: value})."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        data = f.read()
     pieces, trainer, normalizer = [], {}, {}
     for field, value in protobuf_fields(data, path):
         if field == 1:    # ModelProto.pieces: piece = 1, score = 2, type = 3
@@ -1554,7 +1665,7 @@ def sentencepiece_tokenizer(path, vocab_size, dirs):
         rec.flags |= TOKF_ADD_BOS
     rec.eos = eos_ids(dirs, {}, tcfg, rec.ids_by_text(), extra=[eos])
     log(f"export: tokenizer: SentencePiece BPE from {os.path.basename(path)}, {len(pieces)} pieces, "
-        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {rec.eos}")
+        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {shown_ids(rec.eos)}")
     return rec.pack()
 
 
@@ -1566,11 +1677,8 @@ def llama2c_tokenizer(path, vocab_size):
     """llama2.c's export of the Llama 2 vocabulary: pieces with "▁" written as a space, BOS as "\\n<s>\\n",
     EOS as "\\n</s>\\n", bytes as <0xNN>. llama2.c encodes like SentencePiece (a dummy-prefix space, merges
     by score, byte fallback), decodes dropping the space after BOS, and stops at BOS as well as EOS."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        data = f.read()
     if len(data) < 4:
         raise ExportError(f"{path}: too short for a llama2.c tokenizer")
     (max_len,) = struct.unpack_from("<i", data, 0)
@@ -1628,11 +1736,17 @@ def stack_stride(dtype, shape):
 
 def quantize_q8_0(arr):
     """[rows][cols] -> rows*cols int8 values (row-major), then rows*cols/32 f16 scales (row-major): each group of
-    32 values of a row is round(w / scale) with scale = max|w| / 127, so value * scale approximates w."""
+    32 values of a row is round(w / scale) with scale = max|w| / 127, so value * scale approximates w.
+
+    The scale is rounded up to an f16, never down: w / scale then stays within +-127 (no value is clipped),
+    and a group of tiny weights (max|w| below 127 x 2^-25, ~4e-6) keeps a scale of at least 2^-24, the
+    smallest f16, instead of one rounded to 0 that would make the whole group vanish."""
     rows, cols = arr.shape
     groups = arr.reshape(rows, cols // Q8_GROUP, Q8_GROUP)
+    exact = np.abs(groups).max(axis=-1) / np.float32(127.0)
     with np.errstate(over="ignore"):
-        scale = (np.abs(groups).max(axis=-1) / np.float32(127.0)).astype(np.float16)
+        scale = exact.astype(np.float16)
+        scale = np.where(scale.astype(np.float32) < exact, np.nextafter(scale, np.float16(np.inf)), scale)
     if not np.isfinite(scale).all():
         raise ExportError("a weight exceeds the q8_0 range (its scale overflows f16); export with --dtype bf16 or f32")
     s32 = scale.astype(np.float32)
@@ -1651,7 +1765,12 @@ def matrix_dtype(dtype, name, shape):
 
 
 def encode_tensor(arr, dtype):
+    """The bytes of a float32 array in dtype. A NaN or an infinity (in the checkpoint, or a value past the
+    range of the dtype) is refused: ./run would turn it into logits that are NaN everywhere."""
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr))
+        raise ExportError(f"holds {bad.size} NaN or infinite values (the first at flat index {bad[0]})")
     if arr.ndim == 3:  # a stack: each matrix on its own, starting 64-byte aligned
         return b"".join(encode_tensor(a, dtype).ljust(stack_stride(dtype, a.shape), b"\0") for a in arr)
     if dtype == DTYPES["q8_0"]:
@@ -1662,7 +1781,10 @@ def encode_tensor(arr, dtype):
         if np.abs(arr).max(initial=0.0) > 65504.0:
             raise ExportError("a weight exceeds the f16 range; export with --dtype bf16 or f32")
         return arr.astype("<f2").tobytes()
-    return f32_to_bf16(arr).astype("<u2").tobytes()
+    bf16 = f32_to_bf16(arr)
+    if ((bf16 & 0x7F80) == 0x7F80).any():  # rounded past the largest bf16 (3.39e38): infinity
+        raise ExportError("a weight exceeds the bf16 range; export with --dtype f32")
+    return bf16.astype("<u2").tobytes()
 
 
 # The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
@@ -1786,7 +1908,10 @@ def write_model(m, out, dtype):
                 arr = producer()
                 if tuple(arr.shape) != shape:
                     raise ExportError(f"tensor '{name}': expected shape {list(shape)}, checkpoint gives {list(arr.shape)}")
-                data = encode_tensor(arr, dt)
+                try:
+                    data = encode_tensor(arr, dt)
+                except ExportError as e:
+                    raise ExportError(f"tensor '{name}' (from the checkpoint): {e}")
                 assert len(data) == nbytes and f.tell() == off
                 f.write(data)
                 f.write(bytes(pad_to(f.tell()) - f.tell()))
@@ -1806,6 +1931,48 @@ def write_model(m, out, dtype):
     log(f"export: wrote {out} ({file_size / 1e6:.1f} MB, {n_layers} layers, {n_tensors} tensors)")
 
 
+def output_stat(out):
+    """os.stat of the output path (through a symbolic link), or None if nothing is there yet."""
+    try:
+        return os.stat(out)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ExportError(f"{out}: {e.strerror}")
+
+
+def check_output(out, inputs):
+    """Before any work: out can be written the way write_model writes it (a temporary file in its directory,
+    renamed over it) and is none of the inputs named on the command line. An existing out that is not a
+    regular file is refused: the rename would replace a device node, a FIFO or a socket with a regular file."""
+    st = output_stat(out)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{out}: {os.strerror(21)}")  # EISDIR
+        if not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"{out}: exists and is not a regular file (a device, a FIFO or a socket): export would "
+                              f"replace it with a regular file; give another output path")
+        for path in inputs:
+            other = output_stat(path)
+            if other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                raise ExportError(f"{out}: is the input {path}: export would replace its own input")
+    d = os.path.dirname(os.path.abspath(out))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot create a file in {d} ({e.strerror})")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_is_no_input(out):
+    """After the inputs are open, before any weight is read: out is none of the files this export reads
+    (model.safetensors, a shard, config.json, ... through any symbolic or hard link)."""
+    st = output_stat(out)
+    if st is not None and (st.st_dev, st.st_ino) in INPUTS:
+        raise ExportError(f"{out}: is one of the files this export reads: it would replace its own input")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
     ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
@@ -1822,18 +1989,22 @@ def main(argv=None):
                     help="regroup key/value heads per layer: N a multiple of the layer's kv heads duplicates them "
                          "(exact), a divisor mean-pools each group's k/v projections (GQA/MQA from MHA, Ainslie et al. 2023)")
     args = ap.parse_args(argv)
+    INPUTS.clear()
     try:
+        check_output(args.out, [p for p in (args.src, args.tokenizer) if p])
         if os.path.isdir(args.src):
             m = convert_hf(args.src, args)
-        elif os.path.isfile(args.src):
+        elif os.path.lexists(args.src):
             m = convert_llama2c(args.src, args)
         else:
             raise ExportError(f"{args.src}: no such file or directory")
         dtype = DTYPES[args.dtype] if args.dtype else m.source_dtype
+        full_attention_windows(m)
         if args.bf16_rope:
             round_rope_to_bf16(m)
         if args.kv_heads:
             regroup_kv_heads(m, parse_kv_heads(args.kv_heads, len(m.layers)))
+        check_output_is_no_input(args.out)
         write_model(m, args.out, dtype)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

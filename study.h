@@ -55,6 +55,8 @@ void attention_map_record(void *map, int layer, int pos, const float *weights, i
  * floor(sqrt(heads)) rows, drawn larger): in a panel, rows are query positions and columns key positions;
  * grey where the mask hides the key, a colour scale of log10(weight) from 1e-4 (dark) to 1 elsewhere. */
 int attention_map_write_png(const AttentionMap *map, const char *path);
+/* Before the run: 0 if the picture of all n_positions fits the PNG limit, else -1 with one line in err. */
+int attention_map_check_png(const AttentionMap *map, char *err, size_t errlen);
 /* The recorded weights as little-endian float32 [layer][head][query][key] over the positions processed. */
 int attention_map_write_raw(const AttentionMap *map, const char *path);
 void attention_map_free(AttentionMap *map);

@@ -81,26 +81,6 @@ static int read_u32(Reader *r, uint32_t *out) {
 
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); tokenizer_free(t); return -1; } while (0)
 
-typedef struct {
-    int len, id;
-} LengthId;
-
-static int longer_first(const void *a, const void *b) {
-    const LengthId *x = a, *y = b;
-    return x->len != y->len ? y->len - x->len : x->id - y->id;
-}
-
-/* Orders special ids longest first, so "<|im_start|>" is tried before a shorter token it begins with. */
-static int sort_longest_first(int *ids, int n, const int *lens) {
-    LengthId *tmp = malloc((size_t)(n > 0 ? n : 1) * sizeof *tmp);
-    if (!tmp) return -1;
-    for (int i = 0; i < n; i++) tmp[i] = (LengthId){lens[ids[i]], ids[i]};
-    qsort(tmp, (size_t)n, sizeof *tmp, longer_first);
-    for (int i = 0; i < n; i++) ids[i] = tmp[i].id;
-    free(tmp);
-    return 0;
-}
-
 static int starts_with_mark(const unsigned char *s, size_t n) {
     return n >= SPACE_MARK_LEN && memcmp(s, SPACE_MARK, SPACE_MARK_LEN) == 0;
 }
@@ -173,26 +153,33 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
      * text already written with its "▁"s, past the room tokenizer_encode sizes for it (found by fuzzing) */
     if ((flags & TOKF_PREFIX_SPACE) && kind != TOKENIZER_BYTELEVEL_BPE)
         FAIL("tokenizer adds ByteLevel's prefix space but is not byte-level");
-    if (n_eos > TOKENIZER_MAX_EOS) FAIL("tokenizer lists %u eos ids (at most %d)", n_eos, TOKENIZER_MAX_EOS);
+    if ((uint64_t)n_eos * 4 > r.left) FAIL("tokenizer lists %u eos ids but only %zu bytes remain", n_eos, r.left);
     t->kind = (int)kind;
     t->pretokenizer = (int)pre;
     t->flags = flags;
     t->bos_id = (int32_t)bos;
     t->unk_id = (int32_t)unk;
     t->n_eos = (int)n_eos;
+    t->eos_ids = malloc((n_eos + 1) * sizeof *t->eos_ids);
+    if (!t->eos_ids) FAIL("out of memory loading the tokenizer");
     for (uint32_t i = 0; i < n_eos; i++) {
-        uint32_t e;
-        if (read_u32(&r, &e)) FAIL("tokenizer record truncated in its eos ids");
+        uint32_t e = 0;
+        read_u32(&r, &e); /* cannot fail: the length was checked above */
         t->eos_ids[i] = (int32_t)e;
     }
     if (read_u32(&r, &n_pieces) || read_u32(&r, &n_merges)) FAIL("tokenizer record truncated before its pieces");
     if (n_pieces != (uint32_t)vocab_size)
         FAIL("tokenizer has %u pieces but the model's vocabulary is %d", n_pieces, vocab_size);
+    if (n_eos > n_pieces) FAIL("tokenizer lists %u eos ids for %u pieces", n_eos, n_pieces);
     if (t->bos_id < -1 || t->bos_id >= vocab_size) FAIL("tokenizer bos id %d outside the vocabulary", t->bos_id);
     if (t->unk_id < -1 || t->unk_id >= vocab_size) FAIL("tokenizer unk id %d outside the vocabulary", t->unk_id);
-    for (int i = 0; i < t->n_eos; i++)
+    t->is_eos = calloc(n_pieces, 1);
+    if (!t->is_eos) FAIL("out of memory loading the tokenizer");
+    for (int i = 0; i < t->n_eos; i++) {
         if (t->eos_ids[i] < 0 || t->eos_ids[i] >= vocab_size)
             FAIL("tokenizer eos id %d outside the vocabulary", t->eos_ids[i]);
+        t->is_eos[t->eos_ids[i]] = 1;
+    }
     t->n_pieces = (int)n_pieces;
     t->piece = calloc(n_pieces, sizeof *t->piece);
     t->piece_len = calloc(n_pieces, sizeof *t->piece_len);
@@ -264,8 +251,9 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
     }
     free(joined);
     if (r.left != 0) FAIL("tokenizer record has %zu unexpected trailing bytes", r.left);
-    if (sort_longest_first(t->specials, t->n_specials, t->piece_len) != 0 || build_texts(t) != 0)
-        FAIL("out of memory loading the tokenizer");
+    if (specials_build(&t->special_matcher, t->specials, t->n_specials, t->piece, t->piece_len) != 0 ||
+        build_texts(t) != 0)
+        FAIL("out of memory loading the tokenizer (%d special tokens)", t->n_specials);
     return 0;
 }
 
@@ -279,6 +267,9 @@ void tokenizer_free(Tokenizer *t) {
     free(t->text_len);
     free(t->text_storage);
     free(t->specials);
+    specials_free(&t->special_matcher);
+    free(t->eos_ids);
+    free(t->is_eos);
     free(t->piece_ids.slots);
     free(t->merge_ranks.slots);
     free(t->merge_result);
@@ -676,16 +667,6 @@ static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int pre
     }
 }
 
-/* The longest special token that starts at s[0..n), or -1. */
-static int special_at(const Tokenizer *t, const unsigned char *s, size_t n) {
-    for (int k = 0; k < t->n_specials; k++) { /* longest first */
-        int id = t->specials[k];
-        size_t len = (size_t)t->piece_len[id];
-        if (len <= n && s[0] == t->piece[id][0] && memcmp(s, t->piece[id], len) == 0) return id;
-    }
-    return -1;
-}
-
 /* Where the whitespace that ends s[start..end) begins (end if it does not end in whitespace). */
 static size_t trailing_space(const unsigned char *s, size_t start, size_t end) {
     size_t after_text = start;
@@ -742,9 +723,12 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     e.sym = malloc(max_symbols * sizeof *e.sym);
     e.heap.items = malloc(3 * max_symbols * sizeof *e.heap.items);
     e.splits = malloc((t->has_unused_pieces ? 3 * max_symbols : 1) * sizeof *e.splits);
-    int ok = e.stretch && e.sym && e.heap.items && e.splits;
+    /* the longest special token starting at each byte, found for the whole text in one pass (specials.h) */
+    int *special_at = t->n_specials ? malloc((len + 1) * sizeof *special_at) : NULL;
+    int ok = e.stretch && e.sym && e.heap.items && e.splits && (special_at || !t->n_specials);
+    if (ok && special_at) specials_longest_at(&t->special_matcher, s, len, special_at);
     for (size_t start = 0, i = 0; ok && i <= len;) { /* s[start..i) is plain text so far */
-        int special = i < len && t->n_specials ? special_at(t, s + i, len - i) : -1;
+        int special = i < len && special_at ? special_at[i] : -1;
         if (special < 0 && i < len) {
             i++;
             continue;
@@ -764,6 +748,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     free(e.sym);
     free(e.heap.items);
     free(e.splits);
+    free(special_at);
     free(squeezed);
     free(normalized);
     return ok ? e.count : -1;
@@ -792,11 +777,7 @@ const unsigned char *tokenizer_decode(const Tokenizer *t, DecodeState *d, int id
     return s;
 }
 
-int tokenizer_is_eos(const Tokenizer *t, int id) {
-    for (int i = 0; i < t->n_eos; i++)
-        if (t->eos_ids[i] == id) return 1;
-    return 0;
-}
+int tokenizer_is_eos(const Tokenizer *t, int id) { return id >= 0 && id < t->n_pieces && t->is_eos && t->is_eos[id]; }
 
 static void put_replacement(FILE *out) { fputs("\xEF\xBF\xBD", out); }
 

@@ -15,6 +15,8 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "specials.h"
+
 enum { TOKENIZER_NONE = 0, TOKENIZER_BYTELEVEL_BPE = 1, TOKENIZER_SENTENCEPIECE_BPE = 2 };
 enum { PRETOKENIZE_NONE = 0, PRETOKENIZE_GPT2 = 1, PRETOKENIZE_LLAMA3 = 2, PRETOKENIZE_QWEN2 = 3, PRETOKENIZE_METASPACE = 4 };
 enum {
@@ -43,8 +45,6 @@ enum {
 };
 enum { PIECE_LSTRIP = 0x100, PIECE_RSTRIP = 0x200 }; /* a matched token swallows the whitespace left / right of it */
 
-#define TOKENIZER_MAX_EOS 16
-
 typedef struct {
     int key_len;
     const unsigned char *key;
@@ -61,8 +61,9 @@ typedef struct {
     int pretokenizer;  /* PRETOKENIZE_* */
     unsigned flags;    /* TOKF_* */
     int bos_id, unk_id;
-    int n_eos;
-    int eos_ids[TOKENIZER_MAX_EOS];
+    int n_eos;                   /* 0 .. n_pieces: every id the record lists (tokenizers list many end tokens) */
+    int *eos_ids;
+    unsigned char *is_eos;       /* [n_pieces] 1 for an eos id: one look-up per generated token */
     int n_pieces;
     const unsigned char **piece; /* bytes of each token, pointing into the mapped file */
     int *piece_len;
@@ -77,8 +78,9 @@ typedef struct {
     int *merge_result;           /* rank -> merged id */
     unsigned char *merge_keys;   /* storage for merge_ranks' keys */
     int byte_piece[256];         /* id of the piece for one raw byte (-1 if none) */
-    int *specials;               /* ids matched in text, longest first */
+    int *specials;               /* ids matched in text (special and user-defined pieces) */
     int n_specials;
+    SpecialMatcher special_matcher; /* finds the longest of them starting at each byte of a prompt */
     int has_unused_pieces;       /* SentencePiece unused pieces that merges may make and must split again */
 } Tokenizer;
 

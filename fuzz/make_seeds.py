@@ -144,6 +144,32 @@ def seeds():
     post = E.LAYER_MIXER_POST_NORM | E.LAYER_FFN_POST_NORM
     m.layers = [L(A(2, 1, 4, window=4, flags=E.ATTN_QK_NORM_FULL), D(16), post), L(A(2, 1, 4, rope_dim=0), D(16), post)]
     yield "olmo_post_norms_bf16", tensors(m), "bf16"
+    # the whole-file checks (docs/FORMAT.md, "What the loader checks"): more than 16 eos ids, special tokens that
+    # share prefixes and suffixes (the matcher's automaton) with lstrip / rstrip, a window that covers the
+    # context (full attention), a scaled rope table, q8_0 groups of weights near 4e-6 (the smallest scales)
+    m = E.Model("llama", 32, 300, 16, tied=True)
+    table = m.rope_table_for(1.0 / (10000.0 ** (np.arange(0, 8, 2) / 8)) / 4.0)
+    m.layers = [L(A(4, 2, 8, window=16, rope_table=table), D(32)), L(A(4, 4, 8, window=8), D(32))]
+    m.tokenizer = specials_tokenizer(300)
+    tensors(m)
+    tiny = lambda: (rng.uniform(-4e-6, 4e-6, (32, 32))).astype(np.float32)  # noqa: E731
+    m.tensors = [(n, s, tiny if n == "layers.0.attn.wq" else f) for n, s, f in m.tensors]
+    yield "llama_specials_many_eos_q8_0", m, "q8_0"
+
+
+def specials_tokenizer(vocab):
+    """A byte-level record with 40 eos ids and special / user-defined tokens nested in one another."""
+    rec = E.TokenizerRecord(E.TOK_BYTELEVEL_BPE, vocab, "make_seeds")
+    for b in range(256):
+        rec.set_piece(b, bytes([b]), E.PIECE_NORMAL)
+    specials = [b"<|a|>", b"<|ab|>", b"<|abc|>", b"<|b|>", b"|>", b"<|", b"<|im_start|>", b"<|im_end|>", b"<s>", b"</s>",
+                b"<s><s>", b"[INST]", b"[/INST]", b"<|a|><|b|>", b"\n\n", b"  "]
+    for i, s in enumerate(specials):
+        kind = E.PIECE_SPECIAL if i % 3 else E.PIECE_USER
+        rec.set_piece(256 + i, s, kind | (E.PIECE_LSTRIP if i % 4 == 1 else 0) | (E.PIECE_RSTRIP if i % 5 == 2 else 0))
+    rec.pretokenizer = E.PRE_GPT2
+    rec.eos = list(range(256, 296))
+    return rec.pack()
 
 
 def shared_tokenizer_models(shared, out_dir):

@@ -285,3 +285,58 @@ def _all_mutants(blob, rng, scale=1.0):
                 else:
                     out[p] = int(rng.integers(0, 256))
             yield f"{name}: random bytes #{i}", bytes(out)
+
+
+# What the byte mutations above cannot reach: files whose every field is in range but whose meaning is
+# hostile. semantic_mutants(blob) yields (label, bytes, words): words None when the file must run (status
+# 0), else the run must end in one error line holding one of the words.
+NAN_BITS = {0: (0x7FC00000, 4), 1: (0x7E00, 2), 2: (0x7FC0, 2)}  # f32, f16, bf16
+
+
+def semantic_mutants(blob):
+    L = Layout(blob)
+    size = len(blob)
+    by_name = {name: (rec, off, nbytes) for rec, name, off, nbytes in L.tensors}
+    ordered = sorted(L.tensors, key=lambda x: x[2])
+    # a tensor pointed at the bytes of another: one small file standing for more weights than it holds
+    for (rec_a, a, off_a, _), (_, b, off_b, nbytes_b) in ((ordered[0], ordered[1]), (ordered[-1], ordered[-2]),
+                                                          (ordered[len(ordered) // 2], ordered[0])):
+        yield f"semantic: tensor '{a}' aliased onto '{b}'", put(blob, rec_a + 104, 8, off_b), \
+            ["share bytes", "extends past end of file", "belong to no"]
+    # bytes no tensor claims: a sparse tail, a gap inside the data section
+    for extra in (64, 4096, 1 << 20):
+        grown = put(put(blob + bytes(extra), 8, 8, size + extra), 88, 8, L.data_size + extra)
+        yield f"semantic: a tail of {extra} bytes no tensor claims", grown, ["belong to no"]
+    rec_last, last, off_last, nbytes_last = ordered[-1]
+    moved = bytearray(blob + bytes(64))
+    moved[off_last + 64:off_last + 64 + nbytes_last] = blob[off_last:off_last + nbytes_last]
+    moved = put(put(put(bytes(moved), rec_last + 104, 8, off_last + 64), 8, 8, size + 64), 88, 8, L.data_size + 64)
+    yield f"semantic: a gap of 64 bytes before '{last}'", moved, ["belong to no"]
+    # the tokenizer section laid over the weights (its own bytes left to no one)
+    if L.tok_size:
+        yield "semantic: the tokenizer section over the tensor data", put(blob, 48, 8, ordered[0][2]), \
+            ["overlaps", "outside the file", "belong to no"]
+    # rope tables that are not inverse frequencies
+    for name in sorted(n for n in by_name if n.startswith("rope_inv_freq.")):
+        _, off, _ = by_name[name]
+        for label, bits in (("NaN", 0x7FC00000), ("+inf", 0x7F800000), ("0", 0), ("-1", 0xBF800000)):
+            yield f"semantic: {label} in {name}", put(blob, off + 4, 4, bits), ["must be finite and positive"]
+    # a NaN in a weight every token goes through: the run stops at the first logits, naming the tensor
+    rec, off, _ = by_name["layers.0.attn.wq"]
+    dtype = get(blob, rec + 80, 4)
+    if dtype in NAN_BITS:
+        bits, width = NAN_BITS[dtype]
+        yield "semantic: NaN in layers.0.attn.wq", put(blob, off, width, bits), ["holds a NaN or an infinity"]
+    else:  # q8_0: the first group's f16 scale, after the int8 values
+        rows, cols = get(blob, rec + 88, 4), get(blob, rec + 92, 4)
+        yield "semantic: NaN scale in layers.0.attn.wq", put(blob, off + rows * cols, 2, 0x7E00), \
+            ["holds a NaN or an infinity"]
+    # a window that covers the context is full attention: such a file runs (a chunked layer keeps its chunks)
+    context = get(blob, L.config_off + 32 + 4 * CONFIG_FIELDS.index("context_length"), 4)
+    for layer in sorted({0, L.n_layers - 1}):
+        fields = dict(L.layers[layer]["fields"])
+        if "mixer window" not in fields or get(blob, fields["mixer chunk"], 4):
+            continue
+        for w in (context, context + 1, (1 << 24) + 1):
+            yield f"semantic: layer {layer} window {w} (context {context})", put(blob, fields["mixer window"], 4, w), \
+                None if w <= 1 << 24 else ["window"]

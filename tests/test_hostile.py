@@ -12,7 +12,7 @@ import numpy as np
 
 from harness import tiny_llama_dir
 from study_support import kv_bytes
-from hostile_corpus import Layout, mutants, put
+from hostile_corpus import Layout, mutants, put, semantic_mutants
 
 RUN_TIMEOUT = 10  # seconds per run of a mutant; a healthy one takes milliseconds
 
@@ -79,12 +79,16 @@ def corpus(t):
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama4_chunked_moe_q8_0.bin"), 0.35, ["--tokens", "1,2,3,4,5,6"]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "olmo_post_norms_bf16.bin"), 0.35, ["--tokens", "1,2,3"]),
     ]
-    jobs = []
+    jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
         blob = open(model, "rb").read()
         name = os.path.basename(model)
+        args = prompt + ["-n", "4", "-t", "0.9", "-s", "7", "--threads", "1"]
         for label, data in mutants(blob, np.random.default_rng(1000 + b), keep, ALWAYS):
-            jobs.append((f"{name}: {label}", data, prompt + ["-n", "4", "-t", "0.9", "-s", "7", "--threads", "1"]))
+            jobs.append((f"{name}: {label}", data, args))
+        for label, data, words in semantic_mutants(blob):
+            jobs.append((f"{name}: {label}", data, args))
+            must[f"{name}: {label}"] = words
     os.makedirs(t.tmp("corpus"), exist_ok=True)
     workers = max(2, min(8, os.cpu_count() or 2))
     start = time.time()
@@ -98,13 +102,19 @@ def corpus(t):
         slowest = max(slowest, secs)
         if r is None:
             bad.append(f"{label}: no exit within {RUN_TIMEOUT}s ({why})")
+        elif label in must and (r.returncode == 0) != (must[label] is None):
+            unexpected.append(f"{label}: status {r.returncode} ({r.stderr.decode('utf-8', 'replace').strip()[:200]})"
+                              f", expected {'status 0' if must[label] is None else 'an error'}")
         elif r.returncode == 0:
             exit0 += 1
         elif clean_error(r):
             exit1 += 1
             msg = r.stderr.decode("utf-8", "replace")
-            for prefix, want in EXPECTED:
-                if label.split(": ", 1)[1].startswith(prefix) and not any(w in msg for w in want):
+            expected = [want for prefix, want in EXPECTED if label.split(": ", 1)[1].startswith(prefix)]
+            if must.get(label):
+                expected.append(must[label])
+            for want in expected:
+                if not any(w in msg for w in want):
                     unexpected.append(f"{label}: {msg.strip()} (expected {' or '.join(want)})")
         else:
             sig = f"signal {-r.returncode}" if r.returncode < 0 else f"status {r.returncode}"
@@ -114,6 +124,8 @@ def corpus(t):
                f"{len(bad)} otherwise; slowest {slowest:.2f}s; {time.time() - start:.0f}s in all")
     print(f"# corpus: {summary}")
     t.check(f"corpus: at least 1000 mutated model files", len(jobs) >= 1000, f"{len(jobs)}")
+    t.check(f"corpus: {len(must)} semantic cases among them (aliased tensors, unclaimed bytes, non-finite rope tables "
+            "and weights, windows over the whole context)", len(must) >= 7 * 10, f"{len(must)}")
     t.check("corpus: every mutant exits 0, or 1 with one line `error: ...` (no signal, no hang)", not bad,
             "; ".join(bad[:5]))
     t.check("corpus: the rejections name what is wrong", not unexpected, "; ".join(unexpected[:5]))

@@ -587,6 +587,48 @@ static void test_tokenizer_records(void) {
     tokenizer_free(&t);
 }
 
+/* ------------------------------------------------------------------------------------------- */
+/* special tokens: the automaton against trying every token at every byte, longest first (smaller id
+ * between identical ones), over random tokens and texts of a 3-letter alphabet (many shared prefixes,
+ * suffixes and overlaps) */
+
+static int longest_special_by_hand(const unsigned char *const *piece, const int *len, int n, const unsigned char *s,
+                                   size_t left) {
+    int best = -1;
+    for (int id = 0; id < n; id++)
+        if ((size_t)len[id] <= left && memcmp(s, piece[id], (size_t)len[id]) == 0 &&
+            (best < 0 || len[id] > len[best]))
+            best = id;
+    return best;
+}
+
+static void test_special_matcher(void) {
+    enum { N = 60, MAX_LEN = 7, TEXT = 400 };
+    unsigned char storage[N][MAX_LEN], text[TEXT];
+    const unsigned char *piece[N];
+    int len[N], ids[N], at[TEXT], bad = 0;
+    for (int round = 0; round < 50; round++) {
+        int n = 1 + round % N;
+        for (int id = 0; id < n; id++) {
+            len[id] = 1 + (int)((frand() + 1.0f) * 0.5f * MAX_LEN) % MAX_LEN;
+            for (int k = 0; k < len[id]; k++) storage[id][k] = (unsigned char)('a' + (int)((frand() + 1.0f) * 1.5f) % 3);
+            piece[id] = storage[id];
+            ids[id] = id;
+        }
+        SpecialMatcher m;
+        if (specials_build(&m, ids, n, piece, len) != 0) {
+            check(0, "specials_build: out of memory");
+            return;
+        }
+        for (int i = 0; i < TEXT; i++) text[i] = (unsigned char)('a' + (int)((frand() + 1.0f) * 1.5f) % 3);
+        specials_longest_at(&m, text, TEXT, at);
+        for (int i = 0; i < TEXT; i++)
+            bad += at[i] != longest_special_by_hand(piece, len, n, text + i, TEXT - i);
+        specials_free(&m);
+    }
+    check(bad == 0, "special tokens: the automaton finds the longest token at each of 50 x 400 bytes (%d wrong)", bad);
+}
+
 /* torch.topk's choice among tied scores (tests/data/router_ties.txt, from tools/make_router_ties.py): the
 experts moe.c routes to must be the very same set. */
 static void test_router_ties(void) {
@@ -674,6 +716,7 @@ int main(void) {
     test_utf8();
     test_tokenizer_records();
     test_explore_rows();
+    test_special_matcher();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;
 }
