@@ -24,6 +24,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("error: export.py needs numpy (Debian: apt-get install python3-numpy)")
 
+import gguf_reader
+from pretokenizers import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX, PretokenizerError, split_steps
+
 FORMAT_VERSION = 1
 ALIGN = 64
 
@@ -38,7 +41,7 @@ MODEL_TIED_EMBEDDINGS = 1
 LAYER_QK_NORM, LAYER_QKV_BIAS, LAYER_O_BIAS, LAYER_POST_ATTN_NORM, LAYER_POST_MLP_NORM = 1, 2, 4, 8, 16
 
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
-PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE, PRE_SPLITS = 0, 1, 2, 3, 4, 5
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
 TOKF_NORMALIZE_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
 TOKF_STRIP_LEADING_SPACE, TOKF_REMOVE_EXTRA_SPACES = 512, 1024
@@ -221,6 +224,7 @@ class Model:
         self.tensors = []          # (name, shape, producer() -> float32 array)
         self.tokenizer = None      # bytes of the tokenizer section, or None
         self.source_dtype = DTYPES["f32"]  # what the weights are stored as without --dtype
+        self.hf_config = {}        # the (Hugging Face) config it was converted from
 
     def add(self, name, shape, producer):
         self.tensors.append((name, tuple(int(d) for d in shape), producer))
@@ -278,6 +282,11 @@ def _rope_inv_freq(theta, rope_dim, scaling):
         return inv
     if kind == "linear":
         return (inv / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "freq_factors":  # GGUF's rope_freqs (Llama 3.1 conversions): each frequency divided by its factor
+        factors = np.asarray(scaling["factors"], dtype=np.float32)
+        if factors.shape != inv.shape or not np.all(factors > 0):
+            raise ValueError(f"{len(factors)} rope frequency factors for {len(inv)} frequencies, or one not positive")
+        return (inv / factors).astype(np.float32)
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -648,6 +657,18 @@ def convert_hf(src, args):
     cfg = load_json(os.path.join(src, "config.json"))
     if not isinstance(cfg, dict):
         raise ExportError(f"{os.path.join(src, 'config.json')}: not a JSON object")
+    log(f"export: reading {src} ({cfg.get('model_type')})")
+    m = convert_checkpoint(cfg, SafeTensors(src), os.path.join(src, "config.json"))
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config, src)
+    else:
+        m.tokenizer = hf_tokenizer(src, m.hf_config, m.vocab_size)
+    return m
+
+
+def convert_checkpoint(cfg, st, where):
+    """The model description of a checkpoint given as a config in Hugging Face terms and its tensors under
+    Hugging Face names (a safetensors directory, or a GGUF file through gguf_reader)."""
     family = cfg.get("model_type")
     if family == "gemma3" and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper: keep the text model
         cfg = dict(cfg["text_config"], model_type="gemma3_text")
@@ -655,18 +676,39 @@ def convert_hf(src, args):
     if not isinstance(family, str) or family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
-    log(f"export: reading {src} ({family})")
-    st = SafeTensors(src)
-    with malformed_input(os.path.join(src, "config.json")):
+    with malformed_input(where):
         m = FAMILIES[family](cfg, st, family)
     check_shapes(m, st)
+    m.hf_config = cfg
+    m.source_dtype = default_dtype({st.dtype(n) for n in st.names() if len(st.shape(n)) == 2})
+    return m
+
+
+def default_dtype(matrix_dtypes):
+    """The dtype matrices keep without --dtype: the checkpoint's own where attn.c has it (bf16 stays bf16), q8_0
+    where a GGUF holds other quantized types (Q4_K ...: 8 bits keep what they hold), else f32 (mixed floats)."""
+    if len(matrix_dtypes) == 1 and next(iter(matrix_dtypes)).lower() in DTYPES:
+        return DTYPES[next(iter(matrix_dtypes)).lower()]
+    if any(d.lower() not in ("f32", "f16", "bf16") for d in matrix_dtypes):
+        return DTYPES["q8_0"]
+    return DTYPES["f32"]
+
+
+def convert_gguf(path, args):
+    """A llama.cpp GGUF model file, through the Hugging Face converters (gguf_reader gives them the config and
+    tensors in Hugging Face terms)."""
+    try:
+        ck = gguf_reader.GGUFCheckpoint(path)
+    except gguf_reader.GGUFError as e:
+        raise ExportError(str(e))
+    log(f"export: reading {path} (GGUF, {ck.arch} -> {ck.config['model_type']})")
+    m = convert_checkpoint(ck.config, ck.tensors, path)
     if args.tokenizer:
-        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config)
+    elif ck.tokenizer is not None:
+        m.tokenizer = tokenizer_from_json(path, ck.tokenizer, {"eos_token_id": ck.eos}, m.vocab_size, [])
     else:
-        m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
-    # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
-    matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) == 2}
-    m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
+        log("export: the GGUF file has no tokenizer: the model will run from --tokens")
     return m
 
 
@@ -769,6 +811,7 @@ class TokenizerRecord:
         self.scores = [0.0] * vocab_size
         self.types = [PIECE_UNUSED] * vocab_size
         self.merges = []                       # (left id, right id) in rank order
+        self.steps = []                        # (regex, behavior, invert) when pretokenizer is PRE_SPLITS
         self.source = source
 
     def set_piece(self, i, data, piece_type, score=0.0):
@@ -802,6 +845,11 @@ class TokenizerRecord:
         for p, s, t in zip(self.pieces, self.scores, self.types):
             out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
         out.append(np.asarray(self.merges, dtype="<u4").reshape(-1).tobytes())
+        if self.pretokenizer == PRE_SPLITS:  # the Split steps: u32 count, then behavior, flags, length, regex each
+            out.append(struct.pack("<I", len(self.steps)))
+            for regex, behavior, invert in self.steps:
+                data = regex.encode("utf-8")
+                out.append(struct.pack("<3I", behavior, 1 if invert else 0, len(data)) + data)
         return b"".join(out)
 
 
@@ -814,13 +862,19 @@ def read_tokenizer(path, vocab_size, cfg=None, model_dir=None):
     except OSError as e:
         raise ExportError(f"{path}: {e.strerror}")
     dirs = [os.path.dirname(os.path.abspath(path))] + ([model_dir] if model_dir else [])
+    if head == gguf_reader.GGUF_MAGIC[:1] and file_magic(path) == gguf_reader.GGUF_MAGIC:  # a GGUF's vocabulary
+        try:
+            tok, eos = gguf_reader.read_vocabulary(path)
+        except gguf_reader.GGUFError as e:
+            raise UnsupportedTokenizer(str(e))
+        return tokenizer_from_json(path, tok, {"eos_token_id": eos}, vocab_size, [])
     if path.endswith(".json"):
         return json_tokenizer(path, cfg or {}, vocab_size, dirs)
     if path.endswith(".bin"):
         return llama2c_tokenizer(path, vocab_size)
     if path.endswith(".model") or head == b"\x0a":  # a protobuf starting with field 1 (the pieces)
         return sentencepiece_tokenizer(path, vocab_size, dirs)
-    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin")
+    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c tokenizer.bin or a GGUF file")
 
 
 def hf_tokenizer(src, cfg, vocab_size):
@@ -863,9 +917,7 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# the regexes the record names by number (the engine has hand-written matchers for them)
 KNOWN_REGEXES = {GPT2_REGEX: PRE_GPT2, LLAMA3_REGEX: PRE_LLAMA3, QWEN2_REGEX: PRE_QWEN2}
 
 
@@ -877,32 +929,29 @@ def steps_of(block, list_key):
 
 
 def bytelevel_rules(tok, path):
-    """(pretokenizer id, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
+    """(pretokenizer id, Split steps, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
     if tok.get("normalizer") is not None:
         raise UnsupportedTokenizer(f"{path}: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
-    steps = steps_of(tok.get("pre_tokenizer"), "pretokenizers")
-    if not steps:
+    if not tok.get("pre_tokenizer"):
         raise UnsupportedTokenizer(f"{path}: byte-level BPE without a pre_tokenizer is not supported")
-    kind, flags, saw_bytelevel = PRE_NONE, 0, False
-    for s in steps:
-        t = s.get("type")
-        if t == "ByteLevel":
-            saw_bytelevel = True
-            flags = TOKF_PREFIX_SPACE if s.get("add_prefix_space", False) else 0
-            if s.get("use_regex", True):
-                if kind != PRE_NONE:
-                    raise UnsupportedTokenizer(f"{path}: two splitting regexes in the pre_tokenizer are not supported")
-                kind = PRE_GPT2
-        elif t == "Split":
-            pattern = s.get("pattern", {}).get("Regex")
-            if pattern not in KNOWN_REGEXES or s.get("behavior") != "Isolated" or s.get("invert"):
-                raise UnsupportedTokenizer(f"{path}: pre-tokenizer Split with pattern {pattern!r} is not supported")
-            kind = KNOWN_REGEXES[pattern]
-        else:
-            raise UnsupportedTokenizer(f"{path}: pre-tokenizer '{t}' is not supported with byte-level BPE")
+    try:
+        steps, prefix_space, saw_bytelevel = split_steps(tok.get("pre_tokenizer"))
+    except PretokenizerError as e:
+        raise UnsupportedTokenizer(f"{path}: {e}")
     if not saw_bytelevel:
         raise UnsupportedTokenizer(f"{path}: BPE without a ByteLevel step or byte_fallback is not supported")
-    return kind, flags
+    if len(steps) > 16:
+        raise UnsupportedTokenizer(f"{path}: {len(steps)} pre-tokenizer steps (the record holds at most 16)")
+    return pretokenizer_of(steps) + (TOKF_PREFIX_SPACE if prefix_space else 0,)
+
+
+def pretokenizer_of(steps):
+    """(pretokenizer id, steps to store): a single isolating step with a known regex is named by its number."""
+    if not steps:
+        return PRE_NONE, []
+    if len(steps) == 1 and steps[0][1:] == (0, False) and steps[0][0] in KNOWN_REGEXES:
+        return KNOWN_REGEXES[steps[0][0]], []
+    return PRE_SPLITS, steps
 
 
 def check_tokenizer_json(tok):
@@ -972,9 +1021,13 @@ def spacemark_rules(tok, path):
     return pretok, flags
 
 
-@reads_input
 def json_tokenizer(path, cfg, vocab_size, dirs):
-    tok = load_json(path)
+    return tokenizer_from_json(path, load_json(path), cfg, vocab_size, dirs)
+
+
+@reads_input
+def tokenizer_from_json(path, tok, cfg, vocab_size, dirs):
+    """The tokenizer record of a tokenizer.json (the dict; path names it in messages)."""
     check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
@@ -993,7 +1046,7 @@ def json_tokenizer(path, cfg, vocab_size, dirs):
         def spell(piece):
             return piece.encode("utf-8")
     else:
-        rec.pretokenizer, rec.flags = bytelevel_rules(tok, path)
+        rec.pretokenizer, rec.steps, rec.flags = bytelevel_rules(tok, path)
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
         def spell(piece):
@@ -1429,6 +1482,14 @@ def write_model(m, out, dtype):
     log(f"export: wrote {out} ({file_size / 1e6:.1f} MB, {n_layers} layers, {n_tensors} tensors)")
 
 
+def file_magic(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
     ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
@@ -1448,6 +1509,8 @@ def main(argv=None):
     try:
         if os.path.isdir(args.src):
             m = convert_hf(args.src, args)
+        elif os.path.isfile(args.src) and file_magic(args.src) == gguf_reader.GGUF_MAGIC:
+            m = convert_gguf(args.src, args)
         elif os.path.isfile(args.src):
             m = convert_llama2c(args.src, args)
         else:

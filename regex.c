@@ -456,7 +456,8 @@ static int parse_group(Parser *ps, int *fold, int *flags_only) {
             return parse_error(ps, peek_is(ps, "<=") || peek_is(ps, "<!") ? "lookbehind is not supported"
                                                                         : "named groups are not supported");
         } else {
-            return parse_error(ps, "unsupported group (?...)");
+            return parse_error(ps, (c | 32) >= 'a' && (c | 32) <= 'z' ? "only the i flag is supported in (?...)"
+                                                                      : "unsupported group (?...)");
         }
     } else {
         type = N_CAT; /* a capturing group: nothing is captured here, it only groups */
