@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
+"""export.py - turn a Hugging Face checkpoint, a llama.cpp GGUF file or a llama2.c checkpoint into one attn.c model file.
 
     python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
-SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
-legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
-are read by hand.
+SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files), a llama.cpp GGUF file
+(gguf_reader.py), or a llama2.c checkpoint (.bin, versions 0, 1 and 2). Needs only Python 3 and numpy:
+safetensors, GGUF, JSON and SentencePiece's protobuf are read by hand.
 The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
 """
 import argparse
@@ -721,44 +721,88 @@ def check_shapes(m, st):
 
 
 # ----------------------------------------------------------------------------
-# llama2.c legacy checkpoints (version 0): 7 int32 header, then float32 arrays in a fixed order
+# llama2.c checkpoints: the legacy layout (version 0: 7 int32, then float32 arrays) and, after a 256-byte header
+# that starts with the magic "ak42", version 1 (float32) and version 2 (q8_0 in groups, float32 scales)
+
+LLAMA2C_MAGIC = struct.pack("<I", 0x616B3432)  # llama2.c writes the uint32 "ak42"; on disk: b"24ka"
+
+
+class Llama2cArray:
+    """One of a llama2.c file's arrays (all layers back to back): float32, or (version 2) int8 values in groups of
+    group_size with one float32 scale each, w = q * scale."""
+
+    def __init__(self, mm, offset, count, scales_offset=None, group_size=0):
+        self.mm, self.offset, self.count, self.scales_offset, self.group_size = mm, offset, count, scales_offset, group_size
+
+    def take(self, start, n):
+        if self.scales_offset is None:
+            return np.frombuffer(self.mm, dtype="<f4", count=n, offset=self.offset + 4 * start)
+        g = self.group_size
+        q = np.frombuffer(self.mm, dtype=np.int8, count=n, offset=self.offset + start).astype(np.float32)
+        scale = np.frombuffer(self.mm, dtype="<f4", count=n // g, offset=self.scales_offset + 4 * (start // g))
+        return (q.reshape(-1, g) * scale[:, None]).reshape(-1)
+
+
+def llama2c_arrays(path):
+    """(header dims, shared classifier, {name: Llama2cArray}, version) of a llama2.c checkpoint."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(256)
+    version = struct.unpack_from("<i", head, 4)[0] if head[:4] == LLAMA2C_MAGIC and len(head) >= 8 else 0
+    if version not in (0, 1, 2):
+        raise ExportError(f"{path}: llama2.c checkpoint version {version} is not supported (0, 1 and 2 are)")
+    if len(head) < (28 if version == 0 else 256):
+        raise ExportError(f"{path}: too short for a llama2.c header")
+    dims = struct.unpack_from("<7i", head, 0 if version == 0 else 8)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
+    shared = vocab > 0 if version == 0 else bool(head[36])
+    vocab = abs(vocab)
+    group = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv or \
+            (version == 2 and (group <= 0 or dim % group)):
+        raise ExportError(f"{path}: implausible llama2.c header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len}"
+                          + (f", group size {group}" if version == 2 else ""))
+    head_dim, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
+    counts = dict(tok=vocab * dim, rms_att=n_layers * dim, wq=n_layers * dim * dim, wk=n_layers * kv_dim * dim,
+                  wv=n_layers * kv_dim * dim, wo=n_layers * dim * dim, rms_ffn=n_layers * dim, w1=n_layers * hidden * dim,
+                  w2=n_layers * dim * hidden, w3=n_layers * hidden * dim, rms_final=dim, freqs=seq_len * head_dim,
+                  wcls=0 if shared else vocab * dim)
+    if version == 0:    # legacy: float32 arrays in model order, the unused rope tables before the classifier
+        order, quantized = ["tok", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final", "freqs", "wcls"], []
+    elif version == 1:  # float32: the norms first, then the matrices
+        order, quantized = ["rms_att", "rms_ffn", "rms_final", "tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"], []
+    else:               # the norms in float32, every matrix's int8 values, then every matrix's scales
+        order, quantized = ["rms_att", "rms_ffn", "rms_final"], ["tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"]
+        if any(counts[n] % group for n in quantized):
+            raise ExportError(f"{path}: a matrix does not fill whole groups of {group}")
+    offset = 28 if version == 0 else 256
+    need = offset + 4 * sum(counts[n] for n in order) + sum(counts[n] * (1 + 4 / max(group, 1)) for n in quantized)
+    if size < need:
+        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {int(need)})")
+    log(f"export: reading {path} (llama2.c version {version}: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, "
+        f"vocab {vocab}{f', q8_0 in groups of {group}' if version == 2 else ''})")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    arrays = {}
+    for name in order:
+        arrays[name] = Llama2cArray(mm, offset, counts[name])
+        offset += 4 * counts[name]
+    scales = offset + sum(counts[n] for n in quantized)
+    for name in quantized:
+        arrays[name] = Llama2cArray(mm, offset, counts[name], scales, group)
+        offset += counts[name]
+        scales += 4 * counts[name] // group
+    return (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version
 
 
 def convert_llama2c(path, args):
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header = f.read(28)
-    if len(header) != 28:
-        raise ExportError(f"{path}: too short for a llama2.c header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
-    shared = vocab > 0
-    vocab = abs(vocab)
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
-        raise ExportError(f"{path}: implausible llama2.c header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len}")
-    head = dim // n_heads
-    kv_dim = n_kv * head
-    sizes = [("tok", vocab * dim), ("rms_att", n_layers * dim), ("wq", n_layers * dim * dim),
-             ("wk", n_layers * kv_dim * dim), ("wv", n_layers * kv_dim * dim), ("wo", n_layers * dim * dim),
-             ("rms_ffn", n_layers * dim), ("w1", n_layers * hidden * dim), ("w2", n_layers * dim * hidden),
-             ("w3", n_layers * hidden * dim), ("rms_final", dim), ("freq_real", seq_len * head // 2),
-             ("freq_imag", seq_len * head // 2)]
-    if not shared:
-        sizes.append(("wcls", vocab * dim))
-    need = 28 + 4 * sum(n for _, n in sizes)
-    if size < need:
-        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {need})")
-    log(f"export: reading {path} (llama2.c legacy: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, vocab {vocab})")
-    mm = np.memmap(path, dtype=np.float32, mode="r", offset=28, shape=((need - 28) // 4,))
-    arrays, off = {}, 0
-    for name, n in sizes:
-        arrays[name] = mm[off:off + n]
-        off += n
+    (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version = llama2c_arrays(path)
+    head, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
     m = Model("llama", dim, hidden, vocab, seq_len, norm_eps=1e-5, tied=shared)
     for _ in range(n_layers):
         m.layers.append(Layer(n_heads, n_kv, head, rope_theta=10000.0))
 
     def mat(name, layer, r, c):
-        return lambda: np.asarray(arrays[name][layer * r * c:(layer + 1) * r * c]).reshape(r, c)
+        return lambda: arrays[name].take(layer * r * c, r * c).reshape(r, c)
 
     def unpermute(get, heads):
         # Meta/llama2.c rotate interleaved pairs (2i, 2i+1); attn.c rotates (i, i + d/2): reorder the rows
@@ -770,22 +814,24 @@ def convert_llama2c(path, args):
     m.add("tok_embeddings", (vocab, dim), mat("tok", 0, vocab, dim))
     for i in range(n_layers):
         o = f"layers.{i}."
-        m.add(o + "attn_norm", (dim,), lambda i=i: np.asarray(arrays["rms_att"][i * dim:(i + 1) * dim]))
+        m.add(o + "attn_norm", (dim,), lambda i=i: arrays["rms_att"].take(i * dim, dim))
         m.add(o + "wq", (dim, dim), unpermute(mat("wq", i, dim, dim), n_heads))
         m.add(o + "wk", (kv_dim, dim), unpermute(mat("wk", i, kv_dim, dim), n_kv))
         m.add(o + "wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
         m.add(o + "wo", (dim, dim), mat("wo", i, dim, dim))
-        m.add(o + "mlp_norm", (dim,), lambda i=i: np.asarray(arrays["rms_ffn"][i * dim:(i + 1) * dim]))
+        m.add(o + "mlp_norm", (dim,), lambda i=i: arrays["rms_ffn"].take(i * dim, dim))
         m.add(o + "w_gate", (hidden, dim), mat("w1", i, hidden, dim))
         m.add(o + "w_up", (hidden, dim), mat("w3", i, hidden, dim))
         m.add(o + "w_down", (dim, hidden), mat("w2", i, dim, hidden))
-    m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
+    m.add("final_norm", (dim,), lambda: arrays["rms_final"].take(0, dim))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
     if args.tokenizer:
         m.tokenizer = read_tokenizer(args.tokenizer, vocab)
     else:
         log("export: no tokenizer (give --tokenizer tokenizer.bin for text prompts): the model will run from --tokens")
+    if version == 2:
+        m.source_dtype = DTYPES["q8_0"]  # 8-bit weights stay 8-bit (regrouped: 32 per scale, along rows)
     return m
 
 
@@ -1491,14 +1537,15 @@ def file_magic(path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
-    ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
+    ap = argparse.ArgumentParser(description="Export a Hugging Face, GGUF or llama2.c checkpoint to an attn.c model file.")
+    ap.add_argument("src", help="Hugging Face model directory, a llama.cpp .gguf file, or a llama2.c .bin checkpoint")
     ap.add_argument("out", help="output model file")
     ap.add_argument("--dtype", choices=sorted(DTYPES),
                     help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale each")
     ap.add_argument("--tokenizer", metavar="FILE",
-                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
-                         "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")
+                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c "
+                         "tokenizer.bin or a GGUF file's vocabulary (default: the model directory's tokenizer.json, else "
+                         "its tokenizer.model; a GGUF's own)")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
