@@ -42,6 +42,11 @@ run: run.c $(ENGINE) $(HEADERS)
 tests/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	$(COMPILE) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
+# the tokenizer benchmark (bench/bench.py builds it)
+build/bench/tokenize: bench/tokenize.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/bench
+	$(COMPILE) -I. -o $@ bench/tokenize.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+
 # other builds of ./run for the equivalence tests and the benchmark, e.g. make build/portable/run PORTABLE=1
 build/%/run: run.c $(ENGINE) $(HEADERS)
 	@mkdir -p $(dir $@)
