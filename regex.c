@@ -811,6 +811,7 @@ typedef struct {
 } Backtrack;
 
 struct RegexScratch {
+    size_t steps_left; /* backtracking steps this search may still take */
     Backtrack *stack;
     size_t top, cap;
     size_t *marks; /* positions a greedy RUN may give back characters to */
@@ -971,7 +972,7 @@ static int run(const Match *m, int pc, size_t pos, size_t *end) {
         case I_ATOMIC: {
             size_t sub_end;
             int r = run(m, pc + 1, pos, &sub_end);
-            if (r < 0) return -1;
+            if (r < 0) return r;
             if (in->op == I_LOOK ? r == in->mode : !r) goto fail; /* LOOK's mode is 1 for (?!...) */
             if (in->op == I_ATOMIC) pos = sub_end;
             pc = in->arg;
@@ -989,6 +990,7 @@ static int run(const Match *m, int pc, size_t pos, size_t *end) {
             return 1;
         }
     fail:
+        if (sc->steps_left-- == 0) return REGEX_TOO_SLOW;
         for (;;) {
             if (sc->top == base) {
                 sc->n_marks = marks_base;
@@ -1041,6 +1043,7 @@ int regex_search(const Regex *re, RegexScratch *sc, const unsigned char *s, size
         sc->n_registers = re->n_registers;
     }
     Match m = {re, sc, s, n};
+    sc->steps_left = (n - from + 1) * (size_t)REGEX_STEPS_PER_BYTE;
     for (size_t at = from;;) {
         int r = run(&m, 0, at, end);
         if (r != 0) {

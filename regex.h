@@ -33,14 +33,18 @@ RegexScratch *regex_scratch_new(void);
 void regex_scratch_free(RegexScratch *sc);
 
 /* The leftmost match in s[0..n) that starts at or after byte `from` (a character boundary): returns 1 and
- * sets [*start, *end), 0 if there is none, -1 when out of memory. Anchors and lookahead see all of s[0..n). */
+ * sets [*start, *end), 0 if there is none, -1 when out of memory, REGEX_TOO_SLOW when the search backtracked
+ * more than REGEX_STEPS_PER_BYTE times the bytes searched (a pattern such as (a*)*b is exponential on some
+ * texts: a hostile file's regex must not hang the program). Anchors and lookahead see all of s[0..n). */
+#define REGEX_TOO_SLOW (-2)
+#define REGEX_STEPS_PER_BYTE 100000
 int regex_search(const Regex *re, RegexScratch *sc, const unsigned char *s, size_t n, size_t from, size_t *start,
                  size_t *end);
 
 /* Every match in s[0..n), left to right, as the tokenizers library's Oniguruma iterator finds them: each
  * search starts where the previous match ended, and an empty match right where the previous match ended
  * is skipped (the search moves on one character). Start with RegexIterator it = {0}; returns 1 per match,
- * 0 when there are no more, -1 when out of memory. */
+ * 0 when there are no more, or regex_search's negative codes. */
 typedef struct {
     size_t at;           /* where the next search starts */
     size_t last_end;     /* where the previous match ended */

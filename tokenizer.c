@@ -552,7 +552,7 @@ typedef struct {
     Span *words, *next_words;  /* the pre-tokens of a stretch, and room for the next Split step's */
     Segment *segments;         /* one piece's matches and the text between them */
     RegexScratch *regex;
-    int failed;                /* out of memory */
+    int failed;                /* -1: out of memory; TOKENIZER_REGEX_TOO_SLOW */
     const unsigned char *word; /* the word being merged */
     Symbol *sym;
     Heap heap;
@@ -716,7 +716,7 @@ static int find_segments(Encoder *e, const PreSplit *step, const unsigned char *
         e->segments[count++] = (Segment){a, b, !invert};
         prev = b;
     }
-    if (r < 0) return -1;
+    if (r < 0) return r;
     if (prev != n) e->segments[count++] = (Segment){prev, n, invert};
     return count;
 }
@@ -761,7 +761,7 @@ static int split_piece(Encoder *e, const PreSplit *step, const unsigned char *s,
         return count;
     }
     int n_seg = find_segments(e, step, p, n);
-    if (n_seg < 0) return -1;
+    if (n_seg < 0) return n_seg;
     n_seg = apply_behavior(e->segments, n_seg, step->behavior);
     for (int i = 0; i < n_seg; i++)
         if (e->segments[i].end > e->segments[i].start)
@@ -783,7 +783,7 @@ static int split_words(Encoder *e, const unsigned char *s, size_t m) {
         int count = 0;
         for (int i = 0; i < n; i++) {
             int r = split_piece(e, &t->splits[k], s, e->words[i], e->next_words + count);
-            if (r < 0) return -1;
+            if (r < 0) return r;
             count += r;
         }
         Span *swap = e->words;
@@ -835,7 +835,7 @@ static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int pre
     size_t m = write_text(t, s, n, prefix, out);
     int n_words = split_words(e, out, m);
     if (n_words < 0) {
-        e->failed = 1;
+        e->failed = n_words;
         return;
     }
     for (int w = 0; w < n_words; w++) {
@@ -969,7 +969,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     regex_scratch_free(e.regex);
     free(squeezed);
     free(normalized);
-    return ok ? e.count : -1;
+    return ok ? e.count : e.failed ? e.failed : -1;
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -129,7 +129,9 @@ extern const char *const tokenizer_known_regex[4]; /* indexed by PRETOKENIZE_GPT
 static inline size_t tokenizer_max_ids(size_t len) { return 4 * len + 4; }
 
 /* Encodes len bytes of text into ids (room for tokenizer_max_ids(len) entries). Adds the BOS when add_bos
- * and the tokenizer asks for one. Returns the number of ids, or -1 when out of memory. */
+ * and the tokenizer asks for one. Returns the number of ids, -1 when out of memory, or TOKENIZER_REGEX_TOO_SLOW
+ * when a pre-tokenizer regex backtracked without end on this text (regex.h). */
+#define TOKENIZER_REGEX_TOO_SLOW (-2)
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *ids);
 
 /* Where one stream of decoded tokens stands: whether the dummy-prefix space of the next piece is dropped. */

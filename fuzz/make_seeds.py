@@ -3,7 +3,7 @@
 that together use every part of the format the loader checks -- RMSNorm and LayerNorm, gated and plain
 MLPs, rotary and learned positions, sliding and full layers, GQA, q/k norm, biases, post-norms, soft-caps,
 a precomputed RoPE table, f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
-with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
+with the GPT-2 and Llama 3 pre-tokenizers and with a sequence of regex Split steps; SentencePiece-style with <0xNN> byte pieces, merged by score as
 from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
 
@@ -73,6 +73,22 @@ def tensors(m, qk_norm=False, qkv_bias=False, o_bias=False, post_norms=False):
 def bytelevel_tokenizer(folder, vocab):
     src = os.path.join(ROOT, "tests", "data", "tokenizers", folder)
     return E.hf_tokenizer(src, {}, vocab)
+
+
+def split_steps_tokenizer(vocab):
+    """A byte-level record whose pre-tokenizer is a sequence of regex Split steps (pretokenizer 5): every
+    behavior, an inverted step, and the constructs regex.c compiles (classes, \\p{..}, scripts, (?i:...),
+    lookahead, possessive and atomic repeats, counted repeats), then ByteLevel's own regex."""
+    src = os.path.join(ROOT, "tests", "data", "tokenizers", "bytelevel_gpt2_style", "tokenizer.json")
+    tok = E.load_json(src)
+    split = lambda regex, behavior="Isolated", invert=False: {  # noqa: E731
+        "type": "Split", "pattern": {"Regex": regex}, "behavior": behavior, "invert": invert}
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        split(r"[\r\n]"), split(r"(?i:'s|'t)|\p{Lu}[\p{Ll}\p{M}]*+|(?>\p{N}{1,3})", "MergedWithPrevious"),
+        split(r"\s+(?=\S)", "MergedWithNext"), split(r"[\p{P}\p{S}]", "Contiguous"), split(r"\p{Han}+", "Removed"),
+        split(r"x", "Isolated", True), {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    return E.tokenizer_from_json(src, tok, {}, vocab, [os.path.dirname(src)])
 
 
 def sentencepiece_tokenizer(library_style):
@@ -145,6 +161,11 @@ def seeds():
     m = E.Model("llama", 32, 48, 32, 64, tied=False)
     m.layers = [E.Layer(4, 2, 8, window=4), E.Layer(4, 1, 8)]
     yield "llama_q8_0", tensors(m), "q8_0"
+    # a pre-tokenizer of regex Split steps (pretokenizer 5)
+    m = E.Model("llama", 8, 16, 1024, 64, tied=True)
+    m.layers = [E.Layer(2, 1, 4)]
+    m.tokenizer = split_steps_tokenizer(1024)
+    yield "llama_split_steps_tokenizer_f32", tensors(m), "f32"
 
 
 def shared_tokenizer_models(shared, out_dir):

@@ -618,6 +618,16 @@ static void test_regex(void) {
                                 {"x{3,2}", "m < n"}, {"\xff", "UTF-8"}, {"^*", "anchor"}};
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
         check(refuses(refused[i][0], refused[i][1]), "regex: %s is refused, naming %s", refused[i][0], refused[i][1]);
+    /* (a*)*b tries every way to cut a run of a's: exponential, so the search gives up instead of hanging */
+    char err[256];
+    Regex *slow = regex_compile("(a*)*b", 6, err, sizeof err);
+    RegexScratch *sc = regex_scratch_new();
+    size_t a, b;
+    const char *as = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaac";
+    check(slow && sc && regex_search(slow, sc, (const unsigned char *)as, strlen(as), 0, &a, &b) == REGEX_TOO_SLOW,
+          "regex: a search that backtracks without end stops with REGEX_TOO_SLOW");
+    regex_free(slow);
+    regex_scratch_free(sc);
     /* a megabyte of letters through a greedy run and a general loop: the backtracking lives on the heap */
     size_t n = 1 << 20;
     char *big = malloc(n + 1), buf[64];
