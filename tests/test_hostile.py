@@ -33,13 +33,16 @@ def tiny_model(t, name, **cfg):
 # the corpus
 
 # what some mutations must be told (the rest need only fail cleanly)
-EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at", ["header says", "too short"]),
+EXPECTED = [("magic b'GGUF'", ["a GGUF file", "export.py"]), ("magic", ["bad magic"]), ("version", ["version"]),
+            ("truncated at", ["header says", "too short"]),
             ("offset 18446744073709551552", ["extends past end of file"]),
-            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"])]
+            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"]),
+            ("tokenizer step 0 regex b'(?<=a)'", ["lookbehind"]), ("tokenizer step 7 regex b'(a)\\\\1'", ["backreference"])]
 
 
 # run on every base, whatever fraction of its other mutants runs
-ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config")
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "tokenizer step", "tokenizer n_steps", "header", "magic", "version",
+          "config")
 
 
 def run_mutant(t, path, data, args):
@@ -72,6 +75,9 @@ def corpus(t):
          ["-p", "  the and th\xc3\xa9 \xe4\xb8\xad \xff x  "]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_metaspace_tokenizer_f32.bin"), 0.35,
          ["-p", "  the and th\xc3\xa9 <|user|> \xe4\xb8\xad \xff x  "]),
+        # a pre-tokenizer of regex Split steps (pretokenizer 5); the prompt has letters, digits, CJK, marks, spaces
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_split_steps_tokenizer_f32.bin"), 0.5,
+         ["-p", "Hello World's 12345 x\n \xe4\xb8\xad\xe6\x96\x87 e\xcc\x81!! aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab  \xff"]),
     ]
     jobs = []
     for b, (model, keep, prompt) in enumerate(bases):
