@@ -27,6 +27,12 @@ class GGUFError(Exception):
     """A GGUF file that cannot be read or converted (one line, naming the file)."""
 
 
+def shown(name):
+    """A key or tensor name from the file as a message may show it: printable, at most 80 characters."""
+    text = "".join(c if c.isprintable() else "?" for c in name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 GGUF_MAGIC = b"GGUF"
 
 # metadata value types
@@ -79,7 +85,7 @@ class GGUFFile:
             name = self.string().decode("utf-8", "replace")
             (n_dims,) = self.unpack("<I")
             if not 1 <= n_dims <= 4:
-                raise GGUFError(f"{path}: tensor '{name}' has {n_dims} dimensions")
+                raise GGUFError(f"{path}: tensor '{shown(name)}' has {n_dims} dimensions")
             dims = self.unpack(f"<{n_dims}Q")
             ggml_type, offset = self.unpack("<IQ")
             infos.append((name, dims, ggml_type, offset))
@@ -88,17 +94,17 @@ class GGUFFile:
         for name, dims, ggml_type, offset in infos:
             if ggml_type not in GGML_TYPES:
                 what = OTHER_GGML_TYPES.get(ggml_type, f"type {ggml_type}")
-                raise GGUFError(f"{path}: tensor '{name}' is {what}, which export.py cannot dequantize "
+                raise GGUFError(f"{path}: tensor '{shown(name)}' is {what}, which export.py cannot dequantize "
                                 f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())})")
             type_name, block, block_bytes = GGML_TYPES[ggml_type]
             count = math.prod(dims)
             if dims[0] % block:
-                raise GGUFError(f"{path}: tensor '{name}' has rows of {dims[0]} values, not whole {type_name} blocks of {block}")
+                raise GGUFError(f"{path}: tensor '{shown(name)}' has rows of {dims[0]} values, not whole {type_name} blocks of {block}")
             nbytes = count // block * block_bytes
             if offset % alignment or start + offset + nbytes > self.size:
-                raise GGUFError(f"{path}: tensor '{name}' data (offset {offset}, {nbytes} bytes) is misaligned or past the end")
+                raise GGUFError(f"{path}: tensor '{shown(name)}' data (offset {offset}, {nbytes} bytes) is misaligned or past the end")
             if name in self.tensors:
-                raise GGUFError(f"{path}: tensor '{name}' appears twice")
+                raise GGUFError(f"{path}: tensor '{shown(name)}' appears twice")
             self.tensors[name] = (type_name, tuple(reversed(dims)), start + offset, nbytes)
 
     def take(self, n):
@@ -123,14 +129,14 @@ class GGUFFile:
         if vtype == ARRAY:
             etype, n = self.unpack("<IQ")
             if n > self.size - self.pos:
-                raise GGUFError(f"{self.path}: metadata array '{key}' of {n} entries runs past the end")
+                raise GGUFError(f"{self.path}: metadata array '{shown(key)}' of {n} entries runs past the end")
             if etype in SCALARS:
                 width = struct.calcsize(SCALARS[etype])
                 return np.frombuffer(self.take(n * width).tobytes(), dtype=SCALARS[etype])
             if etype == STRING:
                 return [self.string() for _ in range(n)]
-            raise GGUFError(f"{self.path}: metadata array '{key}' holds type {etype}")
-        raise GGUFError(f"{self.path}: metadata '{key}' has unknown type {vtype}")
+            raise GGUFError(f"{self.path}: metadata array '{shown(key)}' holds type {etype}")
+        raise GGUFError(f"{self.path}: metadata '{shown(key)}' has unknown type {vtype}")
 
     def tensor(self, name):
         """A tensor as float32 in its numpy shape ([rows, cols] for a matrix)."""
@@ -445,7 +451,7 @@ class GGUFCheckpoint:
         self.gguf = g = GGUFFile(path)
         arch = g.meta.get("general.architecture")
         if arch not in ARCHITECTURES:
-            raise GGUFError(f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})")
+            raise GGUFError(f"{path}: GGUF architecture '{shown(str(arch))}' is not supported (supported: {', '.join(ARCHITECTURES)})")
         self.arch = arch
         self.config = hf_config(g, arch)
         self.tensors = GGUFTensors(g, arch, self.config["num_attention_heads"],
@@ -501,7 +507,7 @@ def tokenizer_json(g):
         raise GGUFError(f"{path}: tokenizer.ggml.model '{model}' is {what}, which attn.c does not implement "
                         f"(it runs byte-level BPE 'gpt2' and SentencePiece-style BPE 'llama')")
     if model not in ("gpt2", "llama"):
-        raise GGUFError(f"{path}: tokenizer.ggml.model '{model}' is not supported (supported: gpt2, llama)")
+        raise GGUFError(f"{path}: tokenizer.ggml.model '{shown(str(model))}' is not supported (supported: gpt2, llama)")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise GGUFError(f"{path}: no tokenizer.ggml.tokens")
@@ -563,7 +569,7 @@ def bytelevel_json(g, text, types):
     tokenizer.ggml.pre names."""
     pre = g.meta.get("tokenizer.ggml.pre", "default")
     if pre not in pretokenizers.NAMED:
-        raise GGUFError(f"{g.path}: pre-tokenizer '{pre}' (tokenizer.ggml.pre) is not known to export.py "
+        raise GGUFError(f"{g.path}: pre-tokenizer '{shown(str(pre))}' (tokenizer.ggml.pre) is not known to export.py "
                         f"(known: {', '.join(sorted(pretokenizers.NAMED))})")
     steps, ignore_merges, add_bos = pretokenizers.NAMED[pre]
     merges = g.meta.get("tokenizer.ggml.merges")

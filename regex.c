@@ -830,26 +830,28 @@ void regex_scratch_free(RegexScratch *sc) {
     free(sc);
 }
 
+/* items (n of `size` bytes, room for *cap) with room for one more: moved and *cap doubled when full; NULL when
+ * out of memory (items is then still valid). */
+static void *with_room(void *items, size_t n, size_t *cap, size_t size) {
+    if (n < *cap) return items;
+    size_t more = *cap ? 2 * *cap : 256;
+    void *p = realloc(items, more * size);
+    if (p) *cap = more;
+    return p;
+}
+
 static int push(RegexScratch *sc, Backtrack b) {
-    if (sc->top == sc->cap) {
-        size_t cap = sc->cap ? 2 * sc->cap : 256;
-        Backtrack *s = realloc(sc->stack, cap * sizeof *s);
-        if (!s) return -1;
-        sc->stack = s;
-        sc->cap = cap;
-    }
+    Backtrack *stack = with_room(sc->stack, sc->top, &sc->cap, sizeof *stack);
+    if (!stack) return -1;
+    sc->stack = stack;
     sc->stack[sc->top++] = b;
     return 0;
 }
 
 static int push_mark(RegexScratch *sc, size_t pos) {
-    if (sc->n_marks == sc->cap_marks) {
-        size_t cap = sc->cap_marks ? 2 * sc->cap_marks : 256;
-        size_t *m = realloc(sc->marks, cap * sizeof *m);
-        if (!m) return -1;
-        sc->marks = m;
-        sc->cap_marks = cap;
-    }
+    size_t *marks = with_room(sc->marks, sc->n_marks, &sc->cap_marks, sizeof *marks);
+    if (!marks) return -1;
+    sc->marks = marks;
     sc->marks[sc->n_marks++] = pos;
     return 0;
 }

@@ -35,6 +35,7 @@ def run(t):
     for name in ("llama_gqa", "gemma3"):
         q8_0_kept(t, gguf, name)
     kquant_model(t, gguf)
+    damaged(t)
 
 
 def logits_of(t, model, name):
@@ -157,3 +158,35 @@ def kquant_model(t, gguf):
     dtypes = {dt for _, n, dt, shape, _, _ in read_tensor_directory(open(default, "rb").read()) if len(shape) == 2}
     t.check(f"Q4_K / Q6_K GGUF without --dtype is stored as q8_0 (logits within {err:.1e} of f32)",
             dtypes == {DTYPES["q8_0"]} and err <= Q8_TOLERANCE)
+
+
+def damaged(t):
+    """Cut and corrupted copies of a GGUF end the export with one error line and no output file."""
+    import struct
+    import subprocess
+    blob = open(t.tmp("llama_gqa.q8_0.gguf"), "rb").read()
+    copies = [("truncated", blob[:n]) for n in (3, 10, 23, 60, 200, len(blob) // 2, len(blob) - 1)]
+    copies += [("version 9", blob[:4] + struct.pack("<I", 9) + blob[8:]),
+               ("tensor count 2^40", blob[:8] + struct.pack("<Q", 1 << 40) + blob[16:]),
+               ("metadata count 2^40", blob[:16] + struct.pack("<Q", 1 << 40) + blob[24:])]
+    rng = np.random.default_rng(9)
+    for i in range(12):  # random bytes in the metadata and tensor directory
+        b = bytearray(blob)
+        for p in rng.integers(24, 3000, 4):
+            b[int(p)] = int(rng.integers(0, 256))
+        copies.append((f"random bytes #{i}", bytes(b)))
+    good = 0
+    for label, data in copies:
+        path, out = t.tmp("damaged.gguf"), t.tmp("damaged_gguf.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+        r = subprocess.run([t.python, os.path.join(t.root, "export.py"), path, out], capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        ok = (r.returncode == 1 and lines and lines[-1].startswith("error: ") and "Traceback" not in r.stderr
+              and not os.path.exists(out)) or (r.returncode == 0 and os.path.exists(out))
+        good += bool(ok)
+        if not ok:
+            t.check(f"damaged GGUF ({label})", False, r.stderr.strip()[-300:])
+        if os.path.exists(out):
+            os.unlink(out)
+    t.check(f"damaged GGUF files: {good}/{len(copies)} end in one error line (or a file that loads)", good == len(copies))
