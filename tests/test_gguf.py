@@ -1,7 +1,8 @@
 """GGUF model files: every fixture family written as llama.cpp's convert_hf_to_gguf.py would write it (with
 llama.cpp's gguf-py, read from $ATTN_SHARED), exported by export.py and compared with the safetensors export:
 F32 GGUFs give the same logits (f32 rounding: the Llama 3.1 rope table is computed another way), Q8_0 GGUFs
-stay within q8_0's error; Q4_0 and the k-quants dequantize exactly as gguf-py does (block by block, and through
+stay within q8_0's error and keep their blocks, F16 / BF16 GGUFs keep their dtype; Q4_0 and the k-quants
+dequantize exactly as gguf-py does (block by block, and through
 a whole model of Q4_K / Q6_K matrices as a Q4_K_M file mixes them)."""
 import json
 import os
@@ -34,6 +35,8 @@ def run(t):
         exact_dequantization(t, gguf, name, gguf.GGMLQuantizationType.Q4_0)
     for name in ("llama_gqa", "gemma3"):
         q8_0_kept(t, gguf, name)
+    for name, qtype in (("qwen3_mixed", gguf.GGMLQuantizationType.F16), ("phi3", gguf.GGMLQuantizationType.BF16)):
+        half_kept(t, gguf, name, qtype)
     kquant_model(t, gguf)
     damaged(t)
 
@@ -86,6 +89,17 @@ def q8_0_kept(t, gguf, name):
     a = t.export(t.tmp(f"{name}.q8_0.gguf"), f"{name}_gguf_q8_0.bin")
     b = t.export(t.tmp(f"{name}.q8_0_ref.gguf"), f"{name}_gguf_q8_0_ref.bin", "--dtype", "q8_0")
     t.check(f"{name}: Q8_0 GGUF blocks are kept as they are (identical to re-quantizing their exact values)",
+            open(a, "rb").read() == open(b, "rb").read())
+
+
+def half_kept(t, gguf, name, qtype):
+    """An F16 or BF16 GGUF keeps its dtype: the same file as the safetensors exported with --dtype f16 / bf16."""
+    src = os.path.join(t.data, "fixtures", name)
+    kind = qtype.name.lower()
+    write_fixture_gguf(gguf, src, t.tmp(f"{name}.{kind}.gguf"), qtype)
+    a = t.export(t.tmp(f"{name}.{kind}.gguf"), f"{name}_gguf_{kind}.bin")
+    b = t.export(src, f"{name}_{kind}.bin", "--dtype", kind)
+    t.check(f"{name}: {qtype.name} GGUF keeps its dtype (the same file as the safetensors exported to {kind})",
             open(a, "rb").read() == open(b, "rb").read())
 
 
