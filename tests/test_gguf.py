@@ -2,8 +2,8 @@
 llama.cpp's gguf-py, read from $ATTN_SHARED), exported by export.py and compared with the safetensors export:
 F32 GGUFs give the same logits (f32 rounding: the Llama 3.1 rope table is computed another way), Q8_0 GGUFs
 stay within q8_0's error and keep their blocks, F16 / BF16 GGUFs keep their dtype; Q4_0 and the k-quants
-dequantize exactly as gguf-py does (block by block, and through
-a whole model of Q4_K / Q6_K matrices as a Q4_K_M file mixes them)."""
+dequantize exactly as gguf-py does (block by block, and through a whole model of Q4_K / Q6_K matrices as a
+Q4_K_M file mixes them); damaged GGUFs end in one error line."""
 import json
 import os
 
