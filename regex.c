@@ -27,6 +27,16 @@
 #define MAX_REPEAT 100000     /* the largest {n,m} count (Oniguruma's limit) */
 #define UNBOUNDED (-1)
 
+/* items (n of `size` bytes, room for *cap) with room for one more: moved and *cap doubled when full; NULL when
+ * out of memory (items is then still valid). */
+static void *with_room(void *items, size_t n, size_t *cap, size_t size) {
+    if (n < *cap) return items;
+    size_t more = *cap ? 2 * *cap : 256;
+    void *p = realloc(items, more * size);
+    if (p) *cap = more;
+    return p;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * character classes: explicit ranges, properties (general categories, White_Space, scripts) and
  * complemented properties (\S, \P{L}, \W inside a class), the whole optionally negated */
@@ -47,7 +57,8 @@ enum { PROP_WHITE_SPACE = UNICODE_N_CATEGORIES, PROP_SCRIPT0 = 32 }; /* bits aft
 
 typedef struct {
     uint32_t (*ranges)[2];
-    int n_ranges, cap_ranges;
+    int n_ranges;
+    size_t cap_ranges;
     uint64_t props;                       /* in the class if it has any of these */
     uint64_t complements[MAX_COMPLEMENTS]; /* ... or has none of one of these */
     int n_complements;
@@ -113,9 +124,11 @@ typedef struct {
     const unsigned char *p;
     size_t len, at;
     Node *nodes;
-    int n_nodes, cap_nodes;
+    int n_nodes;
+    size_t cap_nodes;
     Class *classes;
-    int n_classes, cap_classes;
+    int n_classes;
+    size_t cap_classes;
     int depth;
     char *err;
     size_t errlen;
@@ -129,13 +142,9 @@ static int parse_error(Parser *ps, const char *what) {
 }
 
 static int new_node(Parser *ps, int type) {
-    if (ps->n_nodes == ps->cap_nodes) {
-        int cap = ps->cap_nodes ? 2 * ps->cap_nodes : 64;
-        Node *n = realloc(ps->nodes, (size_t)cap * sizeof *n);
-        if (!n) return parse_error(ps, "out of memory");
-        ps->nodes = n;
-        ps->cap_nodes = cap;
-    }
+    Node *nodes = with_room(ps->nodes, (size_t)ps->n_nodes, &ps->cap_nodes, sizeof *nodes);
+    if (!nodes) return parse_error(ps, "out of memory");
+    ps->nodes = nodes;
     Node *n = &ps->nodes[ps->n_nodes];
     memset(n, 0, sizeof *n);
     n->type = type;
@@ -144,25 +153,17 @@ static int new_node(Parser *ps, int type) {
 }
 
 static int new_class(Parser *ps) {
-    if (ps->n_classes == ps->cap_classes) {
-        int cap = ps->cap_classes ? 2 * ps->cap_classes : 8;
-        Class *c = realloc(ps->classes, (size_t)cap * sizeof *c);
-        if (!c) return parse_error(ps, "out of memory");
-        ps->classes = c;
-        ps->cap_classes = cap;
-    }
+    Class *classes = with_room(ps->classes, (size_t)ps->n_classes, &ps->cap_classes, sizeof *classes);
+    if (!classes) return parse_error(ps, "out of memory");
+    ps->classes = classes;
     memset(&ps->classes[ps->n_classes], 0, sizeof(Class));
     return ps->n_classes++;
 }
 
 static int class_add_range(Parser *ps, Class *c, uint32_t lo, uint32_t hi) {
-    if (c->n_ranges == c->cap_ranges) {
-        int cap = c->cap_ranges ? 2 * c->cap_ranges : 8;
-        uint32_t (*r)[2] = realloc(c->ranges, (size_t)cap * sizeof *r);
-        if (!r) return parse_error(ps, "out of memory");
-        c->ranges = r;
-        c->cap_ranges = cap;
-    }
+    uint32_t (*ranges)[2] = with_room(c->ranges, (size_t)c->n_ranges, &c->cap_ranges, sizeof *ranges);
+    if (!ranges) return parse_error(ps, "out of memory");
+    c->ranges = ranges;
     c->ranges[c->n_ranges][0] = lo;
     c->ranges[c->n_ranges][1] = hi;
     c->n_ranges++;
@@ -643,7 +644,8 @@ typedef struct {
 
 struct Regex {
     Inst *prog;
-    int n_prog, cap_prog;
+    int n_prog;
+    size_t cap_prog;
     Class *classes;
     int n_classes;
     int n_registers;
@@ -658,13 +660,9 @@ typedef struct {
 static int emit(Compiler *cc, Inst in) {
     Regex *re = cc->re;
     if (re->n_prog >= MAX_PROGRAM) return parse_error(cc->ps, "the pattern is too large once its repeats are expanded");
-    if (re->n_prog == re->cap_prog) {
-        int cap = re->cap_prog ? 2 * re->cap_prog : 64;
-        Inst *p = realloc(re->prog, (size_t)cap * sizeof *p);
-        if (!p) return parse_error(cc->ps, "out of memory");
-        re->prog = p;
-        re->cap_prog = cap;
-    }
+    Inst *prog = with_room(re->prog, (size_t)re->n_prog, &re->cap_prog, sizeof *prog);
+    if (!prog) return parse_error(cc->ps, "out of memory");
+    re->prog = prog;
     re->prog[re->n_prog] = in;
     return re->n_prog++;
 }
@@ -828,16 +826,6 @@ void regex_scratch_free(RegexScratch *sc) {
     free(sc->marks);
     free(sc->registers);
     free(sc);
-}
-
-/* items (n of `size` bytes, room for *cap) with room for one more: moved and *cap doubled when full; NULL when
- * out of memory (items is then still valid). */
-static void *with_room(void *items, size_t n, size_t *cap, size_t size) {
-    if (n < *cap) return items;
-    size_t more = *cap ? 2 * *cap : 256;
-    void *p = realloc(items, more * size);
-    if (p) *cap = more;
-    return p;
 }
 
 static int push(RegexScratch *sc, Backtrack b) {
