@@ -35,8 +35,8 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c blocks.c moe.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c files.c
-HEADERS = model.h blocks.h tensors.def attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
+ENGINE = model.c blocks.c moe.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c files.c
+HEADERS = model.h blocks.h tensors.def attention.h kvcache.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
 # the page ./run --explore writes, as C string literals: ./run carries it and works from any directory
@@ -49,6 +49,11 @@ run: run.c $(ENGINE) $(HEADERS)
 
 tests/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	$(COMPILE) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+
+# the tokenizer benchmark (bench/bench.py builds it)
+build/bench/tokenize: bench/tokenize.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/bench
+	$(COMPILE) -I. -o $@ bench/tokenize.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 # other builds of ./run for the equivalence tests and the benchmark, e.g. make build/portable/run PORTABLE=1
 build/%/run: run.c $(ENGINE) $(HEADERS)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
+"""export.py - turn a Hugging Face checkpoint, a llama.cpp GGUF file or a llama2.c checkpoint into one attn.c model file.
 
     python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
-SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
-legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
-are read by hand.
+SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files), a llama.cpp GGUF file
+(gguf_reader.py), or a llama2.c checkpoint (.bin, versions 0, 1 and 2). Needs only Python 3 and numpy:
+safetensors, GGUF, JSON and SentencePiece's protobuf are read by hand.
 The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
 """
 import argparse
@@ -25,6 +25,9 @@ try:
     import numpy as np
 except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("error: export.py needs numpy (Debian: apt-get install python3-numpy)")
+
+import gguf_reader
+from pretokenizers import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX, PretokenizerError, split_steps
 
 FORMAT_VERSION = 2
 ALIGN = 64
@@ -49,7 +52,7 @@ FLAG_BITS = dict(
 globals().update(FLAG_BITS)
 
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
-PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE, PRE_SPLITS = 0, 1, 2, 3, 4, 5
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
 TOKF_NORMALIZE_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
 TOKF_STRIP_LEADING_SPACE, TOKF_REMOVE_EXTRA_SPACES = 512, 1024
@@ -383,6 +386,7 @@ class Model:
         self.tensors = []          # (name, shape, producer() -> float32 array)
         self.tokenizer = None      # bytes of the tokenizer section, or None
         self.source_dtype = DTYPES["f32"]  # what the weights are stored as without --dtype
+        self.hf_config = {}        # the (Hugging Face) config it was converted from
 
     def add(self, name, shape, producer):
         self.tensors.append((name, tuple(int(d) for d in shape), producer))
@@ -493,6 +497,11 @@ def _rope_inv_freq(theta, rope_dim, scaling, context):
         return inv, 1.0
     if kind == "linear":
         return (inv / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "freq_factors":  # GGUF's rope_freqs (Llama 3.1 conversions): each frequency divided by its factor
+        factors = np.asarray(scaling["factors"], dtype=np.float32)
+        if factors.shape != inv.shape or not np.all(factors > 0):
+            raise ValueError(f"{len(factors)} rope frequency factors for {len(inv)} frequencies, or one not positive")
+        return (inv / factors).astype(np.float32), 1.0
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -1110,6 +1119,18 @@ def convert_hf(src, args):
     cfg = load_json(os.path.join(src, "config.json"))
     if not isinstance(cfg, dict):
         raise ExportError(f"{os.path.join(src, 'config.json')}: not a JSON object")
+    log(f"export: reading {src} ({cfg.get('model_type')})")
+    m = convert_checkpoint(cfg, SafeTensors(src), os.path.join(src, "config.json"))
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config, src)
+    else:
+        m.tokenizer = hf_tokenizer(src, m.hf_config, m.vocab_size)
+    return m
+
+
+def convert_checkpoint(cfg, st, where):
+    """The model description of a checkpoint given as a config in Hugging Face terms and its tensors under
+    Hugging Face names (a safetensors directory, or a GGUF file through gguf_reader)."""
     family = cfg.get("model_type")
     wrappers = {"gemma3": "gemma3_text", "llama4": "llama4_text"}  # multimodal checkpoints: keep the text model
     if isinstance(family, str) and family in wrappers and isinstance(cfg.get("text_config"), dict):
@@ -1118,18 +1139,39 @@ def convert_hf(src, args):
     if not isinstance(family, str) or family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
-    log(f"export: reading {src} ({family})")
-    st = SafeTensors(src)
-    with malformed_input(os.path.join(src, "config.json")):
+    with malformed_input(where):
         m = FAMILIES[family](cfg, st, family)
     check_shapes(m, st)
+    m.hf_config = cfg
+    m.source_dtype = default_dtype({st.dtype(n) for n in st.names() if len(st.shape(n)) >= 2 and st.dtype(n) != "U8"})
+    return m
+
+
+def default_dtype(matrix_dtypes):
+    """The dtype matrices keep without --dtype: the checkpoint's own where attn.c has it (bf16 stays bf16), q8_0
+    where a GGUF holds other quantized types (Q4_K ...: 8 bits keep what they hold), else f32 (mixed floats)."""
+    if len(matrix_dtypes) == 1 and next(iter(matrix_dtypes)).lower() in DTYPES:
+        return DTYPES[next(iter(matrix_dtypes)).lower()]
+    if any(d.lower() not in ("f32", "f16", "bf16") for d in matrix_dtypes):
+        return DTYPES["q8_0"]
+    return DTYPES["f32"]
+
+
+def convert_gguf(path, args):
+    """A llama.cpp GGUF model file, through the Hugging Face converters (gguf_reader gives them the config and
+    tensors in Hugging Face terms)."""
+    try:
+        ck = gguf_reader.GGUFCheckpoint(path)
+    except gguf_reader.GGUFError as e:
+        raise ExportError(str(e))
+    log(f"export: reading {path} (GGUF, {ck.arch} -> {ck.config['model_type']})")
+    m = convert_checkpoint(ck.config, ck.tensors, path)
     if args.tokenizer:
-        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config)
+    elif ck.tokenizer is not None:
+        m.tokenizer = tokenizer_from_json(path, ck.tokenizer, {"eos_token_id": ck.eos}, m.vocab_size, [])
     else:
-        m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
-    # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
-    matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) >= 2 and st.dtype(n) != "U8"}
-    m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
+        log("export: the GGUF file has no tokenizer: the model will run from --tokens")
     return m
 
 
@@ -1142,69 +1184,112 @@ def check_shapes(m, st):
 
 
 # ----------------------------------------------------------------------------
-# llama2.c legacy checkpoints (version 0): 7 int32 header, then float32 arrays in a fixed order
+# llama2.c checkpoints: the legacy layout (version 0: 7 int32, then float32 arrays) and, after a 256-byte header
+# that starts with the magic "ak42", version 1 (float32) and version 2 (q8_0 in groups, float32 scales)
+
+LLAMA2C_MAGIC = struct.pack("<I", 0x616B3432)  # llama2.c writes the uint32 "ak42"; on disk: b"24ka"
+
+
+class Llama2cArray:
+    """One of a llama2.c file's arrays (all layers back to back): float32, or (version 2) int8 values in groups of
+    group_size with one float32 scale each, w = q * scale."""
+
+    def __init__(self, mm, offset, count, scales_offset=None, group_size=0):
+        self.mm, self.offset, self.count, self.scales_offset, self.group_size = mm, offset, count, scales_offset, group_size
+
+    def take(self, start, n):
+        if self.scales_offset is None:
+            return np.frombuffer(self.mm, dtype="<f4", count=n, offset=self.offset + 4 * start)
+        g = self.group_size
+        q = np.frombuffer(self.mm, dtype=np.int8, count=n, offset=self.offset + start).astype(np.float32)
+        scale = np.frombuffer(self.mm, dtype="<f4", count=n // g, offset=self.scales_offset + 4 * (start // g))
+        return (q.reshape(-1, g) * scale[:, None]).reshape(-1)
+
+
+def llama2c_arrays(path):
+    """(header dims, shared classifier, {name: Llama2cArray}, version) of a llama2.c checkpoint."""
+    with open_input(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(256)
+        mm = np.memmap(f, dtype=np.uint8, mode="r") if size else None
+    version = struct.unpack_from("<i", head, 4)[0] if head[:4] == LLAMA2C_MAGIC and len(head) >= 8 else 0
+    if version not in (0, 1, 2):
+        raise ExportError(f"{path}: llama2.c checkpoint version {version} is not supported (0, 1 and 2 are)")
+    if len(head) < (28 if version == 0 else 256):
+        raise ExportError(f"{path}: too short for a llama2.c header")
+    dims = struct.unpack_from("<7i", head, 0 if version == 0 else 8)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
+    shared = vocab > 0 if version == 0 else bool(head[36])
+    vocab = abs(vocab)
+    group = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+    limits = (LIMITS["dim"], LIMITS["hidden_dim"], LIMITS["layers"], LIMITS["heads"], LIMITS["heads"],
+              LIMITS["vocab_size"], LIMITS["context_length"])
+    if not all(0 < x <= hi for x, hi in zip((dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), limits)) or \
+            dim % n_heads or n_heads % n_kv or (version == 2 and (group <= 0 or dim % group)):
+        # the numbers are not shown: a file that is not a checkpoint would have its first bytes printed
+        raise ExportError(f"{path}: implausible llama2.c header (not a llama2.c checkpoint, or sizes past the format's limits)")
+    head_dim, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
+    counts = dict(tok=vocab * dim, rms_att=n_layers * dim, wq=n_layers * dim * dim, wk=n_layers * kv_dim * dim,
+                  wv=n_layers * kv_dim * dim, wo=n_layers * dim * dim, rms_ffn=n_layers * dim, w1=n_layers * hidden * dim,
+                  w2=n_layers * dim * hidden, w3=n_layers * hidden * dim, rms_final=dim, freqs=seq_len * head_dim,
+                  wcls=0 if shared else vocab * dim)
+    if version == 0:    # legacy: float32 arrays in model order, the unused rope tables before the classifier
+        order, quantized = ["tok", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final", "freqs", "wcls"], []
+    elif version == 1:  # float32: the norms first, then the matrices
+        order, quantized = ["rms_att", "rms_ffn", "rms_final", "tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"], []
+    else:               # the norms in float32, every matrix's int8 values, then every matrix's scales
+        order, quantized = ["rms_att", "rms_ffn", "rms_final"], ["tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"]
+        if any(counts[n] % group for n in quantized):
+            raise ExportError(f"{path}: a matrix does not fill whole groups of {group}")
+    offset = 28 if version == 0 else 256
+    need = offset + 4 * sum(counts[n] for n in order) + sum(counts[n] * (1 + 4 / max(group, 1)) for n in quantized)
+    if size < need:
+        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {int(need)})")
+    log(f"export: reading {path} (llama2.c version {version}: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, "
+        f"vocab {vocab}{f', q8_0 in groups of {group}' if version == 2 else ''})")
+    arrays = {}
+    for name in order:
+        arrays[name] = Llama2cArray(mm, offset, counts[name])
+        offset += 4 * counts[name]
+    scales = offset + sum(counts[n] for n in quantized)
+    for name in quantized:
+        arrays[name] = Llama2cArray(mm, offset, counts[name], scales, group)
+        offset += counts[name]
+        scales += 4 * counts[name] // group
+    return (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version
 
 
 def convert_llama2c(path, args):
-    with open_input(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        header = f.read(28)
-        if len(header) != 28:
-            raise ExportError(f"{path}: too short for a llama2.c header")
-        mm = np.memmap(f, dtype=np.uint8, mode="r")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
-    shared = vocab > 0
-    vocab = abs(vocab)
-    limits = (LIMITS["dim"], LIMITS["hidden_dim"], LIMITS["layers"], LIMITS["heads"], LIMITS["heads"],
-              LIMITS["vocab_size"], LIMITS["context_length"])
-    sizes = (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len)
-    if not all(0 < x <= hi for x, hi in zip(sizes, limits)) or dim % n_heads or n_heads % n_kv:
-        # the numbers are not shown: a file that is not a checkpoint would have its first bytes printed
-        raise ExportError(f"{path}: implausible llama2.c header (not a llama2.c checkpoint, or sizes past the format's limits)")
-    head = dim // n_heads
-    kv_dim = n_kv * head
-    sizes = [("tok", vocab * dim), ("rms_att", n_layers * dim), ("wq", n_layers * dim * dim),
-             ("wk", n_layers * kv_dim * dim), ("wv", n_layers * kv_dim * dim), ("wo", n_layers * dim * dim),
-             ("rms_ffn", n_layers * dim), ("w1", n_layers * hidden * dim), ("w2", n_layers * dim * hidden),
-             ("w3", n_layers * hidden * dim), ("rms_final", dim), ("freq_real", seq_len * head // 2),
-             ("freq_imag", seq_len * head // 2)]
-    if not shared:
-        sizes.append(("wcls", vocab * dim))
-    need = 28 + 4 * sum(n for _, n in sizes)
-    if size < need:
-        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {need})")
-    log(f"export: reading {path} (llama2.c legacy: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, vocab {vocab})")
-    mm = mm[28:need].view(np.float32)
-    arrays, off = {}, 0
-    for name, n in sizes:
-        arrays[name] = mm[off:off + n]
-        off += n
+    (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version = llama2c_arrays(path)
+    head, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
     m = Model("llama", dim, vocab, seq_len, norm_eps=1e-5, tied=shared)
     for _ in range(n_layers):
         m.layers.append(Layer(Attention(n_heads, n_kv, head, rope_theta=10000.0), Dense(hidden)))
 
     def mat(name, layer, r, c):
-        return lambda: np.asarray(arrays[name][layer * r * c:(layer + 1) * r * c]).reshape(r, c)
+        return lambda: arrays[name].take(layer * r * c, r * c).reshape(r, c)
 
     m.add("tok_embeddings", (vocab, dim), mat("tok", 0, vocab, dim))
     for i in range(n_layers):
         o = f"layers.{i}."
-        m.add(o + "mixer_norm", (dim,), lambda i=i: np.asarray(arrays["rms_att"][i * dim:(i + 1) * dim]))
+        m.add(o + "mixer_norm", (dim,), lambda i=i: arrays["rms_att"].take(i * dim, dim))
         m.add(o + "attn.wq", (dim, dim), interleaved_to_halves(mat("wq", i, dim, dim), n_heads, head))
         m.add(o + "attn.wk", (kv_dim, dim), interleaved_to_halves(mat("wk", i, kv_dim, dim), n_kv, head))
         m.add(o + "attn.wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
         m.add(o + "attn.wo", (dim, dim), mat("wo", i, dim, dim))
-        m.add(o + "ffn_norm", (dim,), lambda i=i: np.asarray(arrays["rms_ffn"][i * dim:(i + 1) * dim]))
+        m.add(o + "ffn_norm", (dim,), lambda i=i: arrays["rms_ffn"].take(i * dim, dim))
         m.add(o + "ffn.w_gate", (hidden, dim), mat("w1", i, hidden, dim))
         m.add(o + "ffn.w_up", (hidden, dim), mat("w3", i, hidden, dim))
         m.add(o + "ffn.w_down", (dim, hidden), mat("w2", i, dim, hidden))
-    m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
+    m.add("final_norm", (dim,), lambda: arrays["rms_final"].take(0, dim))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
     if args.tokenizer:
         m.tokenizer = read_tokenizer(args.tokenizer, vocab)
     else:
         log("export: no tokenizer (give --tokenizer tokenizer.bin for text prompts): the model will run from --tokens")
+    if version == 2:
+        m.source_dtype = DTYPES["q8_0"]  # 8-bit weights stay 8-bit (regrouped: 32 per scale, along rows)
     return m
 
 
@@ -1230,6 +1315,7 @@ class TokenizerRecord:
         self.scores = [0.0] * vocab_size
         self.types = [PIECE_UNUSED] * vocab_size
         self.merges = []                       # (left id, right id) in rank order
+        self.steps = []                        # (regex, behavior, invert) when pretokenizer is PRE_SPLITS
         self.source = source
 
     def set_piece(self, i, data, piece_type, score=0.0):
@@ -1263,6 +1349,11 @@ class TokenizerRecord:
         for p, s, t in zip(self.pieces, self.scores, self.types):
             out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
         out.append(np.asarray(self.merges, dtype="<u4").reshape(-1).tobytes())
+        if self.pretokenizer == PRE_SPLITS:  # the Split steps: u32 count, then behavior, flags, length, regex each
+            out.append(struct.pack("<I", len(self.steps)))
+            for regex, behavior, invert in self.steps:
+                data = regex.encode("utf-8")
+                out.append(struct.pack("<3I", behavior, 1 if invert else 0, len(data)) + data)
         return b"".join(out)
 
 
@@ -1272,13 +1363,19 @@ def read_tokenizer(path, vocab_size, cfg=None, model_dir=None):
     with open_input(path, MAX_TOKENIZER_BYTES) as f:
         head = f.read(1)
     dirs = [os.path.dirname(os.path.abspath(path))] + ([model_dir] if model_dir else [])
+    if head == gguf_reader.GGUF_MAGIC[:1] and file_magic(path) == gguf_reader.GGUF_MAGIC:  # a GGUF's vocabulary
+        try:
+            tok, eos = gguf_reader.read_vocabulary(path)
+        except gguf_reader.GGUFError as e:
+            raise UnsupportedTokenizer(str(e))
+        return tokenizer_from_json(path, tok, {"eos_token_id": eos}, vocab_size, [])
     if path.endswith(".json"):
         return json_tokenizer(path, cfg or {}, vocab_size, dirs)
     if path.endswith(".bin"):
         return llama2c_tokenizer(path, vocab_size)
     if path.endswith(".model") or head == b"\x0a":  # a protobuf starting with field 1 (the pieces)
         return sentencepiece_tokenizer(path, vocab_size, dirs)
-    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin")
+    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c tokenizer.bin or a GGUF file")
 
 
 def hf_tokenizer(src, cfg, vocab_size):
@@ -1321,9 +1418,7 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# the regexes the record names by number (the engine has hand-written matchers for them)
 KNOWN_REGEXES = {GPT2_REGEX: PRE_GPT2, LLAMA3_REGEX: PRE_LLAMA3, QWEN2_REGEX: PRE_QWEN2}
 
 
@@ -1335,32 +1430,29 @@ def steps_of(block, list_key):
 
 
 def bytelevel_rules(tok, path):
-    """(pretokenizer id, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
+    """(pretokenizer id, Split steps, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
     if tok.get("normalizer") is not None:
         raise UnsupportedTokenizer(f"{path}: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
-    steps = steps_of(tok.get("pre_tokenizer"), "pretokenizers")
-    if not steps:
+    if not tok.get("pre_tokenizer"):
         raise UnsupportedTokenizer(f"{path}: byte-level BPE without a pre_tokenizer is not supported")
-    kind, flags, saw_bytelevel = PRE_NONE, 0, False
-    for s in steps:
-        t = s.get("type")
-        if t == "ByteLevel":
-            saw_bytelevel = True
-            flags = TOKF_PREFIX_SPACE if s.get("add_prefix_space", False) else 0
-            if s.get("use_regex", True):
-                if kind != PRE_NONE:
-                    raise UnsupportedTokenizer(f"{path}: two splitting regexes in the pre_tokenizer are not supported")
-                kind = PRE_GPT2
-        elif t == "Split":
-            pattern = s.get("pattern", {}).get("Regex")
-            if pattern not in KNOWN_REGEXES or s.get("behavior") != "Isolated" or s.get("invert"):
-                raise UnsupportedTokenizer(f"{path}: pre-tokenizer Split with pattern {pattern!r} is not supported")
-            kind = KNOWN_REGEXES[pattern]
-        else:
-            raise UnsupportedTokenizer(f"{path}: pre-tokenizer '{t}' is not supported with byte-level BPE")
+    try:
+        steps, prefix_space, saw_bytelevel = split_steps(tok.get("pre_tokenizer"))
+    except PretokenizerError as e:
+        raise UnsupportedTokenizer(f"{path}: {e}")
     if not saw_bytelevel:
         raise UnsupportedTokenizer(f"{path}: BPE without a ByteLevel step or byte_fallback is not supported")
-    return kind, flags
+    if len(steps) > 16:
+        raise UnsupportedTokenizer(f"{path}: {len(steps)} pre-tokenizer steps (the record holds at most 16)")
+    return pretokenizer_of(steps) + (TOKF_PREFIX_SPACE if prefix_space else 0,)
+
+
+def pretokenizer_of(steps):
+    """(pretokenizer id, steps to store): a single isolating step with a known regex is named by its number."""
+    if not steps:
+        return PRE_NONE, []
+    if len(steps) == 1 and steps[0][1:] == (0, False) and steps[0][0] in KNOWN_REGEXES:
+        return KNOWN_REGEXES[steps[0][0]], []
+    return PRE_SPLITS, steps
 
 
 def check_tokenizer_json(tok):
@@ -1430,9 +1522,13 @@ def spacemark_rules(tok, path):
     return pretok, flags
 
 
-@reads_input
 def json_tokenizer(path, cfg, vocab_size, dirs):
-    tok = load_json(path, MAX_TOKENIZER_BYTES)
+    return tokenizer_from_json(path, load_json(path, MAX_TOKENIZER_BYTES), cfg, vocab_size, dirs)
+
+
+@reads_input
+def tokenizer_from_json(path, tok, cfg, vocab_size, dirs):
+    """The tokenizer record of a tokenizer.json (the dict; path names it in messages)."""
     check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
@@ -1451,7 +1547,7 @@ def json_tokenizer(path, cfg, vocab_size, dirs):
         def spell(piece):
             return piece.encode("utf-8")
     else:
-        rec.pretokenizer, rec.flags = bytelevel_rules(tok, path)
+        rec.pretokenizer, rec.steps, rec.flags = bytelevel_rules(tok, path)
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
         def spell(piece):
@@ -1973,15 +2069,22 @@ def check_output_is_no_input(out):
         raise ExportError(f"{out}: is one of the files this export reads: it would replace its own input")
 
 
+def file_magic(path):
+    """The first 4 bytes of an input file (regular files only: a FIFO is refused, never waited on)."""
+    with open_input(path) as f:
+        return f.read(4)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
-    ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
+    ap = argparse.ArgumentParser(description="Export a Hugging Face, GGUF or llama2.c checkpoint to an attn.c model file.")
+    ap.add_argument("src", help="Hugging Face model directory, a llama.cpp .gguf file, or a llama2.c .bin checkpoint")
     ap.add_argument("out", help="output model file")
     ap.add_argument("--dtype", choices=sorted(DTYPES),
                     help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale each")
     ap.add_argument("--tokenizer", metavar="FILE",
-                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
-                         "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")
+                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c "
+                         "tokenizer.bin or a GGUF file's vocabulary (default: the model directory's tokenizer.json, else "
+                         "its tokenizer.model; a GGUF's own)")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
@@ -1994,6 +2097,8 @@ def main(argv=None):
         check_output(args.out, [p for p in (args.src, args.tokenizer) if p])
         if os.path.isdir(args.src):
             m = convert_hf(args.src, args)
+        elif os.path.lexists(args.src) and file_magic(args.src) == gguf_reader.GGUF_MAGIC:
+            m = convert_gguf(args.src, args)
         elif os.path.lexists(args.src):
             m = convert_llama2c(args.src, args)
         else:

@@ -634,8 +634,40 @@ static void prefault(const void *data, size_t size) {
     madvise((void *)start, (uintptr_t)data + size - start, MADV_WILLNEED);
 }
 
+/* Whether p[0 .. size) begins like a llama2.c version-0 checkpoint: 7 int32 (dim, hidden, layers, heads, kv heads,
+ * vocab (negative: own classifier), context) that make sense, and exactly the bytes their float32 arrays take. */
+static int looks_like_llama2c_legacy(const unsigned char *p, uint64_t size) {
+    if (size < 28) return 0;
+    int64_t v[7];
+    for (int i = 0; i < 7; i++) v[i] = (int32_t)u32_at(p + 4 * i);
+    int64_t dim = v[0], hidden = v[1], layers = v[2], heads = v[3], kv = v[4], vocab = v[5] < 0 ? -v[5] : v[5], ctx = v[6];
+    for (int i = 0; i < 7; i++)
+        if ((i == 5 ? vocab : v[i]) <= 0 || (i == 5 ? vocab : v[i]) > (1 << 22)) return 0;
+    if (dim % heads || heads % kv || layers > 4096) return 0;
+    int64_t head = dim / heads, kv_dim = kv * head;
+    uint64_t floats = (uint64_t)vocab * dim * (v[5] < 0 ? 2 : 1) + (uint64_t)layers * (2 * dim + 2 * dim * dim + 2 * kv_dim * dim + 3 * dim * hidden) +
+                      (uint64_t)dim + (uint64_t)ctx * head;
+    return 28 + 4 * floats == size;
+}
+
+/* What a file that is not an attn.c model is, and how to convert it: "" when it is none of those. */
+static const char *foreign_format(const unsigned char *p, uint64_t size) {
+    if (size >= 4 && memcmp(p, "GGUF", 4) == 0) return "a GGUF file (llama.cpp)";
+    if (size >= 8 && memcmp(p, "24ka", 4) == 0) return "a llama2.c checkpoint (version 1 or 2)";
+    if (looks_like_llama2c_legacy(p, size)) return "a llama2.c checkpoint (version 0)";
+    return "";
+}
+
 /* Parses and validates a whole model file held in memory at p[0 .. size). The weights point into p. */
 static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint64_t file_size) {
+    if (file_size >= 4 && memcmp(p, MODEL_MAGIC, 4) != 0) {
+        const char *foreign = foreign_format(p, file_size);
+        if (*foreign)
+            return fail(ctx, "%s, not an attn.c model file: convert it with `python3 export.py %s out.bin`", foreign, ctx->path);
+        if (file_size >= 9 && p[8] == '{' && u64_at(p) <= file_size - 8)
+            return fail(ctx, "a safetensors file, not an attn.c model file: convert the model's directory with "
+                             "`python3 export.py MODEL_DIR out.bin`");
+    }
     if (file_size < HEADER_SIZE)
         return fail(ctx, "too short for a model file (%llu bytes, the header alone is %d)", (unsigned long long)file_size,
                     HEADER_SIZE);

@@ -301,6 +301,8 @@ static int encode_text(const Model *m, const char *text, int add_bos, int **out)
     int *ids = malloc(tokenizer_max_ids(len) * sizeof *ids);
     if (!ids) die("out of memory");
     int n = tokenizer_encode(&m->tokenizer, text, len, add_bos, ids);
+    if (n == TOKENIZER_REGEX_TOO_SLOW)
+        die("the tokenizer's pre-tokenizer regex backtracks without end on this prompt (a pathological pattern)");
     if (n < 0) die("out of memory while tokenizing");
     *out = ids;
     return n;

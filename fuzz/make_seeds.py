@@ -5,7 +5,7 @@ MLPs, mixtures of experts (every router kind, grouped routing, biases, shared ex
 tensors in f32 and q8_0), rotary and learned positions, NoPE, sliding, chunked and full layers, GQA, every
 kind of q/k norm, learned sinks, attention temperature, biases, pre- and post-norms, soft-caps,
 precomputed RoPE tables (one with YaRN's attention factor), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
-with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
+with the GPT-2 and Llama 3 pre-tokenizers and with a sequence of regex Split steps; SentencePiece-style with <0xNN> byte pieces, merged by score as
 from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
 
@@ -40,6 +40,22 @@ def tensors(m):
 def bytelevel_tokenizer(folder, vocab):
     src = os.path.join(ROOT, "tests", "data", "tokenizers", folder)
     return E.hf_tokenizer(src, {}, vocab)
+
+
+def split_steps_tokenizer(vocab):
+    """A byte-level record whose pre-tokenizer is a sequence of regex Split steps (pretokenizer 5): every
+    behavior, an inverted step, and the constructs regex.c compiles (classes, \\p{..}, scripts, (?i:...),
+    lookahead, possessive and atomic repeats, counted repeats), then ByteLevel's own regex."""
+    src = os.path.join(ROOT, "tests", "data", "tokenizers", "bytelevel_gpt2_style", "tokenizer.json")
+    tok = E.load_json(src)
+    split = lambda regex, behavior="Isolated", invert=False: {  # noqa: E731
+        "type": "Split", "pattern": {"Regex": regex}, "behavior": behavior, "invert": invert}
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        split(r"[\r\n]"), split(r"(?i:'s|'t)|\p{Lu}[\p{Ll}\p{M}]*+|(?>\p{N}{1,3})", "MergedWithPrevious"),
+        split(r"\s+(?=\S)", "MergedWithNext"), split(r"[\p{P}\p{S}]", "Contiguous"), split(r"\p{Han}+", "Removed"),
+        split(r"x", "Isolated", True), {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    return E.tokenizer_from_json(src, tok, {}, vocab, [os.path.dirname(src)])
 
 
 def sentencepiece_tokenizer(library_style):
@@ -155,6 +171,11 @@ def seeds():
     tiny = lambda: (rng.uniform(-4e-6, 4e-6, (32, 32))).astype(np.float32)  # noqa: E731
     m.tensors = [(n, s, tiny if n == "layers.0.attn.wq" else f) for n, s, f in m.tensors]
     yield "llama_specials_many_eos_q8_0", m, "q8_0"
+    # a pre-tokenizer of regex Split steps (pretokenizer 5)
+    m = E.Model("llama", 8, 1024, 256, tied=True)
+    m.layers = [L(A(2, 1, 4), D(16))]
+    m.tokenizer = split_steps_tokenizer(1024)
+    yield "llama_split_steps_tokenizer_f32", tensors(m), "f32"
 
 
 def specials_tokenizer(vocab):

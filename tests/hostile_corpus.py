@@ -81,7 +81,17 @@ class Layout:
         fields["merges"] = q
         fields["n_merges_value"] = n_merges
         fields["n_pieces_value"] = n_pieces
-        assert q + 8 * n_merges == self.tok_off + self.tok_size
+        q += 8 * n_merges
+        fields["steps"] = []  # pretokenizer 5: (offset of behavior, regex length) per Split step
+        if struct.unpack_from("<I", blob, fields["pretokenizer"])[0] == 5:
+            fields["n_steps"] = q
+            (n_steps,) = struct.unpack_from("<I", blob, q)
+            q += 4
+            for _ in range(n_steps):
+                (n,) = struct.unpack_from("<I", blob, q + 8)
+                fields["steps"].append((q, n))
+                q += 12 + n
+        assert q == self.tok_off + self.tok_size
         return fields
 
     def boundaries(self):
@@ -98,6 +108,13 @@ class Layout:
             b.update(q for q, _ in self.tok["pieces"][:8])
             b.update(q for q, _ in self.tok["pieces"][-4:])
         return sorted(x for x in b if 0 <= x < self.file_size)
+
+
+# regexes regex.c must refuse, and ones it must run without hanging or crashing
+BAD_REGEXES = [b"(", b"[a", b"a)", b"\\", b"\\p{Nope}", b"(?<=a)", b"(a)\\1", b"[a[b]]", b"a**", b"x{3,2}", b"\xff\xfe",
+               b"(?:a{1000}){1000}", b"a{100001}", b"\\x{110000}"]
+HEAVY_REGEXES = [b"(a*)*b", b"(?:\\p{L}|\\w)*+!", b"(?=(?=(?=a)))", b"\\s+$", b"(?i)[^\\S\\P{L}]{0,}", b"$|^|\\b",
+                 b"(?:x?){64}y"]
 
 
 def put(blob, off, width, value):
@@ -260,7 +277,22 @@ def _all_mutants(blob, rng, scale=1.0):
         for off in mk:
             for v in (T["n_pieces_value"], 0xFFFFFFFF, 0):
                 yield f"tokenizer merge id {v:#x} at {off}", put(blob, off, 4, v)
-        # every piece special: each prompt byte is checked against every piece
+        # the Split steps (pretokenizer 5): counts, behaviors, flags, lengths, and regexes that do not compile or
+        # that compile to something enormous or pathological (each swapped in, the record shortened or lengthened)
+        if T["steps"]:
+            for v in (0, 17, 0xFFFFFFFF, len(T["steps"]) + 1):
+                yield f"tokenizer n_steps = {v}", put(blob, T["n_steps"], 4, v)
+        for k, (q, n) in enumerate(T["steps"]):
+            for v in (5, 0xFFFFFFFF):
+                yield f"tokenizer step {k} behavior {v:#x}", put(blob, q, 4, v)
+            for v in (2, 0xFFFFFFFF):
+                yield f"tokenizer step {k} flags {v:#x}", put(blob, q + 4, 4, v)
+            for v in (0, n + 1, 65537, 0xFFFFFFFF):
+                yield f"tokenizer step {k} regex length {v}", put(blob, q + 8, 4, v)
+            for regex in BAD_REGEXES + HEAVY_REGEXES:
+                if len(regex) <= n:  # padded to the step's length with an alternative that changes nothing at fault
+                    padded = regex + (b"|" + b"x" * (n - len(regex) - 1) if len(regex) < n else b"")
+                    yield f"tokenizer step {k} regex {regex[:24]!r}", blob[:q + 12] + padded + blob[q + 12 + n:]
         everything_special = bytearray(blob)
         for q, n in T["pieces"]:
             if n:

@@ -32,15 +32,17 @@ def tiny_model(t, name, **cfg):
 # ---------------------------------------------------------------------------------------------------------
 # the corpus
 
-# what some mutations must be told (the rest need only fail cleanly)
-EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at", ["header says", "too short"]),
+# what some mutations must be told, the first prefix that matches (the rest need only fail cleanly)
+EXPECTED = [("magic b'GGUF'", ["a GGUF file", "export.py"]), ("magic", ["bad magic"]), ("version", ["version"]),
+            ("truncated at", ["header says", "too short"]),
             ("offset 18446744073709551552", ["extends past end of file"]),
-            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"])]
+            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"]),
+            ("tokenizer step 0 regex b'(?<=a)'", ["lookbehind"]), ("tokenizer step 7 regex b'(a)\\\\1'", ["backreference"])]
 
 
 # run on every base, whatever fraction of its other mutants runs
-ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config", "layer 0 mixer_kind",
-          "layer 0 ffn_kind", "layer 0 mixer_size", "layer 0 ffn_size", "layer 0 record_size")
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "tokenizer step", "tokenizer n_steps", "header", "magic", "version",
+          "config", "layer 0 mixer_kind", "layer 0 ffn_kind", "layer 0 mixer_size", "layer 0 ffn_size", "layer 0 record_size")
 
 
 def run_mutant(t, path, data, args):
@@ -78,6 +80,9 @@ def corpus(t):
         (os.path.join(t.root, "fuzz", "corpus", "model", "gpt_oss_moe_sinks_f32.bin"), 0.35, ["--tokens", "1,2,3"]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama4_chunked_moe_q8_0.bin"), 0.35, ["--tokens", "1,2,3,4,5,6"]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "olmo_post_norms_bf16.bin"), 0.35, ["--tokens", "1,2,3"]),
+        # a pre-tokenizer of regex Split steps (pretokenizer 5); the prompt has letters, digits, CJK, marks, spaces
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_split_steps_tokenizer_f32.bin"), 0.25,
+         ["-p", "Hello World's 12345 x\n \xe4\xb8\xad\xe6\x96\x87 e\xcc\x81!! aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab  \xff"]),
     ]
     jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
@@ -110,9 +115,8 @@ def corpus(t):
         elif clean_error(r):
             exit1 += 1
             msg = r.stderr.decode("utf-8", "replace")
-            expected = [want for prefix, want in EXPECTED if label.split(": ", 1)[1].startswith(prefix)]
-            if must.get(label):
-                expected.append(must[label])
+            expected = [w for w in [next((w for prefix, w in EXPECTED if label.split(": ", 1)[1].startswith(prefix)), None),
+                                    must.get(label)] if w]  # the first EXPECTED prefix that matches, and a semantic case's
             for want in expected:
                 if not any(w in msg for w in want):
                     unexpected.append(f"{label}: {msg.strip()} (expected {' or '.join(want)})")
