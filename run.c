@@ -149,6 +149,8 @@ static void usage(FILE *out) {
           "  --sparse LIST   block-sparse layers: strided:S or fixed:B for all, or L=strided:S[,L=fixed:B...]\n"
           "                  (after --window: it wins where both name a layer)\n"
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
+          "  --mla FORM      latent attention (DeepSeek): absorbed (in latent space), expanded (per-head keys and\n"
+          "                  values decompressed) or auto (the cheaper at each position; the default)\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
           "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
           "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n",
@@ -202,7 +204,7 @@ static Options parse_args(int argc, char **argv) {
         }
         const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
                                "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
-                               "--attn-dump"};
+                               "--attn-dump", "--mla"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -231,6 +233,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--sinks")) o.overrides.n_sinks = (int)parse_long(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--sparse")) o.overrides.sparse = v;
         else if (!strcmp(a, "--attn")) o.overrides.kernel = v;
+        else if (!strcmp(a, "--mla")) o.overrides.latent = v;
         else if (!strcmp(a, "--attn-map")) o.attn_map = v;
         else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
@@ -240,6 +243,8 @@ static Options parse_args(int argc, char **argv) {
     if (o.attn_map_layers && !o.attn_map && !o.attn_dump) die("--attn-map-layer needs --attn-map or --attn-dump");
     if ((o.attn_map || o.attn_dump) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
         die("--attn-map needs the naive kernel: flash never materialises the weights");
+    if ((o.attn_map || o.attn_dump) && o.overrides.latent && !strcmp(o.overrides.latent, "expanded"))
+        die("--attn-map needs the absorbed form of latent attention: expanded never materialises the weights");
     return o;
 }
 

@@ -62,6 +62,30 @@ static void test_paged_cache(void) {
     kvlayer_free(&l);
 }
 
+/* Latent attention keeps one row per position (c_kv | k_rope) and no value rows: half the blocks, its own width */
+static void test_single_row_cache(void) {
+    KVLayer l;
+    int row_dim = 12;
+    float row[12];
+    kvlayer_init(&l, row_dim, 4, 0);
+    kvlayer_set_value_width(&l, 0);
+    int ok = 1;
+    for (int pos = 0; pos < 10; pos++) {
+        for (int i = 0; i < row_dim; i++) row[i] = pos * 100.0f + i;
+        ok &= kvlayer_store(&l, pos, row, NULL) == 0;
+    }
+    for (int pos = 6; pos < 10; pos++) ok &= kvlayer_key(&l, pos)[row_dim - 1] == pos * 100.0f + row_dim - 1;
+    check(ok && kvlayer_bytes_held(&l) == 4 * (size_t)row_dim * sizeof(float) && kvlayer_bytes_for(&l, 1000) == kvlayer_bytes_held(&l),
+          "single-row cache (latent attention): a rolling buffer of 4 rows of 12 floats, no value rows, 192 bytes");
+    kvlayer_free(&l);
+    kvlayer_init(&l, row_dim, 0, 0);
+    kvlayer_set_value_width(&l, 0);
+    for (int pos = 0; pos < KV_BLOCK_TOKENS + 1; pos++) kvlayer_store(&l, pos, row, NULL);
+    check(kvlayer_bytes_held(&l) == 2 * KV_BLOCK_TOKENS * (size_t)row_dim * sizeof(float),
+          "single-row cache: paged, two blocks of 16 rows after 17 positions");
+    kvlayer_free(&l);
+}
+
 static void test_rolling_buffer(void) {
     int kv_dim = 4, W = 20; /* not a multiple of the block size: the last block is cut short */
     KVLayer l;
@@ -230,11 +254,11 @@ static void test_attention(void) {
         float sink_logits[8];
         for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
         AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].mask, cases[c].span,
-                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE};
+                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE, LATENT_AUTO};
         AttentionSpec flash_spec = spec;
         flash_spec.kernel = KERNEL_FLASH;
         KVLayer l;
-        attention_cache_init(&l, kv_dim, &spec);
+        attention_cache_init(&l, kv_dim, kv_dim, &spec);
         double worst = 0.0, worst_flash = 0.0;
         int counts_ok = 1, most = 0;
         for (int pos = 0; pos < n_pos; pos++) {
@@ -587,6 +611,7 @@ static void test_tokenizer_records(void) {
 
 int main(void) {
     test_paged_cache();
+    test_single_row_cache();
     test_rolling_buffer();
     test_head_mapping();
     test_attention();
