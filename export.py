@@ -769,11 +769,10 @@ def convert_llama_like(cfg, st, family):
     return m
 
 
-def convert_deepseek(cfg, st, family):
-    """deepseek_v2 (DeepSeek-V2, V2-Lite, V2.5, Coder-V2) and deepseek_v3 (V3, R1, Moonlight; Kimi K2 as kimi_k2):
-    multi-head latent attention on every layer; the first first_k_dense_replace layers dense, then DeepSeek's
-    mixture of experts."""
-    p = text_prefix(st)
+def deepseek_model(cfg, family, tied):
+    """The description of a deepseek_v2 / deepseek_v3 config, without weights (convert_deepseek adds them from
+    the checkpoint, tools/random_model.py at random): multi-head latent attention on every layer; the first
+    first_k_dense_replace layers dense, then DeepSeek's mixture of experts."""
     dim, n_layers, n_heads, vocab = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     kv_rank, nope, rope_dim, v_dim = require(cfg, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
     q_rank = config_int(cfg, "q_lora_rank", 0, 0)  # null: one q_proj (DeepSeek-V2-Lite, Moonlight)
@@ -781,11 +780,6 @@ def convert_deepseek(cfg, st, family):
         raise ExportError("config.json: attention_bias is not supported with latent attention (no DeepSeek checkpoint has it)")
     if rope_dim % 2:
         raise ExportError(f"config.json: qk_rope_head_dim {rope_dim} is odd")
-    head = "lm_head.weight" if "lm_head.weight" in st else None
-    tied = cfg.get("tie_word_embeddings")
-    tied = head is None if tied is None else tied
-    if not tied and head is None:
-        raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
     m = Model(family, dim, vocab, config_int(cfg, "max_position_embeddings", 4096),
               norm_eps=config_float(cfg, "rms_norm_eps", 1e-6), tied=tied)
     theta, scaling = rope_settings(cfg)
@@ -801,6 +795,20 @@ def convert_deepseek(cfg, st, family):
         mla = LatentAttention(n_heads, q_rank, kv_rank, nope, rope_dim, v_dim, rope_theta=theta, rope_table=table,
                               rope_attn_factor=attn_factor, softmax_mscale=mscale2)
         m.layers.append(Layer(mla, deepseek_ffn(cfg, family, i)))
+    return m
+
+
+def convert_deepseek(cfg, st, family):
+    """deepseek_v2 (DeepSeek-V2, V2-Lite, V2.5, Coder-V2), deepseek_v3 (V3, R1, Moonlight) and kimi_k2."""
+    p = text_prefix(st)
+    head = "lm_head.weight" if "lm_head.weight" in st else None
+    tied = cfg.get("tie_word_embeddings")
+    tied = head is None if tied is None else tied
+    if not tied and head is None:
+        raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
+    m = deepseek_model(cfg, family, tied)
+    dim, vocab, a0 = m.dim, m.vocab_size, m.layers[0].mixer
+    n_heads, q_rank, kv_rank, nope, rope_dim, v_dim = a0.n_heads, a0.q_rank, a0.kv_rank, a0.nope_dim, a0.rope_dim, a0.v_dim
     # DeepSeek-V2 rotates interleaved pairs (complex numbers), V3 too unless rope_interleave is false: rows of the
     # rope part of each query head and of k_rope reordered to attn.c's halves
     interleaved = family == "deepseek_v2" or cfg.get("rope_interleave", True)
@@ -854,7 +862,7 @@ def deepseek_ffn(cfg, family, i):
     top_k, width = config_int(cfg, "num_experts_per_tok"), config_int(cfg, "moe_intermediate_size")
     shared = config_int(cfg, "n_shared_experts", 0, 0) * width
     scale = config_float(cfg, "routed_scaling_factor", 1.0)
-    if family == "deepseek_v3":
+    if family != "deepseek_v2":  # V3's router (Kimi K2's too)
         if cfg.get("scoring_func", "sigmoid") != "sigmoid":
             raise ExportError(f"config.json: scoring_func '{cfg['scoring_func']}' is not supported for {family} (sigmoid)")
         flags = MOE_SCORE_BIAS | MOE_GROUP_TOP2 | (MOE_NORM_TOPK if cfg.get("norm_topk_prob", True) else 0)
@@ -1141,6 +1149,7 @@ FAMILIES = {
     "gpt_bigcode": convert_gpt2,
     "deepseek_v2": convert_deepseek,
     "deepseek_v3": convert_deepseek,
+    "kimi_k2": convert_deepseek,  # DeepSeek-V3's architecture under its own name
 }
 
 

@@ -36,7 +36,6 @@
 #define MAX_HIDDEN (1 << 20)
 #define MAX_VOCAB (1 << 22)
 #define MAX_CONTEXT (1 << 24)
-#define MAX_HEADS 1024
 #define MAX_HEAD_DIM 1024
 #define MAX_LAYER_RECORD 1024
 #define MAX_TENSORS (64 * MAX_LAYERS + 64)
@@ -916,7 +915,7 @@ void runstate_free(RunState *s) {
     free(s->expert_tokens);
     free(s->expert_x);
     free(s->expert_out);
-    mla_scratch_free(&s->mla);
+    mla_scratch_free(s->mla);
     kvcache_free(&s->kv);
     memset(s, 0, sizeof *s);
 }

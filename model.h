@@ -69,6 +69,7 @@ enum {
 };
 
 #define MAX_EXPERTS 4096 /* experts of a mixture, at most */
+#define MAX_HEADS 1024      /* query heads of a layer, at most */
 #define MAX_LATENT_RANK 4096 /* latent attention's kv_rank, at most (DeepSeek-V2/V3: 512) */
 
 /* How the experts' scores come out of the router's logits */
@@ -216,17 +217,7 @@ typedef struct {
     void *ctx;
 } AttentionObserver;
 
-/* Latent attention's working space (mla.c), allocated when a layer has that mixer. Sizes are the most any
- * latent layer needs; H heads, r = kv_rank. */
-typedef struct {
-    float *latent;    /* [T][r + rope] the rows this pass adds to the cache: c_kv | k_rope */
-    float *q_low;     /* [T][q_rank] the queries before q_b */
-    float *absorbed;  /* [H][MLA_TOKENS][r] queries in latent space, then each head's weighted sum of latents */
-    float *heads;     /* [H][MLA_TOKENS][v_dim] each head's output, before the heads are put side by side */
-    float *span;      /* [MLA_SPAN][r] the latents of a span of positions (expanded kernel) */
-    float *span_keys, *span_values; /* [H][MLA_SPAN][nope], [H][MLA_SPAN][v_dim]: decompressed from them */
-    OnlineSoftmax *states; /* [T][H] the expanded kernel's running softmax of every (token, head) */
-} LatentScratch;
+typedef struct LatentScratch LatentScratch; /* latent attention's working space (mla.c) */
 
 /* Everything one forward pass over up to max_tokens tokens needs besides the weights: scratch buffers
  * (allocated once), the KV cache, and the observer. */
@@ -249,7 +240,7 @@ typedef struct {
     int *expert_tokens;   /* [T] rows routed to the expert at hand */
     float *expert_x;      /* [T][dim] their inputs, gathered */
     float *expert_out;    /* [T][dim] its outputs */
-    LatentScratch mla;
+    LatentScratch *mla;   /* NULL without latent attention layers */
     KVCache kv;
     AttentionObserver observer; /* record NULL: nothing watches */
 } RunState;
