@@ -22,7 +22,9 @@ CONFIG_FIELDS = ["dim", "vocab_size", "context_length", "norm_kind", "norm_eps",
 # a layer record (docs/FORMAT.md): its header, then each kind's payload, field by field (4 bytes each)
 LAYER_HEADER_FIELDS = ["record_size", "flags", "mixer_kind", "mixer_size"]
 MIXER_FIELDS = {1: ["n_heads", "n_kv_heads", "head_dim", "window", "chunk", "rope_dim", "rope_table", "rope_theta",
-                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"]}
+                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"],
+                2: ["n_heads", "q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim", "rope_table", "rope_theta",
+                    "rope_attn_factor", "attn_scale", "norm_eps", "flags"]}
 DENSE_FIELDS = ["hidden_dim", "activation", "flags"]
 FFN_FIELDS = {0: [], 1: DENSE_FIELDS, 2: DENSE_FIELDS,
               3: ["n_experts", "top_k", "hidden_dim", "activation", "router", "n_groups", "topk_groups",
