@@ -2,7 +2,7 @@
 """export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
 
     python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
-                      [--no-softmax-mscale]
+                      [--no-tokenizer] [--no-softmax-mscale]
 
 SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
 legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
@@ -1172,7 +1172,7 @@ def convert_hf(src, args):
     check_shapes(m, st)
     if args.tokenizer:
         m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
-    else:
+    elif not args.no_tokenizer:
         m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
     # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
     matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) >= 2 and st.dtype(n) != "U8"}
@@ -1980,6 +1980,8 @@ def main(argv=None):
     ap.add_argument("--tokenizer", metavar="FILE",
                     help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
                          "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="leave the checkpoint's tokenizer out (one attn.c lacks, such as tiktoken's): prompts are --tokens")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
