@@ -6,7 +6,12 @@ within ref.json's tolerance, and their greedy continuations; the two forms agree
 same bits whatever --batch; the transformers-5 config dialect exports the identical file. The deepseek_v2
 fixture carries transformers 4.57.6's softmax scale (no YaRN mscale^2: export.py --no-softmax-mscale); the
 default export has DeepSeek's own. The cache holds one row of kv_rank + rope floats per position (the stats
-line, --info); --attn-map records MLA layers' weights; tools/random_model.py writes a model from a config alone."""
+line, --info); --attn-map records MLA layers' weights; tools/random_model.py writes a model from a config alone.
+
+Two more references of ours (tests/data/fixtures, made by $ATTN_SHARED/hfref with transformers 4.57.6: ref.json
+holds the command): deepseek_v2_grouped (a low-rank query on V2, nope 8 != v 24, group_limited_greedy over
+4 groups, routed scale 1.5) and deepseek_v3_halves (rope_interleave false, rope 8 != nope 16, top 3 from 1 of
+2 groups, not renormalised)."""
 import json
 import os
 import re
@@ -27,6 +32,7 @@ from export import SafeTensors, yarn_mscale  # noqa: E402
 
 FORMS = ("absorbed", "expanded", "auto")
 FIXTURES = {"deepseek_v3": (), "deepseek_v2": ("--no-softmax-mscale",)}  # export options that match the reference
+OUR_FIXTURES = {"deepseek_v2_grouped": ("--no-softmax-mscale",), "deepseek_v3_halves": ()}
 FORMS_AGREE = 1e-5
 
 
@@ -96,6 +102,10 @@ def run(t):
                     f"{yarn_mscale(40, 0.707) ** 2:.4f} (got {ratio:.4f}); position 0 (one key) is unchanged, later ones are not",
                     abs(ratio - yarn_mscale(40, 0.707) ** 2) < 1e-5 and relative_error(got[:1], want[:1]) <= 1e-5
                     and relative_error(got, want) > 1e-2)
+
+    for name, options in OUR_FIXTURES.items():
+        src = os.path.join(t.data, "fixtures", name)
+        check_fixture(t, name, t.export(src, f"{name}.bin", *options), src)
 
     if "deepseek_v3" in models:
         model = models["deepseek_v3"]
