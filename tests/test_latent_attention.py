@@ -20,7 +20,7 @@ import subprocess
 
 import numpy as np
 
-from harness import relative_error
+from harness import fixture_dir, relative_error
 from hostile_corpus import Layout
 from test_families import checkpoint_dir, same_file, transformers5_config
 from test_fixtures import MARGIN_FLOOR
@@ -79,7 +79,31 @@ def kv_bytes(stderr):
     return int(m.group(1)) if m else None
 
 
+def export_errors(t):
+    """DeepSeek configs export.py refuses: one error line, no output file"""
+    cfg = json.load(open(os.path.join(t.data, "fixtures", "deepseek_v2_grouped", "config.json")))
+    cases = [("attention_bias", {"attention_bias": True}, (), "attention_bias is not supported"),
+             ("odd rope dims", {"qk_rope_head_dim": 15}, (), "qk_rope_head_dim 15 is odd"),
+             ("a kv_lora_rank the weights lack", {"kv_lora_rank": 16}, (), "has shape [128, 32], config implies [128, 16]"),
+             ("a v_head_dim the weights lack", {"v_head_dim": 16}, (), "kv_b_proj.weight' has shape"),
+             ("V3's topk_method on V2", {"topk_method": "noaux_tc"}, (), "topk_method 'noaux_tc' is not supported"),
+             ("moe_layer_freq 2", {"moe_layer_freq": 2}, (), "moe_layer_freq other than 1"),
+             ("--kv-heads on latent layers", {}, ("--kv-heads", "all=1"), "layer 0 is latent attention")]
+    for label, change, options, want in cases:
+        d = fixture_dir(t, "deepseek_v2_grouped", "mla_export_" + label.replace(" ", "_"), dict(cfg, **change))
+        out = t.tmp("mla_export_error.bin")
+        if os.path.exists(out):
+            os.unlink(out)
+        r = subprocess.run([t.python, os.path.join(t.root, "export.py"), d, out] + list(options), capture_output=True,
+                           text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        t.check(f"export.py refuses a DeepSeek config with {label}: one line `error: ...{want}...`, no file",
+                r.returncode == 1 and lines and lines[-1].startswith("error: ") and want in lines[-1]
+                and not os.path.exists(out), r.stderr.strip()[-300:])
+
+
 def run(t):
+    export_errors(t)
     models = {}
     for name, options in FIXTURES.items():
         src = t.shared_file(os.path.join("fixtures", name, "ref.json"), f"{name} fixture")
