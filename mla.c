@@ -199,7 +199,7 @@ static void attend_latent(void *arg, int h0, int h1) {
 
 /* The absorbed form for up to MLA_TOKENS tokens: absorb W_kb, attend in latent space, then each head's
  * output o_h = W_vb[h] (sum_j w_j c_j), put side by side */
-static void attend_absorbed_group(Pass *p) {
+static void attend_absorbed(Pass *p) {
     const LatentAttentionConfig *a = p->a;
     int H = a->n_heads, r = a->kv_rank, dv = a->v_dim, threads = parallel_threads();
     long long visible = visible_count(p->spec, p->pos + p->first + p->n - 1);
@@ -282,7 +282,7 @@ static void decompress_span(const Pass *p, int rows) {
 /* The expanded form for up to MLA_PASS tokens: positions 0 .. last MLA_SPAN at a time; a span's latents are
  * decompressed into every head's keys and values once for all the tokens, scored, and folded into each
  * (token, head)'s online softmax. */
-static void attend_expanded_group(Pass *p) {
+static void attend_expanded(Pass *p) {
     const LatentAttentionConfig *a = p->a;
     LatentScratch *x = p->x;
     int H = a->n_heads, r = a->kv_rank, dq = q_width(a), last = p->pos + p->first + p->n - 1, row_of[MLA_SPAN];
@@ -349,8 +349,8 @@ static void attend(Pass *p, int first, int n) {
         int form = uses_absorbed(p, t), end = t + 1;
         while (end < first + n && uses_absorbed(p, end) == form) end++;
         p->first = t, p->n = end - t;
-        if (form) in_groups(p, MLA_TOKENS, attend_absorbed_group);
-        else in_groups(p, MLA_PASS, attend_expanded_group);
+        if (form) in_groups(p, MLA_TOKENS, attend_absorbed);
+        else in_groups(p, MLA_PASS, attend_expanded);
         t = end;
     }
 }

@@ -838,7 +838,7 @@ void layer_cache_init(KVLayer *cache, const Model *m, int l) {
 int runstate_init(RunState *s, const Model *m, int max_tokens) {
     const Config *c = &m->config;
     memset(s, 0, sizeof *s);
-    int q_dim = 0, kv_dim = 0, heads = 0, hidden = 1, experts = 0, top_k = 0;
+    int q_dim = 0, kv_dim = 1, heads = 0, hidden = 1, experts = 0, top_k = 0; /* kv_dim 1: a model of latent layers */
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
         const AttentionConfig *a = &lc->attn;

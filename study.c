@@ -270,7 +270,7 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
     fprintf(out, "attention kernel: %s", m->attention[0].kernel == KERNEL_FLASH ? "flash" : "naive");
     for (int l = 0; l < c->n_layers; l++)
         if (c->layers[l].mixer == MIXER_LATENT_ATTENTION) {
-            static const char *forms[] = {"auto (absorbed from 2 visible keys on)", "absorbed", "expanded"};
+            static const char *forms[] = {"auto (the cheaper form at each position)", "absorbed", "expanded"};
             fprintf(out, "; latent attention: %s", forms[m->attention[l].latent_kernel]);
             break;
         }
