@@ -232,10 +232,10 @@ def main():
             results[key].append(run_stats(cmd, args.threads))
         log(f"bench: round {i + 1} of {runs} done")
     # latent attention: each form at each position once (the long prompt's prefill is most of the time)
-    mla_runs = {}
-    for pos in (100, 4000):
+    mla_runs, positions = {}, (100, 1000 if args.quick else 4000)
+    for pos in positions:
         for form in ("absorbed", "expanded"):
-            n = 4 if args.quick or (pos == 4000 and form == "expanded") else 16
+            n = 4 if args.quick or (pos > 100 and form == "expanded") else 16
             mla_runs[pos, form] = run_stats([mla, "--tokens", tokens(pos, 4096, 4), "-n", n, "-t", "0", "--mla", form],
                                             args.threads)
             log(f"bench: latent attention, {form}, position {pos} done")
@@ -280,13 +280,13 @@ def main():
         print(f"| stories{r['model']} | {r['dtype']} | {r['MB']:.0f} MB | {r['decode']:.1f} | "
               f"{100 * r['decode'] / r['roofline']:.0f}% of {r['roofline']:.0f} | {pre} | {pct} | {ratio} | "
               f"{r['rss'] / 1e6:.0f} MB |")
-    print_latent(mla_runs)
+    print_latent(mla_runs, positions)
     a, b = window_ms[100], window_ms[4000]
     print(f"\nsliding window {WINDOW} on every layer (stories15M shape, f32): decode {a[0]:.2f} ms/token at position 100, "
           f"{b[0]:.2f} ms/token at position 4000 ({b[0] / a[0]:.2f}x); peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
 
 
-def print_latent(runs):
+def print_latent(runs, positions):
     """The latent attention table: decode tok/s of each form, and the cache it keeps against MHA's"""
     c = V2_LITE
     heads, row = c["num_attention_heads"], c["kv_lora_rank"] + c["qk_rope_head_dim"]
@@ -296,7 +296,7 @@ def print_latent(runs):
           f"{MLA_STACK['intermediate_size']}, vocab {MLA_STACK['vocab_size']}, f32; one run each):\n")
     print("| position | absorbed tok/s | expanded tok/s | absorbed / expanded | KV cache | MHA, same heads |")
     print("|---|---|---|---|---|---|")
-    for pos in (100, 4000):
+    for pos in positions:
         a, e = runs[pos, "absorbed"][1], runs[pos, "expanded"][1]
         held = runs[pos, "absorbed"][3]  # the stats line: latent rows after the prompt and the decoded tokens
         print(f"| {pos} | {a:.2f} | {e:.2f} | {a / e:.1f}x | {held / 2 ** 20:.2f} MiB ({row * 4:,} B/token/layer) | "
