@@ -35,7 +35,7 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c blocks.c moe.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c files.c
+ENGINE = model.c blocks.c mla.c moe.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c files.c
 HEADERS = model.h blocks.h tensors.def attention.h kvcache.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 

@@ -8,6 +8,11 @@
 
 /* mixers: the positions exchange information (0, or -1 when the KV cache cannot grow) */
 int attention_block(const Model *m, int layer, RunState *s, int n, int pos);
+int latent_attention_block(const Model *m, int layer, RunState *s, int n, int pos); /* mla.c */
+/* latent attention's scratch (RunState.mla, NULL when m has no latent layer), sized for every latent layer of
+ * m; 0, or -1 when out of memory */
+int mla_scratch_init(LatentScratch **x, const Model *m, int max_tokens);
+void mla_scratch_free(LatentScratch *x);
 
 /* FFNs: each position on its own */
 void dense_ffn_block(const Model *m, int layer, RunState *s, int n);

@@ -7,7 +7,7 @@
 
 void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks) {
     memset(l, 0, sizeof *l);
-    l->kv_dim = kv_dim;
+    l->kv_dim = l->v_dim = kv_dim;
     l->window = window;
     l->n_sinks = window > 0 ? n_sinks : 0;
 }
@@ -26,6 +26,8 @@ void kvlayer_free(KVLayer *l) {
     free(l->v_blocks);
     memset(l, 0, sizeof *l);
 }
+
+void kvlayer_set_value_width(KVLayer *l, int v_dim) { l->v_dim = v_dim; }
 
 int kvlayer_capacity(const KVLayer *l) { return l->window > 0 ? l->n_sinks + l->window : 0; }
 
@@ -72,10 +74,10 @@ static int ensure_block(KVLayer *l, int b) {
         l->n_blocks = n;
     }
     if (!l->k_blocks[b]) {
-        size_t bytes = (size_t)block_rows(l, b) * l->kv_dim * sizeof(float);
-        l->k_blocks[b] = malloc(bytes);
-        l->v_blocks[b] = malloc(bytes);
-        if (!l->k_blocks[b] || !l->v_blocks[b]) {
+        size_t rows = (size_t)block_rows(l, b);
+        l->k_blocks[b] = malloc(rows * l->kv_dim * sizeof(float));
+        l->v_blocks[b] = l->v_dim ? malloc(rows * l->v_dim * sizeof(float)) : NULL;
+        if (!l->k_blocks[b] || (l->v_dim && !l->v_blocks[b])) {
             free(l->k_blocks[b]);
             free(l->v_blocks[b]);
             l->k_blocks[b] = l->v_blocks[b] = NULL;
@@ -90,7 +92,7 @@ int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value) {
     int b = slot / KV_BLOCK_TOKENS, r = slot % KV_BLOCK_TOKENS;
     if (ensure_block(l, b) != 0) return -1;
     memcpy(l->k_blocks[b] + (size_t)r * l->kv_dim, key, (size_t)l->kv_dim * sizeof(float));
-    memcpy(l->v_blocks[b] + (size_t)r * l->kv_dim, value, (size_t)l->kv_dim * sizeof(float));
+    if (l->v_dim) memcpy(l->v_blocks[b] + (size_t)r * l->v_dim, value, (size_t)l->v_dim * sizeof(float));
     if (pos + 1 > l->n_positions) l->n_positions = pos + 1;
     return 0;
 }
@@ -102,11 +104,11 @@ float *kvlayer_key(const KVLayer *l, int pos) {
 
 float *kvlayer_value(const KVLayer *l, int pos) {
     int slot = kvlayer_slot_of(l, pos);
-    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->kv_dim;
+    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->v_dim;
 }
 
 /* keys and values of `rows` positions */
-static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)l->kv_dim * sizeof(float) * 2; }
+static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)(l->kv_dim + l->v_dim) * sizeof(float); }
 
 size_t kvlayer_bytes_held(const KVLayer *l) {
     size_t rows = 0;

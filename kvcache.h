@@ -16,7 +16,8 @@
 #define KV_BLOCK_TOKENS 16
 
 typedef struct {
-    int kv_dim;     /* floats per row: this layer's n_kv_heads * head_dim */
+    int kv_dim;     /* floats per key row: this layer's n_kv_heads * head_dim */
+    int v_dim;      /* floats per value row: kv_dim, or 0 when a position is one row (latent attention's c_kv | k_rope) */
     int window;     /* 0: full attention, paged and unbounded; W: rolling buffer of the last W positions */
     int n_sinks;    /* rolling buffers only: the first n_sinks positions stay (StreamingLLM sinks) */
     int summary_every; /* 0, or B: only positions B-1, 2B-1, ... and the current block of B are kept */
@@ -34,6 +35,9 @@ void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks);
 /* A layer that keeps the current block of `block` positions and the last position of each earlier one. */
 void kvlayer_init_summaries(KVLayer *l, int kv_dim, int block);
 void kvlayer_free(KVLayer *l);
+/* Value rows of v_dim floats instead of kv_dim; 0: the layer keeps one row per position, read with kvlayer_key
+ * (latent attention). Before the first store. */
+void kvlayer_set_value_width(KVLayer *l, int v_dim);
 
 /* Slots a rolling buffer holds (n_sinks + window); 0 for a paged layer (unbounded). */
 int kvlayer_capacity(const KVLayer *l);
@@ -43,8 +47,8 @@ int kvlayer_keeps_every_position(const KVLayer *l);
 int kvlayer_slot_of(const KVLayer *l, int pos);
 /* 1 if pos is still held (written and not yet overwritten by the rolling buffer). */
 int kvlayer_holds(const KVLayer *l, int pos);
-/* Stores the key and value rows of position pos (positions are written in order, starting at 0).
- * Returns 0, or -1 when memory runs out. */
+/* Stores the key and value rows of position pos (positions are written in order, starting at 0; value is
+ * ignored when the layer has no value rows). Returns 0, or -1 when memory runs out. */
 int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value);
 /* The key / value row of a held position. */
 float *kvlayer_key(const KVLayer *l, int pos);
