@@ -22,11 +22,16 @@ CONFIG_FIELDS = ["dim", "vocab_size", "context_length", "norm_kind", "norm_eps",
 # a layer record (docs/FORMAT.md): its header, then each kind's payload, field by field (4 bytes each)
 LAYER_HEADER_FIELDS = ["record_size", "flags", "mixer_kind", "mixer_size"]
 MIXER_FIELDS = {1: ["n_heads", "n_kv_heads", "head_dim", "window", "chunk", "rope_dim", "rope_table", "rope_theta",
-                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"]}
+                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"],
+                3: ["inner", "state", "conv", "dt_rank", "flags"],
+                4: ["n_heads", "head_dim", "n_groups", "state", "conv", "chunk", "dt_min", "dt_max", "flags"],
+                5: ["n_k_heads", "n_v_heads", "k_head_dim", "v_head_dim", "conv", "chunk", "flags"],
+                6: ["inner", "flags"]}
 DENSE_FIELDS = ["hidden_dim", "activation", "flags"]
 FFN_FIELDS = {0: [], 1: DENSE_FIELDS, 2: DENSE_FIELDS,
               3: ["n_experts", "top_k", "hidden_dim", "activation", "router", "n_groups", "topk_groups",
-                  "shared_hidden", "routed_scale", "act_alpha", "act_limit", "flags"]}
+                  "shared_hidden", "routed_scale", "act_alpha", "act_limit", "flags"],
+             4: ["hidden_dim", "flags"]}
 F32 = lambda x: struct.unpack("<I", struct.pack("<f", x))[0]  # noqa: E731
 ODD_U32 = [0, 1, 2, 3, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFF, 1 << 16, 1 << 20, 1 << 24, (1 << 24) + 1,
            F32(float("nan")), F32(float("inf")), F32(float("-inf")), F32(-1.0), F32(1e30), F32(1e-30), F32(0.5)]
