@@ -50,6 +50,9 @@ def same_logits_any_threads(t, name, model, ids):
     a = t.logits(model, ids, "--batch", "80", "--threads", "1")
     b = t.logits(model, ids, "--batch", "80", "--threads", "2")
     t.check(f"{name}: logits bit-identical with 1 and 2 threads", np.array_equal(a, b))
+    if name not in CHUNKED and name not in HYBRIDS:  # the same scan token by token in prefill and decode
+        c = t.logits(model, ids, "--batch", "1")
+        t.check(f"{name}: logits bit-identical with --batch 80 and --batch 1", np.array_equal(a, c))
 
 
 def chunked_equals_recurrence(t, name, model, ids, tolerance):
