@@ -103,19 +103,21 @@ typedef struct {
     int n, channels, K;
 } Conv;
 
+/* channels [begin, end) of every token: tap after tap, each over all the channels at once (so it vectorises;
+ * every channel still sums b, then the taps in order) */
 static void conv_channels(void *arg, int begin, int end) {
     const Conv *c = arg;
     int K = c->K, C = c->channels;
-    for (int t = 0; t < c->n; t++)
-        for (int ch = begin; ch < end; ch++) {
-            float sum = c->b ? c->b[ch] : 0.0f;
-            for (int k = 0; k < K; k++) {
-                int src = t - (K - 1) + k; /* input position relative to the chunk: < 0 is in the window */
-                float x = src >= 0 ? c->x[(size_t)src * C + ch] : c->window[(size_t)(src + K - 1) * C + ch];
-                sum += c->w[(size_t)ch * K + k] * x;
-            }
-            c->out[(size_t)t * C + ch] = silu_f32(sum);
+    for (int t = 0; t < c->n; t++) {
+        float *out = c->out + (size_t)t * C;
+        for (int ch = begin; ch < end; ch++) out[ch] = c->b ? c->b[ch] : 0.0f;
+        for (int k = 0; k < K; k++) {
+            int src = t - (K - 1) + k; /* input position relative to the chunk: < 0 is in the window */
+            const float *x = src >= 0 ? c->x + (size_t)src * C : c->window + (size_t)(src + K - 1) * C;
+            for (int ch = begin; ch < end; ch++) out[ch] += c->w[(size_t)ch * K + k] * x[ch];
         }
+        for (int ch = begin; ch < end; ch++) out[ch] = silu_f32(out[ch]);
+    }
 }
 
 void causal_conv_silu(float *out, const float *x, int n, int channels, float *window, const Tensor *weight,

@@ -43,17 +43,15 @@ static void mamba_scan_channels(void *arg, int begin, int end) {
     const MambaScan *s = arg;
     int N = s->cfg->state, inner = s->cfg->inner;
     const float *D = f32_data(&s->w->d);
-    for (int t = 0; t < s->n; t++) {
-        const float *B = s->B + (size_t)t * N, *C = s->C + (size_t)t * N;
-        for (int c = begin; c < end; c++) {
+    for (int c = begin; c < end; c++) { /* a channel's state stays in the cache while the tokens go by */
+        float *h = s->h + (size_t)c * N;
+        const float *A = s->A + (size_t)c * N;
+        for (int t = 0; t < s->n; t++) {
             size_t tc = (size_t)t * inner + c;
-            float dt = s->dt[tc], u = s->u[tc], *h = s->h + (size_t)c * N, out = 0.0f;
-            const float *A = s->A + (size_t)c * N;
-            for (int i = 0; i < N; i++) {
-                h[i] = exp_f32(A[i] * dt) * h[i] + dt * B[i] * u;
-                out += h[i] * C[i];
-            }
-            s->y[tc] = (out + u * D[c]) * silu_f32(s->z[tc]);
+            const float *B = s->B + (size_t)t * N, *C = s->C + (size_t)t * N;
+            float dt = s->dt[tc], u = s->u[tc];
+            for (int i = 0; i < N; i++) h[i] = exp_f32(A[i] * dt) * h[i] + dt * B[i] * u;
+            s->y[tc] = (dot_product(h, C, N) + u * D[c]) * silu_f32(s->z[tc]);
         }
     }
 }
@@ -121,12 +119,9 @@ static void mamba2_step(const Mamba2Scan *s, int h) {
     const float *x = head_x(s, 0, h), *B = group_b(s, 0, h), *C = group_c(s, 0, h);
     float *S = s->S + (size_t)h * P * N, *y = s->y + (size_t)h * P;
     for (int p = 0; p < P; p++) {
-        float out = 0.0f, *row = S + (size_t)p * N;
-        for (int i = 0; i < N; i++) {
-            row[i] = row[i] * decay + dt * B[i] * x[p];
-            out += row[i] * C[i];
-        }
-        y[p] = out + x[p] * D;
+        float *row = S + (size_t)p * N;
+        for (int i = 0; i < N; i++) row[i] = row[i] * decay + dt * B[i] * x[p];
+        y[p] = dot_product(row, C, N) + x[p] * D;
     }
 }
 
@@ -144,17 +139,11 @@ static void mamba2_chunk(const Mamba2Scan *s, int h, int t0, int q) {
         int t = t0 + i;
         const float *x = head_x(s, t, h), *C = group_c(s, t, h);
         float *y = s->y + (size_t)t * inner + (size_t)h * P, from_state = exp_f32(cum[i]);
-        for (int p = 0; p < P; p++) { /* what the chunks before left in S */
-            float dot = 0.0f;
-            for (int k = 0; k < N; k++) dot += C[k] * S[(size_t)p * N + k];
-            y[p] = dot * from_state;
-        }
+        for (int p = 0; p < P; p++) y[p] = dot_product(C, S + (size_t)p * N, N) * from_state; /* what came before */
         float seg = 0.0f; /* a_j+1 + ... + a_i */
         for (int j = i; j >= 0; j--) {
             const float *B = group_b(s, t0 + j, h), *xj = head_x(s, t0 + j, h);
-            float dot = 0.0f, dt = s->dt[(size_t)(t0 + j) * H + h];
-            for (int k = 0; k < N; k++) dot += C[k] * B[k];
-            float weight = dot * exp_f32(seg);
+            float dt = s->dt[(size_t)(t0 + j) * H + h], weight = dot_product(C, B, N) * exp_f32(seg);
             for (int p = 0; p < P; p++) y[p] += weight * (xj[p] * dt);
             seg += A * dt;
         }
