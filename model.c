@@ -199,6 +199,15 @@ static int parse_attention(LoadContext *ctx, const Config *c, AttentionConfig *a
     return 0;
 }
 
+/* What every recurrent record must keep to: a state this build can hold, no flag beyond `known` */
+static int check_recurrent(LoadContext *ctx, int i, const char *kind, uint64_t state_floats, uint32_t flags, uint32_t known) {
+    if (state_floats > MAX_STATE_FLOATS)
+        return fail(ctx, "layer %d: a %s state of %llu floats is larger than this build allows (%u)", i, kind,
+                    (unsigned long long)state_floats, MAX_STATE_FLOATS);
+    if (flags & ~known) return fail(ctx, "layer %d %s has unknown flags 0x%x", i, kind, flags);
+    return 0;
+}
+
 /* Mamba: inner, state, conv, dt_rank, flags */
 static int parse_mamba(LoadContext *ctx, MambaConfig *a, const unsigned char *p, int i) {
     Cursor cur = {p};
@@ -208,9 +217,7 @@ static int parse_mamba(LoadContext *ctx, MambaConfig *a, const unsigned char *p,
     if (CHECK("mamba inner", inner, 1, MAX_HIDDEN) || CHECK("mamba state", state, 1, MAX_STATE_SIZE) ||
         CHECK("mamba conv", conv, 1, MAX_CONV_KERNEL) || CHECK("mamba dt_rank", rank, 1, MAX_HIDDEN))
         return -1;
-    if ((uint64_t)inner * state > MAX_STATE_FLOATS)
-        return fail(ctx, "layer %d: a state of %u x %u is larger than this build allows", i, inner, state);
-    if (flags & ~(uint32_t)(SSM_CONV_BIAS | SSM_PROJ_BIAS)) return fail(ctx, "layer %d mamba has unknown flags 0x%x", i, flags);
+    if (check_recurrent(ctx, i, "mamba", (uint64_t)inner * state, flags, SSM_CONV_BIAS | SSM_PROJ_BIAS)) return -1;
     *a = (MambaConfig){(int)inner, (int)state, (int)conv, (int)rank, flags};
     return 0;
 }
@@ -228,11 +235,9 @@ static int parse_mamba2(LoadContext *ctx, Mamba2Config *a, const unsigned char *
         CHECK("mamba2 conv", conv, 1, MAX_CONV_KERNEL) || CHECK("mamba2 chunk", chunk, 1, MAX_SCAN_CHUNK))
         return -1;
     if (heads % groups) return fail(ctx, "layer %d: %u mamba2 heads do not split into %u groups", i, heads, groups);
-    if ((uint64_t)heads * head_dim * state > MAX_STATE_FLOATS)
-        return fail(ctx, "layer %d: a state of %u x %u x %u is larger than this build allows", i, heads, head_dim, state);
     if (!(dt_min >= 0.0f) || !(dt_max > dt_min)) /* dt_max may be infinite (no limit) */
         return fail(ctx, "layer %d: mamba2 dt limits %g .. %g are not valid", i, dt_min, dt_max);
-    if (flags & ~(uint32_t)(SSM_CONV_BIAS | SSM_PROJ_BIAS)) return fail(ctx, "layer %d mamba2 has unknown flags 0x%x", i, flags);
+    if (check_recurrent(ctx, i, "mamba2", (uint64_t)heads * head_dim * state, flags, SSM_CONV_BIAS | SSM_PROJ_BIAS)) return -1;
     *a = (Mamba2Config){(int)heads, (int)head_dim, (int)groups, (int)state, (int)conv, (int)chunk, dt_min, dt_max, flags};
     return 0;
 }
@@ -248,9 +253,7 @@ static int parse_deltanet(LoadContext *ctx, DeltaNetConfig *a, const unsigned ch
         CHECK("deltanet conv", conv, 1, MAX_CONV_KERNEL) || CHECK("deltanet chunk", chunk, 1, MAX_SCAN_CHUNK))
         return -1;
     if (v_heads % k_heads) return fail(ctx, "layer %d: %u value heads do not share %u key heads evenly", i, v_heads, k_heads);
-    if ((uint64_t)v_heads * k_dim * v_dim > MAX_STATE_FLOATS)
-        return fail(ctx, "layer %d: a state of %u x %u x %u is larger than this build allows", i, v_heads, k_dim, v_dim);
-    if (flags & ~(uint32_t)SSM_CONV_BIAS) return fail(ctx, "layer %d gated deltanet has unknown flags 0x%x", i, flags);
+    if (check_recurrent(ctx, i, "gated_deltanet", (uint64_t)v_heads * k_dim * v_dim, flags, SSM_CONV_BIAS)) return -1;
     *a = (DeltaNetConfig){(int)k_heads, (int)v_heads, (int)k_dim, (int)v_dim, (int)conv, (int)chunk, flags};
     return 0;
 }
@@ -260,8 +263,7 @@ static int parse_rwkv(LoadContext *ctx, RwkvConfig *a, const unsigned char *p, i
     Cursor cur = {p};
     uint32_t inner = next_u32(&cur), flags = next_u32(&cur);
     char what[64];
-    if (CHECK("rwkv inner", inner, 1, MAX_HIDDEN)) return -1;
-    if (flags) return fail(ctx, "layer %d rwkv has unknown flags 0x%x", i, flags);
+    if (CHECK("rwkv inner", inner, 1, MAX_HIDDEN) || check_recurrent(ctx, i, "rwkv", 3 * (uint64_t)inner, flags, 0)) return -1;
     *a = (RwkvConfig){(int)inner, flags};
     return 0;
 }
