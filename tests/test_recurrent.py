@@ -15,6 +15,11 @@ from hostile_corpus import Layout, put
 from test_families import check_family
 
 FAMILIES = ["mamba", "mamba2", "rwkv", "granitemoehybrid", "qwen3_next"]
+# variants made the same way (shared/hfref, --override; tests/data/fixtures/*/ref.json has the command): Granite
+# with rope, dense (the shared MLP alone), 2 groups and projection biases; Mamba with projection biases and no
+# convolution bias; Mamba-2 with dt limits, one group, biases and chunks of 16; Qwen3-Next with as many value as
+# key heads and MoE on every other layer
+VARIANTS = ["granite_rope_dense", "mamba_bias", "mamba2_limits", "qwen3_next_mha"]
 RECURRENT_ONLY = {"mamba", "mamba2", "rwkv"}
 CHUNKED = {"mamba2": 1e-5, "qwen3_next": 1e-4}  # prefill runs a chunked form, decode the recurrence: max difference
 HYBRIDS = {"granitemoehybrid": ([0, 2, 3], "mamba2"), "qwen3_next": ([0, 1, 2], "gated_deltanet")}  # recurrent layers
@@ -149,5 +154,8 @@ def run(t):
                 e = r.stderr.decode(errors="replace")
                 t.check(f"{name} {flags[0]}: no attention layer, one error line", r.returncode == 1
                         and e.startswith("error: ") and e.count("\n") == 1 and "attention" in e, e.strip())
+    for name in VARIANTS:
+        src = os.path.join(t.data, "fixtures", name)
+        errors[name] = check_family(t, name, t.export(src, f"{name}.bin"), src)
     if errors:
         print("# max relative logit error per recurrent family: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
