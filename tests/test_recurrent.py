@@ -7,6 +7,7 @@ the attention study options refuse layers without attention in one line."""
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
 
@@ -129,8 +130,35 @@ def refused(t):
                 and got == f"error: {path}: {want}", got)
 
 
+def export_refuses(t):
+    """Configs that disagree with their checkpoint, or ask for what the layers cannot do: one line, no file."""
+    src = os.path.join(t.data, "fixtures", "mamba_bias")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cases = [("a state size the weights do not have", dict(cfg, state_size=8),
+              "tensor 'backbone.layers.0.mixer.x_proj.weight' has shape [36, 128], config implies [20, 128]"),
+             ("another activation", dict(cfg, hidden_act="gelu"), "hidden_act 'gelu' is not supported by mamba (silu)"),
+             ("Mamba-2 dt limits upside down", dict(cfg, model_type="mamba2", num_heads=8, head_dim=16, time_step_limit=[1, 0]),
+              "time_step_limit [1, 0] is not [min, max] with 0 <= min < max")]
+    for i, (label, c, want) in enumerate(cases):
+        d = t.tmp(f"recurrent_export_error{i}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(c, f)
+        link = os.path.join(d, "model.safetensors")
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(src, "model.safetensors"), link)
+        out = t.tmp(f"recurrent_export_error{i}.bin")
+        if os.path.exists(out):
+            os.unlink(out)
+        r = subprocess.run([t.python, os.path.join(t.root, "export.py"), d, out], capture_output=True, text=True)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        t.check(f"export.py, {label}: one error line, no file", r.returncode == 1 and last.startswith("error: ")
+                and want in last and not os.path.exists(out), last)
+
+
 def run(t):
     refused(t)
+    export_refuses(t)
     errors = {}
     for name in FAMILIES:
         ref = t.shared_file(os.path.join("fixtures", name, "ref.json"), f"{name} fixture")
