@@ -78,12 +78,12 @@ def corpus(t):
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama4_chunked_moe_q8_0.bin"), 0.35, ["--tokens", "1,2,3,4,5,6"]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "olmo_post_norms_bf16.bin"), 0.35, ["--tokens", "1,2,3"]),
         # recurrent mixers (fuzz seeds): a state instead of a KV cache
-        (os.path.join(t.root, "fuzz", "corpus", "model", "mamba_biases_f32.bin"), 0.35, ["--tokens", "1,2,3"]),
-        (os.path.join(t.root, "fuzz", "corpus", "model", "granite_mamba2_hybrid_bf16.bin"), 0.35,
+        (os.path.join(t.root, "fuzz", "corpus", "model", "mamba_biases_f32.bin"), 0.2, ["--tokens", "1,2,3"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "granite_mamba2_hybrid_bf16.bin"), 0.2,
          ["--tokens", "1,2,3,4,5"]),
-        (os.path.join(t.root, "fuzz", "corpus", "model", "qwen3_next_deltanet_hybrid_q8_0.bin"), 0.35,
+        (os.path.join(t.root, "fuzz", "corpus", "model", "qwen3_next_deltanet_hybrid_q8_0.bin"), 0.2,
          ["--tokens", "1,2,3,4,5"]),
-        (os.path.join(t.root, "fuzz", "corpus", "model", "rwkv_layernorm_f16.bin"), 0.35, ["--tokens", "1,2,3"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "rwkv_layernorm_f16.bin"), 0.2, ["--tokens", "1,2,3"]),
     ]
     jobs = []
     for b, (model, keep, prompt) in enumerate(bases):
