@@ -36,10 +36,10 @@ endif
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
 # the library: loading, the model, the kernels, the tokenizer, the study tools (none of it exits the process)
-ENGINE = model.c blocks.c mla.c moe.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c
+ENGINE = model.c blocks.c mla.c moe.c recurrent.c ssm.c deltanet.c rwkv.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c
 # the command line around it: options, checked inputs and outputs, one-line errors (files.c: ./run's own)
 CLI = run.c files.c
-HEADERS = model.h blocks.h tensors.def attention.h kvcache.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
+HEADERS = model.h blocks.h recurrent.h tensors.def attention.h kvcache.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
 # the page ./run --explore writes, as C string literals: ./run carries it and works from any directory

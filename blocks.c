@@ -51,6 +51,12 @@ static void sharpen_queries(float *q, const AttentionConfig *a, int n, int pos) 
     }
 }
 
+/* Qwen3-Next's output gate: each channel of the heads' output times sigmoid(g), g = W_g x another projection of
+ * the layer's input, so a head can switch itself off for a token (Qiu et al. 2025, "Gated Attention") */
+static void gate_heads(float *out, const float *gate, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] *= 1.0f / (1.0f + exp_f32(-gate[i]));
+}
+
 int attention_block(const Model *m, int l, RunState *s, int n, int pos) {
     const AttentionConfig *a = &m->config.layers[l].attn;
     const LayerWeights *lw = &m->weights.layers[l];
@@ -60,8 +66,10 @@ int attention_block(const Model *m, int l, RunState *s, int n, int pos) {
     int q_dim = a->n_heads * a->head_dim, kv_dim = a->n_kv_heads * a->head_dim;
     float *xb = s->xb;
 
-    /* q, k, v for these tokens in one pass (+ biases: Qwen2, GPT-2, gpt-oss) */
-    matmul_many((Projection[]){{s->q, &w->wq}, {s->k, &w->wk}, {s->v, &w->wv}}, 3, xb, n);
+    /* q, k, v for these tokens in one pass (+ biases: Qwen2, GPT-2, gpt-oss), and the output gate (Qwen3-Next) */
+    int gated = (a->flags & ATTN_OUTPUT_GATE) != 0;
+    float *gate = s->mixer_scratch;
+    matmul_many((Projection[]){{s->q, &w->wq}, {s->k, &w->wk}, {s->v, &w->wv}, {gate, &w->wg}}, gated ? 4 : 3, xb, n);
     add_bias(s->q, &w->bq, n);
     add_bias(s->k, &w->bk, n);
     add_bias(s->v, &w->bv, n);
@@ -85,6 +93,7 @@ int attention_block(const Model *m, int l, RunState *s, int n, int pos) {
     if (keys_first) attention_layer(xb, s->q, cache, a->n_heads, a->n_kv_heads, pos, n, spec, s->scores, s->scores_stride);
 
     /* the heads' outputs side by side, mixed by the output projection */
+    if (gated) gate_heads(xb, gate, (size_t)n * q_dim);
     matmul(s->xb2, xb, &w->wo, n);
     add_bias(s->xb2, &w->bo, n);
     return 0;

@@ -13,6 +13,11 @@ int latent_attention_block(const Model *m, int layer, RunState *s, int n, int po
  * m; 0, or -1 when out of memory */
 int mla_scratch_init(LatentScratch **x, const Model *m, int max_tokens);
 void mla_scratch_free(LatentScratch *x);
+/* the recurrent mixers (recurrent.h): they fold the tokens into the layer's state in s->kv.states */
+int mamba_block(const Model *m, int layer, RunState *s, int n, int pos);
+int mamba2_block(const Model *m, int layer, RunState *s, int n, int pos);
+int deltanet_block(const Model *m, int layer, RunState *s, int n, int pos);
+int rwkv_block(const Model *m, int layer, RunState *s, int n, int pos);
 
 /* FFNs: each position on its own */
 void dense_ffn_block(const Model *m, int layer, RunState *s, int n);
@@ -21,5 +26,7 @@ void moe_block(const Model *m, int layer, RunState *s, int n);
  * on a CPU, ties included; their ids in ids[0..k), ascending. A score that is not allowed counts as 0, as the
  * reference's masked_fill(~mask, 0.0) makes it (DeepSeek's grouped routing). */
 void router_top_k(const float *scores, const unsigned char *allowed, int n, int k, int *ids);
+/* RWKV's channel mix: an FFN that also sees the previous token (kept in s->kv.states[layer].ffn) */
+void rwkv_ffn_block(const Model *m, int layer, RunState *s, int n);
 
 #endif

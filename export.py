@@ -39,14 +39,14 @@ Q8_GROUP = 32  # q8_0: int8 values in groups of 32 along a row, one f16 scale pe
 NORM_RMS, NORM_LAYER = 0, 1
 ACT_SILU, ACT_GELU_TANH, ACT_GELU, ACT_SWIGLU_CLAMPED = 0, 1, 2, 3
 POS_ROPE, POS_LEARNED = 0, 1
-MIXER_ATTENTION, MIXER_LATENT_ATTENTION = 1, 2
-FFN_NONE, FFN_GATED, FFN_PLAIN, FFN_MOE = 0, 1, 2, 3
+MIXER_ATTENTION, MIXER_LATENT_ATTENTION, MIXER_MAMBA, MIXER_MAMBA2, MIXER_GATED_DELTANET, MIXER_RWKV = 1, 2, 3, 4, 5, 6
+FFN_NONE, FFN_GATED, FFN_PLAIN, FFN_MOE, FFN_RWKV = 0, 1, 2, 3, 4
 ROUTER_SOFTMAX, ROUTER_TOPK_SOFTMAX, ROUTER_SIGMOID = 0, 1, 2
 # flag bits (model.h): each record has its own range, so one word says which tensors a layer has (tensors.def)
 FLAG_BITS = dict(
     LAYER_MIXER_NORM=1 << 0, LAYER_MIXER_POST_NORM=1 << 1, LAYER_FFN_NORM=1 << 2, LAYER_FFN_POST_NORM=1 << 3,
     ATTN_QK_NORM=1 << 4, ATTN_QKV_BIAS=1 << 5, ATTN_O_BIAS=1 << 6, ATTN_QK_NORM_FULL=1 << 7, ATTN_QK_NORM_PLAIN=1 << 8,
-    ATTN_SINKS=1 << 9, MLA_Q_LORA=1 << 4,
+    ATTN_SINKS=1 << 9, ATTN_OUTPUT_GATE=1 << 10, MLA_Q_LORA=1 << 4, SSM_CONV_BIAS=1 << 4, SSM_PROJ_BIAS=1 << 5,
     FFN_BIAS=1 << 12, MOE_NORM_TOPK=1 << 13, MOE_ROUTER_BIAS=1 << 14, MOE_EXPERT_BIAS=1 << 15, MOE_SCORE_BIAS=1 << 16,
     MOE_SHARED=1 << 17, MOE_SHARED_GATE=1 << 18, MOE_SCALE_INPUT=1 << 19, MOE_GROUP_TOP2=1 << 20,
     MODEL_TIED_EMBEDDINGS=1 << 24, PRESENT_LEARNED_POSITIONS=1 << 29, PRESENT_LAYERNORM=1 << 30)
@@ -339,10 +339,138 @@ class LatentAttention:
                     LATENT_KV_A=self.kv_rank + self.rope_dim, LATENT_HEADS=self.n_heads, NOPE=self.nope_dim,
                     V_DIM=self.v_dim, LATENT_OUT=self.n_heads * self.v_dim)
 
+    def check(self, where):
+        for v, what, lo, hi in ((self.n_heads, "n_heads", 1, LIMITS["heads"]), (self.q_rank, "q_lora_rank", 0, LIMITS["hidden_dim"]),
+                                (self.kv_rank, "kv_lora_rank", 1, LIMITS["latent_rank"]),
+                                (self.nope_dim, "qk_nope_head_dim", 1, LIMITS["head_dim"]),
+                                (self.v_dim, "v_head_dim", 1, LIMITS["head_dim"]),
+                                (self.rope_dim, "rotary dimensions", 0, LIMITS["head_dim"])):
+            whole_number(v, f"{where}: {what}", lo, hi)
+        if self.rope_dim % 2:
+            raise ExportError(f"{where}: {self.rope_dim} rotary dimensions is odd")
+        if self.rope_dim and self.rope_table < 0 and not self.rope_theta > 1.0:
+            raise ExportError(f"{where}: rope_theta {self.rope_theta} is not valid")
+        if not (math.isfinite(self.attn_scale) and self.attn_scale > 0 and math.isfinite(self.rope_attn_factor)
+                and self.rope_attn_factor > 0):
+            raise ExportError(f"{where}: attention scale {self.attn_scale} / rope factor {self.rope_attn_factor} is not valid")
+
     def pack(self):
         return struct.pack("<7I 4f I", self.n_heads, self.q_rank, self.kv_rank, self.nope_dim, self.rope_dim, self.v_dim,
                            self.rope_table & 0xFFFFFFFF, self.rope_theta, self.rope_attn_factor, self.attn_scale,
                            self.norm_eps, self.flags)
+
+
+class Mamba:
+    """Mamba's selective scan (docs/FORMAT.md, "mamba record"): x, z = in_proj(u); conv over x (`conv` taps);
+    dt, B, C from the conv's output (dt through a rank dt_rank bottleneck); a state of `state` per channel."""
+    kind = MIXER_MAMBA
+
+    def __init__(self, inner, state, conv, dt_rank, flags=0):
+        self.inner, self.state, self.conv, self.dt_rank, self.flags = inner, state, conv, dt_rank, flags
+
+    def dims(self):
+        return dict(INNER=self.inner, STATE=self.state, CONV=self.conv, CONV_DIM=self.inner, DT_RANK=self.dt_rank)
+
+    def check(self, where):
+        for v, what, hi in ((self.inner, "inner width", LIMITS["hidden_dim"]), (self.state, "state size", LIMITS["state"]),
+                            (self.conv, "convolution width", LIMITS["conv"]), (self.dt_rank, "dt rank", LIMITS["hidden_dim"])):
+            whole_number(v, f"{where}: mamba {what}", 1, hi)
+
+    def pack(self):
+        return struct.pack("<5I", self.inner, self.state, self.conv, self.dt_rank, self.flags)
+
+
+class Mamba2:
+    """Mamba-2's state space duality (docs/FORMAT.md, "mamba2 record"): z | x B C | dt = in_proj(u); conv over
+    x B C; n_heads heads of head_dim, B and C per group of heads; the chunked scan takes `chunk` tokens at a time;
+    dt clamped to [dt_min, dt_max]."""
+    kind = MIXER_MAMBA2
+
+    def __init__(self, n_heads, head_dim, n_groups, state, conv, chunk, dt_min=0.0, dt_max=math.inf, flags=0):
+        self.n_heads, self.head_dim, self.n_groups, self.state = n_heads, head_dim, n_groups, state
+        self.conv, self.chunk, self.dt_min, self.dt_max, self.flags = conv, chunk, float(dt_min), float(dt_max), flags
+
+    def dims(self):
+        inner = self.n_heads * self.head_dim
+        return dict(INNER=inner, STATE=self.state, CONV=self.conv, CONV_DIM=inner + 2 * self.n_groups * self.state,
+                    SSM_HEADS=self.n_heads, SSM_HEAD_DIM=self.head_dim)
+
+    def check(self, where):
+        for v, what, lo, hi in ((self.n_heads, "heads", 1, LIMITS["heads"]), (self.head_dim, "head_dim", 1, LIMITS["head_dim"]),
+                                (self.n_groups, "groups", 1, self.n_heads), (self.state, "state size", 1, LIMITS["state"]),
+                                (self.conv, "convolution width", 1, LIMITS["conv"]), (self.chunk, "chunk", 1, LIMITS["chunk"]),
+                                (self.n_heads * self.head_dim * self.state, "state", 1, LIMITS["state_floats"])):
+            whole_number(v, f"{where}: mamba2 {what}", lo, hi)
+        if self.n_heads % self.n_groups or not 0 <= self.dt_min < self.dt_max:
+            raise ExportError(f"{where}: mamba2 {self.n_heads} heads in {self.n_groups} groups, dt limits "
+                              f"{self.dt_min} .. {self.dt_max}: not valid")
+
+    def pack(self):
+        return struct.pack("<6I 2f I", self.n_heads, self.head_dim, self.n_groups, self.state, self.conv, self.chunk,
+                           self.dt_min, self.dt_max, self.flags)
+
+
+class DeltaNet:
+    """The gated delta rule (docs/FORMAT.md, "gated_deltanet record"): q | k | v = in_proj(u) then a causal conv,
+    n_v_heads value heads of v_head_dim each reading key head h / (n_v / n_k) of k_head_dim; the chunked scan
+    takes `chunk` tokens at a time."""
+    kind = MIXER_GATED_DELTANET
+
+    def __init__(self, n_k_heads, n_v_heads, k_head_dim, v_head_dim, conv, chunk, flags=0):
+        self.n_k_heads, self.n_v_heads, self.k_head_dim, self.v_head_dim = n_k_heads, n_v_heads, k_head_dim, v_head_dim
+        self.conv, self.chunk, self.flags = conv, chunk, flags
+
+    def dims(self):
+        inner = self.n_v_heads * self.v_head_dim
+        return dict(INNER=inner, CONV=self.conv, CONV_DIM=inner + 2 * self.n_k_heads * self.k_head_dim,
+                    SSM_HEADS=self.n_v_heads, SSM_HEAD_DIM=self.v_head_dim)
+
+    def check(self, where):
+        for v, what, lo, hi in ((self.n_k_heads, "key heads", 1, LIMITS["heads"]),
+                                (self.n_v_heads, "value heads", 1, LIMITS["heads"]),
+                                (self.k_head_dim, "key head_dim", 1, LIMITS["head_dim"]),
+                                (self.v_head_dim, "value head_dim", 1, LIMITS["head_dim"]),
+                                (self.conv, "convolution width", 1, LIMITS["conv"]), (self.chunk, "chunk", 1, LIMITS["chunk"]),
+                                (self.n_v_heads * self.k_head_dim * self.v_head_dim, "state", 1, LIMITS["state_floats"])):
+            whole_number(v, f"{where}: gated deltanet {what}", lo, hi)
+        if self.n_v_heads % self.n_k_heads:
+            raise ExportError(f"{where}: {self.n_v_heads} value heads cannot share {self.n_k_heads} key heads evenly")
+
+    def pack(self):
+        return struct.pack("<7I", self.n_k_heads, self.n_v_heads, self.k_head_dim, self.v_head_dim, self.conv, self.chunk,
+                           self.flags)
+
+
+class Rwkv:
+    """RWKV-4's time mixing (docs/FORMAT.md, "rwkv record"): k, v, r projections to `inner` channels."""
+    kind = MIXER_RWKV
+
+    def __init__(self, inner):
+        self.inner, self.flags = inner, 0
+
+    def dims(self):
+        return dict(INNER=self.inner)
+
+    def check(self, where):
+        whole_number(self.inner, f"{where}: rwkv time-mix width", 1, LIMITS["hidden_dim"])
+
+    def pack(self):
+        return struct.pack("<2I", self.inner, self.flags)
+
+
+class RwkvChannelMix:
+    """RWKV-4's channel mixing, an FFN that also sees the previous token (docs/FORMAT.md, "rwkv channel-mix
+    record")."""
+    kind = FFN_RWKV
+
+    def __init__(self, hidden):
+        self.hidden, self.flags = hidden, 0
+
+    def dims(self):
+        return dict(HIDDEN=self.hidden)
+
+    def pack(self):
+        return struct.pack("<2I", self.hidden, self.flags)
 
 
 class Dense:
@@ -458,8 +586,9 @@ def expected_tensors(m):
     present = m.flags() | (PRESENT_LAYERNORM if m.norm_kind == NORM_LAYER else 0) | \
         (PRESENT_LEARNED_POSITIONS if m.position_kind == POS_LEARNED else 0)
     model_dims = dict(DIM=m.dim, VOCAB=m.vocab_size, CONTEXT=m.context_length)
-    mixer_parts = {MIXER_ATTENTION: "ATTENTION", MIXER_LATENT_ATTENTION: "LATENT"}
-    ffn_parts = {FFN_GATED: "GATED", FFN_PLAIN: "PLAIN", FFN_MOE: "MOE"}
+    mixer_parts = {MIXER_ATTENTION: "ATTENTION", MIXER_LATENT_ATTENTION: "LATENT", MIXER_MAMBA: "MAMBA",
+                   MIXER_MAMBA2: "MAMBA2", MIXER_GATED_DELTANET: "DELTANET", MIXER_RWKV: "RWKV"}
+    ffn_parts = {FFN_GATED: "GATED", FFN_PLAIN: "PLAIN", FFN_MOE: "MOE", FFN_RWKV: "RWKV_FFN"}
     out = {}
     for parts, name, dims, storage, needs, unless in tensor_table():
         if "MODEL" in parts and present & needs == needs and not present & unless:
@@ -577,8 +706,10 @@ def full_attention_windows(m):
     everything."""
     for i, L in enumerate(m.layers):
         a = L.attn
+        if not isinstance(a, Attention):  # a recurrent kind's `chunk` is its scan's, not a mask
+            continue
         for what in ("window", "chunk"):
-            if getattr(a, what, 0) >= m.context_length:
+            if getattr(a, what) >= m.context_length:
                 log(f"export: layer {i}: {what} {getattr(a, what)} covers the context of {m.context_length}: full attention")
                 setattr(a, what, 0)
 
@@ -593,7 +724,7 @@ def round_rope_to_bf16(m):
     m.rope_tables = []
     for L in m.layers:
         a = L.attn
-        if a.rope_dim == 0:
+        if not isinstance(a, Attention) or a.rope_dim == 0:
             continue
         inv = tables[a.rope_table] if a.rope_table >= 0 else rope_inv_freq(a.rope_theta, a.rope_dim, {"rope_type": "default"})[0]
         a.rope_table = m.rope_table_for(bf16_to_f32(f32_to_bf16(inv)))
@@ -646,9 +777,13 @@ def regroup_kv_heads(m, counts):
     where the heads disagree (the mean of normalised keys would not be a projection at all)."""
     for i, layer in enumerate(m.layers):
         layer = layer.attn
-        if i in counts and isinstance(layer, LatentAttention):
-            raise ExportError(f"--kv-heads: layer {i} is latent attention: it caches one latent row per position, "
-                              "shared by all heads, and has no kv heads to regroup")
+        if not isinstance(layer, Attention):
+            if i in counts and isinstance(layer, LatentAttention):
+                raise ExportError(f"--kv-heads: layer {i} is latent attention: it caches one latent row per position, "
+                                  "shared by all heads, and has no kv heads to regroup")
+            if i in counts:
+                raise ExportError(f"--kv-heads: layer {i} is a {type(layer).__name__} layer: it has no key/value heads")
+            continue
         n = counts.get(i, layer.n_kv_heads)
         old, hd = layer.n_kv_heads, layer.head_dim
         if n == old:
@@ -675,13 +810,19 @@ def regroup_kv_heads(m, counts):
 # layer kinds: which layers slide, from either dialect
 
 
-LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "mamba", "linear_attention")
+RECURRENT_LAYER_TYPES = ("mamba", "linear_attention")  # Granite-4.0-H's Mamba-2 layers, Qwen3-Next's Gated DeltaNet
 
 
 def layer_types(cfg, n_layers, family):
     """'full_attention' / 'sliding_attention' / 'chunked_attention' for each layer."""
     types = cfg.get("layer_types")
     window = cfg.get("sliding_window")
+    if family == "granitemoehybrid":  # "mamba" or "attention" (full), every layer mamba when not given
+        types = ["full_attention" if t == "attention" else t for t in (types or ["mamba"] * n_layers)]
+    if family == "qwen3_next" and types is None:  # every full_attention_interval-th layer is full attention
+        every = config_int(cfg, "full_attention_interval", 4)
+        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n_layers)]
     if types is not None:
         if not isinstance(types, list) or len(types) != n_layers:
             raise ExportError(f"config.json: layer_types has {len(types) if isinstance(types, list) else '?'} entries for {n_layers} layers")
@@ -780,7 +921,8 @@ SANDWICH_NORMS = ("gemma2", "gemma3_text")  # x += post_norm(block(norm(x)))
 
 def convert_llama_like(cfg, st, family):
     """llama, mistral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3, smollm3, olmo3, exaone4, gpt_oss,
-    llama4_text."""
+    llama4_text, and the hybrids whose other layers are recurrent: granitemoehybrid (Mamba-2), qwen3_next (Gated
+    DeltaNet)."""
     prefix = text_prefix(st)
     dim, n_layers, n_heads, vocab = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     n_kv = config_int(cfg, "num_key_value_heads", n_heads)
@@ -794,18 +936,26 @@ def convert_llama_like(cfg, st, family):
         raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
     m = Model(family, dim, vocab, config_int(cfg, "max_position_embeddings", 2048),
               norm_eps=config_float(cfg, "rms_norm_eps", 1e-6), tied=tied,
-              embed_scale=math.sqrt(dim) if gemma else 1.0,
+              embed_scale=math.sqrt(dim) if gemma else config_float(cfg, "embedding_multiplier", 1.0),
+              residual_scale=config_float(cfg, "residual_multiplier", 1.0),  # Granite's multipliers
+              logit_scale=1.0 / config_float(cfg, "logits_scaling", 1.0),
               final_softcap=config_float(cfg, "final_logit_softcapping", 0.0))
     types = layer_types(cfg, n_layers, family)
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     rope_dim = int(head_dim * number(partial, "partial_rotary_factor"))
-    scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5 if gemma else head_dim ** -0.5
+    scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5 if gemma else \
+        config_float(cfg, "attention_multiplier", head_dim ** -0.5)
     ropes = rope_layers(cfg, n_layers, family) if family in ("smollm3", "llama4_text") else [1] * n_layers
+    if family == "granitemoehybrid" and cfg.get("position_embedding_type") != "rope":  # NoPE unless it says rope
+        ropes = [0] * n_layers
     if family == "exaone4" and "sliding_attention" in types:  # EXAONE 4's global layers see no positions
         ropes = [int(t == "sliding_attention") for t in types]
     p = prefix
     for i in range(n_layers):
         a = f"{p}layers.{i}."
+        if types[i] in RECURRENT_LAYER_TYPES:
+            m.layers.append(Layer(recurrent_mixer(cfg, family, dim), ffn_of(cfg, st, family, i, a)))
+            continue
         flags = 0
         if f"{a}self_attn.q_norm.weight" in st:
             flags |= ATTN_QK_NORM_FULL if family == "olmo3" else ATTN_QK_NORM
@@ -817,6 +967,8 @@ def convert_llama_like(cfg, st, family):
             flags |= ATTN_O_BIAS
         if f"{a}self_attn.sinks" in st:
             flags |= ATTN_SINKS
+        if family == "qwen3_next":
+            flags |= ATTN_OUTPUT_GATE
         window = chunk = 0
         if types[i] == "sliding_attention":
             if not cfg.get("sliding_window"):
@@ -839,8 +991,8 @@ def convert_llama_like(cfg, st, family):
             LAYER_MIXER_NORM | LAYER_FFN_NORM | (LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM if gemma else 0)
         m.layers.append(Layer(attention, ffn_of(cfg, st, family, i, a), norms))
 
-    def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in here
-        return (lambda: st.get(name) + 1.0) if gemma else getter(st, name)
+    def norm(name):  # Gemma's and Qwen3-Next's RMSNorm multiplies by (1 + w): fold the 1 in here
+        return (lambda: st.get(name) + 1.0) if gemma or family == "qwen3_next" else getter(st, name)
 
     m.add("tok_embeddings", (vocab, dim), getter(st, f"{p}embed_tokens.weight"))
     qd, kd = n_heads * head_dim, n_kv * head_dim
@@ -855,6 +1007,10 @@ def convert_llama_like(cfg, st, family):
         if gemma:
             m.add(o + "mixer_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
             m.add(o + "ffn_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+        if not isinstance(at, Attention):
+            add_recurrent(m, st, at, a, o, dim)
+            add_ffn(m, st, layer.ffn, a, o, dim)
+            continue
         # Llama 4 rotates interleaved pairs (2i, 2i+1); attn.c rotates (i, i + d/2): reorder the q and k rows
         qk = (lambda g, heads: interleaved_to_halves(g, heads, head_dim)) if family == "llama4_text" else (lambda g, heads: g)
         if f"{a}self_attn.qkv_proj.weight" in st:  # Phi-3: q, k, v stacked in one matrix
@@ -863,7 +1019,12 @@ def convert_llama_like(cfg, st, family):
             m.add(o + "attn.wk", (kd, dim), rows(st, fused, qd, qd + kd))
             m.add(o + "attn.wv", (kd, dim), rows(st, fused, qd + kd, qd + 2 * kd))
         else:
-            m.add(o + "attn.wq", (qd, dim), qk(getter(st, f"{a}self_attn.q_proj.weight"), n_heads))
+            if at.flags & ATTN_OUTPUT_GATE:  # Qwen3-Next: q_proj gives each head's query, then its gate
+                wq, wg = query_and_gate(st, f"{a}self_attn.q_proj.weight", n_heads, head_dim, dim)
+                m.add(o + "attn.wg", (qd, dim), wg)
+            else:
+                wq = qk(getter(st, f"{a}self_attn.q_proj.weight"), n_heads)
+            m.add(o + "attn.wq", (qd, dim), wq)
             m.add(o + "attn.wk", (kd, dim), qk(getter(st, f"{a}self_attn.k_proj.weight"), n_kv))
             m.add(o + "attn.wv", (kd, dim), getter(st, f"{a}self_attn.v_proj.weight"))
         if at.flags & ATTN_QKV_BIAS:
@@ -885,6 +1046,14 @@ def convert_llama_like(cfg, st, family):
     if not tied:
         m.add("output", (vocab, dim), getter(st, head))
     return m
+
+
+def query_and_gate(st, name, heads, head_dim, dim):
+    """Qwen3-Next's q_proj [heads][query | gate][dim] split into the queries and the gates, [heads * head_dim][dim]
+    each."""
+    g = checked(st, name, (heads * 2 * head_dim, dim))
+    half = lambda lo: lambda: g().reshape(heads, 2 * head_dim, dim)[:, lo:lo + head_dim].reshape(-1, dim)  # noqa: E731
+    return half(0), half(head_dim)
 
 
 def deepseek_model(cfg, family, tied):
@@ -1017,14 +1186,22 @@ def ffn_of(cfg, st, family, i, a):
     dense_width = cfg.get("intermediate_size_mlp") if family == "llama4_text" else cfg.get("intermediate_size")
     dense = lambda: Dense(config_int({"intermediate_size": dense_width}, "intermediate_size"), act,  # noqa: E731
                           flags=FFN_BIAS if cfg.get("mlp_bias") else 0)
-    if family == "qwen3_moe":
+    if family == "granitemoehybrid":  # the shared MLP alone (dense), or beside the experts
+        shared = config_int(cfg, "shared_intermediate_size")
+        if config_int(cfg, "num_local_experts", 0, 0) == 0:
+            return Dense(shared, act)
+        return MoE(config_int(cfg, "num_local_experts"), config_int(cfg, "num_experts_per_tok"),
+                   config_int(cfg, "intermediate_size"), act, ROUTER_TOPK_SOFTMAX, shared_hidden=shared)
+    if family in ("qwen3_moe", "qwen3_next"):
         sparse = i not in (cfg.get("mlp_only_layers") or []) and config_int(cfg, "num_experts", 0, 0) > 0 and \
             (i + 1) % config_int(cfg, "decoder_sparse_step", 1) == 0
         if not sparse:
             return dense()
+        shared = config_int(cfg, "shared_expert_intermediate_size") if family == "qwen3_next" else 0  # gated
         return MoE(config_int(cfg, "num_experts"), config_int(cfg, "num_experts_per_tok"),
-                   config_int(cfg, "moe_intermediate_size"), act, ROUTER_SOFTMAX,
-                   flags=MOE_NORM_TOPK if cfg.get("norm_topk_prob", False) else 0)
+                   config_int(cfg, "moe_intermediate_size"), act, ROUTER_SOFTMAX, shared_hidden=shared,
+                   flags=(MOE_NORM_TOPK if cfg.get("norm_topk_prob", family == "qwen3_next") else 0) |
+                   (MOE_SHARED_GATE if shared else 0))
     if family == "gpt_oss":
         return MoE(config_int(cfg, ("num_local_experts", "num_experts")), config_int(cfg, "num_experts_per_tok"),
                    config_int(cfg, "intermediate_size"), ACT_SWIGLU_CLAMPED, ROUTER_TOPK_SOFTMAX,
@@ -1048,6 +1225,9 @@ def add_ffn(m, st, ffn, a, o, dim):
     hidden = ffn.hidden
     if isinstance(ffn, Dense):
         mlp = a + ("feed_forward." if f"{a}feed_forward.gate_proj.weight" in st else "mlp.")
+        if f"{a}shared_mlp.input_linear.weight" in st:  # Granite: gate | up stacked in input_linear
+            granite_shared_mlp(m, st, a, o + "ffn.", hidden, dim)
+            return
         if f"{mlp}gate_up_proj.weight" in st:  # Phi-3: gate and up stacked
             m.add(o + "ffn.w_gate", (hidden, dim), rows(st, mlp + "gate_up_proj.weight", 0, hidden))
             m.add(o + "ffn.w_up", (hidden, dim), rows(st, mlp + "gate_up_proj.weight", hidden, 2 * hidden))
@@ -1072,11 +1252,23 @@ def add_ffn(m, st, ffn, a, o, dim):
     if ffn.flags & MOE_EXPERT_BIAS:
         for name, shape in (("b_gate", (E, hidden)), ("b_up", (E, hidden)), ("b_down", (E, dim))):
             m.add(o + "moe." + name, shape, experts.producer(name))
-    if ffn.flags & MOE_SHARED:
+    if ffn.flags & MOE_SHARED and f"{a}shared_mlp.input_linear.weight" in st:
+        granite_shared_mlp(m, st, a, o + "moe.shared.", ffn.shared_hidden, dim)
+    elif ffn.flags & MOE_SHARED:
         sh, s = ffn.shared_hidden, experts.shared
         m.add(o + "moe.shared.w_gate", (sh, dim), getter(st, s + "gate_proj.weight"))
         m.add(o + "moe.shared.w_up", (sh, dim), getter(st, s + "up_proj.weight"))
         m.add(o + "moe.shared.w_down", (dim, sh), getter(st, s + "down_proj.weight"))
+    if ffn.flags & MOE_SHARED_GATE:  # Qwen3-Next: sigmoid(g . x) scales the shared expert
+        m.add(o + "moe.shared_gate", (dim,), reshaped(st, experts.mlp + "shared_expert_gate.weight", (1, dim), (dim,)))
+
+
+def granite_shared_mlp(m, st, a, o, hidden, dim):
+    """Granite's shared MLP: input_linear [2 hidden][dim] holds gate | up, output_linear is down."""
+    gate, up = row_blocks(st, a + "shared_mlp.input_linear.weight", (2 * hidden, dim), (0, hidden, 2 * hidden))
+    m.add(o + "w_gate", (hidden, dim), gate)
+    m.add(o + "w_up", (hidden, dim), up)
+    m.add(o + "w_down", (dim, hidden), getter(st, a + "shared_mlp.output_linear.weight"))
 
 
 FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
@@ -1098,20 +1290,23 @@ class ExpertSource:
       per expert      experts.{e}.gate_proj / up_proj / down_proj (Qwen3-MoE, Mixtral-style)
       fused, halves   experts.gate_up_proj [E][dim][2 hidden]: gate | up (Llama 4)
       interleaved     experts.gate_up_proj [E][dim][2 hidden]: gate, up alternating (gpt-oss), + biases
-      MXFP4           experts.gate_up_proj_blocks / _scales, rows interleaved (gpt-oss as released)"""
+      MXFP4           experts.gate_up_proj_blocks / _scales, rows interleaved (gpt-oss as released)
+      parallel        block_sparse_moe.input_linear [E][2 hidden][dim]: gate | up, output_linear (Granite)"""
 
     def __init__(self, st, a, E, hidden, dim):
         self.st, self.E, self.hidden, self.dim = st, E, hidden, dim
         for mlp in (a + "mlp.", a + "feed_forward.", a + "block_sparse_moe."):
             if any(n in st for n in (mlp + "experts.gate_up_proj", mlp + "experts.gate_up_proj_blocks",
-                                     mlp + "experts.0.gate_proj.weight", mlp + "experts.0.w1.weight")):
+                                     mlp + "experts.0.gate_proj.weight", mlp + "experts.0.w1.weight",
+                                     mlp + "input_linear.weight")):
                 break
         else:
             raise ExportError(f"missing tensor '{a}mlp.experts.*' (the experts of a mixture-of-experts layer)")
         self.mlp = mlp
         self.shared = mlp + ("shared_experts." if mlp + "shared_experts.gate_proj.weight" in st else "shared_expert.")  # DeepSeek
         self.score_bias = mlp + "gate.e_score_correction_bias"  # DeepSeek-V3: added to the scores for choosing only
-        self.router = next((mlp + n for n in ("router.weight", "gate.weight") if mlp + n in st), mlp + "router.weight")
+        self.router = next((mlp + n for n in ("router.weight", "gate.weight", "router.layer.weight") if mlp + n in st),
+                           mlp + "router.weight")
         self.router_bias = mlp + "router.bias"
         self.interleaved = mlp + "experts.gate_up_proj_bias" in st or mlp + "experts.gate_up_proj_blocks" in st
 
@@ -1121,6 +1316,11 @@ class ExpertSource:
 
     def get(self, name):
         st, mlp, H = self.st, self.mlp + "experts.", self.hidden
+        if self.mlp + "input_linear.weight" in st:  # Granite: already [out][in]
+            if name == "w_down":
+                return st.get(self.mlp + "output_linear.weight")
+            gate_up = st.get(self.mlp + "input_linear.weight")
+            return gate_up[:, :H] if name == "w_gate" else gate_up[:, H:]
         if mlp + "0.gate_proj.weight" in st or mlp + "0.w1.weight" in st:  # one tensor per expert
             mixtral = mlp + "0.w1.weight" in st
             part = {"w_gate": "w1" if mixtral else "gate_proj", "w_up": "w3" if mixtral else "up_proj",
@@ -1200,6 +1400,250 @@ def convert_gpt2(cfg, st, family):
     return m
 
 
+# ----------------------------------------------------------------------------
+# recurrent families: a state of fixed size per layer instead of a KV cache (recurrent.h)
+
+
+def checked(st, name, shape):
+    """A producer of checkpoint tensor `name`, after checking that it has `shape` (for the tensors a converter
+    cuts or reshapes, which check_shapes cannot compare)."""
+    g = getter(st, name)
+    if tuple(st.shape(name)) != tuple(shape):
+        raise ExportError(f"tensor '{name}' has shape {st.shape(name)}, config implies {list(shape)}")
+    return g
+
+
+def row_blocks(st, name, shape, bounds):
+    """Producers of rows [b_i, b_i+1) of a fused projection (its shape checked first)."""
+    g = checked(st, name, shape)
+    return [(lambda lo=lo, hi=hi: g()[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def reshaped(st, name, shape, new_shape):
+    """A checkpoint tensor of `shape` as `new_shape` (conv1d weights [C][1][K] -> [C][K])."""
+    g = checked(st, name, shape)
+    return lambda: g().reshape(new_shape)
+
+
+def unbounded_context(cfg):
+    """A model without attention has no positions: its context is what the format allows, unless the config
+    names one."""
+    return config_int(cfg, ("max_position_embeddings", "context_length"), LIMITS["context_length"])
+
+
+def add_embeddings(st, m, embeddings, head="lm_head.weight"):
+    """The embeddings, and the classifier unless tied (tie_word_embeddings, else: tied when there is no head)."""
+    m.add("tok_embeddings", (m.vocab_size, m.dim), getter(st, embeddings))
+    if not m.tied:
+        m.add("output", (m.vocab_size, m.dim), getter(st, head))
+
+
+def mamba_record(cfg, dim):
+    """Mamba's record from a MambaConfig."""
+    inner = config_int(cfg, "intermediate_size", dim * config_int(cfg, "expand", 2))
+    rank = math.ceil(dim / 16) if cfg.get("time_step_rank", "auto") == "auto" else config_int(cfg, "time_step_rank")
+    flags = (SSM_CONV_BIAS if cfg.get("use_conv_bias", True) else 0) | (SSM_PROJ_BIAS if cfg.get("use_bias") else 0)
+    return Mamba(inner, config_int(cfg, "state_size", 16), config_int(cfg, "conv_kernel", 4), rank, flags)
+
+
+def add_mamba(m, st, mixer, a, o, dim):
+    """Mamba's tensors from mixer prefix a: in_proj [2 inner][dim] holds x | z, x_proj [R + 2N][inner] holds
+    dt_low | B | C, conv1d [inner][1][K]."""
+    inner, N, K, R = mixer.inner, mixer.state, mixer.conv, mixer.dt_rank
+    w_x, w_z = row_blocks(st, a + "in_proj.weight", (2 * inner, dim), (0, inner, 2 * inner))
+    m.add(o + "mamba.w_x", (inner, dim), w_x)
+    m.add(o + "mamba.w_z", (inner, dim), w_z)
+    if mixer.flags & SSM_PROJ_BIAS:
+        b_x, b_z = row_blocks(st, a + "in_proj.bias", (2 * inner,), (0, inner, 2 * inner))
+        m.add(o + "mamba.b_x", (inner,), b_x)
+        m.add(o + "mamba.b_z", (inner,), b_z)
+        m.add(o + "mamba.b_out", (dim,), getter(st, a + "out_proj.bias"))
+    m.add(o + "mamba.conv", (inner, K), reshaped(st, a + "conv1d.weight", (inner, 1, K), (inner, K)))
+    if mixer.flags & SSM_CONV_BIAS:
+        m.add(o + "mamba.conv_bias", (inner,), getter(st, a + "conv1d.bias"))
+    w_dt_low, w_b, w_c = row_blocks(st, a + "x_proj.weight", (R + 2 * N, inner), (0, R, R + N, R + 2 * N))
+    m.add(o + "mamba.w_dt_low", (R, inner), w_dt_low)
+    m.add(o + "mamba.w_b", (N, inner), w_b)
+    m.add(o + "mamba.w_c", (N, inner), w_c)
+    m.add(o + "mamba.w_dt", (inner, R), getter(st, a + "dt_proj.weight"))
+    m.add(o + "mamba.dt_bias", (inner,), getter(st, a + "dt_proj.bias"))
+    m.add(o + "mamba.a_log", (inner, N), getter(st, a + "A_log"))
+    m.add(o + "mamba.d", (inner,), getter(st, a + "D"))
+    m.add(o + "mamba.w_out", (dim, inner), getter(st, a + "out_proj.weight"))
+
+
+def dt_limits(cfg):
+    """Mamba-2's time_step_limit: (min, max), max possibly infinite (JSON's Infinity)."""
+    limit = cfg.get("time_step_limit", (0.0, math.inf))
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2 or not all(isinstance(v, (int, float)) for v in limit) \
+            or not 0 <= limit[0] < limit[1] or math.isnan(limit[1]):
+        raise ExportError(f"config.json: time_step_limit {limit!r} is not [min, max] with 0 <= min < max")
+    return float(limit[0]), float(limit[1])
+
+
+def mamba2_record(cfg, dim, prefix=""):
+    """Mamba-2's record from a Mamba2Config (prefix "") or from Granite-4.0-H's mamba_* keys (prefix "mamba_")."""
+    key = (lambda name: name) if not prefix else \
+        (lambda name: {"num_heads": "mamba_n_heads", "head_dim": "mamba_d_head", "n_groups": "mamba_n_groups",
+                       "state_size": "mamba_d_state", "conv_kernel": "mamba_d_conv", "chunk_size": "mamba_chunk_size",
+                       "use_conv_bias": "mamba_conv_bias", "use_bias": "mamba_proj_bias", "expand": "mamba_expand"}[name])
+    inner = dim * config_int(cfg, key("expand"), 2)
+    heads = config_int(cfg, key("num_heads"))
+    head_dim = inner // heads if cfg.get(key("head_dim"), "auto") == "auto" else config_int(cfg, key("head_dim"))
+    if heads * head_dim != inner:
+        raise ExportError(f"config.json: {heads} mamba heads of {head_dim} do not make the inner width {inner}")
+    flags = (SSM_CONV_BIAS if cfg.get(key("use_conv_bias"), True) else 0) | (SSM_PROJ_BIAS if cfg.get(key("use_bias")) else 0)
+    lo, hi = dt_limits(cfg) if not prefix else (0.0, math.inf)  # Granite's layer fixes (0, inf)
+    return Mamba2(heads, head_dim, config_int(cfg, key("n_groups"), 1), config_int(cfg, key("state_size"), 128),
+                  config_int(cfg, key("conv_kernel"), 4), config_int(cfg, key("chunk_size"), 256), lo, hi, flags)
+
+
+def add_mamba2(m, st, mixer, a, o, dim):
+    """Mamba-2's tensors from mixer prefix a: in_proj [inner + conv_dim + heads][dim] holds z | x B C | dt."""
+    d = mixer.dims()
+    inner, cd, H, K = d["INNER"], d["CONV_DIM"], d["SSM_HEADS"], mixer.conv
+    bounds = (0, inner, inner + cd, inner + cd + H)
+    for name, shape, producer in zip(("w_z", "w_xbc", "w_dt"), ((inner, dim), (cd, dim), (H, dim)),
+                                     row_blocks(st, a + "in_proj.weight", (inner + cd + H, dim), bounds)):
+        m.add(o + "mamba2." + name, shape, producer)
+    if mixer.flags & SSM_PROJ_BIAS:
+        for name, n, producer in zip(("b_z", "b_xbc", "b_dt"), (inner, cd, H),
+                                     row_blocks(st, a + "in_proj.bias", (inner + cd + H,), bounds)):
+            m.add(o + "mamba2." + name, (n,), producer)
+        m.add(o + "mamba2.b_out", (dim,), getter(st, a + "out_proj.bias"))
+    m.add(o + "mamba2.conv", (cd, K), reshaped(st, a + "conv1d.weight", (cd, 1, K), (cd, K)))
+    if mixer.flags & SSM_CONV_BIAS:
+        m.add(o + "mamba2.conv_bias", (cd,), getter(st, a + "conv1d.bias"))
+    for name, source in (("dt_bias", "dt_bias"), ("a_log", "A_log"), ("d", "D")):
+        m.add(o + "mamba2." + name, (H,), getter(st, a + source))
+    m.add(o + "mamba2.norm", (inner,), getter(st, a + "norm.weight"))
+    m.add(o + "mamba2.w_out", (dim, inner), getter(st, a + "out_proj.weight"))
+
+
+def deltanet_record(cfg):
+    """Qwen3-Next's Gated DeltaNet record; the chunk is the reference's (torch_chunk_gated_delta_rule: 64)."""
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ExportError(f"config.json: hidden_act '{cfg.get('hidden_act')}' is not supported by qwen3_next (silu)")
+    return DeltaNet(config_int(cfg, "linear_num_key_heads"), config_int(cfg, "linear_num_value_heads"),
+                    config_int(cfg, "linear_key_head_dim"), config_int(cfg, "linear_value_head_dim"),
+                    config_int(cfg, "linear_conv_kernel_dim", 4), 64)
+
+
+def add_deltanet(m, st, mixer, a, o, dim):
+    """Gated DeltaNet's tensors from mixer prefix a. in_proj_qkvz keeps, per key head, [q, k, the v of its value
+    heads, their z]; in_proj_ba per key head [b of its value heads, a of its value heads]: regrouped into
+    q | k | v (the convolution's channels, heads in order), z, beta's b and the decay's a."""
+    Hk, Hv, dk, dv, K = mixer.n_k_heads, mixer.n_v_heads, mixer.k_head_dim, mixer.v_head_dim, mixer.conv
+    r = Hv // Hk
+    qkvz = checked(st, a + "in_proj_qkvz.weight", (Hk * (2 * dk + 2 * r * dv), dim))
+    ba = checked(st, a + "in_proj_ba.weight", (Hk * 2 * r, dim))
+    part = lambda g, width, lo, hi: lambda: g().reshape(Hk, width, dim)[:, lo:hi].reshape(-1, dim)  # noqa: E731
+    q, k, v, z = (part(qkvz, 2 * dk + 2 * r * dv, lo, hi) for lo, hi in
+                  ((0, dk), (dk, 2 * dk), (2 * dk, 2 * dk + r * dv), (2 * dk + r * dv, 2 * dk + 2 * r * dv)))
+    cd = 2 * Hk * dk + Hv * dv
+    m.add(o + "deltanet.w_qkv", (cd, dim), lambda: np.concatenate([q(), k(), v()]))
+    m.add(o + "deltanet.w_z", (Hv * dv, dim), z)
+    m.add(o + "deltanet.w_beta", (Hv, dim), part(ba, 2 * r, 0, r))
+    m.add(o + "deltanet.w_decay", (Hv, dim), part(ba, 2 * r, r, 2 * r))
+    m.add(o + "deltanet.conv", (cd, K), reshaped(st, a + "conv1d.weight", (cd, 1, K), (cd, K)))
+    if mixer.flags & SSM_CONV_BIAS:
+        m.add(o + "deltanet.conv_bias", (cd,), getter(st, a + "conv1d.bias"))
+    m.add(o + "deltanet.dt_bias", (Hv,), getter(st, a + "dt_bias"))
+    m.add(o + "deltanet.a_log", (Hv,), getter(st, a + "A_log"))
+    m.add(o + "deltanet.norm", (dv,), getter(st, a + "norm.weight"))
+    m.add(o + "deltanet.w_out", (dim, Hv * dv), getter(st, a + "out_proj.weight"))
+
+
+def recurrent_mixer(cfg, family, dim):
+    """The record of a hybrid's recurrent layer: Granite-4.0-H's Mamba-2, Qwen3-Next's Gated DeltaNet."""
+    if family == "granitemoehybrid":
+        return mamba2_record(cfg, dim, "mamba_")
+    if family == "qwen3_next":
+        return deltanet_record(cfg)
+    raise ExportError(f"config.json: {family} has no recurrent layers this exporter knows")
+
+
+def add_recurrent(m, st, mixer, a, o, dim):
+    """A hybrid's recurrent layer's tensors, from its layer prefix a."""
+    if isinstance(mixer, Mamba2):
+        add_mamba2(m, st, mixer, a + "mamba.", o, dim)
+    else:
+        add_deltanet(m, st, mixer, a + "linear_attn.", o, dim)
+
+
+def convert_mamba(cfg, st, family):
+    """Mamba (state-spaces/mamba-130m-hf ... 2.8b-hf) and Mamba-2 (mistralai/Mamba-Codestral-7B-v0.1): each layer
+    is RMSNorm -> mixer, no FFN, no positions."""
+    dim, n_layers, vocab = require(cfg, "hidden_size", "num_hidden_layers", "vocab_size")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ExportError(f"config.json: hidden_act '{cfg.get('hidden_act')}' is not supported by {family} (silu)")
+    if family == "mamba2" and not cfg.get("rms_norm", True):
+        raise ExportError("config.json: rms_norm false (Mamba-2 without its gated norm) is not supported")
+    p = "backbone." if "backbone.norm_f.weight" in st else ""
+    embeddings = p + ("embeddings.weight" if p + "embeddings.weight" in st else "embedding.weight")
+    tied = cfg.get("tie_word_embeddings", "lm_head.weight" not in st)
+    m = Model(family, dim, vocab, unbounded_context(cfg), norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5),
+              tied=tied)
+    mixer, add = (mamba_record(cfg, dim), add_mamba) if family == "mamba" else (mamba2_record(cfg, dim), add_mamba2)
+    m.layers = [Layer(mixer, None, LAYER_MIXER_NORM) for _ in range(n_layers)]
+    add_embeddings(st, m, embeddings)
+    for i in range(n_layers):
+        m.add(f"layers.{i}.mixer_norm", (dim,), getter(st, f"{p}layers.{i}.norm.weight"))
+        add(m, st, mixer, f"{p}layers.{i}.mixer.", f"layers.{i}.", dim)
+    m.add("final_norm", (dim,), getter(st, p + "norm_f.weight"))
+    return m
+
+
+def layernorm_rows(x, w, b, eps):
+    """LayerNorm of each row of x, in float64, rounded to float32 once."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((x - mean) / np.sqrt(var + eps) * np.asarray(w, np.float64) + np.asarray(b, np.float64)).astype(np.float32)
+
+
+def convert_rwkv(cfg, st, family):
+    """RWKV-4 (RWKV/rwkv-4-169m-pile ... rwkv-4-14b-pile, rwkv-raven): LayerNorm with bias, each block a time mix
+    and a channel mix. Block 0's extra LayerNorm of the embeddings (ln0) depends on the token alone: it is
+    applied to the embedding table here. transformers' inference rescaling (weights / 2^(i // rescale_every),
+    hidden / 2 every rescale_every blocks: an fp16 overflow guard) is left out: LayerNorm does not see the
+    scale, only its epsilon does (a difference far below the logits' rounding in f32)."""
+    dim, n_layers, vocab = require(cfg, "hidden_size", "num_hidden_layers", "vocab_size")
+    inner = config_int(cfg, "attention_hidden_size", dim)
+    hidden = config_int(cfg, "intermediate_size", 4 * dim)
+    eps = config_float(cfg, "layer_norm_epsilon", 1e-5)
+    p = "rwkv." if "rwkv.embeddings.weight" in st else ""
+    tied = cfg.get("tie_word_embeddings", "head.weight" not in st)
+    m = Model(family, dim, vocab, unbounded_context(cfg), norm_kind=NORM_LAYER, norm_eps=eps, tied=tied)
+    m.layers = [Layer(Rwkv(inner), RwkvChannelMix(hidden)) for _ in range(n_layers)]
+    emb, ln0 = getter(st, p + "embeddings.weight"), p + "blocks.0.pre_ln."
+    m.add("tok_embeddings", (vocab, dim), lambda: layernorm_rows(emb(), st.get(ln0 + "weight"), st.get(ln0 + "bias"), eps))
+    if not tied:
+        m.add("output", (vocab, dim), getter(st, "head.weight"))
+    for i in range(n_layers):
+        a, o = f"{p}blocks.{i}.", f"layers.{i}."
+        for norm, ln in (("mixer_norm", "ln1"), ("ffn_norm", "ln2")):
+            m.add(o + norm, (dim,), getter(st, a + ln + ".weight"))
+            m.add(o + norm + "_bias", (dim,), getter(st, a + ln + ".bias"))
+        t = a + "attention."
+        for mix in ("k", "v", "r"):
+            name = {"k": "key", "v": "value", "r": "receptance"}[mix]
+            m.add(o + "rwkv.mix_" + mix, (dim,), reshaped(st, t + "time_mix_" + name, (1, 1, dim), (dim,)))
+            m.add(o + "rwkv.w_" + mix, (inner, dim), getter(st, t + name + ".weight"))
+        m.add(o + "rwkv.decay", (inner,), getter(st, t + "time_decay"))
+        m.add(o + "rwkv.first", (inner,), getter(st, t + "time_first"))
+        m.add(o + "rwkv.w_out", (dim, inner), getter(st, t + "output.weight"))
+        f = a + "feed_forward."
+        m.add(o + "rwkv_ffn.mix_k", (dim,), reshaped(st, f + "time_mix_key", (1, 1, dim), (dim,)))
+        m.add(o + "rwkv_ffn.mix_r", (dim,), reshaped(st, f + "time_mix_receptance", (1, 1, dim), (dim,)))
+        m.add(o + "rwkv_ffn.w_k", (hidden, dim), getter(st, f + "key.weight"))
+        m.add(o + "rwkv_ffn.w_r", (dim, dim), getter(st, f + "receptance.weight"))
+        m.add(o + "rwkv_ffn.w_v", (dim, hidden), getter(st, f + "value.weight"))
+    m.add("final_norm", (dim,), getter(st, p + "ln_out.weight"))
+    m.add("final_norm_bias", (dim,), getter(st, p + "ln_out.bias"))
+    return m
+
+
 def activation_of(name):
     acts = {"silu": ACT_SILU, "swish": ACT_SILU, "gelu_new": ACT_GELU_TANH, "gelu_pytorch_tanh": ACT_GELU_TANH,
             "gelu_fast": ACT_GELU_TANH, "gelu": ACT_GELU}
@@ -1263,11 +1707,16 @@ FAMILIES = {
     "exaone4": convert_llama_like,
     "gpt_oss": convert_llama_like,
     "llama4_text": convert_llama_like,
+    "granitemoehybrid": convert_llama_like,
+    "qwen3_next": convert_llama_like,
     "gpt2": convert_gpt2,
     "gpt_bigcode": convert_gpt2,
     "deepseek_v2": convert_deepseek,
     "deepseek_v3": convert_deepseek,
     "kimi_k2": convert_deepseek,  # DeepSeek-V3's architecture under its own name
+    "mamba": convert_mamba,
+    "mamba2": convert_mamba,
+    "rwkv": convert_rwkv,
 }
 
 
@@ -2041,15 +2490,18 @@ def encode_tensor(arr, dtype):
 
 # The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
 LIMITS = dict(dim=1 << 16, hidden_dim=1 << 20, vocab_size=1 << 22, context_length=1 << 24, layers=4096, heads=1024,
-              head_dim=1024, experts=4096, latent_rank=4096)
+              head_dim=1024, experts=4096, latent_rank=4096, state=1024, conv=64, chunk=1024, state_floats=1 << 26)
+
+
+def whole_number(v, what, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ExportError(f"{what} is {v!r} (the format allows {lo} .. {hi})")
 
 
 def check_model(m):
     """Fail before writing if the model description breaks a rule of the format (docs/FORMAT.md), or if its
     tensors are not exactly those the tensor table asks for."""
-    def whole(v, what, lo, hi):
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ExportError(f"{what} is {v!r} (the format allows {lo} .. {hi})")
+    whole = whole_number
 
     for f in ("dim", "vocab_size", "context_length"):
         whole(getattr(m, f), f, 1, LIMITS[f])
@@ -2061,28 +2513,22 @@ def check_model(m):
                           f"final softcap {m.final_softcap} is not valid")
     for i, L in enumerate(m.layers):
         a = L.attn
-        whole(a.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
-        if isinstance(a, LatentAttention):
-            whole(a.q_rank, f"layer {i}: q_lora_rank", 0, LIMITS["hidden_dim"])
-            whole(a.kv_rank, f"layer {i}: kv_lora_rank", 1, LIMITS["latent_rank"])
-            whole(a.nope_dim, f"layer {i}: qk_nope_head_dim", 1, LIMITS["head_dim"])
-            whole(a.v_dim, f"layer {i}: v_head_dim", 1, LIMITS["head_dim"])
-            whole(a.rope_dim, f"layer {i}: rotary dimensions", 0, LIMITS["head_dim"])
-            softcap = 0.0
+        if not isinstance(a, Attention):
+            a.check(f"layer {i}")
         else:
+            whole(a.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
             whole(a.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
             whole(a.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
             whole(a.chunk, f"layer {i}: attention chunk", 0, LIMITS["context_length"])
             whole(a.rope_dim, f"layer {i}: rotary dimensions", 0, a.head_dim)
-            softcap = a.attn_softcap
-        if a.rope_dim % 2:
-            raise ExportError(f"layer {i}: {a.rope_dim} rotary dimensions is odd")
-        if m.position_kind == POS_ROPE and a.rope_dim and a.rope_table < 0 and not a.rope_theta > 1.0:
-            raise ExportError(f"layer {i}: rope_theta {a.rope_theta} is not valid")
-        if not (math.isfinite(a.attn_scale) and a.attn_scale > 0 and math.isfinite(softcap) and softcap >= 0
-                and math.isfinite(a.rope_attn_factor) and a.rope_attn_factor > 0):
-            raise ExportError(f"layer {i}: attention scale {a.attn_scale} / softcap {softcap} / rope factor "
-                              f"{a.rope_attn_factor} is not valid")
+            if a.rope_dim % 2:
+                raise ExportError(f"layer {i}: {a.rope_dim} rotary dimensions is odd (head_dim {a.head_dim})")
+            if m.position_kind == POS_ROPE and a.rope_dim and a.rope_table < 0 and not a.rope_theta > 1.0:
+                raise ExportError(f"layer {i}: rope_theta {a.rope_theta} is not valid")
+            if not (math.isfinite(a.attn_scale) and a.attn_scale > 0 and math.isfinite(a.attn_softcap) and a.attn_softcap >= 0
+                    and math.isfinite(a.rope_attn_factor) and a.rope_attn_factor > 0):
+                raise ExportError(f"layer {i}: attention scale {a.attn_scale} / softcap {a.attn_softcap} / rope factor "
+                                  f"{a.rope_attn_factor} is not valid")
         if L.ffn is not None:
             whole(L.ffn.hidden, f"layer {i}: FFN width", 1, LIMITS["hidden_dim"])
         if isinstance(L.ffn, MoE):

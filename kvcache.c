@@ -1,5 +1,5 @@
 /* kvcache.c - paged blocks for full-attention layers, rolling buffers for sliding-window layers,
- * summaries for fixed block-sparse layers. */
+ * summaries for fixed block-sparse layers, fixed states for recurrent layers. */
 #include "kvcache.h"
 
 #include <stdlib.h>
@@ -136,9 +136,53 @@ size_t kvcache_bytes_held(const KVCache *c) {
     return total;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * recurrent state: one block of window, state and ffn floats */
+
+size_t statelayer_bytes_of(StateShape shape) { return (shape.window + shape.state + shape.ffn) * sizeof(float); }
+
+int statelayer_init(StateLayer *l, StateShape shape) {
+    memset(l, 0, sizeof *l);
+    size_t bytes = statelayer_bytes_of(shape);
+    if (bytes == 0) return 0;
+    float *all = calloc(1, bytes);
+    if (!all) return -1;
+    l->shape = shape;
+    l->window = all;
+    l->state = all + shape.window;
+    l->ffn = l->state + shape.state;
+    return 0;
+}
+
+void statelayer_free(StateLayer *l) {
+    free(l->window);
+    memset(l, 0, sizeof *l);
+}
+
+void statelayer_reset(StateLayer *l) {
+    if (l->window) memset(l->window, 0, statelayer_bytes(l));
+}
+
+void statelayer_copy(StateLayer *dst, const StateLayer *src) {
+    if (src->window) memcpy(dst->window, src->window, statelayer_bytes(src));
+}
+
+size_t statelayer_bytes(const StateLayer *l) { return statelayer_bytes_of(l->shape); }
+
+size_t kvcache_state_bytes(const KVCache *c) {
+    size_t total = 0;
+    for (int i = 0; c->states && i < c->n_layers; i++) total += statelayer_bytes(&c->states[i]);
+    return total;
+}
+
 void kvcache_free(KVCache *c) {
-    for (int i = 0; i < c->n_layers; i++) kvlayer_free(&c->layers[i]);
+    for (int i = 0; i < c->n_layers; i++) {
+        if (c->layers) kvlayer_free(&c->layers[i]);
+        if (c->states) statelayer_free(&c->states[i]);
+    }
     free(c->layers);
+    free(c->states);
     c->layers = NULL;
+    c->states = NULL;
     c->n_layers = 0;
 }

@@ -7,7 +7,13 @@
  * overwriting the position W back, and the memory stops growing once the window is full.
  * Layers with the fixed block-sparse pattern keep SUMMARIES: only the last position of each block of B
  * outlives its block, so they hold the current block in a ring of B - 1 slots plus one row per block.
- * A row holds one position's keys (or values) for all kv heads of that layer: n_kv_heads * head_dim. */
+ * A row holds one position's keys (or values) for all kv heads of that layer: n_kv_heads * head_dim.
+ *
+ * Recurrent layers (Mamba, Mamba-2, Gated DeltaNet, RWKV) keep no keys at all but a STATE of fixed size,
+ * the same after ten tokens as after a million: the last few inputs of their causal convolution (the
+ * window; RWKV: the previous token), the recurrent state proper (SSM, delta-rule or WKV state), and for
+ * RWKV's channel mix the previous token once more. One StateLayer per layer, one allocation each, so that
+ * a sequence's state can be copied whole (a fork). */
 #ifndef ATTN_KVCACHE_H
 #define ATTN_KVCACHE_H
 
@@ -26,9 +32,22 @@ typedef struct {
     int n_positions;/* positions stored so far: 0 .. n_positions-1 have been written */
 } KVLayer;
 
+/* Floats of each part of a recurrent layer's state */
+typedef struct {
+    size_t window, state, ffn;
+} StateShape;
+
+typedef struct {
+    StateShape shape;
+    float *window; /* [shape.window]: the causal convolution's last inputs (oldest first); RWKV: previous token */
+    float *state;  /* [shape.state]: the recurrent state */
+    float *ffn;    /* [shape.ffn]: RWKV's channel mix: the previous token */
+} StateLayer;
+
 typedef struct {
     int n_layers;
     KVLayer *layers;
+    StateLayer *states; /* per layer; all NULL and zero for an attention layer */
 } KVCache;
 
 void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks);
@@ -58,7 +77,21 @@ size_t kvlayer_bytes_held(const KVLayer *l);
 /* Bytes it will hold once positions 0 .. n_positions-1 have been stored (what --info reports). */
 size_t kvlayer_bytes_for(const KVLayer *l, long n_positions);
 
+/* A state of the given shape, all zeros (a recurrent layer before its first token). Returns 0, or -1 when
+ * out of memory. */
+int statelayer_init(StateLayer *l, StateShape shape);
+void statelayer_free(StateLayer *l);
+/* Back to zeros: a new sequence */
+void statelayer_reset(StateLayer *l);
+/* dst (initialised with the same shape) takes src's state: a forked sequence goes on from where src is. */
+void statelayer_copy(StateLayer *dst, const StateLayer *src);
+/* Bytes of the state: the same whatever the number of tokens seen. */
+size_t statelayer_bytes(const StateLayer *l);
+size_t statelayer_bytes_of(StateShape shape);
+
 size_t kvcache_bytes_held(const KVCache *c);
+/* Bytes of the recurrent layers' states */
+size_t kvcache_state_bytes(const KVCache *c);
 void kvcache_free(KVCache *c);
 
 #endif

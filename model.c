@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "blocks.h"
+#include "recurrent.h"
 
 /* ---------------------------------------------------------------------------------------------
  * loading: read every field through a bounds-checked cursor, check it, and only then use it */
@@ -24,6 +25,11 @@
 #define LAYER_HEADER_SIZE 16     /* record_size, flags, mixer kind, mixer payload size */
 #define ATTENTION_RECORD_SIZE 56 /* payload sizes of each kind (docs/FORMAT.md) */
 #define LATENT_RECORD_SIZE 48
+#define MAMBA_RECORD_SIZE 20
+#define MAMBA2_RECORD_SIZE 36
+#define DELTANET_RECORD_SIZE 28
+#define RWKV_RECORD_SIZE 8
+#define RWKV_FFN_RECORD_SIZE 8
 #define DENSE_RECORD_SIZE 12
 #define MOE_RECORD_SIZE 48
 #define TENSOR_RECORD_SIZE 128
@@ -178,7 +184,8 @@ static int parse_attention(LoadContext *ctx, const Config *c, AttentionConfig *a
         return fail(ctx, "layer %d: attn_scale %g / attn_softcap %g is not valid", i, scale, softcap_);
     if (!(t_floor >= 0.0f) || !isfinite(t_floor) || !isfinite(t_scale))
         return fail(ctx, "layer %d: temperature floor %g / scale %g is not valid", i, t_floor, t_scale);
-    if (flags & ~(uint32_t)(ATTN_QK_NORM | ATTN_QKV_BIAS | ATTN_O_BIAS | ATTN_QK_NORM_FULL | ATTN_QK_NORM_PLAIN | ATTN_SINKS))
+    if (flags & ~(uint32_t)(ATTN_QK_NORM | ATTN_QKV_BIAS | ATTN_O_BIAS | ATTN_QK_NORM_FULL | ATTN_QK_NORM_PLAIN | ATTN_SINKS |
+                            ATTN_OUTPUT_GATE))
         return fail(ctx, "layer %d attention has unknown flags 0x%x", i, flags);
     unsigned norms = flags & (ATTN_QK_NORM | ATTN_QK_NORM_FULL | ATTN_QK_NORM_PLAIN);
     if (norms & (norms - 1)) return fail(ctx, "layer %d attention has more than one kind of q/k norm (flags 0x%x)", i, flags);
@@ -237,11 +244,100 @@ static int parse_latent_attention(LoadContext *ctx, const Config *c, LatentAtten
     return 0;
 }
 
-/* dense (gated or plain) and mixture-of-experts payloads */
+/* What every recurrent record must keep to: a state this build can hold, no flag beyond `known` */
+static int check_recurrent(LoadContext *ctx, int i, const char *kind, uint64_t state_floats, uint32_t flags, uint32_t known) {
+    if (state_floats > MAX_STATE_FLOATS)
+        return fail(ctx, "layer %d: a %s state of %llu floats is larger than this build allows (%u)", i, kind,
+                    (unsigned long long)state_floats, MAX_STATE_FLOATS);
+    if (flags & ~known) return fail(ctx, "layer %d %s has unknown flags 0x%x", i, kind, flags);
+    return 0;
+}
+
+/* Mamba: inner, state, conv, dt_rank, flags */
+static int parse_mamba(LoadContext *ctx, MambaConfig *a, const unsigned char *p, int i) {
+    Cursor cur = {p};
+    uint32_t inner = next_u32(&cur), state = next_u32(&cur), conv = next_u32(&cur), rank = next_u32(&cur);
+    uint32_t flags = next_u32(&cur);
+    char what[64];
+    if (CHECK("mamba inner", inner, 1, MAX_HIDDEN) || CHECK("mamba state", state, 1, MAX_STATE_SIZE) ||
+        CHECK("mamba conv", conv, 1, MAX_CONV_KERNEL) || CHECK("mamba dt_rank", rank, 1, MAX_HIDDEN))
+        return -1;
+    if (check_recurrent(ctx, i, "mamba", (uint64_t)inner * state, flags, SSM_CONV_BIAS | SSM_PROJ_BIAS)) return -1;
+    *a = (MambaConfig){(int)inner, (int)state, (int)conv, (int)rank, flags};
+    return 0;
+}
+
+/* Mamba-2: n_heads, head_dim, n_groups, state, conv, chunk, dt_min, dt_max, flags */
+static int parse_mamba2(LoadContext *ctx, Mamba2Config *a, const unsigned char *p, int i) {
+    Cursor cur = {p};
+    uint32_t heads = next_u32(&cur), head_dim = next_u32(&cur), groups = next_u32(&cur), state = next_u32(&cur);
+    uint32_t conv = next_u32(&cur), chunk = next_u32(&cur);
+    float dt_min = next_f32(&cur), dt_max = next_f32(&cur);
+    uint32_t flags = next_u32(&cur);
+    char what[64];
+    if (CHECK("mamba2 n_heads", heads, 1, MAX_HEADS) || CHECK("mamba2 head_dim", head_dim, 1, MAX_HEAD_DIM) ||
+        CHECK("mamba2 n_groups", groups, 1, heads) || CHECK("mamba2 state", state, 1, MAX_STATE_SIZE) ||
+        CHECK("mamba2 conv", conv, 1, MAX_CONV_KERNEL) || CHECK("mamba2 chunk", chunk, 1, MAX_SCAN_CHUNK))
+        return -1;
+    if (heads % groups) return fail(ctx, "layer %d: %u mamba2 heads do not split into %u groups", i, heads, groups);
+    if (!(dt_min >= 0.0f) || !(dt_max > dt_min)) /* dt_max may be infinite (no limit) */
+        return fail(ctx, "layer %d: mamba2 dt limits %g .. %g are not valid", i, dt_min, dt_max);
+    if (check_recurrent(ctx, i, "mamba2", (uint64_t)heads * head_dim * state, flags, SSM_CONV_BIAS | SSM_PROJ_BIAS)) return -1;
+    *a = (Mamba2Config){(int)heads, (int)head_dim, (int)groups, (int)state, (int)conv, (int)chunk, dt_min, dt_max, flags};
+    return 0;
+}
+
+/* Gated DeltaNet: n_k_heads, n_v_heads, k_head_dim, v_head_dim, conv, chunk, flags */
+static int parse_deltanet(LoadContext *ctx, DeltaNetConfig *a, const unsigned char *p, int i) {
+    Cursor cur = {p};
+    uint32_t k_heads = next_u32(&cur), v_heads = next_u32(&cur), k_dim = next_u32(&cur), v_dim = next_u32(&cur);
+    uint32_t conv = next_u32(&cur), chunk = next_u32(&cur), flags = next_u32(&cur);
+    char what[64];
+    if (CHECK("deltanet n_k_heads", k_heads, 1, MAX_HEADS) || CHECK("deltanet n_v_heads", v_heads, 1, MAX_HEADS) ||
+        CHECK("deltanet k_head_dim", k_dim, 1, MAX_HEAD_DIM) || CHECK("deltanet v_head_dim", v_dim, 1, MAX_HEAD_DIM) ||
+        CHECK("deltanet conv", conv, 1, MAX_CONV_KERNEL) || CHECK("deltanet chunk", chunk, 1, MAX_SCAN_CHUNK))
+        return -1;
+    if (v_heads % k_heads) return fail(ctx, "layer %d: %u value heads do not share %u key heads evenly", i, v_heads, k_heads);
+    if (check_recurrent(ctx, i, "gated_deltanet", (uint64_t)v_heads * k_dim * v_dim, flags, SSM_CONV_BIAS)) return -1;
+    *a = (DeltaNetConfig){(int)k_heads, (int)v_heads, (int)k_dim, (int)v_dim, (int)conv, (int)chunk, flags};
+    return 0;
+}
+
+/* RWKV time mixing: inner, flags */
+static int parse_rwkv(LoadContext *ctx, RwkvConfig *a, const unsigned char *p, int i) {
+    Cursor cur = {p};
+    uint32_t inner = next_u32(&cur), flags = next_u32(&cur);
+    char what[64];
+    if (CHECK("rwkv inner", inner, 1, MAX_HIDDEN) || check_recurrent(ctx, i, "rwkv", 3 * (uint64_t)inner, flags, 0)) return -1;
+    *a = (RwkvConfig){(int)inner, flags};
+    return 0;
+}
+
+/* The mixer's payload, by kind */
+static int parse_mixer(LoadContext *ctx, const Config *c, LayerConfig *l, const unsigned char *p, int i) {
+    switch (l->mixer) {
+    case MIXER_ATTENTION: return parse_attention(ctx, c, &l->attn, p, i);
+    case MIXER_LATENT_ATTENTION: return parse_latent_attention(ctx, c, &l->mla, p, i);
+    case MIXER_MAMBA: return parse_mamba(ctx, &l->mamba, p, i);
+    case MIXER_MAMBA2: return parse_mamba2(ctx, &l->mamba2, p, i);
+    case MIXER_GATED_DELTANET: return parse_deltanet(ctx, &l->deltanet, p, i);
+    case MIXER_RWKV: return parse_rwkv(ctx, &l->rwkv, p, i);
+    default: return fail(ctx, "layer %d: mixer kind %d cannot be read", i, l->mixer);
+    }
+}
+
+/* dense (gated or plain), mixture-of-experts and RWKV channel-mix payloads */
 static int parse_ffn(LoadContext *ctx, FfnConfig *f, int kind, const unsigned char *p, int i) {
     Cursor cur = {p};
     char what[64];
     memset(f, 0, sizeof *f);
+    if (kind == FFN_RWKV) { /* hidden, flags */
+        uint32_t hidden = next_u32(&cur), flags = next_u32(&cur);
+        if (CHECK("rwkv channel-mix hidden_dim", hidden, 1, MAX_HIDDEN)) return -1;
+        if (flags) return fail(ctx, "layer %d rwkv channel mix has unknown flags 0x%x", i, flags);
+        f->hidden = (int)hidden;
+        return 0;
+    }
     if (kind == FFN_GATED || kind == FFN_PLAIN) {
         uint32_t hidden = next_u32(&cur), act = next_u32(&cur), flags = next_u32(&cur);
         if (CHECK("hidden_dim", hidden, 1, MAX_HIDDEN) ||
@@ -291,23 +387,30 @@ static long parse_layer(LoadContext *ctx, const Config *c, LayerConfig *l, const
                     (unsigned long long)left);
     if (flags & ~(uint32_t)LAYER_FLAGS) return fail(ctx, "layer %d has unknown flags 0x%x", i, flags);
     l->flags = flags;
-    static const uint32_t mixer_sizes[MIXER_KIND_COUNT] = {0, ATTENTION_RECORD_SIZE, LATENT_RECORD_SIZE};
-    static const char *mixer_names[MIXER_KIND_COUNT] = {"", "attention", "latent attention"};
-    if (mixer != MIXER_ATTENTION && mixer != MIXER_LATENT_ATTENTION)
-        return fail(ctx, "layer %d: mixer kind %u is not one this build knows (1 = attention, 2 = latent attention); a "
-                    "newer attn.c may read it", i, mixer);
+    static const uint32_t mixer_sizes[MIXER_KIND_COUNT] = {[MIXER_ATTENTION] = ATTENTION_RECORD_SIZE,
+                                                           [MIXER_LATENT_ATTENTION] = LATENT_RECORD_SIZE,
+                                                           [MIXER_MAMBA] = MAMBA_RECORD_SIZE,
+                                                           [MIXER_MAMBA2] = MAMBA2_RECORD_SIZE,
+                                                           [MIXER_GATED_DELTANET] = DELTANET_RECORD_SIZE,
+                                                           [MIXER_RWKV] = RWKV_RECORD_SIZE};
+    if (mixer >= MIXER_KIND_COUNT || mixer_sizes[mixer] == 0) {
+        char known[160] = "";
+        for (int k = 0, n = 0; k < MIXER_KIND_COUNT; k++)
+            if (mixer_sizes[k]) n += snprintf(known + n, sizeof known - (size_t)n, "%s%d = %s", n ? ", " : "", k, mixer_name((MixerKind)k));
+        return fail(ctx, "layer %d: mixer kind %u is not one this build knows (%s); a newer attn.c may read it", i, mixer, known);
+    }
     if (mixer_size != mixer_sizes[mixer])
-        return fail(ctx, "layer %d: %s record is %u bytes, this build reads %u", i, mixer_names[mixer], mixer_size,
+        return fail(ctx, "layer %d: %s record is %u bytes, this build reads %u", i, mixer_name((MixerKind)mixer), mixer_size,
                     mixer_sizes[mixer]);
     if ((uint64_t)LAYER_HEADER_SIZE + mixer_size + 8 > size) return fail(ctx, "layer %d: mixer record runs past the layer record", i);
     l->mixer = (MixerKind)mixer;
-    if (mixer == MIXER_ATTENTION ? parse_attention(ctx, c, &l->attn, p + LAYER_HEADER_SIZE, i)
-                                 : parse_latent_attention(ctx, c, &l->mla, p + LAYER_HEADER_SIZE, i))
-        return -1;
+    if (parse_mixer(ctx, c, l, p + LAYER_HEADER_SIZE, i)) return -1;
     cur.p = p + LAYER_HEADER_SIZE + mixer_size;
     uint32_t ffn = next_u32(&cur), ffn_size = next_u32(&cur);
-    static const uint32_t ffn_sizes[FFN_KIND_COUNT] = {0, DENSE_RECORD_SIZE, DENSE_RECORD_SIZE, MOE_RECORD_SIZE};
-    static const char *ffn_names[FFN_KIND_COUNT] = {"no FFN", "gated FFN", "plain FFN", "mixture of experts"};
+    static const uint32_t ffn_sizes[FFN_KIND_COUNT] = {0, DENSE_RECORD_SIZE, DENSE_RECORD_SIZE, MOE_RECORD_SIZE,
+                                                       RWKV_FFN_RECORD_SIZE};
+    static const char *ffn_names[FFN_KIND_COUNT] = {"no FFN", "gated FFN", "plain FFN", "mixture of experts",
+                                                    "rwkv channel mix"};
     if (ffn >= FFN_KIND_COUNT)
         return fail(ctx, "layer %d: FFN kind %u is not one this build knows (0 .. %d); a newer attn.c may read it", i, ffn,
                     FFN_KIND_COUNT - 1);
@@ -407,12 +510,14 @@ static int index_directory(Directory *d) {
 /* ---------------------------------------------------------------------------------------------
  * the tensor table (tensors.def): which tensors each part of the model has, and their shapes */
 
-enum { PART_MODEL = 1, PART_LAYER = 2, PART_ATTENTION = 4, PART_GATED = 8, PART_PLAIN = 16, PART_MOE = 32, PART_LATENT = 64 };
+enum { PART_MODEL = 1, PART_LAYER = 2, PART_ATTENTION = 4, PART_GATED = 8, PART_PLAIN = 16, PART_MOE = 32, PART_LATENT = 64,
+       PART_MAMBA = 128, PART_MAMBA2 = 256, PART_DELTANET = 512, PART_RWKV = 1024, PART_RWKV_FFN = 2048 };
 enum { STORAGE_MATRIX, STORAGE_F32 };
 /* the dimensions a table row can name */
 enum { DIM_NONE, DIM_DIM, DIM_VOCAB, DIM_CONTEXT, DIM_Q_DIM, DIM_KV_DIM, DIM_HEAD_DIM, DIM_N_HEADS, DIM_HIDDEN,
        DIM_N_EXPERTS, DIM_EXPERTS, DIM_SHARED_HIDDEN, DIM_LATENT_Q, DIM_Q_RANK, DIM_KV_RANK, DIM_LATENT_KV_A,
-       DIM_LATENT_HEADS, DIM_NOPE, DIM_V_DIM, DIM_LATENT_OUT };
+       DIM_LATENT_HEADS, DIM_NOPE, DIM_V_DIM, DIM_LATENT_OUT, DIM_INNER, DIM_STATE, DIM_CONV, DIM_CONV_DIM, DIM_DT_RANK,
+       DIM_SSM_HEADS, DIM_SSM_HEAD_DIM };
 
 typedef struct {
     int part;
@@ -431,6 +536,11 @@ typedef struct {
 #define PLAIN PART_PLAIN
 #define MOE PART_MOE
 #define LATENT PART_LATENT
+#define MAMBA PART_MAMBA
+#define MAMBA2 PART_MAMBA2
+#define DELTANET PART_DELTANET
+#define RWKV PART_RWKV
+#define RWKV_FFN PART_RWKV_FFN
 #define MATRIX STORAGE_MATRIX
 #define F32 STORAGE_F32
 #define DIM DIM_DIM
@@ -452,6 +562,13 @@ typedef struct {
 #define NOPE DIM_NOPE
 #define V_DIM DIM_V_DIM
 #define LATENT_OUT DIM_LATENT_OUT
+#define INNER DIM_INNER
+#define STATE DIM_STATE
+#define CONV DIM_CONV
+#define CONV_DIM DIM_CONV_DIM
+#define DT_RANK DIM_DT_RANK
+#define SSM_HEADS DIM_SSM_HEADS
+#define SSM_HEAD_DIM DIM_SSM_HEAD_DIM
 #define MODEL_TENSOR(part, name, field, d0, d1, d2, storage, needs, unless) \
     {part, name, offsetof(Weights, field), {d0, d1, d2}, storage, needs, unless},
 #define TENSOR(part, name, field, d0, d1, d2, storage, needs, unless) \
@@ -468,6 +585,11 @@ static const TensorRow TENSOR_TABLE[] = {
 #undef PLAIN
 #undef MOE
 #undef LATENT
+#undef MAMBA
+#undef MAMBA2
+#undef DELTANET
+#undef RWKV
+#undef RWKV_FFN
 #undef MATRIX
 #undef F32
 #undef DIM
@@ -489,6 +611,13 @@ static const TensorRow TENSOR_TABLE[] = {
 #undef NOPE
 #undef V_DIM
 #undef LATENT_OUT
+#undef INNER
+#undef STATE
+#undef CONV
+#undef CONV_DIM
+#undef DT_RANK
+#undef SSM_HEADS
+#undef SSM_HEAD_DIM
 #define N_TENSOR_ROWS ((int)(sizeof TENSOR_TABLE / sizeof *TENSOR_TABLE))
 
 static int dim_value(int d, const Config *c, const LayerConfig *l) {
@@ -512,22 +641,43 @@ static int dim_value(int d, const Config *c, const LayerConfig *l) {
     case DIM_NOPE: return l->mla.nope_dim;
     case DIM_V_DIM: return l->mla.v_dim;
     case DIM_LATENT_OUT: return l->mla.n_heads * l->mla.v_dim;
+    case DIM_INNER: return recurrent_dims(l).inner;
+    case DIM_STATE: return recurrent_dims(l).state;
+    case DIM_CONV: return recurrent_dims(l).conv;
+    case DIM_CONV_DIM: return recurrent_dims(l).conv_dim;
+    case DIM_DT_RANK: return recurrent_dims(l).dt_rank;
+    case DIM_SSM_HEADS: return recurrent_dims(l).heads;
+    case DIM_SSM_HEAD_DIM: return recurrent_dims(l).head_dim;
     default: return 0;
     }
 }
 
 /* The parts a layer is made of, and the flag bits that say which optional tensors it has */
 static int parts_of(const LayerConfig *l) {
-    static const int mixer_parts[MIXER_KIND_COUNT] = {0, PART_ATTENTION, PART_LATENT};
-    static const int ffn_parts[FFN_KIND_COUNT] = {0, PART_GATED, PART_PLAIN, PART_MOE};
+    static const int ffn_parts[FFN_KIND_COUNT] = {0, PART_GATED, PART_PLAIN, PART_MOE, PART_RWKV_FFN};
+    static const int mixer_parts[MIXER_KIND_COUNT] = {[MIXER_ATTENTION] = PART_ATTENTION, [MIXER_LATENT_ATTENTION] = PART_LATENT,
+                                                      [MIXER_MAMBA] = PART_MAMBA,
+                                                      [MIXER_MAMBA2] = PART_MAMBA2, [MIXER_GATED_DELTANET] = PART_DELTANET,
+                                                      [MIXER_RWKV] = PART_RWKV};
     return PART_LAYER | mixer_parts[l->mixer] | ffn_parts[l->ffn_kind];
+}
+/* The flags of the layer's mixer record */
+static unsigned mixer_flags(const LayerConfig *l) {
+    switch (l->mixer) {
+    case MIXER_ATTENTION: return l->attn.flags;
+    case MIXER_LATENT_ATTENTION: return l->mla.flags;
+    case MIXER_MAMBA: return l->mamba.flags;
+    case MIXER_MAMBA2: return l->mamba2.flags;
+    case MIXER_GATED_DELTANET: return l->deltanet.flags;
+    default: return 0;
+    }
 }
 static unsigned model_present(const Config *c) {
     return c->flags | (c->norm_kind == NORM_LAYER ? PRESENT_LAYERNORM : 0u) |
            (c->position_kind == POS_LEARNED ? PRESENT_LEARNED_POSITIONS : 0u);
 }
 static unsigned present_bits(const Config *c, const LayerConfig *l) {
-    return model_present(c) | l->flags | (l->mixer == MIXER_ATTENTION ? l->attn.flags : l->mla.flags) | l->ffn.flags;
+    return model_present(c) | l->flags | mixer_flags(l) | l->ffn.flags;
 }
 static int row_present(const TensorRow *r, int parts, unsigned bits) {
     return (r->part & parts) && (bits & r->needs) == r->needs && !(bits & r->unless);
@@ -973,7 +1123,7 @@ static int keeps_bounded_cache(const AttentionSpec *a) { return a->mask == MASK_
 int model_can_roll(const Model *m) {
     if (m->config.position_kind != POS_ROPE) return 0;
     for (int l = 0; l < m->config.n_layers; l++)
-        if (!keeps_bounded_cache(&m->attention[l])) return 0;
+        if (!is_recurrent(&m->config.layers[l]) && !keeps_bounded_cache(&m->attention[l])) return 0;
     return 1;
 }
 
@@ -985,6 +1135,7 @@ static int max_visible(const Model *m) {
     int most = 1, n_positions = m->config.context_length;
     for (int l = 0; l < m->config.n_layers; l++) {
         const AttentionSpec *a = &m->attention[l];
+        if (is_recurrent(&m->config.layers[l])) continue;
         int n = a->mask == MASK_SLIDING ? a->n_sinks + a->span : most_visible(a, n_positions);
         if (n > most) most = n;
     }
@@ -995,9 +1146,11 @@ void layer_cache_init(KVLayer *cache, const Model *m, int l) {
     const LayerConfig *lc = &m->config.layers[l];
     if (lc->mixer == MIXER_LATENT_ATTENTION) /* one row per position: c_kv | k_rope */
         attention_cache_init(cache, lc->mla.kv_rank + lc->mla.rope.dim, 0, &m->attention[l]);
-    else
+    else if (lc->mixer == MIXER_ATTENTION)
         attention_cache_init(cache, lc->attn.n_kv_heads * lc->attn.head_dim, lc->attn.n_kv_heads * lc->attn.head_dim,
                              &m->attention[l]);
+    else /* a recurrent layer keeps a state (KVCache.states), no keys and values */
+        kvlayer_init(cache, 0, 0, 0);
 }
 
 /* The widest rows of any layer: what the scratch buffers hold */
@@ -1005,10 +1158,12 @@ typedef struct {
     int q_dim, kv_dim, heads; /* attention: query (or heads' output) and kv rows, query heads */
     int hidden;               /* the widest FFN inner width (an expert's, a shared expert's) */
     int experts, top_k;       /* mixture of experts: the most experts, the most chosen per token */
+    int mixer_input;          /* the widest input of a recurrent mixer's own products */
+    size_t mixer_scratch;     /* floats of the recurrent mixers' work space for max_tokens tokens */
 } Widths;
 
-static Widths widest_layer(const Config *c) {
-    Widths w = {0, 1, 0, 1, 0, 0}; /* kv_dim 1: a model of latent layers only */
+static Widths widest_layer(const Config *c, int max_tokens) {
+    Widths w = {0, 1, 0, 1, 0, 0, 0, 0}; /* kv_dim 1: a model of latent or recurrent layers only */
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
         const AttentionConfig *a = &lc->attn;
@@ -1023,6 +1178,9 @@ static Widths widest_layer(const Config *c) {
         if (lc->ffn.shared_hidden > w.hidden) w.hidden = lc->ffn.shared_hidden;
         if (lc->ffn.n_experts > w.experts) w.experts = lc->ffn.n_experts;
         if (lc->ffn.top_k > w.top_k) w.top_k = lc->ffn.top_k;
+        size_t need = mixer_scratch_floats(c, lc, max_tokens);
+        if (need > w.mixer_scratch) w.mixer_scratch = need;
+        if (mixer_widest_input(lc) > w.mixer_input) w.mixer_input = mixer_widest_input(lc);
     }
     return w;
 }
@@ -1034,18 +1192,19 @@ static const char *gib(double bytes, char *buf, size_t n) {
 
 int model_check_memory(const Model *m, int max_tokens, long n_positions, char *err, size_t errlen) {
     const Config *c = &m->config;
-    Widths w = widest_layer(c);
+    Widths w = widest_layer(c, max_tokens);
     double T = max_tokens, wide = w.q_dim > c->dim ? w.q_dim : c->dim, widest = wide > w.hidden ? wide : w.hidden;
     /* runstate_init's buffers (the expert ones too), the quantized activations (at most 2 bytes a value), the
      * longest score rows */
     double scratch = 4.0 * T * (2.0 * c->dim + wide + w.q_dim + 2.0 * w.kv_dim + 2.0 * w.hidden + c->vocab_size) +
                      (w.experts ? 4.0 * T * (2.0 * w.top_k + w.experts + 1 + 2.0 * c->dim) : 0) + 2.0 * T * widest +
-                     4.0 * w.heads * (double)(n_positions < max_visible(m) ? n_positions : max_visible(m));
-    double kv = 0;
+                     4.0 * w.heads * (double)(n_positions < max_visible(m) ? n_positions : max_visible(m)) +
+                     4.0 * (double)w.mixer_scratch;
+    double kv = 0; /* the KV cache of the attention layers, the states of the recurrent ones */
     for (int l = 0; l < c->n_layers; l++) {
         KVLayer cache;
         layer_cache_init(&cache, m, l);
-        kv += (double)kvlayer_bytes_for(&cache, n_positions);
+        kv += (double)kvlayer_bytes_for(&cache, n_positions) + (double)statelayer_bytes_of(layer_state_shape(c, &c->layers[l]));
     }
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     double machine = pages > 0 && page > 0 ? (double)pages * page : INFINITY;
@@ -1060,9 +1219,10 @@ int model_check_memory(const Model *m, int max_tokens, long n_positions, char *e
 int runstate_init(RunState *s, const Model *m, int max_tokens) {
     const Config *c = &m->config;
     memset(s, 0, sizeof *s);
-    Widths w = widest_layer(c);
+    Widths w = widest_layer(c, max_tokens);
     int q_dim = w.q_dim, kv_dim = w.kv_dim, heads = w.heads, hidden = w.hidden, experts = w.experts, top_k = w.top_k;
-    size_t T = (size_t)max_tokens, wide = (size_t)(q_dim > c->dim ? q_dim : c->dim);
+    int mixer_input = w.mixer_input;
+    size_t scratch = w.mixer_scratch, T = (size_t)max_tokens, wide = (size_t)(q_dim > c->dim ? q_dim : c->dim);
     s->max_tokens = max_tokens;
     /* the score rows start short and grow with the positions actually reached (grow_scores): a context
      * of millions of positions costs nothing until a prompt gets there */
@@ -1081,8 +1241,11 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->logits = malloc(T * c->vocab_size * sizeof(float));
     s->kv.n_layers = c->n_layers;
     s->kv.layers = calloc((size_t)c->n_layers, sizeof *s->kv.layers);
+    s->kv.states = calloc((size_t)c->n_layers, sizeof *s->kv.states);
+    s->mixer_scratch = malloc((scratch ? scratch : 1) * sizeof(float));
     int bad = !s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->scores || !s->logits ||
-              !s->kv.layers;
+              !s->kv.layers || !s->kv.states || !s->mixer_scratch;
+    for (int l = 0; l < c->n_layers && !bad; l++) bad = statelayer_init(&s->kv.states[l], layer_state_shape(c, &c->layers[l]));
     if (experts) { /* mixture of experts: the routing of a chunk and one expert's share of it */
         s->expert_ids = malloc(T * top_k * sizeof(int));
         s->expert_weights = malloc(T * top_k * sizeof(float));
@@ -1097,7 +1260,8 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         runstate_free(s);
         return -1;
     }
-    int widest_input = (int)wide > hidden ? (int)wide : hidden; /* matmul inputs: dim, q_dim, hidden */
+    int widest_input = (int)wide > hidden ? (int)wide : hidden; /* matmul inputs: dim, q_dim, hidden, a mixer's own */
+    if (mixer_input > widest_input) widest_input = mixer_input;
     if (matmul_reserve(max_tokens, widest_input) != 0) {
         runstate_free(s);
         return -1;
@@ -1124,6 +1288,7 @@ void runstate_free(RunState *s) {
     free(s->expert_x);
     free(s->expert_out);
     mla_scratch_free(s->mla);
+    free(s->mixer_scratch);
     kvcache_free(&s->kv);
     memset(s, 0, sizeof *s);
 }
@@ -1154,6 +1319,7 @@ static void residual(float *x, const float *y, int n, int dim, float scale) {
 static int grow_scores(RunState *s, const Model *m, int end) {
     int need = 1;
     for (int l = 0; l < m->config.n_layers; l++) {
+        if (is_recurrent(&m->config.layers[l])) continue;
         int n = most_visible(&m->attention[l], end);
         if (n > need) need = n;
     }
@@ -1174,8 +1340,12 @@ static int mixer(const Model *m, int l, RunState *s, int n, int pos) {
     switch (m->config.layers[l].mixer) {
     case MIXER_ATTENTION: return attention_block(m, l, s, n, pos);
     case MIXER_LATENT_ATTENTION: return latent_attention_block(m, l, s, n, pos);
+    case MIXER_MAMBA: return mamba_block(m, l, s, n, pos);
+    case MIXER_MAMBA2: return mamba2_block(m, l, s, n, pos);
+    case MIXER_GATED_DELTANET: return deltanet_block(m, l, s, n, pos);
+    case MIXER_RWKV: return rwkv_block(m, l, s, n, pos);
+    default: return -1;
     }
-    return -1;
 }
 
 static void ffn(const Model *m, int l, RunState *s, int n) {
@@ -1183,6 +1353,7 @@ static void ffn(const Model *m, int l, RunState *s, int n) {
     case FFN_GATED:
     case FFN_PLAIN: dense_ffn_block(m, l, s, n); break;
     case FFN_MOE: moe_block(m, l, s, n); break;
+    case FFN_RWKV: rwkv_ffn_block(m, l, s, n); break;
     case FFN_NONE: break;
     }
 }
@@ -1193,6 +1364,8 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
     const Weights *w = &m->weights;
     int dim = c->dim;
     float *x = s->x, *xb = s->xb, *xb2 = s->xb2;
+    if (pos == 0) /* a new sequence: the recurrent layers start from the zero state */
+        for (int l = 0; l < c->n_layers; l++) statelayer_reset(&s->kv.states[l]);
 
     /* token embeddings (Gemma scales them by sqrt(dim)); GPT-2 adds a learned position embedding */
     for (int t = 0; t < n; t++) {

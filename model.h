@@ -23,12 +23,20 @@
 enum { NORM_RMS = 0, NORM_LAYER = 1 };
 enum { POS_ROPE = 0, POS_LEARNED = 1 };
 
-/* What mixes the positions (the "token mixer" of the layer). */
-typedef enum { MIXER_ATTENTION = 1, MIXER_LATENT_ATTENTION = 2 } MixerKind;
-#define MIXER_KIND_COUNT 3
-/* What transforms each position on its own. */
-typedef enum { FFN_NONE = 0, FFN_GATED = 1, FFN_PLAIN = 2, FFN_MOE = 3 } FfnKind;
-#define FFN_KIND_COUNT 4
+/* What mixes the positions (the "token mixer" of the layer): softmax attention over a cache that grows with
+ * the tokens (or its latent form), or a recurrence over a state of fixed size (recurrent.h). */
+typedef enum {
+    MIXER_ATTENTION = 1,
+    MIXER_LATENT_ATTENTION = 2, /* DeepSeek's multi-head latent attention, MLA (mla.c) */
+    MIXER_MAMBA = 3,          /* Mamba's selective scan, S6 (Gu & Dao 2023) */
+    MIXER_MAMBA2 = 4,         /* Mamba-2's state space duality, SSD (Dao & Gu 2024; Granite-4.0-H) */
+    MIXER_GATED_DELTANET = 5, /* the gated delta rule (Yang et al. 2024; Qwen3-Next) */
+    MIXER_RWKV = 6,           /* RWKV-4's time mixing, the WKV recurrence (Peng et al. 2023) */
+} MixerKind;
+#define MIXER_KIND_COUNT 7
+/* What transforms each position on its own (RWKV's channel mix also sees the previous position). */
+typedef enum { FFN_NONE = 0, FFN_GATED = 1, FFN_PLAIN = 2, FFN_MOE = 3, FFN_RWKV = 4 } FfnKind;
+#define FFN_KIND_COUNT 5
 
 /* Flag bits. Each record has its own range, so that one word (layer | mixer | FFN | model flags) says which
  * tensors a layer has (tensors.def). */
@@ -46,6 +54,10 @@ enum {
     ATTN_QK_NORM_FULL = 1u << 7,   /* RMSNorm of the whole q and k projections, before the head split (OLMo 2/3) */
     ATTN_QK_NORM_PLAIN = 1u << 8,  /* RMSNorm of each query / key head without weights (Llama 4's L2 norm) */
     ATTN_SINKS = 1u << 9,          /* a learned logit per head joins every softmax (gpt-oss) */
+    ATTN_OUTPUT_GATE = 1u << 10,   /* each head's output is multiplied by sigmoid(g), g a second projection (Qwen3-Next) */
+    /* the recurrent mixers' records (a layer has one mixer: they reuse the mixer bits) */
+    SSM_CONV_BIAS = 1u << 4,       /* the causal convolution has a bias (Mamba, Mamba-2) */
+    SSM_PROJ_BIAS = 1u << 5,       /* the input and output projections have biases (Mamba's use_bias) */
     /* the mixer record (latent attention: a layer has one mixer, so these reuse the attention bits) */
     MLA_Q_LORA = 1u << 4,          /* queries through a low-rank pair q_a -> RMSNorm -> q_b (DeepSeek-V2/V3; not V2-Lite) */
     MIXER_FLAGS = 0xff0u,
@@ -130,13 +142,46 @@ typedef struct {
     unsigned flags;  /* MLA_* */
 } LatentAttentionConfig;
 
+/* MIXER_MAMBA: x and z = projections of the input (inner wide), a causal convolution of width conv over x,
+ * then the selective scan over a state of `state` numbers per channel; dt comes through a rank dt_rank bottleneck */
+typedef struct {
+    int inner, state, conv, dt_rank;
+    unsigned flags; /* SSM_CONV_BIAS, SSM_PROJ_BIAS */
+} MambaConfig;
+
+/* MIXER_MAMBA2: n_heads heads of head_dim channels, each with a scalar decay; B and C shared by the heads of
+ * each of n_groups groups; a state of head_dim x state per head. Prefill runs the chunked form, chunk tokens
+ * at a time (the reference's chunk_size); dt is clamped to [dt_min, dt_max]. */
+typedef struct {
+    int n_heads, head_dim, n_groups, state, conv, chunk;
+    float dt_min, dt_max;
+    unsigned flags; /* SSM_CONV_BIAS, SSM_PROJ_BIAS */
+} Mamba2Config;
+
+/* MIXER_GATED_DELTANET: n_v_heads value heads of v_head_dim, each reading key/query head h / (n_v / n_k) of
+ * k_head_dim; a state of k_head_dim x v_head_dim per value head. Prefill runs the chunked form. */
+typedef struct {
+    int n_k_heads, n_v_heads, k_head_dim, v_head_dim, conv, chunk;
+    unsigned flags; /* SSM_CONV_BIAS */
+} DeltaNetConfig;
+
+/* MIXER_RWKV: time mixing with `inner` channels (RWKV-4's attention_hidden_size) */
+typedef struct {
+    int inner;
+    unsigned flags;
+} RwkvConfig;
+
 typedef struct {
     unsigned flags;     /* LAYER_* */
     MixerKind mixer;
     AttentionConfig attn; /* MIXER_ATTENTION */
     LatentAttentionConfig mla; /* MIXER_LATENT_ATTENTION */
+    MambaConfig mamba;    /* MIXER_MAMBA */
+    Mamba2Config mamba2;  /* MIXER_MAMBA2 */
+    DeltaNetConfig deltanet; /* MIXER_GATED_DELTANET */
+    RwkvConfig rwkv;      /* MIXER_RWKV */
     FfnKind ffn_kind;
-    FfnConfig ffn;
+    FfnConfig ffn;        /* FFN_GATED, FFN_PLAIN, FFN_MOE; FFN_RWKV: hidden and flags */
 } LayerConfig;
 
 typedef struct {
@@ -161,6 +206,7 @@ typedef struct {
     Tensor wq, wk, wv, wo, bq, bk, bv, bo;
     Tensor q_norm, k_norm, q_norm_full, k_norm_full;
     Tensor sinks;
+    Tensor wg; /* ATTN_OUTPUT_GATE */
 } AttentionWeights;
 
 /* Latent attention. The exporter splits kv_b_proj into its key and value halves, stacked per head, so that
@@ -179,11 +225,30 @@ typedef struct {
     Tensor shared_w_gate, shared_w_up, shared_w_down, shared_gate;
 } FfnWeights;
 
+/* The recurrent mixers (tensors.def gives each tensor's shape and what it is) */
+typedef struct {
+    Tensor w_x, w_z, b_x, b_z, conv, conv_bias, w_dt_low, w_b, w_c, w_dt, dt_bias, a_log, d, w_out, b_out;
+} MambaWeights;
+typedef struct {
+    Tensor w_z, w_xbc, w_dt, b_z, b_xbc, b_dt, conv, conv_bias, dt_bias, a_log, d, norm, w_out, b_out;
+} Mamba2Weights;
+typedef struct {
+    Tensor w_qkv, w_z, w_beta, w_decay, conv, conv_bias, dt_bias, a_log, norm, w_out;
+} DeltaNetWeights;
+typedef struct {
+    Tensor mix_k, mix_v, mix_r, w_k, w_v, w_r, decay, first, w_out; /* time mixing */
+    Tensor ffn_mix_k, ffn_mix_r, ffn_w_k, ffn_w_r, ffn_w_v;         /* channel mixing (FFN_RWKV) */
+} RwkvWeights;
+
 typedef struct {
     Tensor mixer_norm, mixer_norm_bias, mixer_post_norm;
     Tensor ffn_norm, ffn_norm_bias, ffn_post_norm;
     AttentionWeights attn;
     LatentAttentionWeights mla;
+    MambaWeights mamba;
+    Mamba2Weights mamba2;
+    DeltaNetWeights deltanet;
+    RwkvWeights rwkv;
     FfnWeights ffn;
     const float *rope_inv_freq; /* rope.dim/2 inverse frequencies: a table in the file or computed at load */
 } LayerWeights;
@@ -241,7 +306,8 @@ typedef struct {
     float *expert_x;      /* [T][dim] their inputs, gathered */
     float *expert_out;    /* [T][dim] its outputs */
     LatentScratch *mla;   /* NULL without latent attention layers */
-    KVCache kv;
+    float *mixer_scratch; /* the recurrent mixers' work space (recurrent.h), and the attention output gate */
+    KVCache kv;           /* the KV cache of the attention layers and the state of the recurrent ones */
     AttentionObserver observer; /* record NULL: nothing watches */
 } RunState;
 
@@ -274,11 +340,12 @@ void layer_cache_init(KVLayer *cache, const Model *m, int l);
 void runstate_free(RunState *s);
 
 /* Runs n tokens (n <= s->max_tokens) at positions pos .. pos+n-1 through the model, appending their keys
- * and values to the cache. Writes logits for all n tokens to s->logits when all_logits, else only for the
+ * and values to the cache (recurrent layers fold them into their state; pos 0 starts from the zero state). Writes logits for all n tokens to s->logits when all_logits, else only for the
  * last one (s->logits row 0). Returns s->logits, or NULL when the KV cache cannot grow (out of memory). */
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits);
 
-/* 1 if positions can go on past the context (every layer keeps a bounded cache and positions are rotary). */
+/* 1 if positions can go on past the context (every layer keeps a bounded cache or a fixed recurrent state,
+ * and positions are rotary or absent). */
 int model_can_roll(const Model *m);
 
 #endif

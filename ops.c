@@ -115,28 +115,6 @@ void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, 
     }
 }
 
-/* e^x in f32 without a libm call, so that loops over it vectorise: x = n ln2 + r with |r| <= ln2/2, then
- * e^r by its Taylor polynomial (Cephes' expf coefficients) and 2^n put into the exponent bits. Within 2 ulp
- * of expf; 0 below -87.3 (where e^x would be subnormal); NaN stays NaN. The same operations in every
- * build, so the same bits. */
-static inline float exp_f32(float x) {
-    float clamped = x < 88.0f ? x : 88.0f; /* a NaN becomes 88 here (so n converts to int) and is returned below */
-    clamped = clamped > -87.3f ? clamped : -87.3f;
-    float n = clamped * 1.44269504f + 12582912.0f - 12582912.0f; /* round(x / ln2): 1.5 * 2^23 drops the fraction */
-    float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;  /* ln2 in two parts, so r is exact */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return x < -87.3f ? 0.0f : x == x ? p * scale : x;
-}
-
 void softmax(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++) max = x[i] > max ? x[i] : max;

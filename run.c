@@ -527,9 +527,12 @@ int main(int argc, char **argv) {
         state.observer.record = NULL;
     }
 
-    fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes\n", n_prompt,
+    fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %d tok %.1f tok/s | kv %zu bytes", n_prompt,
             n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), generated, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9),
             kvcache_bytes_held(&state.kv));
+    if (kvcache_state_bytes(&state.kv)) /* recurrent layers: a state of fixed size */
+        fprintf(stderr, " | state %zu bytes", kvcache_state_bytes(&state.kv));
+    fprintf(stderr, "\n");
     free(sampler.order);
     free(sequence);
     free(prompt);

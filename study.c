@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "png.h"
+#include "recurrent.h"
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) {
     va_list ap;
@@ -32,10 +33,16 @@ static long parse_count(const char *s, long lo, long hi) {
 }
 
 /* Splits "L=V,L=V" / "all=V" / "V" (= all) into value_of[layer]: pointers into buf (a copy of list).
- * Later items win, so "all=16,2=0" means every layer but 2. */
-static int split_layer_list(const char *opt, const char *list, int n_layers, char *buf, const char **value_of,
+ * Later items win, so "all=16,2=0" means every layer but 2. Only attention layers have a mask to change:
+ * "all" means every attention layer, and naming a recurrent layer is an error. */
+static int split_layer_list(const char *opt, const char *list, const Config *c, char *buf, const char **value_of,
                             char *err, size_t errlen) {
+    int n_layers = c->n_layers, attention_layers = 0;
+    for (int l = 0; l < n_layers; l++) attention_layers += !is_recurrent(&c->layers[l]);
     if (!*list) return fail(err, errlen, "%s needs L=V[,L=V...] or all=V", opt);
+    if (!attention_layers)
+        return fail(err, errlen, "%s: no layer of this model has attention (every layer is %s)", opt,
+                    mixer_name(c->layers[0].mixer));
     strcpy(buf, list);
     for (char *item = strtok(buf, ","); item; item = strtok(NULL, ",")) {
         char *eq = strchr(item, '=');
@@ -48,10 +55,14 @@ static int split_layer_list(const char *opt, const char *list, int n_layers, cha
                 if (l < 0)
                     return fail(err, errlen, "%s: '%s' is not a layer (the model has %d layers: 0 .. %d, or all)", opt,
                                 item, n_layers, n_layers - 1);
+                if (is_recurrent(&c->layers[l]))
+                    return fail(err, errlen, "%s: layer %ld is a %s layer: it has no attention", opt, l,
+                                mixer_name(c->layers[l].mixer));
                 first = last = (int)l;
             }
         }
-        for (int l = first; l <= last; l++) value_of[l] = value;
+        for (int l = first; l <= last; l++)
+            if (!is_recurrent(&c->layers[l])) value_of[l] = value;
     }
     return 0;
 }
@@ -88,9 +99,9 @@ int apply_attention_overrides(Model *m, const AttentionOverrides *o, char *err, 
     size_t buf_len = (o->window ? strlen(o->window) : 0) + (o->sparse ? strlen(o->sparse) : 0) + 2;
     char *buf = malloc(buf_len);
     int bad = !window_of || !sparse_of || !buf ? fail(err, errlen, "out of memory") : 0;
-    if (!bad && o->window) bad = split_layer_list("--window", o->window, n_layers, buf, window_of, err, errlen);
+    if (!bad && o->window) bad = split_layer_list("--window", o->window, &m->config, buf, window_of, err, errlen);
     if (!bad && o->sparse)
-        bad = split_layer_list("--sparse", o->sparse, n_layers, buf + strlen(o->window ? o->window : "") + 1, sparse_of,
+        bad = split_layer_list("--sparse", o->sparse, &m->config, buf + strlen(o->window ? o->window : "") + 1, sparse_of,
                                err, errlen);
     for (int l = 0; l < n_layers && !bad; l++) { /* --sparse after --window: it wins where both name a layer */
         if (window_of[l]) bad = window_spec(&m->attention[l], window_of[l], err, errlen);
@@ -210,6 +221,7 @@ static void attention_extras(const Model *m, int l, char *buf) {
     if (a->flags & ATTN_QK_NORM_FULL) strcat(buf, "q/k-norm(whole) ");
     if (a->flags & ATTN_QK_NORM_PLAIN) strcat(buf, "q/k-norm(no weights) ");
     if (a->flags & ATTN_SINKS) strcat(buf, "learned-sinks ");
+    if (a->flags & ATTN_OUTPUT_GATE) strcat(buf, "output-gate ");
     if (a->softcap > 0) sprintf(buf + strlen(buf), "soft-cap %g ", a->softcap);
     if (a->flags & ATTN_QKV_BIAS) strcat(buf, "qkv-bias ");
     post_norm_extras(m->config.layers[l].flags, buf);
@@ -237,6 +249,7 @@ static const char *ffn_name(const LayerConfig *l, char *buf) {
     switch (l->ffn_kind) {
     case FFN_GATED: sprintf(buf, "gated %s %d", acts[f->activation], f->hidden); break;
     case FFN_PLAIN: sprintf(buf, "plain %s %d", acts[f->activation], f->hidden); break;
+    case FFN_RWKV: sprintf(buf, "rwkv channel mix %d", f->hidden); break;
     case FFN_MOE: {
         int n = sprintf(buf, "MoE %d of %d x %d (%s", f->top_k, f->n_experts, f->hidden, routers[f->router]);
         if (f->n_groups > 1) n += sprintf(buf + n, ", %d of %d groups", f->topk_groups, f->n_groups);
@@ -249,9 +262,79 @@ static const char *ffn_name(const LayerConfig *l, char *buf) {
     return buf;
 }
 
+/* A recurrent layer's row: what its state is made of, where attention rows show heads and the cache.
+ * "mamba state 16 x 128 channels", "mamba2 state 16 x 8 heads" (each head: head_dim x 16),
+ * "gated_deltanet state 16x16 x 4 heads" (k x v per value head), "rwkv-4 wkv 64 channels" */
+static void print_recurrent_row(const Model *m, int l, int width, FILE *out) {
+    const LayerConfig *lc = &m->config.layers[l];
+    char kind[48], extras[96], head_dim[16] = "-", b1[32], b2[48], ffn[96];
+    switch (lc->mixer) {
+    case MIXER_MAMBA: {
+        const MambaConfig *a = &lc->mamba;
+        snprintf(kind, sizeof kind, "mamba state %d x %d channels", a->state, a->inner);
+        snprintf(extras, sizeof extras, "conv %d, dt rank %d", a->conv, a->dt_rank);
+        break;
+    }
+    case MIXER_MAMBA2: {
+        const Mamba2Config *a = &lc->mamba2;
+        snprintf(kind, sizeof kind, "mamba2 state %d x %d heads", a->state, a->n_heads);
+        snprintf(head_dim, sizeof head_dim, "%d", a->head_dim);
+        snprintf(extras, sizeof extras, "%d group%s, conv %d, chunk %d", a->n_groups, a->n_groups > 1 ? "s" : "", a->conv,
+                 a->chunk);
+        break;
+    }
+    case MIXER_GATED_DELTANET: {
+        const DeltaNetConfig *a = &lc->deltanet;
+        snprintf(kind, sizeof kind, "gated_deltanet state %dx%d x %d heads", a->k_head_dim, a->v_head_dim, a->n_v_heads);
+        snprintf(head_dim, sizeof head_dim, "%d", a->v_head_dim);
+        snprintf(extras, sizeof extras, "%d key heads, conv %d, chunk %d", a->n_k_heads, a->conv, a->chunk);
+        break;
+    }
+    case MIXER_RWKV: /* per channel: the weighted sums of values and of weights, and their common exponent */
+        snprintf(kind, sizeof kind, "rwkv state 3 x %d channels", lc->rwkv.inner);
+        strcpy(extras, "token shift");
+        break;
+    default: strcpy(kind, mixer_name(lc->mixer)), strcpy(extras, "-");
+    }
+    snprintf(b2, sizeof b2, "state %s B", grouped((long long)statelayer_bytes_of(layer_state_shape(&m->config, lc)), b1));
+    fprintf(out, "%5d  %-*s %3s %3s  %-10s %8s  %9s  %-22s %6d B  %-15s %s\n", l, width, kind, "-", "-", "-", head_dim, "-",
+            extras, 0, b2, ffn_name(lc, ffn));
+}
+
 static int is_overridden(const Model *m, int l) {
     const AttentionSpec *a = &m->attention[l], own = attention_of_layer(m, l);
     return a->mask != own.mask || a->span != own.span || a->n_sinks != own.n_sinks;
+}
+
+/* The KV cache of the attention layers (as kvcache.c would lay it out) beside the recurrent layers' states,
+ * which stay the same at every length */
+static void print_state_table(const Model *m, int recurrent, FILE *out) {
+    const Config *c = &m->config;
+    char b1[32], b2[32], text[3][96];
+    size_t state = 0;
+    int attention_layers = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        state += statelayer_bytes_of(layer_state_shape(c, &c->layers[l]));
+        attention_layers += !is_recurrent(&c->layers[l]);
+    }
+    fprintf(out, "\nKV cache of %d attention layer%s (float32, blocks of %d positions), state of %d recurrent layer%s "
+            "(float32):\n", attention_layers, attention_layers == 1 ? "" : "s", KV_BLOCK_TOKENS, recurrent,
+            recurrent == 1 ? "" : "s");
+    fprintf(out, "%7s  %28s  %28s  %28s\n", "tokens", "KV cache", "recurrent state", "total");
+    const long lengths[] = {1024, 8192, 32768, 131072};
+    for (int i = 0; i < 4; i++) {
+        size_t kv = 0;
+        for (int l = 0; l < c->n_layers; l++)
+            if (!is_recurrent(&c->layers[l])) {
+                KVLayer cache;
+                layer_cache_init(&cache, m, l);
+                kv += kvlayer_bytes_for(&cache, lengths[i]);
+            }
+        size_t parts[3] = {kv, state, kv + state};
+        for (int k = 0; k < 3; k++)
+            snprintf(text[k], sizeof text[k], "%s B (%s)", grouped((long long)parts[k], b1), human_bytes((double)parts[k], b2));
+        fprintf(out, "%6ldk  %28s  %28s  %28s\n", lengths[i] / 1024, text[0], text[1], text[2]);
+    }
 }
 
 void print_wiring(const Model *m, const char *path, FILE *out) {
@@ -264,26 +347,41 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
     if (active != total) fprintf(out, " (%s active per token)", grouped(active, b1));
     fprintf(out, ", vocab %d, %s weights, file %s\n", c->vocab_size, dtype_name(m->weight_dtype),
             human_bytes((double)m->file_size, b2));
-    fprintf(out, "dim %d, %d layers, context %d, %s positions, %s%s\n", c->dim, c->n_layers, c->context_length,
-            c->position_kind == POS_ROPE ? "rotary" : "learned", c->norm_kind == NORM_RMS ? "RMSNorm" : "LayerNorm",
-            c->flags & MODEL_TIED_EMBEDDINGS ? ", tied embeddings" : "");
+    int attention_layers = 0, recurrent = 0, width = 22; /* the mixer column: recurrent rows say more */
+    for (int l = 0; l < c->n_layers; l++) {
+        attention_layers += !is_recurrent(&c->layers[l]);
+        recurrent += statelayer_bytes_of(layer_state_shape(c, &c->layers[l])) > 0;
+    }
+    if (recurrent) width = 36;
+    if (attention_layers)
+        fprintf(out, "dim %d, %d layers, context %d, %s positions, %s%s\n", c->dim, c->n_layers, c->context_length,
+                c->position_kind == POS_ROPE ? "rotary" : "learned", c->norm_kind == NORM_RMS ? "RMSNorm" : "LayerNorm",
+                c->flags & MODEL_TIED_EMBEDDINGS ? ", tied embeddings" : "");
+    else /* the state carries the order of the tokens: nothing limits the length */
+        fprintf(out, "dim %d, %d layers, no attention: no positions, no context limit, %s%s\n", c->dim, c->n_layers,
+                c->norm_kind == NORM_RMS ? "RMSNorm" : "LayerNorm", c->flags & MODEL_TIED_EMBEDDINGS ? ", tied embeddings" : "");
     if (c->embed_scale != 1.0f || c->residual_scale != 1.0f || c->logit_scale != 1.0f || c->final_softcap > 0)
         fprintf(out, "embeddings x%g, block outputs x%g, logits x%g%s\n", c->embed_scale, c->residual_scale,
                 c->logit_scale, c->final_softcap > 0 ? ", logits soft-capped" : "");
-    fprintf(out, "attention kernel: %s", m->attention[0].kernel == KERNEL_FLASH ? "flash" : "naive");
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].mixer == MIXER_LATENT_ATTENTION) {
-            static const char *forms[] = {"auto (the cheaper form at each position)", "absorbed", "expanded"};
-            fprintf(out, "; latent attention: %s", forms[m->attention[l].latent_kernel]);
-            break;
-        }
-    fprintf(out, "\n\n");
-
-    fprintf(out, "%5s  %-22s %3s %3s  %-10s %8s  %9s  %-22s %8s  %-15s %s\n", "layer", "attention", "q", "kv", "group",
-            "head_dim", "rope base", "extras", "KV/token", "keeps", "FFN");
+    if (attention_layers) {
+        fprintf(out, "attention kernel: %s", m->attention[0].kernel == KERNEL_FLASH ? "flash" : "naive");
+        for (int l = 0; l < c->n_layers; l++)
+            if (c->layers[l].mixer == MIXER_LATENT_ATTENTION) {
+                static const char *forms[] = {"auto (the cheaper form at each position)", "absorbed", "expanded"};
+                fprintf(out, "; latent attention: %s", forms[m->attention[l].latent_kernel]);
+                break;
+            }
+        fprintf(out, "\n");
+    }
+    fprintf(out, "\n%5s  %-*s %3s %3s  %-10s %8s  %9s  %-22s %8s  %-15s %s\n", "layer", width,
+            recurrent ? "mixer" : "attention", "q", "kv", "group", "head_dim", "rope base", "extras", "KV/token", "keeps", "FFN");
     int overridden = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
+        if (is_recurrent(lc)) {
+            print_recurrent_row(m, l, width, out);
+            continue;
+        }
         const AttentionConfig *at = &lc->attn;
         const AttentionSpec *a = &m->attention[l];
         const LatentAttentionConfig *la = &lc->mla;
@@ -301,8 +399,8 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
         else strcpy(rope_base, "-");
         extras_of(m, l, extras);
         size_t per_token = latent ? latent_bytes(la) : 2 * at->n_kv_heads * at->head_dim * sizeof(float);
-        fprintf(out, "%5d  %-22s %3d %3d  %-10s %8s  %9s  %-22s %6zu B  %-15s %s\n", l, kind, heads, kv_heads, group, head_dim,
-                rope_base, extras, per_token, keeps(a, b3), ffn_name(lc, ffn));
+        fprintf(out, "%5d  %-*s %3d %3d  %-10s %8s  %9s  %-22s %6zu B  %-15s %s\n", l, width, kind, heads, kv_heads, group,
+                head_dim, rope_base, extras, per_token, keeps(a, b3), ffn_name(lc, ffn));
     }
     if (overridden) {
         fprintf(out, "* set on the command line; in the file");
@@ -317,6 +415,10 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
         fprintf(out, "\n");
     }
 
+    if (recurrent) {
+        print_state_table(m, recurrent, out);
+        return;
+    }
     /* the cache as kvcache.c would lay it out, and the same model as plain MHA with full attention */
     fprintf(out, "\nKV cache (float32 keys + values, blocks of %d positions; %d-token context):\n", KV_BLOCK_TOKENS,
             c->context_length);
@@ -404,6 +506,18 @@ void attention_map_free(AttentionMap *map) {
     free(map->weights), free(map->layers), free(map->index_of_layer), free(map);
 }
 
+/* "note: --attn-map: layers 0, 2, 3 (mamba2) have no attention weights: not drawn" on stderr */
+static void note_recurrent_layers(const Config *c) {
+    int first = 1;
+    fprintf(stderr, "note: --attn-map: layers");
+    for (int l = 0; l < c->n_layers; l++)
+        if (is_recurrent(&c->layers[l])) {
+            fprintf(stderr, "%s %d (%s)", first ? "" : ",", l, mixer_name(c->layers[l].mixer));
+            first = 0;
+        }
+    fprintf(stderr, " have no attention weights: not drawn\n");
+}
+
 AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positions, char *err, size_t errlen) {
     int n_layers = m->config.n_layers;
     AttentionMap *map = calloc(1, sizeof *map);
@@ -413,8 +527,13 @@ AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positi
     map->model = m;
     map->n_positions = n_positions;
     for (int l = 0; l < n_layers; l++) map->index_of_layer[l] = -1;
-    if (!layers) {
-        for (int l = 0; l < n_layers; l++) map->index_of_layer[l] = map->n_recorded, map->layers[map->n_recorded++] = l;
+    if (!layers) { /* every layer that has attention weights; the recurrent ones have none to draw */
+        for (int l = 0; l < n_layers; l++)
+            if (!is_recurrent(&m->config.layers[l])) map->index_of_layer[l] = map->n_recorded, map->layers[map->n_recorded++] = l;
+        if (map->n_recorded == 0)
+            return fail(err, errlen, "--attn-map: no layer of this model has attention weights to draw (every layer is %s)",
+                        mixer_name(m->config.layers[0].mixer)), attention_map_free(map), NULL;
+        if (map->n_recorded < n_layers) note_recurrent_layers(&m->config);
     } else {
         const char *p = layers;
         while (*p) {
@@ -423,6 +542,11 @@ AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positi
             long l = strtol(p, &end, 10);
             if (end == p || errno || (*end && *end != ',') || l < 0 || l >= n_layers) {
                 fail(err, errlen, "--attn-map-layer: '%s' is not a list of layers (0 .. %d)", layers, n_layers - 1);
+                return attention_map_free(map), NULL;
+            }
+            if (is_recurrent(&m->config.layers[l])) {
+                fail(err, errlen, "--attn-map-layer: layer %ld is a %s layer: it has no attention weights", l,
+                     mixer_name(m->config.layers[l].mixer));
                 return attention_map_free(map), NULL;
             }
             if (map->index_of_layer[l] < 0) map->index_of_layer[l] = map->n_recorded, map->layers[map->n_recorded++] = (int)l;

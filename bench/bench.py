@@ -14,9 +14,11 @@ through export.py (f32, bf16, q8_0), and measures in the same run:
     MLA_LAYERS layers with a dense FFN of 1408, random weights, f32; tools/random_model.py): decode tok/s of the
     absorbed and the expanded form at positions 100 and 4000, and the cache bytes against MHA over the same
     heads. One run each (the 4,000-token prompt costs far more than the decode it leads to).
+  - the same for a random model shaped like state-spaces/mamba-130m (no attention: a fixed state per layer),
+    and its prefill of 512 tokens against token by token.
 Timings on a shared machine are noisy: run it when the machine is quiet. Never a pass/fail test.
 
-    python3 bench/bench.py [--runs N] [--threads N] [--quick]
+    python3 bench/bench.py [--runs N] [--threads N] [--quick] [--only mamba]
 """
 import argparse
 import json
@@ -54,6 +56,8 @@ V2_LITE = {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size"
 MLA_LAYERS = 2
 MLA_STACK = {"num_hidden_layers": MLA_LAYERS, "first_k_dense_replace": MLA_LAYERS, "intermediate_size": 1408,
              "vocab_size": 4096}
+MAMBA = dict(hidden_size=768, num_hidden_layers=24, state_size=16, expand=2, conv_kernel=4, time_step_rank=48,
+             vocab_size=50280)  # state-spaces/mamba-130m-hf
 
 
 def log(msg):
@@ -157,6 +161,52 @@ def write_mla_stack(path):
     return path
 
 
+def write_safetensors(directory, tensors):
+    """model.safetensors of float32 tensors {name: (shape, producer)}, each produced while it is written."""
+    header, offset = {}, 0
+    for name, (s, _) in tensors.items():
+        n = int(np.prod(s)) * 4
+        header[name] = {"dtype": "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
+        offset += n
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(os.path.join(directory, "model.safetensors.tmp"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for name, (s, producer) in tensors.items():
+            f.write(np.ascontiguousarray(producer(), "<f4").tobytes())
+    os.replace(os.path.join(directory, "model.safetensors.tmp"), os.path.join(directory, "model.safetensors"))
+
+
+def write_mamba_checkpoint(directory, seed=2):
+    """A Hugging Face Mamba checkpoint shaped like mamba-130m, random weights (dt between 0.001 and 0.1, A_log
+    = log(1 .. N) as Mamba initialises them), tied embeddings."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    c = MAMBA
+    dim, N, R, K = c["hidden_size"], c["state_size"], c["time_step_rank"], c["conv_kernel"]
+    inner = c["expand"] * dim
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(dict(c, model_type="mamba", tie_word_embeddings=True), f)
+    dt = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), (c["num_hidden_layers"], inner))).astype(np.float32)
+    tensors = {"backbone.embeddings.weight": ((c["vocab_size"], dim), lambda: random_matrix(rng, c["vocab_size"], dim)),
+               "backbone.norm_f.weight": ((dim,), lambda: np.ones(dim, "<f4"))}
+    for i in range(c["num_hidden_layers"]):
+        p = f"backbone.layers.{i}."
+        tensors.update({
+            p + "norm.weight": ((dim,), lambda: np.ones(dim, "<f4")),
+            p + "mixer.in_proj.weight": ((2 * inner, dim), lambda: random_matrix(rng, 2 * inner, dim)),
+            p + "mixer.conv1d.weight": ((inner, 1, K), lambda: (rng.standard_normal((inner, 1, K)) * 0.3).astype("<f4")),
+            p + "mixer.conv1d.bias": ((inner,), lambda: np.zeros(inner, "<f4")),
+            p + "mixer.x_proj.weight": ((R + 2 * N, inner), lambda: random_matrix(rng, R + 2 * N, inner)),
+            p + "mixer.dt_proj.weight": ((inner, R), lambda: random_matrix(rng, inner, R)),
+            p + "mixer.dt_proj.bias": ((inner,), lambda i=i: np.log(np.expm1(dt[i]))),
+            p + "mixer.A_log": ((inner, N), lambda: np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), (inner, 1)))),
+            p + "mixer.D": ((inner,), lambda: np.ones(inner, "<f4")),
+            p + "mixer.out_proj.weight": ((dim, inner), lambda: random_matrix(rng, dim, inner)),
+        })
+    write_safetensors(directory, tensors)
+
+
 def export(src, out, dtype):
     if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(os.path.join(ROOT, "export.py")):
         log(f"bench: exporting {os.path.basename(out)}")
@@ -195,6 +245,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ./run (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test of the script)")
     ap.add_argument("--tokenizer", action="store_true", help="only the tokenizer's speed")
+    ap.add_argument("--only", choices=["mamba"], help="measure only the mamba-130m-shaped model")
     args = ap.parse_args()
     if args.tokenizer:
         return tokenizer_speed(1 if args.quick else args.runs)
@@ -205,7 +256,7 @@ def main():
     build_tools()
 
     models = {}
-    for name, shape in SHAPES.items():
+    for name, shape in SHAPES.items() if not args.only else ():
         ckpt = os.path.join(BUILD, f"stories{name}-random.bin")
         if not os.path.exists(ckpt):
             log(f"bench: writing random {name} checkpoint")
@@ -218,6 +269,11 @@ def main():
         write_sliding_checkpoint(sliding_dir, SHAPES["15M"], WINDOW)
     sliding = export(sliding_dir, os.path.join(BUILD, "sliding15M-f32.bin"), "f32")
     mla = write_mla_stack(os.path.join(BUILD, "v2lite-mla-f32.bin"))
+    mamba_dir = os.path.join(BUILD, "mamba130M")
+    if not os.path.exists(os.path.join(mamba_dir, "model.safetensors")):
+        log("bench: writing random mamba-130m-shaped checkpoint")
+        write_mamba_checkpoint(mamba_dir)
+    mamba = export(mamba_dir, os.path.join(BUILD, "mamba130M-f32.bin"), "f32")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     roofline = os.path.join(BUILD, "roofline")
@@ -237,9 +293,14 @@ def main():
         if dtype == "f32" or name == "110M":
             plan.append(((name, dtype, "prefill"), [path, "--tokens", prompt, "-n", 0]))
     for pos in (100, 4000):
-        plan.append((("window", pos, "decode"), [sliding, "--tokens", tokens(pos, 32000, 3), "-n", n_decode, "-t", "0"]))
+        if not args.only:
+            plan.append((("window", pos, "decode"), [sliding, "--tokens", tokens(pos, 32000, 3), "-n", n_decode, "-t", "0"]))
+        plan.append((("mamba", pos, "decode"), [mamba, "--tokens", tokens(pos, MAMBA["vocab_size"], 3), "-n", n_decode, "-t", "0"]))
+    plan.append((("mamba", "prefill"), [mamba, "--tokens", tokens(512, MAMBA["vocab_size"], 1), "-n", 0]))
     baselines = [((name, "f32", "prefill --batch 1"), [models[name, "f32"], "--tokens", prompt, "-n", 0, "--batch", 1])
-                 for name in SHAPES]
+                 for name in SHAPES if not args.only]
+    baselines.append((("mamba", "prefill --batch 1"), [mamba, "--tokens", tokens(512, MAMBA["vocab_size"], 1), "-n", 0,
+                                                       "--batch", 1]))
 
     limits = [machine_limits()]
     results = {key: [] for key, _ in plan + baselines}
@@ -276,16 +337,20 @@ def main():
             row["prefill_b1"] = median((name, dtype, "prefill --batch 1"), 0)
         rows.append(row)
     window_ms = {pos: (1000.0 / median(("window", pos, "decode"), 1), median(("window", pos, "decode"), 2))
-                 for pos in (100, 4000)}
+                 for pos in (100, 4000) if ("window", pos, "decode") in results}
+    mamba_ms = {pos: (1000.0 / median(("mamba", pos, "decode"), 1), median(("mamba", pos, "decode"), 2)) for pos in (100, 4000)}
+    state = re.search(r"state (\d+) bytes", subprocess.run([RUN, mamba, "--tokens", "1", "-n", "0"], capture_output=True,
+                                                           text=True).stderr)
 
     print(f"\nattn.c bench ({os.cpu_count()} cores, --threads {args.threads}, median of {runs} runs; "
           f"kernels: {kernels()})")
     print(f"measured in this run (best of before and after): read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"({args.threads} threads, 1 GiB buffer; {limits[0][0] / 1e9:.1f} / {limits[1][0] / 1e9:.1f}), "
           f"f32 FMA peak {fma_peak / 1e9:.0f} GFLOP/s ({limits[0][1] / 1e9:.0f} / {limits[1][1] / 1e9:.0f})\n")
-    print("| model | dtype | weights read/token | decode tok/s | % of bandwidth roofline | prefill 512 tok/s "
-          "| % of FMA peak | vs --batch 1 | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if rows:
+        print("| model | dtype | weights read/token | decode tok/s | % of bandwidth roofline | prefill 512 tok/s "
+              "| % of FMA peak | vs --batch 1 | peak RSS |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pre = pct = ratio = "-"
         if "prefill" in r:
@@ -297,9 +362,16 @@ def main():
               f"{100 * r['decode'] / r['roofline']:.0f}% of {r['roofline']:.0f} | {pre} | {pct} | {ratio} | "
               f"{r['rss'] / 1e6:.0f} MB |")
     print_latent(mla_runs, positions)
-    a, b = window_ms[100], window_ms[4000]
-    print(f"\nsliding window {WINDOW} on every layer (stories15M shape, f32): decode {a[0]:.2f} ms/token at position 100, "
-          f"{b[0]:.2f} ms/token at position 4000 ({b[0] / a[0]:.2f}x); peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
+    if window_ms:
+        a, b = window_ms[100], window_ms[4000]
+        print(f"\nsliding window {WINDOW} on every layer (stories15M shape, f32): decode {a[0]:.2f} ms/token at position "
+              f"100, {b[0]:.2f} ms/token at position 4000 ({b[0] / a[0]:.2f}x); peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
+    a, b = mamba_ms[100], mamba_ms[4000]
+    pre, pre_b1 = median(("mamba", "prefill"), 0), median(("mamba", "prefill --batch 1"), 0)
+    print(f"\nmamba-130m shape (24 Mamba layers, random weights, f32; state {int(state.group(1)) if state else '?'} bytes "
+          f"at every length): decode {a[0]:.2f} ms/token at position 100, {b[0]:.2f} at position 4000 ({b[0] / a[0]:.2f}x); "
+          f"prefill 512 tokens {pre:.0f} tok/s, token by token {pre_b1:.0f} tok/s ({pre / pre_b1:.1f}x); "
+          f"peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
 
 
 def tokenizer_text(path, size=4 << 20):

@@ -5,7 +5,7 @@ MLPs, mixtures of experts (every router kind, grouped routing, biases, shared ex
 tensors in f32 and q8_0), latent attention (with and without a low-rank query), rotary and learned positions,
 NoPE, sliding, chunked and full layers, GQA, every
 kind of q/k norm, learned sinks, attention temperature, biases, pre- and post-norms, soft-caps,
-precomputed RoPE tables (one with YaRN's attention factor), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
+precomputed RoPE tables (one with YaRN's attention factor), recurrent mixers (Mamba, Mamba-2 and Gated DeltaNet beside attention, RWKV with its channel-mix FFN), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
 with the GPT-2 and Llama 3 pre-tokenizers and with a sequence of regex Split steps; SentencePiece-style with <0xNN> byte pieces, merged by score as
 from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
@@ -192,6 +192,32 @@ def seeds():
                                 routed_scale=2.5, flags=E.MOE_SCORE_BIAS | E.MOE_GROUP_TOP2 | E.MOE_NORM_TOPK)),
                 L(mla(8), E.MoE(4, 2, 8, E.ACT_SILU, E.ROUTER_SOFTMAX, n_groups=2, topk_groups=1, shared_hidden=16))]
     yield "deepseek_latent_attention_f32", tensors(m), "f32"
+    # recurrent layers (a state of fixed size instead of a KV cache): Mamba with convolution and projection
+    # biases, no FFN, no positions
+    m = E.Model("mamba", 16, 32, 64, tied=True)
+    m.layers = [L(E.Mamba(32, 4, 4, 2, flags=E.SSM_CONV_BIAS | E.SSM_PROJ_BIAS), None, E.LAYER_MIXER_NORM)
+                for _ in range(2)]
+    yield "mamba_biases_f32", tensors(m), "f32"
+    # Granite-4.0-H style, bf16: Mamba-2 layers (2 groups, dt limits) around a NoPE attention layer, a mixture of
+    # experts with a shared expert, the embedding / residual / logit multipliers
+    m = E.Model("granitemoehybrid", 16, 32, 64, embed_scale=12.0, residual_scale=0.22, logit_scale=0.25, tied=False)
+    moe = E.MoE(4, 2, 16, E.ACT_SILU, E.ROUTER_TOPK_SOFTMAX, shared_hidden=32)
+    m.layers = [L(E.Mamba2(4, 8, 2, 4, 4, 3, 0.001, 100.0, flags=E.SSM_CONV_BIAS), moe),
+                L(A(4, 2, 4, rope_dim=0, attn_scale=0.0625), moe),
+                L(E.Mamba2(4, 8, 1, 4, 2, 8, flags=E.SSM_PROJ_BIAS), D(16))]
+    yield "granite_mamba2_hybrid_bf16", tensors(m), "bf16"
+    # Qwen3-Next style, q8_0 (every matrix 32 wide): Gated DeltaNet layers (2 key / 4 value heads, a convolution
+    # bias) around a gated attention layer with q/k norm and partial rope, MoE with a gated shared expert
+    m = E.Model("qwen3_next", 32, 32, 64, tied=False)
+    moe = E.MoE(4, 2, 32, E.ACT_SILU, E.ROUTER_SOFTMAX, shared_hidden=32, flags=E.MOE_NORM_TOPK | E.MOE_SHARED_GATE)
+    m.layers = [L(E.DeltaNet(2, 4, 8, 8, 4, 3, flags=E.SSM_CONV_BIAS), D(32)),
+                L(A(2, 1, 16, rope_dim=4, flags=E.ATTN_QK_NORM | E.ATTN_OUTPUT_GATE), moe),
+                L(E.DeltaNet(1, 2, 16, 8, 2, 64), moe)]
+    yield "qwen3_next_deltanet_hybrid_q8_0", tensors(m), "q8_0"
+    # RWKV-4 style, f16: LayerNorm with biases, time mixing and the channel-mix FFN
+    m = E.Model("rwkv", 16, 32, 64, norm_kind=E.NORM_LAYER, tied=False)
+    m.layers = [L(E.Rwkv(16), E.RwkvChannelMix(32)), L(E.Rwkv(8), E.RwkvChannelMix(16))]
+    yield "rwkv_layernorm_f16", tensors(m), "f16"
 
 def specials_tokenizer(vocab):
     """A byte-level record with 40 eos ids and special / user-defined tokens nested in one another."""

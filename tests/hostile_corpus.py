@@ -24,11 +24,16 @@ LAYER_HEADER_FIELDS = ["record_size", "flags", "mixer_kind", "mixer_size"]
 MIXER_FIELDS = {1: ["n_heads", "n_kv_heads", "head_dim", "window", "chunk", "rope_dim", "rope_table", "rope_theta",
                     "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"],
                 2: ["n_heads", "q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim", "rope_table", "rope_theta",
-                    "rope_attn_factor", "attn_scale", "norm_eps", "flags"]}
+                    "rope_attn_factor", "attn_scale", "norm_eps", "flags"],
+                3: ["inner", "state", "conv", "dt_rank", "flags"],
+                4: ["n_heads", "head_dim", "n_groups", "state", "conv", "chunk", "dt_min", "dt_max", "flags"],
+                5: ["n_k_heads", "n_v_heads", "k_head_dim", "v_head_dim", "conv", "chunk", "flags"],
+                6: ["inner", "flags"]}
 DENSE_FIELDS = ["hidden_dim", "activation", "flags"]
 FFN_FIELDS = {0: [], 1: DENSE_FIELDS, 2: DENSE_FIELDS,
               3: ["n_experts", "top_k", "hidden_dim", "activation", "router", "n_groups", "topk_groups",
-                  "shared_hidden", "routed_scale", "act_alpha", "act_limit", "flags"]}
+                  "shared_hidden", "routed_scale", "act_alpha", "act_limit", "flags"],
+             4: ["hidden_dim", "flags"]}
 F32 = lambda x: struct.unpack("<I", struct.pack("<f", x))[0]  # noqa: E731
 ODD_U32 = [0, 1, 2, 3, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFF, 1 << 16, 1 << 20, 1 << 24, (1 << 24) + 1,
            F32(float("nan")), F32(float("inf")), F32(float("-inf")), F32(-1.0), F32(1e30), F32(1e-30), F32(0.5)]
@@ -357,7 +362,8 @@ def semantic_mutants(blob):
             yield f"semantic: {label} in {name}", put(blob, off + 4, 4, bits), ["must be finite and positive"]
     # a NaN in a weight every token goes through (the first layer's query projection, of whichever mixer):
     # the run stops at the first logits, naming the tensor
-    wq = next(n for n in ("layers.0.attn.wq", "layers.0.mla.wq", "layers.0.mla.wq_a") if n in by_name)
+    wq = next((n for n in ("layers.0.attn.wq", "layers.0.mla.wq", "layers.0.mla.wq_a") if n in by_name),
+              next((n for n in by_name if n.startswith("layers.0.") and get(blob, by_name[n][0] + 84, 4) == 2), None))
     rec, off, _ = by_name[wq]
     dtype = get(blob, rec + 80, 4)
     if dtype in NAN_BITS:

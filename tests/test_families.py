@@ -35,7 +35,10 @@ INFO = {
 }
 
 
-def check_family(t, name, model, ref_dir):
+def check_family(t, name, model, ref_dir, batch_invariant=True):
+    """The reference logits at every position with several --batch / --threads, bit-identical across --threads
+    always and across --batch unless the family prefills in a chunked form of its own (batch_invariant False:
+    Mamba-2's SSD, Gated DeltaNet), and the greedy ids; returns the worst relative error."""
     ref = json.load(open(os.path.join(ref_dir, "ref.json")))
     want = np.load(os.path.join(ref_dir, "ref_logits.npy"))
     tol = ref["tolerance"]
@@ -46,8 +49,11 @@ def check_family(t, name, model, ref_dir):
         err = relative_error(got, want)
         t.check(f"{name}: logits at all {len(ids)} positions, --batch {batch} --threads {threads} (max rel err "
                 f"{err:.1e}, tolerance {tol:g})", got.shape == want.shape and err <= tol)
-    t.check(f"{name}: bit-identical logits whatever --batch and --threads",
-            all(np.array_equal(runs["1", "1"], r) for r in runs.values()))
+    if batch_invariant:
+        t.check(f"{name}: bit-identical logits whatever --batch and --threads",
+                all(np.array_equal(runs["1", "1"], r) for r in runs.values()))
+    else:
+        t.check(f"{name}: bit-identical logits whatever --threads", np.array_equal(runs["80", "1"], runs["80", "2"]))
     r = t.run([model, "--tokens", ",".join(map(str, ref["prompt_ids"])), "-n", len(ref["greedy_ids"]), "-t", "0",
                "--print-ids"])
     got_ids = [int(x) for x in r.stdout.replace(b",", b" ").split()]

@@ -86,6 +86,13 @@ def corpus(t):
         # latent attention (DeepSeek's MLA): with and without the low-rank query, DeepSeek's routers
         (os.path.join(t.root, "fuzz", "corpus", "model", "deepseek_latent_attention_f32.bin"), 0.35,
          ["--tokens", "1,2,3,4,5"]),
+        # recurrent mixers (fuzz seeds): a state instead of a KV cache
+        (os.path.join(t.root, "fuzz", "corpus", "model", "mamba_biases_f32.bin"), 0.2, ["--tokens", "1,2,3"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "granite_mamba2_hybrid_bf16.bin"), 0.2,
+         ["--tokens", "1,2,3,4,5"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "qwen3_next_deltanet_hybrid_q8_0.bin"), 0.2,
+         ["--tokens", "1,2,3,4,5"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "rwkv_layernorm_f16.bin"), 0.2, ["--tokens", "1,2,3"]),
     ]
     jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
@@ -158,9 +165,10 @@ def targeted_errors(t):
          "layer 0 n_kv_heads is 3 (must be 1 .. 2)"),
         ("NaN norm_eps", put(blob, L.config_off + 48, 4, 0x7FC00000), "config norm_eps nan is not in (0, 1)"),
         ("a mixer kind this build does not know", put(blob, fields["mixer_kind"], 4, 9),
-         "layer 0: mixer kind 9 is not one this build knows (1 = attention, 2 = latent attention); a newer attn.c may read it"),
+         "layer 0: mixer kind 9 is not one this build knows (1 = attention, 2 = latent attention, 3 = mamba, 4 = mamba2, "
+         "5 = gated_deltanet, 6 = rwkv); a newer attn.c may read it"),
         ("an FFN kind this build does not know", put(blob, fields["ffn_kind"], 4, 9),
-         "layer 0: FFN kind 9 is not one this build knows (0 .. 3); a newer attn.c may read it"),
+         "layer 0: FFN kind 9 is not one this build knows (0 .. 4); a newer attn.c may read it"),
         ("an attention record of the wrong size", put(blob, fields["mixer_size"], 4, 60),
          "layer 0: attention record is 60 bytes, this build reads 56"),
         ("a version 1 file", put(blob, 4, 4, 1), "file format version 1, this build reads version 2 (re-export it with export.py)"),

@@ -1,4 +1,5 @@
-/* tests/unit.c - C unit tests: KV cache (paged blocks, rolling buffer), GQA/MQA head mapping, attention
+/* tests/unit.c - C unit tests: KV cache (paged blocks, rolling buffer), recurrent state (fixed size, copied
+ * whole for a fork), the causal convolution's window across chunks, GQA/MQA head mapping, attention
  * against a naive reference written out in full here, ops, UTF-8 and the tokenizer's streaming output.
  * Prints "ok NAME" or "FAIL NAME: why" per check; exits 1 if any failed. */
 #include <math.h>
@@ -12,6 +13,7 @@
 #include "kvcache.h"
 #include "ops.h"
 #include "regex.h"
+#include "recurrent.h"
 #include "tokenizer.h"
 #include "unicode.h"
 
@@ -931,10 +933,71 @@ static int regex_matches_tool(void) {
     return 0;
 }
 
+/* A recurrent layer's state: zeros at first, the same bytes whatever is written, copied whole (a forked
+ * sequence goes on from the same state), zeros again after a reset. */
+static void test_recurrent_state(void) {
+    StateShape shape = {3 * 8, 8 * 16, 8};
+    StateLayer a, b;
+    check(statelayer_init(&a, shape) == 0 && statelayer_init(&b, shape) == 0, "state: allocated");
+    check(statelayer_bytes(&a) == (3 * 8 + 8 * 16 + 8) * sizeof(float) && statelayer_bytes_of(shape) == statelayer_bytes(&a),
+          "state: bytes = (window + state + ffn) floats");
+    int zero = 1;
+    for (size_t i = 0; i < shape.window; i++) zero &= a.window[i] == 0.0f;
+    for (size_t i = 0; i < shape.state; i++) zero &= a.state[i] == 0.0f;
+    for (size_t i = 0; i < shape.ffn; i++) zero &= a.ffn[i] == 0.0f;
+    check(zero, "state: starts at zero");
+    for (size_t i = 0; i < shape.window; i++) a.window[i] = frand();
+    for (size_t i = 0; i < shape.state; i++) a.state[i] = frand();
+    for (size_t i = 0; i < shape.ffn; i++) a.ffn[i] = frand();
+    statelayer_copy(&b, &a);
+    check(!memcmp(a.window, b.window, statelayer_bytes(&a)) && b.state == b.window + shape.window && b.ffn == b.state + shape.state,
+          "state: a copy holds the same window, state and ffn parts");
+    statelayer_reset(&a);
+    zero = 1;
+    for (size_t i = 0; i < shape.window + shape.state + shape.ffn; i++) zero &= a.window[i] == 0.0f;
+    check(zero && b.state[3] != 0.0f, "state: a reset clears it, the copy keeps its own");
+    statelayer_free(&a);
+    statelayer_free(&b);
+    StateLayer none;
+    check(statelayer_init(&none, (StateShape){0, 0, 0}) == 0 && statelayer_bytes(&none) == 0 && !none.window,
+          "state: an attention layer's is empty");
+}
+
+/* The causal convolution gives the same bits whether the tokens come in one chunk, one by one, or in chunks
+ * shorter than its window, and equals the sum written out here. */
+static void test_causal_conv(void) {
+    enum { C = 5, K = 4, N = 9 };
+    float w[C * K], b[C], x[N * C], whole[N * C], parts[N * C], win_a[(K - 1) * C] = {0}, win_b[(K - 1) * C] = {0};
+    for (int i = 0; i < C * K; i++) w[i] = frand();
+    for (int i = 0; i < C; i++) b[i] = frand();
+    for (int i = 0; i < N * C; i++) x[i] = frand();
+    Tensor weight = {w, DTYPE_F32, C, K, 1}, bias = {b, DTYPE_F32, 1, C, 1};
+    causal_conv_silu(whole, x, N, C, win_a, &weight, &bias);
+    int chunks[] = {1, 2, 1, 3, 2}, at = 0;
+    for (int i = 0; i < 5; i++) {
+        causal_conv_silu(parts + at * C, x + at * C, chunks[i], C, win_b, &weight, &bias);
+        at += chunks[i];
+    }
+    double worst = 0;
+    for (int t = 0; t < N; t++)
+        for (int c = 0; c < C; c++) {
+            double sum = b[c];
+            for (int k = 0; k < K; k++)
+                if (t - (K - 1) + k >= 0) sum += (double)w[c * K + k] * x[(t - (K - 1) + k) * C + c];
+            double want = sum / (1.0 + exp(-sum));
+            if (fabs(want - whole[t * C + c]) > worst) worst = fabs(want - whole[t * C + c]);
+        }
+    check(!memcmp(whole, parts, sizeof whole) && !memcmp(win_a, win_b, sizeof win_a),
+          "causal conv: chunks of 1, 2, 1, 3, 2 tokens give the bits of one chunk of 9, and the same window");
+    check(worst < 1e-5, "causal conv: equals the sum of the last K inputs, then SiLU (max err %.1e)", worst);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--regex-matches") == 0) return regex_matches_tool();
     test_paged_cache();
     test_single_row_cache();
+    test_recurrent_state();
+    test_causal_conv();
     test_rolling_buffer();
     test_head_mapping();
     test_attention();
