@@ -6,8 +6,8 @@
 
 #include "model.h"
 
-/* mixers: the positions exchange information (0, or -1 when the KV cache cannot grow) */
-int attention_block(const Model *m, int layer, RunState *s, int n, int pos);
+/* mixers: the positions of each sequence exchange information (0, or -1 when the KV cache cannot grow) */
+int attention_block(const Model *m, int layer, RunState *s, const Batch *b);
 
 /* FFNs: each position on its own */
 void dense_ffn_block(const Model *m, int layer, RunState *s, int n);

@@ -76,6 +76,14 @@ void make_printable(char *s) {
         if (*p < 0x20 || *p == 0x7f) *p = '?';
 }
 
+int error_line(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
 /* Writes "PATH: what is wrong (where)" to ctx->err. Names in the message come from the file, so control
  * characters are shown as '?': the error stays one line and cannot drive the terminal. */
 static int fail(LoadContext *ctx, const char *fmt, ...) {
@@ -771,10 +779,10 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->scores_heads = heads;
     s->scores = malloc((size_t)heads * s->scores_stride * sizeof(float));
     s->logits = malloc(T * c->vocab_size * sizeof(float));
-    s->kv.n_layers = c->n_layers;
-    s->kv.layers = calloc((size_t)c->n_layers, sizeof *s->kv.layers);
+    s->row_seq = malloc(T * sizeof(int));
+    s->row_pos = malloc(T * sizeof(int));
     int bad = !s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->scores || !s->logits ||
-              !s->kv.layers;
+              !s->row_seq || !s->row_pos;
     if (experts) { /* mixture of experts: the routing of a chunk and one expert's share of it */
         s->expert_ids = malloc(T * top_k * sizeof(int));
         s->expert_weights = malloc(T * top_k * sizeof(float));
@@ -794,9 +802,21 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         runstate_free(s);
         return -1;
     }
+    /* the cache: each attention layer's slot mapping, one pool per row shape, and sequence 0 */
+    KVLayer *layout = calloc((size_t)c->n_layers, sizeof *layout);
+    if (!layout) {
+        runstate_free(s);
+        return -1;
+    }
     for (int l = 0; l < c->n_layers; l++)
         if (c->layers[l].mixer == MIXER_ATTENTION)
-            attention_cache_init(&s->kv.layers[l], c->layers[l].attn.n_kv_heads * c->layers[l].attn.head_dim, &m->attention[l]);
+            attention_cache_init(&layout[l], c->layers[l].attn.n_kv_heads * c->layers[l].attn.head_dim, &m->attention[l]);
+    bad = kvcache_init(&s->kv, c->n_layers, layout) != 0 || kvcache_add_sequence(&s->kv) != 0;
+    free(layout);
+    if (bad) {
+        runstate_free(s);
+        return -1;
+    }
     return 0;
 }
 
@@ -811,6 +831,8 @@ void runstate_free(RunState *s) {
     free(s->hb2);
     free(s->scores);
     free(s->logits);
+    free(s->row_seq);
+    free(s->row_pos);
     free(s->expert_ids);
     free(s->expert_weights);
     free(s->router_logits);
@@ -863,9 +885,9 @@ static int grow_scores(RunState *s, const Model *m, int end) {
 }
 
 /* Each block reads its input from s->xb and writes its output, [n][dim], to s->xb2. */
-static int mixer(const Model *m, int l, RunState *s, int n, int pos) {
+static int mixer(const Model *m, int l, RunState *s, const Batch *b) {
     switch (m->config.layers[l].mixer) {
-    case MIXER_ATTENTION: return attention_block(m, l, s, n, pos);
+    case MIXER_ATTENTION: return attention_block(m, l, s, b);
     }
     return -1;
 }
@@ -879,9 +901,12 @@ static void ffn(const Model *m, int l, RunState *s, int n) {
     }
 }
 
-float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits) {
+float *forward_batch(const Model *m, RunState *s, const Batch *b, int all_logits) {
     const Config *c = &m->config;
-    if (grow_scores(s, m, pos + n) != 0) return NULL;
+    int n = b->n, end = 0;
+    for (int t = 0; t < n; t++)
+        if (b->pos[t] + 1 > end) end = b->pos[t] + 1;
+    if (grow_scores(s, m, end) != 0) return NULL;
     const Weights *w = &m->weights;
     int dim = c->dim;
     float *x = s->x, *xb = s->xb, *xb2 = s->xb2;
@@ -889,11 +914,11 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
     /* token embeddings (Gemma scales them by sqrt(dim)); GPT-2 adds a learned position embedding */
     for (int t = 0; t < n; t++) {
         float *xt = x + (size_t)t * dim;
-        tensor_row(xt, &w->tok_embeddings, tokens[t]);
+        tensor_row(xt, &w->tok_embeddings, b->tokens[t]);
         if (c->embed_scale != 1.0f)
             for (int j = 0; j < dim; j++) xt[j] *= c->embed_scale;
         if (c->position_kind == POS_LEARNED) {
-            tensor_row(xb2, &w->pos_embeddings, pos + t);
+            tensor_row(xb2, &w->pos_embeddings, b->pos[t]);
             for (int j = 0; j < dim; j++) xt[j] += xb2[j];
         }
     }
@@ -905,7 +930,7 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         /* x += post_norm(mixer(norm(x))): the positions exchange information */
         if (lc->flags & LAYER_MIXER_NORM) norm_rows(xb, x, &lw->mixer_norm, &lw->mixer_norm_bias, n, c);
         else memcpy(xb, x, (size_t)n * dim * sizeof(float));
-        if (mixer(m, l, s, n, pos) != 0) return NULL;
+        if (mixer(m, l, s, b) != 0) return NULL;
         if (lc->flags & LAYER_MIXER_POST_NORM) norm_rows(xb2, xb2, &lw->mixer_post_norm, NULL, n, c);
         residual(x, xb2, n, dim, c->residual_scale);
 
@@ -928,4 +953,10 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
     if (c->final_softcap > 0.0f)
         for (size_t i = 0; i < n_logits; i++) s->logits[i] = softcap(s->logits[i], c->final_softcap);
     return s->logits;
+}
+
+float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits) {
+    for (int t = 0; t < n; t++) s->row_seq[t] = 0, s->row_pos[t] = pos + t;
+    Batch b = {n, tokens, s->row_seq, s->row_pos};
+    return forward_batch(m, s, &b, all_logits);
 }

@@ -187,10 +187,19 @@ typedef struct {
     void *ctx;
 } AttentionObserver;
 
-/* Everything one forward pass over up to max_tokens tokens needs besides the weights: scratch buffers
- * (allocated once), the KV cache, and the observer. */
+/* The rows of one forward pass: row t is token tokens[t] of sequence seq[t] (a KV cache id) at position
+ * pos[t]. A sequence's rows are consecutive, in order of position. A prompt chunk is one sequence at positions
+ * p .. p+n-1; a decode step of many sequences is one row each, so every weight is read once for all of them. */
+typedef struct {
+    int n;
+    const int *tokens, *seq, *pos;
+} Batch;
+
+/* Everything one forward pass over up to max_tokens rows needs besides the weights: scratch buffers
+ * (allocated once), the KV cache of every sequence, and the observer. */
 typedef struct {
     int max_tokens;
+    int *row_seq, *row_pos; /* [T] the rows forward() hands forward_batch(): sequence 0, positions in a row */
     float *x;       /* [T][dim] residual stream */
     float *xb;      /* [T][max(dim, q_dim)] normed input / attention output */
     float *xb2;     /* [T][dim] */
@@ -208,7 +217,7 @@ typedef struct {
     int *expert_tokens;   /* [T] rows routed to the expert at hand */
     float *expert_x;      /* [T][dim] their inputs, gathered */
     float *expert_out;    /* [T][dim] its outputs */
-    KVCache kv;
+    KVCache kv;     /* sequence 0 exists from runstate_init on: the one forward() runs */
     AttentionObserver observer; /* record NULL: nothing watches */
 } RunState;
 
@@ -223,6 +232,8 @@ void model_free(Model *m);
 AttentionSpec attention_of_layer(const Model *m, int layer);
 /* Replaces control characters with '?', so that text from a file or the command line stays on one line. */
 void make_printable(char *s);
+/* Writes one line, printf-style, to err (errlen bytes) and returns -1: `return error_line(err, len, ...)`. */
+int error_line(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Parameters of the model: all of them, and those one token goes through (a mixture of experts uses top_k of
  * its n_experts). Tied embeddings count once. */
 void model_parameters(const Model *m, long long *total, long long *active);
@@ -230,9 +241,12 @@ void model_parameters(const Model *m, long long *total, long long *active);
 int runstate_init(RunState *s, const Model *m, int max_tokens);
 void runstate_free(RunState *s);
 
-/* Runs n tokens (n <= s->max_tokens) at positions pos .. pos+n-1 through the model, appending their keys
- * and values to the cache. Writes logits for all n tokens to s->logits when all_logits, else only for the
- * last one (s->logits row 0). Returns s->logits, or NULL when the KV cache cannot grow (out of memory). */
+/* Runs the rows of b (b->n <= s->max_tokens) through the model, appending their keys and values to their
+ * sequences' caches. Writes logits for every row to s->logits when all_logits, else only for the last one
+ * (s->logits row 0). Returns s->logits, or NULL when the KV cache cannot grow (out of memory). Each row's
+ * logits are the same bits whatever the other rows are. */
+float *forward_batch(const Model *m, RunState *s, const Batch *b, int all_logits);
+/* forward_batch for n tokens (n <= s->max_tokens) of sequence 0 at positions pos .. pos+n-1. */
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits);
 
 /* 1 if positions can go on past the context (every layer keeps a bounded cache and positions are rotary). */
