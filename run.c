@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "batch.h"
 #include "model.h"
 #include "study.h"
 
@@ -122,6 +123,9 @@ typedef struct {
     int info, ppl;
     AttentionOverrides overrides;
     const char *attn_map, *attn_map_layers, *attn_dump;
+    /* many sequences (batch.c) */
+    int samples, parallel;
+    const char *prompts_path;
 } Options;
 
 static void usage(FILE *out) {
@@ -140,6 +144,12 @@ static void usage(FILE *out) {
           "  --threads N     threads (default: all cores)\n"
           "  --batch N       prompt tokens per forward pass (default 256; 1 = token by token)\n"
           "  --help          this text\n"
+          "many sequences on one paged KV cache:\n"
+          "  --samples N     N continuations of the prompt (1..1024): prefilled once, decoded together; sample i\n"
+          "                  uses seed -s + i\n"
+          "  --prompts FILE  one prompt per line (blank lines skipped; ids as in --tokens for a model without a\n"
+          "                  tokenizer), decoded together with continuous batching; shared prefixes computed once\n"
+          "  --parallel P    --prompts: sequences decoding at once (1..1024, default 8)\n"
           "attention study (docs/ATTENTION.md):\n"
           "  --info          print the attention wiring, per layer, and what its KV cache costs; then exit\n"
           "  -f FILE         prompt text from a file\n"
@@ -202,7 +212,8 @@ static Options parse_args(int argc, char **argv) {
         }
         const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
                                "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
-                               "--attn-dump"};
+                               "--attn-dump",
+                               "--samples", "--parallel", "--prompts"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -234,12 +245,21 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--attn-map")) o.attn_map = v;
         else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
+        else if (!strcmp(a, "--samples")) o.samples = (int)parse_long(a, v, 1, 1024);
+        else if (!strcmp(a, "--parallel")) o.parallel = (int)parse_long(a, v, 1, 1024);
+        else if (!strcmp(a, "--prompts")) o.prompts_path = v;
     }
     if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
     if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
     if (o.attn_map_layers && !o.attn_map && !o.attn_dump) die("--attn-map-layer needs --attn-map or --attn-dump");
     if ((o.attn_map || o.attn_dump) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
         die("--attn-map needs the naive kernel: flash never materialises the weights");
+    if (o.samples && o.prompts_path) die("give --samples N or --prompts FILE, not both");
+    if (o.parallel && !o.prompts_path) die("--parallel needs --prompts FILE");
+    if (o.prompts_path && (o.prompt || o.tokens || o.prompt_file)) die("--prompts FILE gives the prompts: drop -p, -f and --tokens");
+    if ((o.samples || o.prompts_path) && (o.ppl || o.attn_map || o.attn_dump))
+        die("--ppl, --attn-map and --attn-dump study one sequence: drop --samples / --prompts");
+    if (!o.parallel) o.parallel = 8;
     return o;
 }
 
@@ -294,6 +314,36 @@ static int encode_text(const Model *m, const char *text, int add_bos, int **out)
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * samplers for batch.c: one per sequence, each what a run of its own would use */
+
+typedef struct {
+    const Options *o;
+    int vocab;
+} SamplerContext;
+
+static Sampler sampler_new(const Options *o, uint64_t seed, int vocab) {
+    Sampler s = {o->temperature, o->top_p, seed * 2654435761ULL + 1, malloc((size_t)vocab * sizeof(int))};
+    return s;
+}
+
+static void *sampler_start(void *ctx, uint64_t seed) {
+    const SamplerContext *c = ctx;
+    Sampler *s = malloc(sizeof *s);
+    if (s && !(*s = sampler_new(c->o, seed, c->vocab)).order) {
+        free(s);
+        s = NULL;
+    }
+    return s;
+}
+
+static int sampler_next(void *sampler, float *logits, int vocab) { return sample(sampler, logits, vocab); }
+
+static void sampler_end(void *sampler) {
+    free(((Sampler *)sampler)->order);
+    free(sampler);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * main: prompt -> prefill -> generate */
 
 int main(int argc, char **argv) {
@@ -335,6 +385,20 @@ int main(int argc, char **argv) {
         return 0;
     }
 
+    SamplerContext sampler_context = {&o, c->vocab_size};
+    BatchOptions batch_options = {o.n_generate, o.seed, o.print_ids, o.batch, o.parallel, !o.no_bos, NULL,
+                                  {sampler_start, sampler_next, sampler_end, &sampler_context}};
+    if (o.prompts_path) {
+        if (o.logits_path && !(batch_options.logits_file = fopen(o.logits_path, "wb")))
+            die("cannot write --logits file '%s': %s", o.logits_path, strerror(errno));
+        int bad = generate_prompts(&model, o.prompts_path, &batch_options, err, sizeof err);
+        if (batch_options.logits_file && fclose(batch_options.logits_file) != 0 && !bad)
+            die("writing --logits file '%s' failed", o.logits_path);
+        model_free(&model);
+        if (bad) die("%s", err);
+        return 0;
+    }
+
     /* the prompt as ids */
     int *prompt = NULL, n_prompt;
     if (o.tokens) {
@@ -358,8 +422,8 @@ int main(int argc, char **argv) {
 
     int batch = o.batch < n_prompt ? o.batch : n_prompt;
     RunState state;
-    if (runstate_init(&state, &model, batch) != 0) die("out of memory allocating the run state");
-    Sampler sampler = {o.temperature, o.top_p, o.seed * 2654435761ULL + 1, malloc((size_t)c->vocab_size * sizeof(int))};
+    if (runstate_init(&state, &model, batch > o.samples ? batch : o.samples) != 0) die("out of memory allocating the run state");
+    Sampler sampler = sampler_new(&o, o.seed, c->vocab_size);
     if (!sampler.order) die("out of memory");
     if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
     AttentionMap *map = NULL;
@@ -389,6 +453,15 @@ int main(int argc, char **argv) {
     if (logits_file && fclose(logits_file) != 0) die("writing --logits file '%s' failed", o.logits_path);
     double t1 = now_seconds();
     if (o.ppl) printf("perplexity: %.6f over %d tokens\n", exp(nll / (n_prompt - 1)), n_prompt - 1);
+    if (o.samples) { /* batch.c: N sequences from this prompt */
+        int bad = generate_samples(&model, &state, logits, prompt, n_prompt, o.samples, t1 - t0, &batch_options, err, sizeof err);
+        free(sampler.order);
+        free(prompt);
+        runstate_free(&state);
+        model_free(&model);
+        if (bad) die("%s", err);
+        return 0;
+    }
 
     /* generation: sample, print, feed the token back */
     Utf8Stream out = {{0}, 0};

@@ -10,13 +10,7 @@
 
 #include "png.h"
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
+#define fail error_line /* model.h */
 
 /* ---------------------------------------------------------------------------------------------
  * overrides */
