@@ -156,7 +156,7 @@ static void usage(FILE *out) {
           "  --ppl           print the perplexity of the prompt (each token given the ones before it), then exit\n"
           "  --window LIST   make layers slide: L=W[,L=W...] or all=W (W = 0: full attention)\n"
           "  --sinks N       the first N positions stay visible in every sliding layer (attention sinks)\n"
-          "  --sparse LIST   block-sparse layers: strided:S or fixed:B for all, or L=strided:S[,L=fixed:B...]\n"
+          "  --sparse LIST   block-sparse layers: strided:S, fixed:B or chunked:C for all, or L=strided:S[,L=fixed:B...]\n"
           "                  (after --window: it wins where both name a layer)\n"
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"

@@ -60,13 +60,16 @@ static int window_spec(AttentionSpec *a, const char *v, char *err, size_t errlen
     return 0;
 }
 
-/* --sparse value: strided:S or fixed:B */
+/* --sparse value: strided:S, fixed:B or chunked:C */
 static int sparse_spec(AttentionSpec *a, const char *v, char *err, size_t errlen) {
     const char *colon = strchr(v, ':');
     long n = colon ? parse_count(colon + 1, 1, MAX_SPAN) : -1;
     if (n > 0 && (size_t)(colon - v) == 7 && !strncmp(v, "strided", 7)) a->mask = MASK_STRIDED;
     else if (n > 0 && (size_t)(colon - v) == 5 && !strncmp(v, "fixed", 5)) a->mask = MASK_FIXED;
-    else return fail(err, errlen, "--sparse: '%s' is not a pattern (strided:S or fixed:B, with S, B in 1 .. %d)", v, MAX_SPAN);
+    else if (n > 0 && (size_t)(colon - v) == 7 && !strncmp(v, "chunked", 7)) a->mask = MASK_CHUNKED;
+    else
+        return fail(err, errlen, "--sparse: '%s' is not a pattern (strided:S, fixed:B or chunked:C, each in 1 .. %d)", v,
+                    MAX_SPAN);
     a->span = (int)n;
     a->n_sinks = 0;
     return 0;

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "bench")
 RUN = os.path.join(ROOT, "run")
 sys.path.insert(0, ROOT)
-from export import read_tensor_directory  # noqa: E402
+from export import f32_to_bf16, read_tensor_directory  # noqa: E402
 
 SHAPES = {  # name: (dim, hidden, layers, heads, vocab, context)
     "110M": (768, 2048, 12, 12, 32000, 1024),
@@ -98,18 +98,31 @@ def write_sliding_checkpoint(directory, shape, window, seed=1):
             tensors[p + n + ".weight"] = s
         tensors[p + "input_layernorm.weight"] = (dim,)
         tensors[p + "post_attention_layernorm.weight"] = (dim,)
+    write_random_safetensors(os.path.join(directory, "model.safetensors"), tensors, rng)
+
+
+def write_random_safetensors(path, shapes, rng, bf16=False):
+    """A safetensors file of {name: shape}: vectors of ones, matrices N(0, 0.02^2) (bf16: N(0, 1/cols)),
+    written tensor by tensor (a GB-sized checkpoint never sits in memory)."""
+    width = 2 if bf16 else 4
     header, offset = {}, 0
-    for name, s in tensors.items():
-        n = int(np.prod(s)) * 4
-        header[name] = {"dtype": "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
+    for name, s in shapes.items():
+        n = int(np.prod(s)) * width
+        header[name] = {"dtype": "BF16" if bf16 else "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
         offset += n
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
-    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h)
-        for name, s in tensors.items():
-            arr = np.ones(s, "<f4") if len(s) == 1 else random_matrix(rng, *s)
-            f.write(arr.tobytes())
+        for name, s in shapes.items():
+            if len(s) == 1:
+                arr = np.ones(s, "<f4")
+            elif bf16:
+                arr = rng.standard_normal(s, dtype=np.float32) * np.float32(s[-1] ** -0.5)
+            else:
+                arr = random_matrix(rng, *s)
+            f.write(f32_to_bf16(arr).tobytes() if bf16 else arr.tobytes())
+    os.replace(path + ".tmp", path)
 
 
 def export(src, out, dtype):

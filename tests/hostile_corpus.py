@@ -147,7 +147,7 @@ def _all_mutants(blob, rng, scale=1.0):
     # magic and version
     for magic in (b"ATNc", b"\0\0\0\0", b"GGUF", b"\x7fELF"):
         yield f"magic {magic!r}", magic + blob[4:]
-    for v in (0, 2, 0xFFFFFFFF):
+    for v in (0, 1, 3, 0xFFFFFFFF):
         yield f"version {v}", put(blob, 4, 4, v)
 
     # every header field set to absurd values

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "attention.h"
+#include "blocks.h"
 #include "kvcache.h"
 #include "ops.h"
 #include "tokenizer.h"
@@ -704,6 +705,38 @@ static void test_tokenizer_records(void) {
     tokenizer_free(&t);
 }
 
+/* torch.topk's choice among tied scores (tests/data/router_ties.txt, from tools/make_router_ties.py): the
+experts moe.c routes to must be the very same set. */
+static void test_router_ties(void) {
+    FILE *f = fopen("tests/data/router_ties.txt", "r");
+    if (!f) {
+        check(0, "router ties: tests/data/router_ties.txt is readable");
+        return;
+    }
+    char line[16384];
+    int cases = 0, same = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#') continue;
+        char *p = line, *end;
+        int n = (int)strtol(p, &end, 10), k = (int)strtol(end, &p, 10), want[64], got[64];
+        float scores[512];
+        for (int i = 0; i < n; i++) scores[i] = strtof(p, &p);
+        p = strchr(p, '|') + 1;
+        for (int i = 0; i < k; i++) want[i] = (int)strtol(p, &p, 10);
+        router_top_k(scores, NULL, n, k, got);
+        int all = 1;
+        for (int i = 0; i < k; i++) {
+            int found = 0;
+            for (int j = 0; j < k; j++) found |= got[j] == want[i];
+            all &= found;
+        }
+        same += all, cases++;
+    }
+    fclose(f);
+    check(cases >= 300 && same == cases, "router ties: the experts chosen among tied scores are torch.topk's, in %d of %d cases",
+          same, cases);
+}
+
 int main(void) {
     test_paged_cache();
     test_rolling_buffer();
@@ -712,6 +745,7 @@ int main(void) {
     test_attention();
     test_cross_attention();
     test_ops();
+    test_router_ties();
     test_matmul();
     test_parallel();
     test_utf8();
