@@ -6,7 +6,8 @@
 #                   0.3.21 takes CPUs it does not know for a Prescott (SSE3): OPENBLAS_CORETYPE=SKYLAKEX
 #   make KERNELS=portable   the portable C kernels, but the rest still built for this CPU (for the tests)
 #   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/),
-#                   and a mixture of experts against the roofline of the bytes it reads (bench/moe.py)
+#                   a mixture of experts against the roofline of the bytes it reads (bench/moe.py), and
+#                   N samples decoding together against one sequence (bench/samples.py)
 #   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
 #   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
 #   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
@@ -59,6 +60,7 @@ bench: run
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/moe.py
+	$(PYTHON) bench/samples.py
 
 # --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
 # make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "study.h"
+
 static double seconds_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -47,6 +49,7 @@ typedef struct {
     const char *what;       /* "sample" or "prompt", for labels */
     const int *lines;       /* prompts: the line of each, for labels; NULL for samples */
     int rolls;              /* positions may run past the context (model_can_roll) */
+    int keep_sequences;     /* a finished sequence keeps its blocks (for --kv-map) until the end */
     Stream *active;         /* the sequences decoding, n_active of them */
     int n_active;
     int n_outputs, n_printed;
@@ -128,7 +131,7 @@ static void stream_finish(Generator *g, Stream *st) {
     }
     g->finished[st->index] = 1;
     if (st->sampler) g->o->sampler.end(st->sampler);
-    kvcache_drop_sequence(&g->s->kv, st->seq);
+    if (!g->keep_sequences) kvcache_drop_sequence(&g->s->kv, st->seq);
 }
 
 /* The first token of a sequence whose prompt is done: it joins the decoding sequences unless it finished. */
@@ -211,15 +214,20 @@ int generate_samples(const Model *m, RunState *s, const float *logits, const int
     Stream *started = malloc((size_t)n_samples * sizeof *started);
     bad |= !started;
     g.what = "sample";
+    g.keep_sequences = o->kv_map != NULL;
+    int *seqs = malloc((size_t)n_samples * sizeof *seqs);
+    bad |= !seqs;
     /* every sample starts as sequence 0, the prompt: its blocks are shared, not copied */
     for (int i = 0; i < n_samples && !bad; i++) {
-        int seq = i == 0 ? 0 : kvcache_fork(&s->kv, 0);
+        int seq = seqs[i] = i == 0 ? 0 : kvcache_fork(&s->kv, 0);
         if (seq < 0) bad = 1;
         else bad = stream_start(&g, &started[n_started++], i, seq, prompt, n_prompt) != 0;
     }
     if (bad) {
+        g.keep_sequences = 0;
         for (int i = 0; i < n_started; i++) stream_finish(&g, &started[i]);
         free(started);
+        free(seqs);
         generator_free(&g);
         return error_line(err, errlen, "out of memory starting %d samples", n_samples);
     }
@@ -234,6 +242,15 @@ int generate_samples(const Model *m, RunState *s, const float *logits, const int
     g.decode_seconds = seconds_now() - t1;
     bad = decode_all(&g, err, errlen);
     print_finished(&g);
+    if (g.keep_sequences) {
+        char title[128];
+        snprintf(title, sizeof title, "%d samples of a %d-token prompt, %lld tokens generated in all", n_samples, n_prompt,
+                 g.generated);
+        if (!bad && kv_map_write_svg(m, &s->kv, seqs, n_samples, title, o->kv_map) != 0)
+            bad = error_line(err, errlen, "cannot write --kv-map '%s': %s", o->kv_map, strerror(errno));
+        for (int i = 0; i < n_samples; i++) kvcache_drop_sequence(&s->kv, seqs[i]);
+    }
+    free(seqs);
     if (!bad)
         fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %lld tok %.1f tok/s, %d samples | kv %zu bytes, "
                 "%d separate runs %zu bytes\n", n_prompt, n_prompt / (prefill_seconds > 0 ? prefill_seconds : 1e-9),

@@ -24,6 +24,7 @@ typedef struct {
     int parallel;       /* --prompts: sequences decoding together, at most */
     int add_bos;        /* --prompts: each line starts with the tokenizer's BOS */
     FILE *logits_file;  /* --prompts: the last prompt position's logits of each prompt, in order; or NULL */
+    const char *kv_map; /* --samples: an SVG of the samples' block tables once they are done; or NULL */
     SamplerHooks sampler;
 } BatchOptions;
 

@@ -149,6 +149,11 @@ static long slots_spanned(const KVLayer *l, long n_positions) {
     return cap && n_positions > cap ? cap : n_positions;
 }
 
+int kvlayer_rows_written(const KVLayer *l, int b) {
+    long written = slots_spanned(l, l->n_positions) - (long)b * KV_BLOCK_TOKENS, rows = block_rows(l, b);
+    return (int)(written < 0 ? 0 : written < rows ? written : rows);
+}
+
 /* Block table entries 0 .. n-1 exist (-1: no block yet). */
 static int grow_table(KVLayer *l, int n) {
     if (n <= l->n_blocks) return 0;
@@ -179,8 +184,7 @@ static void set_block(KVLayer *l, int b, int id) {
 static int copy_block(KVLayer *l, int b) {
     int old = l->block_ids[b], id = kvpool_alloc(l->pool, l->pool->rows[old]);
     if (id < 0) return -1;
-    long written = slots_spanned(l, l->n_positions) - (long)b * KV_BLOCK_TOKENS;
-    size_t rows = (size_t)(written < l->pool->rows[old] ? written : l->pool->rows[old]);
+    size_t rows = (size_t)kvlayer_rows_written(l, b);
     memcpy(block_keys(l->pool, id), block_keys(l->pool, old), rows * (size_t)l->kv_dim * sizeof(float));
     memcpy(block_values(l->pool, id), block_values(l->pool, old), rows * (size_t)l->kv_dim * sizeof(float));
     kvpool_unref(l->pool, old);

@@ -84,6 +84,8 @@ int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value);
 /* The key / value row of a held position. */
 float *kvlayer_key(const KVLayer *l, int pos);
 float *kvlayer_value(const KVLayer *l, int pos);
+/* Rows of block b that hold a stored position (0 .. KV_BLOCK_TOKENS; 0 past the last one written). */
+int kvlayer_rows_written(const KVLayer *l, int b);
 /* Bytes of key and value storage this layer's table holds right now (shared blocks counted in full): what
  * the layer would hold on its own. */
 size_t kvlayer_bytes_held(const KVLayer *l);

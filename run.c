@@ -125,7 +125,7 @@ typedef struct {
     const char *attn_map, *attn_map_layers, *attn_dump;
     /* many sequences (batch.c) */
     int samples, parallel;
-    const char *prompts_path;
+    const char *prompts_path, *kv_map;
 } Options;
 
 static void usage(FILE *out) {
@@ -150,6 +150,7 @@ static void usage(FILE *out) {
           "  --prompts FILE  one prompt per line (blank lines skipped; ids as in --tokens for a model without a\n"
           "                  tokenizer), decoded together with continuous batching; shared prefixes computed once\n"
           "  --parallel P    --prompts: sequences decoding at once (1..1024, default 8)\n"
+          "  --kv-map SVG    --samples: draw the samples' KV block tables (which blocks they share) at the end\n"
           "attention study (docs/ATTENTION.md):\n"
           "  --info          print the attention wiring, per layer, and what its KV cache costs; then exit\n"
           "  -f FILE         prompt text from a file\n"
@@ -213,7 +214,7 @@ static Options parse_args(int argc, char **argv) {
         const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
                                "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
                                "--attn-dump",
-                               "--samples", "--parallel", "--prompts"};
+                               "--samples", "--parallel", "--prompts", "--kv-map"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -248,6 +249,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--samples")) o.samples = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--parallel")) o.parallel = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--prompts")) o.prompts_path = v;
+        else if (!strcmp(a, "--kv-map")) o.kv_map = v;
     }
     if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
     if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
@@ -259,6 +261,7 @@ static Options parse_args(int argc, char **argv) {
     if (o.prompts_path && (o.prompt || o.tokens || o.prompt_file)) die("--prompts FILE gives the prompts: drop -p, -f and --tokens");
     if ((o.samples || o.prompts_path) && (o.ppl || o.attn_map || o.attn_dump))
         die("--ppl, --attn-map and --attn-dump study one sequence: drop --samples / --prompts");
+    if (o.kv_map && !o.samples) die("--kv-map draws the block tables of --samples N");
     if (!o.parallel) o.parallel = 8;
     return o;
 }
@@ -386,7 +389,7 @@ int main(int argc, char **argv) {
     }
 
     SamplerContext sampler_context = {&o, c->vocab_size};
-    BatchOptions batch_options = {o.n_generate, o.seed, o.print_ids, o.batch, o.parallel, !o.no_bos, NULL,
+    BatchOptions batch_options = {o.n_generate, o.seed, o.print_ids, o.batch, o.parallel, !o.no_bos, NULL, o.kv_map,
                                   {sampler_start, sampler_next, sampler_end, &sampler_context}};
     if (o.prompts_path) {
         if (o.logits_path && !(batch_options.logits_file = fopen(o.logits_path, "wb")))

@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import subprocess
+import xml.etree.ElementTree as ET
 
 import numpy as np
 
@@ -139,6 +140,18 @@ def run(t):
     t.check(f"kjv-5m: the 4 samples hold their {len(KJV_PROMPT.split())}-word prompt once: less KV than 4 separate runs, "
             f"which hold what the stats line says ({stats(r).split('| kv ')[-1]}; runs alone: {alone})",
             kv is not None and int(kv.group(1)) < int(kv.group(2)) == sum(alone))
+    svg = t.tmp("batch_kv_map.svg")
+    r = t.run([kjv] + prompt + ["-n", 20, "-t", "1", "-s", 11, "--samples", 3, "--kv-map", svg])
+    ok = r.returncode == 0 and os.path.exists(svg)
+    if ok:
+        root = ET.parse(svg).getroot()
+        texts = [e.text or "" for e in root.iter("{http://www.w3.org/2000/svg}text")]
+        held = re.search(r"kv (\d+) bytes, 3 separate runs (\d+) bytes", stats(r))
+        ok = (held is not None and f"KV cache held: {int(held.group(1)):,} bytes; 3 separate runs would hold "
+              f"{int(held.group(2)):,} bytes" in texts and texts.count("sample 2") == 2
+              and any(x.startswith("layer 0: sliding 64") for x in texts) and any(x.startswith("layer 2: full") for x in texts))
+    t.check("kjv-5m: --kv-map draws the samples' block tables (a sliding and a full layer) with the bytes of the stats line",
+            ok, stats(r))
     r = t.run([kjv] + prompt + ["-n", 0, "--samples", 3])
     t.check("kjv-5m: --samples with -n 0 only prefills, prints nothing", r.returncode == 0 and r.stdout == b"")
 
@@ -182,7 +195,8 @@ def run(t):
              (["--prompts", t.tmp("no_such_file.txt")], "cannot read"), (["--prompts", empty], "no prompts"),
              (["--prompts", blank], "no prompts"), (["--prompts", nul], "line 2 contains a NUL byte"),
              (["--prompts", empty, "-p", "hi"], "drop -p"), (["--samples", "2", "--prompts", empty], "not both"),
-             (["--samples", "2", "--ppl"], "drop --samples")]
+             (["--samples", "2", "--ppl"], "drop --samples"), (["--kv-map", "x.svg"], "--samples N"),
+             (["--samples", "2", "-p", "hi", "-n", "2", "--kv-map", t.tmp("no_such_dir/x.svg")], "cannot write --kv-map")]
     for args, words in cases:
         r = t.run([tiny] + args)
         t.check(f"hostile: {' '.join(os.path.basename(a) for a in args)} -> one error line mentioning '{words}'",
