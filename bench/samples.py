@@ -10,7 +10,6 @@ the KV bytes the N samples hold, the prompt's blocks shared, against N separate 
 
     python3 bench/samples.py [--runs N] [--threads N] [--quick]
 """
-import argparse
 import os
 import re
 import subprocess
@@ -19,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BUILD, RUN, SHAPES, build_tools, export, log, tokens, write_llama2c  # noqa: E402
+from bench import BUILD, RUN, SHAPES, bench_arguments, build_tools, export, log, tokens, write_llama2c  # noqa: E402
 
 COUNTS = (1, 4, 8, 16)
 
@@ -35,13 +34,7 @@ def decode_stats(args, threads):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ./run (default: all cores)")
-    ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test of the script)")
-    args = ap.parse_args()
-    if not os.path.exists(RUN):
-        sys.exit("error: ./run is not built (make)")
+    args = bench_arguments(__doc__)
     runs = 1 if args.quick else args.runs
     n_decode = 16 if args.quick else 128
     build_tools()
