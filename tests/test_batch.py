@@ -33,11 +33,20 @@ def stats(r):
     return r.stderr.decode("utf-8", "replace").strip().splitlines()[-1]
 
 
+_singles = {}
+
+
 def single(t, model, prompt_args, seed, n, *extra):
-    r = t.run([model] + prompt_args + ["-n", n, "-t", "1", "-s", seed] + list(extra))
-    if r.returncode != 0:
-        raise RuntimeError(f"./run failed: {r.stderr.decode(errors='replace').strip()}")
-    return r
+    """A separate run (each one once): its output, and the logits of its last prompt position."""
+    key = (model, tuple(prompt_args), seed, n) + extra
+    if key not in _singles:
+        path = t.tmp("batch_single_logits.bin")
+        r = t.run([model] + prompt_args + ["-n", n, "-t", "1", "-s", seed, "--logits", path] + list(extra))
+        if r.returncode != 0:
+            raise RuntimeError(f"./run failed: {r.stderr.decode(errors='replace').strip()}")
+        n_prompt = int(re.search(r"prefill (\d+) tok", stats(r)).group(1))
+        _singles[key] = r, np.fromfile(path, dtype="<f4").reshape(n_prompt, -1)[-1]
+    return _singles[key][0]
 
 
 def check_samples(t, name, model, prompt_args, n_samples=3, n=24, seed=11, variants=([],)):
@@ -65,15 +74,6 @@ def fixture_model(t, name):
     return t.export(src, f"{name}.bin"), json.load(open(os.path.join(src, "ref.json")))["input_ids"]
 
 
-def last_logits(t, model, prompt_args):
-    path = t.tmp("batch_cold_logits.bin")
-    r = t.run([model] + prompt_args + ["-n", "0", "--logits", path])
-    if r.returncode != 0:
-        raise RuntimeError(f"./run failed: {r.stderr.decode(errors='replace').strip()}")
-    n_prompt = int(re.search(r"prefill (\d+) tok", stats(r)).group(1))
-    return np.fromfile(path, dtype="<f4").reshape(n_prompt, -1)[-1]
-
-
 def check_prompts(t, name, model, lines, prompt_args_of, seed=5, n=16, variants=(["--parallel", "2"],)):
     """--prompts FILE: each prompt's ids equal a separate run's with seed + i; its last prompt position's logits
     equal a cold run's bit for bit; the shared prefixes are hits. Returns the stats line of the first variant."""
@@ -82,7 +82,7 @@ def check_prompts(t, name, model, lines, prompt_args_of, seed=5, n=16, variants=
         f.write("\n".join(lines) + "\n")
     prompts = [l for l in lines if l.strip()]
     want = [single(t, model, prompt_args_of(p), seed + i, n, "--print-ids").stdout.decode() for i, p in enumerate(prompts)]
-    cold = np.stack([last_logits(t, model, prompt_args_of(p)) for p in prompts])
+    cold = np.stack([_singles[(model, tuple(prompt_args_of(p)), seed + i, n, "--print-ids")][1] for i, p in enumerate(prompts)])
     first = None
     for extra in variants:
         logits_path = t.tmp(f"batch_{name}_logits.bin")
@@ -188,12 +188,15 @@ def run(t):
     open(empty, "w").close()
     open(blank, "w").write("\n  \n\r\n\t\n")
     open(nul, "wb").write(b"fine\nbad\x00line\n")
+    long_line = t.tmp("batch_long_line.txt")
+    open(long_line, "w").write("hello\n" + "a " * 5000 + "\n")
     cases = [(["--samples", "0"], "between 1 and 1024"), (["--samples", "1025"], "between 1 and 1024"),
              (["--samples", "x"], "integer"), (["--parallel", "4"], "needs --prompts"),
              (["--prompts", empty, "--parallel", "0"], "between 1 and 1024"),
              (["--prompts", empty, "--parallel", "1025"], "between 1 and 1024"),
              (["--prompts", t.tmp("no_such_file.txt")], "cannot read"), (["--prompts", empty], "no prompts"),
              (["--prompts", blank], "no prompts"), (["--prompts", nul], "line 2 contains a NUL byte"),
+             (["--prompts", long_line], "line 2 has"), (["--prompts", t.build], "cannot read"),
              (["--prompts", empty, "-p", "hi"], "drop -p"), (["--samples", "2", "--prompts", empty], "not both"),
              (["--samples", "2", "--ppl"], "drop --samples"), (["--kv-map", "x.svg"], "--samples N"),
              (["--samples", "2", "-p", "hi", "-n", "2", "--kv-map", t.tmp("no_such_dir/x.svg")], "cannot write --kv-map")]
