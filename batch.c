@@ -19,6 +19,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "files.h"
 #include "study.h"
 
 static double seconds_now(void) {
@@ -152,6 +153,11 @@ static int decode_step(Generator *g) {
     note_memory(g);
     for (int i = 0; i < n; i++) {
         Stream *st = &g->active[i];
+        if (g->o->check_logits) { /* row i alone: the check reads logits row 0 */
+            RunState row = *g->s;
+            row.logits += (size_t)i * vocab;
+            g->o->check_logits(g->m, &row, i, 1, st->pos);
+        }
         st->pos++;
         if (stream_take(g, st, logits + (size_t)i * vocab)) g->active[kept++] = *st;
         else stream_finish(g, st);
@@ -176,7 +182,7 @@ static void print_finished(Generator *g) {
         free(g->outputs[i]);
         g->outputs[i] = NULL;
     }
-    fflush(stdout);
+    if (fflush(stdout) != 0) check_stdout(0); /* a full disk ends the run now */
 }
 
 static void generator_free(Generator *g) {
@@ -300,7 +306,7 @@ static int parse_ids(const char *text, int vocab, int *ids) {
 /* Reads one prompt per line: text through the tokenizer, or ids when the model has none. */
 static int read_prompts(const Model *m, const char *path, int add_bos, Prompts *p, char *err, size_t errlen) {
     memset(p, 0, sizeof *p);
-    FILE *f = fopen(path, "rb");
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin; /* "-": standard input */
     if (!f) return error_line(err, errlen, "cannot read --prompts file '%s': %s", path, strerror(errno));
     char *line = NULL;
     size_t cap = 0;
@@ -348,7 +354,7 @@ static int read_prompts(const Model *m, const char *path, int add_bos, Prompts *
     if (!bad && ferror(f)) bad = error_line(err, errlen, "cannot read --prompts file '%s'", path);
     if (!bad && p->n == 0) bad = error_line(err, errlen, "--prompts file '%s' has no prompts (every line is blank)", path);
     free(line);
-    fclose(f);
+    if (f != stdin) fclose(f);
     if (bad) prompts_free(p);
     return bad ? -1 : 0;
 }
@@ -490,6 +496,7 @@ static float *prefill(Generator *g, int seq, const int *tokens, int from, int to
         for (int t = 0; t < n; t++) g->s->row_seq[t] = seq, g->s->row_pos[t] = pos + t;
         Batch b = {n, tokens + pos, g->s->row_seq, g->s->row_pos};
         if (!(logits = forward_batch(g->m, g->s, &b, 0))) return NULL;
+        if (g->o->check_logits && pos + n == to) g->o->check_logits(g->m, g->s, n - 1, 1, to - 1);
     }
     g->prefilled += to - from;
     g->prefill_seconds += seconds_now() - t0;
@@ -545,15 +552,19 @@ int generate_prompts(const Model *m, const char *path, const BatchOptions *o, ch
     for (int i = 0; i < r.prompts.n; i++)
         if (r.prompts.len[i] > longest) longest = r.prompts.len[i];
     int chunk = o->batch < longest ? o->batch : longest, rows = chunk > o->parallel ? chunk : o->parallel;
+    long positions = (long)longest + o->n_generate; /* the most one sequence can reach */
+    if (!model_can_roll(m) && positions > m->config.context_length) positions = m->config.context_length;
     RunState s;
-    if (runstate_init(&s, m, rows) != 0) {
+    int bad = model_check_memory(m, rows, positions, err, errlen) != 0;
+    if (!bad && runstate_init(&s, m, rows) != 0) bad = error_line(err, errlen, "out of memory allocating the run state");
+    if (bad) {
         prompts_free(&r.prompts);
-        return error_line(err, errlen, "out of memory allocating the run state");
+        return -1;
     }
     kvcache_drop_sequence(&s.kv, 0); /* every prompt gets a sequence of its own */
     BatchOptions opts = *o;
     opts.batch = chunk;
-    int bad = generator_init(&r.g, m, &s, &opts, o->parallel, r.prompts.n) != 0 || prefix_init(&r.prefix, &r.prompts) != 0;
+    bad = generator_init(&r.g, m, &s, &opts, o->parallel, r.prompts.n) != 0 || prefix_init(&r.prefix, &r.prompts) != 0;
     if (bad) error_line(err, errlen, "out of memory preparing %d prompts", r.prompts.n);
     r.g.what = "prompt";
     r.g.lines = r.prompts.line;

@@ -26,6 +26,9 @@ typedef struct {
     FILE *logits_file;  /* --prompts: the last prompt position's logits of each prompt, in order; or NULL */
     const char *kv_map; /* --samples: an SVG of the samples' block tables once they are done; or NULL */
     SamplerHooks sampler;
+    /* Stops the run with one line if logits rows 0 .. rows-1 (residual stream rows t0 .. t0+rows-1, at positions
+     * first_pos ..) are not finite (run.c's check: NaN weights); or NULL */
+    void (*check_logits)(const Model *m, const RunState *s, int t0, int rows, int first_pos);
 } BatchOptions;
 
 /* --samples N: the prompt has been prefilled into sequence 0 of s (logits: its last position's), in

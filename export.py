@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
+"""export.py - turn a Hugging Face checkpoint, a llama.cpp GGUF file or a llama2.c checkpoint into one attn.c model file.
 
     python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
-SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
-legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
-are read by hand.
+SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files), a llama.cpp GGUF file
+(gguf_reader.py), or a llama2.c checkpoint (.bin, versions 0, 1 and 2). Needs only Python 3 and numpy:
+safetensors, GGUF, JSON and SentencePiece's protobuf are read by hand.
 The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
 """
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -23,6 +25,9 @@ try:
     import numpy as np
 except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("error: export.py needs numpy (Debian: apt-get install python3-numpy)")
+
+import gguf_reader
+from pretokenizers import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX, PretokenizerError, split_steps
 
 FORMAT_VERSION = 2
 ALIGN = 64
@@ -47,7 +52,7 @@ FLAG_BITS = dict(
 globals().update(FLAG_BITS)
 
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
-PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE, PRE_SPLITS = 0, 1, 2, 3, 4, 5
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
 TOKF_NORMALIZE_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
 TOKF_STRIP_LEADING_SPACE, TOKF_REMOVE_EXTRA_SPACES = 512, 1024
@@ -83,6 +88,68 @@ def reads_input(read):
 
 
 # ----------------------------------------------------------------------------
+# reading inputs: regular files only, text of a bounded size, and a record of what was read
+
+MAX_JSON_BYTES = 64 << 20        # config.json, tokenizer_config.json, generation_config.json, an index
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json / .model / .bin (Gemma 3's 262k-token tokenizer.json: 33 MB)
+INPUTS = set()                   # (st_dev, st_ino) of every file this export has read: the output may be none of them
+
+
+def open_input(path, limit=None):
+    """path opened for reading in binary, if it is a regular file (of at most limit bytes). A FIFO would block
+    and /dev/zero never ends, so the type is checked before anything is read (O_NONBLOCK: opening a FIFO
+    waits for a writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{path}: {os.strerror(21)}")  # EISDIR: "Is a directory"
+        if not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"{path}: not a regular file (a FIFO, a device or a socket cannot be an input)")
+        raise ExportError(f"{path}: {st.st_size} bytes, more than the {limit >> 20} MiB such a file may have")
+    os.set_blocking(fd, True)
+    INPUTS.add((st.st_dev, st.st_ino))
+    return os.fdopen(fd, "rb")
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs):
+    """json object_pairs_hook: an object that names a key twice is refused (which one would count?)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKey(k)
+            seen.add(k)
+    return obj
+
+
+def parse_json(path, raw, what=""):
+    """raw bytes of a JSON file -> its value; an error names the file (and never quotes its bytes)."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
+        raise ExportError(f"{path}: key {e.args[0]!r} appears twice in one JSON object")
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: {what}not valid JSON (not UTF-8 text)")
+    except (ValueError, RecursionError) as e:
+        raise ExportError(f"{path}: {what}not valid JSON ({e})")
+
+
+def load_json(path, limit=MAX_JSON_BYTES):
+    with open_input(path, limit) as f:
+        return parse_json(path, f.read())
+
+
+# ----------------------------------------------------------------------------
 # reading safetensors by hand: 8-byte header length, JSON header, raw little-endian data
 
 ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "U8": ("<u1", 1)}  # U8: MXFP4 blocks, scales
@@ -102,6 +169,23 @@ def f32_to_bf16(x):
     return rounded
 
 
+MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON: room for ~100k tensor entries, more than any real file holds
+
+
+def shard_path(directory, index, name):
+    """The file a weight_map entry names, which must lie inside the model directory: a relative path without
+    "..", whose real path (symbolic links resolved) is inside the directory's -- or, for a snapshot of the
+    Hugging Face cache (.../snapshots/REV/, whose files link to ../../blobs/), inside that cache's blobs."""
+    inside = [os.path.realpath(directory)]
+    if os.path.basename(os.path.dirname(inside[0])) == "snapshots":
+        inside.append(os.path.join(os.path.dirname(os.path.dirname(inside[0])), "blobs"))
+    real = os.path.realpath(os.path.join(directory, name))
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts or not any(real.startswith(d + os.sep) for d in inside):
+        raise ExportError(f"{index}: weight_map names {name!r}, which lies outside the model directory")
+    return os.path.join(directory, name)
+
+
 class SafeTensors:
     """All tensors of a checkpoint (one file or shards), read lazily through numpy memmaps."""
 
@@ -112,39 +196,41 @@ class SafeTensors:
             files = [single]
         elif os.path.exists(index):
             weight_map = load_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ExportError(f"{index}: no weight_map")
-            files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ExportError(f"{index}: no weight_map of tensor names to file names")
+            files = [shard_path(directory, index, f) for f in sorted(set(weight_map.values()))]
         else:
             files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors"))
             if not files:
                 raise ExportError(f"{directory}: no model.safetensors, no model.safetensors.index.json, no *.safetensors")
         self.entries = {}
-        for path in files:
-            self._read_header(path)
+        self.file_of = {}  # tensor name -> the file that holds it
+        gc.disable()  # a header of 200k entries is 1M small objects: the cycle collector would walk them again and again
+        try:
+            for path in files:
+                self._read_header(path)
+        finally:
+            gc.enable()
 
     def _read_header(self, path):
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) != 8:
-                    raise ExportError(f"{path}: truncated safetensors file (no header length)")
-                (n,) = struct.unpack("<Q", raw)
-                if n > size - 8 or n > 100 << 20:
-                    raise ExportError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
-                header = json.loads(f.read(n))
-        except OSError as e:
-            raise ExportError(f"{path}: {e.strerror}")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ExportError(f"{path}: safetensors header is not valid JSON ({e})")
-        if not isinstance(header, dict):
-            raise ExportError(f"{path}: safetensors header is not a JSON object")
-        base = 8 + n
-        mm = None
+        with open_input(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ExportError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+                raise ExportError(f"{path}: safetensors header length does not fit the file ({size} bytes) or the "
+                                  f"{MAX_SAFETENSORS_HEADER >> 20} MiB limit: not a safetensors file?")
+            header = parse_json(path, f.read(n), "safetensors header is ")
+            if not isinstance(header, dict):
+                raise ExportError(f"{path}: safetensors header is not a JSON object")
+            meta = header.pop("__metadata__", {})
+            if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+                raise ExportError(f"{path}: safetensors __metadata__ is not an object of strings")
+            mm = np.memmap(f, dtype=np.uint8, mode="r") if header else None
+        base, spans = 8 + n, []
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             try:
                 dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
                 if not isinstance(dtype, str) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
@@ -155,12 +241,19 @@ class SafeTensors:
             if dtype not in ST_DTYPES:
                 raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16, F16 (and U8 for MXFP4) are supported")
             np_dtype, width = ST_DTYPES[dtype]
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             if end - begin != count * width or base + end > size:
                 raise ExportError(f"{path}: tensor '{name}' data ({begin}..{end}) does not match its shape or lies past the end of the file")
-            if mm is None:
-                mm = np.memmap(path, dtype=np.uint8, mode="r")
+            if name in self.entries:
+                raise ExportError(f"tensor '{name}' is in both {self.file_of[name]} and {path}")
             self.entries[name] = (mm, base + begin, count, np_dtype, dtype, shape)
+            self.file_of[name] = path
+            if end > begin:
+                spans.append((begin, end, name))
+        spans.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise ExportError(f"{path}: tensors '{a}' and '{b}' share bytes (their data_offsets overlap)")
 
     def __contains__(self, name):
         return name in self.entries
@@ -185,16 +278,6 @@ class SafeTensors:
         """The tensor as float32, in its stored shape."""
         arr = self.get_raw(name)
         return bf16_to_f32(arr) if self.dtype(name) == "BF16" else arr.astype(np.float32)
-
-
-def load_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
-    except ValueError as e:
-        raise ExportError(f"{path}: not valid JSON ({e})")
 
 
 # ----------------------------------------------------------------------------
@@ -303,6 +386,7 @@ class Model:
         self.tensors = []          # (name, shape, producer() -> float32 array)
         self.tokenizer = None      # bytes of the tokenizer section, or None
         self.source_dtype = DTYPES["f32"]  # what the weights are stored as without --dtype
+        self.hf_config = {}        # the (Hugging Face) config it was converted from
 
     def add(self, name, shape, producer):
         self.tensors.append((name, tuple(int(d) for d in shape), producer))
@@ -388,11 +472,17 @@ def rope_settings(cfg, layer_type=None):
 
 def rope_inv_freq(theta, rope_dim, scaling, context=None):
     """(inverse frequencies, attention factor) of a scaled rope, as transformers computes them (in float32);
-    the attention factor multiplies cos and sin (YaRN), 1 otherwise."""
+    the attention factor multiplies cos and sin (YaRN), 1 otherwise. The frequencies must come out finite and
+    positive (a factor of 0 or NaN, or a rope_theta <= 0, would give NaN or infinite tables)."""
     try:
-        return _rope_inv_freq(theta, rope_dim, scaling, context)
+        with np.errstate(all="ignore"):
+            inv, attention = _rope_inv_freq(theta, rope_dim, scaling, context)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ExportError(f"config.json: rope scaling {scaling} is incomplete or malformed ({type(e).__name__}: {e})")
+    if not (np.isfinite(inv).all() and (inv > 0).all() and math.isfinite(attention) and attention > 0):
+        raise ExportError(f"config.json: rope_theta {theta} with rope scaling {scaling} gives inverse frequencies (or an "
+                          f"attention factor) that are not finite and positive")
+    return inv, attention
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -407,6 +497,11 @@ def _rope_inv_freq(theta, rope_dim, scaling, context):
         return inv, 1.0
     if kind == "linear":
         return (inv / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "freq_factors":  # GGUF's rope_freqs (Llama 3.1 conversions): each frequency divided by its factor
+        factors = np.asarray(scaling["factors"], dtype=np.float32)
+        if factors.shape != inv.shape or not np.all(factors > 0):
+            raise ValueError(f"{len(factors)} rope frequency factors for {len(inv)} frequencies, or one not positive")
+        return (inv / factors).astype(np.float32), 1.0
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -442,6 +537,18 @@ def _rope_inv_freq(theta, rope_dim, scaling, context):
         inv = (np.float32(1) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - keep) + (np.float32(1) / pos_freqs) * keep
         return inv.astype(np.float32), float(attention)
     raise ExportError(f"rope scaling type '{kind}' is not supported (supported: linear, llama3, yarn)")
+
+
+def full_attention_windows(m):
+    """A sliding window (or a chunk) that covers the whole context hides nothing: such a layer is stored as full
+    attention (0), so that ./run keeps positions inside the context as it does for any layer that sees
+    everything."""
+    for i, L in enumerate(m.layers):
+        a = L.attn
+        for what in ("window", "chunk"):
+            if getattr(a, what) >= m.context_length:
+                log(f"export: layer {i}: {what} {getattr(a, what)} covers the context of {m.context_length}: full attention")
+                setattr(a, what, 0)
 
 
 def round_rope_to_bf16(m):
@@ -598,9 +705,20 @@ def config_int(cfg, keys, default=None, minimum=1):
             raise ExportError(f"config.json: missing '{keys[0]}'")
         return default
     v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v < 2 ** 31:
-        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {2 ** 31 - 1}")
+    top = LIMITS.get(KEY_LIMITS.get(key), 2 ** 31 - 1)  # sizes the format bounds: refused before anything is built
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= top:
+        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {top}")
     return v
+
+
+# config.json keys that size what export builds, and the limit of the format (LIMITS) each is held to
+KEY_LIMITS = {"num_hidden_layers": "layers", "n_layer": "layers", "hidden_size": "dim", "n_embd": "dim",
+              "intermediate_size": "hidden_dim", "n_inner": "hidden_dim", "num_attention_heads": "heads",
+              "n_head": "heads", "num_key_value_heads": "heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+              "sliding_window": "context_length", "attention_chunk_size": "context_length",
+              "moe_intermediate_size": "hidden_dim", "shared_expert_intermediate_size": "hidden_dim",
+              "num_experts": "experts", "num_local_experts": "experts", "n_routed_experts": "experts",
+              "num_experts_per_tok": "experts"}
 
 
 def number(v, what):
@@ -1001,6 +1119,18 @@ def convert_hf(src, args):
     cfg = load_json(os.path.join(src, "config.json"))
     if not isinstance(cfg, dict):
         raise ExportError(f"{os.path.join(src, 'config.json')}: not a JSON object")
+    log(f"export: reading {src} ({cfg.get('model_type')})")
+    m = convert_checkpoint(cfg, SafeTensors(src), os.path.join(src, "config.json"))
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config, src)
+    else:
+        m.tokenizer = hf_tokenizer(src, m.hf_config, m.vocab_size)
+    return m
+
+
+def convert_checkpoint(cfg, st, where):
+    """The model description of a checkpoint given as a config in Hugging Face terms and its tensors under
+    Hugging Face names (a safetensors directory, or a GGUF file through gguf_reader)."""
     family = cfg.get("model_type")
     wrappers = {"gemma3": "gemma3_text", "llama4": "llama4_text"}  # multimodal checkpoints: keep the text model
     if isinstance(family, str) and family in wrappers and isinstance(cfg.get("text_config"), dict):
@@ -1009,18 +1139,39 @@ def convert_hf(src, args):
     if not isinstance(family, str) or family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
-    log(f"export: reading {src} ({family})")
-    st = SafeTensors(src)
-    with malformed_input(os.path.join(src, "config.json")):
+    with malformed_input(where):
         m = FAMILIES[family](cfg, st, family)
     check_shapes(m, st)
+    m.hf_config = cfg
+    m.source_dtype = default_dtype({st.dtype(n) for n in st.names() if len(st.shape(n)) >= 2 and st.dtype(n) != "U8"})
+    return m
+
+
+def default_dtype(matrix_dtypes):
+    """The dtype matrices keep without --dtype: the checkpoint's own where attn.c has it (bf16 stays bf16), q8_0
+    where a GGUF holds other quantized types (Q4_K ...: 8 bits keep what they hold), else f32 (mixed floats)."""
+    if len(matrix_dtypes) == 1 and next(iter(matrix_dtypes)).lower() in DTYPES:
+        return DTYPES[next(iter(matrix_dtypes)).lower()]
+    if any(d.lower() not in ("f32", "f16", "bf16") for d in matrix_dtypes):
+        return DTYPES["q8_0"]
+    return DTYPES["f32"]
+
+
+def convert_gguf(path, args):
+    """A llama.cpp GGUF model file, through the Hugging Face converters (gguf_reader gives them the config and
+    tensors in Hugging Face terms)."""
+    try:
+        ck = gguf_reader.GGUFCheckpoint(path)
+    except gguf_reader.GGUFError as e:
+        raise ExportError(str(e))
+    log(f"export: reading {path} (GGUF, {ck.arch} -> {ck.config['model_type']})")
+    m = convert_checkpoint(ck.config, ck.tensors, path)
     if args.tokenizer:
-        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config)
+    elif ck.tokenizer is not None:
+        m.tokenizer = tokenizer_from_json(path, ck.tokenizer, {"eos_token_id": ck.eos}, m.vocab_size, [])
     else:
-        m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
-    # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
-    matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) >= 2 and st.dtype(n) != "U8"}
-    m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
+        log("export: the GGUF file has no tokenizer: the model will run from --tokens")
     return m
 
 
@@ -1033,64 +1184,112 @@ def check_shapes(m, st):
 
 
 # ----------------------------------------------------------------------------
-# llama2.c legacy checkpoints (version 0): 7 int32 header, then float32 arrays in a fixed order
+# llama2.c checkpoints: the legacy layout (version 0: 7 int32, then float32 arrays) and, after a 256-byte header
+# that starts with the magic "ak42", version 1 (float32) and version 2 (q8_0 in groups, float32 scales)
+
+LLAMA2C_MAGIC = struct.pack("<I", 0x616B3432)  # llama2.c writes the uint32 "ak42"; on disk: b"24ka"
+
+
+class Llama2cArray:
+    """One of a llama2.c file's arrays (all layers back to back): float32, or (version 2) int8 values in groups of
+    group_size with one float32 scale each, w = q * scale."""
+
+    def __init__(self, mm, offset, count, scales_offset=None, group_size=0):
+        self.mm, self.offset, self.count, self.scales_offset, self.group_size = mm, offset, count, scales_offset, group_size
+
+    def take(self, start, n):
+        if self.scales_offset is None:
+            return np.frombuffer(self.mm, dtype="<f4", count=n, offset=self.offset + 4 * start)
+        g = self.group_size
+        q = np.frombuffer(self.mm, dtype=np.int8, count=n, offset=self.offset + start).astype(np.float32)
+        scale = np.frombuffer(self.mm, dtype="<f4", count=n // g, offset=self.scales_offset + 4 * (start // g))
+        return (q.reshape(-1, g) * scale[:, None]).reshape(-1)
+
+
+def llama2c_arrays(path):
+    """(header dims, shared classifier, {name: Llama2cArray}, version) of a llama2.c checkpoint."""
+    with open_input(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(256)
+        mm = np.memmap(f, dtype=np.uint8, mode="r") if size else None
+    version = struct.unpack_from("<i", head, 4)[0] if head[:4] == LLAMA2C_MAGIC and len(head) >= 8 else 0
+    if version not in (0, 1, 2):
+        raise ExportError(f"{path}: llama2.c checkpoint version {version} is not supported (0, 1 and 2 are)")
+    if len(head) < (28 if version == 0 else 256):
+        raise ExportError(f"{path}: too short for a llama2.c header")
+    dims = struct.unpack_from("<7i", head, 0 if version == 0 else 8)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
+    shared = vocab > 0 if version == 0 else bool(head[36])
+    vocab = abs(vocab)
+    group = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+    limits = (LIMITS["dim"], LIMITS["hidden_dim"], LIMITS["layers"], LIMITS["heads"], LIMITS["heads"],
+              LIMITS["vocab_size"], LIMITS["context_length"])
+    if not all(0 < x <= hi for x, hi in zip((dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), limits)) or \
+            dim % n_heads or n_heads % n_kv or (version == 2 and (group <= 0 or dim % group)):
+        # the numbers are not shown: a file that is not a checkpoint would have its first bytes printed
+        raise ExportError(f"{path}: implausible llama2.c header (not a llama2.c checkpoint, or sizes past the format's limits)")
+    head_dim, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
+    counts = dict(tok=vocab * dim, rms_att=n_layers * dim, wq=n_layers * dim * dim, wk=n_layers * kv_dim * dim,
+                  wv=n_layers * kv_dim * dim, wo=n_layers * dim * dim, rms_ffn=n_layers * dim, w1=n_layers * hidden * dim,
+                  w2=n_layers * dim * hidden, w3=n_layers * hidden * dim, rms_final=dim, freqs=seq_len * head_dim,
+                  wcls=0 if shared else vocab * dim)
+    if version == 0:    # legacy: float32 arrays in model order, the unused rope tables before the classifier
+        order, quantized = ["tok", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final", "freqs", "wcls"], []
+    elif version == 1:  # float32: the norms first, then the matrices
+        order, quantized = ["rms_att", "rms_ffn", "rms_final", "tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"], []
+    else:               # the norms in float32, every matrix's int8 values, then every matrix's scales
+        order, quantized = ["rms_att", "rms_ffn", "rms_final"], ["tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"]
+        if any(counts[n] % group for n in quantized):
+            raise ExportError(f"{path}: a matrix does not fill whole groups of {group}")
+    offset = 28 if version == 0 else 256
+    need = offset + 4 * sum(counts[n] for n in order) + sum(counts[n] * (1 + 4 / max(group, 1)) for n in quantized)
+    if size < need:
+        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {int(need)})")
+    log(f"export: reading {path} (llama2.c version {version}: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, "
+        f"vocab {vocab}{f', q8_0 in groups of {group}' if version == 2 else ''})")
+    arrays = {}
+    for name in order:
+        arrays[name] = Llama2cArray(mm, offset, counts[name])
+        offset += 4 * counts[name]
+    scales = offset + sum(counts[n] for n in quantized)
+    for name in quantized:
+        arrays[name] = Llama2cArray(mm, offset, counts[name], scales, group)
+        offset += counts[name]
+        scales += 4 * counts[name] // group
+    return (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version
 
 
 def convert_llama2c(path, args):
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header = f.read(28)
-    if len(header) != 28:
-        raise ExportError(f"{path}: too short for a llama2.c header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
-    shared = vocab > 0
-    vocab = abs(vocab)
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
-        raise ExportError(f"{path}: implausible llama2.c header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len}")
-    head = dim // n_heads
-    kv_dim = n_kv * head
-    sizes = [("tok", vocab * dim), ("rms_att", n_layers * dim), ("wq", n_layers * dim * dim),
-             ("wk", n_layers * kv_dim * dim), ("wv", n_layers * kv_dim * dim), ("wo", n_layers * dim * dim),
-             ("rms_ffn", n_layers * dim), ("w1", n_layers * hidden * dim), ("w2", n_layers * dim * hidden),
-             ("w3", n_layers * hidden * dim), ("rms_final", dim), ("freq_real", seq_len * head // 2),
-             ("freq_imag", seq_len * head // 2)]
-    if not shared:
-        sizes.append(("wcls", vocab * dim))
-    need = 28 + 4 * sum(n for _, n in sizes)
-    if size < need:
-        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {need})")
-    log(f"export: reading {path} (llama2.c legacy: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, vocab {vocab})")
-    mm = np.memmap(path, dtype=np.float32, mode="r", offset=28, shape=((need - 28) // 4,))
-    arrays, off = {}, 0
-    for name, n in sizes:
-        arrays[name] = mm[off:off + n]
-        off += n
+    (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version = llama2c_arrays(path)
+    head, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
     m = Model("llama", dim, vocab, seq_len, norm_eps=1e-5, tied=shared)
     for _ in range(n_layers):
         m.layers.append(Layer(Attention(n_heads, n_kv, head, rope_theta=10000.0), Dense(hidden)))
 
     def mat(name, layer, r, c):
-        return lambda: np.asarray(arrays[name][layer * r * c:(layer + 1) * r * c]).reshape(r, c)
+        return lambda: arrays[name].take(layer * r * c, r * c).reshape(r, c)
 
     m.add("tok_embeddings", (vocab, dim), mat("tok", 0, vocab, dim))
     for i in range(n_layers):
         o = f"layers.{i}."
-        m.add(o + "mixer_norm", (dim,), lambda i=i: np.asarray(arrays["rms_att"][i * dim:(i + 1) * dim]))
+        m.add(o + "mixer_norm", (dim,), lambda i=i: arrays["rms_att"].take(i * dim, dim))
         m.add(o + "attn.wq", (dim, dim), interleaved_to_halves(mat("wq", i, dim, dim), n_heads, head))
         m.add(o + "attn.wk", (kv_dim, dim), interleaved_to_halves(mat("wk", i, kv_dim, dim), n_kv, head))
         m.add(o + "attn.wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
         m.add(o + "attn.wo", (dim, dim), mat("wo", i, dim, dim))
-        m.add(o + "ffn_norm", (dim,), lambda i=i: np.asarray(arrays["rms_ffn"][i * dim:(i + 1) * dim]))
+        m.add(o + "ffn_norm", (dim,), lambda i=i: arrays["rms_ffn"].take(i * dim, dim))
         m.add(o + "ffn.w_gate", (hidden, dim), mat("w1", i, hidden, dim))
         m.add(o + "ffn.w_up", (hidden, dim), mat("w3", i, hidden, dim))
         m.add(o + "ffn.w_down", (dim, hidden), mat("w2", i, dim, hidden))
-    m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
+    m.add("final_norm", (dim,), lambda: arrays["rms_final"].take(0, dim))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
     if args.tokenizer:
         m.tokenizer = read_tokenizer(args.tokenizer, vocab)
     else:
         log("export: no tokenizer (give --tokenizer tokenizer.bin for text prompts): the model will run from --tokens")
+    if version == 2:
+        m.source_dtype = DTYPES["q8_0"]  # 8-bit weights stay 8-bit (regrouped: 32 per scale, along rows)
     return m
 
 
@@ -1116,6 +1315,7 @@ class TokenizerRecord:
         self.scores = [0.0] * vocab_size
         self.types = [PIECE_UNUSED] * vocab_size
         self.merges = []                       # (left id, right id) in rank order
+        self.steps = []                        # (regex, behavior, invert) when pretokenizer is PRE_SPLITS
         self.source = source
 
     def set_piece(self, i, data, piece_type, score=0.0):
@@ -1137,7 +1337,7 @@ class TokenizerRecord:
         return ids
 
     def pack(self):
-        eos = self.eos[:16]
+        eos = self.eos
         n = len(self.pieces)  # the loader's rules for the special ids (tokenizer_load)
         for what, i in [("bos", -1 if self.bos is None else self.bos), ("unk", self.unk)] + [("eos", e) for e in eos]:
             if not (isinstance(i, int) and (-1 <= i < n if what != "eos" else 0 <= i < n)):
@@ -1149,25 +1349,33 @@ class TokenizerRecord:
         for p, s, t in zip(self.pieces, self.scores, self.types):
             out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
         out.append(np.asarray(self.merges, dtype="<u4").reshape(-1).tobytes())
+        if self.pretokenizer == PRE_SPLITS:  # the Split steps: u32 count, then behavior, flags, length, regex each
+            out.append(struct.pack("<I", len(self.steps)))
+            for regex, behavior, invert in self.steps:
+                data = regex.encode("utf-8")
+                out.append(struct.pack("<3I", behavior, 1 if invert else 0, len(data)) + data)
         return b"".join(out)
 
 
 def read_tokenizer(path, vocab_size, cfg=None, model_dir=None):
     """The tokenizer record for a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin.
     tokenizer_config.json and generation_config.json are looked for beside the tokenizer and in model_dir."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1)
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        head = f.read(1)
     dirs = [os.path.dirname(os.path.abspath(path))] + ([model_dir] if model_dir else [])
+    if head == gguf_reader.GGUF_MAGIC[:1] and file_magic(path) == gguf_reader.GGUF_MAGIC:  # a GGUF's vocabulary
+        try:
+            tok, eos = gguf_reader.read_vocabulary(path)
+        except gguf_reader.GGUFError as e:
+            raise UnsupportedTokenizer(str(e))
+        return tokenizer_from_json(path, tok, {"eos_token_id": eos}, vocab_size, [])
     if path.endswith(".json"):
         return json_tokenizer(path, cfg or {}, vocab_size, dirs)
     if path.endswith(".bin"):
         return llama2c_tokenizer(path, vocab_size)
     if path.endswith(".model") or head == b"\x0a":  # a protobuf starting with field 1 (the pieces)
         return sentencepiece_tokenizer(path, vocab_size, dirs)
-    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin")
+    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c tokenizer.bin or a GGUF file")
 
 
 def hf_tokenizer(src, cfg, vocab_size):
@@ -1210,9 +1418,7 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# the regexes the record names by number (the engine has hand-written matchers for them)
 KNOWN_REGEXES = {GPT2_REGEX: PRE_GPT2, LLAMA3_REGEX: PRE_LLAMA3, QWEN2_REGEX: PRE_QWEN2}
 
 
@@ -1224,32 +1430,29 @@ def steps_of(block, list_key):
 
 
 def bytelevel_rules(tok, path):
-    """(pretokenizer id, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
+    """(pretokenizer id, Split steps, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
     if tok.get("normalizer") is not None:
         raise UnsupportedTokenizer(f"{path}: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
-    steps = steps_of(tok.get("pre_tokenizer"), "pretokenizers")
-    if not steps:
+    if not tok.get("pre_tokenizer"):
         raise UnsupportedTokenizer(f"{path}: byte-level BPE without a pre_tokenizer is not supported")
-    kind, flags, saw_bytelevel = PRE_NONE, 0, False
-    for s in steps:
-        t = s.get("type")
-        if t == "ByteLevel":
-            saw_bytelevel = True
-            flags = TOKF_PREFIX_SPACE if s.get("add_prefix_space", False) else 0
-            if s.get("use_regex", True):
-                if kind != PRE_NONE:
-                    raise UnsupportedTokenizer(f"{path}: two splitting regexes in the pre_tokenizer are not supported")
-                kind = PRE_GPT2
-        elif t == "Split":
-            pattern = s.get("pattern", {}).get("Regex")
-            if pattern not in KNOWN_REGEXES or s.get("behavior") != "Isolated" or s.get("invert"):
-                raise UnsupportedTokenizer(f"{path}: pre-tokenizer Split with pattern {pattern!r} is not supported")
-            kind = KNOWN_REGEXES[pattern]
-        else:
-            raise UnsupportedTokenizer(f"{path}: pre-tokenizer '{t}' is not supported with byte-level BPE")
+    try:
+        steps, prefix_space, saw_bytelevel = split_steps(tok.get("pre_tokenizer"))
+    except PretokenizerError as e:
+        raise UnsupportedTokenizer(f"{path}: {e}")
     if not saw_bytelevel:
         raise UnsupportedTokenizer(f"{path}: BPE without a ByteLevel step or byte_fallback is not supported")
-    return kind, flags
+    if len(steps) > 16:
+        raise UnsupportedTokenizer(f"{path}: {len(steps)} pre-tokenizer steps (the record holds at most 16)")
+    return pretokenizer_of(steps) + (TOKF_PREFIX_SPACE if prefix_space else 0,)
+
+
+def pretokenizer_of(steps):
+    """(pretokenizer id, steps to store): a single isolating step with a known regex is named by its number."""
+    if not steps:
+        return PRE_NONE, []
+    if len(steps) == 1 and steps[0][1:] == (0, False) and steps[0][0] in KNOWN_REGEXES:
+        return KNOWN_REGEXES[steps[0][0]], []
+    return PRE_SPLITS, steps
 
 
 def check_tokenizer_json(tok):
@@ -1319,9 +1522,13 @@ def spacemark_rules(tok, path):
     return pretok, flags
 
 
-@reads_input
 def json_tokenizer(path, cfg, vocab_size, dirs):
-    tok = load_json(path)
+    return tokenizer_from_json(path, load_json(path, MAX_TOKENIZER_BYTES), cfg, vocab_size, dirs)
+
+
+@reads_input
+def tokenizer_from_json(path, tok, cfg, vocab_size, dirs):
+    """The tokenizer record of a tokenizer.json (the dict; path names it in messages)."""
     check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
@@ -1340,7 +1547,7 @@ def json_tokenizer(path, cfg, vocab_size, dirs):
         def spell(piece):
             return piece.encode("utf-8")
     else:
-        rec.pretokenizer, rec.flags = bytelevel_rules(tok, path)
+        rec.pretokenizer, rec.steps, rec.flags = bytelevel_rules(tok, path)
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
         def spell(piece):
@@ -1393,7 +1600,7 @@ def json_tokenizer(path, cfg, vocab_size, dirs):
     rec.flags |= TOKF_ADD_BOS if add_bos else 0
     rec.eos = eos_ids(dirs, cfg, tcfg, by_text)
     log(f"export: tokenizer: {'SentencePiece-style' if spacemark else 'byte-level'} BPE from {os.path.basename(path)}, "
-        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {rec.eos}")
+        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {shown_ids(rec.eos)}")
     return rec.pack()
 
 
@@ -1425,16 +1632,19 @@ def post_processor_bos(post, ids):
 
 
 def eos_ids(dirs, cfg, tcfg, special_id, extra=()):
-    eos = []
+    """Every end-of-sequence id the checkpoint names (generation_config.json, config.json, the tokenizer's
+    eos_token), each once, in the order found; the record keeps them all (the loader checks each id)."""
+    candidates = []
     for source in (config_file(dirs, "generation_config.json"), cfg):
         e = source.get("eos_token_id")
-        for x in (e if isinstance(e, list) else [e]):
-            if isinstance(x, int) and x not in eos:
-                eos.append(x)
-    for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra):
-        if t is not None and t >= 0 and t not in eos:
-            eos.append(t)
-    return eos[:16]
+        candidates += [x for x in (e if isinstance(e, list) else [e]) if isinstance(x, int) and not isinstance(x, bool)]
+    candidates += [t for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra) if t is not None and t >= 0]
+    return list(dict.fromkeys(candidates))  # each once, in order (a set for membership: linear in the count)
+
+
+def shown_ids(ids, most=8):
+    """A list of ids for a log line: the first few and how many."""
+    return f"{ids}" if len(ids) <= most else f"[{', '.join(map(str, ids[:most]))}, ... ({len(ids)} ids)]"
 
 
 # -- SentencePiece tokenizer.model: a protobuf (sentencepiece_model.proto), read by hand
@@ -1491,11 +1701,8 @@ SP_MODEL_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}
 
 def sentencepiece_model(path):
     """(pieces [(text, score, type)], trainer_spec {field: value}, normalizer_spec {field: value})."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        data = f.read()
     pieces, trainer, normalizer = [], {}, {}
     for field, value in protobuf_fields(data, path):
         if field == 1:    # ModelProto.pieces: piece = 1, score = 2, type = 3
@@ -1554,7 +1761,7 @@ def sentencepiece_tokenizer(path, vocab_size, dirs):
         rec.flags |= TOKF_ADD_BOS
     rec.eos = eos_ids(dirs, {}, tcfg, rec.ids_by_text(), extra=[eos])
     log(f"export: tokenizer: SentencePiece BPE from {os.path.basename(path)}, {len(pieces)} pieces, "
-        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {rec.eos}")
+        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {shown_ids(rec.eos)}")
     return rec.pack()
 
 
@@ -1566,11 +1773,8 @@ def llama2c_tokenizer(path, vocab_size):
     """llama2.c's export of the Llama 2 vocabulary: pieces with "▁" written as a space, BOS as "\\n<s>\\n",
     EOS as "\\n</s>\\n", bytes as <0xNN>. llama2.c encodes like SentencePiece (a dummy-prefix space, merges
     by score, byte fallback), decodes dropping the space after BOS, and stops at BOS as well as EOS."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        data = f.read()
     if len(data) < 4:
         raise ExportError(f"{path}: too short for a llama2.c tokenizer")
     (max_len,) = struct.unpack_from("<i", data, 0)
@@ -1628,11 +1832,17 @@ def stack_stride(dtype, shape):
 
 def quantize_q8_0(arr):
     """[rows][cols] -> rows*cols int8 values (row-major), then rows*cols/32 f16 scales (row-major): each group of
-    32 values of a row is round(w / scale) with scale = max|w| / 127, so value * scale approximates w."""
+    32 values of a row is round(w / scale) with scale = max|w| / 127, so value * scale approximates w.
+
+    The scale is rounded up to an f16, never down: w / scale then stays within +-127 (no value is clipped),
+    and a group of tiny weights (max|w| below 127 x 2^-25, ~4e-6) keeps a scale of at least 2^-24, the
+    smallest f16, instead of one rounded to 0 that would make the whole group vanish."""
     rows, cols = arr.shape
     groups = arr.reshape(rows, cols // Q8_GROUP, Q8_GROUP)
+    exact = np.abs(groups).max(axis=-1) / np.float32(127.0)
     with np.errstate(over="ignore"):
-        scale = (np.abs(groups).max(axis=-1) / np.float32(127.0)).astype(np.float16)
+        scale = exact.astype(np.float16)
+        scale = np.where(scale.astype(np.float32) < exact, np.nextafter(scale, np.float16(np.inf)), scale)
     if not np.isfinite(scale).all():
         raise ExportError("a weight exceeds the q8_0 range (its scale overflows f16); export with --dtype bf16 or f32")
     s32 = scale.astype(np.float32)
@@ -1651,7 +1861,12 @@ def matrix_dtype(dtype, name, shape):
 
 
 def encode_tensor(arr, dtype):
+    """The bytes of a float32 array in dtype. A NaN or an infinity (in the checkpoint, or a value past the
+    range of the dtype) is refused: ./run would turn it into logits that are NaN everywhere."""
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr))
+        raise ExportError(f"holds {bad.size} NaN or infinite values (the first at flat index {bad[0]})")
     if arr.ndim == 3:  # a stack: each matrix on its own, starting 64-byte aligned
         return b"".join(encode_tensor(a, dtype).ljust(stack_stride(dtype, a.shape), b"\0") for a in arr)
     if dtype == DTYPES["q8_0"]:
@@ -1662,7 +1877,10 @@ def encode_tensor(arr, dtype):
         if np.abs(arr).max(initial=0.0) > 65504.0:
             raise ExportError("a weight exceeds the f16 range; export with --dtype bf16 or f32")
         return arr.astype("<f2").tobytes()
-    return f32_to_bf16(arr).astype("<u2").tobytes()
+    bf16 = f32_to_bf16(arr)
+    if ((bf16 & 0x7F80) == 0x7F80).any():  # rounded past the largest bf16 (3.39e38): infinity
+        raise ExportError("a weight exceeds the bf16 range; export with --dtype f32")
+    return bf16.astype("<u2").tobytes()
 
 
 # The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
@@ -1786,7 +2004,10 @@ def write_model(m, out, dtype):
                 arr = producer()
                 if tuple(arr.shape) != shape:
                     raise ExportError(f"tensor '{name}': expected shape {list(shape)}, checkpoint gives {list(arr.shape)}")
-                data = encode_tensor(arr, dt)
+                try:
+                    data = encode_tensor(arr, dt)
+                except ExportError as e:
+                    raise ExportError(f"tensor '{name}' (from the checkpoint): {e}")
                 assert len(data) == nbytes and f.tell() == off
                 f.write(data)
                 f.write(bytes(pad_to(f.tell()) - f.tell()))
@@ -1806,15 +2027,64 @@ def write_model(m, out, dtype):
     log(f"export: wrote {out} ({file_size / 1e6:.1f} MB, {n_layers} layers, {n_tensors} tensors)")
 
 
+def output_stat(out):
+    """os.stat of the output path (through a symbolic link), or None if nothing is there yet."""
+    try:
+        return os.stat(out)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ExportError(f"{out}: {e.strerror}")
+
+
+def check_output(out, inputs):
+    """Before any work: out can be written the way write_model writes it (a temporary file in its directory,
+    renamed over it) and is none of the inputs named on the command line. An existing out that is not a
+    regular file is refused: the rename would replace a device node, a FIFO or a socket with a regular file."""
+    st = output_stat(out)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{out}: {os.strerror(21)}")  # EISDIR
+        if not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"{out}: exists and is not a regular file (a device, a FIFO or a socket): export would "
+                              f"replace it with a regular file; give another output path")
+        for path in inputs:
+            other = output_stat(path)
+            if other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                raise ExportError(f"{out}: is the input {path}: export would replace its own input")
+    d = os.path.dirname(os.path.abspath(out))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot create a file in {d} ({e.strerror})")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_is_no_input(out):
+    """After the inputs are open, before any weight is read: out is none of the files this export reads
+    (model.safetensors, a shard, config.json, ... through any symbolic or hard link)."""
+    st = output_stat(out)
+    if st is not None and (st.st_dev, st.st_ino) in INPUTS:
+        raise ExportError(f"{out}: is one of the files this export reads: it would replace its own input")
+
+
+def file_magic(path):
+    """The first 4 bytes of an input file (regular files only: a FIFO is refused, never waited on)."""
+    with open_input(path) as f:
+        return f.read(4)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
-    ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
+    ap = argparse.ArgumentParser(description="Export a Hugging Face, GGUF or llama2.c checkpoint to an attn.c model file.")
+    ap.add_argument("src", help="Hugging Face model directory, a llama.cpp .gguf file, or a llama2.c .bin checkpoint")
     ap.add_argument("out", help="output model file")
     ap.add_argument("--dtype", choices=sorted(DTYPES),
                     help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale each")
     ap.add_argument("--tokenizer", metavar="FILE",
-                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
-                         "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")
+                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c "
+                         "tokenizer.bin or a GGUF file's vocabulary (default: the model directory's tokenizer.json, else "
+                         "its tokenizer.model; a GGUF's own)")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
@@ -1822,18 +2092,24 @@ def main(argv=None):
                     help="regroup key/value heads per layer: N a multiple of the layer's kv heads duplicates them "
                          "(exact), a divisor mean-pools each group's k/v projections (GQA/MQA from MHA, Ainslie et al. 2023)")
     args = ap.parse_args(argv)
+    INPUTS.clear()
     try:
+        check_output(args.out, [p for p in (args.src, args.tokenizer) if p])
         if os.path.isdir(args.src):
             m = convert_hf(args.src, args)
-        elif os.path.isfile(args.src):
+        elif os.path.lexists(args.src) and file_magic(args.src) == gguf_reader.GGUF_MAGIC:
+            m = convert_gguf(args.src, args)
+        elif os.path.lexists(args.src):
             m = convert_llama2c(args.src, args)
         else:
             raise ExportError(f"{args.src}: no such file or directory")
         dtype = DTYPES[args.dtype] if args.dtype else m.source_dtype
+        full_attention_windows(m)
         if args.bf16_rope:
             round_rope_to_bf16(m)
         if args.kv_heads:
             regroup_kv_heads(m, parse_kv_heads(args.kv_heads, len(m.layers)))
+        check_output_is_no_input(args.out)
         write_model(m, args.out, dtype)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

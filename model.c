@@ -552,6 +552,85 @@ static int bind_weights(Directory *d, Model *m) {
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * whole-file checks: every byte belongs to one structure, tables hold usable numbers, the run fits */
+
+/* A stretch of the file that one structure claims: a section or a tensor's data. */
+typedef struct {
+    uint64_t start, end;
+    const char *what; /* "header", "config", ... or a tensor's name */
+    int is_tensor;
+} FileRange;
+
+static int by_start(const void *a, const void *b) {
+    const FileRange *x = a, *y = b;
+    return (x->start > y->start) - (x->start < y->start);
+}
+
+/* Every byte of the file belongs to exactly one section or tensor, apart from the padding before an
+ * aligned start (fewer than DATA_ALIGN bytes). Two tensors that share bytes would let a small file stand
+ * for huge matrices (and the memory the config implies); bytes no tensor claims are a file larger than
+ * its contents (a sparse tail the prefault would read in). */
+static int check_file_layout(LoadContext *ctx, const FileRange *sections, int n_sections, const TensorEntry *entries,
+                             int n_tensors, uint64_t file_size) {
+    int n = 0;
+    FileRange *r = malloc((size_t)(n_sections + n_tensors) * sizeof *r);
+    if (!r) return fail(ctx, "out of memory");
+    for (int i = 0; i < n_sections; i++)
+        if (sections[i].end > sections[i].start) r[n++] = sections[i];
+    for (int i = 0; i < n_tensors; i++)
+        r[n++] = (FileRange){entries[i].offset, entries[i].offset + entries[i].nbytes, entries[i].name, 1};
+    qsort(r, (size_t)n, sizeof *r, by_start);
+    int bad = 0;
+    uint64_t covered = 0; /* every byte before this belongs to r[0 .. i-1] or is padding */
+    for (int i = 0; i < n && !bad; i++) {
+        if (i > 0 && r[i].start < r[i - 1].end)
+            bad = r[i].is_tensor && r[i - 1].is_tensor
+                      ? fail(ctx, "tensors '%s' and '%s' share bytes (offsets %llu and %llu): tensors may not overlap",
+                             r[i - 1].what, r[i].what, (unsigned long long)r[i - 1].start, (unsigned long long)r[i].start)
+                      : fail(ctx, "%s%s%s overlaps %s%s%s (offsets %llu and %llu)", r[i - 1].is_tensor ? "tensor '" : "the ",
+                             r[i - 1].what, r[i - 1].is_tensor ? "'" : " section", r[i].is_tensor ? "tensor '" : "the ",
+                             r[i].what, r[i].is_tensor ? "'" : " section", (unsigned long long)r[i - 1].start,
+                             (unsigned long long)r[i].start);
+        else if (r[i].start - covered >= DATA_ALIGN)
+            bad = fail(ctx, "bytes %llu .. %llu belong to no section or tensor (only padding shorter than %d bytes may)",
+                       (unsigned long long)covered, (unsigned long long)r[i].start - 1, DATA_ALIGN);
+        covered = r[i].end;
+    }
+    if (!bad && file_size - covered >= DATA_ALIGN)
+        bad = fail(ctx, "bytes %llu .. %llu at the end belong to no tensor (only padding shorter than %d bytes may)",
+                   (unsigned long long)covered, (unsigned long long)file_size - 1, DATA_ALIGN);
+    free(r);
+    return bad ? -1 : 0;
+}
+
+/* The precomputed RoPE tables (rope_inv_freq.N) hold inverse frequencies: each finite and positive. A NaN
+ * or an infinity there (a rope scaling factor of 0 or NaN in the checkpoint) makes every rotated query and
+ * key NaN or zero. */
+static int check_rope_tables(LoadContext *ctx, const Model *m) {
+    const Config *c = &m->config;
+    for (int l = 0; l < c->n_layers; l++) {
+        const RopeConfig *r = &c->layers[l].attn.rope;
+        if (c->layers[l].mixer != MIXER_ATTENTION || r->dim == 0 || r->table < 0) continue;
+        const float *f = m->weights.layers[l].rope_inv_freq;
+        for (int i = 0; i < r->dim / 2; i++)
+            if (!(f[i] > 0.0f) || !isfinite(f[i]))
+                return fail(ctx, "rope table %d (layer %d) holds %g at %d: inverse frequencies must be finite and positive",
+                            r->table, l, f[i], i);
+    }
+    return 0;
+}
+
+/* A window (or a chunk) that covers the whole context hides nothing: the layer is full attention, and
+ * positions stop at the context as in any layer that sees every position. */
+static void normalize_windows(Config *c) {
+    for (int l = 0; l < c->n_layers; l++) {
+        AttentionConfig *a = &c->layers[l].attn;
+        if (a->window >= c->context_length) a->window = 0;
+        if (a->chunk >= c->context_length) a->chunk = 0;
+    }
+}
+
 /* The weights stay in the mapped file (no copy). Once the file has passed every check, map all of its pages
  * in now, so that the first forward pass does not take ~one page fault per 4 KiB of weights. Advisory: if
  * the kernel cannot, pages are faulted in as they are first read. */
@@ -563,8 +642,40 @@ static void prefault(const void *data, size_t size) {
     madvise((void *)start, (uintptr_t)data + size - start, MADV_WILLNEED);
 }
 
+/* Whether p[0 .. size) begins like a llama2.c version-0 checkpoint: 7 int32 (dim, hidden, layers, heads, kv heads,
+ * vocab (negative: own classifier), context) that make sense, and exactly the bytes their float32 arrays take. */
+static int looks_like_llama2c_legacy(const unsigned char *p, uint64_t size) {
+    if (size < 28) return 0;
+    int64_t v[7];
+    for (int i = 0; i < 7; i++) v[i] = (int32_t)u32_at(p + 4 * i);
+    int64_t dim = v[0], hidden = v[1], layers = v[2], heads = v[3], kv = v[4], vocab = v[5] < 0 ? -v[5] : v[5], ctx = v[6];
+    for (int i = 0; i < 7; i++)
+        if ((i == 5 ? vocab : v[i]) <= 0 || (i == 5 ? vocab : v[i]) > (1 << 22)) return 0;
+    if (dim % heads || heads % kv || layers > 4096) return 0;
+    int64_t head = dim / heads, kv_dim = kv * head;
+    uint64_t floats = (uint64_t)vocab * dim * (v[5] < 0 ? 2 : 1) + (uint64_t)layers * (2 * dim + 2 * dim * dim + 2 * kv_dim * dim + 3 * dim * hidden) +
+                      (uint64_t)dim + (uint64_t)ctx * head;
+    return 28 + 4 * floats == size;
+}
+
+/* What a file that is not an attn.c model is, and how to convert it: "" when it is none of those. */
+static const char *foreign_format(const unsigned char *p, uint64_t size) {
+    if (size >= 4 && memcmp(p, "GGUF", 4) == 0) return "a GGUF file (llama.cpp)";
+    if (size >= 8 && memcmp(p, "24ka", 4) == 0) return "a llama2.c checkpoint (version 1 or 2)";
+    if (looks_like_llama2c_legacy(p, size)) return "a llama2.c checkpoint (version 0)";
+    return "";
+}
+
 /* Parses and validates a whole model file held in memory at p[0 .. size). The weights point into p. */
 static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint64_t file_size) {
+    if (file_size >= 4 && memcmp(p, MODEL_MAGIC, 4) != 0) {
+        const char *foreign = foreign_format(p, file_size);
+        if (*foreign)
+            return fail(ctx, "%s, not an attn.c model file: convert it with `python3 export.py %s out.bin`", foreign, ctx->path);
+        if (file_size >= 9 && p[8] == '{' && u64_at(p) <= file_size - 8)
+            return fail(ctx, "a safetensors file, not an attn.c model file: convert the model's directory with "
+                             "`python3 export.py MODEL_DIR out.bin`");
+    }
     if (file_size < HEADER_SIZE)
         return fail(ctx, "too short for a model file (%llu bytes, the header alone is %d)", (unsigned long long)file_size,
                     HEADER_SIZE);
@@ -615,6 +726,7 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     }
     if (at != layers_size)
         return fail(ctx, "layer records take %llu bytes, the header says %u", (unsigned long long)at, layers_size);
+    normalize_windows(c);
 
     /* tensor directory, then bind what the config asks for */
     TensorEntry *entries = calloc(n_tensors, sizeof *entries);
@@ -624,8 +736,14 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     for (uint32_t i = 0; i < n_tensors && !bad; i++)
         bad = parse_tensor(ctx, &entries[i], p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off,
                            file_size);
+    FileRange sections[] = {{0, HEADER_SIZE, "header", 0}, {config_off, config_off + CONFIG_SIZE, "config", 0},
+                            {layers_off, layers_off + layers_size, "layers", 0},
+                            {tok_off, tok_off + tok_size, "tokenizer", 0},
+                            {tensors_off, tensors_off + (uint64_t)n_tensors * TENSOR_RECORD_SIZE, "tensor directory", 0}};
+    if (!bad) bad = check_file_layout(ctx, sections, 5, entries, (int)n_tensors, file_size);
     if (!bad) bad = index_directory(&dir);
     if (!bad) bad = bind_weights(&dir, m);
+    if (!bad) bad = check_rope_tables(ctx, m);
     free(entries);
     if (bad) return -1;
 
@@ -656,7 +774,8 @@ int model_load_buffer(Model *m, const void *data, size_t size, const char *name,
 int model_load(Model *m, const char *path, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
     LoadContext ctx = {path, err, errlen};
-    int fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO for reading would wait for a writer; it is refused below as not a regular file */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return fail(&ctx, "cannot open: %s", strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -682,7 +801,53 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
         model_free(m);
         return -1;
     }
-    prefault(map, (size_t)file_size); /* every check passed: bring the weights in now */
+    uint64_t data_off = u64_at(map + 80); /* every byte of the data section belongs to a tensor (check_file_layout) */
+    prefault((const unsigned char *)map + data_off, (size_t)(file_size - data_off)); /* every check passed: bring the weights in now */
+    return 0;
+}
+
+/* 1 if an element of one matrix (rows x cols) holds an infinity or a NaN (all exponent bits set); q8_0: in
+ * its scales, the int8 values are always finite */
+static int matrix_has_nonfinite(const unsigned char *data, DType dtype, uint64_t rows, uint64_t cols) {
+    uint64_t count = rows * cols;
+    if (dtype == DTYPE_F32) {
+        for (uint64_t i = 0; i < count; i++)
+            if ((u32_at(data + 4 * i) & 0x7F800000u) == 0x7F800000u) return 1;
+        return 0;
+    }
+    if (dtype == DTYPE_Q8_0) data += count, count /= Q8_GROUP;
+    uint16_t mask = dtype == DTYPE_BF16 ? 0x7F80 : 0x7C00;
+    for (uint64_t i = 0; i < count; i++)
+        if (((data[2 * i] | data[2 * i + 1] << 8) & mask) == mask) return 1;
+    return 0;
+}
+
+/* The same for a tensor: a vector, a matrix, or a stack of matrices (tensor_stack_stride bytes apart) */
+static int tensor_has_nonfinite(const unsigned char *data, const TensorEntry *e) {
+    uint64_t stack = e->ndim == 3 ? e->shape[0] : 1, cols = e->shape[e->ndim - 1];
+    uint64_t rows = e->ndim == 1 ? 1 : e->shape[e->ndim - 2], stride = tensor_stack_stride(e->dtype, rows, cols);
+    for (uint64_t s = 0; s < stack; s++)
+        if (matrix_has_nonfinite(data + s * stride, e->dtype, rows, cols)) return 1;
+    return 0;
+}
+
+int model_find_nonfinite_tensor(const Model *m, char *name, size_t len) {
+    if (!m->map) return 0;
+    const unsigned char *p = m->map;
+    uint64_t tensors_off = u64_at(p + 64), data_off = u64_at(p + 80);
+    uint32_t n_tensors = u32_at(p + 72);
+    char err[1];
+    LoadContext quiet = {"", err, 0};
+    for (uint32_t i = 0; i < n_tensors; i++) {
+        TensorEntry e;
+        if (parse_tensor(&quiet, &e, p + tensors_off + (uint64_t)i * TENSOR_RECORD_SIZE, (int)i, data_off, m->file_size))
+            return 0;
+        if (tensor_has_nonfinite(p + e.offset, &e)) {
+            snprintf(name, len, "%s", e.name);
+            make_printable(name);
+            return 1;
+        }
+    }
     return 0;
 }
 
@@ -747,21 +912,65 @@ static int max_visible(const Model *m) {
     return most;
 }
 
-int runstate_init(RunState *s, const Model *m, int max_tokens) {
-    const Config *c = &m->config;
-    memset(s, 0, sizeof *s);
-    int q_dim = 0, kv_dim = 0, heads = 0, hidden = 1, experts = 0, top_k = 0;
+/* The widest rows of any layer: what the scratch buffers hold */
+typedef struct {
+    int q_dim, kv_dim, heads; /* attention: query and kv rows, query heads */
+    int hidden;               /* the widest FFN inner width (an expert's, a shared expert's) */
+    int experts, top_k;       /* mixture of experts: the most experts, the most chosen per token */
+} Widths;
+
+static Widths widest_layer(const Config *c) {
+    Widths w = {0, 0, 0, 1, 0, 0};
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
         const AttentionConfig *a = &lc->attn;
-        if (a->n_heads * a->head_dim > q_dim) q_dim = a->n_heads * a->head_dim;
-        if (a->n_kv_heads * a->head_dim > kv_dim) kv_dim = a->n_kv_heads * a->head_dim;
-        if (a->n_heads > heads) heads = a->n_heads;
-        if (lc->ffn.hidden > hidden) hidden = lc->ffn.hidden;
-        if (lc->ffn.shared_hidden > hidden) hidden = lc->ffn.shared_hidden;
-        if (lc->ffn.n_experts > experts) experts = lc->ffn.n_experts;
-        if (lc->ffn.top_k > top_k) top_k = lc->ffn.top_k;
+        if (a->n_heads * a->head_dim > w.q_dim) w.q_dim = a->n_heads * a->head_dim;
+        if (a->n_kv_heads * a->head_dim > w.kv_dim) w.kv_dim = a->n_kv_heads * a->head_dim;
+        if (a->n_heads > w.heads) w.heads = a->n_heads;
+        if (lc->ffn.hidden > w.hidden) w.hidden = lc->ffn.hidden;
+        if (lc->ffn.shared_hidden > w.hidden) w.hidden = lc->ffn.shared_hidden;
+        if (lc->ffn.n_experts > w.experts) w.experts = lc->ffn.n_experts;
+        if (lc->ffn.top_k > w.top_k) w.top_k = lc->ffn.top_k;
     }
+    return w;
+}
+
+static const char *gib(double bytes, char *buf, size_t n) {
+    snprintf(buf, n, "%.1f GiB", bytes / (1u << 30));
+    return buf;
+}
+
+int model_check_memory(const Model *m, int max_tokens, long n_positions, char *err, size_t errlen) {
+    const Config *c = &m->config;
+    Widths w = widest_layer(c);
+    double T = max_tokens, wide = w.q_dim > c->dim ? w.q_dim : c->dim, widest = wide > w.hidden ? wide : w.hidden;
+    /* runstate_init's buffers (the expert ones too), the quantized activations (at most 2 bytes a value), the
+     * longest score rows */
+    double scratch = 4.0 * T * (2.0 * c->dim + wide + w.q_dim + 2.0 * w.kv_dim + 2.0 * w.hidden + c->vocab_size) +
+                     (w.experts ? 4.0 * T * (2.0 * w.top_k + w.experts + 1 + 2.0 * c->dim) : 0) + 2.0 * T * widest +
+                     4.0 * w.heads * (double)(n_positions < max_visible(m) ? n_positions : max_visible(m));
+    double kv = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layers[l].mixer != MIXER_ATTENTION) continue;
+        KVLayer cache;
+        attention_cache_init(&cache, c->layers[l].attn.n_kv_heads * c->layers[l].attn.head_dim, &m->attention[l]);
+        kv += (double)kvlayer_bytes_for(&cache, n_positions);
+    }
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double machine = pages > 0 && page > 0 ? (double)pages * page : INFINITY;
+    if (scratch + kv <= machine) return 0;
+    char b1[32], b2[32], b3[32], b4[32];
+    snprintf(err, errlen, "this run needs %s of memory (KV cache %s for %ld positions, scratch %s), more than the "
+             "machine's %s: give a smaller -n or a shorter prompt", gib(scratch + kv, b1, sizeof b1), gib(kv, b2, sizeof b2),
+             n_positions, gib(scratch, b3, sizeof b3), gib(machine, b4, sizeof b4));
+    return -1;
+}
+
+int runstate_init(RunState *s, const Model *m, int max_tokens) {
+    const Config *c = &m->config;
+    memset(s, 0, sizeof *s);
+    Widths w = widest_layer(c);
+    int q_dim = w.q_dim, kv_dim = w.kv_dim, heads = w.heads, hidden = w.hidden, experts = w.experts, top_k = w.top_k;
     size_t T = (size_t)max_tokens, wide = (size_t)(q_dim > c->dim ? q_dim : c->dim);
     s->max_tokens = max_tokens;
     /* the score rows start short and grow with the positions actually reached (grow_scores): a context

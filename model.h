@@ -227,6 +227,9 @@ int model_load(Model *m, const char *path, char *err, size_t errlen);
  * in error messages. The fuzz targets load through it, so every read is checked against the exact size. */
 int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen);
 void model_free(Model *m);
+/* Looks through the weights of a loaded file for a NaN or an infinity: 1 with the first such tensor's name
+ * in name, else 0. Reads every weight: for explaining non-finite logits, not for every run. */
+int model_find_nonfinite_tensor(const Model *m, char *name, size_t len);
 /* How an attention layer attends as its record says (causal, a sliding window of W, chunks of C), before any
  * study override. */
 AttentionSpec attention_of_layer(const Model *m, int layer);
@@ -238,6 +241,9 @@ int error_line(char *err, size_t errlen, const char *fmt, ...) __attribute__((fo
  * its n_experts). Tied embeddings count once. */
 void model_parameters(const Model *m, long long *total, long long *active);
 
+/* Before runstate_init: 0 if the scratch for max_tokens tokens and the KV cache for n_positions positions fit
+ * in the machine's physical memory, else -1 with one line in err saying what the config implies. */
+int model_check_memory(const Model *m, int max_tokens, long n_positions, char *err, size_t errlen);
 int runstate_init(RunState *s, const Model *m, int max_tokens);
 void runstate_free(RunState *s);
 

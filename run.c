@@ -1,6 +1,7 @@
 /* run.c - the command line: load a model, turn the prompt into ids, run it through the model, sample
  * new tokens one at a time and print them as they come. */
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -11,6 +12,8 @@
 #include <time.h>
 
 #include "batch.h"
+#include "explore.h"
+#include "files.h"
 #include "model.h"
 #include "study.h"
 
@@ -109,7 +112,7 @@ static int sample(Sampler *s, float *logits, int n) {
 typedef struct {
     const char *model_path;
     const char *prompt;
-    const char *tokens;     /* --tokens: comma-separated ids */
+    const char *tokens;     /* --tokens: comma-separated ids, or @FILE: ids read from FILE */
     const char *logits_path;
     const char *encode_text;
     const char *decode_ids; /* --decode: comma-separated ids */
@@ -123,6 +126,7 @@ typedef struct {
     int info, ppl;
     AttentionOverrides overrides;
     const char *attn_map, *attn_map_layers, *attn_dump;
+    const char *explore;       /* --explore: the page (explore.c) */
     /* many sequences (batch.c) */
     int samples, parallel;
     const char *prompts_path, *kv_map;
@@ -135,7 +139,8 @@ static void usage(FILE *out) {
           "  -t TEMP         temperature (default 1.0; 0 = greedy)\n"
           "  --top-p P       nucleus sampling threshold in (0, 1] (default 0.9)\n"
           "  -s SEED         random seed (default: from the clock)\n"
-          "  --tokens LIST   comma-separated token ids used as the prompt instead of -p (no BOS added)\n"
+          "  --tokens LIST   comma-separated token ids used as the prompt instead of -p (no BOS added);\n"
+          "                  @FILE reads them from FILE (separated by commas, spaces or newlines)\n"
           "  --logits FILE   write float32 little-endian logits for every prompt position, [n_prompt][vocab]\n"
           "  --print-ids     print the generated ids (space-separated, one line) instead of text\n"
           "  --encode TEXT   print the ids TEXT encodes to as a prompt, then exit; --no-bos drops the BOS\n"
@@ -163,7 +168,9 @@ static void usage(FILE *out) {
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
           "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
-          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n",
+          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n"
+          "  --explore HTML  one self-contained page of the run: where each head looks from each token, the\n"
+          "                  wiring, the KV cache at each position (at most 2048 positions; opens offline)\n",
           out);
 }
 
@@ -214,7 +221,7 @@ static Options parse_args(int argc, char **argv) {
         }
         const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
                                "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
-                               "--attn-dump",
+                               "--attn-dump", "--explore",
                                "--samples", "--parallel", "--prompts", "--kv-map"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
@@ -247,6 +254,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--attn-map")) o.attn_map = v;
         else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
+        else if (!strcmp(a, "--explore")) o.explore = v;
         else if (!strcmp(a, "--samples")) o.samples = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--parallel")) o.parallel = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--prompts")) o.prompts_path = v;
@@ -254,55 +262,60 @@ static Options parse_args(int argc, char **argv) {
     }
     if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
     if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
-    if (o.attn_map_layers && !o.attn_map && !o.attn_dump) die("--attn-map-layer needs --attn-map or --attn-dump");
-    if ((o.attn_map || o.attn_dump) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
-        die("--attn-map needs the naive kernel: flash never materialises the weights");
+    if (o.attn_map_layers && !o.attn_map && !o.attn_dump && !o.explore)
+        die("--attn-map-layer needs --attn-map, --attn-dump or --explore");
+    if ((o.attn_map || o.attn_dump || o.explore) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
+        die("%s needs the naive kernel: flash never materialises the weights", o.explore ? "--explore" : "--attn-map");
     if (o.samples && o.prompts_path) die("give --samples N or --prompts FILE, not both");
     if (o.parallel && !o.prompts_path) die("--parallel needs --prompts FILE");
     if (o.prompts_path && (o.prompt || o.tokens || o.prompt_file)) die("--prompts FILE gives the prompts: drop -p, -f and --tokens");
-    if ((o.samples || o.prompts_path) && (o.ppl || o.attn_map || o.attn_dump))
-        die("--ppl, --attn-map and --attn-dump study one sequence: drop --samples / --prompts");
+    if ((o.samples || o.prompts_path) && (o.ppl || o.attn_map || o.attn_dump || o.explore))
+        die("--ppl, --attn-map, --attn-dump and --explore study one sequence: drop --samples / --prompts");
     if (o.kv_map && !o.samples) die("--kv-map draws the block tables of --samples N");
     if (!o.parallel) o.parallel = 8;
     return o;
 }
 
-/* --tokens / --decode "1,2,3" -> ids, each checked against the vocabulary */
+static int is_blank(char ch) { return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r'; }
+
+/* --tokens / --decode "1,2,3" (or "1 2 3", as --encode prints them) -> ids, each checked against the
+ * vocabulary. Between two ids: a comma, white space, or both. */
 static int parse_token_list(const char *opt, const char *list, int vocab_size, int **out) {
     size_t cap = 1;
-    for (const char *p = list; *p; p++) cap += *p == ',';
+    for (const char *p = list; *p; p++) cap += *p == ',' || is_blank(*p);
     int *ids = malloc(cap * sizeof *ids), n = 0;
     if (!ids) die("out of memory");
     *out = ids; /* the caller owns it from here, also when an error below ends the program */
     const char *p = list;
+    while (is_blank(*p)) p++;
     while (*p) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ',')) die("%s expects comma-separated integers, got '%s'", opt, list);
+        const char *next = end;
+        while (is_blank(*next)) next++;
+        if (end == p || errno || (*next && *next != ',' && next == end))
+            die("%s expects comma-separated integers, got '%.60s%s'", opt, list, strlen(list) > 60 ? "..." : "");
         if (v < 0 || v >= vocab_size) die("%s: id %ld is outside the vocabulary (0 .. %d)", opt, v, vocab_size - 1);
         ids[n++] = (int)v;
-        p = *end ? end + 1 : end;
-        if (*end == ',' && !*p) die("%s: trailing comma in '%s'", opt, list);
+        p = *next == ',' ? next + 1 : next;
+        while (*next == ',' && is_blank(*p)) p++;
+        if (*next == ',' && !*p) die("%s: trailing comma in '%.60s%s'", opt, list, strlen(list) > 60 ? "..." : "");
     }
     return n;
 }
 
-/* -f FILE: the whole file as prompt text (NUL-terminated) */
-static char *read_text_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) die("cannot read -f file '%s': %s", path, strerror(errno));
-    size_t cap = 1 << 16, len = 0, got;
-    char *text = malloc(cap);
-    while (text && (got = fread(text + len, 1, cap - len - 1, f)) > 0) {
-        len += got;
-        if (len + 1 == cap) text = realloc(text, cap *= 2);
-    }
-    if (!text) die("out of memory reading '%s'", path);
-    if (ferror(f)) die("cannot read -f file '%s'", path);
-    fclose(f);
-    text[len] = '\0';
-    if (strlen(text) != len) die("-f file '%s' contains a NUL byte: not a text file", path);
+/* A prompt file: at most the text 2^24 positions (the longest context the format allows) would hold at a
+ * few bytes a token. */
+#define MAX_PROMPT_FILE_BYTES ((size_t)64 << 20)
+
+/* -f FILE / --tokens @FILE: the whole file as text (NUL-terminated); a regular file of at most 64 MiB */
+static char *read_text_file(const char *what, const char *path) {
+    char err[256];
+    size_t len;
+    char *text = read_whole_file(path, MAX_PROMPT_FILE_BYTES, &len, err, sizeof err);
+    if (!text) die("cannot read %s '%s': %s", what, path, err);
+    if (strlen(text) != len) die("%s '%s' contains a NUL byte: not a text file", what, path);
     return text;
 }
 
@@ -312,9 +325,57 @@ static int encode_text(const Model *m, const char *text, int add_bos, int **out)
     int *ids = malloc(tokenizer_max_ids(len) * sizeof *ids);
     if (!ids) die("out of memory");
     int n = tokenizer_encode(&m->tokenizer, text, len, add_bos, ids);
+    if (n == TOKENIZER_REGEX_TOO_SLOW)
+        die("the tokenizer's pre-tokenizer regex backtracks without end on this prompt (a pathological pattern)");
     if (n < 0) die("out of memory while tokenizing");
     *out = ids;
     return n;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * outputs are checked before the run: each can be written, none is an input or another output */
+
+static void check_outputs(const Options *o) {
+    const char *outputs[][2] = {{"--logits", o->logits_path}, {"--attn-map", o->attn_map}, {"--attn-dump", o->attn_dump},
+                                {"--explore", o->explore}, {"--kv-map", o->kv_map}};
+    const char *tokens_file = o->tokens && o->tokens[0] == '@' ? o->tokens + 1 : NULL;
+    const char *inputs[][2] = {{"the model file", o->model_path}, {"the -f file", o->prompt_file},
+                               {"the --tokens file", tokens_file}, {"the --prompts file", o->prompts_path}};
+    char err[256];
+    for (int i = 0; i < (int)(sizeof outputs / sizeof *outputs); i++) {
+        const char *opt = outputs[i][0], *path = outputs[i][1];
+        if (!path) continue;
+        if (check_output_path(path, err, sizeof err) != 0) die("cannot write %s file '%s': %s", opt, path, err);
+        for (int k = 0; k < (int)(sizeof inputs / sizeof *inputs); k++)
+            if (inputs[k][1] && strcmp(inputs[k][1], "-") != 0 && same_file(path, inputs[k][1]))
+                die("%s '%s' is %s '%s': an output may not overwrite an input", opt, path, inputs[k][0], inputs[k][1]);
+        for (int k = 0; k < i; k++)
+            if (outputs[k][1] && same_file(path, outputs[k][1]))
+                die("%s '%s' and %s '%s' are the same file", outputs[k][0], outputs[k][1], opt, path);
+    }
+}
+
+/* Logits that stopped being finite (a NaN or an infinity in the weights), or a residual stream too large for
+ * the final norm (its sum of squares overflows float32, so the norm returns zeros and every logit is 0: weights
+ * of 1e30): sampling and perplexity would make nothing of them. Checks the rows of tokens x[t0 .. t0+rows) at
+ * positions first_pos ..; names the tensor at fault when there is one. */
+static void check_outputs_finite(const Model *m, const RunState *s, int t0, int rows, int first_pos) {
+    int vocab = m->config.vocab_size, dim = m->config.dim;
+    const float *logits = s->logits;
+    for (int r = 0; r < rows; r++) {
+        const float *x = s->x + (size_t)(t0 + r) * dim, *l = logits + (size_t)r * vocab;
+        double squares = 0.0;
+        for (int i = 0; i < dim; i++) squares += (double)x[i] * x[i];
+        int finite = 1;
+        for (int i = 0; i < vocab && finite; i++) finite = isfinite(l[i]);
+        if (finite && squares <= FLT_MAX) continue;
+        char name[96];
+        if (model_find_nonfinite_tensor(m, name, sizeof name))
+            die("the logits at position %d are not finite: tensor '%s' of the model holds a NaN or an infinity",
+                first_pos + r, name);
+        die("the activations at position %d overflow float32 (the last hidden state reaches a norm of %.3g): its "
+            "logits are %s (weights too large?)", first_pos + r, sqrt(squares), finite ? "meaningless" : "not finite");
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -351,15 +412,22 @@ static void sampler_end(void *sampler) {
  * main: prompt -> prefill -> generate */
 
 int main(int argc, char **argv) {
+    int closed = reopen_closed_standard_streams();
     Options o = parse_args(argc, argv);
+    if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
+    if ((closed & 2) && (o.info || o.encode_text || o.decode_ids || o.ppl || o.n_generate > 0))
+        die("standard output is closed: there is nowhere to print to");
+    check_outputs(&o);
     if (o.threads > 0) parallel_set_threads(o.threads);
     Model model;
     char err[512];
+    exit_on_sigbus(o.model_path); /* the model is the only file mapped: a SIGBUS means it was cut short */
     if (model_load(&model, o.model_path, err, sizeof err) != 0) die("%s", err);
     const Config *c = &model.config;
     if (apply_attention_overrides(&model, &o.overrides, err, sizeof err) != 0) die("%s", err);
     if (o.info) {
         print_wiring(&model, o.model_path, stdout);
+        check_stdout(1);
         model_free(&model);
         return 0;
     }
@@ -368,6 +436,7 @@ int main(int argc, char **argv) {
         int *ids, n = encode_text(&model, o.encode_text, !o.no_bos, &ids);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
+        check_stdout(1);
         free(ids);
         model_free(&model);
         return 0;
@@ -384,6 +453,7 @@ int main(int argc, char **argv) {
         }
         utf8_stream_flush(&out, stdout);
         printf("\n");
+        check_stdout(1);
         free(ids);
         model_free(&model);
         return 0;
@@ -391,7 +461,7 @@ int main(int argc, char **argv) {
 
     SamplerContext sampler_context = {&o, c->vocab_size};
     BatchOptions batch_options = {o.n_generate, o.seed, o.print_ids, o.batch, o.parallel, !o.no_bos, NULL, o.kv_map,
-                                  {sampler_start, sampler_next, sampler_end, &sampler_context}};
+                                  {sampler_start, sampler_next, sampler_end, &sampler_context}, check_outputs_finite};
     if (o.prompts_path) {
         if (o.logits_path && !(batch_options.logits_file = fopen(o.logits_path, "wb")))
             die("cannot write --logits file '%s': %s", o.logits_path, strerror(errno));
@@ -400,15 +470,21 @@ int main(int argc, char **argv) {
             die("writing --logits file '%s' failed", o.logits_path);
         model_free(&model);
         if (bad) die("%s", err);
+        check_stdout(1);
         return 0;
     }
 
     /* the prompt as ids */
     int *prompt = NULL, n_prompt;
-    if (o.tokens) {
+    if (o.tokens && o.tokens[0] == '@') {
+        char *text = read_text_file("--tokens file", o.tokens + 1);
+        if ((n_prompt = parse_token_list("--tokens file", text, c->vocab_size, &prompt)) == 0)
+            die("--tokens file '%s' holds no ids", o.tokens + 1);
+        free(text);
+    } else if (o.tokens) {
         if ((n_prompt = parse_token_list("--tokens", o.tokens, c->vocab_size, &prompt)) == 0) die("--tokens: no ids given");
     } else if (o.prompt_file) {
-        char *text = read_text_file(o.prompt_file);
+        char *text = read_text_file("-f file", o.prompt_file);
         n_prompt = encode_text(&model, text, !o.no_bos, &prompt);
         free(text);
     } else {
@@ -425,17 +501,26 @@ int main(int argc, char **argv) {
         die("cannot write --logits file '%s': %s", o.logits_path, strerror(errno));
 
     int batch = o.batch < n_prompt ? o.batch : n_prompt;
+    long positions = (long)n_prompt + o.n_generate; /* the most this run can reach */
+    if (!rolls && positions > c->context_length) positions = c->context_length;
+    int rows = batch > o.samples ? batch : o.samples; /* --samples: one row per sample in a decode step */
+    if (model_check_memory(&model, rows, positions, err, sizeof err) != 0) die("%s", err);
     RunState state;
-    if (runstate_init(&state, &model, batch > o.samples ? batch : o.samples) != 0) die("out of memory allocating the run state");
+    if (runstate_init(&state, &model, rows) != 0) die("out of memory allocating the run state");
     Sampler sampler = sampler_new(&o, o.seed, c->vocab_size);
     if (!sampler.order) die("out of memory");
-    if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
     AttentionMap *map = NULL;
-    if (o.attn_map || o.attn_dump) {
-        long positions = (long)n_prompt + o.n_generate;
-        if (!rolls && positions > c->context_length) positions = c->context_length;
+    int *sequence = NULL; /* --explore: the prompt's ids, then the generated ones */
+    if (o.explore && positions > EXPLORE_MAX_POSITIONS)
+        die("--explore: a page holds at most %d positions (prompt + -n), this run has up to %ld; use a shorter prompt "
+            "or a smaller -n", EXPLORE_MAX_POSITIONS, positions);
+    if (o.attn_map || o.attn_dump || o.explore) {
         if (!(map = attention_map_new(&model, o.attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+        if (o.attn_map && attention_map_check_png(map, err, sizeof err) != 0) die("%s", err);
         state.observer = (AttentionObserver){attention_map_record, map};
+        if (o.explore && explore_check_size(&model, map, (int)positions, err, sizeof err) != 0) die("%s", err);
+        if (o.explore && !(sequence = malloc(((size_t)n_prompt + o.n_generate) * sizeof *sequence))) die("out of memory");
+        if (sequence) memcpy(sequence, prompt, (size_t)n_prompt * sizeof *sequence);
     }
 
     /* prefill: the prompt in chunks of `batch` tokens; logits of every position only when asked for
@@ -444,8 +529,10 @@ int main(int argc, char **argv) {
     float *logits = NULL;
     for (int pos = 0; pos < n_prompt; pos += batch) {
         int n = n_prompt - pos < batch ? n_prompt - pos : batch;
-        logits = forward(&model, &state, prompt + pos, n, pos, logits_file != NULL || o.ppl);
+        int all_rows = logits_file != NULL || o.ppl;
+        logits = forward(&model, &state, prompt + pos, n, pos, all_rows);
         if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos);
+        check_outputs_finite(&model, &state, all_rows ? 0 : n - 1, all_rows ? n : 1, all_rows ? pos : pos + n - 1);
         for (int t = 0; o.ppl && t < n && pos + t + 1 < n_prompt; t++)
             nll += token_nll(logits + (size_t)t * c->vocab_size, c->vocab_size, prompt[pos + t + 1]);
         if (logits_file) {
@@ -464,6 +551,7 @@ int main(int argc, char **argv) {
         runstate_free(&state);
         model_free(&model);
         if (bad) die("%s", err);
+        check_stdout(1);
         return 0;
     }
 
@@ -476,6 +564,7 @@ int main(int argc, char **argv) {
     while (generated < o.n_generate) {
         int next = sample(&sampler, logits, c->vocab_size);
         if (model.tokenizer.kind != TOKENIZER_NONE && tokenizer_is_eos(&model.tokenizer, next)) break;
+        if (sequence) sequence[n_prompt + generated] = next;
         if (o.print_ids || model.tokenizer.kind == TOKENIZER_NONE) { /* without a tokenizer, ids are all we can show */
             printf(generated ? " %d" : "%d", next);
         } else {
@@ -483,7 +572,7 @@ int main(int argc, char **argv) {
             const unsigned char *bytes = tokenizer_decode(&model.tokenizer, &printed, next, &len);
             utf8_stream_write(&out, stdout, bytes, len);
         }
-        fflush(stdout);
+        if (fflush(stdout) != 0) check_stdout(0); /* a full disk ends the run now, not after -n tokens */
         if (++generated == o.n_generate) break;
         if (pos >= c->context_length && !rolls) {
             fprintf(stderr, "\nnote: stopped at the end of the model's context (%d tokens)\n", c->context_length);
@@ -491,16 +580,23 @@ int main(int argc, char **argv) {
         }
         logits = forward(&model, &state, &next, 1, pos++, 0);
         if (!logits) die("out of memory at position %d (KV cache or attention scores)", pos - 1);
+        check_outputs_finite(&model, &state, 0, 1, pos - 1);
     }
     utf8_stream_flush(&out, stdout);
     if (o.n_generate > 0) printf("\n");
-    fflush(stdout); /* the text ends before the stats line when both go to one terminal or pipe */
+    check_stdout(1); /* every byte written; and the text ends before the stats line on one terminal or pipe */
     double t2 = now_seconds();
     if (map) {
         if (o.attn_map && attention_map_write_png(map, o.attn_map) != 0)
             die("cannot write --attn-map '%s': %s", o.attn_map, strerror(errno));
         if (o.attn_dump && attention_map_write_raw(map, o.attn_dump) != 0)
             die("cannot write --attn-dump '%s': %s", o.attn_dump, strerror(errno));
+        if (o.explore) {
+            char *command = explore_command_line(argc, argv);
+            ExploreRun run = {o.model_path, command ? command : "./run", sequence, n_prompt, n_prompt + generated};
+            if (explore_write(o.explore, &model, map, &run, err, sizeof err) != 0) die("%s", err);
+            free(command);
+        }
         attention_map_free(map);
         state.observer.record = NULL;
     }
@@ -509,6 +605,7 @@ int main(int argc, char **argv) {
             n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), generated, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9),
             kvcache_bytes_held(&state.kv));
     free(sampler.order);
+    free(sequence);
     free(prompt);
     runstate_free(&state);
     model_free(&model);

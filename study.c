@@ -283,6 +283,40 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
     }
 }
 
+static void add_property(LayerWiring *w, const char *name, const char *fmt, ...) {
+    if (w->n_props == WIRING_MAX_PROPS) return;
+    va_list ap;
+    va_start(ap, fmt);
+    snprintf(w->props[w->n_props].name, sizeof w->props[0].name, "%s", name);
+    vsnprintf(w->props[w->n_props].value, sizeof w->props[0].value, fmt, ap);
+    va_end(ap);
+    w->n_props++;
+}
+
+/* The columns of print_wiring's row, as properties */
+void layer_wiring(const Model *m, int l, LayerWiring *w) {
+    const AttentionConfig *lc = &m->config.layers[l].attn;
+    const AttentionSpec *a = &m->attention[l], own = attention_of_layer(m, l);
+    char b[160];
+    memset(w, 0, sizeof *w);
+    w->kind = "attention";
+    w->has_attention_weights = 1;
+    w->overridden = is_overridden(m, l);
+    if (w->overridden) mask_name(&own, w->in_file);
+    add_property(w, "mask", "%s", mask_name(a, b));
+    add_property(w, "q heads", "%d", lc->n_heads);
+    add_property(w, "kv heads", "%d", lc->n_kv_heads);
+    add_property(w, "group", "%d (%s)", lc->n_heads / lc->n_kv_heads, sharing_name(lc->n_heads, lc->n_kv_heads, b));
+    add_property(w, "head_dim", "%d", lc->head_dim);
+    if (lc->rope.dim > 0) add_property(w, "rope base", "%g", lc->rope.theta);
+    else add_property(w, "rope base", "%s", m->config.position_kind == POS_ROPE ? "- (NoPE)" : "- (learned positions)");
+    extras_of(m, l, b);
+    add_property(w, "extras", "%s", b);
+    add_property(w, "KV/token", "%d B", (int)(2 * lc->n_kv_heads * lc->head_dim * sizeof(float)));
+    add_property(w, "keeps", "%s", keeps(a, b));
+    add_property(w, "FFN", "%s", ffn_name(&m->config.layers[l], b));
+}
+
 /* ---------------------------------------------------------------------------------------------
  * attention maps */
 
@@ -360,6 +394,13 @@ void attention_map_record(void *ctx, int layer, int pos, const float *weights, i
     if (pos + 1 > map->positions_seen) map->positions_seen = pos + 1;
 }
 
+int attention_map_positions(const AttentionMap *map) { return map->positions_seen; }
+
+const float *attention_map_row(const AttentionMap *map, int layer, int head, int query) {
+    int i = map->index_of_layer[layer], T = map->n_positions;
+    return i < 0 ? NULL : map->weights[i] + ((size_t)head * T + query) * T;
+}
+
 int attention_map_write_raw(const AttentionMap *map, const char *path) {
     FILE *f = fopen(path, "wb");
     if (!f) return -1;
@@ -397,32 +438,50 @@ static unsigned char color_of_weight(float w) {
 #define GAP 3
 typedef struct {
     int columns, cell;
+    int target; /* pixels a panel aims at: fewer positions get cells of target / T pixels */
 } MapLayout;
 
 static MapLayout map_layout(const AttentionMap *map, int T) {
-    MapLayout g = {0, 0};
+    MapLayout g = {0, 0, 128};
     for (int i = 0; i < map->n_recorded; i++)
         if (map->model->config.layers[map->layers[i]].attn.n_heads > g.columns) g.columns = map->model->config.layers[map->layers[i]].attn.n_heads;
-    int target = 128; /* pixels per panel, never less than one per cell */
     if (map->n_recorded == 1) {
         int rows = (int)sqrt((double)g.columns);
         g.columns = (g.columns + rows - 1) / rows;
-        target = 384;
+        g.target = 384;
     }
-    g.cell = T < target ? target / T : 1;
+    g.cell = T < g.target ? g.target / T : 1; /* never less than one pixel per cell */
     return g;
+}
+
+/* Width and height of the picture for panels of `panel` pixels */
+static void map_size(const AttentionMap *map, const MapLayout *g, long panel, long *width, long *height) {
+    long n_rows = 0;
+    for (int i = 0; i < map->n_recorded; i++) {
+        int heads = map->model->config.layers[map->layers[i]].attn.n_heads;
+        n_rows += (heads + g->columns - 1) / g->columns;
+    }
+    *width = 2L * GAP + (long)g->columns * panel + (long)(g->columns - 1) * GAP;
+    *height = 2L * GAP + n_rows * panel + (n_rows - 1) * GAP;
+}
+
+int attention_map_check_png(const AttentionMap *map, char *err, size_t errlen) {
+    int T = map->n_positions;
+    MapLayout g = map_layout(map, T);
+    long width, height; /* a run that stops early has fewer positions: T x (target / T) pixels, at most the target */
+    map_size(map, &g, T > g.target ? T : g.target, &width, &height);
+    if ((double)width * height <= MAP_MAX_PIXELS) return 0;
+    return fail(err, errlen, "--attn-map: %d positions x %d layers would make a picture of %ld x %ld pixels (at most "
+                "%u in all); use --attn-map-layer, a shorter prompt or a smaller -n", T, map->n_recorded, width, height,
+                MAP_MAX_PIXELS);
 }
 
 int attention_map_write_png(const AttentionMap *map, const char *path) {
     int T = map->positions_seen, N = map->n_positions;
     MapLayout g = map_layout(map, T);
-    int cell = g.cell, gap = GAP, panel = T * cell, n_rows = 0;
-    for (int i = 0; i < map->n_recorded; i++) {
-        int heads = map->model->config.layers[map->layers[i]].attn.n_heads;
-        n_rows += (heads + g.columns - 1) / g.columns;
-    }
-    long width = 2L * gap + (long)g.columns * panel + (long)(g.columns - 1) * gap;
-    long height = 2L * gap + (long)n_rows * panel + (long)(n_rows - 1) * gap;
+    int cell = g.cell, gap = GAP, panel = T * cell;
+    long width, height;
+    map_size(map, &g, panel, &width, &height);
     if (T == 0 || (double)width * height > MAP_MAX_PIXELS) {
         errno = T == 0 ? EINVAL : EFBIG;
         return -1;

@@ -23,6 +23,24 @@ int apply_attention_overrides(Model *m, const AttentionOverrides *o, char *err, 
  * next to plain MHA with full attention everywhere. */
 void print_wiring(const Model *m, const char *path, FILE *out);
 
+/* One layer as --info describes it, for views other than the table (the --explore page): a mixer kind and a
+ * free-form list of (name, value) properties, so that a new kind (latent attention, a recurrent mixer)
+ * brings its own properties rather than new fields. */
+#define WIRING_MAX_PROPS 12
+typedef struct {
+    const char *kind;          /* "attention" */
+    int has_attention_weights; /* 1 when the naive kernel can record the layer's weights (0: recurrent kinds) */
+    int overridden;            /* changed on the command line (--window / --sinks / --sparse) */
+    char in_file[48];          /* when overridden: what the file says, e.g. "sliding 64" or "full" */
+    int n_props;
+    struct {
+        char name[16];
+        char value[64];
+    } props[WIRING_MAX_PROPS];
+} LayerWiring;
+
+void layer_wiring(const Model *m, int l, LayerWiring *w);
+
 /* ---- attention maps: every head's weights over the processed sequence */
 
 typedef struct AttentionMap AttentionMap;
@@ -37,9 +55,16 @@ void attention_map_record(void *map, int layer, int pos, const float *weights, i
  * floor(sqrt(heads)) rows, drawn larger): in a panel, rows are query positions and columns key positions;
  * grey where the mask hides the key, a colour scale of log10(weight) from 1e-4 (dark) to 1 elsewhere. */
 int attention_map_write_png(const AttentionMap *map, const char *path);
+/* Before the run: 0 if the picture of all n_positions fits the PNG limit, else -1 with one line in err. */
+int attention_map_check_png(const AttentionMap *map, char *err, size_t errlen);
 /* The recorded weights as little-endian float32 [layer][head][query][key] over the positions processed. */
 int attention_map_write_raw(const AttentionMap *map, const char *path);
 void attention_map_free(AttentionMap *map);
+/* What was recorded, for other writers (explore.c): positions 0 .. attention_map_positions()-1; the row of
+ * weights a head gave at a query, by key position 0 .. query (0 where masked), NULL if the layer was not
+ * recorded. */
+int attention_map_positions(const AttentionMap *map);
+const float *attention_map_row(const AttentionMap *map, int layer, int head, int query);
 
 /* ---- the paged cache: which blocks sequences share */
 

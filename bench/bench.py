@@ -163,7 +163,10 @@ def bench_arguments(doc):
     ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ./run (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test of the script)")
+    ap.add_argument("--tokenizer", action="store_true", help="only the tokenizer's speed")
     args = ap.parse_args()
+    if args.tokenizer:
+        return tokenizer_speed(1 if args.quick else args.runs)
     if not os.path.exists(RUN):
         sys.exit("error: ./run is not built (make)")
     return args
@@ -261,6 +264,50 @@ def main():
     a, b = window_ms[100], window_ms[4000]
     print(f"\nsliding window {WINDOW} on every layer (stories15M shape, f32): decode {a[0]:.2f} ms/token at position 100, "
           f"{b[0]:.2f} ms/token at position 4000 ({b[0] / a[0]:.2f}x); peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
+
+
+def tokenizer_text(path, size=4 << 20):
+    """A large mixed text: the repository's docs and sources, and llama.cpp's test texts in many scripts."""
+    parts = []
+    for folder, exts in ((ROOT, (".md", ".c", ".h", ".py")), (os.path.join(ROOT, "docs"), (".md",)),
+                         (os.path.join(os.environ.get("ATTN_SHARED", os.path.join(ROOT, "..", "shared")), "llamacpp", "vocab"),
+                          (".inp",))):
+        if os.path.isdir(folder):
+            parts += [open(os.path.join(folder, f), encoding="utf-8").read() for f in sorted(os.listdir(folder)) if f.endswith(exts)]
+    text = "\n".join(parts)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write((text * (size // len(text.encode()) + 1))[:size])
+    return path
+
+
+def tokenizer_speed(runs):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from harness import tiny_llama_dir
+    subprocess.run(["make", "-s", "build/bench/tokenize"], cwd=ROOT, check=True)
+    text = tokenizer_text(os.path.join(BUILD, "tokenizer_text.txt"))
+    models = {"GPT-2 (kjv-5m)": os.path.join(ROOT, "models", "kjv-5m.bin")}
+    src = os.path.join(ROOT, "tests", "data", "tokenizers", "bytelevel_llama3_style", "tokenizer.json")
+    tok = json.load(open(src, encoding="utf-8"))
+    vocab = max(tok["model"]["vocab"].values()) + 1
+    for name, regex in (("Llama 3", None), ("Qwen2", None)):
+        d = os.path.join(BUILD, f"tok_{name.replace(' ', '')}")
+        os.makedirs(d, exist_ok=True)
+        if name == "Qwen2":  # the same vocabulary behind Qwen2's regex (single digits)
+            tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].replace(r"\p{N}{1,3}", r"\p{N}")
+        with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tok, f, ensure_ascii=False)
+        tiny_llama_dir(d, vocab)
+        models[f"{name} (bytelevel_llama3_style vocabulary)"] = export(d, os.path.join(BUILD, f"tok_{name.replace(' ', '')}.bin"), "f32")
+    print(f"\ntokenizer: encoding {os.path.getsize(text) / 1e6:.1f} MB (best of {runs}), the hand-written pre-tokenizer "
+          f"against the regex matcher (same ids)\n")
+    print("| pre-tokenizer | hand-written MB/s | regex.c MB/s | hand-written / regex | tokens |")
+    print("|---|---|---|---|---|")
+    for name, model in models.items():
+        out = subprocess.run([os.path.join(BUILD, "tokenize"), model, text, str(runs)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr.strip())
+        fast, regex, n = out.stdout.split()
+        print(f"| {name} | {float(fast):.1f} | {float(regex):.1f} | {float(fast) / float(regex):.2f}x | {n} |")
 
 
 def kernels():

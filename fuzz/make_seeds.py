@@ -5,7 +5,7 @@ MLPs, mixtures of experts (every router kind, grouped routing, biases, shared ex
 tensors in f32 and q8_0), rotary and learned positions, NoPE, sliding, chunked and full layers, GQA, every
 kind of q/k norm, learned sinks, attention temperature, biases, pre- and post-norms, soft-caps,
 precomputed RoPE tables (one with YaRN's attention factor), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
-with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
+with the GPT-2 and Llama 3 pre-tokenizers and with a sequence of regex Split steps; SentencePiece-style with <0xNN> byte pieces, merged by score as
 from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
 
@@ -40,6 +40,22 @@ def tensors(m):
 def bytelevel_tokenizer(folder, vocab):
     src = os.path.join(ROOT, "tests", "data", "tokenizers", folder)
     return E.hf_tokenizer(src, {}, vocab)
+
+
+def split_steps_tokenizer(vocab):
+    """A byte-level record whose pre-tokenizer is a sequence of regex Split steps (pretokenizer 5): every
+    behavior, an inverted step, and the constructs regex.c compiles (classes, \\p{..}, scripts, (?i:...),
+    lookahead, possessive and atomic repeats, counted repeats), then ByteLevel's own regex."""
+    src = os.path.join(ROOT, "tests", "data", "tokenizers", "bytelevel_gpt2_style", "tokenizer.json")
+    tok = E.load_json(src)
+    split = lambda regex, behavior="Isolated", invert=False: {  # noqa: E731
+        "type": "Split", "pattern": {"Regex": regex}, "behavior": behavior, "invert": invert}
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        split(r"[\r\n]"), split(r"(?i:'s|'t)|\p{Lu}[\p{Ll}\p{M}]*+|(?>\p{N}{1,3})", "MergedWithPrevious"),
+        split(r"\s+(?=\S)", "MergedWithNext"), split(r"[\p{P}\p{S}]", "Contiguous"), split(r"\p{Han}+", "Removed"),
+        split(r"x", "Isolated", True), {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    return E.tokenizer_from_json(src, tok, {}, vocab, [os.path.dirname(src)])
 
 
 def sentencepiece_tokenizer(library_style):
@@ -144,6 +160,37 @@ def seeds():
     post = E.LAYER_MIXER_POST_NORM | E.LAYER_FFN_POST_NORM
     m.layers = [L(A(2, 1, 4, window=4, flags=E.ATTN_QK_NORM_FULL), D(16), post), L(A(2, 1, 4, rope_dim=0), D(16), post)]
     yield "olmo_post_norms_bf16", tensors(m), "bf16"
+    # the whole-file checks (docs/FORMAT.md, "What the loader checks"): more than 16 eos ids, special tokens that
+    # share prefixes and suffixes (the matcher's automaton) with lstrip / rstrip, a window that covers the
+    # context (full attention), a scaled rope table, q8_0 groups of weights near 4e-6 (the smallest scales)
+    m = E.Model("llama", 32, 300, 16, tied=True)
+    table = m.rope_table_for(1.0 / (10000.0 ** (np.arange(0, 8, 2) / 8)) / 4.0)
+    m.layers = [L(A(4, 2, 8, window=16, rope_table=table), D(32)), L(A(4, 4, 8, window=8), D(32))]
+    m.tokenizer = specials_tokenizer(300)
+    tensors(m)
+    tiny = lambda: (rng.uniform(-4e-6, 4e-6, (32, 32))).astype(np.float32)  # noqa: E731
+    m.tensors = [(n, s, tiny if n == "layers.0.attn.wq" else f) for n, s, f in m.tensors]
+    yield "llama_specials_many_eos_q8_0", m, "q8_0"
+    # a pre-tokenizer of regex Split steps (pretokenizer 5)
+    m = E.Model("llama", 8, 1024, 256, tied=True)
+    m.layers = [L(A(2, 1, 4), D(16))]
+    m.tokenizer = split_steps_tokenizer(1024)
+    yield "llama_split_steps_tokenizer_f32", tensors(m), "f32"
+
+
+def specials_tokenizer(vocab):
+    """A byte-level record with 40 eos ids and special / user-defined tokens nested in one another."""
+    rec = E.TokenizerRecord(E.TOK_BYTELEVEL_BPE, vocab, "make_seeds")
+    for b in range(256):
+        rec.set_piece(b, bytes([b]), E.PIECE_NORMAL)
+    specials = [b"<|a|>", b"<|ab|>", b"<|abc|>", b"<|b|>", b"|>", b"<|", b"<|im_start|>", b"<|im_end|>", b"<s>", b"</s>",
+                b"<s><s>", b"[INST]", b"[/INST]", b"<|a|><|b|>", b"\n\n", b"  "]
+    for i, s in enumerate(specials):
+        kind = E.PIECE_SPECIAL if i % 3 else E.PIECE_USER
+        rec.set_piece(256 + i, s, kind | (E.PIECE_LSTRIP if i % 4 == 1 else 0) | (E.PIECE_RSTRIP if i % 5 == 2 else 0))
+    rec.pretokenizer = E.PRE_GPT2
+    rec.eos = list(range(256, 296))
+    return rec.pack()
 
 
 def shared_tokenizer_models(shared, out_dir):

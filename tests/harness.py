@@ -107,6 +107,15 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
+def read_safetensors(path):
+    """name -> float32 array of a (small) safetensors file written by write_safetensors."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8:8 + n])
+    return {k: np.frombuffer(raw, "<f4", int(np.prod(v["shape"])), 8 + n + v["data_offsets"][0]).reshape(v["shape"])
+            for k, v in header.items()}
+
+
 def fixture_dir(t, fixture, name, cfg):
     """A checkpoint directory with the files of tests/data/fixtures/FIXTURE (linked) and config.json = cfg."""
     src = os.path.join(t.data, "fixtures", fixture)

@@ -81,7 +81,17 @@ class Layout:
         fields["merges"] = q
         fields["n_merges_value"] = n_merges
         fields["n_pieces_value"] = n_pieces
-        assert q + 8 * n_merges == self.tok_off + self.tok_size
+        q += 8 * n_merges
+        fields["steps"] = []  # pretokenizer 5: (offset of behavior, regex length) per Split step
+        if struct.unpack_from("<I", blob, fields["pretokenizer"])[0] == 5:
+            fields["n_steps"] = q
+            (n_steps,) = struct.unpack_from("<I", blob, q)
+            q += 4
+            for _ in range(n_steps):
+                (n,) = struct.unpack_from("<I", blob, q + 8)
+                fields["steps"].append((q, n))
+                q += 12 + n
+        assert q == self.tok_off + self.tok_size
         return fields
 
     def boundaries(self):
@@ -98,6 +108,13 @@ class Layout:
             b.update(q for q, _ in self.tok["pieces"][:8])
             b.update(q for q, _ in self.tok["pieces"][-4:])
         return sorted(x for x in b if 0 <= x < self.file_size)
+
+
+# regexes regex.c must refuse, and ones it must run without hanging or crashing
+BAD_REGEXES = [b"(", b"[a", b"a)", b"\\", b"\\p{Nope}", b"(?<=a)", b"(a)\\1", b"[a[b]]", b"a**", b"x{3,2}", b"\xff\xfe",
+               b"(?:a{1000}){1000}", b"a{100001}", b"\\x{110000}"]
+HEAVY_REGEXES = [b"(a*)*b", b"(?:\\p{L}|\\w)*+!", b"(?=(?=(?=a)))", b"\\s+$", b"(?i)[^\\S\\P{L}]{0,}", b"$|^|\\b",
+                 b"(?:x?){64}y"]
 
 
 def put(blob, off, width, value):
@@ -260,7 +277,22 @@ def _all_mutants(blob, rng, scale=1.0):
         for off in mk:
             for v in (T["n_pieces_value"], 0xFFFFFFFF, 0):
                 yield f"tokenizer merge id {v:#x} at {off}", put(blob, off, 4, v)
-        # every piece special: each prompt byte is checked against every piece
+        # the Split steps (pretokenizer 5): counts, behaviors, flags, lengths, and regexes that do not compile or
+        # that compile to something enormous or pathological (each swapped in, the record shortened or lengthened)
+        if T["steps"]:
+            for v in (0, 17, 0xFFFFFFFF, len(T["steps"]) + 1):
+                yield f"tokenizer n_steps = {v}", put(blob, T["n_steps"], 4, v)
+        for k, (q, n) in enumerate(T["steps"]):
+            for v in (5, 0xFFFFFFFF):
+                yield f"tokenizer step {k} behavior {v:#x}", put(blob, q, 4, v)
+            for v in (2, 0xFFFFFFFF):
+                yield f"tokenizer step {k} flags {v:#x}", put(blob, q + 4, 4, v)
+            for v in (0, n + 1, 65537, 0xFFFFFFFF):
+                yield f"tokenizer step {k} regex length {v}", put(blob, q + 8, 4, v)
+            for regex in BAD_REGEXES + HEAVY_REGEXES:
+                if len(regex) <= n:  # padded to the step's length with an alternative that changes nothing at fault
+                    padded = regex + (b"|" + b"x" * (n - len(regex) - 1) if len(regex) < n else b"")
+                    yield f"tokenizer step {k} regex {regex[:24]!r}", blob[:q + 12] + padded + blob[q + 12 + n:]
         everything_special = bytearray(blob)
         for q, n in T["pieces"]:
             if n:
@@ -285,3 +317,58 @@ def _all_mutants(blob, rng, scale=1.0):
                 else:
                     out[p] = int(rng.integers(0, 256))
             yield f"{name}: random bytes #{i}", bytes(out)
+
+
+# What the byte mutations above cannot reach: files whose every field is in range but whose meaning is
+# hostile. semantic_mutants(blob) yields (label, bytes, words): words None when the file must run (status
+# 0), else the run must end in one error line holding one of the words.
+NAN_BITS = {0: (0x7FC00000, 4), 1: (0x7E00, 2), 2: (0x7FC0, 2)}  # f32, f16, bf16
+
+
+def semantic_mutants(blob):
+    L = Layout(blob)
+    size = len(blob)
+    by_name = {name: (rec, off, nbytes) for rec, name, off, nbytes in L.tensors}
+    ordered = sorted(L.tensors, key=lambda x: x[2])
+    # a tensor pointed at the bytes of another: one small file standing for more weights than it holds
+    for (rec_a, a, off_a, _), (_, b, off_b, nbytes_b) in ((ordered[0], ordered[1]), (ordered[-1], ordered[-2]),
+                                                          (ordered[len(ordered) // 2], ordered[0])):
+        yield f"semantic: tensor '{a}' aliased onto '{b}'", put(blob, rec_a + 104, 8, off_b), \
+            ["share bytes", "extends past end of file", "belong to no"]
+    # bytes no tensor claims: a sparse tail, a gap inside the data section
+    for extra in (64, 4096, 1 << 20):
+        grown = put(put(blob + bytes(extra), 8, 8, size + extra), 88, 8, L.data_size + extra)
+        yield f"semantic: a tail of {extra} bytes no tensor claims", grown, ["belong to no"]
+    rec_last, last, off_last, nbytes_last = ordered[-1]
+    moved = bytearray(blob + bytes(64))
+    moved[off_last + 64:off_last + 64 + nbytes_last] = blob[off_last:off_last + nbytes_last]
+    moved = put(put(put(bytes(moved), rec_last + 104, 8, off_last + 64), 8, 8, size + 64), 88, 8, L.data_size + 64)
+    yield f"semantic: a gap of 64 bytes before '{last}'", moved, ["belong to no"]
+    # the tokenizer section laid over the weights (its own bytes left to no one)
+    if L.tok_size:
+        yield "semantic: the tokenizer section over the tensor data", put(blob, 48, 8, ordered[0][2]), \
+            ["overlaps", "outside the file", "belong to no"]
+    # rope tables that are not inverse frequencies
+    for name in sorted(n for n in by_name if n.startswith("rope_inv_freq.")):
+        _, off, _ = by_name[name]
+        for label, bits in (("NaN", 0x7FC00000), ("+inf", 0x7F800000), ("0", 0), ("-1", 0xBF800000)):
+            yield f"semantic: {label} in {name}", put(blob, off + 4, 4, bits), ["must be finite and positive"]
+    # a NaN in a weight every token goes through: the run stops at the first logits, naming the tensor
+    rec, off, _ = by_name["layers.0.attn.wq"]
+    dtype = get(blob, rec + 80, 4)
+    if dtype in NAN_BITS:
+        bits, width = NAN_BITS[dtype]
+        yield "semantic: NaN in layers.0.attn.wq", put(blob, off, width, bits), ["holds a NaN or an infinity"]
+    else:  # q8_0: the first group's f16 scale, after the int8 values
+        rows, cols = get(blob, rec + 88, 4), get(blob, rec + 92, 4)
+        yield "semantic: NaN scale in layers.0.attn.wq", put(blob, off + rows * cols, 2, 0x7E00), \
+            ["holds a NaN or an infinity"]
+    # a window that covers the context is full attention: such a file runs (a chunked layer keeps its chunks)
+    context = get(blob, L.config_off + 32 + 4 * CONFIG_FIELDS.index("context_length"), 4)
+    for layer in sorted({0, L.n_layers - 1}):
+        fields = dict(L.layers[layer]["fields"])
+        if "mixer window" not in fields or get(blob, fields["mixer chunk"], 4):
+            continue
+        for w in (context, context + 1, (1 << 24) + 1):
+            yield f"semantic: layer {layer} window {w} (context {context})", put(blob, fields["mixer window"], 4, w), \
+                None if w <= 1 << 24 else ["window"]
