@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from harness import tiny_llama_dir, write_safetensors
+from hostile_corpus import Layout, put
 
 KJV = "models/kjv-5m.bin"
 KJV_PROMPT = ("And God said, Let there be light: and there was light. And God saw the light, that it was good: "
@@ -167,9 +168,9 @@ def run(t):
              system + " and the darkness", KJV_PROMPT, system + " and the morning were the first day."]
     line = check_prompts(t, "kjv-5m", kjv, lines, lambda p: ["-p", p], variants=(["--parallel", "3"], ["--parallel", "1"],
                          ["--parallel", "2", "--threads", "1", "--batch", "7"]))
-    r = t.run([kjv, "--prompts", t.tmp("batch_kjv-5m_prompts.txt"), "-n", 16, "-t", "1", "-s", 5])
+    r = t.run([kjv, "--prompts", "-", "-n", 16, "-t", "1", "-s", 5], input=open(t.tmp("batch_kjv-5m_prompts.txt"), "rb").read())
     blocks = re.findall(r"^--- prompt (\d+), line (\d+) \(seed (\d+)\)$", r.stdout.decode(), re.M)
-    t.check("kjv-5m: --prompts labels each block with its prompt number, line and seed, in file order",
+    t.check("kjv-5m: --prompts - (standard input) labels each block with its prompt number, line and seed, in file order",
             blocks == [("0", "1", "5"), ("1", "3", "6"), ("2", "4", "7"), ("3", "6", "8"), ("4", "7", "9"), ("5", "8", "10")],
             str(blocks))
     for name in PROMPT_FIXTURES:
@@ -204,6 +205,28 @@ def run(t):
         r = t.run([tiny] + args)
         t.check(f"hostile: {' '.join(os.path.basename(a) for a in args)} -> one error line mentioning '{words}'",
                 clean_error(r, words), r.stderr.decode(errors="replace")[-200:])
+    # a NaN weight (f32 tiny model): prefill and batched decode both stop with run.c's line naming the tensor
+    blob = open(tiny, "rb").read()
+    off = next(o for _, name, o, _ in Layout(blob).tensors if name == "layers.0.ffn.w_up")
+    nan = t.tmp("batch_nan.bin")
+    open(nan, "wb").write(put(blob, off + 4 * 7, 4, 0x7FC00000))
+    nan_prompts = t.tmp("batch_nan_prompts.txt")
+    open(nan_prompts, "w").write("hello\n")
+    for args in (["--samples", "2", "-p", "hello", "-n", "3"], ["--prompts", nan_prompts, "-n", "3"]):
+        r = t.run([nan] + args)
+        t.check(f"hostile: a NaN weight with {args[0]}: one error line naming the tensor",
+                clean_error(r, "not finite", "layers.0.ffn.w_up"), r.stderr.decode(errors="replace")[-200:])
+    # a NaN in the embedding of the first token the samples generate (llama_gqa: its classifier is not the
+    # embedding table): the prompt is fine, the decode step is not
+    src = os.path.join(t.data, "fixtures", "llama_gqa")
+    gqa, dim = t.export(src, "llama_gqa.bin"), json.load(open(os.path.join(src, "config.json")))["hidden_size"]
+    first = int(t.run([gqa, "--tokens", "5,6", "-n", 1, "-t", 0, "--print-ids"]).stdout.split()[0])
+    blob = open(gqa, "rb").read()
+    off = next(o for _, name, o, _ in Layout(blob).tensors if name == "tok_embeddings")
+    open(nan, "wb").write(put(blob, off + 4 * dim * first, 4, 0x7FC00000))
+    r = t.run([nan, "--tokens", "5,6", "-n", 3, "-t", 0, "--samples", 2])
+    t.check("hostile: a NaN met in a batched decode step: one error line naming its position and the tensor",
+            clean_error(r, "the logits at position 2 are not finite", "tok_embeddings"), r.stderr.decode(errors="replace")[-200:])
     ids_model = big_kv_model(t)
     bad_ids = t.tmp("batch_bad_ids.txt")
     open(bad_ids, "w").write("1,2,3\n1,2,x\n")
