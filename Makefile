@@ -36,7 +36,11 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c blocks.c moe.c attention.c kvcache.c batch.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c files.c
+# the library: loading, the model, the kernels, the tokenizer, the study tools (none of it exits the process)
+ENGINE = model.c blocks.c mla.c moe.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c
+# the command line around it: options, checked inputs and outputs, one-line errors (files.c: ./run's own),
+# many sequences (batch.c)
+CLI = run.c batch.c files.c
 HEADERS = model.h blocks.h tensors.def attention.h kvcache.h batch.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
@@ -45,8 +49,8 @@ build/explore_page.h: explore/page.html explore/embed.sh
 	@mkdir -p build
 	sh explore/embed.sh explore/page.html > $@.tmp && mv $@.tmp $@
 
-run: run.c $(ENGINE) $(HEADERS)
-	$(COMPILE) -o $@ run.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+run: $(CLI) $(ENGINE) $(HEADERS)
+	$(COMPILE) -o $@ $(CLI) $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 tests/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	$(COMPILE) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
@@ -57,9 +61,9 @@ build/bench/tokenize: bench/tokenize.c $(ENGINE) $(HEADERS)
 	$(COMPILE) -I. -o $@ bench/tokenize.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 # other builds of ./run for the equivalence tests and the benchmark, e.g. make build/portable/run PORTABLE=1
-build/%/run: run.c $(ENGINE) $(HEADERS)
+build/%/run: $(CLI) $(ENGINE) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(COMPILE) -o $@ run.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+	$(COMPILE) -o $@ $(CLI) $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 .PHONY: all test bench clean asan valgrind fuzz fuzz-seeds
 all: run
@@ -81,9 +85,9 @@ SANITIZE = -O2 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sani
 SANITIZER_ENV = ASAN_OPTIONS=exitcode=86:detect_leaks=1:abort_on_error=0 \
                 UBSAN_OPTIONS=exitcode=87:halt_on_error=1:print_stacktrace=1
 
-build/asan/run: run.c $(ENGINE) $(HEADERS)
+build/asan/run: $(CLI) $(ENGINE) $(HEADERS)
 	@mkdir -p build/asan
-	$(CC) $(SANITIZE) $(WARN) -o $@ run.c $(ENGINE) $(LDLIBS)
+	$(CC) $(SANITIZE) $(WARN) -o $@ $(CLI) $(ENGINE) $(LDLIBS)
 
 build/asan/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	@mkdir -p build/asan
@@ -95,9 +99,9 @@ asan: build/asan/run build/asan/unit
 
 # make valgrind: a portable -O2 -g build (valgrind does not know AVX-512), one thread, 32 generated tokens
 VALGRIND_PROMPT = In the beginning God created
-build/valgrind/run: run.c $(ENGINE) $(HEADERS)
+build/valgrind/run: $(CLI) $(ENGINE) $(HEADERS)
 	@mkdir -p build/valgrind
-	$(CC) -O2 -g $(WARN) -o $@ run.c $(ENGINE) $(LDLIBS)
+	$(CC) -O2 -g $(WARN) -o $@ $(CLI) $(ENGINE) $(LDLIBS)
 
 valgrind: build/valgrind/run
 	@command -v valgrind >/dev/null || { echo "error: valgrind is not installed (Debian: apt-get install valgrind)"; exit 1; }

@@ -51,8 +51,7 @@ static void sharpen_queries(float *q, const AttentionConfig *a, const Batch *b) 
     }
 }
 
-/* Rows first .. end-1 are one sequence's run: the same sequence, consecutive positions. Returns end. */
-static int run_end(const Batch *b, int first) {
+int batch_run_end(const Batch *b, int first) {
     int end = first + 1;
     while (end < b->n && b->seq[end] == b->seq[first] && b->pos[end] == b->pos[end - 1] + 1) end++;
     return end;
@@ -98,7 +97,7 @@ int attention_block(const Model *m, int l, RunState *s, const Batch *b) {
 
     /* each sequence's rows against its own cache: the rows of other sequences never meet them */
     for (int t = 0, end; t < n; t = end) {
-        end = run_end(b, t);
+        end = batch_run_end(b, t);
         if (attend_run(s, l, a, spec, kvcache_layer(&s->kv, b->seq[t], l), xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim,
                        s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim, end - t, b->pos[t]) != 0)
             return -1;

@@ -8,6 +8,15 @@
 
 /* mixers: the positions of each sequence exchange information (0, or -1 when the KV cache cannot grow) */
 int attention_block(const Model *m, int layer, RunState *s, const Batch *b);
+int latent_attention_block(const Model *m, int layer, RunState *s, const Batch *b); /* mla.c */
+/* latent attention's scratch (RunState.mla, NULL when m has no latent layer), sized for every latent layer of
+ * m; 0, or -1 when out of memory */
+int mla_scratch_init(LatentScratch **x, const Model *m, int max_tokens);
+void mla_scratch_free(LatentScratch *x);
+
+/* The end of the run of rows that starts at row first: the rows after it of the same sequence at consecutive
+ * positions (a mixer attends each run against its sequence's cache) */
+int batch_run_end(const Batch *b, int first);
 
 /* FFNs: each position on its own */
 void dense_ffn_block(const Model *m, int layer, RunState *s, int n);

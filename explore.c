@@ -226,7 +226,7 @@ static int quantise_weights(const Model *m, const AttentionMap *map, int T, Page
 static int simulate_cache(const AttentionSpec *a, int T, int32_t *slot, int32_t *evicted_at, int32_t *rows,
                           int32_t *mha_rows) {
     KVLayer cache, mha;
-    attention_cache_init(&cache, 1, a);
+    attention_cache_init(&cache, 1, 1, a);
     kvlayer_init(&mha, 1, 0, 0);
     int *held = malloc((size_t)T * sizeof *held), n_held = 0, rc = held ? 0 : -1;
     const float zero = 0.0f;
@@ -339,13 +339,16 @@ static void write_tokens(FILE *f, const Model *m, const ExploreRun *run) {
 
 /* A layer as the page shows it: kind, properties, and for attention the numbers the diagram draws */
 static void write_layer(FILE *f, const Model *m, const AttentionMap *map, int l) {
-    const AttentionConfig *lc = &m->config.layers[l].attn;
+    const LayerConfig *lc = &m->config.layers[l];
     const AttentionSpec *a = &m->attention[l];
     static const char *masks[] = {"causal", "sliding", "strided", "fixed", "chunked"};
     LayerWiring w;
     layer_wiring(m, l, &w);
     KVLayer cache;
-    attention_cache_init(&cache, lc->n_kv_heads * lc->head_dim, a);
+    layer_cache_init(&cache, m, l);
+    int latent = lc->mixer == MIXER_LATENT_ATTENTION, heads = mixer_heads(lc);
+    int kv_heads = latent ? 1 : lc->attn.n_kv_heads, head_dim = latent ? lc->mla.nope_dim + lc->mla.rope.dim : lc->attn.head_dim;
+    size_t mha_row = latent ? (size_t)heads * (head_dim + lc->mla.v_dim) : 2 * (size_t)heads * head_dim;
     const char *layout = cache.summary_every ? "summaries" : kvlayer_capacity(&cache) ? "rolling buffer" : "paged";
     fprintf(f, "{\"index\":%d,\"kind\":", l);
     json_string(f, w.kind);
@@ -361,11 +364,11 @@ static void write_layer(FILE *f, const Model *m, const AttentionMap *map, int l)
         fputc(']', f);
     }
     fprintf(f, "],\"q_heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"mask\":{\"kind\":\"%s\",\"span\":%d,\"sinks\":%d},",
-            lc->n_heads, lc->n_kv_heads, lc->head_dim, masks[a->mask], a->span, a->n_sinks);
+            heads, kv_heads, head_dim, masks[a->mask], a->span, a->n_sinks);
     fprintf(f, "\"cache\":{\"layout\":\"%s\",\"capacity\":%d,\"summary_every\":%d,\"block\":%d,\"row_bytes\":%zu,"
             "\"mha_row_bytes\":%zu}}",
             layout, kvlayer_capacity(&cache), cache.summary_every, KV_BLOCK_TOKENS,
-            2 * (size_t)cache.kv_dim * sizeof(float), 2 * (size_t)lc->n_heads * lc->head_dim * sizeof(float));
+            (size_t)(cache.kv_dim + cache.v_dim) * sizeof(float), mha_row * sizeof(float));
 }
 
 /* Per layer and position: the visible keys (RUN_INTS each), and the cache simulation */

@@ -2,6 +2,7 @@
 """export.py - turn a Hugging Face checkpoint, a llama.cpp GGUF file or a llama2.c checkpoint into one attn.c model file.
 
     python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
+                      [--no-tokenizer] [--no-softmax-mscale]
 
 SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files), a llama.cpp GGUF file
 (gguf_reader.py), or a llama2.c checkpoint (.bin, versions 0, 1 and 2). Needs only Python 3 and numpy:
@@ -38,14 +39,14 @@ Q8_GROUP = 32  # q8_0: int8 values in groups of 32 along a row, one f16 scale pe
 NORM_RMS, NORM_LAYER = 0, 1
 ACT_SILU, ACT_GELU_TANH, ACT_GELU, ACT_SWIGLU_CLAMPED = 0, 1, 2, 3
 POS_ROPE, POS_LEARNED = 0, 1
-MIXER_ATTENTION = 1
+MIXER_ATTENTION, MIXER_LATENT_ATTENTION = 1, 2
 FFN_NONE, FFN_GATED, FFN_PLAIN, FFN_MOE = 0, 1, 2, 3
 ROUTER_SOFTMAX, ROUTER_TOPK_SOFTMAX, ROUTER_SIGMOID = 0, 1, 2
 # flag bits (model.h): each record has its own range, so one word says which tensors a layer has (tensors.def)
 FLAG_BITS = dict(
     LAYER_MIXER_NORM=1 << 0, LAYER_MIXER_POST_NORM=1 << 1, LAYER_FFN_NORM=1 << 2, LAYER_FFN_POST_NORM=1 << 3,
     ATTN_QK_NORM=1 << 4, ATTN_QKV_BIAS=1 << 5, ATTN_O_BIAS=1 << 6, ATTN_QK_NORM_FULL=1 << 7, ATTN_QK_NORM_PLAIN=1 << 8,
-    ATTN_SINKS=1 << 9,
+    ATTN_SINKS=1 << 9, MLA_Q_LORA=1 << 4,
     FFN_BIAS=1 << 12, MOE_NORM_TOPK=1 << 13, MOE_ROUTER_BIAS=1 << 14, MOE_EXPERT_BIAS=1 << 15, MOE_SCORE_BIAS=1 << 16,
     MOE_SHARED=1 << 17, MOE_SHARED_GATE=1 << 18, MOE_SCALE_INPUT=1 << 19, MOE_GROUP_TOP2=1 << 20,
     MODEL_TIED_EMBEDDINGS=1 << 24, PRESENT_LEARNED_POSITIONS=1 << 29, PRESENT_LAYERNORM=1 << 30)
@@ -314,6 +315,36 @@ class Attention:
                            self.attn_scale, self.attn_softcap, self.temperature_floor, self.temperature_scale, self.flags)
 
 
+class LatentAttention:
+    """A multi-head latent attention mixer, DeepSeek's MLA (docs/FORMAT.md, "latent attention record").
+
+    The softmax scale is (nope + rope)^-0.5 times softmax_mscale: DeepSeek's YaRN correction mscale^2, which
+    the exporter folds in (1 without YaRN)."""
+    kind = MIXER_LATENT_ATTENTION
+
+    def __init__(self, n_heads, q_rank, kv_rank, nope_dim, rope_dim, v_dim, rope_theta=10000.0, rope_table=-1,
+                 rope_attn_factor=1.0, softmax_mscale=1.0, norm_eps=1e-6):
+        self.n_heads, self.q_rank, self.kv_rank = n_heads, q_rank, kv_rank
+        self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
+        self.rope_theta, self.rope_table, self.rope_attn_factor = float(rope_theta), rope_table, float(rope_attn_factor)
+        self.softmax_mscale, self.norm_eps = float(softmax_mscale), float(norm_eps)
+        self.flags = MLA_Q_LORA if q_rank else 0
+
+    @property
+    def attn_scale(self):
+        return (self.nope_dim + self.rope_dim) ** -0.5 * self.softmax_mscale
+
+    def dims(self):
+        return dict(LATENT_Q=self.n_heads * (self.nope_dim + self.rope_dim), Q_RANK=self.q_rank, KV_RANK=self.kv_rank,
+                    LATENT_KV_A=self.kv_rank + self.rope_dim, LATENT_HEADS=self.n_heads, NOPE=self.nope_dim,
+                    V_DIM=self.v_dim, LATENT_OUT=self.n_heads * self.v_dim)
+
+    def pack(self):
+        return struct.pack("<7I 4f I", self.n_heads, self.q_rank, self.kv_rank, self.nope_dim, self.rope_dim, self.v_dim,
+                           self.rope_table & 0xFFFFFFFF, self.rope_theta, self.rope_attn_factor, self.attn_scale,
+                           self.norm_eps, self.flags)
+
+
 class Dense:
     """A dense FFN: gated down(act(gate x) * up x) or plain down(act(up x))."""
 
@@ -427,7 +458,8 @@ def expected_tensors(m):
     present = m.flags() | (PRESENT_LAYERNORM if m.norm_kind == NORM_LAYER else 0) | \
         (PRESENT_LEARNED_POSITIONS if m.position_kind == POS_LEARNED else 0)
     model_dims = dict(DIM=m.dim, VOCAB=m.vocab_size, CONTEXT=m.context_length)
-    mixer_parts, ffn_parts = {MIXER_ATTENTION: "ATTENTION"}, {FFN_GATED: "GATED", FFN_PLAIN: "PLAIN", FFN_MOE: "MOE"}
+    mixer_parts = {MIXER_ATTENTION: "ATTENTION", MIXER_LATENT_ATTENTION: "LATENT"}
+    ffn_parts = {FFN_GATED: "GATED", FFN_PLAIN: "PLAIN", FFN_MOE: "MOE"}
     out = {}
     for parts, name, dims, storage, needs, unless in tensor_table():
         if "MODEL" in parts and present & needs == needs and not present & unless:
@@ -546,7 +578,7 @@ def full_attention_windows(m):
     for i, L in enumerate(m.layers):
         a = L.attn
         for what in ("window", "chunk"):
-            if getattr(a, what) >= m.context_length:
+            if getattr(a, what, 0) >= m.context_length:
                 log(f"export: layer {i}: {what} {getattr(a, what)} covers the context of {m.context_length}: full attention")
                 setattr(a, what, 0)
 
@@ -614,6 +646,9 @@ def regroup_kv_heads(m, counts):
     where the heads disagree (the mean of normalised keys would not be a projection at all)."""
     for i, layer in enumerate(m.layers):
         layer = layer.attn
+        if i in counts and isinstance(layer, LatentAttention):
+            raise ExportError(f"--kv-heads: layer {i} is latent attention: it caches one latent row per position, "
+                              "shared by all heads, and has no kv heads to regroup")
         n = counts.get(i, layer.n_kv_heads)
         old, hd = layer.n_kv_heads, layer.head_dim
         if n == old:
@@ -852,12 +887,126 @@ def convert_llama_like(cfg, st, family):
     return m
 
 
-def interleaved_to_halves(get, heads, head_dim):
-    """q/k rows of each head reordered from rotary pairs (2i, 2i+1) to (i, i + head_dim/2): the scores q.k do
-    not change (both sides move alike), and one rope kernel serves both layouts."""
+def deepseek_model(cfg, family, tied):
+    """The description of a deepseek_v2 / deepseek_v3 config, without weights (convert_deepseek adds them from
+    the checkpoint, tools/random_model.py at random): multi-head latent attention on every layer; the first
+    first_k_dense_replace layers dense, then DeepSeek's mixture of experts."""
+    dim, n_layers, n_heads, vocab = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    kv_rank, nope, rope_dim, v_dim = require(cfg, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    q_rank = config_int(cfg, "q_lora_rank", 0, 0)  # null: one q_proj (DeepSeek-V2-Lite, Moonlight)
+    if cfg.get("attention_bias"):
+        raise ExportError("config.json: attention_bias is not supported with latent attention (no DeepSeek checkpoint has it)")
+    if rope_dim % 2:
+        raise ExportError(f"config.json: qk_rope_head_dim {rope_dim} is odd")
+    m = Model(family, dim, vocab, config_int(cfg, "max_position_embeddings", 4096),
+              norm_eps=config_float(cfg, "rms_norm_eps", 1e-6), tied=tied)
+    theta, scaling = rope_settings(cfg)
+    table, attn_factor, mscale2 = -1, 1.0, 1.0
+    if scaling is not None:
+        inv, attn_factor = rope_inv_freq(theta, rope_dim, scaling, cfg.get("max_position_embeddings"))
+        table = m.rope_table_for(inv)
+        # DeepSeek's softmax correction for a YaRN-stretched context: scale * mscale(factor, mscale_all_dim)^2
+        if scaling.get("mscale_all_dim"):
+            mscale2 = yarn_mscale(number(scaling.get("factor"), "rope_scaling.factor"),
+                                  number(scaling["mscale_all_dim"], "rope_scaling.mscale_all_dim")) ** 2
+    for i in range(n_layers):
+        mla = LatentAttention(n_heads, q_rank, kv_rank, nope, rope_dim, v_dim, rope_theta=theta, rope_table=table,
+                              rope_attn_factor=attn_factor, softmax_mscale=mscale2)
+        m.layers.append(Layer(mla, deepseek_ffn(cfg, family, i)))
+    return m
+
+
+def convert_deepseek(cfg, st, family):
+    """deepseek_v2 (DeepSeek-V2, V2-Lite, V2.5, Coder-V2), deepseek_v3 (V3, R1, Moonlight) and kimi_k2."""
+    p = text_prefix(st)
+    head = "lm_head.weight" if "lm_head.weight" in st else None
+    tied = cfg.get("tie_word_embeddings")
+    tied = head is None if tied is None else tied
+    if not tied and head is None:
+        raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
+    m = deepseek_model(cfg, family, tied)
+    dim, vocab, a0 = m.dim, m.vocab_size, m.layers[0].mixer
+    n_heads, q_rank, kv_rank, nope, rope_dim, v_dim = a0.n_heads, a0.q_rank, a0.kv_rank, a0.nope_dim, a0.rope_dim, a0.v_dim
+    # DeepSeek-V2 rotates interleaved pairs (complex numbers), V3 too unless rope_interleave is false: rows of the
+    # rope part of each query head and of k_rope reordered to attn.c's halves
+    interleaved = family == "deepseek_v2" or cfg.get("rope_interleave", True)
+    dq = nope + rope_dim
+    rope_rows = (lambda g, heads, width: interleaved_to_halves(g, heads, width, width - rope_dim, rope_dim)) \
+        if interleaved else (lambda g, heads, width: g)
+
+    m.add("tok_embeddings", (vocab, dim), getter(st, f"{p}embed_tokens.weight"))
+    for i, layer in enumerate(m.layers):
+        a, o = f"{p}layers.{i}.self_attn.", f"layers.{i}."
+        m.add(o + "mixer_norm", (dim,), getter(st, f"{p}layers.{i}.input_layernorm.weight"))
+        if q_rank:
+            m.add(o + "mla.wq_a", (q_rank, dim), getter(st, a + "q_a_proj.weight"))
+            m.add(o + "mla.q_a_norm", (q_rank,), getter(st, a + "q_a_layernorm.weight"))
+            m.add(o + "mla.wq_b", (n_heads * dq, q_rank), rope_rows(getter(st, a + "q_b_proj.weight"), n_heads, dq))
+        else:
+            m.add(o + "mla.wq", (n_heads * dq, dim), rope_rows(getter(st, a + "q_proj.weight"), n_heads, dq))
+        m.add(o + "mla.wkv_a", (kv_rank + rope_dim, dim),
+              rope_rows(getter(st, a + "kv_a_proj_with_mqa.weight"), 1, kv_rank + rope_dim))
+        m.add(o + "mla.kv_a_norm", (kv_rank,), getter(st, a + "kv_a_layernorm.weight"))
+        # kv_b_proj [H * (nope + v)][kv_rank]: each head's key rows, then its value rows
+        kv_b = getter(st, a + "kv_b_proj.weight")
+        if tuple(st.shape(kv_b.source)) != (n_heads * (nope + v_dim), kv_rank):
+            raise ExportError(f"tensor '{kv_b.source}' has shape {st.shape(kv_b.source)}, config implies "
+                              f"{[n_heads * (nope + v_dim), kv_rank]}")
+        m.add(o + "mla.wk_b", (n_heads, nope, kv_rank), lambda g=kv_b: g().reshape(n_heads, nope + v_dim, kv_rank)[:, :nope])
+        m.add(o + "mla.wv_b", (n_heads, v_dim, kv_rank), lambda g=kv_b: g().reshape(n_heads, nope + v_dim, kv_rank)[:, nope:])
+        m.add(o + "mla.wo", (dim, n_heads * v_dim), getter(st, a + "o_proj.weight"))
+        m.add(o + "ffn_norm", (dim,), getter(st, f"{p}layers.{i}.post_attention_layernorm.weight"))
+        add_ffn(m, st, layer.ffn, f"{p}layers.{i}.", o, dim)
+    m.add("final_norm", (dim,), getter(st, f"{p}norm.weight"))
+    if not tied:
+        m.add("output", (vocab, dim), getter(st, head))
+    return m
+
+
+def deepseek_ffn(cfg, family, i):
+    """Layer i's FFN: dense for i < first_k_dense_replace, else DeepSeek's mixture of experts:
+      V2  softmax over all experts; top k (greedy), or from the topk_group groups with the best expert
+          (group_limited_greedy); weights x routed_scaling_factor, or renormalised instead (norm_topk_prob)
+      V3  sigmoid scores; the choice adds e_score_correction_bias and takes the top k from the topk_group
+          groups with the best two-expert sums; weights from the unbiased scores, renormalised (norm_topk_prob),
+          x routed_scaling_factor
+    both plus n_shared_experts shared experts, run as one of width n_shared_experts * moe_intermediate_size."""
+    act = activation_of(cfg.get("hidden_act", "silu"))
+    if config_int(cfg, "moe_layer_freq", 1) != 1:
+        raise ExportError("config.json: moe_layer_freq other than 1 is not supported (transformers ignores it too)")
+    n_experts = config_int(cfg, "n_routed_experts", 0, 0)
+    if i < config_int(cfg, "first_k_dense_replace", 0, 0) or not n_experts:
+        return Dense(config_int(cfg, "intermediate_size"), act)
+    top_k, width = config_int(cfg, "num_experts_per_tok"), config_int(cfg, "moe_intermediate_size")
+    shared = config_int(cfg, "n_shared_experts", 0, 0) * width
+    scale = config_float(cfg, "routed_scaling_factor", 1.0)
+    if family != "deepseek_v2":  # V3's router (Kimi K2's too)
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ExportError(f"config.json: scoring_func '{cfg['scoring_func']}' is not supported for {family} (sigmoid)")
+        flags = MOE_SCORE_BIAS | MOE_GROUP_TOP2 | (MOE_NORM_TOPK if cfg.get("norm_topk_prob", True) else 0)
+        return MoE(n_experts, top_k, width, act, ROUTER_SIGMOID, config_int(cfg, "n_group", 1),
+                   config_int(cfg, "topk_group", 1), shared, scale, flags=flags)
+    method = cfg.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ExportError(f"config.json: topk_method '{method}' is not supported (greedy, group_limited_greedy)")
+    groups = (config_int(cfg, "n_group"), config_int(cfg, "topk_group")) if method == "group_limited_greedy" else (1, 1)
+    norm = bool(cfg.get("norm_topk_prob")) and top_k > 1  # DeepSeek's V2 code: renormalised, then not scaled
+    return MoE(n_experts, top_k, width, act, ROUTER_SOFTMAX, groups[0], groups[1], shared, 1.0 if norm else scale,
+               flags=MOE_NORM_TOPK if norm else 0)
+
+
+def interleaved_to_halves(get, heads, head_dim, first=0, rope_dim=None):
+    """q/k rows of each head reordered from rotary pairs (2i, 2i+1) to (i, i + rope_dim/2), for the rope_dim rows
+    from `first` on (default: the whole head): the scores q.k do not change (both sides move alike), and one
+    rope kernel serves both layouts."""
+    rope_dim = head_dim if rope_dim is None else rope_dim
+
     def f():
         w = get()
-        return w.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+        heads_rows = w.reshape(heads, head_dim, -1).copy()
+        part = heads_rows[:, first:first + rope_dim]
+        heads_rows[:, first:first + rope_dim] = part.reshape(heads, rope_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(part.shape)
+        return heads_rows.reshape(w.shape)
     f.source = getattr(get, "source", None)
     return f
 
@@ -916,6 +1065,8 @@ def add_ffn(m, st, ffn, a, o, dim):
     m.add(o + "moe.router", (E, dim), getter(st, experts.router))
     if ffn.flags & MOE_ROUTER_BIAS:
         m.add(o + "moe.router_bias", (E,), getter(st, experts.router_bias))
+    if ffn.flags & MOE_SCORE_BIAS:
+        m.add(o + "moe.score_bias", (E,), getter(st, experts.score_bias))
     for name, shape in (("w_gate", (E, hidden, dim)), ("w_up", (E, hidden, dim)), ("w_down", (E, dim, hidden))):
         m.add(o + "moe." + name, shape, experts.producer(name))
     if ffn.flags & MOE_EXPERT_BIAS:
@@ -957,7 +1108,9 @@ class ExpertSource:
                 break
         else:
             raise ExportError(f"missing tensor '{a}mlp.experts.*' (the experts of a mixture-of-experts layer)")
-        self.mlp, self.shared = mlp, mlp + "shared_expert."
+        self.mlp = mlp
+        self.shared = mlp + ("shared_experts." if mlp + "shared_experts.gate_proj.weight" in st else "shared_expert.")  # DeepSeek
+        self.score_bias = mlp + "gate.e_score_correction_bias"  # DeepSeek-V3: added to the scores for choosing only
         self.router = next((mlp + n for n in ("router.weight", "gate.weight") if mlp + n in st), mlp + "router.weight")
         self.router_bias = mlp + "router.bias"
         self.interleaved = mlp + "experts.gate_up_proj_bias" in st or mlp + "experts.gate_up_proj_blocks" in st
@@ -1112,6 +1265,9 @@ FAMILIES = {
     "llama4_text": convert_llama_like,
     "gpt2": convert_gpt2,
     "gpt_bigcode": convert_gpt2,
+    "deepseek_v2": convert_deepseek,
+    "deepseek_v3": convert_deepseek,
+    "kimi_k2": convert_deepseek,  # DeepSeek-V3's architecture under its own name
 }
 
 
@@ -1123,7 +1279,7 @@ def convert_hf(src, args):
     m = convert_checkpoint(cfg, SafeTensors(src), os.path.join(src, "config.json"))
     if args.tokenizer:
         m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config, src)
-    else:
+    elif not args.no_tokenizer:
         m.tokenizer = hf_tokenizer(src, m.hf_config, m.vocab_size)
     return m
 
@@ -1885,7 +2041,7 @@ def encode_tensor(arr, dtype):
 
 # The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
 LIMITS = dict(dim=1 << 16, hidden_dim=1 << 20, vocab_size=1 << 22, context_length=1 << 24, layers=4096, heads=1024,
-              head_dim=1024, experts=4096)
+              head_dim=1024, experts=4096, latent_rank=4096)
 
 
 def check_model(m):
@@ -1906,17 +2062,26 @@ def check_model(m):
     for i, L in enumerate(m.layers):
         a = L.attn
         whole(a.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
-        whole(a.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
-        whole(a.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
-        whole(a.chunk, f"layer {i}: attention chunk", 0, LIMITS["context_length"])
-        whole(a.rope_dim, f"layer {i}: rotary dimensions", 0, a.head_dim)
+        if isinstance(a, LatentAttention):
+            whole(a.q_rank, f"layer {i}: q_lora_rank", 0, LIMITS["hidden_dim"])
+            whole(a.kv_rank, f"layer {i}: kv_lora_rank", 1, LIMITS["latent_rank"])
+            whole(a.nope_dim, f"layer {i}: qk_nope_head_dim", 1, LIMITS["head_dim"])
+            whole(a.v_dim, f"layer {i}: v_head_dim", 1, LIMITS["head_dim"])
+            whole(a.rope_dim, f"layer {i}: rotary dimensions", 0, LIMITS["head_dim"])
+            softcap = 0.0
+        else:
+            whole(a.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
+            whole(a.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
+            whole(a.chunk, f"layer {i}: attention chunk", 0, LIMITS["context_length"])
+            whole(a.rope_dim, f"layer {i}: rotary dimensions", 0, a.head_dim)
+            softcap = a.attn_softcap
         if a.rope_dim % 2:
-            raise ExportError(f"layer {i}: {a.rope_dim} rotary dimensions is odd (head_dim {a.head_dim})")
+            raise ExportError(f"layer {i}: {a.rope_dim} rotary dimensions is odd")
         if m.position_kind == POS_ROPE and a.rope_dim and a.rope_table < 0 and not a.rope_theta > 1.0:
             raise ExportError(f"layer {i}: rope_theta {a.rope_theta} is not valid")
-        if not (math.isfinite(a.attn_scale) and a.attn_scale > 0 and math.isfinite(a.attn_softcap) and a.attn_softcap >= 0
+        if not (math.isfinite(a.attn_scale) and a.attn_scale > 0 and math.isfinite(softcap) and softcap >= 0
                 and math.isfinite(a.rope_attn_factor) and a.rope_attn_factor > 0):
-            raise ExportError(f"layer {i}: attention scale {a.attn_scale} / softcap {a.attn_softcap} / rope factor "
+            raise ExportError(f"layer {i}: attention scale {a.attn_scale} / softcap {softcap} / rope factor "
                               f"{a.rope_attn_factor} is not valid")
         if L.ffn is not None:
             whole(L.ffn.hidden, f"layer {i}: FFN width", 1, LIMITS["hidden_dim"])
@@ -2085,12 +2250,18 @@ def main(argv=None):
                     help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c "
                          "tokenizer.bin or a GGUF file's vocabulary (default: the model directory's tokenizer.json, else "
                          "its tokenizer.model; a GGUF's own)")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="leave the checkpoint's tokenizer out (one attn.c lacks, such as tiktoken's): prompts are --tokens")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
     ap.add_argument("--kv-heads", metavar="L=N[,L=N...]|all=N",
                     help="regroup key/value heads per layer: N a multiple of the layer's kv heads duplicates them "
                          "(exact), a divisor mean-pools each group's k/v projections (GQA/MQA from MHA, Ainslie et al. 2023)")
+    ap.add_argument("--no-softmax-mscale", action="store_true",
+                    help="latent attention: leave DeepSeek's YaRN correction mscale(factor, mscale_all_dim)^2 out of the "
+                         "softmax scale, as transformers' deepseek_v2 did up to 5.2 (its PR #47435 adds it; DeepSeek's "
+                         "own code always had it)")
     args = ap.parse_args(argv)
     INPUTS.clear()
     try:
@@ -2110,6 +2281,10 @@ def main(argv=None):
         if args.kv_heads:
             regroup_kv_heads(m, parse_kv_heads(args.kv_heads, len(m.layers)))
         check_output_is_no_input(args.out)
+        if args.no_softmax_mscale:
+            for layer in m.layers:
+                if isinstance(layer.mixer, LatentAttention):
+                    layer.mixer.softmax_mscale = 1.0
         write_model(m, args.out, dtype)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,7 +89,7 @@ static float *block_values(const KVPool *p, int id) { return p->storage[id] + (s
 
 void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks) {
     memset(l, 0, sizeof *l);
-    l->kv_dim = kv_dim;
+    l->kv_dim = l->v_dim = kv_dim;
     l->window = window;
     l->n_sinks = window > 0 ? n_sinks : 0;
 }
@@ -111,6 +111,8 @@ void kvlayer_free(KVLayer *l) {
     }
     memset(l, 0, sizeof *l);
 }
+
+void kvlayer_set_value_width(KVLayer *l, int v_dim) { l->v_dim = v_dim; }
 
 int kvlayer_capacity(const KVLayer *l) { return l->window > 0 ? l->n_sinks + l->window : 0; }
 
@@ -176,7 +178,7 @@ static int grow_table(KVLayer *l, int n) {
 static void set_block(KVLayer *l, int b, int id) {
     l->block_ids[b] = id;
     l->k_blocks[b] = block_keys(l->pool, id);
-    l->v_blocks[b] = block_values(l->pool, id);
+    l->v_blocks[b] = l->v_dim ? block_values(l->pool, id) : NULL;
 }
 
 /* Copy-on-write: block b becomes this table's own, with the rows written so far, before a row of it is
@@ -186,7 +188,7 @@ static int copy_block(KVLayer *l, int b) {
     if (id < 0) return -1;
     size_t rows = (size_t)kvlayer_rows_written(l, b);
     memcpy(block_keys(l->pool, id), block_keys(l->pool, old), rows * (size_t)l->kv_dim * sizeof(float));
-    memcpy(block_values(l->pool, id), block_values(l->pool, old), rows * (size_t)l->kv_dim * sizeof(float));
+    memcpy(block_values(l->pool, id), block_values(l->pool, old), rows * (size_t)l->v_dim * sizeof(float));
     kvpool_unref(l->pool, old);
     set_block(l, b, id);
     return 0;
@@ -196,7 +198,7 @@ static int copy_block(KVLayer *l, int b) {
 static int writable_block(KVLayer *l, int b) {
     if (!l->pool) { /* a layer on its own (study tools, tests): it gets a pool of its own */
         if (!(l->pool = malloc(sizeof *l->pool))) return -1;
-        kvpool_init(l->pool, l->kv_dim, l->kv_dim);
+        kvpool_init(l->pool, l->kv_dim, l->v_dim);
         l->owns_pool = 1;
     }
     if (grow_table(l, b + 1) != 0) return -1;
@@ -232,7 +234,7 @@ int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value) {
     int b = slot / KV_BLOCK_TOKENS, r = slot % KV_BLOCK_TOKENS;
     if (writable_block(l, b) != 0) return -1;
     memcpy(l->k_blocks[b] + (size_t)r * l->kv_dim, key, (size_t)l->kv_dim * sizeof(float));
-    memcpy(l->v_blocks[b] + (size_t)r * l->kv_dim, value, (size_t)l->kv_dim * sizeof(float));
+    if (l->v_dim) memcpy(l->v_blocks[b] + (size_t)r * l->v_dim, value, (size_t)l->v_dim * sizeof(float));
     if (pos + 1 > l->n_positions) l->n_positions = pos + 1;
     return 0;
 }
@@ -244,11 +246,11 @@ float *kvlayer_key(const KVLayer *l, int pos) {
 
 float *kvlayer_value(const KVLayer *l, int pos) {
     int slot = kvlayer_slot_of(l, pos);
-    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->kv_dim;
+    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->v_dim;
 }
 
 /* keys and values of `rows` positions */
-static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)l->kv_dim * sizeof(float) * 2; }
+static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)(l->kv_dim + l->v_dim) * sizeof(float); }
 
 size_t kvlayer_bytes_held(const KVLayer *l) {
     size_t rows = 0;
@@ -277,10 +279,10 @@ int kvcache_init(KVCache *c, int n_layers, const KVLayer *layout) {
     }
     for (int l = 0; l < n_layers; l++) {
         c->layout[l] = layout[l];
-        int w = layout[l].kv_dim, p = 0;
-        if (w == 0) continue;
-        while (p < c->n_pools && c->pools[p].key_width != w) p++;
-        if (p == c->n_pools) kvpool_init(&c->pools[c->n_pools++], w, w);
+        int kw = layout[l].kv_dim, vw = layout[l].v_dim, p = 0;
+        if (kw == 0) continue;
+        while (p < c->n_pools && (c->pools[p].key_width != kw || c->pools[p].value_width != vw)) p++;
+        if (p == c->n_pools) kvpool_init(&c->pools[c->n_pools++], kw, vw);
         c->layout[l].pool = &c->pools[p];
     }
     return 0;

@@ -10,7 +10,8 @@
  *   window is full.
  *   Layers with the fixed block-sparse pattern keep SUMMARIES: only the last position of each block of B
  *   outlives its block, so they hold the current block in a ring of B - 1 slots plus one row per block.
- * A row holds one position's keys (or values) for all kv heads of that layer: n_kv_heads * head_dim.
+ * A row holds one position's keys (or values) for all kv heads of that layer: n_kv_heads * head_dim (latent
+ * attention: one row of its latent and rotary key, no value row).
  *
  * Many sequences share blocks (vLLM's PagedAttention, Kwon et al. 2023): a FORK gives the new sequence the
  * same block ids, each block counts the tables that hold it, and a block is copied only when a sequence
@@ -25,7 +26,7 @@
 
 #define KV_BLOCK_TOKENS 16
 
-/* The blocks of one row shape: ids, reference counts, a free list of ids to hand out again. */
+/* The blocks of one row shape (key and value widths): ids, reference counts, a free list of ids. */
 typedef struct {
     int key_width, value_width; /* floats per row of keys / of values */
     int n_ids, capacity;        /* ids handed out so far (in use or free), and room for */
@@ -48,7 +49,8 @@ void kvpool_free(KVPool *p);
 
 /* One layer of one sequence: how positions map to slots, and its block table. */
 typedef struct {
-    int kv_dim;     /* floats per row: this layer's n_kv_heads * head_dim */
+    int kv_dim;     /* floats per key row: this layer's n_kv_heads * head_dim */
+    int v_dim;      /* floats per value row: kv_dim, or 0 when a position is one row (latent attention's c_kv | k_rope) */
     int window;     /* 0: full attention, paged and unbounded; W: rolling buffer of the last W positions */
     int n_sinks;    /* rolling buffers only: the first n_sinks positions stay (StreamingLLM sinks) */
     int summary_every; /* 0, or B: only positions B-1, 2B-1, ... and the current block of B are kept */
@@ -56,8 +58,8 @@ typedef struct {
     int owns_pool;
     int n_blocks;   /* entries in the block table */
     int *block_ids; /* the table: pool id of block b, -1 where none yet */
-    float **k_blocks, **v_blocks; /* the same blocks' keys and values (NULL where none): block b holds slots
-                                   * b*KV_BLOCK_TOKENS .. +KV_BLOCK_TOKENS-1 */
+    float **k_blocks, **v_blocks; /* the same blocks' keys and values (NULL where none; v_blocks all NULL when
+                                   * v_dim is 0): block b holds slots b*KV_BLOCK_TOKENS .. +KV_BLOCK_TOKENS-1 */
     int n_positions;/* positions stored so far: 0 .. n_positions-1 have been written */
 } KVLayer;
 
@@ -69,6 +71,9 @@ void kvlayer_init_summaries(KVLayer *l, int kv_dim, int block);
 int kvlayer_fork(KVLayer *dst, const KVLayer *src);
 /* Lets go of every block (and of the pool, if the layer owns it). */
 void kvlayer_free(KVLayer *l);
+/* Value rows of v_dim floats instead of kv_dim; 0: the layer keeps one row per position, read with kvlayer_key
+ * (latent attention). Before the first store. */
+void kvlayer_set_value_width(KVLayer *l, int v_dim);
 
 /* Slots a rolling buffer holds (n_sinks + window); 0 for a paged layer (unbounded). */
 int kvlayer_capacity(const KVLayer *l);
@@ -78,8 +83,9 @@ int kvlayer_keeps_every_position(const KVLayer *l);
 int kvlayer_slot_of(const KVLayer *l, int pos);
 /* 1 if pos is still held (written and not yet overwritten by the rolling buffer). */
 int kvlayer_holds(const KVLayer *l, int pos);
-/* Stores the key and value rows of position pos (positions are written in order, starting at 0), copying
- * the block first if another table holds it too. Returns 0, or -1 when memory runs out. */
+/* Stores the key and value rows of position pos (positions are written in order, starting at 0; value is
+ * ignored when the layer has no value rows), copying the block first if another table holds it too.
+ * Returns 0, or -1 when memory runs out. */
 int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value);
 /* The key / value row of a held position. */
 float *kvlayer_key(const KVLayer *l, int pos);
@@ -95,7 +101,7 @@ size_t kvlayer_bytes_for(const KVLayer *l, long n_positions);
 /* The caches of a model: one pool per row shape, and the layers of each sequence. */
 typedef struct {
     int n_layers;
-    KVLayer *layout;  /* per layer: kv_dim and the slot mapping every new sequence starts with (kv_dim 0: no cache) */
+    KVLayer *layout;  /* per layer: row widths and the slot mapping every new sequence starts with (kv_dim 0: no cache) */
     int n_pools;
     KVPool *pools;
     int n_seqs;       /* ids 0 .. n_seqs-1; a dropped id is handed out again */

@@ -23,6 +23,7 @@
 #define CONFIG_SIZE 128
 #define LAYER_HEADER_SIZE 16     /* record_size, flags, mixer kind, mixer payload size */
 #define ATTENTION_RECORD_SIZE 56 /* payload sizes of each kind (docs/FORMAT.md) */
+#define LATENT_RECORD_SIZE 48
 #define DENSE_RECORD_SIZE 12
 #define MOE_RECORD_SIZE 48
 #define TENSOR_RECORD_SIZE 128
@@ -35,7 +36,6 @@
 #define MAX_HIDDEN (1 << 20)
 #define MAX_VOCAB (1 << 22)
 #define MAX_CONTEXT (1 << 24)
-#define MAX_HEADS 1024
 #define MAX_HEAD_DIM 1024
 #define MAX_LAYER_RECORD 1024
 #define MAX_TENSORS (64 * MAX_LAYERS + 64)
@@ -149,6 +149,17 @@ static int parse_config(LoadContext *ctx, Config *c, const unsigned char *p) {
     return 0;
 }
 
+/* The rotary settings of an attention record (rope_dim and table already in range) */
+static int check_rope(LoadContext *ctx, const Config *c, int i, uint32_t rope_dim, int32_t table, float theta,
+                      float attn_factor) {
+    if (rope_dim % 2) return fail(ctx, "layer %d: rope_dim %u is odd", i, rope_dim);
+    if (c->position_kind == POS_ROPE && rope_dim > 0 && table < 0 && !(theta > 1.0f && isfinite(theta)))
+        return fail(ctx, "layer %d: rope_theta %g is not valid", i, theta);
+    if (!(attn_factor > 0.0f) || !isfinite(attn_factor))
+        return fail(ctx, "layer %d: rope attention factor %g is not valid", i, attn_factor);
+    return 0;
+}
+
 /* CHECK(i, "n_heads", v, lo, hi): in_range with the layer named in the message */
 #define CHECK(field, v, lo, hi) \
     (snprintf(what, sizeof what, "layer %d " field, i), in_range(ctx, what, (long long)(v), lo, hi))
@@ -170,11 +181,7 @@ static int parse_attention(LoadContext *ctx, const Config *c, AttentionConfig *a
     if (heads % kv_heads)
         return fail(ctx, "layer %d: %u query heads do not split into groups over %u kv heads", i, heads, kv_heads);
     if (window && chunk) return fail(ctx, "layer %d: both a sliding window and chunks", i);
-    if (rope_dim % 2) return fail(ctx, "layer %d: rope_dim %u is odd", i, rope_dim);
-    if (c->position_kind == POS_ROPE && rope_dim > 0 && table < 0 && !(theta > 1.0f && isfinite(theta)))
-        return fail(ctx, "layer %d: rope_theta %g is not valid", i, theta);
-    if (!(attn_factor > 0.0f) || !isfinite(attn_factor))
-        return fail(ctx, "layer %d: rope attention factor %g is not valid", i, attn_factor);
+    if (check_rope(ctx, c, i, rope_dim, table, theta, attn_factor)) return -1;
     if (!(scale > 0.0f) || !isfinite(scale) || !(softcap_ >= 0.0f) || !isfinite(softcap_))
         return fail(ctx, "layer %d: attn_scale %g / attn_softcap %g is not valid", i, scale, softcap_);
     if (!(t_floor >= 0.0f) || !isfinite(t_floor) || !isfinite(t_scale))
@@ -196,6 +203,44 @@ static int parse_attention(LoadContext *ctx, const Config *c, AttentionConfig *a
     a->softcap = softcap_;
     a->temperature_floor = t_floor;
     a->temperature_scale = t_scale;
+    a->flags = flags;
+    return 0;
+}
+
+/* The latent attention payload: every width must fit the others (the tensors' shapes follow from them) */
+static int parse_latent_attention(LoadContext *ctx, const Config *c, LatentAttentionConfig *a, const unsigned char *p,
+                                  int i) {
+    Cursor cur = {p};
+    uint32_t heads = next_u32(&cur), q_rank = next_u32(&cur), kv_rank = next_u32(&cur), nope = next_u32(&cur);
+    uint32_t rope_dim = next_u32(&cur), v_dim = next_u32(&cur);
+    int32_t table = (int32_t)next_u32(&cur);
+    float theta = next_f32(&cur), attn_factor = next_f32(&cur), scale = next_f32(&cur), eps = next_f32(&cur);
+    uint32_t flags = next_u32(&cur);
+    char what[64];
+    if (CHECK("n_heads", heads, 1, MAX_HEADS) || CHECK("q_rank", q_rank, 0, MAX_HIDDEN) ||
+        CHECK("kv_rank", kv_rank, 1, MAX_LATENT_RANK) || CHECK("nope_dim", nope, 1, MAX_HEAD_DIM) ||
+        CHECK("rope_dim", rope_dim, 0, MAX_HEAD_DIM) || CHECK("v_dim", v_dim, 1, MAX_HEAD_DIM) ||
+        CHECK("rope_table", table, -1, c->n_rope_tables - 1))
+        return -1;
+    if (flags & ~(uint32_t)MLA_Q_LORA) return fail(ctx, "layer %d latent attention has unknown flags 0x%x", i, flags);
+    if (!!(flags & MLA_Q_LORA) != (q_rank > 0))
+        return fail(ctx, "layer %d: latent attention flags 0x%x do not match its q_rank %u", i, flags, q_rank);
+    if (rope_dim > 0 && c->position_kind != POS_ROPE)
+        return fail(ctx, "layer %d: latent attention rotates %u dimensions but the model has no rotary positions", i, rope_dim);
+    if (check_rope(ctx, c, i, rope_dim, table, theta, attn_factor)) return -1;
+    if (!(scale > 0.0f) || !isfinite(scale) || !(eps > 0.0f && eps < 1.0f))
+        return fail(ctx, "layer %d: attn_scale %g / latent norm_eps %g is not valid", i, scale, eps);
+    a->n_heads = (int)heads;
+    a->q_rank = (int)q_rank;
+    a->kv_rank = (int)kv_rank;
+    a->nope_dim = (int)nope;
+    a->v_dim = (int)v_dim;
+    a->rope.dim = (int)rope_dim;
+    a->rope.table = table;
+    a->rope.theta = theta;
+    a->rope.attn_factor = attn_factor;
+    a->scale = scale;
+    a->norm_eps = eps;
     a->flags = flags;
     return 0;
 }
@@ -254,14 +299,19 @@ static long parse_layer(LoadContext *ctx, const Config *c, LayerConfig *l, const
                     (unsigned long long)left);
     if (flags & ~(uint32_t)LAYER_FLAGS) return fail(ctx, "layer %d has unknown flags 0x%x", i, flags);
     l->flags = flags;
-    if (mixer != MIXER_ATTENTION)
-        return fail(ctx, "layer %d: mixer kind %u is not one this build knows (1 = attention); a newer attn.c may read it",
-                    i, mixer);
-    if (mixer_size != ATTENTION_RECORD_SIZE)
-        return fail(ctx, "layer %d: attention record is %u bytes, this build reads %d", i, mixer_size, ATTENTION_RECORD_SIZE);
+    static const uint32_t mixer_sizes[MIXER_KIND_COUNT] = {0, ATTENTION_RECORD_SIZE, LATENT_RECORD_SIZE};
+    static const char *mixer_names[MIXER_KIND_COUNT] = {"", "attention", "latent attention"};
+    if (mixer != MIXER_ATTENTION && mixer != MIXER_LATENT_ATTENTION)
+        return fail(ctx, "layer %d: mixer kind %u is not one this build knows (1 = attention, 2 = latent attention); a "
+                    "newer attn.c may read it", i, mixer);
+    if (mixer_size != mixer_sizes[mixer])
+        return fail(ctx, "layer %d: %s record is %u bytes, this build reads %u", i, mixer_names[mixer], mixer_size,
+                    mixer_sizes[mixer]);
     if ((uint64_t)LAYER_HEADER_SIZE + mixer_size + 8 > size) return fail(ctx, "layer %d: mixer record runs past the layer record", i);
     l->mixer = (MixerKind)mixer;
-    if (parse_attention(ctx, c, &l->attn, p + LAYER_HEADER_SIZE, i)) return -1;
+    if (mixer == MIXER_ATTENTION ? parse_attention(ctx, c, &l->attn, p + LAYER_HEADER_SIZE, i)
+                                 : parse_latent_attention(ctx, c, &l->mla, p + LAYER_HEADER_SIZE, i))
+        return -1;
     cur.p = p + LAYER_HEADER_SIZE + mixer_size;
     uint32_t ffn = next_u32(&cur), ffn_size = next_u32(&cur);
     static const uint32_t ffn_sizes[FFN_KIND_COUNT] = {0, DENSE_RECORD_SIZE, DENSE_RECORD_SIZE, MOE_RECORD_SIZE};
@@ -282,8 +332,14 @@ static long parse_layer(LoadContext *ctx, const Config *c, LayerConfig *l, const
 #undef CHECK
 
 AttentionSpec attention_of_layer(const Model *m, int layer) {
-    const AttentionConfig *a = &m->config.layers[layer].attn;
-    AttentionSpec s = {a->head_dim, a->scale, a->softcap, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE};
+    const LayerConfig *l = &m->config.layers[layer];
+    const AttentionConfig *a = &l->attn;
+    if (l->mixer == MIXER_LATENT_ATTENTION) { /* full causal attention; head_dim is the q.k width */
+        AttentionSpec s = {l->mla.nope_dim + l->mla.rope.dim, l->mla.scale, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE,
+                           LATENT_AUTO};
+        return s;
+    }
+    AttentionSpec s = {a->head_dim, a->scale, a->softcap, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE, LATENT_AUTO};
     if (a->window) s.mask = MASK_SLIDING, s.span = a->window;
     if (a->chunk) s.mask = MASK_CHUNKED, s.span = a->chunk;
     if (a->flags & ATTN_SINKS) s.sink_logits = m->weights.layers[layer].attn.sinks.data;
@@ -359,11 +415,12 @@ static int index_directory(Directory *d) {
 /* ---------------------------------------------------------------------------------------------
  * the tensor table (tensors.def): which tensors each part of the model has, and their shapes */
 
-enum { PART_MODEL = 1, PART_LAYER = 2, PART_ATTENTION = 4, PART_GATED = 8, PART_PLAIN = 16, PART_MOE = 32 };
+enum { PART_MODEL = 1, PART_LAYER = 2, PART_ATTENTION = 4, PART_GATED = 8, PART_PLAIN = 16, PART_MOE = 32, PART_LATENT = 64 };
 enum { STORAGE_MATRIX, STORAGE_F32 };
 /* the dimensions a table row can name */
 enum { DIM_NONE, DIM_DIM, DIM_VOCAB, DIM_CONTEXT, DIM_Q_DIM, DIM_KV_DIM, DIM_HEAD_DIM, DIM_N_HEADS, DIM_HIDDEN,
-       DIM_N_EXPERTS, DIM_EXPERTS, DIM_SHARED_HIDDEN };
+       DIM_N_EXPERTS, DIM_EXPERTS, DIM_SHARED_HIDDEN, DIM_LATENT_Q, DIM_Q_RANK, DIM_KV_RANK, DIM_LATENT_KV_A,
+       DIM_LATENT_HEADS, DIM_NOPE, DIM_V_DIM, DIM_LATENT_OUT };
 
 typedef struct {
     int part;
@@ -381,6 +438,7 @@ typedef struct {
 #define GATED PART_GATED
 #define PLAIN PART_PLAIN
 #define MOE PART_MOE
+#define LATENT PART_LATENT
 #define MATRIX STORAGE_MATRIX
 #define F32 STORAGE_F32
 #define DIM DIM_DIM
@@ -394,6 +452,14 @@ typedef struct {
 #define N_EXPERTS DIM_N_EXPERTS
 #define EXPERTS DIM_EXPERTS
 #define SHARED_HIDDEN DIM_SHARED_HIDDEN
+#define LATENT_Q DIM_LATENT_Q
+#define Q_RANK DIM_Q_RANK
+#define KV_RANK DIM_KV_RANK
+#define LATENT_KV_A DIM_LATENT_KV_A
+#define LATENT_HEADS DIM_LATENT_HEADS
+#define NOPE DIM_NOPE
+#define V_DIM DIM_V_DIM
+#define LATENT_OUT DIM_LATENT_OUT
 #define MODEL_TENSOR(part, name, field, d0, d1, d2, storage, needs, unless) \
     {part, name, offsetof(Weights, field), {d0, d1, d2}, storage, needs, unless},
 #define TENSOR(part, name, field, d0, d1, d2, storage, needs, unless) \
@@ -409,6 +475,7 @@ static const TensorRow TENSOR_TABLE[] = {
 #undef GATED
 #undef PLAIN
 #undef MOE
+#undef LATENT
 #undef MATRIX
 #undef F32
 #undef DIM
@@ -422,6 +489,14 @@ static const TensorRow TENSOR_TABLE[] = {
 #undef N_EXPERTS
 #undef EXPERTS
 #undef SHARED_HIDDEN
+#undef LATENT_Q
+#undef Q_RANK
+#undef KV_RANK
+#undef LATENT_KV_A
+#undef LATENT_HEADS
+#undef NOPE
+#undef V_DIM
+#undef LATENT_OUT
 #define N_TENSOR_ROWS ((int)(sizeof TENSOR_TABLE / sizeof *TENSOR_TABLE))
 
 static int dim_value(int d, const Config *c, const LayerConfig *l) {
@@ -437,21 +512,30 @@ static int dim_value(int d, const Config *c, const LayerConfig *l) {
     case DIM_N_EXPERTS:
     case DIM_EXPERTS: return l->ffn.n_experts;
     case DIM_SHARED_HIDDEN: return l->ffn.shared_hidden;
+    case DIM_LATENT_Q: return l->mla.n_heads * (l->mla.nope_dim + l->mla.rope.dim);
+    case DIM_Q_RANK: return l->mla.q_rank;
+    case DIM_KV_RANK: return l->mla.kv_rank;
+    case DIM_LATENT_KV_A: return l->mla.kv_rank + l->mla.rope.dim;
+    case DIM_LATENT_HEADS: return l->mla.n_heads;
+    case DIM_NOPE: return l->mla.nope_dim;
+    case DIM_V_DIM: return l->mla.v_dim;
+    case DIM_LATENT_OUT: return l->mla.n_heads * l->mla.v_dim;
     default: return 0;
     }
 }
 
 /* The parts a layer is made of, and the flag bits that say which optional tensors it has */
 static int parts_of(const LayerConfig *l) {
+    static const int mixer_parts[MIXER_KIND_COUNT] = {0, PART_ATTENTION, PART_LATENT};
     static const int ffn_parts[FFN_KIND_COUNT] = {0, PART_GATED, PART_PLAIN, PART_MOE};
-    return PART_LAYER | (l->mixer == MIXER_ATTENTION ? PART_ATTENTION : 0) | ffn_parts[l->ffn_kind];
+    return PART_LAYER | mixer_parts[l->mixer] | ffn_parts[l->ffn_kind];
 }
 static unsigned model_present(const Config *c) {
     return c->flags | (c->norm_kind == NORM_LAYER ? PRESENT_LAYERNORM : 0u) |
            (c->position_kind == POS_LEARNED ? PRESENT_LEARNED_POSITIONS : 0u);
 }
 static unsigned present_bits(const Config *c, const LayerConfig *l) {
-    return model_present(c) | l->flags | l->attn.flags | l->ffn.flags;
+    return model_present(c) | l->flags | (l->mixer == MIXER_ATTENTION ? l->attn.flags : l->mla.flags) | l->ffn.flags;
 }
 static int row_present(const TensorRow *r, int parts, unsigned bits) {
     return (r->part & parts) && (bits & r->needs) == r->needs && !(bits & r->unless);
@@ -497,25 +581,30 @@ static int bind_part(Directory *d, const Config *c, int layer, void *weights) {
     return 0;
 }
 
+/* The rotary settings of a layer's mixer (either kind of attention) */
+static const RopeConfig *rope_of(const LayerConfig *l) {
+    return l->mixer == MIXER_LATENT_ATTENTION ? &l->mla.rope : &l->attn.rope;
+}
+
 /* The precomputed rope tables (rope_inv_freq.N, linear / llama3 / YaRN scaling), shared by the layers that
  * name them; every other rotary layer gets theta^(-2i/dim) computed here. */
 static int bind_rope(Directory *d, Model *m) {
     Config *c = &m->config;
     Weights *w = &m->weights;
     for (int l = 0; l < c->n_layers; l++) { /* frequencies from rope_theta; layers with a table point at it below */
-        const RopeConfig *r = &c->layers[l].attn.rope;
+        const RopeConfig *r = rope_of(&c->layers[l]);
         w->layers[l].rope_inv_freq = w->rope_computed + (size_t)l * (MAX_HEAD_DIM / 2);
-        if (c->layers[l].mixer == MIXER_ATTENTION && r->dim > 0 && r->table < 0)
+        if (r->dim > 0 && r->table < 0)
             rope_frequencies(w->rope_computed + (size_t)l * (MAX_HEAD_DIM / 2), r->theta, r->dim);
     }
     for (int i = 0; i < c->n_rope_tables; i++) {
         /* every layer that uses table i must agree on its length */
         int len = -1;
         for (int l = 0; l < c->n_layers; l++)
-            if (c->layers[l].attn.rope.table == i) {
-                if (len >= 0 && len != c->layers[l].attn.rope.dim / 2)
+            if (rope_of(&c->layers[l])->table == i) {
+                if (len >= 0 && len != rope_of(&c->layers[l])->dim / 2)
                     return fail(d->ctx, "rope table %d is shared by layers with different rope_dim", i);
-                len = c->layers[l].attn.rope.dim / 2;
+                len = rope_of(&c->layers[l])->dim / 2;
             }
         if (len <= 0) return fail(d->ctx, "rope table %d is not used by any layer with rotary dimensions", i);
         TensorEntry key;
@@ -526,7 +615,7 @@ static int bind_rope(Directory *d, Model *m) {
         if (e->dtype != DTYPE_F32) return fail(d->ctx, "tensor '%s' must be f32", key.name);
         e->used = 1;
         for (int l = 0; l < c->n_layers; l++)
-            if (c->layers[l].attn.rope.table == i) w->layers[l].rope_inv_freq = (const float *)(d->map + e->offset);
+            if (rope_of(&c->layers[l])->table == i) w->layers[l].rope_inv_freq = (const float *)(d->map + e->offset);
     }
     return 0;
 }
@@ -543,12 +632,7 @@ static int bind_weights(Directory *d, Model *m) {
     if (c->flags & MODEL_TIED_EMBEDDINGS) w->output = w->tok_embeddings;
     for (int i = 0; i < d->n; i++)
         if (!d->entries[i].used) return fail(d->ctx, "tensor '%s' is not used by this config", d->entries[i].name);
-    m->weight_dtype = w->tok_embeddings.dtype;
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].mixer == MIXER_ATTENTION) {
-            m->weight_dtype = w->layers[l].attn.wq.dtype;
-            break;
-        }
+    m->weight_dtype = c->layers[0].mixer == MIXER_ATTENTION ? w->layers[0].attn.wq.dtype : w->layers[0].mla.wkv_a.dtype;
     return 0;
 }
 
@@ -610,8 +694,8 @@ static int check_file_layout(LoadContext *ctx, const FileRange *sections, int n_
 static int check_rope_tables(LoadContext *ctx, const Model *m) {
     const Config *c = &m->config;
     for (int l = 0; l < c->n_layers; l++) {
-        const RopeConfig *r = &c->layers[l].attn.rope;
-        if (c->layers[l].mixer != MIXER_ATTENTION || r->dim == 0 || r->table < 0) continue;
+        const RopeConfig *r = rope_of(&c->layers[l]);
+        if (r->dim == 0 || r->table < 0) continue;
         const float *f = m->weights.layers[l].rope_inv_freq;
         for (int i = 0; i < r->dim / 2; i++)
             if (!(f[i] > 0.0f) || !isfinite(f[i]))
@@ -750,8 +834,7 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     /* how each attention layer attends, as the file says (run.c may override it before runstate_init) */
     m->attention = calloc(n_layers, sizeof *m->attention);
     if (!m->attention) return fail(ctx, "out of memory");
-    for (int i = 0; i < c->n_layers; i++)
-        if (c->layers[i].mixer == MIXER_ATTENTION) m->attention[i] = attention_of_layer(m, i);
+    for (int i = 0; i < c->n_layers; i++) m->attention[i] = attention_of_layer(m, i);
 
     /* tokenizer */
     char tok_err[200];
@@ -866,6 +949,10 @@ static long long elements(const Tensor *t) {
     return t->data ? (long long)t->rows * t->cols * (t->stack > 1 ? t->stack : 1) : 0;
 }
 
+int mixer_heads(const LayerConfig *l) {
+    return l->mixer == MIXER_ATTENTION ? l->attn.n_heads : l->mixer == MIXER_LATENT_ATTENTION ? l->mla.n_heads : 0;
+}
+
 void model_parameters(const Model *m, long long *total, long long *active) {
     const Config *c = &m->config;
     *total = *active = 0;
@@ -912,21 +999,34 @@ static int max_visible(const Model *m) {
     return most;
 }
 
+void layer_cache_init(KVLayer *cache, const Model *m, int l) {
+    const LayerConfig *lc = &m->config.layers[l];
+    if (lc->mixer == MIXER_LATENT_ATTENTION) /* one row per position: c_kv | k_rope */
+        attention_cache_init(cache, lc->mla.kv_rank + lc->mla.rope.dim, 0, &m->attention[l]);
+    else
+        attention_cache_init(cache, lc->attn.n_kv_heads * lc->attn.head_dim, lc->attn.n_kv_heads * lc->attn.head_dim,
+                             &m->attention[l]);
+}
+
 /* The widest rows of any layer: what the scratch buffers hold */
 typedef struct {
-    int q_dim, kv_dim, heads; /* attention: query and kv rows, query heads */
+    int q_dim, kv_dim, heads; /* attention: query (or heads' output) and kv rows, query heads */
     int hidden;               /* the widest FFN inner width (an expert's, a shared expert's) */
     int experts, top_k;       /* mixture of experts: the most experts, the most chosen per token */
 } Widths;
 
 static Widths widest_layer(const Config *c) {
-    Widths w = {0, 0, 0, 1, 0, 0};
+    Widths w = {0, 1, 0, 1, 0, 0}; /* kv_dim 1: a model of latent layers only */
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
         const AttentionConfig *a = &lc->attn;
-        if (a->n_heads * a->head_dim > w.q_dim) w.q_dim = a->n_heads * a->head_dim;
+        const LatentAttentionConfig *la = &lc->mla;
+        int q_width = lc->mixer == MIXER_ATTENTION ? a->n_heads * a->head_dim : la->n_heads * (la->nope_dim + la->rope.dim);
+        int out_width = lc->mixer == MIXER_ATTENTION ? q_width : la->n_heads * la->v_dim; /* the heads side by side */
+        if (q_width > w.q_dim) w.q_dim = q_width;
+        if (out_width > w.q_dim) w.q_dim = out_width;
         if (a->n_kv_heads * a->head_dim > w.kv_dim) w.kv_dim = a->n_kv_heads * a->head_dim;
-        if (a->n_heads > w.heads) w.heads = a->n_heads;
+        if (mixer_heads(lc) > w.heads) w.heads = mixer_heads(lc);
         if (lc->ffn.hidden > w.hidden) w.hidden = lc->ffn.hidden;
         if (lc->ffn.shared_hidden > w.hidden) w.hidden = lc->ffn.shared_hidden;
         if (lc->ffn.n_experts > w.experts) w.experts = lc->ffn.n_experts;
@@ -951,9 +1051,8 @@ int model_check_memory(const Model *m, int max_tokens, long n_positions, char *e
                      4.0 * w.heads * (double)(n_positions < max_visible(m) ? n_positions : max_visible(m));
     double kv = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (c->layers[l].mixer != MIXER_ATTENTION) continue;
         KVLayer cache;
-        attention_cache_init(&cache, c->layers[l].attn.n_kv_heads * c->layers[l].attn.head_dim, &m->attention[l]);
+        layer_cache_init(&cache, m, l);
         kv += (double)kvlayer_bytes_for(&cache, n_positions);
     }
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
@@ -1002,7 +1101,7 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         bad |= !s->expert_ids || !s->expert_weights || !s->router_logits || !s->expert_tokens || !s->expert_x ||
                !s->expert_out;
     }
-    if (bad) {
+    if (bad || mla_scratch_init(&s->mla, m, max_tokens) != 0) {
         runstate_free(s);
         return -1;
     }
@@ -1011,15 +1110,13 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         runstate_free(s);
         return -1;
     }
-    /* the cache: each attention layer's slot mapping, one pool per row shape, and sequence 0 */
+    /* the cache: each layer's row widths and slot mapping, one pool per row shape, and sequence 0 */
     KVLayer *layout = calloc((size_t)c->n_layers, sizeof *layout);
     if (!layout) {
         runstate_free(s);
         return -1;
     }
-    for (int l = 0; l < c->n_layers; l++)
-        if (c->layers[l].mixer == MIXER_ATTENTION)
-            attention_cache_init(&layout[l], c->layers[l].attn.n_kv_heads * c->layers[l].attn.head_dim, &m->attention[l]);
+    for (int l = 0; l < c->n_layers; l++) layer_cache_init(&layout[l], m, l);
     bad = kvcache_init(&s->kv, c->n_layers, layout) != 0 || kvcache_add_sequence(&s->kv) != 0;
     free(layout);
     if (bad) {
@@ -1048,6 +1145,7 @@ void runstate_free(RunState *s) {
     free(s->expert_tokens);
     free(s->expert_x);
     free(s->expert_out);
+    mla_scratch_free(s->mla);
     kvcache_free(&s->kv);
     memset(s, 0, sizeof *s);
 }
@@ -1097,6 +1195,7 @@ static int grow_scores(RunState *s, const Model *m, int end) {
 static int mixer(const Model *m, int l, RunState *s, const Batch *b) {
     switch (m->config.layers[l].mixer) {
     case MIXER_ATTENTION: return attention_block(m, l, s, b);
+    case MIXER_LATENT_ATTENTION: return latent_attention_block(m, l, s, b);
     }
     return -1;
 }

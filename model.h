@@ -24,8 +24,8 @@ enum { NORM_RMS = 0, NORM_LAYER = 1 };
 enum { POS_ROPE = 0, POS_LEARNED = 1 };
 
 /* What mixes the positions (the "token mixer" of the layer). */
-typedef enum { MIXER_ATTENTION = 1 } MixerKind;
-#define MIXER_KIND_COUNT 2
+typedef enum { MIXER_ATTENTION = 1, MIXER_LATENT_ATTENTION = 2 } MixerKind;
+#define MIXER_KIND_COUNT 3
 /* What transforms each position on its own. */
 typedef enum { FFN_NONE = 0, FFN_GATED = 1, FFN_PLAIN = 2, FFN_MOE = 3 } FfnKind;
 #define FFN_KIND_COUNT 4
@@ -46,6 +46,8 @@ enum {
     ATTN_QK_NORM_FULL = 1u << 7,   /* RMSNorm of the whole q and k projections, before the head split (OLMo 2/3) */
     ATTN_QK_NORM_PLAIN = 1u << 8,  /* RMSNorm of each query / key head without weights (Llama 4's L2 norm) */
     ATTN_SINKS = 1u << 9,          /* a learned logit per head joins every softmax (gpt-oss) */
+    /* the mixer record (latent attention: a layer has one mixer, so these reuse the attention bits) */
+    MLA_Q_LORA = 1u << 4,          /* queries through a low-rank pair q_a -> RMSNorm -> q_b (DeepSeek-V2/V3; not V2-Lite) */
     MIXER_FLAGS = 0xff0u,
     /* the FFN record */
     FFN_BIAS = 1u << 12,         /* dense: biases on its projections (GPT-2) */
@@ -67,6 +69,8 @@ enum {
 };
 
 #define MAX_EXPERTS 4096 /* experts of a mixture, at most */
+#define MAX_HEADS 1024      /* query heads of a layer, at most */
+#define MAX_LATENT_RANK 4096 /* latent attention's kv_rank, at most (DeepSeek-V2/V3: 512) */
 
 /* How the experts' scores come out of the router's logits */
 enum {
@@ -111,10 +115,26 @@ typedef struct {
     unsigned flags;     /* FFN_BIAS, MOE_* */
 } FfnConfig;
 
+/* MIXER_LATENT_ATTENTION: multi-head latent attention (DeepSeek-V2/V3, Kimi K2, Moonlight). Keys and values of
+ * every head are up-projections of one shared latent c_kv (kv_rank floats, after its RMSNorm); a key also has
+ * rope_dim rotated dimensions k_rope shared by all heads. The cache keeps [c_kv | k_rope] per position (mla.c). */
+typedef struct {
+    int n_heads;
+    int q_rank;      /* 0: one q projection (DeepSeek-V2-Lite); else q = q_b(norm(q_a(x))) through q_rank floats */
+    int kv_rank;     /* width of the latent c_kv */
+    int nope_dim;    /* per-head key dimensions without positions (k_nope, from the latent) */
+    int v_dim;       /* per-head value dimensions (from the latent) */
+    RopeConfig rope; /* rope.dim: the rotated dimensions of each query head and of the shared key (qk_rope_head_dim) */
+    float scale;     /* multiplies q.k (DeepSeek's YaRN correction mscale^2 folded in by the exporter) */
+    float norm_eps;  /* of the RMSNorms on q_a and c_kv */
+    unsigned flags;  /* MLA_* */
+} LatentAttentionConfig;
+
 typedef struct {
     unsigned flags;     /* LAYER_* */
     MixerKind mixer;
     AttentionConfig attn; /* MIXER_ATTENTION */
+    LatentAttentionConfig mla; /* MIXER_LATENT_ATTENTION */
     FfnKind ffn_kind;
     FfnConfig ffn;
 } LayerConfig;
@@ -143,6 +163,15 @@ typedef struct {
     Tensor sinks;
 } AttentionWeights;
 
+/* Latent attention. The exporter splits kv_b_proj into its key and value halves, stacked per head, so that
+ * each head's [nope_dim][kv_rank] and [v_dim][kv_rank] matrices stand alone (tensor_matrix) in any dtype. */
+typedef struct {
+    Tensor wq, wq_a, q_a_norm, wq_b; /* wq [H*(nope+rope)][dim], or wq_a [q_rank][dim] and wq_b [H*(nope+rope)][q_rank] */
+    Tensor wkv_a, kv_a_norm;         /* [kv_rank + rope][dim]: the latent and the shared rotary key */
+    Tensor wk_b, wv_b;               /* [H][nope][kv_rank], [H][v_dim][kv_rank] */
+    Tensor wo;                       /* [dim][H*v_dim] */
+} LatentAttentionWeights;
+
 /* A dense FFN, or the experts of a mixture (stacked: Tensor.stack matrices each) with its router */
 typedef struct {
     Tensor w_gate, w_up, w_down, b_gate, b_up, b_down;
@@ -154,6 +183,7 @@ typedef struct {
     Tensor mixer_norm, mixer_norm_bias, mixer_post_norm;
     Tensor ffn_norm, ffn_norm_bias, ffn_post_norm;
     AttentionWeights attn;
+    LatentAttentionWeights mla;
     FfnWeights ffn;
     const float *rope_inv_freq; /* rope.dim/2 inverse frequencies: a table in the file or computed at load */
 } LayerWeights;
@@ -195,6 +225,8 @@ typedef struct {
     const int *tokens, *seq, *pos;
 } Batch;
 
+typedef struct LatentScratch LatentScratch; /* latent attention's working space (mla.c) */
+
 /* Everything one forward pass over up to max_tokens rows needs besides the weights: scratch buffers
  * (allocated once), the KV cache of every sequence, and the observer. */
 typedef struct {
@@ -217,6 +249,7 @@ typedef struct {
     int *expert_tokens;   /* [T] rows routed to the expert at hand */
     float *expert_x;      /* [T][dim] their inputs, gathered */
     float *expert_out;    /* [T][dim] its outputs */
+    LatentScratch *mla;   /* NULL without latent attention layers */
     KVCache kv;     /* sequence 0 exists from runstate_init on: the one forward() runs */
     AttentionObserver observer; /* record NULL: nothing watches */
 } RunState;
@@ -237,6 +270,8 @@ AttentionSpec attention_of_layer(const Model *m, int layer);
 void make_printable(char *s);
 /* Writes one line, printf-style, to err (errlen bytes) and returns -1: `return error_line(err, len, ...)`. */
 int error_line(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* The query heads of a layer's mixer (the rows an AttentionObserver gets), 0 if it has none */
+int mixer_heads(const LayerConfig *l);
 /* Parameters of the model: all of them, and those one token goes through (a mixture of experts uses top_k of
  * its n_experts). Tied embeddings count once. */
 void model_parameters(const Model *m, long long *total, long long *active);
@@ -245,6 +280,8 @@ void model_parameters(const Model *m, long long *total, long long *active);
  * in the machine's physical memory, else -1 with one line in err saying what the config implies. */
 int model_check_memory(const Model *m, int max_tokens, long n_positions, char *err, size_t errlen);
 int runstate_init(RunState *s, const Model *m, int max_tokens);
+/* The KV cache layer l runs with (as m->attention[l] says): empty, laid out for its mask and mixer */
+void layer_cache_init(KVLayer *cache, const Model *m, int l);
 void runstate_free(RunState *s);
 
 /* Runs the rows of b (b->n <= s->max_tokens) through the model, appending their keys and values to their

@@ -124,8 +124,10 @@ void router_top_k(const float *scores, const unsigned char *allowed, int n, int 
         }
 }
 
-/* Grouped routing (DeepSeek): the experts form n_groups groups; a group scores by its best expert (or the sum
- * of its two best, DeepSeek-V3), and only the topk_groups best groups may supply experts. */
+/* Grouped routing (DeepSeek): the experts form n_groups groups; a group scores by its best expert (V2's
+ * group_limited_greedy) or the sum of its two best (V3), and only the topk_groups best groups may supply
+ * experts. The others are out of the running, as in DeepSeek's inference code (-inf); transformers fills their
+ * scores with 0 instead, which differs only when a biased score is negative. */
 static void allow_best_groups(const FfnConfig *f, const float *choice, unsigned char *allowed) {
     int per = f->n_experts / f->n_groups, best[2], groups[MAX_EXPERTS];
     float group_score[MAX_EXPERTS];

@@ -166,6 +166,8 @@ static void usage(FILE *out) {
           "  --sparse LIST   block-sparse layers: strided:S, fixed:B or chunked:C for all, or L=strided:S[,L=fixed:B...]\n"
           "                  (after --window: it wins where both name a layer)\n"
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
+          "  --mla FORM      latent attention (DeepSeek): absorbed (in latent space), expanded (per-head keys and\n"
+          "                  values decompressed) or auto (the cheaper at each position; the default)\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
           "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
           "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n"
@@ -221,7 +223,7 @@ static Options parse_args(int argc, char **argv) {
         }
         const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
                                "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
-                               "--attn-dump", "--explore",
+                               "--attn-dump", "--explore", "--mla",
                                "--samples", "--parallel", "--prompts", "--kv-map"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
@@ -251,6 +253,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--sinks")) o.overrides.n_sinks = (int)parse_long(a, v, 0, 1 << 20);
         else if (!strcmp(a, "--sparse")) o.overrides.sparse = v;
         else if (!strcmp(a, "--attn")) o.overrides.kernel = v;
+        else if (!strcmp(a, "--mla")) o.overrides.latent = v;
         else if (!strcmp(a, "--attn-map")) o.attn_map = v;
         else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
@@ -266,6 +269,9 @@ static Options parse_args(int argc, char **argv) {
         die("--attn-map-layer needs --attn-map, --attn-dump or --explore");
     if ((o.attn_map || o.attn_dump || o.explore) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
         die("%s needs the naive kernel: flash never materialises the weights", o.explore ? "--explore" : "--attn-map");
+    if ((o.attn_map || o.attn_dump || o.explore) && o.overrides.latent && !strcmp(o.overrides.latent, "expanded"))
+        die("%s needs the absorbed form of latent attention: expanded never materialises the weights",
+            o.explore ? "--explore" : "--attn-map");
     if (o.samples && o.prompts_path) die("give --samples N or --prompts FILE, not both");
     if (o.parallel && !o.prompts_path) die("--parallel needs --prompts FILE");
     if (o.prompts_path && (o.prompt || o.tokens || o.prompt_file)) die("--prompts FILE gives the prompts: drop -p, -f and --tokens");

@@ -104,6 +104,15 @@ int apply_attention_overrides(Model *m, const AttentionOverrides *o, char *err, 
     else if (o->kernel && strcmp(o->kernel, "naive") != 0)
         return fail(err, errlen, "--attn: '%s' is not a kernel (naive or flash)", o->kernel);
     for (int l = 0; l < n_layers; l++) m->attention[l].kernel = kernel;
+    LatentKernel form = LATENT_AUTO;
+    if (o->latent && !strcmp(o->latent, "absorbed")) form = LATENT_ABSORBED;
+    else if (o->latent && !strcmp(o->latent, "expanded")) form = LATENT_EXPANDED;
+    else if (o->latent && strcmp(o->latent, "auto") != 0)
+        return fail(err, errlen, "--mla: '%s' is not a form of latent attention (auto, absorbed or expanded)", o->latent);
+    int latent = 0;
+    for (int l = 0; l < n_layers; l++)
+        if (m->config.layers[l].mixer == MIXER_LATENT_ATTENTION) m->attention[l].latent_kernel = form, latent = 1;
+    if (o->latent && !latent) return fail(err, errlen, "--mla: the model has no latent attention layer");
     return 0;
 }
 
@@ -164,23 +173,51 @@ static const char *sharing_name(int n_heads, int n_kv_heads, char *buf) {
     return buf;
 }
 
-static void extras_of(const Model *m, int l, char *buf) {
+/* The bytes one position costs in a latent layer, and over the same heads with MHA (a key of nope + rope and a
+ * value of v_dim per head) */
+static size_t latent_bytes(const LatentAttentionConfig *a) { return (size_t)(a->kv_rank + a->rope.dim) * sizeof(float); }
+static size_t latent_mha_bytes(const LatentAttentionConfig *a) {
+    return (size_t)a->n_heads * (a->nope_dim + a->rope.dim + a->v_dim) * sizeof(float);
+}
+
+/* Norms after the blocks: "post-norms" (Gemma 2/3: also before), "post-norms-only" (OLMo 3, EXAONE 4) */
+static void post_norm_extras(unsigned layer_flags, char *buf) {
+    if (layer_flags & (LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM))
+        strcat(buf, layer_flags & (LAYER_MIXER_NORM | LAYER_FFN_NORM) ? "post-norms " : "post-norms-only ");
+}
+
+/* Latent attention: "latent 512 + rope 64 (1/71.1 of MHA) q-rank 1536" and the rope settings */
+static void latent_extras(const Model *m, int l, char *buf) {
+    const LatentAttentionConfig *a = &m->config.layers[l].mla;
+    sprintf(buf, "latent %d + rope %d (1/%.1f of MHA) ", a->kv_rank, a->rope.dim,
+            (double)latent_mha_bytes(a) / (double)latent_bytes(a));
+    if (a->q_rank) sprintf(buf + strlen(buf), "q-rank %d ", a->q_rank);
+    if (a->rope.table >= 0) strcat(buf, "rope-table ");
+    if (a->rope.dim > 0 && a->rope.attn_factor != 1.0f) sprintf(buf + strlen(buf), "rope x%.3g ", a->rope.attn_factor);
+    post_norm_extras(m->config.layers[l].flags, buf);
+}
+
+/* Softmax attention: q/k norms, sinks, soft-cap, biases, post-norms, partial or no rotary positions */
+static void attention_extras(const Model *m, int l, char *buf) {
     const AttentionConfig *a = &m->config.layers[l].attn;
-    unsigned layer_flags = m->config.layers[l].flags;
-    buf[0] = '\0';
     if (a->flags & ATTN_QK_NORM) strcat(buf, "q/k-norm ");
     if (a->flags & ATTN_QK_NORM_FULL) strcat(buf, "q/k-norm(whole) ");
     if (a->flags & ATTN_QK_NORM_PLAIN) strcat(buf, "q/k-norm(no weights) ");
     if (a->flags & ATTN_SINKS) strcat(buf, "learned-sinks ");
     if (a->softcap > 0) sprintf(buf + strlen(buf), "soft-cap %g ", a->softcap);
     if (a->flags & ATTN_QKV_BIAS) strcat(buf, "qkv-bias ");
-    if (layer_flags & (LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM))
-        strcat(buf, layer_flags & (LAYER_MIXER_NORM | LAYER_FFN_NORM) ? "post-norms " : "post-norms-only ");
+    post_norm_extras(m->config.layers[l].flags, buf);
     if (m->config.position_kind == POS_ROPE && a->rope.dim == 0) strcat(buf, "NoPE ");
     if (a->rope.dim > 0 && a->rope.dim < a->head_dim) sprintf(buf + strlen(buf), "rope %d/%d dims ", a->rope.dim, a->head_dim);
     if (a->rope.table >= 0) strcat(buf, "rope-table ");
     if (a->rope.dim > 0 && a->rope.attn_factor != 1.0f) sprintf(buf + strlen(buf), "rope x%.3g ", a->rope.attn_factor);
     if (a->temperature_floor > 0) strcat(buf, "temperature ");
+}
+
+static void extras_of(const Model *m, int l, char *buf) {
+    buf[0] = '\0';
+    if (m->config.layers[l].mixer == MIXER_LATENT_ATTENTION) latent_extras(m, l, buf);
+    else attention_extras(m, l, buf);
     size_t n = strlen(buf);
     if (n) buf[n - 1] = '\0';
     else strcpy(buf, "-");
@@ -227,7 +264,14 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
     if (c->embed_scale != 1.0f || c->residual_scale != 1.0f || c->logit_scale != 1.0f || c->final_softcap > 0)
         fprintf(out, "embeddings x%g, block outputs x%g, logits x%g%s\n", c->embed_scale, c->residual_scale,
                 c->logit_scale, c->final_softcap > 0 ? ", logits soft-capped" : "");
-    fprintf(out, "attention kernel: %s\n\n", m->attention[0].kernel == KERNEL_FLASH ? "flash" : "naive");
+    fprintf(out, "attention kernel: %s", m->attention[0].kernel == KERNEL_FLASH ? "flash" : "naive");
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layers[l].mixer == MIXER_LATENT_ATTENTION) {
+            static const char *forms[] = {"auto (the cheaper form at each position)", "absorbed", "expanded"};
+            fprintf(out, "; latent attention: %s", forms[m->attention[l].latent_kernel]);
+            break;
+        }
+    fprintf(out, "\n\n");
 
     fprintf(out, "%5s  %-22s %3s %3s  %-10s %8s  %9s  %-22s %8s  %-15s %s\n", "layer", "attention", "q", "kv", "group",
             "head_dim", "rope base", "extras", "KV/token", "keeps", "FFN");
@@ -236,17 +280,23 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
         const LayerConfig *lc = &c->layers[l];
         const AttentionConfig *at = &lc->attn;
         const AttentionSpec *a = &m->attention[l];
-        char kind[48], group[24], rope_base[24], extras[160], ffn[96];
+        const LatentAttentionConfig *la = &lc->mla;
+        int latent = lc->mixer == MIXER_LATENT_ATTENTION, heads = mixer_heads(lc), kv_heads = latent ? 1 : at->n_kv_heads;
+        const RopeConfig *rope = latent ? &la->rope : &at->rope;
+        char kind[48], group[24], head_dim[24], rope_base[24], extras[200], ffn[96];
         int changed = is_overridden(m, l);
         snprintf(kind, sizeof kind, "%s%s", mask_name(a, b1), changed ? " *" : "");
         overridden |= changed;
-        snprintf(group, sizeof group, "%d (%s)", at->n_heads / at->n_kv_heads, sharing_name(at->n_heads, at->n_kv_heads, b2));
-        if (at->rope.dim > 0) snprintf(rope_base, sizeof rope_base, "%g", at->rope.theta);
+        /* latent attention: every query head reads the one latent (MQA in its absorbed form); q.k / v widths */
+        snprintf(group, sizeof group, "%d (%s)", heads / kv_heads, latent ? "MLA" : sharing_name(heads, kv_heads, b2));
+        if (latent) snprintf(head_dim, sizeof head_dim, "%d/%d", la->nope_dim + la->rope.dim, la->v_dim);
+        else snprintf(head_dim, sizeof head_dim, "%d", at->head_dim);
+        if (rope->dim > 0) snprintf(rope_base, sizeof rope_base, "%g", rope->theta);
         else strcpy(rope_base, "-");
         extras_of(m, l, extras);
-        fprintf(out, "%5d  %-22s %3d %3d  %-10s %8d  %9s  %-22s %6d B  %-15s %s\n", l, kind, at->n_heads, at->n_kv_heads,
-                group, at->head_dim, rope_base, extras, (int)(2 * at->n_kv_heads * at->head_dim * sizeof(float)),
-                keeps(a, b3), ffn_name(lc, ffn));
+        size_t per_token = latent ? latent_bytes(la) : 2 * at->n_kv_heads * at->head_dim * sizeof(float);
+        fprintf(out, "%5d  %-22s %3d %3d  %-10s %8s  %9s  %-22s %6zu B  %-15s %s\n", l, kind, heads, kv_heads, group, head_dim,
+                rope_base, extras, per_token, keeps(a, b3), ffn_name(lc, ffn));
     }
     if (overridden) {
         fprintf(out, "* set on the command line; in the file");
@@ -269,10 +319,15 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
     for (int i = 0; i < 4; i++) {
         size_t wired = 0, plain = 0;
         for (int l = 0; l < c->n_layers; l++) {
-            const AttentionConfig *at = &c->layers[l].attn;
+            const LayerConfig *lc = &c->layers[l];
             KVLayer cache, mha;
-            attention_cache_init(&cache, at->n_kv_heads * at->head_dim, &m->attention[l]);
-            kvlayer_init(&mha, at->n_heads * at->head_dim, 0, 0);
+            layer_cache_init(&cache, m, l);
+            if (lc->mixer == MIXER_LATENT_ATTENTION) { /* the same heads with MHA: keys of nope + rope, values of v_dim */
+                kvlayer_init(&mha, lc->mla.n_heads * (lc->mla.nope_dim + lc->mla.rope.dim), 0, 0);
+                kvlayer_set_value_width(&mha, lc->mla.n_heads * lc->mla.v_dim);
+            } else {
+                kvlayer_init(&mha, lc->attn.n_heads * lc->attn.head_dim, 0, 0);
+            }
             wired += kvlayer_bytes_for(&cache, lengths[i]);
             plain += kvlayer_bytes_for(&mha, lengths[i]);
         }
@@ -295,26 +350,30 @@ static void add_property(LayerWiring *w, const char *name, const char *fmt, ...)
 
 /* The columns of print_wiring's row, as properties */
 void layer_wiring(const Model *m, int l, LayerWiring *w) {
-    const AttentionConfig *lc = &m->config.layers[l].attn;
+    const LayerConfig *layer = &m->config.layers[l];
+    const AttentionConfig *lc = &layer->attn;
     const AttentionSpec *a = &m->attention[l], own = attention_of_layer(m, l);
+    int latent = layer->mixer == MIXER_LATENT_ATTENTION, heads = mixer_heads(layer), kv_heads = latent ? 1 : lc->n_kv_heads;
+    const RopeConfig *rope = latent ? &layer->mla.rope : &lc->rope;
     char b[160];
     memset(w, 0, sizeof *w);
-    w->kind = "attention";
+    w->kind = latent ? "latent attention" : "attention";
     w->has_attention_weights = 1;
     w->overridden = is_overridden(m, l);
     if (w->overridden) mask_name(&own, w->in_file);
     add_property(w, "mask", "%s", mask_name(a, b));
-    add_property(w, "q heads", "%d", lc->n_heads);
-    add_property(w, "kv heads", "%d", lc->n_kv_heads);
-    add_property(w, "group", "%d (%s)", lc->n_heads / lc->n_kv_heads, sharing_name(lc->n_heads, lc->n_kv_heads, b));
-    add_property(w, "head_dim", "%d", lc->head_dim);
-    if (lc->rope.dim > 0) add_property(w, "rope base", "%g", lc->rope.theta);
+    add_property(w, "q heads", "%d", heads);
+    add_property(w, "kv heads", latent ? "%d (one latent for every head)" : "%d", kv_heads);
+    add_property(w, "group", "%d (%s)", heads / kv_heads, latent ? "MLA" : sharing_name(heads, kv_heads, b));
+    if (latent) add_property(w, "head_dim", "%d/%d", layer->mla.nope_dim + layer->mla.rope.dim, layer->mla.v_dim);
+    else add_property(w, "head_dim", "%d", lc->head_dim);
+    if (rope->dim > 0) add_property(w, "rope base", "%g", rope->theta);
     else add_property(w, "rope base", "%s", m->config.position_kind == POS_ROPE ? "- (NoPE)" : "- (learned positions)");
     extras_of(m, l, b);
     add_property(w, "extras", "%s", b);
-    add_property(w, "KV/token", "%d B", (int)(2 * lc->n_kv_heads * lc->head_dim * sizeof(float)));
+    add_property(w, "KV/token", "%d B", (int)(latent ? latent_bytes(&layer->mla) : 2 * lc->n_kv_heads * lc->head_dim * sizeof(float)));
     add_property(w, "keeps", "%s", keeps(a, b));
-    add_property(w, "FFN", "%s", ffn_name(&m->config.layers[l], b));
+    add_property(w, "FFN", "%s", ffn_name(layer, b));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -367,7 +426,7 @@ AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positi
     }
     double bytes = 0;
     for (int i = 0; i < map->n_recorded; i++)
-        bytes += (double)m->config.layers[map->layers[i]].attn.n_heads * n_positions * n_positions * sizeof(float);
+        bytes += (double)mixer_heads(&m->config.layers[map->layers[i]]) * n_positions * n_positions * sizeof(float);
     if (bytes > MAP_MAX_BYTES) {
         fail(err, errlen, "--attn-map: %d positions x %d layers would need %.0f MiB; use --attn-map-layer, a shorter "
              "prompt or a smaller -n", n_positions, map->n_recorded, bytes / (1 << 20));
@@ -376,7 +435,7 @@ AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positi
     if (!(map->weights = calloc((size_t)n_layers, sizeof *map->weights)))
         return fail(err, errlen, "out of memory"), attention_map_free(map), NULL;
     for (int i = 0; i < map->n_recorded; i++) {
-        size_t n = (size_t)m->config.layers[map->layers[i]].attn.n_heads * n_positions * n_positions;
+        size_t n = (size_t)mixer_heads(&m->config.layers[map->layers[i]]) * n_positions * n_positions;
         if (!(map->weights[i] = calloc(n, sizeof(float))))
             return fail(err, errlen, "out of memory"), attention_map_free(map), NULL;
     }
@@ -387,7 +446,7 @@ void attention_map_record(void *ctx, int layer, int pos, const float *weights, i
     AttentionMap *map = ctx;
     int i = map->index_of_layer[layer], T = map->n_positions;
     if (i < 0 || pos >= T) return;
-    int n_heads = map->model->config.layers[layer].attn.n_heads;
+    int n_heads = mixer_heads(&map->model->config.layers[layer]);
     for (int h = 0; h < n_heads; h++)
         weights_by_position(map->weights[i] + ((size_t)h * T + pos) * T, weights + (size_t)h * weights_stride,
                             &map->model->attention[layer], pos);
@@ -406,7 +465,7 @@ int attention_map_write_raw(const AttentionMap *map, const char *path) {
     if (!f) return -1;
     int T = map->n_positions, seen = map->positions_seen, bad = 0;
     for (int i = 0; i < map->n_recorded; i++)
-        for (int h = 0; h < map->model->config.layers[map->layers[i]].attn.n_heads; h++)
+        for (int h = 0; h < mixer_heads(&map->model->config.layers[map->layers[i]]); h++)
             for (int q = 0; q < seen; q++)
                 bad |= fwrite(map->weights[i] + ((size_t)h * T + q) * T, sizeof(float), (size_t)seen, f) != (size_t)seen;
     return fclose(f) != 0 || bad ? -1 : 0;
@@ -444,7 +503,7 @@ typedef struct {
 static MapLayout map_layout(const AttentionMap *map, int T) {
     MapLayout g = {0, 0, 128};
     for (int i = 0; i < map->n_recorded; i++)
-        if (map->model->config.layers[map->layers[i]].attn.n_heads > g.columns) g.columns = map->model->config.layers[map->layers[i]].attn.n_heads;
+        if (mixer_heads(&map->model->config.layers[map->layers[i]]) > g.columns) g.columns = mixer_heads(&map->model->config.layers[map->layers[i]]);
     if (map->n_recorded == 1) {
         int rows = (int)sqrt((double)g.columns);
         g.columns = (g.columns + rows - 1) / rows;
@@ -458,7 +517,7 @@ static MapLayout map_layout(const AttentionMap *map, int T) {
 static void map_size(const AttentionMap *map, const MapLayout *g, long panel, long *width, long *height) {
     long n_rows = 0;
     for (int i = 0; i < map->n_recorded; i++) {
-        int heads = map->model->config.layers[map->layers[i]].attn.n_heads;
+        int heads = mixer_heads(&map->model->config.layers[map->layers[i]]);
         n_rows += (heads + g->columns - 1) / g->columns;
     }
     *width = 2L * GAP + (long)g->columns * panel + (long)(g->columns - 1) * GAP;
@@ -494,7 +553,7 @@ int attention_map_write_png(const AttentionMap *map, const char *path) {
     memset(pixels, COLOR_BACKGROUND, (size_t)width * height);
     make_palette(palette);
     for (int r = 0, row = 0; r < map->n_recorded; r++) {
-        int layer = map->layers[r], heads = map->model->config.layers[layer].attn.n_heads;
+        int layer = map->layers[r], heads = mixer_heads(&map->model->config.layers[layer]);
         const AttentionSpec *a = &map->model->attention[layer];
         for (int i = 0; i < T; i++) {
             VisibleKeys v = visible_keys(a, i); /* the keys query i sees in this layer: the same for every head */

@@ -14,6 +14,7 @@ typedef struct {
     int n_sinks;        /* --sinks N: the first N positions stay visible in every sliding layer */
     const char *sparse; /* --sparse: "strided:S" / "fixed:B" for every layer, or "L=strided:S[,L=fixed:B...]" */
     const char *kernel; /* --attn: "naive" or "flash"; NULL: naive */
+    const char *latent; /* --mla: "auto", "absorbed" or "expanded" (latent attention layers); NULL: auto */
 } AttentionOverrides;
 
 /* Rewrites m->attention[] (before runstate_init). On bad input writes one line to err and returns -1. */

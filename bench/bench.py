@@ -9,7 +9,11 @@ through export.py (f32, bf16, q8_0), and measures in the same run:
   - the f32 FMA peak (bench/roofline.c): prefill does ~2 FLOPs per weight per token;
   - decode tok/s, prefill tok/s of a 512-token prompt (and token by token, --batch 1, as the baseline),
     peak RSS; each the median of several runs;
-  - decode ms/token at positions 100 and 4000 of a model whose layers all slide with a window of 256.
+  - decode ms/token at positions 100 and 4000 of a model whose layers all slide with a window of 256;
+  - a DeepSeek-V2-Lite-shaped stack of latent attention layers (16 heads, latent 512 + rope 64, nope 128, v 128;
+    MLA_LAYERS layers with a dense FFN of 1408, random weights, f32; tools/random_model.py): decode tok/s of the
+    absorbed and the expanded form at positions 100 and 4000, and the cache bytes against MHA over the same
+    heads. One run each (the 4,000-token prompt costs far more than the decode it leads to).
 Timings on a shared machine are noisy: run it when the machine is quiet. Never a pass/fail test.
 
     python3 bench/bench.py [--runs N] [--threads N] [--quick]
@@ -37,6 +41,19 @@ SHAPES = {  # name: (dim, hidden, layers, heads, vocab, context)
     "15M": (288, 768, 6, 6, 32000, 1024),
 }
 WINDOW = 256
+# deepseek-ai/DeepSeek-V2-Lite's config.json (the fields the wiring reads), and what the benchmark stack changes
+V2_LITE = {"model_type": "deepseek_v2", "hidden_size": 2048, "intermediate_size": 10944, "num_hidden_layers": 27,
+           "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512,
+           "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400,
+           "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+           "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                            "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
+           "first_k_dense_replace": 1, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+           "moe_intermediate_size": 1408, "topk_method": "greedy", "norm_topk_prob": False,
+           "routed_scaling_factor": 1.0, "hidden_act": "silu", "tie_word_embeddings": False}
+MLA_LAYERS = 2
+MLA_STACK = {"num_hidden_layers": MLA_LAYERS, "first_k_dense_replace": MLA_LAYERS, "intermediate_size": 1408,
+             "vocab_size": 4096}
 
 
 def log(msg):
@@ -125,6 +142,21 @@ def write_random_safetensors(path, shapes, rng, bf16=False):
     os.replace(path + ".tmp", path)
 
 
+def write_mla_stack(path):
+    """The DeepSeek-V2-Lite-shaped latent attention stack (MLA_STACK changes to V2_LITE), random weights."""
+    tool = os.path.join(ROOT, "tools", "random_model.py")
+    newest = max(os.path.getmtime(tool), os.path.getmtime(os.path.join(ROOT, "export.py")))
+    if os.path.exists(path) and os.path.getmtime(path) >= newest:
+        return path
+    log(f"bench: writing {os.path.basename(path)}")
+    config = path + ".config.json"
+    with open(config, "w") as f:
+        json.dump(V2_LITE, f)
+    sets = [arg for key, value in MLA_STACK.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    subprocess.run([sys.executable, tool, config, path, "--dtype", "f32"] + sets, check=True, stderr=subprocess.DEVNULL)
+    return path
+
+
 def export(src, out, dtype):
     if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(os.path.join(ROOT, "export.py")):
         log(f"bench: exporting {os.path.basename(out)}")
@@ -143,14 +175,14 @@ def weight_bytes(path):
 
 
 def run_stats(args, threads):
-    """Runs ./run; returns (prefill tok/s, decode tok/s, peak RSS bytes)."""
+    """Runs ./run; returns (prefill tok/s, decode tok/s, peak RSS bytes, KV cache bytes)."""
     cmd = [os.path.join(BUILD, "peak_rss"), RUN] + [str(a) for a in args] + ["--threads", str(threads)]
     r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    m = re.search(r"prefill \d+ tok ([\d.]+) tok/s \| decode \d+ tok ([\d.]+) tok/s", r.stderr)
+    m = re.search(r"prefill \d+ tok ([\d.]+) tok/s \| decode \d+ tok ([\d.]+) tok/s \| kv (\d+) bytes", r.stderr)
     rss = re.search(r"peak_rss_kb (\d+)", r.stderr)
     if r.returncode != 0 or not m or not rss:
         raise RuntimeError(f"{' '.join(cmd[1:3])} ... failed: {r.stderr.strip()[-300:]}")
-    return float(m.group(1)), float(m.group(2)), int(rss.group(1)) * 1024
+    return float(m.group(1)), float(m.group(2)), int(rss.group(1)) * 1024, int(m.group(3))
 
 
 def tokens(n, vocab, seed):
@@ -191,6 +223,7 @@ def main():
         log("bench: writing random sliding-window checkpoint")
         write_sliding_checkpoint(sliding_dir, SHAPES["15M"], WINDOW)
     sliding = export(sliding_dir, os.path.join(BUILD, "sliding15M-f32.bin"), "f32")
+    mla = write_mla_stack(os.path.join(BUILD, "v2lite-mla-f32.bin"))
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     roofline = os.path.join(BUILD, "roofline")
@@ -220,6 +253,14 @@ def main():
         for key, cmd in plan + (baselines if i < max(1, runs // 2) else []):
             results[key].append(run_stats(cmd, args.threads))
         log(f"bench: round {i + 1} of {runs} done")
+    # latent attention: each form at each position once (the long prompt's prefill is most of the time)
+    mla_runs, positions = {}, (100, 1000 if args.quick else 4000)
+    for pos in positions:
+        for form in ("absorbed", "expanded"):
+            n = 4 if args.quick or (pos > 100 and form == "expanded") else 16
+            mla_runs[pos, form] = run_stats([mla, "--tokens", tokens(pos, 4096, 4), "-n", n, "-t", "0", "--mla", form],
+                                            args.threads)
+            log(f"bench: latent attention, {form}, position {pos} done")
     limits.append(machine_limits())
     bandwidth, fma_peak = max(l[0] for l in limits), max(l[1] for l in limits)
 
@@ -261,6 +302,7 @@ def main():
         print(f"| stories{r['model']} | {r['dtype']} | {r['MB']:.0f} MB | {r['decode']:.1f} | "
               f"{100 * r['decode'] / r['roofline']:.0f}% of {r['roofline']:.0f} | {pre} | {pct} | {ratio} | "
               f"{r['rss'] / 1e6:.0f} MB |")
+    print_latent(mla_runs, positions)
     a, b = window_ms[100], window_ms[4000]
     print(f"\nsliding window {WINDOW} on every layer (stories15M shape, f32): decode {a[0]:.2f} ms/token at position 100, "
           f"{b[0]:.2f} ms/token at position 4000 ({b[0] / a[0]:.2f}x); peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
@@ -308,6 +350,23 @@ def tokenizer_speed(runs):
             sys.exit(out.stderr.strip())
         fast, regex, n = out.stdout.split()
         print(f"| {name} | {float(fast):.1f} | {float(regex):.1f} | {float(fast) / float(regex):.2f}x | {n} |")
+
+
+def print_latent(runs, positions):
+    """The latent attention table: decode tok/s of each form, and the cache it keeps against MHA's"""
+    c = V2_LITE
+    heads, row = c["num_attention_heads"], c["kv_lora_rank"] + c["qk_rope_head_dim"]
+    mha = heads * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"] + c["v_head_dim"])
+    print(f"\nlatent attention, DeepSeek-V2-Lite-shaped ({heads} heads, latent {c['kv_lora_rank']} + rope "
+          f"{c['qk_rope_head_dim']}, nope {c['qk_nope_head_dim']}, v {c['v_head_dim']}; {MLA_LAYERS} layers, dense FFN "
+          f"{MLA_STACK['intermediate_size']}, vocab {MLA_STACK['vocab_size']}, f32; one run each):\n")
+    print("| position | absorbed tok/s | expanded tok/s | absorbed / expanded | KV cache | MHA, same heads |")
+    print("|---|---|---|---|---|---|")
+    for pos in positions:
+        a, e = runs[pos, "absorbed"][1], runs[pos, "expanded"][1]
+        held = runs[pos, "absorbed"][3]  # the stats line: latent rows after the prompt and the decoded tokens
+        print(f"| {pos} | {a:.2f} | {e:.2f} | {a / e:.1f}x | {held / 2 ** 20:.2f} MiB ({row * 4:,} B/token/layer) | "
+              f"{held / row * mha / 2 ** 20:.2f} MiB ({mha * 4:,} B, {mha / row:.1f}x) |")
 
 
 def kernels():

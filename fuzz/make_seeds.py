@@ -2,7 +2,8 @@
 """Writes the fuzz seed corpus fuzz/corpus/model/*.bin: tiny model files (random weights, a few KB each)
 that together use every part of the format the loader checks -- RMSNorm and LayerNorm, gated and plain
 MLPs, mixtures of experts (every router kind, grouped routing, biases, shared experts, stacked 3-D expert
-tensors in f32 and q8_0), rotary and learned positions, NoPE, sliding, chunked and full layers, GQA, every
+tensors in f32 and q8_0), latent attention (with and without a low-rank query), rotary and learned positions,
+NoPE, sliding, chunked and full layers, GQA, every
 kind of q/k norm, learned sinks, attention temperature, biases, pre- and post-norms, soft-caps,
 precomputed RoPE tables (one with YaRN's attention factor), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
 with the GPT-2 and Llama 3 pre-tokenizers and with a sequence of regex Split steps; SentencePiece-style with <0xNN> byte pieces, merged by score as
@@ -177,6 +178,20 @@ def seeds():
     m.tokenizer = split_steps_tokenizer(1024)
     yield "llama_split_steps_tokenizer_f32", tensors(m), "f32"
 
+    # DeepSeek style: latent attention with and without the low-rank query pair, a YaRN table with its attention
+    # factor, a dense layer, then V3's experts (sigmoid, selection bias, groups of two-expert sums, shared) and
+    # V2's (softmax, best-expert groups)
+    m = E.Model("deepseek_v3", 16, 32, 64, tied=False)
+    inv, factor = E.rope_inv_freq(10000.0, 4, {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+                                               "original_max_position_embeddings": 16}, 64)
+    table = m.rope_table_for(inv)
+    mla = lambda q_rank: E.LatentAttention(2, q_rank, 8, 4, 4, 6, rope_table=table, rope_attn_factor=factor,  # noqa: E731
+                                           softmax_mscale=1.3)
+    m.layers = [L(mla(8), D(16)),
+                L(mla(0), E.MoE(4, 2, 8, E.ACT_SILU, E.ROUTER_SIGMOID, n_groups=2, topk_groups=1, shared_hidden=8,
+                                routed_scale=2.5, flags=E.MOE_SCORE_BIAS | E.MOE_GROUP_TOP2 | E.MOE_NORM_TOPK)),
+                L(mla(8), E.MoE(4, 2, 8, E.ACT_SILU, E.ROUTER_SOFTMAX, n_groups=2, topk_groups=1, shared_hidden=16))]
+    yield "deepseek_latent_attention_f32", tensors(m), "f32"
 
 def specials_tokenizer(vocab):
     """A byte-level record with 40 eos ids and special / user-defined tokens nested in one another."""

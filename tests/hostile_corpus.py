@@ -22,7 +22,9 @@ CONFIG_FIELDS = ["dim", "vocab_size", "context_length", "norm_kind", "norm_eps",
 # a layer record (docs/FORMAT.md): its header, then each kind's payload, field by field (4 bytes each)
 LAYER_HEADER_FIELDS = ["record_size", "flags", "mixer_kind", "mixer_size"]
 MIXER_FIELDS = {1: ["n_heads", "n_kv_heads", "head_dim", "window", "chunk", "rope_dim", "rope_table", "rope_theta",
-                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"]}
+                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"],
+                2: ["n_heads", "q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim", "rope_table", "rope_theta",
+                    "rope_attn_factor", "attn_scale", "norm_eps", "flags"]}
 DENSE_FIELDS = ["hidden_dim", "activation", "flags"]
 FFN_FIELDS = {0: [], 1: DENSE_FIELDS, 2: DENSE_FIELDS,
               3: ["n_experts", "top_k", "hidden_dim", "activation", "router", "n_groups", "topk_groups",
@@ -353,16 +355,17 @@ def semantic_mutants(blob):
         _, off, _ = by_name[name]
         for label, bits in (("NaN", 0x7FC00000), ("+inf", 0x7F800000), ("0", 0), ("-1", 0xBF800000)):
             yield f"semantic: {label} in {name}", put(blob, off + 4, 4, bits), ["must be finite and positive"]
-    # a NaN in a weight every token goes through: the run stops at the first logits, naming the tensor
-    rec, off, _ = by_name["layers.0.attn.wq"]
+    # a NaN in a weight every token goes through (the first layer's query projection, of whichever mixer):
+    # the run stops at the first logits, naming the tensor
+    wq = next(n for n in ("layers.0.attn.wq", "layers.0.mla.wq", "layers.0.mla.wq_a") if n in by_name)
+    rec, off, _ = by_name[wq]
     dtype = get(blob, rec + 80, 4)
     if dtype in NAN_BITS:
         bits, width = NAN_BITS[dtype]
-        yield "semantic: NaN in layers.0.attn.wq", put(blob, off, width, bits), ["holds a NaN or an infinity"]
+        yield f"semantic: NaN in {wq}", put(blob, off, width, bits), ["holds a NaN or an infinity"]
     else:  # q8_0: the first group's f16 scale, after the int8 values
         rows, cols = get(blob, rec + 88, 4), get(blob, rec + 92, 4)
-        yield "semantic: NaN scale in layers.0.attn.wq", put(blob, off + rows * cols, 2, 0x7E00), \
-            ["holds a NaN or an infinity"]
+        yield f"semantic: NaN scale in {wq}", put(blob, off + rows * cols, 2, 0x7E00), ["holds a NaN or an infinity"]
     # a window that covers the context is full attention: such a file runs (a chunked layer keeps its chunks)
     context = get(blob, L.config_off + 32 + 4 * CONFIG_FIELDS.index("context_length"), 4)
     for layer in sorted({0, L.n_layers - 1}):

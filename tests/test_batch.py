@@ -1,6 +1,7 @@
 """Many sequences on one paged KV cache (batch.c, kvcache.c). --samples N prints what N separate runs print
 (seeds s .. s+N-1), for kjv-5m and for fixtures of every layer kind (sliding windows, chunks, learned sinks,
-mixtures of experts, learned positions), with any --threads and --batch, and holds the prompt once.
+mixtures of experts, learned positions, latent attention), with any --threads and --batch, and holds the
+prompt once.
 --prompts FILE prints for each prompt what a run of it alone prints; prompts that share a prefix start from
 its cached blocks, and their logits equal a cold run's bit for bit. Hostile arguments and files, a prompt
 file of 10,000 lines and memory exhaustion end cleanly."""
@@ -20,8 +21,8 @@ KJV = "models/kjv-5m.bin"
 KJV_PROMPT = ("And God said, Let there be light: and there was light. And God saw the light, that it was good: "
               "and God divided the light from the darkness.")
 SAMPLE_FIXTURES = ["mistral_swa", "gemma2", "gpt2"]        # tests/data/fixtures
-SAMPLE_FAMILIES = ["qwen3_moe", "llama4_text", "gpt_oss"]  # $ATTN_SHARED/fixtures
-PROMPT_FIXTURES = ["mistral_swa", "gemma2", "llama4_text"]
+SAMPLE_FAMILIES = ["qwen3_moe", "llama4_text", "gpt_oss", "deepseek_v3"]  # $ATTN_SHARED/fixtures
+PROMPT_FIXTURES = ["mistral_swa", "gemma2", "llama4_text", "deepseek_v3"]
 
 
 def clean_error(r, *words):

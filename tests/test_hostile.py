@@ -83,6 +83,9 @@ def corpus(t):
         # a pre-tokenizer of regex Split steps (pretokenizer 5); the prompt has letters, digits, CJK, marks, spaces
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_split_steps_tokenizer_f32.bin"), 0.25,
          ["-p", "Hello World's 12345 x\n \xe4\xb8\xad\xe6\x96\x87 e\xcc\x81!! aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab  \xff"]),
+        # latent attention (DeepSeek's MLA): with and without the low-rank query, DeepSeek's routers
+        (os.path.join(t.root, "fuzz", "corpus", "model", "deepseek_latent_attention_f32.bin"), 0.35,
+         ["--tokens", "1,2,3,4,5"]),
     ]
     jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
@@ -155,7 +158,7 @@ def targeted_errors(t):
          "layer 0 n_kv_heads is 3 (must be 1 .. 2)"),
         ("NaN norm_eps", put(blob, L.config_off + 48, 4, 0x7FC00000), "config norm_eps nan is not in (0, 1)"),
         ("a mixer kind this build does not know", put(blob, fields["mixer_kind"], 4, 9),
-         "layer 0: mixer kind 9 is not one this build knows (1 = attention); a newer attn.c may read it"),
+         "layer 0: mixer kind 9 is not one this build knows (1 = attention, 2 = latent attention); a newer attn.c may read it"),
         ("an FFN kind this build does not know", put(blob, fields["ffn_kind"], 4, 9),
          "layer 0: FFN kind 9 is not one this build knows (0 .. 3); a newer attn.c may read it"),
         ("an attention record of the wrong size", put(blob, fields["mixer_size"], 4, 60),
@@ -179,6 +182,25 @@ def targeted_errors(t):
         ("an empty <0xNN> byte piece", emptied, "tokenizer byte piece 3 is not of the form <0xNN>"),
         ("ByteLevel's prefix space in a SentencePiece record", put(sp, S.tok["flags"], 4, flags | 16),
          "tokenizer adds ByteLevel's prefix space but is not byte-level"),
+    ]
+    # latent attention: ranks and widths that do not fit together
+    mla = open(os.path.join(t.root, "fuzz", "corpus", "model", "deepseek_latent_attention_f32.bin"), "rb").read()
+    M = Layout(mla)
+    f0, f1 = dict(M.layers[0]["fields"]), dict(M.layers[1]["fields"])
+    cases += [
+        ("a low-rank query flag without a q_rank", put(mla, f0["mixer q_rank"], 4, 0),
+         "layer 0: latent attention flags 0x10 do not match its q_rank 0"),
+        ("a q_rank without the low-rank query flag", put(mla, f1["mixer q_rank"], 4, 8),
+         "layer 1: latent attention flags 0x0 do not match its q_rank 8"),
+        ("an odd rotary width", put(mla, f0["mixer rope_dim"], 4, 5), "layer 0: rope_dim 5 is odd"),
+        ("a kv_rank the tensors do not have", put(mla, f0["mixer kv_rank"], 4, 9),
+         "tensor 'layers.0.mla.wkv_a' should have shape [13, 16]"),
+        ("a kv_rank past the limit", put(mla, f0["mixer kv_rank"], 4, 4097), "layer 0 kv_rank is 4097 (must be 1 .. 4096)"),
+        ("no key dimensions without positions", put(mla, f0["mixer nope_dim"], 4, 0), "layer 0 nope_dim is 0 (must be 1 .. 1024)"),
+        ("a latent attention record of the wrong size", put(mla, f0["mixer_size"], 4, 44),
+         "layer 0: latent attention record is 44 bytes, this build reads 48"),
+        ("a latent norm epsilon of 0", put(mla, f0["mixer norm_eps"], 4, 0),
+         "layer 0: attn_scale 0.459619 / latent norm_eps 0 is not valid"),
     ]
     path = t.tmp("targeted.bin")
     for label, data, want in cases:

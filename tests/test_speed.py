@@ -26,6 +26,7 @@ import numpy as np
 from harness import relative_error
 from study_support import export, reference_ppl
 from test_fixtures import FIXTURES
+from test_latent_attention import OUR_FIXTURES as LATENT_FIXTURES
 
 BATCHES = [2, 3, 7, 16, 17, 33, 64, 80, 128]   # 80 is the fixtures' whole prompt; 3, 7, 17, 33 do not divide it
 BATCH_TOLERANCE = 1e-5
@@ -102,6 +103,10 @@ def run(t):
         src = os.path.join(t.data, "fixtures", name)
         ref = json.load(open(os.path.join(src, "ref.json")))
         fixture_models[name] = (t.export(src, f"{name}.bin"), ref["input_ids"])
+        check_batches(t, name, *fixture_models[name], BATCHES, batch1)
+    for name, options in LATENT_FIXTURES.items():  # latent attention: mla.c's own products, the same contract
+        src = os.path.join(t.data, "fixtures", name)
+        fixture_models[name] = (t.export(src, f"{name}.bin", *options), json.load(open(os.path.join(src, "ref.json")))["input_ids"])
         check_batches(t, name, *fixture_models[name], BATCHES, batch1)
 
     kjv = os.path.join(t.root, "models", "kjv-5m.bin")

@@ -65,6 +65,30 @@ static void test_paged_cache(void) {
     kvlayer_free(&l);
 }
 
+/* Latent attention keeps one row per position (c_kv | k_rope) and no value rows: half the blocks, its own width */
+static void test_single_row_cache(void) {
+    KVLayer l;
+    int row_dim = 12;
+    float row[12];
+    kvlayer_init(&l, row_dim, 4, 0);
+    kvlayer_set_value_width(&l, 0);
+    int ok = 1;
+    for (int pos = 0; pos < 10; pos++) {
+        for (int i = 0; i < row_dim; i++) row[i] = pos * 100.0f + i;
+        ok &= kvlayer_store(&l, pos, row, NULL) == 0;
+    }
+    for (int pos = 6; pos < 10; pos++) ok &= kvlayer_key(&l, pos)[row_dim - 1] == pos * 100.0f + row_dim - 1;
+    check(ok && kvlayer_bytes_held(&l) == 4 * (size_t)row_dim * sizeof(float) && kvlayer_bytes_for(&l, 1000) == kvlayer_bytes_held(&l),
+          "single-row cache (latent attention): a rolling buffer of 4 rows of 12 floats, no value rows, 192 bytes");
+    kvlayer_free(&l);
+    kvlayer_init(&l, row_dim, 0, 0);
+    kvlayer_set_value_width(&l, 0);
+    for (int pos = 0; pos < KV_BLOCK_TOKENS + 1; pos++) kvlayer_store(&l, pos, row, NULL);
+    check(kvlayer_bytes_held(&l) == 2 * KV_BLOCK_TOKENS * (size_t)row_dim * sizeof(float),
+          "single-row cache: paged, two blocks of 16 rows after 17 positions");
+    kvlayer_free(&l);
+}
+
 static void test_rolling_buffer(void) {
     int kv_dim = 4, W = 20; /* not a multiple of the block size: the last block is cut short */
     KVLayer l;
@@ -217,6 +241,33 @@ static void test_shared_blocks(void) {
           "drop: every block's count returns to zero and its id goes back on the free list");
     kvcache_free(&c);
 
+    /* latent attention's rows (a key row, no value row) get a pool of their own shape and copy on write too */
+    KVLayer shapes[2];
+    kvlayer_init(&shapes[0], 8, 0, 0);
+    kvlayer_init(&shapes[1], 8, 0, 0);
+    kvlayer_set_value_width(&shapes[1], 0);
+    kvcache_init(&c, 2, shapes);
+    int x = kvcache_add_sequence(&c);
+    float k[8], v[8];
+    for (int pos = 0; pos < 20; pos++) {
+        tagged_rows(k, v, 8, pos);
+        kvlayer_store(kvcache_layer(&c, x, 0), pos, k, v);
+        kvlayer_store(kvcache_layer(&c, x, 1), pos, k, NULL);
+    }
+    int y = kvcache_fork(&c, x), latent_ok = c.n_pools == 2 && c.pools[1].value_width == 0;
+    tagged_rows(k, v, 8, 500);
+    kvlayer_store(kvcache_layer(&c, y, 1), 20, k, NULL);
+    const KVLayer *lx = kvcache_layer(&c, x, 1), *ly = kvcache_layer(&c, y, 1);
+    for (int pos = 0; pos < 20; pos++)
+        latent_ok &= kvlayer_key(lx, pos)[3] == pos * 100.0f + 3 && kvlayer_key(ly, pos)[3] == pos * 100.0f + 3;
+    latent_ok &= kvlayer_key(ly, 20)[0] == 50000.0f && ly->block_ids[1] != lx->block_ids[1] && ly->v_blocks[1] == NULL &&
+                 kvcache_bytes_held(&c) == (size_t)(2 * 32 + 32 + 16) * 8 * sizeof(float);
+    check(latent_ok, "latent rows (no value row): a pool of their own shape; a fork copies the partial block, keys only");
+    kvcache_drop_sequence(&c, x);
+    kvcache_drop_sequence(&c, y);
+    check(kvcache_bytes_held(&c) == 0, "latent rows: every block returns to the pool");
+    kvcache_free(&c);
+
     /* many sequences: random forks, stores and drops against a record of what each one wrote where */
     enum { SEQS = 12, POSITIONS = 120 };
     static int wrote[SEQS][POSITIONS];
@@ -352,11 +403,11 @@ static void test_attention(void) {
         float sink_logits[8];
         for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
         AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].mask, cases[c].span,
-                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE};
+                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE, LATENT_AUTO};
         AttentionSpec flash_spec = spec;
         flash_spec.kernel = KERNEL_FLASH;
         KVLayer l;
-        attention_cache_init(&l, kv_dim, &spec);
+        attention_cache_init(&l, kv_dim, kv_dim, &spec);
         double worst = 0.0, worst_flash = 0.0;
         int counts_ok = 1, most = 0;
         for (int pos = 0; pos < n_pos; pos++) {
@@ -784,7 +835,7 @@ static void test_router_ties(void) {
 /* --explore's rows: a stored weight reads back within m/510, one left out is below the threshold, and a row
  * that is not a distribution over the mask's keys is refused */
 static void test_explore_rows(void) {
-    AttentionSpec a = {8, 1.0f, 0.0f, MASK_SLIDING, 4, 0, NULL, KERNEL_NAIVE}; /* query 9 sees keys 6 .. 9 */
+    AttentionSpec a = {8, 1.0f, 0.0f, MASK_SLIDING, 4, 0, NULL, KERNEL_NAIVE, 0}; /* query 9 sees keys 6 .. 9 */
     float row[10] = {0, 0, 0, 0, 0, 0, 0.5f, 0.25f, 0.2495f, 0.0005f}, m;
     unsigned char bitmap[4], codes[16];
     char err[128];
@@ -808,7 +859,7 @@ static void test_explore_rows(void) {
 
     /* a causal row of 300 random weights: every stored one within m/510, every other below the threshold */
     enum { N = 300 };
-    AttentionSpec causal = {8, 1.0f, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE};
+    AttentionSpec causal = {8, 1.0f, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE, 0};
     static float w[N];
     static unsigned char big_codes[N], big_bitmap[(N + 7) / 8];
     float sum = 0.0f;
@@ -1029,6 +1080,7 @@ static int regex_matches_tool(void) {
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--regex-matches") == 0) return regex_matches_tool();
     test_paged_cache();
+    test_single_row_cache();
     test_rolling_buffer();
     test_shared_blocks();
     test_head_mapping();
