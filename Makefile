@@ -6,13 +6,15 @@
 #                   0.3.21 takes CPUs it does not know for a Prescott (SSE3): OPENBLAS_CORETYPE=SKYLAKEX
 #   make KERNELS=portable   the portable C kernels, but the rest still built for this CPU (for the tests)
 #   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/), a
-#                   mixture of experts against the roofline of the bytes it reads (bench/moe.py), and the
-#                   --explore page of 1,024 tokens: size, time to write, time to open in chromium
+#                   mixture of experts against the roofline of the bytes it reads (bench/moe.py), the
+#                   --explore page of 1,024 tokens: size, time to write, time to open in chromium, and
+#                   N samples decoding together against one sequence (bench/samples.py)
 #   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
 #   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
 #   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
 #   --explore's page (explore/page.html) is compiled in: build/explore_page.h, made by explore/embed.sh (sh + awk)
 
+.DEFAULT_GOAL := all
 CC ?= cc
 # link-time optimisation where the compiler has it: inlines the SIMD dot product into attention.c
 LTO ?= $(shell echo 'int main(void){return 0;}' | $(CC) -flto=auto -x c - -o /dev/null 2>/dev/null && echo -flto=auto)
@@ -37,9 +39,10 @@ PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import nu
 
 # the library: loading, the model, the kernels, the tokenizer, the study tools (none of it exits the process)
 ENGINE = model.c blocks.c mla.c moe.c recurrent.c ssm.c deltanet.c rwkv.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c
-# the command line around it: options, checked inputs and outputs, one-line errors (files.c: ./run's own)
-CLI = run.c files.c
-HEADERS = model.h blocks.h recurrent.h tensors.def attention.h kvcache.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
+# the command line around it: options, checked inputs and outputs, one-line errors (files.c: ./run's own),
+# many sequences (batch.c)
+CLI = run.c batch.c files.c
+HEADERS = model.h blocks.h recurrent.h tensors.def attention.h kvcache.h batch.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
 # the page ./run --explore writes, as C string literals: ./run carries it and works from any directory
@@ -74,6 +77,7 @@ bench: run
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/moe.py
+	$(PYTHON) bench/samples.py
 
 # --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
 # make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report

@@ -193,7 +193,7 @@ size_t deltanet_scratch_floats(const DeltaNetConfig *c, int n) {
 int deltanet_block(const Model *m, int l, RunState *s, int n, int pos) {
     const DeltaNetConfig *a = &m->config.layers[l].deltanet;
     const DeltaNetWeights *w = &m->weights.layers[l].deltanet;
-    StateLayer *st = &s->kv.states[l];
+    StateLayer *st = kvcache_state(&s->kv, s->state_seq, l);
     int Hk = a->n_k_heads, Hv = a->n_v_heads, inner = Hv * a->v_head_dim, conv_dim = 2 * Hk * a->k_head_dim + inner;
     size_t T = (size_t)n;
     float *qkv = s->mixer_scratch, *u = qkv + T * conv_dim, *z = u + T * conv_dim, *o = z + T * inner;

@@ -50,8 +50,9 @@ struct LatentScratch {
     OnlineSoftmax *states; /* [MLA_PASS][H] each (token, head)'s running softmax */
 };
 
-/* One attention pass of a latent layer: tokens first .. first + n - 1 of the forward pass, at positions
- * pos + first .., whose rows are in the cache */
+/* One attention pass of a latent layer: rows first .. first + n - 1 of the forward pass, of one sequence, at
+ * positions pos + first .. (pos: the position of row 0 were the sequence's run to start there), whose rows
+ * are in its cache */
 typedef struct {
     const LatentAttentionConfig *a;
     const LatentAttentionWeights *w;
@@ -96,14 +97,14 @@ static void project(const LatentAttentionConfig *a, const LatentAttentionWeights
     }
 }
 
-/* RoPE on the rope part of every query head and on the shared k_rope, token t at position pos + t. The
+/* RoPE on the rope part of every query head and on the shared k_rope, row t at its position pos[t]. The
  * exporter permutes DeepSeek's interleaved pairs into attn.c's halves (export.py interleaved_to_halves). */
-static void rotate(const LatentAttentionConfig *a, const float *inv_freq, RunState *s, int n, int pos) {
+static void rotate(const LatentAttentionConfig *a, const float *inv_freq, RunState *s, const Batch *b) {
     if (a->rope.dim == 0) return;
-    for (int t = 0; t < n; t++) {
-        rope_heads(s->q + (size_t)t * a->n_heads * q_width(a) + a->nope_dim, a->n_heads, q_width(a), a->rope.dim, pos + t,
+    for (int t = 0; t < b->n; t++) {
+        rope_heads(s->q + (size_t)t * a->n_heads * q_width(a) + a->nope_dim, a->n_heads, q_width(a), a->rope.dim, b->pos[t],
                    inv_freq, a->rope.attn_factor);
-        rope_heads(s->mla->latent + (size_t)t * row_width(a) + a->kv_rank, 1, a->rope.dim, a->rope.dim, pos + t, inv_freq,
+        rope_heads(s->mla->latent + (size_t)t * row_width(a) + a->kv_rank, 1, a->rope.dim, a->rope.dim, b->pos[t], inv_freq,
                    a->rope.attn_factor);
     }
 }
@@ -355,26 +356,31 @@ static void attend(Pass *p, int first, int n) {
     }
 }
 
-int latent_attention_block(const Model *m, int l, RunState *s, int n, int pos) {
+int latent_attention_block(const Model *m, int l, RunState *s, const Batch *b) {
     const LatentAttentionConfig *a = &m->config.layers[l].mla;
     const LatentAttentionWeights *w = &m->weights.layers[l].mla;
-    KVLayer *cache = &s->kv.layers[l];
-    Pass p = {a, w, &m->attention[l], cache, s, s->mla, s->xb, 0, 0, pos, 0, 0, NULL};
+    int n = b->n;
 
     /* queries and latents, rotary positions */
     project(a, w, s, n);
-    rotate(a, m->weights.layers[l].rope_inv_freq, s, n, pos);
+    rotate(a, m->weights.layers[l].rope_inv_freq, s, b);
 
-    /* each token stores its latent row, then attends (the observer, --attn-map, gets the weights); a paged cache
-     * overwrites nothing, so there the rows of the whole pass go in first and the tokens attend together */
-    int rows_first = kvlayer_keeps_every_position(cache) && !s->observer.record;
-    for (int t = 0; t < n; t++) {
-        if (kvlayer_store(cache, pos + t, s->mla->latent + (size_t)t * row_width(a), NULL) != 0) return -1;
-        if (rows_first) continue;
-        attend(&p, t, 1);
-        if (s->observer.record) s->observer.record(s->observer.ctx, l, pos + t, s->scores, s->scores_stride);
+    /* each sequence's rows against its own cache: each token stores its latent row, then attends (the observer,
+     * --attn-map, gets the weights); a paged cache overwrites nothing, so there the rows of the whole run go in
+     * first and the tokens attend together */
+    for (int first = 0, end; first < n; first = end) {
+        end = batch_run_end(b, first);
+        KVLayer *cache = kvcache_layer(&s->kv, b->seq[first], l);
+        Pass p = {a, w, &m->attention[l], cache, s, s->mla, s->xb, 0, 0, b->pos[first] - first, 0, 0, NULL};
+        int rows_first = kvlayer_keeps_every_position(cache) && !s->observer.record;
+        for (int t = first; t < end; t++) {
+            if (kvlayer_store(cache, b->pos[t], s->mla->latent + (size_t)t * row_width(a), NULL) != 0) return -1;
+            if (rows_first) continue;
+            attend(&p, t, 1);
+            if (s->observer.record) s->observer.record(s->observer.ctx, l, b->pos[t], s->scores, s->scores_stride);
+        }
+        if (rows_first) attend(&p, first, end - first);
     }
-    if (rows_first) attend(&p, 0, n);
 
     /* the heads' outputs side by side, mixed by the output projection */
     matmul(s->xb2, s->xb, &w->wo, n);

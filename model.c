@@ -82,6 +82,14 @@ void make_printable(char *s) {
         if (*p < 0x20 || *p == 0x7f) *p = '?';
 }
 
+int error_line(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
 /* Writes "PATH: what is wrong (where)" to ctx->err. Names in the message come from the file, so control
  * characters are shown as '?': the error stays one line and cannot drive the terminal. */
 static int fail(LoadContext *ctx, const char *fmt, ...) {
@@ -1239,13 +1247,11 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
     s->scores_heads = heads;
     s->scores = malloc((size_t)heads * s->scores_stride * sizeof(float));
     s->logits = malloc(T * c->vocab_size * sizeof(float));
-    s->kv.n_layers = c->n_layers;
-    s->kv.layers = calloc((size_t)c->n_layers, sizeof *s->kv.layers);
-    s->kv.states = calloc((size_t)c->n_layers, sizeof *s->kv.states);
+    s->row_seq = malloc(T * sizeof(int));
+    s->row_pos = malloc(T * sizeof(int));
     s->mixer_scratch = malloc((scratch ? scratch : 1) * sizeof(float));
     int bad = !s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->scores || !s->logits ||
-              !s->kv.layers || !s->kv.states || !s->mixer_scratch;
-    for (int l = 0; l < c->n_layers && !bad; l++) bad = statelayer_init(&s->kv.states[l], layer_state_shape(c, &c->layers[l]));
+              !s->row_seq || !s->row_pos || !s->mixer_scratch;
     if (experts) { /* mixture of experts: the routing of a chunk and one expert's share of it */
         s->expert_ids = malloc(T * top_k * sizeof(int));
         s->expert_weights = malloc(T * top_k * sizeof(float));
@@ -1266,7 +1272,26 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         runstate_free(s);
         return -1;
     }
-    for (int l = 0; l < c->n_layers; l++) layer_cache_init(&s->kv.layers[l], m, l);
+    /* the cache: each layer's row widths and slot mapping, one pool per row shape, and sequence 0 */
+    KVLayer *layout = calloc((size_t)c->n_layers, sizeof *layout);
+    StateShape *states = calloc((size_t)c->n_layers, sizeof *states);
+    if (!layout || !states) {
+        free(layout);
+        free(states);
+        runstate_free(s);
+        return -1;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_cache_init(&layout[l], m, l);
+        states[l] = layer_state_shape(c, &c->layers[l]);
+    }
+    bad = kvcache_init(&s->kv, c->n_layers, layout, states) != 0 || kvcache_add_sequence(&s->kv) != 0;
+    free(layout);
+    free(states);
+    if (bad) {
+        runstate_free(s);
+        return -1;
+    }
     return 0;
 }
 
@@ -1281,6 +1306,8 @@ void runstate_free(RunState *s) {
     free(s->hb2);
     free(s->scores);
     free(s->logits);
+    free(s->row_seq);
+    free(s->row_pos);
     free(s->expert_ids);
     free(s->expert_weights);
     free(s->router_logits);
@@ -1335,46 +1362,74 @@ static int grow_scores(RunState *s, const Model *m, int end) {
     return 0;
 }
 
+typedef int (*RecurrentBlock)(const Model *m, int layer, RunState *s, int n, int pos);
+
+/* A recurrent block folds a run of one sequence's tokens into that sequence's state: each run of the batch
+ * (batch_run_end) in turn, its rows of s->xb and s->xb2 shown to the block as the whole batch. */
+static int recurrent_runs(const Model *m, int l, RunState *s, const Batch *b, RecurrentBlock block) {
+    size_t dim = (size_t)m->config.dim;
+    float *xb = s->xb, *xb2 = s->xb2;
+    int rc = 0;
+    for (int t = 0, end; t < b->n && rc == 0; t = end) {
+        end = batch_run_end(b, t);
+        s->xb = xb + t * dim, s->xb2 = xb2 + t * dim, s->state_seq = b->seq[t];
+        rc = block(m, l, s, end - t, b->pos[t]);
+    }
+    s->xb = xb, s->xb2 = xb2;
+    return rc;
+}
+
+static int rwkv_ffn_runs(const Model *m, int l, RunState *s, int n, int pos) {
+    (void)pos;
+    rwkv_ffn_block(m, l, s, n);
+    return 0;
+}
+
 /* Each block reads its input from s->xb and writes its output, [n][dim], to s->xb2. */
-static int mixer(const Model *m, int l, RunState *s, int n, int pos) {
+static int mixer(const Model *m, int l, RunState *s, const Batch *b) {
     switch (m->config.layers[l].mixer) {
-    case MIXER_ATTENTION: return attention_block(m, l, s, n, pos);
-    case MIXER_LATENT_ATTENTION: return latent_attention_block(m, l, s, n, pos);
-    case MIXER_MAMBA: return mamba_block(m, l, s, n, pos);
-    case MIXER_MAMBA2: return mamba2_block(m, l, s, n, pos);
-    case MIXER_GATED_DELTANET: return deltanet_block(m, l, s, n, pos);
-    case MIXER_RWKV: return rwkv_block(m, l, s, n, pos);
+    case MIXER_ATTENTION: return attention_block(m, l, s, b);
+    case MIXER_LATENT_ATTENTION: return latent_attention_block(m, l, s, b);
+    case MIXER_MAMBA: return recurrent_runs(m, l, s, b, mamba_block);
+    case MIXER_MAMBA2: return recurrent_runs(m, l, s, b, mamba2_block);
+    case MIXER_GATED_DELTANET: return recurrent_runs(m, l, s, b, deltanet_block);
+    case MIXER_RWKV: return recurrent_runs(m, l, s, b, rwkv_block);
     default: return -1;
     }
 }
 
-static void ffn(const Model *m, int l, RunState *s, int n) {
+static void ffn(const Model *m, int l, RunState *s, const Batch *b) {
     switch (m->config.layers[l].ffn_kind) {
     case FFN_GATED:
-    case FFN_PLAIN: dense_ffn_block(m, l, s, n); break;
-    case FFN_MOE: moe_block(m, l, s, n); break;
-    case FFN_RWKV: rwkv_ffn_block(m, l, s, n); break;
+    case FFN_PLAIN: dense_ffn_block(m, l, s, b->n); break;
+    case FFN_MOE: moe_block(m, l, s, b->n); break;
+    case FFN_RWKV: recurrent_runs(m, l, s, b, rwkv_ffn_runs); break; /* sees its sequence's previous token */
     case FFN_NONE: break;
     }
 }
 
-float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits) {
+float *forward_batch(const Model *m, RunState *s, const Batch *b, int all_logits) {
     const Config *c = &m->config;
-    if (grow_scores(s, m, pos + n) != 0) return NULL;
+    int n = b->n, end = 0;
+    for (int t = 0; t < n; t++)
+        if (b->pos[t] + 1 > end) end = b->pos[t] + 1;
+    if (grow_scores(s, m, end) != 0) return NULL;
     const Weights *w = &m->weights;
     int dim = c->dim;
     float *x = s->x, *xb = s->xb, *xb2 = s->xb2;
-    if (pos == 0) /* a new sequence: the recurrent layers start from the zero state */
-        for (int l = 0; l < c->n_layers; l++) statelayer_reset(&s->kv.states[l]);
+    /* a sequence that starts here: its recurrent layers start from the zero state */
+    for (int t = 0; t < n; t = batch_run_end(b, t))
+        if (b->pos[t] == 0)
+            for (int l = 0; l < c->n_layers; l++) statelayer_reset(kvcache_state(&s->kv, b->seq[t], l));
 
     /* token embeddings (Gemma scales them by sqrt(dim)); GPT-2 adds a learned position embedding */
     for (int t = 0; t < n; t++) {
         float *xt = x + (size_t)t * dim;
-        tensor_row(xt, &w->tok_embeddings, tokens[t]);
+        tensor_row(xt, &w->tok_embeddings, b->tokens[t]);
         if (c->embed_scale != 1.0f)
             for (int j = 0; j < dim; j++) xt[j] *= c->embed_scale;
         if (c->position_kind == POS_LEARNED) {
-            tensor_row(xb2, &w->pos_embeddings, pos + t);
+            tensor_row(xb2, &w->pos_embeddings, b->pos[t]);
             for (int j = 0; j < dim; j++) xt[j] += xb2[j];
         }
     }
@@ -1386,7 +1441,7 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         /* x += post_norm(mixer(norm(x))): the positions exchange information */
         if (lc->flags & LAYER_MIXER_NORM) norm_rows(xb, x, &lw->mixer_norm, &lw->mixer_norm_bias, n, c);
         else memcpy(xb, x, (size_t)n * dim * sizeof(float));
-        if (mixer(m, l, s, n, pos) != 0) return NULL;
+        if (mixer(m, l, s, b) != 0) return NULL;
         if (lc->flags & LAYER_MIXER_POST_NORM) norm_rows(xb2, xb2, &lw->mixer_post_norm, NULL, n, c);
         residual(x, xb2, n, dim, c->residual_scale);
 
@@ -1394,7 +1449,7 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
         if (lc->ffn_kind == FFN_NONE) continue;
         if (lc->flags & LAYER_FFN_NORM) norm_rows(xb, x, &lw->ffn_norm, &lw->ffn_norm_bias, n, c);
         else memcpy(xb, x, (size_t)n * dim * sizeof(float));
-        ffn(m, l, s, n);
+        ffn(m, l, s, b);
         if (lc->flags & LAYER_FFN_POST_NORM) norm_rows(xb2, xb2, &lw->ffn_post_norm, NULL, n, c);
         residual(x, xb2, n, dim, c->residual_scale);
     }
@@ -1409,4 +1464,10 @@ float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, i
     if (c->final_softcap > 0.0f)
         for (size_t i = 0; i < n_logits; i++) s->logits[i] = softcap(s->logits[i], c->final_softcap);
     return s->logits;
+}
+
+float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits) {
+    for (int t = 0; t < n; t++) s->row_seq[t] = 0, s->row_pos[t] = pos + t;
+    Batch b = {n, tokens, s->row_seq, s->row_pos};
+    return forward_batch(m, s, &b, all_logits);
 }

@@ -282,12 +282,21 @@ typedef struct {
     void *ctx;
 } AttentionObserver;
 
+/* The rows of one forward pass: row t is token tokens[t] of sequence seq[t] (a KV cache id) at position
+ * pos[t]. A sequence's rows are consecutive, in order of position. A prompt chunk is one sequence at positions
+ * p .. p+n-1; a decode step of many sequences is one row each, so every weight is read once for all of them. */
+typedef struct {
+    int n;
+    const int *tokens, *seq, *pos;
+} Batch;
+
 typedef struct LatentScratch LatentScratch; /* latent attention's working space (mla.c) */
 
-/* Everything one forward pass over up to max_tokens tokens needs besides the weights: scratch buffers
- * (allocated once), the KV cache, and the observer. */
+/* Everything one forward pass over up to max_tokens rows needs besides the weights: scratch buffers
+ * (allocated once), the KV cache of every sequence, and the observer. */
 typedef struct {
     int max_tokens;
+    int *row_seq, *row_pos; /* [T] the rows forward() hands forward_batch(): sequence 0, positions in a row */
     float *x;       /* [T][dim] residual stream */
     float *xb;      /* [T][max(dim, q_dim)] normed input / attention output */
     float *xb2;     /* [T][dim] */
@@ -307,7 +316,9 @@ typedef struct {
     float *expert_out;    /* [T][dim] its outputs */
     LatentScratch *mla;   /* NULL without latent attention layers */
     float *mixer_scratch; /* the recurrent mixers' work space (recurrent.h), and the attention output gate */
-    KVCache kv;           /* the KV cache of the attention layers and the state of the recurrent ones */
+    int state_seq;        /* the sequence whose recurrent states the recurrent block at work updates */
+    KVCache kv;           /* sequence 0 exists from runstate_init on (the one forward() runs): its KV cache and
+                           * the states of its recurrent layers */
     AttentionObserver observer; /* record NULL: nothing watches */
 } RunState;
 
@@ -325,6 +336,8 @@ int model_find_nonfinite_tensor(const Model *m, char *name, size_t len);
 AttentionSpec attention_of_layer(const Model *m, int layer);
 /* Replaces control characters with '?', so that text from a file or the command line stays on one line. */
 void make_printable(char *s);
+/* Writes one line, printf-style, to err (errlen bytes) and returns -1: `return error_line(err, len, ...)`. */
+int error_line(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* The query heads of a layer's mixer (the rows an AttentionObserver gets), 0 if it has none */
 int mixer_heads(const LayerConfig *l);
 /* Parameters of the model: all of them, and those one token goes through (a mixture of experts uses top_k of
@@ -339,9 +352,13 @@ int runstate_init(RunState *s, const Model *m, int max_tokens);
 void layer_cache_init(KVLayer *cache, const Model *m, int l);
 void runstate_free(RunState *s);
 
-/* Runs n tokens (n <= s->max_tokens) at positions pos .. pos+n-1 through the model, appending their keys
- * and values to the cache (recurrent layers fold them into their state; pos 0 starts from the zero state). Writes logits for all n tokens to s->logits when all_logits, else only for the
- * last one (s->logits row 0). Returns s->logits, or NULL when the KV cache cannot grow (out of memory). */
+/* Runs the rows of b (b->n <= s->max_tokens) through the model, appending their keys and values to their
+ * sequences' caches (recurrent layers fold them into their state; a sequence at position 0 starts from the zero
+ * state). Writes logits for every row to s->logits when all_logits, else only for the last one
+ * (s->logits row 0). Returns s->logits, or NULL when the KV cache cannot grow (out of memory). Each row's
+ * logits are the same bits whatever the other rows are. */
+float *forward_batch(const Model *m, RunState *s, const Batch *b, int all_logits);
+/* forward_batch for n tokens (n <= s->max_tokens) of sequence 0 at positions pos .. pos+n-1. */
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits);
 
 /* 1 if positions can go on past the context (every layer keeps a bounded cache or a fixed recurrent state,

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "batch.h"
 #include "explore.h"
 #include "files.h"
 #include "model.h"
@@ -126,6 +127,9 @@ typedef struct {
     AttentionOverrides overrides;
     const char *attn_map, *attn_map_layers, *attn_dump;
     const char *explore;       /* --explore: the page (explore.c) */
+    /* many sequences (batch.c) */
+    int samples, parallel;
+    const char *prompts_path, *kv_map;
 } Options;
 
 static void usage(FILE *out) {
@@ -145,6 +149,14 @@ static void usage(FILE *out) {
           "  --threads N     threads (default: all cores)\n"
           "  --batch N       prompt tokens per forward pass (default 256; 1 = token by token)\n"
           "  --help          this text\n"
+          "many sequences on one paged KV cache:\n"
+          "  --samples N     N continuations of the prompt (1..1024): prefilled once, decoded together; sample i\n"
+          "                  uses seed -s + i\n"
+          "  --prompts FILE  one prompt per line (- : standard input; blank lines skipped; ids as in --tokens for a\n"
+          "                  model without a tokenizer), decoded together with continuous batching; shared\n"
+          "                  prefixes computed once; --logits gets each prompt's last position, [n_prompts][vocab]\n"
+          "  --parallel P    --prompts: sequences decoding at once (1..1024, default 8)\n"
+          "  --kv-map SVG    --samples: draw the samples' KV block tables (which blocks they share) at the end\n"
           "attention study (docs/ATTENTION.md):\n"
           "  --info          print the attention wiring, per layer, and what its KV cache costs; then exit\n"
           "  -f FILE         prompt text from a file\n"
@@ -211,7 +223,8 @@ static Options parse_args(int argc, char **argv) {
         }
         const char *known[] = {"-p", "-n", "-t", "-s", "--top-p", "--tokens", "--logits", "--encode", "--decode", "--threads",
                                "--batch", "-f", "--window", "--sinks", "--sparse", "--attn", "--attn-map", "--attn-map-layer",
-                               "--attn-dump", "--explore", "--mla"};
+                               "--attn-dump", "--explore", "--mla",
+                               "--samples", "--parallel", "--prompts", "--kv-map"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -245,6 +258,10 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
         else if (!strcmp(a, "--explore")) o.explore = v;
+        else if (!strcmp(a, "--samples")) o.samples = (int)parse_long(a, v, 1, 1024);
+        else if (!strcmp(a, "--parallel")) o.parallel = (int)parse_long(a, v, 1, 1024);
+        else if (!strcmp(a, "--prompts")) o.prompts_path = v;
+        else if (!strcmp(a, "--kv-map")) o.kv_map = v;
     }
     if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
     if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
@@ -255,6 +272,13 @@ static Options parse_args(int argc, char **argv) {
     if ((o.attn_map || o.attn_dump || o.explore) && o.overrides.latent && !strcmp(o.overrides.latent, "expanded"))
         die("%s needs the absorbed form of latent attention: expanded never materialises the weights",
             o.explore ? "--explore" : "--attn-map");
+    if (o.samples && o.prompts_path) die("give --samples N or --prompts FILE, not both");
+    if (o.parallel && !o.prompts_path) die("--parallel needs --prompts FILE");
+    if (o.prompts_path && (o.prompt || o.tokens || o.prompt_file)) die("--prompts FILE gives the prompts: drop -p, -f and --tokens");
+    if ((o.samples || o.prompts_path) && (o.ppl || o.attn_map || o.attn_dump || o.explore))
+        die("--ppl, --attn-map, --attn-dump and --explore study one sequence: drop --samples / --prompts");
+    if (o.kv_map && !o.samples) die("--kv-map draws the block tables of --samples N");
+    if (!o.parallel) o.parallel = 8;
     return o;
 }
 
@@ -319,16 +343,16 @@ static int encode_text(const Model *m, const char *text, int add_bos, int **out)
 
 static void check_outputs(const Options *o) {
     const char *outputs[][2] = {{"--logits", o->logits_path}, {"--attn-map", o->attn_map}, {"--attn-dump", o->attn_dump},
-                                {"--explore", o->explore}};
+                                {"--explore", o->explore}, {"--kv-map", o->kv_map}};
     const char *tokens_file = o->tokens && o->tokens[0] == '@' ? o->tokens + 1 : NULL;
     const char *inputs[][2] = {{"the model file", o->model_path}, {"the -f file", o->prompt_file},
-                               {"the --tokens file", tokens_file}};
+                               {"the --tokens file", tokens_file}, {"the --prompts file", o->prompts_path}};
     char err[256];
     for (int i = 0; i < (int)(sizeof outputs / sizeof *outputs); i++) {
         const char *opt = outputs[i][0], *path = outputs[i][1];
         if (!path) continue;
         if (check_output_path(path, err, sizeof err) != 0) die("cannot write %s file '%s': %s", opt, path, err);
-        for (int k = 0; k < 3; k++)
+        for (int k = 0; k < (int)(sizeof inputs / sizeof *inputs); k++)
             if (inputs[k][1] && strcmp(inputs[k][1], "-") != 0 && same_file(path, inputs[k][1]))
                 die("%s '%s' is %s '%s': an output may not overwrite an input", opt, path, inputs[k][0], inputs[k][1]);
         for (int k = 0; k < i; k++)
@@ -358,6 +382,36 @@ static void check_outputs_finite(const Model *m, const RunState *s, int t0, int 
         die("the activations at position %d overflow float32 (the last hidden state reaches a norm of %.3g): its "
             "logits are %s (weights too large?)", first_pos + r, sqrt(squares), finite ? "meaningless" : "not finite");
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * samplers for batch.c: one per sequence, each what a run of its own would use */
+
+typedef struct {
+    const Options *o;
+    int vocab;
+} SamplerContext;
+
+static Sampler sampler_new(const Options *o, uint64_t seed, int vocab) {
+    Sampler s = {o->temperature, o->top_p, seed * 2654435761ULL + 1, malloc((size_t)vocab * sizeof(int))};
+    return s;
+}
+
+static void *sampler_start(void *ctx, uint64_t seed) {
+    const SamplerContext *c = ctx;
+    Sampler *s = malloc(sizeof *s);
+    if (s && !(*s = sampler_new(c->o, seed, c->vocab)).order) {
+        free(s);
+        s = NULL;
+    }
+    return s;
+}
+
+static int sampler_next(void *sampler, float *logits, int vocab) { return sample(sampler, logits, vocab); }
+
+static void sampler_end(void *sampler) {
+    free(((Sampler *)sampler)->order);
+    free(sampler);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -411,6 +465,21 @@ int main(int argc, char **argv) {
         return 0;
     }
 
+    SamplerContext sampler_context = {&o, c->vocab_size};
+    BatchOptions batch_options = {o.n_generate, o.seed, o.print_ids, o.batch, o.parallel, !o.no_bos, NULL, o.kv_map,
+                                  {sampler_start, sampler_next, sampler_end, &sampler_context}, check_outputs_finite};
+    if (o.prompts_path) {
+        if (o.logits_path && !(batch_options.logits_file = fopen(o.logits_path, "wb")))
+            die("cannot write --logits file '%s': %s", o.logits_path, strerror(errno));
+        int bad = generate_prompts(&model, o.prompts_path, &batch_options, err, sizeof err);
+        if (batch_options.logits_file && fclose(batch_options.logits_file) != 0 && !bad)
+            die("writing --logits file '%s' failed", o.logits_path);
+        model_free(&model);
+        if (bad) die("%s", err);
+        check_stdout(1);
+        return 0;
+    }
+
     /* the prompt as ids */
     int *prompt = NULL, n_prompt;
     if (o.tokens && o.tokens[0] == '@') {
@@ -440,10 +509,11 @@ int main(int argc, char **argv) {
     int batch = o.batch < n_prompt ? o.batch : n_prompt;
     long positions = (long)n_prompt + o.n_generate; /* the most this run can reach */
     if (!rolls && positions > c->context_length) positions = c->context_length;
-    if (model_check_memory(&model, batch, positions, err, sizeof err) != 0) die("%s", err);
+    int rows = batch > o.samples ? batch : o.samples; /* --samples: one row per sample in a decode step */
+    if (model_check_memory(&model, rows, positions, err, sizeof err) != 0) die("%s", err);
     RunState state;
-    if (runstate_init(&state, &model, batch) != 0) die("out of memory allocating the run state");
-    Sampler sampler = {o.temperature, o.top_p, o.seed * 2654435761ULL + 1, malloc((size_t)c->vocab_size * sizeof(int))};
+    if (runstate_init(&state, &model, rows) != 0) die("out of memory allocating the run state");
+    Sampler sampler = sampler_new(&o, o.seed, c->vocab_size);
     if (!sampler.order) die("out of memory");
     AttentionMap *map = NULL;
     int *sequence = NULL; /* --explore: the prompt's ids, then the generated ones */
@@ -480,6 +550,16 @@ int main(int argc, char **argv) {
     if (logits_file && fclose(logits_file) != 0) die("writing --logits file '%s' failed", o.logits_path);
     double t1 = now_seconds();
     if (o.ppl) printf("perplexity: %.6f over %d tokens\n", exp(nll / (n_prompt - 1)), n_prompt - 1);
+    if (o.samples) { /* batch.c: N sequences from this prompt */
+        int bad = generate_samples(&model, &state, logits, prompt, n_prompt, o.samples, t1 - t0, &batch_options, err, sizeof err);
+        free(sampler.order);
+        free(prompt);
+        runstate_free(&state);
+        model_free(&model);
+        if (bad) die("%s", err);
+        check_stdout(1);
+        return 0;
+    }
 
     /* generation: sample, print, feed the token back */
     Utf8Stream out = {{0}, 0};

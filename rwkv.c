@@ -49,7 +49,7 @@ static void wkv_channels(void *arg, int begin, int end) {
 int rwkv_block(const Model *m, int l, RunState *s, int n, int pos) {
     const RwkvConfig *a = &m->config.layers[l].rwkv;
     const RwkvWeights *w = &m->weights.layers[l].rwkv;
-    StateLayer *st = &s->kv.states[l];
+    StateLayer *st = kvcache_state(&s->kv, s->state_seq, l);
     int dim = m->config.dim, A = a->inner;
     size_t T = (size_t)n;
     float *xk = s->mixer_scratch, *xv = xk + T * dim, *xr = xv + T * dim, *k = xr + T * dim, *v = k + T * A;
@@ -74,7 +74,7 @@ int rwkv_block(const Model *m, int l, RunState *s, int n, int pos) {
 
 void rwkv_ffn_block(const Model *m, int l, RunState *s, int n) {
     const RwkvWeights *w = &m->weights.layers[l].rwkv;
-    StateLayer *st = &s->kv.states[l];
+    StateLayer *st = kvcache_state(&s->kv, s->state_seq, l);
     int dim = m->config.dim;
     size_t T = (size_t)n, hidden = (size_t)m->config.layers[l].ffn.hidden;
     float *xk = s->mixer_scratch, *xr = xk + T * dim, *r = xr + T * dim;

@@ -59,7 +59,7 @@ static void mamba_scan_channels(void *arg, int begin, int end) {
 int mamba_block(const Model *m, int l, RunState *s, int n, int pos) {
     const MambaConfig *a = &m->config.layers[l].mamba;
     const MambaWeights *w = &m->weights.layers[l].mamba;
-    StateLayer *st = &s->kv.states[l];
+    StateLayer *st = kvcache_state(&s->kv, s->state_seq, l);
     size_t T = (size_t)n, inner = (size_t)a->inner, N = (size_t)a->state;
     float *x = s->mixer_scratch, *z = x + T * inner, *u = z + T * inner, *dt = u + T * inner, *y = dt + T * inner;
     float *dt_low = y + T * inner, *B = dt_low + T * a->dt_rank, *C = B + T * N, *A = C + T * N;
@@ -191,7 +191,7 @@ static void gate_then_norm(float *y, const float *z, const Tensor *w, int n, int
 int mamba2_block(const Model *m, int l, RunState *s, int n, int pos) {
     const Mamba2Config *a = &m->config.layers[l].mamba2;
     const Mamba2Weights *w = &m->weights.layers[l].mamba2;
-    StateLayer *st = &s->kv.states[l];
+    StateLayer *st = kvcache_state(&s->kv, s->state_seq, l);
     int inner = a->n_heads * a->head_dim, conv_dim = inner + 2 * a->n_groups * a->state;
     size_t T = (size_t)n;
     float *z = s->mixer_scratch, *xbc = z + T * inner, *u = xbc + T * conv_dim, *dt = u + T * conv_dim;

@@ -11,13 +11,7 @@
 #include "png.h"
 #include "recurrent.h"
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
+#define fail error_line /* model.h */
 
 /* ---------------------------------------------------------------------------------------------
  * overrides */
@@ -717,4 +711,90 @@ double token_nll(const float *logits, int vocab_size, int target) {
         if (logits[i] > max) max = logits[i];
     for (int i = 0; i < vocab_size; i++) sum += exp((double)logits[i] - max);
     return log(sum) + max - (double)logits[target];
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the paged cache as a picture: block tables of sequences that share blocks */
+
+#define MAP_CELL 34  /* a block, in pixels */
+#define MAP_GAP 4
+#define MAP_ROW 26
+#define MAP_LABEL 96 /* width of "sample 12" */
+
+/* Writes s with &, < and > escaped (a title may hold a file name) */
+static void svg_text(FILE *f, const char *s) {
+    for (; *s; s++) {
+        if (*s == '&') fputs("&amp;", f);
+        else if (*s == '<') fputs("&lt;", f);
+        else if (*s == '>') fputs("&gt;", f);
+        else fputc(*s, f);
+    }
+}
+
+/* The first layer of each kind of cache (paged, rolling, summaries): the layers drawn */
+static int layers_to_draw(const KVCache *c, int *layers) {
+    int n = 0, seen[3] = {0};
+    for (int l = 0; l < c->n_layers && n < 3; l++) {
+        const KVLayer *x = &c->layout[l];
+        int kind = x->kv_dim == 0 ? -1 : x->summary_every ? 2 : x->window ? 1 : 0;
+        if (kind >= 0 && !seen[kind]) seen[kind] = 1, layers[n++] = l;
+    }
+    return n;
+}
+
+/* Sharing colours: held by every sequence drawn, by some of them, by this one alone */
+static const char *block_colour(int refs, int n_seqs) {
+    return refs >= n_seqs && n_seqs > 1 ? "#4e79a7" : refs > 1 ? "#76b7b2" : "#f28e2b";
+}
+
+int kv_map_write_svg(const Model *m, const KVCache *c, const int *seqs, int n_seqs, const char *title, const char *path) {
+    int layers[3], n_layers = layers_to_draw(c, layers), most = 1;
+    for (int i = 0; i < n_layers; i++)
+        for (int s = 0; s < n_seqs; s++) {
+            const KVLayer *x = kvcache_layer(c, seqs[s], layers[i]);
+            for (int b = 0; b < x->n_blocks; b++)
+                if (x->block_ids[b] >= 0 && b + 1 > most) most = b + 1;
+        }
+    int width = MAP_LABEL + most * (MAP_CELL + MAP_GAP) + 20, height = 40 + n_layers * (n_seqs + 1) * MAP_ROW + 70;
+    if (width < 640) width = 640; /* room for the text lines */
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+               "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" "
+               "font-size=\"14\">", width, height);
+    svg_text(f, title);
+    fputs("</text>\n", f);
+    int y = 40;
+    for (int i = 0; i < n_layers; i++) {
+        char kind[64], kept[64];
+        int l = layers[i];
+        fprintf(f, "<text x=\"10\" y=\"%d\" font-weight=\"bold\">layer %d: %s, keeps %s (block ids; a bar shows the rows "
+                   "written)</text>\n", y + 16, l, mask_name(&m->attention[l], kind), keeps(&m->attention[l], kept));
+        y += MAP_ROW;
+        for (int s = 0; s < n_seqs; s++, y += MAP_ROW) {
+            const KVLayer *x = kvcache_layer(c, seqs[s], l);
+            fprintf(f, "<text x=\"10\" y=\"%d\">sample %d</text>\n", y + 16, s);
+            for (int b = 0; b < x->n_blocks; b++) {
+                int id = x->block_ids[b], cx = MAP_LABEL + b * (MAP_CELL + MAP_GAP);
+                if (id < 0) continue;
+                int filled = MAP_CELL * kvlayer_rows_written(x, b) / KV_BLOCK_TOKENS;
+                fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"20\" fill=\"%s\" fill-opacity=\"0.35\" "
+                           "stroke=\"#333\"/>\n<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"20\" fill=\"%s\"/>\n"
+                           "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%d</text>\n",
+                        cx, y + 2, MAP_CELL, block_colour(x->pool->refs[id], n_seqs), cx, y + 2, filled,
+                        block_colour(x->pool->refs[id], n_seqs), cx + MAP_CELL / 2, y + 16, id);
+            }
+        }
+    }
+    const char *legend[] = {"shared by every sample", "shared by some", "this sample's own (copied or new)"};
+    const char *colour[] = {"#4e79a7", "#76b7b2", "#f28e2b"};
+    for (int k = 0, x = 10; k < 3; x += 60 + 7 * (int)strlen(legend[k]), k++)
+        fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"14\" height=\"14\" fill=\"%s\"/><text x=\"%d\" y=\"%d\">%s</text>\n", x,
+                y + 8, colour[k], x + 20, y + 20, legend[k]);
+    size_t alone = 0;
+    for (int s = 0; s < n_seqs; s++) alone += kvcache_sequence_bytes(c, seqs[s]);
+    char a[32], b[32];
+    fprintf(f, "<text x=\"10\" y=\"%d\">KV cache held: %s bytes; %d separate runs would hold %s bytes</text>\n</svg>\n",
+            y + 48, grouped((long long)kvcache_bytes_held(c), a), n_seqs, grouped((long long)alone, b));
+    return fclose(f) == 0 ? 0 : -1;
 }

@@ -67,6 +67,14 @@ void attention_map_free(AttentionMap *map);
 int attention_map_positions(const AttentionMap *map);
 const float *attention_map_row(const AttentionMap *map, int layer, int head, int query);
 
+/* ---- the paged cache: which blocks sequences share */
+
+/* An SVG picture of the block tables of sequences seqs[0 .. n_seqs-1] (labelled sample 0, 1, ...) for the
+ * first layer of each kind of cache: one row per sequence, one box per block with its pool id, coloured by
+ * who holds it, filled as far as rows are written; and the bytes held against separate runs. 0, or -1 when
+ * the file cannot be written. */
+int kv_map_write_svg(const Model *m, const KVCache *c, const int *seqs, int n_seqs, const char *title, const char *path);
+
 /* ---- perplexity */
 
 /* -log softmax(logits)[target], computed in double */

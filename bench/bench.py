@@ -239,8 +239,9 @@ def tokens(n, vocab, seed):
     return ",".join(str(t) for t in np.random.default_rng(seed).integers(1, vocab, n))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_arguments(doc):
+    """The options every bench script takes (--runs, --threads, --quick), once ./run is known to exist."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ./run (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test of the script)")
@@ -251,6 +252,11 @@ def main():
         return tokenizer_speed(1 if args.quick else args.runs)
     if not os.path.exists(RUN):
         sys.exit("error: ./run is not built (make)")
+    return args
+
+
+def main():
+    args = bench_arguments(__doc__)
     runs = 1 if args.quick else args.runs
     n_decode = 16 if args.quick else 128
     build_tools()

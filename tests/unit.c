@@ -170,6 +170,173 @@ static void test_rolling_buffer(void) {
     check(predicted, "kvlayer_bytes_for equals the bytes really held after every position (paged, rolling, sinks, summaries)");
 }
 
+/* ------------------------------------------------------------------------------------------- */
+
+/* The rows a store writes: key[i] = tag * 100 + i, value[i] = -(tag * 100 + i) */
+static void tagged_rows(float *k, float *v, int kv_dim, int tag) {
+    for (int i = 0; i < kv_dim; i++) k[i] = tag * 100.0f + i, v[i] = -(tag * 100.0f + i);
+}
+
+static int reads_tag(const KVLayer *l, int pos, int tag) {
+    const float *k = kvlayer_key(l, pos), *v = kvlayer_value(l, pos);
+    for (int i = 0; i < l->kv_dim; i++)
+        if (k[i] != tag * 100.0f + i || v[i] != -(tag * 100.0f + i)) return 0;
+    return 1;
+}
+
+/* A cache of four layers: full (8 floats a row), rolling W=20 (8: the same pool), summaries B=5 (4: a pool of
+ * its own), and one without a cache (a mixer that keeps none). */
+static void init_test_cache(KVCache *c) {
+    KVLayer layout[4];
+    kvlayer_init(&layout[0], 8, 0, 0);
+    kvlayer_init(&layout[1], 8, 20, 0);
+    kvlayer_init_summaries(&layout[2], 4, 5);
+    memset(&layout[3], 0, sizeof layout[3]);
+    kvcache_init(c, 4, layout, NULL);
+}
+
+static void store_all(KVCache *c, int seq, int pos, int tag) {
+    float k[8], v[8];
+    for (int l = 0; l < 3; l++) {
+        tagged_rows(k, v, kvcache_layer(c, seq, l)->kv_dim, tag);
+        kvlayer_store(kvcache_layer(c, seq, l), pos, k, v);
+    }
+}
+
+static void test_shared_blocks(void) {
+    KVCache c;
+    init_test_cache(&c);
+    check(c.n_pools == 2 && kvcache_layer(&c, kvcache_add_sequence(&c), 0)->pool == &c.pools[0] &&
+              kvcache_layer(&c, 0, 1)->pool == &c.pools[0] && kvcache_layer(&c, 0, 2)->pool == &c.pools[1],
+          "block pools: one per row shape (two layers of 8 floats share one, 4 floats get another)");
+    for (int pos = 0; pos < 20; pos++) store_all(&c, 0, pos, pos);
+    size_t before = kvcache_bytes_held(&c);
+    int b = kvcache_fork(&c, 0);
+    const KVLayer *a0 = kvcache_layer(&c, 0, 0), *b0 = kvcache_layer(&c, b, 0), *a1 = kvcache_layer(&c, 0, 1);
+    int shared = 1;
+    for (int l = 0; l < 3; l++) {
+        const KVLayer *x = kvcache_layer(&c, 0, l), *y = kvcache_layer(&c, b, l);
+        for (int blk = 0; blk < x->n_blocks; blk++)
+            if (x->block_ids[blk] >= 0) shared &= y->block_ids[blk] == x->block_ids[blk] && x->pool->refs[x->block_ids[blk]] == 2;
+    }
+    check(shared && kvcache_bytes_held(&c) == before && kvcache_sequence_bytes(&c, b) == before,
+          "fork: the new sequence holds the same block ids (each counted twice); nothing is copied");
+
+    /* position 20 lands in the full layer's partial block 1 (rows 0-3 written): the first writer copies it */
+    int old_partial = a0->block_ids[1], old_ring = a1->block_ids[0];
+    store_all(&c, 0, 20, 1000);
+    int copied = a0->block_ids[1] != old_partial && b0->block_ids[1] == old_partial && c.pools[0].refs[old_partial] == 1 &&
+                 a0->block_ids[0] == b0->block_ids[0] && c.pools[0].refs[a0->block_ids[0]] == 2;
+    for (int pos = 16; pos < 20; pos++) copied &= reads_tag(a0, pos, pos) && reads_tag(b0, pos, pos);
+    copied &= reads_tag(a0, 20, 1000) && a1->block_ids[0] != old_ring && reads_tag(a1, 20, 1000);
+    check(copied, "copy-on-write: the first write after a fork copies the partial block (its 4 rows), the full block "
+                  "before it stays shared; the rolling buffer's overwritten block is copied too");
+    int in_place = b0->block_ids[1];
+    store_all(&c, b, 20, 2000);
+    check(b0->block_ids[1] == in_place && reads_tag(b0, 20, 2000) && reads_tag(a0, 20, 1000) &&
+              reads_tag(kvcache_layer(&c, b, 1), 20, 2000) && reads_tag(kvcache_layer(&c, b, 1), 19, 19),
+          "copy-on-write: the last holder of a block writes in place; each sequence reads its own position 20");
+    kvcache_drop_sequence(&c, 0);
+    kvcache_drop_sequence(&c, b);
+    check(kvpool_blocks_in_use(&c.pools[0]) == 0 && kvpool_blocks_in_use(&c.pools[1]) == 0 && kvcache_bytes_held(&c) == 0 &&
+              c.pools[0].n_free == c.pools[0].n_ids,
+          "drop: every block's count returns to zero and its id goes back on the free list");
+    kvcache_free(&c);
+
+    /* latent attention's rows (a key row, no value row) get a pool of their own shape and copy on write too */
+    KVLayer shapes[2];
+    kvlayer_init(&shapes[0], 8, 0, 0);
+    kvlayer_init(&shapes[1], 8, 0, 0);
+    kvlayer_set_value_width(&shapes[1], 0);
+    kvcache_init(&c, 2, shapes, NULL);
+    int x = kvcache_add_sequence(&c);
+    float k[8], v[8];
+    for (int pos = 0; pos < 20; pos++) {
+        tagged_rows(k, v, 8, pos);
+        kvlayer_store(kvcache_layer(&c, x, 0), pos, k, v);
+        kvlayer_store(kvcache_layer(&c, x, 1), pos, k, NULL);
+    }
+    int y = kvcache_fork(&c, x), latent_ok = c.n_pools == 2 && c.pools[1].value_width == 0;
+    tagged_rows(k, v, 8, 500);
+    kvlayer_store(kvcache_layer(&c, y, 1), 20, k, NULL);
+    const KVLayer *lx = kvcache_layer(&c, x, 1), *ly = kvcache_layer(&c, y, 1);
+    for (int pos = 0; pos < 20; pos++)
+        latent_ok &= kvlayer_key(lx, pos)[3] == pos * 100.0f + 3 && kvlayer_key(ly, pos)[3] == pos * 100.0f + 3;
+    latent_ok &= kvlayer_key(ly, 20)[0] == 50000.0f && ly->block_ids[1] != lx->block_ids[1] && ly->v_blocks[1] == NULL &&
+                 kvcache_bytes_held(&c) == (size_t)(2 * 32 + 32 + 16) * 8 * sizeof(float);
+    check(latent_ok, "latent rows (no value row): a pool of their own shape; a fork copies the partial block, keys only");
+    kvcache_drop_sequence(&c, x);
+    kvcache_drop_sequence(&c, y);
+    check(kvcache_bytes_held(&c) == 0, "latent rows: every block returns to the pool");
+    kvcache_free(&c);
+
+    /* recurrent states: one per layer and sequence, zero when a sequence starts, copied whole by a fork */
+    KVLayer none[2];
+    memset(none, 0, sizeof none);
+    StateShape shape[2] = {{4, 8, 2}, {0, 0, 0}};
+    kvcache_init(&c, 2, none, shape);
+    int sa = kvcache_add_sequence(&c);
+    StateLayer *st = kvcache_state(&c, sa, 0);
+    int states_ok = st->window && st->state[7] == 0.0f && kvcache_state(&c, sa, 1)->window == NULL;
+    for (int i = 0; i < 8; i++) st->state[i] = (float)i + 1;
+    int sb = kvcache_fork(&c, sa);
+    StateLayer *sbs = kvcache_state(&c, sb, 0);
+    states_ok &= sbs->state != st->state && sbs->state[7] == 8.0f;
+    sbs->state[7] = -1.0f;
+    states_ok &= st->state[7] == 8.0f && kvcache_state_bytes(&c) == 2 * 14 * sizeof(float) &&
+                 kvcache_sequence_bytes(&c, sb) == 14 * sizeof(float);
+    kvcache_drop_sequence(&c, sa);
+    int sc = kvcache_add_sequence(&c); /* takes sa's id back, with a fresh zero state */
+    states_ok &= sc == sa && kvcache_state(&c, sc, 0)->state[0] == 0.0f && kvcache_state(&c, sb, 0)->state[7] == -1.0f;
+    check(states_ok, "recurrent states: one per sequence, zero at the start, a fork copies, writes stay its own");
+    kvcache_free(&c);
+
+    /* many sequences: random forks, stores and drops against a record of what each one wrote where */
+    enum { SEQS = 12, POSITIONS = 120 };
+    static int wrote[SEQS][POSITIONS];
+    int live[SEQS] = {0}, length[SEQS] = {0}, tag = 1, reads = 1, counts = 1;
+    init_test_cache(&c);
+    unsigned r = 7;
+    for (int step = 0; step < 3000; step++) {
+        r = r * 1103515245u + 12345u;
+        int op = (int)(r >> 16) % 10, i = (int)(r >> 8) % SEQS;
+        if (!live[i]) { /* a new sequence, or a fork of a live one */
+            int src = -1;
+            for (int j = 0; j < SEQS; j++)
+                if (live[j] && (src < 0 || (r >> 4) % 3 == 0)) src = j;
+            int id = src >= 0 && op < 7 ? kvcache_fork(&c, src) : kvcache_add_sequence(&c);
+            if (id >= SEQS) break;
+            live[id] = 1;
+            length[id] = src >= 0 && op < 7 ? length[src] : 0;
+            if (src >= 0 && op < 7) memcpy(wrote[id], wrote[src], sizeof wrote[id]);
+        } else if (op < 8 && length[i] < POSITIONS) {
+            store_all(&c, i, length[i], tag);
+            wrote[i][length[i]++] = tag++;
+        } else if (op == 9) {
+            kvcache_drop_sequence(&c, i);
+            live[i] = 0;
+        }
+        for (int j = 0; j < SEQS; j++)
+            for (int l = 0; live[j] && l < 3; l++)
+                for (int pos = 0; pos < length[j]; pos++)
+                    if (kvlayer_holds(kvcache_layer(&c, j, l), pos)) reads &= reads_tag(kvcache_layer(&c, j, l), pos, wrote[j][pos]);
+        size_t refs = 0, held = 0;
+        for (int j = 0; j < SEQS; j++)
+            for (int l = 0; live[j] && l < 3; l++)
+                for (int blk = 0; blk < kvcache_layer(&c, j, l)->n_blocks; blk++) refs += kvcache_layer(&c, j, l)->block_ids[blk] >= 0;
+        for (int p = 0; p < c.n_pools; p++)
+            for (int id = 0; id < c.pools[p].n_ids; id++) held += (size_t)c.pools[p].refs[id];
+        counts &= refs == held;
+    }
+    check(reads, "many sequences (random forks, stores, drops): every sequence reads back what it wrote, at every layer");
+    check(counts, "many sequences: each block's count equals the tables that hold it, after every step");
+    for (int j = 0; j < SEQS; j++)
+        if (live[j]) kvcache_drop_sequence(&c, j);
+    check(kvpool_blocks_in_use(&c.pools[0]) == 0 && kvpool_blocks_in_use(&c.pools[1]) == 0 && kvcache_bytes_held(&c) == 0,
+          "many sequences: once all are dropped every count is zero and no byte is held");
+    kvcache_free(&c);
+}
+
 static void test_head_mapping(void) {
     int ok = 1;
     for (int h = 0; h < 8; h++) ok &= kv_head_of(h, 8, 8) == h; /* MHA */
@@ -999,6 +1166,7 @@ int main(int argc, char **argv) {
     test_recurrent_state();
     test_causal_conv();
     test_rolling_buffer();
+    test_shared_blocks();
     test_head_mapping();
     test_attention();
     test_cross_attention();
