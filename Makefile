@@ -32,8 +32,9 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c
-HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h
+ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c \
+         chat.c sample.c
+HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h chat.h sample.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
 run: run.c $(ENGINE) $(HEADERS)

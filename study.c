@@ -396,7 +396,8 @@ static MapLayout map_layout(const AttentionMap *map, int T) {
     return g;
 }
 
-int attention_map_write_png(const AttentionMap *map, const char *path) {
+int attention_map_write_png(const AttentionMap *map, const char *path, const Tokenizer *tok, const int *ids, int n_ids) {
+    (void)tok, (void)ids, (void)n_ids;
     int T = map->positions_seen, N = map->n_positions;
     MapLayout g = map_layout(map, T);
     int cell = g.cell, gap = GAP, panel = T * cell, n_rows = 0;

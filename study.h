@@ -35,7 +35,7 @@ void attention_map_record(AttentionMap *map, int layer, int pos, const float *we
 /* A grid of heatmaps, one row of panels per layer and one panel per head (a single layer: its heads in
  * floor(sqrt(heads)) rows, drawn larger): in a panel, rows are query positions and columns key positions;
  * grey where the mask hides the key, a colour scale of log10(weight) from 1e-4 (dark) to 1 elsewhere. */
-int attention_map_write_png(const AttentionMap *map, const char *path);
+int attention_map_write_png(const AttentionMap *map, const char *path, const Tokenizer *tok, const int *ids, int n_ids);
 /* The recorded weights as little-endian float32 [layer][head][query][key] over the positions processed. */
 int attention_map_write_raw(const AttentionMap *map, const char *path);
 void attention_map_free(AttentionMap *map);

@@ -87,6 +87,12 @@ class Tester:
         return np.fromfile(path, dtype="<f4").reshape(len(ids), -1)
 
 
+def ids_of(output):
+    """Token ids as ./run --encode / --print-ids print them (comma-separated; bytes or text)."""
+    text = output.decode() if isinstance(output, bytes) else output
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
 def relative_error(got, ref):
     """max |got - ref| relative to the logit scale max(1, max |ref|)."""
     return float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from harness import tiny_llama_dir
+from harness import ids_of, tiny_llama_dir
 from study_support import kv_bytes
 from hostile_corpus import Layout, mutants, put
 
@@ -227,13 +227,14 @@ def cli_errors(t):
         ("--ppl of one token", [model, "--ppl", "--tokens", "5"], "--ppl needs a prompt of at least 2 tokens"),
         ("--tokens id = vocabulary size", [model, "--tokens", "5,1024"], "id 1024 is outside the vocabulary (0 .. 1023)"),
         ("--tokens negative id", [model, "--tokens", "-1"], "id -1 is outside the vocabulary"),
-        ("--tokens huge id", [model, "--tokens", "99999999999999999999"], "--tokens expects comma-separated integers"),
-        ("--tokens not numbers", [model, "--tokens", "1,two,3"], "--tokens expects comma-separated integers"),
-        ("--tokens empty item", [model, "--tokens", "1,,3"], "--tokens expects comma-separated integers"),
+        ("--tokens huge id", [model, "--tokens", "99999999999999999999"], "--tokens expects token ids separated by commas or spaces"),
+        ("--tokens not numbers", [model, "--tokens", "1,two,3"], "--tokens expects token ids separated by commas or spaces"),
+        ("--tokens empty item", [model, "--tokens", "1,,3"], "an empty item between two commas"),
         ("--tokens trailing comma", [model, "--tokens", "1,2,"], "trailing comma"),
         ("--tokens empty", [model, "--tokens", ""], "no ids given"),
         ("--decode id outside the vocabulary", [model, "--decode", "3,1024"], "--decode: id 1024 is outside the vocabulary"),
-        ("--decode not numbers", [model, "--decode", "x"], "--decode expects comma-separated integers"),
+        ("--decode not numbers", [model, "--decode", "x"], "--decode expects token ids separated by commas or spaces"),
+        ("--tokens glued sign", [model, "--tokens", "1-2"], "--tokens expects token ids separated by commas or spaces"),
         ("prompt longer than the context (text)", [short, "-p", "word " * 40], "but the model's context is 32"),
         ("prompt longer than the context (ids)", [short, "--tokens", ",".join(["7"] * 33)],
          "the prompt has 33 tokens but the model's context is 32"),
@@ -269,7 +270,7 @@ def invalid_utf8(t):
         for text in texts:
             r = t.run([m, "-p", text, "-n", "4", "-t", "0.8", "-s", "1", "--threads", "1"])
             enc = t.run([m, "--encode", text, "--no-bos"])
-            ids = [int(x) for x in enc.stdout.split()]
+            ids = ids_of(enc.stdout)
             # byte fallback: every byte becomes (part of) a token, nothing is dropped or rejected
             if r.returncode != 0 or enc.returncode != 0 or not ids:
                 good = False
@@ -282,7 +283,7 @@ def invalid_utf8(t):
     pieces = [blob[q + 4:q + 4 + n] for q, n in L.tok["pieces"]]
     for text in texts:
         enc = t.run([model, "--encode", text, "--no-bos"])
-        ids = [int(x) for x in enc.stdout.split()]
+        ids = ids_of(enc.stdout)
         back = b"".join(pieces[i] for i in ids)
         if back != text:
             t.check(f"invalid UTF-8 {text!r} round-trips through the byte-level pieces", False, f"{ids} -> {back!r}")
@@ -297,7 +298,7 @@ def invalid_utf8(t):
 def context_end(t):
     short = tiny_model(t, "hostile_ctx32", max_position_embeddings=32)
     r = t.run([short, "--tokens", "1,2,3,4,5", "-n", "100", "-t", "1", "-s", "3", "--print-ids", "--threads", "1"])
-    ids = r.stdout.split()
+    ids = ids_of(r.stdout)
     err = r.stderr.decode()
     # positions 0..31 are fed; the token sampled from position 31 is printed and never fed back
     t.check("full attention, context 32: generation stops at the end of the context with a note, status 0",
@@ -314,7 +315,7 @@ def context_end(t):
     args = [swa, "--tokens", "1,2,3", "-t", "1", "-s", "5", "--print-ids", "--threads", "1"]
     r_short = t.run(args + ["-n", "100"])
     r_long = t.run(args + ["-n", str(cfg_ctx + 200)], timeout=300)
-    n_long = len(r_long.stdout.split())
+    n_long = len(ids_of(r_long.stdout))
     t.check(f"sliding on every layer: generates {cfg_ctx + 200} tokens past the context of {cfg_ctx} (status 0, no note)",
             r_long.returncode == 0 and n_long == cfg_ctx + 200 and b"stopped" not in r_long.stderr,
             f"status {r_long.returncode}, {n_long} tokens: {r_long.stderr.decode()[-200:]}")

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from harness import ids_of
 from study_support import ONE_THREAD, kv_bytes, parse_ppl, reference_ppl
 from test_fixtures import FIXTURES
 
@@ -54,8 +55,8 @@ def run(t):
     path = t.tmp("prompt.txt")
     with open(path, "w") as f:
         f.write(text)
-    enc = t.run([kjv, "--encode", text]).stdout.decode().split()
-    by_ids = parse_ppl(t.run([kjv, "--tokens", ",".join(enc), "--ppl", *ONE_THREAD]).stdout)
+    enc = ids_of(t.run([kjv, "--encode", text]).stdout)
+    by_ids = parse_ppl(t.run([kjv, "--tokens", ",".join(map(str, enc)), "--ppl", *ONE_THREAD]).stdout)
     by_p = parse_ppl(t.run([kjv, "-p", text, "--ppl", *ONE_THREAD]).stdout)
     by_f = parse_ppl(t.run([kjv, "-f", path, "--ppl", *ONE_THREAD]).stdout)
     t.check(f"kjv-5m: -p TEXT, -f FILE and --tokens of its ids give one perplexity ({by_p})",
