@@ -104,7 +104,7 @@ build/fuzz/fuzz_%: fuzz/fuzz_%.c $(ENGINE) $(HEADERS)
 
 fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer
 	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer
-	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1 | grep -v '^export: \['
+	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1
 	build/fuzz/fuzz_model $(FUZZ_RUN) -max_len=65536 -dict=fuzz/model.dict build/fuzz/corpus/model fuzz/corpus/model
 	build/fuzz/fuzz_tokenizer $(FUZZ_RUN) -max_len=4096 build/fuzz/corpus/tokenizer fuzz/corpus/tokenizer
 

@@ -54,6 +54,14 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def progress(msg):
+    """A status line that rewrites itself on a terminal (None clears it); nothing when stderr is a file or a pipe,
+    so that logs keep only the lines that say something."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[2K" + (msg or ""))
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def malformed_input(path):
     """Python errors while reading a damaged input file (a field of an unexpected type, a missing key)
@@ -1493,8 +1501,8 @@ def write_model(m, out, dtype):
                 assert len(data) == nbytes and f.tell() == off
                 f.write(data)
                 f.write(bytes(pad_to(f.tell()) - f.tell()))
-                if i % 16 == 0 or i == n_tensors - 1:
-                    log(f"export: [{i + 1}/{n_tensors}] {name} {list(shape)}")
+                progress(f"export: tensor {i + 1} of {n_tensors} ({f.tell() / 1e6:.0f} of {file_size / 1e6:.0f} MB) {name}")
+            progress(None)
             assert f.tell() == file_size
         umask = os.umask(0)
         os.umask(umask)

@@ -163,16 +163,27 @@ def fixture_with_config(t, fixture, name, edit):
 
 
 def kjv_word_salad(t, kjv, n_tokens, seed=5):
-    """(path of a text file, its ids as ./run encodes it) of at least n_tokens: words of kjv-5m's held-out text
-    and reference continuations in a seeded random order, a line break every 12 to 30 of them."""
+    """(path of a text file, its ids as ./run encodes it) of n_tokens or a few more: words of kjv-5m's held-out
+    text and reference continuations in a seeded random order, a line break every 12 to 30 of them."""
     ref = json.load(open(os.path.join(t.data, "kjv-5m", "ref.json")))
     held_out = t.run([kjv, "--decode", ",".join(map(str, ref["input_ids"][1:]))]).stdout.decode()
     words = (held_out + " " + " ".join(g["greedy_text"] for g in ref["greedy"])).split()
     rng = np.random.default_rng(seed)
-    lines = [" ".join(rng.choice(words, size=int(rng.integers(12, 31)))) for _ in range(n_tokens // 12)]
+
+    def encode(text):
+        return [int(x) for x in t.run([kjv, "--encode", "-"], input=text.encode()).stdout.replace(b",", b" ").split()]
+
+    sample = "\n".join(" ".join(rng.choice(words, size=int(rng.integers(12, 31)))) for _ in range(50)) + "\n"
+    per_line = len(encode(sample)) / 50
+    lines = sample.splitlines() + [" ".join(rng.choice(words, size=int(rng.integers(12, 31))))
+                                   for _ in range(int(n_tokens / per_line * 1.02))]
+    while True:
+        text = "\n".join(lines) + "\n"
+        ids = encode(text)
+        if len(ids) >= n_tokens:
+            break
+        lines += [" ".join(rng.choice(words, size=20)) for _ in range(int((n_tokens - len(ids)) / per_line) + 1)]
     path = t.tmp(f"kjv-salad-{n_tokens}.txt")
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    ids = [int(x) for x in t.run([kjv, "--encode", "-"], input=open(path, "rb").read()).stdout.replace(b",", b" ").split()]
-    assert len(ids) >= n_tokens, f"{len(ids)} tokens"
+        f.write(text)
     return path, ids
