@@ -3,35 +3,15 @@
 back with commas and/or spaces, the sampling flags (their semantics: tests/unit.c) are checked and take effect,
 and export.py shows its progress only on a terminal."""
 import os
-import pty
 import re
 import subprocess
 
-from harness import ids_of
+from harness import ids_of, with_terminal_stderr
 
 
 def seed_of(stderr):
     m = re.search(rb"\| seed (\d+)\n", stderr)
     return int(m.group(1)) if m else None
-
-
-def with_terminal_stderr(cmd):
-    """(status, what cmd wrote to its standard error, here a terminal)"""
-    main, tty = pty.openpty()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=tty)
-    os.close(tty)
-    err = b""
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        err += chunk
-    p.wait(timeout=300)
-    os.close(main)
-    return p.returncode, err
 
 
 def run(t):
@@ -99,7 +79,7 @@ def run(t):
     out = t.tmp("progress.bin")
     cmd = [t.python, os.path.join(t.root, "export.py"), src, out]
     piped = subprocess.run(cmd, capture_output=True)
-    status, err = with_terminal_stderr(cmd)
+    status, _, err = with_terminal_stderr(cmd)
     t.check("export.py: no per-tensor lines when stderr is not a terminal; on a terminal one line rewritten per "
             "tensor, cleared at the end", piped.returncode == 0 and b"tensor 1 of" not in piped.stderr and status == 0
             and re.search(rb"\r\x1b\[2Kexport: tensor 1 of \d+ \(", err) is not None

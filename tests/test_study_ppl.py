@@ -6,14 +6,12 @@ over windowed --logits runs; on a terminal each window shows its progress."""
 import json
 import math
 import os
-import pty
 import re
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from harness import ids_of
+from harness import ids_of, with_terminal_stderr
 from study_support import ONE_THREAD, kjv_word_salad, kv_bytes, parse_ppl, reference_ppl
 from test_fixtures import FIXTURES
 
@@ -135,22 +133,8 @@ def windowed(t, kjv):
 def progress_on_a_terminal(t, kjv):
     """on a terminal, --ppl shows each window's progress on standard error, on one line rewritten in place"""
     path, ids = kjv_word_salad(t, kjv, 3000, seed=9)
-    main, tty = pty.openpty()
-    p = subprocess.Popen([t.run_bin, kjv, "-f", path, "--ppl", "--ctx", "1024", "--stride", "900"], stdout=subprocess.PIPE,
-                         stderr=tty)
-    os.close(tty)
-    err = b""
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        err += chunk
-    out = p.communicate(timeout=120)[0]
-    os.close(main)
+    status, out, err = with_terminal_stderr([t.run_bin, kjv, "-f", path, "--ppl", "--ctx", "1024", "--stride", "900"])
     windows = re.findall(rb"\r\x1b\[2Kppl: window (\d+) of (\d+)", err)
     t.check(f"--ppl on a terminal: a progress line per window ({len(windows)}), rewritten with \\r, cleared at the end",
-            p.returncode == 0 and [int(w[0]) for w in windows] == list(range(1, len(windows) + 1)) and len(windows) >= 3
+            status == 0 and [int(w[0]) for w in windows] == list(range(1, len(windows) + 1)) and len(windows) >= 3
             and all(int(w[1]) == len(windows) for w in windows) and parse_ppl(out)[0] is not None, err[-300:])
