@@ -8,7 +8,8 @@
 #   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/)
 #   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
 #   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
-#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
+#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer, the chat
+#                   template interpreter
 
 CC ?= cc
 # link-time optimisation where the compiler has it: inlines the SIMD dot product into attention.c
@@ -102,11 +103,12 @@ build/fuzz/fuzz_%: fuzz/fuzz_%.c $(ENGINE) $(HEADERS)
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) $(WARN) -I. -o $@ $< $(ENGINE) $(LDLIBS)
 
-fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer
-	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer
+fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer build/fuzz/fuzz_chat
+	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer build/fuzz/corpus/chat
 	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1
 	build/fuzz/fuzz_model $(FUZZ_RUN) -max_len=65536 -dict=fuzz/model.dict build/fuzz/corpus/model fuzz/corpus/model
 	build/fuzz/fuzz_tokenizer $(FUZZ_RUN) -max_len=4096 build/fuzz/corpus/tokenizer fuzz/corpus/tokenizer
+	build/fuzz/fuzz_chat $(FUZZ_RUN) -max_len=16384 -dict=fuzz/chat.dict build/fuzz/corpus/chat fuzz/corpus/chat
 
 # rewrites the model seeds (deterministic; needs numpy)
 fuzz-seeds:

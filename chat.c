@@ -24,7 +24,8 @@
 #define MAX_TEMPLATE_BYTES (1 << 20)
 #define MAX_VARIABLE_BYTES (1 << 16)
 #define MAX_ARENA_BYTES ((size_t)256 << 20)
-#define MAX_STEPS 20000000L  /* expression evaluations and statements run */
+#define MAX_STEPS 2000000L   /* expression evaluations and statements run (a long conversation through a
+                                    * template with tools: tens of thousands) */
 #define MAX_DEPTH 200        /* nesting of parsed constructs and of JSON values */
 #define MAX_RUN_DEPTH 600    /* nesting of evaluations at run time (macros that call macros) */
 #define MAX_RANGE 1000000
@@ -2500,22 +2501,20 @@ static int exec_for(Interp *I, const Node *s) {
             if (truthy(&ok)) list_push(I, items, all->items[i]);
         }
     }
+    /* loop.index, ...: the keys once, their values rewritten in place each iteration */
+    static const char *const keys[] = {"index", "index0", "revindex", "revindex0", "first", "last", "length",
+                                       "depth", "depth0", "previtem", "nextitem"};
     Dict *loop = dict_new(I);
+    for (int k = 0; k < 11; k++) dict_set_str(I, loop, keys[k], none());
     assign(I, "loop", 4, dict_value(loop, V_DICT));
     for (int i = 0; i < items->n; i++) {
         step(I, s->line);
         long long n = items->n;
-        dict_set_str(I, loop, "index", integer(i + 1));
-        dict_set_str(I, loop, "index0", integer(i));
-        dict_set_str(I, loop, "revindex", integer(n - i));
-        dict_set_str(I, loop, "revindex0", integer(n - i - 1));
-        dict_set_str(I, loop, "first", boolean(i == 0));
-        dict_set_str(I, loop, "last", boolean(i == n - 1));
-        dict_set_str(I, loop, "length", integer(n));
-        dict_set_str(I, loop, "depth", integer(1));
-        dict_set_str(I, loop, "depth0", integer(0));
-        dict_set_str(I, loop, "previtem", i > 0 ? items->items[i - 1] : undefined(NULL));
-        dict_set_str(I, loop, "nextitem", i + 1 < n ? items->items[i + 1] : undefined(NULL));
+        Value *v = loop->vals;
+        v[0] = integer(i + 1), v[1] = integer(i), v[2] = integer(n - i), v[3] = integer(n - i - 1);
+        v[4] = boolean(i == 0), v[5] = boolean(i == n - 1), v[6] = integer(n), v[7] = integer(1), v[8] = integer(0);
+        v[9] = i > 0 ? items->items[i - 1] : undefined(NULL);
+        v[10] = i + 1 < n ? items->items[i + 1] : undefined(NULL);
         bind_targets(I, s, &items->items[i]);
         if (exec(I, s->b) == FLOW_BREAK) break;
     }

@@ -1338,12 +1338,18 @@ def chat_section(dirs, path=None):
             raise ExportError(f"{where}: the {what} is not valid Unicode text")
         if "\0" in text or size > limit or (size == 0 and what == "chat template"):
             raise ExportError(f"{where}: the {what} is empty, holds a NUL character or is longer than {limit} bytes")
+    log(f"export: chat template from {os.path.basename(where)} ({len(template.encode())} bytes; "
+        f"{', '.join(f'{n} {v!r}' for n, v in variables) or 'no special-token strings'})")
+    return pack_chat_section(template, variables)
+
+
+def pack_chat_section(template, variables):
+    """docs/FORMAT.md, "Chat section": u32 count, (u32 length, name, u32 length, value) per variable, u32 length,
+    template; all text UTF-8"""
     out = [struct.pack("<I", len(variables))]
     for name, value in variables:
         out += [struct.pack("<I", len(name)), name.encode(), struct.pack("<I", len(value.encode())), value.encode()]
     out += [struct.pack("<I", len(template.encode())), template.encode()]
-    log(f"export: chat template from {os.path.basename(where)} ({len(template.encode())} bytes; "
-        f"{', '.join(f'{n} {v!r}' for n, v in variables) or 'no special-token strings'})")
     return b"".join(out)
 
 

@@ -2,16 +2,18 @@
 """Writes the fuzz seed corpus fuzz/corpus/model/*.bin: tiny model files (random weights, a few KB each)
 that together use every part of the format the loader checks -- RMSNorm and LayerNorm, gated and plain
 MLPs, rotary and learned positions, sliding and full layers, GQA, q/k norm, biases, post-norms, soft-caps,
-a precomputed RoPE table, f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
+a precomputed RoPE table, f32 / f16 / bf16 / q8_0 matrices, tokenizer records of both kinds (byte-level BPE
 with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
-from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
+from a tokenizer.model and by rank with Metaspace as from a tokenizer.json), and a chat section. Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
 
-    /usr/bin/python3 fuzz/make_seeds.py      (from the repository root; deterministic)
+    /usr/bin/python3 fuzz/make_seeds.py      (from the repository root; deterministic; also the chat templates
+                                              fuzz/corpus/chat/*.jinja of fuzz_chat)
     /usr/bin/python3 fuzz/make_seeds.py --shared ../shared build/fuzz   (the real Llama 2 tokenizers, for
                                               fuzz_tokenizer; not committed: see shared/README.md)
 """
 import os
+import shutil
 import struct
 import sys
 
@@ -106,6 +108,29 @@ def sentencepiece_tokenizer(library_style):
     return rec.pack(), len(rec.pieces)
 
 
+# A ChatML-style template that uses much of the Jinja subset chat.c runs: a namespace, loops with loop.*, a
+# macro, filters, tests, slices, string methods, whitespace control, a raise_exception branch
+CHAT_TEMPLATE = """{%- set ns = namespace(system='', turns=0) -%}
+{%- macro turn(role, text) -%}
+<|endoftext|>{{ role }}
+{{ text | trim }}<|endoftext|>
+{% endmacro -%}
+{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0].content -%}{%- set rest = messages[1:] -%}
+{%- else -%}{%- set rest = messages -%}{%- endif -%}
+{{- bos_token -}}
+{%- if ns.system %}{{ turn('system', ns.system) }}{% endif -%}
+{%- for m in rest if m.content is string -%}
+    {%- if m.role not in ['user', 'assistant'] -%}{{ raise_exception('unknown role ' ~ m.role) }}{%- endif -%}
+    {%- set ns.turns = ns.turns + 1 -%}
+    {%- set text = m.content.split('</think>')[-1].lstrip('\\n') if m.role == 'assistant' else m.content -%}
+    {{- turn(m.role, text) -}}
+    {%- if loop.last and add_generation_prompt %}<|endoftext|>assistant ({{ ns.turns }} turns, {{ rest | selectattr('role', 'equalto', 'user') | list | length }} asked)
+{% endif -%}
+{%- endfor -%}
+{{- '' if messages | length > 0 else eos_token -}}
+{#- {{ messages | tojson(indent=2) }} -#}"""
+
+
 def seeds():
     # Llama-style: RMSNorm, SwiGLU, RoPE, GQA, one sliding and one full layer, byte-level tokenizer (GPT-2 rule)
     m = E.Model("llama", 8, 16, 1024, 64, tied=True)
@@ -145,6 +170,38 @@ def seeds():
     m = E.Model("llama", 32, 48, 32, 64, tied=False)
     m.layers = [E.Layer(4, 2, 8, window=4), E.Layer(4, 1, 8)]
     yield "llama_q8_0", tensors(m), "q8_0"
+    # a chat template (docs/CHAT.md) and the special-token strings it reads, over the GPT-2-style tokenizer
+    m = E.Model("llama", 8, 16, 1024, 64, tied=True)
+    m.layers = [E.Layer(2, 1, 4)]
+    m.tokenizer = bytelevel_tokenizer("bytelevel_gpt2_style", 1024)
+    m.chat = E.pack_chat_section(CHAT_TEMPLATE, [("bos_token", "<|endoftext|>"), ("eos_token", "<|endoftext|>")])
+    yield "llama_chat_template_bf16", tensors(m), "bf16"
+
+
+# seeds of fuzz_chat: templates in the shapes the families use (written for attn.c)
+CHAT_SEEDS = {
+    "nested": CHAT_TEMPLATE,
+    "chatml": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "inst": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
+            "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
+            "{% for m in rest %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('roles must alternate') }}{% endif %}{% if m['role'] == 'user' %}"
+            "{{ '[INST] ' + (first if loop.first else '') + m['content'].strip() + ' [/INST]' }}"
+            "{% else %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}",
+    "headers": "{{- bos_token }}{%- set date = strftime_now('%d %b %Y') if strftime_now is defined else '1 Jan 2025' %}\n"
+               "{%- for m in messages %}\n    {{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' }}\n"
+               "    {%- if loop.first and m.role == 'system' %}{{ 'Today: ' ~ date ~ '\\n' }}{% endif %}\n"
+               "    {{- m.content | trim + '<|eot_id|>' }}\n{%- endfor %}\n"
+               "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}\n",
+}
+
+
+def write_chat_seeds(out):
+    os.makedirs(out, exist_ok=True)
+    for name, template in CHAT_SEEDS.items():
+        with open(os.path.join(out, name + ".jinja"), "w") as f:
+            f.write(template)
 
 
 def shared_tokenizer_models(shared, out_dir):
@@ -166,11 +223,17 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--shared":  # make_seeds.py --shared SHARED_DIR OUT_DIR
         os.makedirs(sys.argv[3], exist_ok=True)
         shared_tokenizer_models(sys.argv[2], sys.argv[3])
+        templates = os.path.join(sys.argv[2], "llamacpp", "templates")  # real templates, for fuzz_chat
+        if os.path.isdir(templates):
+            os.makedirs(os.path.join(sys.argv[3], "corpus", "chat"), exist_ok=True)
+            for name in os.listdir(templates):
+                shutil.copy(os.path.join(templates, name), os.path.join(sys.argv[3], "corpus", "chat", name))
         return 0
     os.makedirs(OUT, exist_ok=True)
     for name, m, dtype in seeds():
         path = os.path.join(OUT, name + ".bin")
         E.write_model(m, path, E.DTYPES[dtype])
+    write_chat_seeds(os.path.join(ROOT, "fuzz", "corpus", "chat"))
     return 0
 
 

@@ -35,11 +35,14 @@ def tiny_model(t, name, **cfg):
 # what some mutations must be told (the rest need only fail cleanly)
 EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at", ["header says", "too short"]),
             ("offset 18446744073709551552", ["extends past end of file"]),
-            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"])]
+            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"]),
+            ("chat template: recursive macro", ["recurses more than"]), ("chat template: nested huge loops", ["more than"]),
+            ("chat template: raise_exception", ["raised an error: refused"]), ("chat template not UTF-8", ["not UTF-8"]),
+            ("chat variable 0 name not an identifier", ["not an identifier"])]
 
 
 # run on every base, whatever fraction of its other mutants runs
-ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config")
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config", "chat")
 
 
 def run_mutant(t, path, data, args):
@@ -72,6 +75,9 @@ def corpus(t):
          ["-p", "  the and th\xc3\xa9 \xe4\xb8\xad \xff x  "]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_metaspace_tokenizer_f32.bin"), 0.35,
          ["-p", "  the and th\xc3\xa9 <|user|> \xe4\xb8\xad \xff x  "]),
+        # a chat section (docs/CHAT.md): every mutant renders a conversation through its template
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_chat_template_bf16.bin"), 0.12,
+         ["--chat", "--system", "Be brief.", "-p", "Hello, world!"]),
     ]
     jobs = []
     for b, (model, keep, prompt) in enumerate(bases):
