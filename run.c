@@ -594,7 +594,9 @@ static void chat(Session *s, const Options *o, const char *first) {
                 break;
             }
         }
-        if (!*msg) { /* an empty line asks nothing */
+        const char *text = msg;
+        while (isspace((unsigned char)*text)) text++;
+        if (!*text) { /* an empty (or blank) line asks nothing */
             free(msg);
             if (first) break;
             continue;
