@@ -498,7 +498,7 @@ static int chat_turn(Session *s, Conversation *c, const Options *o) {
     size_t len;
     char *text = render(s->model, c, &len);
     size_t from = c->cached_len;
-    if (from > len || memcmp(text, c->cached, from) != 0) { /* the past reads differently now: start over */
+    if (from > len || (from > 0 && memcmp(text, c->cached, from) != 0)) { /* the past reads differently now: start over */
         session_restart(s);
         from = 0;
     }
