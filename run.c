@@ -450,7 +450,7 @@ typedef struct {
     int n, cap;
     char *cached;        /* the text the KV cache holds: the last render, then the reply */
     size_t cached_len;
-    int stops[TOKENIZER_MAX_EOS + 1], n_stops; /* the template's end of an assistant turn */
+    int stops[1], n_stops; /* the template's end of an assistant turn (the tokenizer's EOS ids stop it too) */
 } Conversation;
 
 static void add_message(Conversation *c, const char *role, const char *content, size_t len) {
@@ -464,11 +464,13 @@ static void add_message(Conversation *c, const char *role, const char *content, 
 }
 
 /* The token that ends an assistant turn: the first special token in what the template puts after the
- * assistant's words (<|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>, </s>, ...), whitespace skipped. */
+ * assistant's words (<|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>, </s>, ...), whitespace skipped. A
+ * template that shows no assistant message leaves the tokenizer's EOS ids alone to end a reply (one that
+ * cannot render at all fails with the conversation's first render). */
 static void find_turn_end(const Model *m, Conversation *c) {
     char err[512], *text;
     size_t len;
-    if (chat_turn_end(&m->chat, &text, &len, err, sizeof err) != 0) die("%s", err);
+    if (chat_turn_end(&m->chat, &text, &len, err, sizeof err) != 0) return;
     size_t i = 0;
     while (i < len && isspace((unsigned char)text[i])) i++;
     const Tokenizer *t = &m->tokenizer;
