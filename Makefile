@@ -5,11 +5,14 @@
 #   make BLAS=1     f32 prefill products through OpenBLAS's cblas_sgemm (Debian: libopenblas-dev). OpenBLAS
 #                   0.3.21 takes CPUs it does not know for a Prescott (SSE3): OPENBLAS_CORETYPE=SKYLAKEX
 #   make KERNELS=portable   the portable C kernels, but the rest still built for this CPU (for the tests)
-#   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/)
+#   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/), a
+#                   mixture of experts against the roofline of the bytes it reads (bench/moe.py), and the
+#                   --explore page of 1,024 tokens: size, time to write, time to open in chromium
 #   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
 #   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
 #   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer, the chat
 #                   template interpreter
+#   --explore's page (explore/page.html) is compiled in: build/explore_page.h, made by explore/embed.sh (sh + awk)
 
 CC ?= cc
 # link-time optimisation where the compiler has it: inlines the SIMD dot product into attention.c
@@ -33,16 +36,27 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c \
+ENGINE = model.c blocks.c moe.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c files.c \
          chat.c sample.c
-HEADERS = model.h attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h chat.h sample.h
+HEADERS = model.h blocks.h tensors.def attention.h kvcache.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h \
+          chat.h sample.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
+
+# the page ./run --explore writes, as C string literals: ./run carries it and works from any directory
+build/explore_page.h: explore/page.html explore/embed.sh
+	@mkdir -p build
+	sh explore/embed.sh explore/page.html > $@.tmp && mv $@.tmp $@
 
 run: run.c $(ENGINE) $(HEADERS)
 	$(COMPILE) -o $@ run.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 tests/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	$(COMPILE) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+
+# the tokenizer benchmark (bench/bench.py builds it)
+build/bench/tokenize: bench/tokenize.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/bench
+	$(COMPILE) -I. -o $@ bench/tokenize.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 # other builds of ./run for the equivalence tests and the benchmark, e.g. make build/portable/run PORTABLE=1
 build/%/run: run.c $(ENGINE) $(HEADERS)
@@ -59,6 +73,7 @@ test: run tests/unit
 bench: run
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/moe.py
 
 # --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
 # make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report

@@ -7,7 +7,9 @@
  *   MQA / GQA            several query heads share one key/value head         kv_head_of
  *   block-sparse         strided and fixed patterns (Child et al. 2019)       strided_mask, fixed_mask
  *   sliding window       the last W keys, in a rolling buffer (+ sinks)       sliding_window_mask
+ *   chunked attention    only the keys of the query's own chunk               chunked_mask
  *   flash attention      tiles over the cache with an online softmax          attention_head_flash
+ *   learned sinks        a per-head logit that takes a share of the softmax   softmax_with_sink (ops.c)
  *
  * Keys and values come from the layer's KV cache (kvcache.c), written one position at a time; each mask
  * also says which cache it needs (attention_cache_init), so a layer keeps only what it can still read. */
@@ -76,11 +78,22 @@ static VisibleKeys fixed_mask(int p, int B) {
     return v;
 }
 
+/* Chunked attention (Llama 4's local layers, "iRoPE"): positions are cut into chunks of C; p sees only its
+ * own chunk, from the chunk's start up to itself. Unlike a sliding window, the first query of a chunk sees
+ * only itself: the chunks are independent, and the layers without positions (NoPE, full attention) carry
+ * information across them. The cache keeps the current chunk: a rolling buffer of C slots. */
+static VisibleKeys chunked_mask(int p, int C) {
+    int chunk_start = p / C * C;
+    VisibleKeys v = {1, {run_of(chunk_start, p - chunk_start + 1, 1)}};
+    return v;
+}
+
 VisibleKeys visible_keys(const AttentionSpec *a, int pos) {
     switch (a->mask) {
     case MASK_SLIDING: return sliding_window_mask(pos, a->span, a->n_sinks);
     case MASK_STRIDED: return strided_mask(pos, a->span);
     case MASK_FIXED: return fixed_mask(pos, a->span);
+    case MASK_CHUNKED: return chunked_mask(pos, a->span);
     default: return causal_mask(pos);
     }
 }
@@ -90,10 +103,11 @@ int visible_count(const AttentionSpec *a, int pos) {
     return v.runs[0].count + (v.n_runs > 1 ? v.runs[1].count : 0);
 }
 
-/* Every mask sees the most at the last position, except fixed: it sees the most at the end of a block. */
+/* Every mask sees the most at the last position, except fixed and chunked: they see the most at the end of a
+ * block. */
 int most_visible(const AttentionSpec *a, int n_positions) {
     int most = visible_count(a, n_positions - 1);
-    if (a->mask == MASK_FIXED && n_positions >= a->span) {
+    if ((a->mask == MASK_FIXED || a->mask == MASK_CHUNKED) && n_positions >= a->span) {
         int end_of_last_full_block = n_positions / a->span * a->span - 1;
         int there = visible_count(a, end_of_last_full_block);
         if (there > most) most = there;
@@ -102,7 +116,7 @@ int most_visible(const AttentionSpec *a, int n_positions) {
 }
 
 void attention_cache_init(KVLayer *l, int kv_dim, const AttentionSpec *a) {
-    if (a->mask == MASK_SLIDING) kvlayer_init(l, kv_dim, a->span, a->n_sinks);
+    if (a->mask == MASK_SLIDING || a->mask == MASK_CHUNKED) kvlayer_init(l, kv_dim, a->span, a->n_sinks);
     else if (a->mask == MASK_FIXED) kvlayer_init_summaries(l, kv_dim, a->span);
     else kvlayer_init(l, kv_dim, 0, 0); /* causal and strided: paged, every position kept */
 }
@@ -127,13 +141,16 @@ static float score(const float *q, const float *key, const AttentionSpec *a) {
  *   s_j = q . k_j * scale   (scale = 1/sqrt(head_dim) keeps the dot products' variance near 1)
  *   w   = softmax(s)        over the visible j only: the mask
  *   out = sum_j w_j v_j
+ * With a learned sink (gpt-oss: one logit per head, Xiao et al.'s attention sink made a parameter) the softmax
+ * has one more term in its denominator, e^(sink - max): a head can give most of its attention to "nothing"
+ * instead of to the first token, and its weights then sum to less than 1.
  * The naive kernel: it materialises the whole score row (which is what --attn-map records). */
 void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, int pos, const AttentionSpec *a,
-                    float *weights) {
+                    float sink, float *weights) {
     int hd = a->head_dim, off = kv_head * hd, n = 0;
     VisibleKeys v = visible_keys(a, pos);
     FOR_EACH_VISIBLE_KEY(v, j) weights[n++] = score(q, kvlayer_key(kv, j) + off, a);
-    softmax(weights, n);
+    softmax_with_sink(weights, n, sink);
     memset(out, 0, (size_t)hd * sizeof(float));
     n = 0;
     FOR_EACH_VISIBLE_KEY(v, j) add_scaled(out, weights[n++], kvlayer_value(kv, j) + off, hd);
@@ -171,9 +188,11 @@ static void online_softmax_tile(float *acc, OnlineSoftmax *st, const float *scor
     }
 }
 
-static OnlineSoftmax online_softmax_start(float *acc, int hd) {
+/* Nothing seen yet: max -inf, sum 0. A learned sink starts the state as one score already seen that carries
+ * no value: max = sink, sum = e^0 = 1. */
+static OnlineSoftmax online_softmax_start(float *acc, int hd, float sink) {
     memset(acc, 0, (size_t)hd * sizeof(float));
-    OnlineSoftmax st = {-INFINITY, 0.0f};
+    OnlineSoftmax st = {sink, sink == -INFINITY ? 0.0f : 1.0f};
     return st;
 }
 
@@ -188,11 +207,11 @@ static void online_softmax_finish(float *acc, const OnlineSoftmax *st, int hd) {
  * O(KV_BLOCK_TOKENS) whatever the context. Exact, not an approximation: any model can use it (llama.cpp's
  * -fa, vLLM, gemma.cpp). */
 void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_head, int pos,
-                          const AttentionSpec *a) {
+                          const AttentionSpec *a, float sink) {
     int hd = a->head_dim, off = kv_head * hd, n = 0, tile_block = -1;
     float tile_scores[KV_BLOCK_TOKENS];
     const float *tile_values[KV_BLOCK_TOKENS];
-    OnlineSoftmax st = online_softmax_start(out, hd);
+    OnlineSoftmax st = online_softmax_start(out, hd, sink);
     VisibleKeys v = visible_keys(a, pos);
     FOR_EACH_VISIBLE_KEY(v, j) {
         int block = kvlayer_slot_of(kv, j) / KV_BLOCK_TOKENS;
@@ -231,11 +250,12 @@ static void attend_heads(void *arg, int first, int end) {
     size_t q_dim = (size_t)j->n_heads * hd;
     for (int h = first; h < end; h++) {
         int kv_head = kv_head_of(h, j->n_heads, j->n_kv_heads);
+        float sink = j->a->sink_logits ? j->a->sink_logits[h] : -INFINITY;
         for (int t = 0; t < j->n_tokens; t++) {
             float *out = j->out + t * q_dim + (size_t)h * hd;
             const float *q = j->q + t * q_dim + (size_t)h * hd;
-            if (j->a->kernel == KERNEL_FLASH) attention_head_flash(out, q, j->kv, kv_head, j->pos + t, j->a);
-            else attention_head(out, q, j->kv, kv_head, j->pos + t, j->a, j->weights + (size_t)h * j->weights_stride);
+            if (j->a->kernel == KERNEL_FLASH) attention_head_flash(out, q, j->kv, kv_head, j->pos + t, j->a, sink);
+            else attention_head(out, q, j->kv, kv_head, j->pos + t, j->a, sink, j->weights + (size_t)h * j->weights_stride);
         }
     }
 }
@@ -282,7 +302,7 @@ static void cross_attend(void *arg, int begin, int end) {
         size_t off = (size_t)kv_head_of(h, j->n_heads, j->n_kv_heads) * head_dim;
         float tile_scores[KV_BLOCK_TOKENS];
         const float *tile_values[KV_BLOCK_TOKENS];
-        OnlineSoftmax st = online_softmax_start(acc, head_dim);
+        OnlineSoftmax st = online_softmax_start(acc, head_dim, -INFINITY);
         for (int first = 0; first < n_keys; first += KV_BLOCK_TOKENS) {
             int n = n_keys - first < KV_BLOCK_TOKENS ? n_keys - first : KV_BLOCK_TOKENS;
             for (int t = 0; t < n; t++) {

@@ -11,6 +11,7 @@ typedef enum {
     MASK_SLIDING, /* the last `span` positions, plus the first n_sinks (Mistral, Gemma 2/3; StreamingLLM) */
     MASK_STRIDED, /* the last `span` positions and every span-th one before them (Child et al. 2019) */
     MASK_FIXED,   /* the query's own block of `span` positions and the last position of every earlier block */
+    MASK_CHUNKED, /* the query's own chunk of `span` positions, up to itself (Llama 4's local layers) */
 } MaskKind;
 
 typedef enum {
@@ -18,15 +19,16 @@ typedef enum {
     KERNEL_FLASH, /* the same sum one cache block at a time with an online softmax: no score row */
 } KernelKind;
 
-/* How one layer attends, for each of its query heads: the file's layer record plus any overrides
- * (--window, --sinks, --sparse, --attn). */
+/* How one layer attends when run, for each of its query heads: derived from the file's layer record, plus
+ * any overrides of the mask and kernel (--window, --sinks, --sparse, --attn). */
 typedef struct {
     int head_dim;
     float scale;     /* multiplies q.k: 1/sqrt(head_dim) in "Attention Is All You Need" */
     float softcap;   /* 0: none; c: scores squashed into (-c, c) before the softmax (Gemma 2) */
     MaskKind mask;
-    int span;        /* the mask's size: window W (sliding), stride S (strided), block B (fixed); 0 if causal */
-    int n_sinks;     /* sliding only: the first n_sinks positions stay visible (attention sinks) */
+    int span;        /* the mask's size: window W (sliding), stride S (strided), block B (fixed), chunk C; 0 if causal */
+    int n_sinks;     /* sliding only: the first n_sinks positions stay visible (attention sinks, StreamingLLM) */
+    const float *sink_logits; /* NULL, or a learned logit per query head that joins its softmax (gpt-oss) */
     KernelKind kernel;
 } AttentionSpec;
 
@@ -59,13 +61,14 @@ int most_visible(const AttentionSpec *a, int n_positions);
 void attention_cache_init(KVLayer *l, int kv_dim, const AttentionSpec *a);
 
 /* One query head at position pos against the cached keys/values of kv head kv_head:
- * out[head_dim] = sum_j softmax_j(q.k_j * scale) v_j over the visible keys j.
+ * out[head_dim] = sum_j softmax_j(q.k_j * scale) v_j over the visible keys j; a learned sink logit (-inf:
+ * none) joins the softmax's denominator.
  * Naive: weights needs visible_count() floats; on return it holds the attention weights in
  * FOR_EACH_VISIBLE_KEY order. Flash: no score row at all. */
 void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, int pos, const AttentionSpec *a,
-                    float *weights);
+                    float sink, float *weights);
 void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_head, int pos,
-                          const AttentionSpec *a);
+                          const AttentionSpec *a, float sink);
 
 /* All query heads of n_tokens tokens at positions pos .. pos + n_tokens - 1, whose keys and values are in
  * the cache: q[n_tokens][n_heads][head_dim] -> out[n_tokens][n_heads][head_dim], with the spec's kernel.

@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""export.py - turn a Hugging Face checkpoint or a llama2.c checkpoint into one attn.c model file.
+"""export.py - turn a Hugging Face checkpoint, a llama.cpp GGUF file or a llama2.c checkpoint into one attn.c model file.
 
     python3 export.py SRC OUT [--dtype f32|bf16|f16|q8_0] [--tokenizer FILE] [--bf16-rope] [--kv-heads L=N[,L=N...] | all=N]
 
-SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a llama2.c
-legacy checkpoint (.bin). Needs only Python 3 and numpy: safetensors, JSON and SentencePiece's protobuf
-are read by hand.
+SRC is a Hugging Face model directory (config.json + *.safetensors + tokenizer files), a llama.cpp GGUF file
+(gguf_reader.py), or a llama2.c checkpoint (.bin, versions 0, 1 and 2). Needs only Python 3 and numpy:
+safetensors, GGUF, JSON and SentencePiece's protobuf are read by hand.
 The file layout is documented in docs/FORMAT.md; write_model() below writes the fields in that order.
 """
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -24,21 +26,33 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("error: export.py needs numpy (Debian: apt-get install python3-numpy)")
 
-FORMAT_VERSION = 1
+import gguf_reader
+from pretokenizers import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX, PretokenizerError, split_steps
+
+FORMAT_VERSION = 2
 ALIGN = 64
 
 DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3}
 Q8_GROUP = 32  # q8_0: int8 values in groups of 32 along a row, one f16 scale per group
 
 NORM_RMS, NORM_LAYER = 0, 1
-MLP_GATED, MLP_PLAIN = 0, 1
-ACT_SILU, ACT_GELU_TANH, ACT_GELU = 0, 1, 2
+ACT_SILU, ACT_GELU_TANH, ACT_GELU, ACT_SWIGLU_CLAMPED = 0, 1, 2, 3
 POS_ROPE, POS_LEARNED = 0, 1
-MODEL_TIED_EMBEDDINGS = 1
-LAYER_QK_NORM, LAYER_QKV_BIAS, LAYER_O_BIAS, LAYER_POST_ATTN_NORM, LAYER_POST_MLP_NORM = 1, 2, 4, 8, 16
+MIXER_ATTENTION = 1
+FFN_NONE, FFN_GATED, FFN_PLAIN, FFN_MOE = 0, 1, 2, 3
+ROUTER_SOFTMAX, ROUTER_TOPK_SOFTMAX, ROUTER_SIGMOID = 0, 1, 2
+# flag bits (model.h): each record has its own range, so one word says which tensors a layer has (tensors.def)
+FLAG_BITS = dict(
+    LAYER_MIXER_NORM=1 << 0, LAYER_MIXER_POST_NORM=1 << 1, LAYER_FFN_NORM=1 << 2, LAYER_FFN_POST_NORM=1 << 3,
+    ATTN_QK_NORM=1 << 4, ATTN_QKV_BIAS=1 << 5, ATTN_O_BIAS=1 << 6, ATTN_QK_NORM_FULL=1 << 7, ATTN_QK_NORM_PLAIN=1 << 8,
+    ATTN_SINKS=1 << 9,
+    FFN_BIAS=1 << 12, MOE_NORM_TOPK=1 << 13, MOE_ROUTER_BIAS=1 << 14, MOE_EXPERT_BIAS=1 << 15, MOE_SCORE_BIAS=1 << 16,
+    MOE_SHARED=1 << 17, MOE_SHARED_GATE=1 << 18, MOE_SCALE_INPUT=1 << 19, MOE_GROUP_TOP2=1 << 20,
+    MODEL_TIED_EMBEDDINGS=1 << 24, PRESENT_LEARNED_POSITIONS=1 << 29, PRESENT_LAYERNORM=1 << 30)
+globals().update(FLAG_BITS)
 
 TOK_BYTELEVEL_BPE, TOK_SENTENCEPIECE_BPE = 1, 2
-PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE = 0, 1, 2, 3, 4
+PRE_NONE, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_METASPACE, PRE_SPLITS = 0, 1, 2, 3, 4, 5
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES, TOKF_PREFIX_SPACE, TOKF_SCORE_MERGES = 1, 2, 4, 8, 16, 32
 TOKF_NORMALIZE_EACH_STRETCH, TOKF_PREFIX_FIRST_STRETCH, TOKF_PREFIX_UNLESS_SPACE = 64, 128, 256
 TOKF_STRIP_LEADING_SPACE, TOKF_REMOVE_EXTRA_SPACES = 512, 1024
@@ -82,9 +96,71 @@ def reads_input(read):
 
 
 # ----------------------------------------------------------------------------
+# reading inputs: regular files only, text of a bounded size, and a record of what was read
+
+MAX_JSON_BYTES = 64 << 20        # config.json, tokenizer_config.json, generation_config.json, an index
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json / .model / .bin (Gemma 3's 262k-token tokenizer.json: 33 MB)
+INPUTS = set()                   # (st_dev, st_ino) of every file this export has read: the output may be none of them
+
+
+def open_input(path, limit=None):
+    """path opened for reading in binary, if it is a regular file (of at most limit bytes). A FIFO would block
+    and /dev/zero never ends, so the type is checked before anything is read (O_NONBLOCK: opening a FIFO
+    waits for a writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ExportError(f"{path}: {e.strerror}")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{path}: {os.strerror(21)}")  # EISDIR: "Is a directory"
+        if not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"{path}: not a regular file (a FIFO, a device or a socket cannot be an input)")
+        raise ExportError(f"{path}: {st.st_size} bytes, more than the {limit >> 20} MiB such a file may have")
+    os.set_blocking(fd, True)
+    INPUTS.add((st.st_dev, st.st_ino))
+    return os.fdopen(fd, "rb")
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs):
+    """json object_pairs_hook: an object that names a key twice is refused (which one would count?)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKey(k)
+            seen.add(k)
+    return obj
+
+
+def parse_json(path, raw, what=""):
+    """raw bytes of a JSON file -> its value; an error names the file (and never quotes its bytes)."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
+        raise ExportError(f"{path}: key {e.args[0]!r} appears twice in one JSON object")
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: {what}not valid JSON (not UTF-8 text)")
+    except (ValueError, RecursionError) as e:
+        raise ExportError(f"{path}: {what}not valid JSON ({e})")
+
+
+def load_json(path, limit=MAX_JSON_BYTES):
+    with open_input(path, limit) as f:
+        return parse_json(path, f.read())
+
+
+# ----------------------------------------------------------------------------
 # reading safetensors by hand: 8-byte header length, JSON header, raw little-endian data
 
-ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+ST_DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "U8": ("<u1", 1)}  # U8: MXFP4 blocks, scales
 
 
 def bf16_to_f32(u16):
@@ -101,6 +177,23 @@ def f32_to_bf16(x):
     return rounded
 
 
+MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON: room for ~100k tensor entries, more than any real file holds
+
+
+def shard_path(directory, index, name):
+    """The file a weight_map entry names, which must lie inside the model directory: a relative path without
+    "..", whose real path (symbolic links resolved) is inside the directory's -- or, for a snapshot of the
+    Hugging Face cache (.../snapshots/REV/, whose files link to ../../blobs/), inside that cache's blobs."""
+    inside = [os.path.realpath(directory)]
+    if os.path.basename(os.path.dirname(inside[0])) == "snapshots":
+        inside.append(os.path.join(os.path.dirname(os.path.dirname(inside[0])), "blobs"))
+    real = os.path.realpath(os.path.join(directory, name))
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts or not any(real.startswith(d + os.sep) for d in inside):
+        raise ExportError(f"{index}: weight_map names {name!r}, which lies outside the model directory")
+    return os.path.join(directory, name)
+
+
 class SafeTensors:
     """All tensors of a checkpoint (one file or shards), read lazily through numpy memmaps."""
 
@@ -111,39 +204,41 @@ class SafeTensors:
             files = [single]
         elif os.path.exists(index):
             weight_map = load_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ExportError(f"{index}: no weight_map")
-            files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ExportError(f"{index}: no weight_map of tensor names to file names")
+            files = [shard_path(directory, index, f) for f in sorted(set(weight_map.values()))]
         else:
             files = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors"))
             if not files:
                 raise ExportError(f"{directory}: no model.safetensors, no model.safetensors.index.json, no *.safetensors")
         self.entries = {}
-        for path in files:
-            self._read_header(path)
+        self.file_of = {}  # tensor name -> the file that holds it
+        gc.disable()  # a header of 200k entries is 1M small objects: the cycle collector would walk them again and again
+        try:
+            for path in files:
+                self._read_header(path)
+        finally:
+            gc.enable()
 
     def _read_header(self, path):
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) != 8:
-                    raise ExportError(f"{path}: truncated safetensors file (no header length)")
-                (n,) = struct.unpack("<Q", raw)
-                if n > size - 8 or n > 100 << 20:
-                    raise ExportError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
-                header = json.loads(f.read(n))
-        except OSError as e:
-            raise ExportError(f"{path}: {e.strerror}")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ExportError(f"{path}: safetensors header is not valid JSON ({e})")
-        if not isinstance(header, dict):
-            raise ExportError(f"{path}: safetensors header is not a JSON object")
-        base = 8 + n
-        mm = None
+        with open_input(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ExportError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+                raise ExportError(f"{path}: safetensors header length does not fit the file ({size} bytes) or the "
+                                  f"{MAX_SAFETENSORS_HEADER >> 20} MiB limit: not a safetensors file?")
+            header = parse_json(path, f.read(n), "safetensors header is ")
+            if not isinstance(header, dict):
+                raise ExportError(f"{path}: safetensors header is not a JSON object")
+            meta = header.pop("__metadata__", {})
+            if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+                raise ExportError(f"{path}: safetensors __metadata__ is not an object of strings")
+            mm = np.memmap(f, dtype=np.uint8, mode="r") if header else None
+        base, spans = 8 + n, []
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             try:
                 dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
                 if not isinstance(dtype, str) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
@@ -152,14 +247,21 @@ class SafeTensors:
             except (KeyError, TypeError, ValueError):
                 raise ExportError(f"{path}: tensor '{name}' has a malformed header entry")
             if dtype not in ST_DTYPES:
-                raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16 and F16 are supported")
+                raise ExportError(f"{path}: tensor '{name}' has dtype {dtype}; only F32, BF16, F16 (and U8 for MXFP4) are supported")
             np_dtype, width = ST_DTYPES[dtype]
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             if end - begin != count * width or base + end > size:
                 raise ExportError(f"{path}: tensor '{name}' data ({begin}..{end}) does not match its shape or lies past the end of the file")
-            if mm is None:
-                mm = np.memmap(path, dtype=np.uint8, mode="r")
+            if name in self.entries:
+                raise ExportError(f"tensor '{name}' is in both {self.file_of[name]} and {path}")
             self.entries[name] = (mm, base + begin, count, np_dtype, dtype, shape)
+            self.file_of[name] = path
+            if end > begin:
+                spans.append((begin, end, name))
+        spans.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise ExportError(f"{path}: tensors '{a}' and '{b}' share bytes (their data_offsets overlap)")
 
     def __contains__(self, name):
         return name in self.entries
@@ -173,56 +275,119 @@ class SafeTensors:
     def dtype(self, name):
         return self.entries[name][4]
 
-    def get(self, name):
-        """The tensor as float32, in its stored shape."""
+    def get_raw(self, name):
+        """The tensor as stored (uint16 for bf16), in its stored shape."""
         if name not in self.entries:
             raise ExportError(f"missing tensor '{name}' in the checkpoint")
         mm, offset, count, np_dtype, dtype, shape = self.entries[name]
-        arr = np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset)
-        arr = bf16_to_f32(arr) if dtype == "BF16" else arr.astype(np.float32)
-        return arr.reshape(shape)
+        return np.frombuffer(mm, dtype=np_dtype, count=count, offset=offset).reshape(shape)
 
-
-def load_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
-    except ValueError as e:
-        raise ExportError(f"{path}: not valid JSON ({e})")
+    def get(self, name):
+        """The tensor as float32, in its stored shape."""
+        arr = self.get_raw(name)
+        return bf16_to_f32(arr) if self.dtype(name) == "BF16" else arr.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
 # the model description every converter produces
 
 
-class Layer:
-    def __init__(self, n_heads, n_kv_heads, head_dim, window=0, rope_theta=10000.0, rope_dim=None,
-                 rope_table=-1, attn_scale=None, attn_softcap=0.0, flags=0):
+class Attention:
+    """A softmax-attention mixer (docs/FORMAT.md, "attention record")."""
+    kind = MIXER_ATTENTION
+
+    def __init__(self, n_heads, n_kv_heads, head_dim, window=0, chunk=0, rope_theta=10000.0, rope_dim=None,
+                 rope_table=-1, rope_attn_factor=1.0, attn_scale=None, attn_softcap=0.0, temperature_floor=0.0,
+                 temperature_scale=0.0, flags=0):
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ExportError(f"bad head counts: {n_heads} query heads, {n_kv_heads} kv heads")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.window = int(window or 0)
+        self.window, self.chunk = int(window or 0), int(chunk or 0)
         self.rope_theta = float(rope_theta)
         self.rope_dim = head_dim if rope_dim is None else rope_dim
         self.rope_table = rope_table
+        self.rope_attn_factor = float(rope_attn_factor)
         self.attn_scale = head_dim ** -0.5 if attn_scale is None else attn_scale
         self.attn_softcap = float(attn_softcap or 0.0)
+        self.temperature_floor, self.temperature_scale = float(temperature_floor), float(temperature_scale)
         self.flags = flags
+
+    def dims(self):
+        return dict(Q_DIM=self.n_heads * self.head_dim, KV_DIM=self.n_kv_heads * self.head_dim, HEAD_DIM=self.head_dim,
+                    N_HEADS=self.n_heads)
+
+    def pack(self):
+        return struct.pack("<7I 6f I", self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.chunk,
+                           self.rope_dim, self.rope_table & 0xFFFFFFFF, self.rope_theta, self.rope_attn_factor,
+                           self.attn_scale, self.attn_softcap, self.temperature_floor, self.temperature_scale, self.flags)
+
+
+class Dense:
+    """A dense FFN: gated down(act(gate x) * up x) or plain down(act(up x))."""
+
+    def __init__(self, hidden, activation=ACT_SILU, gated=True, flags=0):
+        self.kind = FFN_GATED if gated else FFN_PLAIN
+        self.hidden, self.activation, self.flags = hidden, activation, flags
+
+    def dims(self):
+        return dict(HIDDEN=self.hidden)
+
+    def pack(self):
+        return struct.pack("<3I", self.hidden, self.activation, self.flags)
+
+
+class MoE:
+    """A mixture of experts: a router, n_experts gated experts of width hidden, top_k per token."""
+    kind = FFN_MOE
+
+    def __init__(self, n_experts, top_k, hidden, activation=ACT_SILU, router=ROUTER_SOFTMAX, n_groups=1,
+                 topk_groups=1, shared_hidden=0, routed_scale=1.0, act_alpha=0.0, act_limit=0.0, flags=0):
+        self.n_experts, self.top_k, self.hidden, self.activation = n_experts, top_k, hidden, activation
+        self.router, self.n_groups, self.topk_groups, self.shared_hidden = router, n_groups, topk_groups, shared_hidden
+        self.routed_scale, self.act_alpha, self.act_limit = float(routed_scale), float(act_alpha), float(act_limit)
+        self.flags = flags | (MOE_SHARED if shared_hidden else 0)
+
+    def dims(self):
+        return dict(HIDDEN=self.hidden, N_EXPERTS=self.n_experts, EXPERTS=self.n_experts, SHARED_HIDDEN=self.shared_hidden)
+
+    def pack(self):
+        return struct.pack("<8I 3f I", self.n_experts, self.top_k, self.hidden, self.activation, self.router,
+                           self.n_groups, self.topk_groups, self.shared_hidden, self.routed_scale, self.act_alpha,
+                           self.act_limit, self.flags)
+
+
+class Layer:
+    """One layer record: the norms around its two blocks, its mixer and its FFN (None: no FFN)."""
+
+    def __init__(self, mixer, ffn, flags=LAYER_MIXER_NORM | LAYER_FFN_NORM):
+        self.mixer, self.ffn, self.flags = mixer, ffn, flags
+        if ffn is None:
+            self.flags &= ~(LAYER_FFN_NORM | LAYER_FFN_POST_NORM)
+
+    @property
+    def attn(self):
+        return self.mixer
+
+    def pack(self):
+        mixer = self.mixer.pack()
+        ffn = self.ffn.pack() if self.ffn else b""
+        body = struct.pack("<2I", self.mixer.kind, len(mixer)) + mixer + \
+            struct.pack("<2I", self.ffn.kind if self.ffn else FFN_NONE, len(ffn)) + ffn
+        size = pad_to(8 + len(body), 8)
+        return (struct.pack("<2I", size, self.flags) + body).ljust(size, b"\0")
 
 
 class Model:
     """Config + layer records + an ordered list of (name, shape, producer) for the tensors."""
 
-    def __init__(self, family, dim, hidden_dim, vocab_size, context_length, norm_kind=NORM_RMS, norm_eps=1e-5,
-                 mlp_kind=MLP_GATED, activation=ACT_SILU, position_kind=POS_ROPE, embed_scale=1.0,
-                 final_softcap=0.0, tied=False):
+    def __init__(self, family, dim, vocab_size, context_length, norm_kind=NORM_RMS, norm_eps=1e-5,
+                 position_kind=POS_ROPE, embed_scale=1.0, residual_scale=1.0, logit_scale=1.0, final_softcap=0.0,
+                 tied=False):
         self.family = family
-        self.dim, self.hidden_dim, self.vocab_size, self.context_length = dim, hidden_dim, vocab_size, context_length
-        self.norm_kind, self.norm_eps = norm_kind, float(norm_eps)
-        self.mlp_kind, self.activation, self.position_kind = mlp_kind, activation, position_kind
-        self.embed_scale, self.final_softcap = float(embed_scale), float(final_softcap or 0.0)
+        self.dim, self.vocab_size, self.context_length = dim, vocab_size, context_length
+        self.norm_kind, self.norm_eps, self.position_kind = norm_kind, float(norm_eps), position_kind
+        self.embed_scale, self.residual_scale, self.logit_scale = float(embed_scale), float(residual_scale), float(logit_scale)
+        self.final_softcap = float(final_softcap or 0.0)
         self.tied = tied
         self.layers = []
         self.rope_tables = []      # float32 arrays of inverse frequencies
@@ -230,6 +395,7 @@ class Model:
         self.tokenizer = None      # bytes of the tokenizer section, or None
         self.chat = b""            # bytes of the chat section (chat_section), or empty
         self.source_dtype = DTYPES["f32"]  # what the weights are stored as without --dtype
+        self.hf_config = {}        # the (Hugging Face) config it was converted from
 
     def add(self, name, shape, producer):
         self.tensors.append((name, tuple(int(d) for d in shape), producer))
@@ -242,6 +408,47 @@ class Model:
                 return i
         self.rope_tables.append(inv_freq)
         return len(self.rope_tables) - 1
+
+    def flags(self):
+        return MODEL_TIED_EMBEDDINGS if self.tied else 0
+
+
+# ----------------------------------------------------------------------------
+# the tensor table (tensors.def, shared with model.c): what each part of a model holds
+
+
+TABLE_ROW = re.compile(r"^(MODEL_TENSOR|TENSOR)\(\s*([\w|]+)\s*,\s*\"([^\"]+)\"\s*,\s*[\w.]+\s*,\s*(\w+)\s*,\s*(\w+)\s*,"
+                       r"\s*(\w+)\s*,\s*(\w+)\s*,\s*([\w| ]+?)\s*,\s*([\w| ]+?)\s*\)", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_table():
+    """[(parts, name, dims, storage, needs, unless)] from tensors.def, in table order."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensors.def")) as f:
+        text = f.read()
+    bits = lambda expr: functools.reduce(lambda a, b: a | b, (0 if w == "0" else FLAG_BITS[w] for w in expr.replace(" ", "").split("|")))  # noqa: E731
+    return [(set(parts.split("|")), name, [d for d in (d0, d1, d2) if d != "0"], storage, bits(needs), bits(unless))
+            for _, parts, name, d0, d1, d2, storage, needs, unless in TABLE_ROW.findall(text)]
+
+
+def expected_tensors(m):
+    """{name: (shape, storage)} of every tensor the table asks of model m (the rope tables apart)."""
+    present = m.flags() | (PRESENT_LAYERNORM if m.norm_kind == NORM_LAYER else 0) | \
+        (PRESENT_LEARNED_POSITIONS if m.position_kind == POS_LEARNED else 0)
+    model_dims = dict(DIM=m.dim, VOCAB=m.vocab_size, CONTEXT=m.context_length)
+    mixer_parts, ffn_parts = {MIXER_ATTENTION: "ATTENTION"}, {FFN_GATED: "GATED", FFN_PLAIN: "PLAIN", FFN_MOE: "MOE"}
+    out = {}
+    for parts, name, dims, storage, needs, unless in tensor_table():
+        if "MODEL" in parts and present & needs == needs and not present & unless:
+            out[name] = (tuple(model_dims[d] for d in dims), storage)
+    for i, L in enumerate(m.layers):
+        have = {"LAYER", mixer_parts[L.mixer.kind]} | ({ffn_parts[L.ffn.kind]} if L.ffn else set())
+        bits = present | L.flags | L.mixer.flags | (L.ffn.flags if L.ffn else 0)
+        dims = dict(model_dims, **L.mixer.dims(), **(L.ffn.dims() if L.ffn else {}))
+        for parts, name, shape, storage, needs, unless in tensor_table():
+            if parts & have and bits & needs == needs and not bits & unless:
+                out[f"layers.{i}.{name}"] = (tuple(dims[d] for d in shape), storage)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -272,21 +479,38 @@ def rope_settings(cfg, layer_type=None):
     return number(theta, "rope_theta"), scaling
 
 
-def rope_inv_freq(theta, rope_dim, scaling):
-    """Inverse frequencies for a scaled rope, as transformers computes them (in float32)."""
+def rope_inv_freq(theta, rope_dim, scaling, context=None):
+    """(inverse frequencies, attention factor) of a scaled rope, as transformers computes them (in float32);
+    the attention factor multiplies cos and sin (YaRN), 1 otherwise. The frequencies must come out finite and
+    positive (a factor of 0 or NaN, or a rope_theta <= 0, would give NaN or infinite tables)."""
     try:
-        return _rope_inv_freq(theta, rope_dim, scaling)
+        with np.errstate(all="ignore"):
+            inv, attention = _rope_inv_freq(theta, rope_dim, scaling, context)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ExportError(f"config.json: rope scaling {scaling} is incomplete or malformed ({type(e).__name__}: {e})")
+    if not (np.isfinite(inv).all() and (inv > 0).all() and math.isfinite(attention) and attention > 0):
+        raise ExportError(f"config.json: rope_theta {theta} with rope scaling {scaling} gives inverse frequencies (or an "
+                          f"attention factor) that are not finite and positive")
+    return inv, attention
 
 
-def _rope_inv_freq(theta, rope_dim, scaling):
+def yarn_mscale(factor, mscale=1.0):
+    """YaRN's attention temperature: 0.1 m ln(s) + 1 for a context stretched s times (Peng et al. 2023)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_inv_freq(theta, rope_dim, scaling, context):
     inv = (1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.int64).astype(np.float32) / rope_dim))).astype(np.float32)
     kind = scaling["rope_type"]
     if kind == "default":
-        return inv
+        return inv, 1.0
     if kind == "linear":
-        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+        return (inv / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "freq_factors":  # GGUF's rope_freqs (Llama 3.1 conversions): each frequency divided by its factor
+        factors = np.asarray(scaling["factors"], dtype=np.float32)
+        if factors.shape != inv.shape or not np.all(factors > 0):
+            raise ValueError(f"{len(factors)} rope frequency factors for {len(inv)} frequencies, or one not positive")
+        return (inv / factors).astype(np.float32), 1.0
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -297,8 +521,43 @@ def _rope_inv_freq(theta, rope_dim, scaling):
         smooth = (old_ctx / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ExportError(f"rope scaling type '{kind}' is not supported (supported: linear, llama3)")
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        # low frequencies (long wavelengths) are interpolated by the factor, high ones kept, a linear ramp
+        # between the dimensions that turn beta_fast and beta_slow times over the original context
+        factor = float(scaling["factor"])
+        attention = scaling.get("attention_factor")
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if attention is None:
+            attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all \
+                else yarn_mscale(factor)
+        fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+        old_ctx = scaling.get("original_max_position_embeddings") or context
+        turns = lambda rot: rope_dim * math.log(old_ctx / (rot * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+        low, high = turns(fast), turns(slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rope_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(rope_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        pos_freqs = (np.float32(theta) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim))).astype(np.float32)
+        keep = (np.float32(1) - ramp).astype(np.float32)
+        inv = (np.float32(1) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - keep) + (np.float32(1) / pos_freqs) * keep
+        return inv.astype(np.float32), float(attention)
+    raise ExportError(f"rope scaling type '{kind}' is not supported (supported: linear, llama3, yarn)")
+
+
+def full_attention_windows(m):
+    """A sliding window (or a chunk) that covers the whole context hides nothing: such a layer is stored as full
+    attention (0), so that ./run keeps positions inside the context as it does for any layer that sees
+    everything."""
+    for i, L in enumerate(m.layers):
+        a = L.attn
+        for what in ("window", "chunk"):
+            if getattr(a, what) >= m.context_length:
+                log(f"export: layer {i}: {what} {getattr(a, what)} covers the context of {m.context_length}: full attention")
+                setattr(a, what, 0)
 
 
 def round_rope_to_bf16(m):
@@ -310,18 +569,21 @@ def round_rope_to_bf16(m):
     tables = list(m.rope_tables)
     m.rope_tables = []
     for L in m.layers:
-        if L.rope_dim == 0:
+        a = L.attn
+        if a.rope_dim == 0:
             continue
-        inv = tables[L.rope_table] if L.rope_table >= 0 else rope_inv_freq(L.rope_theta, L.rope_dim, {"rope_type": "default"})
-        L.rope_table = m.rope_table_for(bf16_to_f32(f32_to_bf16(inv)))
+        inv = tables[a.rope_table] if a.rope_table >= 0 else rope_inv_freq(a.rope_theta, a.rope_dim, {"rope_type": "default"})[0]
+        a.rope_table = m.rope_table_for(bf16_to_f32(f32_to_bf16(inv)))
 
 
-def layer_rope(model, cfg, rope_dim, layer_type=None):
-    """(rope_theta, rope_table) for a layer."""
+def layer_rope(model, cfg, rope_dim, layer_type=None, scaled=True):
+    """(rope_theta, rope_table, attention factor) for a layer; scaled=False: the base frequencies even where the
+    config scales them (OLMo 3's sliding layers)."""
     theta, scaling = rope_settings(cfg, layer_type)
-    if scaling is None:
-        return theta, -1
-    return theta, model.rope_table_for(rope_inv_freq(theta, rope_dim, scaling))
+    if scaling is None or not scaled:
+        return theta, -1, 1.0
+    inv, factor = rope_inv_freq(theta, rope_dim, scaling, cfg.get("max_position_embeddings"))
+    return theta, model.rope_table_for(inv), factor
 
 
 # ----------------------------------------------------------------------------
@@ -360,6 +622,7 @@ def regroup_kv_heads(m, counts):
     key is RMS-normalised again, so it keeps the scale the layer was trained with instead of shrinking
     where the heads disagree (the mean of normalised keys would not be a projection at all)."""
     for i, layer in enumerate(m.layers):
+        layer = layer.attn
         n = counts.get(i, layer.n_kv_heads)
         old, hd = layer.n_kv_heads, layer.head_dim
         if n == old:
@@ -375,7 +638,7 @@ def regroup_kv_heads(m, counts):
             raise ExportError(f"--kv-heads: layer {i} has {layer.n_heads} query and {old} kv heads; N must be a "
                               f"multiple of {old} that divides {layer.n_heads}, or a divisor of {old} (got {n})")
         layer.n_kv_heads = n
-        names = {f"layers.{i}.{t}" for t in ("wk", "wv", "bk", "bv")}
+        names = {f"layers.{i}.attn.{t}" for t in ("wk", "wv", "bk", "bv")}
         for j, (name, shape, producer) in enumerate(m.tensors):
             if name in names:
                 m.tensors[j] = (name, (n * hd,) + shape[1:], lambda p=producer, f=regroup: f(np.asarray(p())))
@@ -386,29 +649,56 @@ def regroup_kv_heads(m, counts):
 # layer kinds: which layers slide, from either dialect
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
 def layer_types(cfg, n_layers, family):
-    """'full_attention' / 'sliding_attention' for each layer."""
+    """'full_attention' / 'sliding_attention' / 'chunked_attention' for each layer."""
     types = cfg.get("layer_types")
+    window = cfg.get("sliding_window")
     if types is not None:
         if not isinstance(types, list) or len(types) != n_layers:
             raise ExportError(f"config.json: layer_types has {len(types) if isinstance(types, list) else '?'} entries for {n_layers} layers")
         for t in types:
-            if t not in ("full_attention", "sliding_attention"):
-                raise ExportError(f"config.json: layer type '{t}' is not supported")
+            if t not in LAYER_TYPES:
+                raise ExportError(f"config.json: layer type '{t}' is not supported (supported: {', '.join(LAYER_TYPES)})")
+        if family == "smollm3" and not cfg.get("use_sliding_window"):  # its layers slide only when this is set
+            return ["full_attention" if t == "sliding_attention" else t for t in types]
         return list(types)
-    window = cfg.get("sliding_window")
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         # transformers 4: layers from max_window_layers on slide, when use_sliding_window is set
         if not cfg.get("use_sliding_window", False) or not window:
             return ["full_attention"] * n_layers
         first = cfg.get("max_window_layers", n_layers)
         return ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-    if family == "gemma2":
+    if family in ("gemma2", "gpt_oss"):
         return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-    if family == "gemma3_text":
-        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+    if family in ("gemma3_text", "olmo3", "exaone4"):
+        default = {"gemma3_text": 6, "olmo3": 4, "exaone4": 4}[family]
+        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", default))
+        if family == "exaone4" and not window:
+            return ["full_attention"] * n_layers
+        if isinstance(pattern, str):  # EXAONE 4 may spell it "LLLG": L local (sliding), G global
+            return ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(n_layers)]
         return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+    if family == "llama4_text":
+        return ["chunked_attention" if rope else "full_attention" for rope in rope_layers(cfg, n_layers, family)]
+    if family == "smollm3":
+        slide = cfg.get("use_sliding_window") and window
+        return ["sliding_attention" if slide and not rope else "full_attention" for rope in rope_layers(cfg, n_layers, family)]
     return ["sliding_attention" if window else "full_attention"] * n_layers
+
+
+def rope_layers(cfg, n_layers, family):
+    """Which layers rotate positions (1) and which have none (0, NoPE): SmolLM3 and Llama 4's
+    `no_rope_layers` (despite the name, 1 means rope), else every `no_rope_layer_interval`-th layer is NoPE."""
+    flags = cfg.get("no_rope_layers")
+    if flags:
+        if not isinstance(flags, list) or len(flags) != n_layers or any(f not in (0, 1) for f in flags):
+            raise ExportError(f"config.json: no_rope_layers must list 0 or 1 for each of the {n_layers} layers")
+        return list(flags)
+    interval = config_int(cfg, "no_rope_layer_interval", 4)
+    return [int((i + 1) % interval != 0) for i in range(n_layers)]
 
 
 def require(cfg, *keys):
@@ -424,9 +714,20 @@ def config_int(cfg, keys, default=None, minimum=1):
             raise ExportError(f"config.json: missing '{keys[0]}'")
         return default
     v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v < 2 ** 31:
-        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {2 ** 31 - 1}")
+    top = LIMITS.get(KEY_LIMITS.get(key), 2 ** 31 - 1)  # sizes the format bounds: refused before anything is built
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= top:
+        raise ExportError(f"config.json: '{key}' is {v!r}, expected an integer from {minimum} to {top}")
     return v
+
+
+# config.json keys that size what export builds, and the limit of the format (LIMITS) each is held to
+KEY_LIMITS = {"num_hidden_layers": "layers", "n_layer": "layers", "hidden_size": "dim", "n_embd": "dim",
+              "intermediate_size": "hidden_dim", "n_inner": "hidden_dim", "num_attention_heads": "heads",
+              "n_head": "heads", "num_key_value_heads": "heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+              "sliding_window": "context_length", "attention_chunk_size": "context_length",
+              "moe_intermediate_size": "hidden_dim", "shared_expert_intermediate_size": "hidden_dim",
+              "num_experts": "experts", "num_local_experts": "experts", "n_routed_experts": "experts",
+              "num_experts_per_tok": "experts"}
 
 
 def number(v, what):
@@ -445,97 +746,260 @@ def config_float(cfg, key, default):
 # Hugging Face families
 
 
+# The decoder families whose layers are variations of [norm, attention, norm, FFN]: what differs is data
+# (which norms, which q/k norm, which positions, which FFN), set here per family from its config.
+POST_NORMS_ONLY = ("olmo3", "exaone4")      # x += post_norm(block(x)), no norm before the blocks
+SANDWICH_NORMS = ("gemma2", "gemma3_text")  # x += post_norm(block(norm(x)))
+
+
 def convert_llama_like(cfg, st, family):
-    """llama, mistral, qwen2, qwen3 (and gemma2 / gemma3_text, phi3 through the same layer recipe)."""
+    """llama, mistral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3, smollm3, olmo3, exaone4, gpt_oss,
+    llama4_text."""
     prefix = text_prefix(st)
-    dim, n_layers, n_heads, vocab, hidden = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                    "vocab_size", "intermediate_size")
+    dim, n_layers, n_heads, vocab = require(cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     n_kv = config_int(cfg, "num_key_value_heads", n_heads)
     head_dim = config_int(cfg, "head_dim", dim // n_heads or None)  # None: an error, hidden_size < heads
-    gemma = family in ("gemma2", "gemma3_text")
+    gemma = family in SANDWICH_NORMS
+    head = next((n for n in ("lm_head.weight", "language_model.lm_head.weight") if n in st), None)
     tied = cfg.get("tie_word_embeddings")
     if tied is None:
-        tied = "lm_head.weight" not in st
-    if not tied and "lm_head.weight" not in st:
+        tied = head is None
+    if not tied and head is None:
         raise ExportError("missing tensor 'lm_head.weight' (config says the classifier is not tied)")
-    m = Model(family, dim, hidden, vocab, config_int(cfg, "max_position_embeddings", 2048),
+    m = Model(family, dim, vocab, config_int(cfg, "max_position_embeddings", 2048),
               norm_eps=config_float(cfg, "rms_norm_eps", 1e-6), tied=tied,
-              activation=ACT_GELU_TANH if gemma else activation_of(cfg.get("hidden_act", "silu")),
               embed_scale=math.sqrt(dim) if gemma else 1.0,
               final_softcap=config_float(cfg, "final_logit_softcapping", 0.0))
     types = layer_types(cfg, n_layers, family)
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     rope_dim = int(head_dim * number(partial, "partial_rotary_factor"))
-    if gemma:
-        scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5
-    else:
-        scale = head_dim ** -0.5
+    scale = config_float(cfg, "query_pre_attn_scalar", head_dim) ** -0.5 if gemma else head_dim ** -0.5
+    ropes = rope_layers(cfg, n_layers, family) if family in ("smollm3", "llama4_text") else [1] * n_layers
+    if family == "exaone4" and "sliding_attention" in types:  # EXAONE 4's global layers see no positions
+        ropes = [int(t == "sliding_attention") for t in types]
     p = prefix
     for i in range(n_layers):
         a = f"{p}layers.{i}."
         flags = 0
         if f"{a}self_attn.q_norm.weight" in st:
-            flags |= LAYER_QK_NORM
+            flags |= ATTN_QK_NORM_FULL if family == "olmo3" else ATTN_QK_NORM
+        if family == "llama4_text" and cfg.get("use_qk_norm") and ropes[i]:
+            flags |= ATTN_QK_NORM_PLAIN
         if f"{a}self_attn.q_proj.bias" in st:
-            flags |= LAYER_QKV_BIAS
+            flags |= ATTN_QKV_BIAS
         if f"{a}self_attn.o_proj.bias" in st:
-            flags |= LAYER_O_BIAS
-        if gemma:
-            flags |= LAYER_POST_ATTN_NORM | LAYER_POST_MLP_NORM
-        sliding = types[i] == "sliding_attention"
-        if sliding and not cfg.get("sliding_window"):
-            raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
-        window = config_int(cfg, "sliding_window") if sliding else 0
-        theta, table = layer_rope(m, cfg, rope_dim, types[i] if family == "gemma3_text" else None)
-        m.layers.append(Layer(n_heads, n_kv, head_dim, window=window, rope_theta=theta, rope_dim=rope_dim,
-                              rope_table=table, attn_scale=scale,
+            flags |= ATTN_O_BIAS
+        if f"{a}self_attn.sinks" in st:
+            flags |= ATTN_SINKS
+        window = chunk = 0
+        if types[i] == "sliding_attention":
+            if not cfg.get("sliding_window"):
+                raise ExportError(f"config.json: layer {i} slides but sliding_window is not set")
+            window = config_int(cfg, "sliding_window")
+        elif types[i] == "chunked_attention":
+            chunk = config_int(cfg, "attention_chunk_size")
+        if window >= m.context_length:  # a window over the whole context is full attention
+            window = 0
+        theta, table, attn_factor = layer_rope(m, cfg, rope_dim, types[i] if family == "gemma3_text" else None,
+                                               scaled=not (family == "olmo3" and types[i] == "sliding_attention"))
+        temperature = (config_float(cfg, "floor_scale", 8192.0), config_float(cfg, "attn_scale", 0.1)) \
+            if family == "llama4_text" and cfg.get("attn_temperature_tuning") and not ropes[i] else (0.0, 0.0)
+        attention = Attention(n_heads, n_kv, head_dim, window=window, chunk=chunk, rope_theta=theta,
+                              rope_dim=rope_dim if ropes[i] else 0, rope_table=table if ropes[i] else -1,
+                              rope_attn_factor=attn_factor, attn_scale=scale,
                               attn_softcap=config_float(cfg, "attn_logit_softcapping", 0.0),
-                              flags=flags))
+                              temperature_floor=temperature[0], temperature_scale=temperature[1], flags=flags)
+        norms = LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM if family in POST_NORMS_ONLY else \
+            LAYER_MIXER_NORM | LAYER_FFN_NORM | (LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM if gemma else 0)
+        m.layers.append(Layer(attention, ffn_of(cfg, st, family, i, a), norms))
 
     def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in here
-        return (lambda: st.get(name) + 1.0) if gemma else (lambda: st.get(name))
+        return (lambda: st.get(name) + 1.0) if gemma else getter(st, name)
 
-    m.add("tok_embeddings", (vocab, dim), lambda: st.get(f"{p}embed_tokens.weight"))
+    m.add("tok_embeddings", (vocab, dim), getter(st, f"{p}embed_tokens.weight"))
     qd, kd = n_heads * head_dim, n_kv * head_dim
     for i, layer in enumerate(m.layers):
-        a, o = f"{p}layers.{i}.", f"layers.{i}."
-        m.add(o + "attn_norm", (dim,), norm(a + "input_layernorm.weight"))
+        a, o, at = f"{p}layers.{i}.", f"layers.{i}.", layer.attn
+        if family in POST_NORMS_ONLY:
+            m.add(o + "mixer_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
+            m.add(o + "ffn_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+        else:
+            m.add(o + "mixer_norm", (dim,), norm(a + "input_layernorm.weight"))
+            m.add(o + "ffn_norm", (dim,), norm(a + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")))
+        if gemma:
+            m.add(o + "mixer_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
+            m.add(o + "ffn_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+        # Llama 4 rotates interleaved pairs (2i, 2i+1); attn.c rotates (i, i + d/2): reorder the q and k rows
+        qk = (lambda g, heads: interleaved_to_halves(g, heads, head_dim)) if family == "llama4_text" else (lambda g, heads: g)
         if f"{a}self_attn.qkv_proj.weight" in st:  # Phi-3: q, k, v stacked in one matrix
             fused = a + "self_attn.qkv_proj.weight"
-            m.add(o + "wq", (qd, dim), rows(st, fused, 0, qd))
-            m.add(o + "wk", (kd, dim), rows(st, fused, qd, qd + kd))
-            m.add(o + "wv", (kd, dim), rows(st, fused, qd + kd, qd + 2 * kd))
+            m.add(o + "attn.wq", (qd, dim), rows(st, fused, 0, qd))
+            m.add(o + "attn.wk", (kd, dim), rows(st, fused, qd, qd + kd))
+            m.add(o + "attn.wv", (kd, dim), rows(st, fused, qd + kd, qd + 2 * kd))
         else:
+            m.add(o + "attn.wq", (qd, dim), qk(getter(st, f"{a}self_attn.q_proj.weight"), n_heads))
+            m.add(o + "attn.wk", (kd, dim), qk(getter(st, f"{a}self_attn.k_proj.weight"), n_kv))
+            m.add(o + "attn.wv", (kd, dim), getter(st, f"{a}self_attn.v_proj.weight"))
+        if at.flags & ATTN_QKV_BIAS:
             for n, proj, d in (("q", "q_proj", qd), ("k", "k_proj", kd), ("v", "v_proj", kd)):
-                m.add(o + "w" + n, (d, dim), getter(st, f"{a}self_attn.{proj}.weight"))
-        if layer.flags & LAYER_QKV_BIAS:
-            for n, proj, d in (("q", "q_proj", qd), ("k", "k_proj", kd), ("v", "v_proj", kd)):
-                m.add(o + "b" + n, (d,), getter(st, f"{a}self_attn.{proj}.bias"))
-        if layer.flags & LAYER_QK_NORM:
-            m.add(o + "q_norm", (head_dim,), norm(a + "self_attn.q_norm.weight"))
-            m.add(o + "k_norm", (head_dim,), norm(a + "self_attn.k_norm.weight"))
-        m.add(o + "wo", (dim, qd), getter(st, a + "self_attn.o_proj.weight"))
-        if layer.flags & LAYER_O_BIAS:
-            m.add(o + "bo", (dim,), getter(st, a + "self_attn.o_proj.bias"))
-        if gemma:
-            m.add(o + "attn_post_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
-            m.add(o + "mlp_norm", (dim,), norm(a + "pre_feedforward_layernorm.weight"))
-        else:
-            m.add(o + "mlp_norm", (dim,), norm(a + "post_attention_layernorm.weight"))
-        if f"{a}mlp.gate_up_proj.weight" in st:  # Phi-3: gate and up stacked
-            fused = a + "mlp.gate_up_proj.weight"
-            m.add(o + "w_gate", (hidden, dim), rows(st, fused, 0, hidden))
-            m.add(o + "w_up", (hidden, dim), rows(st, fused, hidden, 2 * hidden))
-        else:
-            m.add(o + "w_gate", (hidden, dim), getter(st, a + "mlp.gate_proj.weight"))
-            m.add(o + "w_up", (hidden, dim), getter(st, a + "mlp.up_proj.weight"))
-        m.add(o + "w_down", (dim, hidden), getter(st, a + "mlp.down_proj.weight"))
-        if gemma:
-            m.add(o + "mlp_post_norm", (dim,), norm(a + "post_feedforward_layernorm.weight"))
+                m.add(o + "attn.b" + n, (d,), getter(st, f"{a}self_attn.{proj}.bias"))
+        if at.flags & ATTN_QK_NORM:
+            m.add(o + "attn.q_norm", (head_dim,), norm(a + "self_attn.q_norm.weight"))
+            m.add(o + "attn.k_norm", (head_dim,), norm(a + "self_attn.k_norm.weight"))
+        if at.flags & ATTN_QK_NORM_FULL:
+            m.add(o + "attn.q_norm_full", (qd,), norm(a + "self_attn.q_norm.weight"))
+            m.add(o + "attn.k_norm_full", (kd,), norm(a + "self_attn.k_norm.weight"))
+        if at.flags & ATTN_SINKS:
+            m.add(o + "attn.sinks", (n_heads,), getter(st, a + "self_attn.sinks"))
+        m.add(o + "attn.wo", (dim, qd), getter(st, a + "self_attn.o_proj.weight"))
+        if at.flags & ATTN_O_BIAS:
+            m.add(o + "attn.bo", (dim,), getter(st, a + "self_attn.o_proj.bias"))
+        add_ffn(m, st, layer.ffn, a, o, dim)
     m.add("final_norm", (dim,), norm(f"{p}norm.weight"))
     if not tied:
-        m.add("output", (vocab, dim), getter(st, "lm_head.weight"))
+        m.add("output", (vocab, dim), getter(st, head))
     return m
+
+
+def interleaved_to_halves(get, heads, head_dim):
+    """q/k rows of each head reordered from rotary pairs (2i, 2i+1) to (i, i + head_dim/2): the scores q.k do
+    not change (both sides move alike), and one rope kernel serves both layouts."""
+    def f():
+        w = get()
+        return w.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+    f.source = getattr(get, "source", None)
+    return f
+
+
+def ffn_of(cfg, st, family, i, a):
+    """The FFN record of layer i: dense (its width), or a mixture of experts where the family's config puts one."""
+    act = ACT_GELU_TANH if family in SANDWICH_NORMS else activation_of(cfg.get("hidden_act", "silu"))
+    dense_width = cfg.get("intermediate_size_mlp") if family == "llama4_text" else cfg.get("intermediate_size")
+    dense = lambda: Dense(config_int({"intermediate_size": dense_width}, "intermediate_size"), act,  # noqa: E731
+                          flags=FFN_BIAS if cfg.get("mlp_bias") else 0)
+    if family == "qwen3_moe":
+        sparse = i not in (cfg.get("mlp_only_layers") or []) and config_int(cfg, "num_experts", 0, 0) > 0 and \
+            (i + 1) % config_int(cfg, "decoder_sparse_step", 1) == 0
+        if not sparse:
+            return dense()
+        return MoE(config_int(cfg, "num_experts"), config_int(cfg, "num_experts_per_tok"),
+                   config_int(cfg, "moe_intermediate_size"), act, ROUTER_SOFTMAX,
+                   flags=MOE_NORM_TOPK if cfg.get("norm_topk_prob", False) else 0)
+    if family == "gpt_oss":
+        return MoE(config_int(cfg, ("num_local_experts", "num_experts")), config_int(cfg, "num_experts_per_tok"),
+                   config_int(cfg, "intermediate_size"), ACT_SWIGLU_CLAMPED, ROUTER_TOPK_SOFTMAX,
+                   act_alpha=1.702, act_limit=config_float(cfg, "swiglu_limit", 7.0),
+                   flags=MOE_ROUTER_BIAS | MOE_EXPERT_BIAS)
+    if family == "llama4_text":
+        step = config_int(cfg, "interleave_moe_layer_step", 1)
+        moe_layers = cfg.get("moe_layers")
+        if moe_layers is None:
+            moe_layers = list(range(step - 1, config_int(cfg, "num_hidden_layers"), step))
+        if i not in moe_layers:
+            return dense()
+        width = config_int(cfg, "intermediate_size")
+        return MoE(config_int(cfg, "num_local_experts"), config_int(cfg, "num_experts_per_tok"), width, act,
+                   ROUTER_SIGMOID, shared_hidden=width, flags=MOE_SCALE_INPUT)
+    return dense()
+
+
+def add_ffn(m, st, ffn, a, o, dim):
+    """The FFN's tensors of layer prefix a (checkpoint) / o (file)."""
+    hidden = ffn.hidden
+    if isinstance(ffn, Dense):
+        mlp = a + ("feed_forward." if f"{a}feed_forward.gate_proj.weight" in st else "mlp.")
+        if f"{mlp}gate_up_proj.weight" in st:  # Phi-3: gate and up stacked
+            m.add(o + "ffn.w_gate", (hidden, dim), rows(st, mlp + "gate_up_proj.weight", 0, hidden))
+            m.add(o + "ffn.w_up", (hidden, dim), rows(st, mlp + "gate_up_proj.weight", hidden, 2 * hidden))
+        else:
+            m.add(o + "ffn.w_gate", (hidden, dim), getter(st, mlp + "gate_proj.weight"))
+            m.add(o + "ffn.w_up", (hidden, dim), getter(st, mlp + "up_proj.weight"))
+        m.add(o + "ffn.w_down", (dim, hidden), getter(st, mlp + "down_proj.weight"))
+        if ffn.flags & FFN_BIAS:
+            m.add(o + "ffn.b_gate", (hidden,), getter(st, mlp + "gate_proj.bias"))
+            m.add(o + "ffn.b_up", (hidden,), getter(st, mlp + "up_proj.bias"))
+            m.add(o + "ffn.b_down", (dim,), getter(st, mlp + "down_proj.bias"))
+        return
+    E = ffn.n_experts
+    experts = ExpertSource(st, a, E, hidden, dim)
+    m.add(o + "moe.router", (E, dim), getter(st, experts.router))
+    if ffn.flags & MOE_ROUTER_BIAS:
+        m.add(o + "moe.router_bias", (E,), getter(st, experts.router_bias))
+    for name, shape in (("w_gate", (E, hidden, dim)), ("w_up", (E, hidden, dim)), ("w_down", (E, dim, hidden))):
+        m.add(o + "moe." + name, shape, experts.producer(name))
+    if ffn.flags & MOE_EXPERT_BIAS:
+        for name, shape in (("b_gate", (E, hidden)), ("b_up", (E, hidden)), ("b_down", (E, dim))):
+            m.add(o + "moe." + name, shape, experts.producer(name))
+    if ffn.flags & MOE_SHARED:
+        sh, s = ffn.shared_hidden, experts.shared
+        m.add(o + "moe.shared.w_gate", (sh, dim), getter(st, s + "gate_proj.weight"))
+        m.add(o + "moe.shared.w_up", (sh, dim), getter(st, s + "up_proj.weight"))
+        m.add(o + "moe.shared.w_down", (dim, sh), getter(st, s + "down_proj.weight"))
+
+
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def mxfp4(blocks, scales):
+    """MXFP4 (OCP microscaling, gpt-oss's experts): blocks [..., G, 16] of two 4-bit e2m1 values per byte (low
+    nibble first), scales [..., G] of e8m0 exponents (2^(s - 127)) for each group of 32 -> float32 [..., G * 32].
+    Every value is a small power-of-two multiple, exact in bf16 as in f32."""
+    blocks, scales = np.asarray(blocks), np.asarray(scales)
+    values = np.stack([FP4_VALUES[blocks & 0x0F], FP4_VALUES[blocks >> 4]], axis=-1).reshape(blocks.shape[:-1] + (32,))
+    values = np.ldexp(values, (scales.astype(np.int32) - 127)[..., None]).astype(np.float32)
+    return values.reshape(blocks.shape[:-2] + (-1,))
+
+
+class ExpertSource:
+    """The experts of one MoE layer in whatever layout the checkpoint keeps them, as the stacks attn.c stores:
+    w_gate, w_up [E][hidden][dim], w_down [E][dim][hidden] (and biases [E][...]).
+      per expert      experts.{e}.gate_proj / up_proj / down_proj (Qwen3-MoE, Mixtral-style)
+      fused, halves   experts.gate_up_proj [E][dim][2 hidden]: gate | up (Llama 4)
+      interleaved     experts.gate_up_proj [E][dim][2 hidden]: gate, up alternating (gpt-oss), + biases
+      MXFP4           experts.gate_up_proj_blocks / _scales, rows interleaved (gpt-oss as released)"""
+
+    def __init__(self, st, a, E, hidden, dim):
+        self.st, self.E, self.hidden, self.dim = st, E, hidden, dim
+        for mlp in (a + "mlp.", a + "feed_forward.", a + "block_sparse_moe."):
+            if any(n in st for n in (mlp + "experts.gate_up_proj", mlp + "experts.gate_up_proj_blocks",
+                                     mlp + "experts.0.gate_proj.weight", mlp + "experts.0.w1.weight")):
+                break
+        else:
+            raise ExportError(f"missing tensor '{a}mlp.experts.*' (the experts of a mixture-of-experts layer)")
+        self.mlp, self.shared = mlp, mlp + "shared_expert."
+        self.router = next((mlp + n for n in ("router.weight", "gate.weight") if mlp + n in st), mlp + "router.weight")
+        self.router_bias = mlp + "router.bias"
+        self.interleaved = mlp + "experts.gate_up_proj_bias" in st or mlp + "experts.gate_up_proj_blocks" in st
+
+    def producer(self, name):
+        f = lambda: self.get(name)  # noqa: E731
+        return f
+
+    def get(self, name):
+        st, mlp, H = self.st, self.mlp + "experts.", self.hidden
+        if mlp + "0.gate_proj.weight" in st or mlp + "0.w1.weight" in st:  # one tensor per expert
+            mixtral = mlp + "0.w1.weight" in st
+            part = {"w_gate": "w1" if mixtral else "gate_proj", "w_up": "w3" if mixtral else "up_proj",
+                    "w_down": "w2" if mixtral else "down_proj"}[name]
+            return np.stack([st.get(f"{mlp}{e}.{part}.weight") for e in range(self.E)])
+        if name.startswith("b_"):
+            if name == "b_down":
+                return st.get(mlp + "down_proj_bias")
+            bias = st.get(mlp + "gate_up_proj_bias")
+            return bias[:, 0::2] if name == "b_gate" else bias[:, 1::2]
+        if mlp + "gate_up_proj_blocks" in st:  # MXFP4, already [out][in]
+            if name == "w_down":
+                return mxfp4(st.get_raw(mlp + "down_proj_blocks"), st.get_raw(mlp + "down_proj_scales"))
+            gate_up = mxfp4(st.get_raw(mlp + "gate_up_proj_blocks"), st.get_raw(mlp + "gate_up_proj_scales"))
+            return gate_up[:, 0::2] if name == "w_gate" else gate_up[:, 1::2]
+        if name == "w_down":  # [E][hidden][dim] as x @ W: transpose to [E][dim][hidden]
+            return np.ascontiguousarray(st.get(mlp + "down_proj").transpose(0, 2, 1))
+        gate_up = st.get(mlp + "gate_up_proj")
+        if self.interleaved:
+            half = gate_up[:, :, 0::2] if name == "w_gate" else gate_up[:, :, 1::2]
+        else:
+            half = gate_up[:, :, :H] if name == "w_gate" else gate_up[:, :, H:]
+        return np.ascontiguousarray(half.transpose(0, 2, 1))
 
 
 def convert_gpt2(cfg, st, family):
@@ -555,12 +1019,13 @@ def convert_gpt2(cfg, st, family):
     scale = head_dim ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
     prefix = "transformer." if "transformer.wte.weight" in st else ""
     tied = "lm_head.weight" not in st
-    m = Model(family, dim, hidden, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5),
-              mlp_kind=MLP_PLAIN, activation=activation_of(cfg.get("activation_function", "gelu_new")),
+    m = Model(family, dim, vocab, ctx, norm_kind=NORM_LAYER, norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5),
               position_kind=POS_LEARNED, tied=tied)
+    act = activation_of(cfg.get("activation_function", "gelu_new"))
     for _ in range(n_layers):
-        m.layers.append(Layer(n_heads, n_kv, head_dim, rope_dim=0, attn_scale=scale,
-                              flags=LAYER_QKV_BIAS | LAYER_O_BIAS))
+        m.layers.append(Layer(Attention(n_heads, n_kv, head_dim, rope_dim=0, attn_scale=scale,
+                                        flags=ATTN_QKV_BIAS | ATTN_O_BIAS),
+                              Dense(hidden, act, gated=False, flags=FFN_BIAS)))
     # Conv1D (GPT-2) stores [in, out]: transpose to [out, in]. nn.Linear (GPTBigCode) is already [out, in].
     lin = (lambda name: getter(st, name)) if bigcode else (lambda name: transposed(st, name))
     p = prefix
@@ -569,21 +1034,21 @@ def convert_gpt2(cfg, st, family):
     qd, kd = n_heads * head_dim, n_kv * head_dim
     for i in range(n_layers):
         a, o = f"{p}h.{i}.", f"layers.{i}."
-        m.add(o + "attn_norm", (dim,), getter(st, a + "ln_1.weight"))
-        m.add(o + "attn_norm_bias", (dim,), getter(st, a + "ln_1.bias"))
+        m.add(o + "mixer_norm", (dim,), getter(st, a + "ln_1.weight"))
+        m.add(o + "mixer_norm_bias", (dim,), getter(st, a + "ln_1.bias"))
         w = lin(a + "attn.c_attn.weight")
         b = getter(st, a + "attn.c_attn.bias")
         for n, lo, hi in (("q", 0, qd), ("k", qd, qd + kd), ("v", qd + kd, qd + 2 * kd)):
-            m.add(o + "w" + n, (hi - lo, dim), (lambda w=w, lo=lo, hi=hi: w()[lo:hi]))
-            m.add(o + "b" + n, (hi - lo,), (lambda b=b, lo=lo, hi=hi: b()[lo:hi]))
-        m.add(o + "wo", (dim, qd), lin(a + "attn.c_proj.weight"))
-        m.add(o + "bo", (dim,), getter(st, a + "attn.c_proj.bias"))
-        m.add(o + "mlp_norm", (dim,), getter(st, a + "ln_2.weight"))
-        m.add(o + "mlp_norm_bias", (dim,), getter(st, a + "ln_2.bias"))
-        m.add(o + "w_up", (hidden, dim), lin(a + "mlp.c_fc.weight"))
-        m.add(o + "b_up", (hidden,), getter(st, a + "mlp.c_fc.bias"))
-        m.add(o + "w_down", (dim, hidden), lin(a + "mlp.c_proj.weight"))
-        m.add(o + "b_down", (dim,), getter(st, a + "mlp.c_proj.bias"))
+            m.add(o + "attn.w" + n, (hi - lo, dim), (lambda w=w, lo=lo, hi=hi: w()[lo:hi]))
+            m.add(o + "attn.b" + n, (hi - lo,), (lambda b=b, lo=lo, hi=hi: b()[lo:hi]))
+        m.add(o + "attn.wo", (dim, qd), lin(a + "attn.c_proj.weight"))
+        m.add(o + "attn.bo", (dim,), getter(st, a + "attn.c_proj.bias"))
+        m.add(o + "ffn_norm", (dim,), getter(st, a + "ln_2.weight"))
+        m.add(o + "ffn_norm_bias", (dim,), getter(st, a + "ln_2.bias"))
+        m.add(o + "ffn.w_up", (hidden, dim), lin(a + "mlp.c_fc.weight"))
+        m.add(o + "ffn.b_up", (hidden,), getter(st, a + "mlp.c_fc.bias"))
+        m.add(o + "ffn.w_down", (dim, hidden), lin(a + "mlp.c_proj.weight"))
+        m.add(o + "ffn.b_down", (dim,), getter(st, a + "mlp.c_proj.bias"))
     m.add("final_norm", (dim,), getter(st, p + "ln_f.weight"))
     m.add("final_norm_bias", (dim,), getter(st, p + "ln_f.bias"))
     if not tied:
@@ -645,9 +1110,15 @@ FAMILIES = {
     "mistral": convert_llama_like,
     "qwen2": convert_llama_like,
     "qwen3": convert_llama_like,
+    "qwen3_moe": convert_llama_like,
     "gemma2": convert_llama_like,
     "gemma3_text": convert_llama_like,
     "phi3": convert_llama_like,
+    "smollm3": convert_llama_like,
+    "olmo3": convert_llama_like,
+    "exaone4": convert_llama_like,
+    "gpt_oss": convert_llama_like,
+    "llama4_text": convert_llama_like,
     "gpt2": convert_gpt2,
     "gpt_bigcode": convert_gpt2,
 }
@@ -657,27 +1128,62 @@ def convert_hf(src, args):
     cfg = load_json(os.path.join(src, "config.json"))
     if not isinstance(cfg, dict):
         raise ExportError(f"{os.path.join(src, 'config.json')}: not a JSON object")
+    log(f"export: reading {src} ({cfg.get('model_type')})")
+    m = convert_checkpoint(cfg, SafeTensors(src), os.path.join(src, "config.json"))
+    if args.tokenizer:
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config, src)
+    else:
+        m.tokenizer = hf_tokenizer(src, m.hf_config, m.vocab_size)
+    m.chat = chat_section(([os.path.dirname(os.path.abspath(args.tokenizer))] if args.tokenizer else []) + [src],
+                          args.chat_template)
+    return m
+
+
+def convert_checkpoint(cfg, st, where):
+    """The model description of a checkpoint given as a config in Hugging Face terms and its tensors under
+    Hugging Face names (a safetensors directory, or a GGUF file through gguf_reader)."""
     family = cfg.get("model_type")
-    if family == "gemma3" and isinstance(cfg.get("text_config"), dict):  # multimodal wrapper: keep the text model
-        cfg = dict(cfg["text_config"], model_type="gemma3_text")
-        family = "gemma3_text"
+    wrappers = {"gemma3": "gemma3_text", "llama4": "llama4_text"}  # multimodal checkpoints: keep the text model
+    if isinstance(family, str) and family in wrappers and isinstance(cfg.get("text_config"), dict):
+        family = wrappers[family]
+        cfg = dict(cfg["text_config"], model_type=family)
     if not isinstance(family, str) or family not in FAMILIES:
         raise ExportError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
     cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
-    log(f"export: reading {src} ({family})")
-    st = SafeTensors(src)
-    with malformed_input(os.path.join(src, "config.json")):
+    with malformed_input(where):
         m = FAMILIES[family](cfg, st, family)
     check_shapes(m, st)
+    m.hf_config = cfg
+    m.source_dtype = default_dtype({st.dtype(n) for n in st.names() if len(st.shape(n)) >= 2 and st.dtype(n) != "U8"})
+    return m
+
+
+def default_dtype(matrix_dtypes):
+    """The dtype matrices keep without --dtype: the checkpoint's own where attn.c has it (bf16 stays bf16), q8_0
+    where a GGUF holds other quantized types (Q4_K ...: 8 bits keep what they hold), else f32 (mixed floats)."""
+    if len(matrix_dtypes) == 1 and next(iter(matrix_dtypes)).lower() in DTYPES:
+        return DTYPES[next(iter(matrix_dtypes)).lower()]
+    if any(d.lower() not in ("f32", "f16", "bf16") for d in matrix_dtypes):
+        return DTYPES["q8_0"]
+    return DTYPES["f32"]
+
+
+def convert_gguf(path, args):
+    """A llama.cpp GGUF model file, through the Hugging Face converters (gguf_reader gives them the config and
+    tensors in Hugging Face terms)."""
+    try:
+        ck = gguf_reader.GGUFCheckpoint(path)
+    except gguf_reader.GGUFError as e:
+        raise ExportError(str(e))
+    log(f"export: reading {path} (GGUF, {ck.arch} -> {ck.config['model_type']})")
+    m = convert_checkpoint(ck.config, ck.tensors, path)
     if args.tokenizer:
-        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, cfg, src)
+        m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config)
+    elif ck.tokenizer is not None:
+        m.tokenizer = tokenizer_from_json(path, ck.tokenizer, {"eos_token_id": ck.eos}, m.vocab_size, [])
     else:
-        m.tokenizer = hf_tokenizer(src, cfg, m.vocab_size)
-    m.chat = chat_section(([os.path.dirname(os.path.abspath(args.tokenizer))] if args.tokenizer else []) + [src],
-                          args.chat_template)
-    # without --dtype, keep the checkpoint's own dtype for the matrices (bf16 stays bf16, mixed becomes f32)
-    matrix_dtypes = {st.dtype(n) for n in st.names() if len(st.shape(n)) == 2}
-    m.source_dtype = DTYPES[matrix_dtypes.pop().lower()] if len(matrix_dtypes) == 1 else DTYPES["f32"]
+        log("export: the GGUF file has no tokenizer: the model will run from --tokens")
+    m.chat = chat_section([], args.chat_template) if args.chat_template else gguf_chat_section(ck, path)
     return m
 
 
@@ -690,65 +1196,104 @@ def check_shapes(m, st):
 
 
 # ----------------------------------------------------------------------------
-# llama2.c legacy checkpoints (version 0): 7 int32 header, then float32 arrays in a fixed order
+# llama2.c checkpoints: the legacy layout (version 0: 7 int32, then float32 arrays) and, after a 256-byte header
+# that starts with the magic "ak42", version 1 (float32) and version 2 (q8_0 in groups, float32 scales)
+
+LLAMA2C_MAGIC = struct.pack("<I", 0x616B3432)  # llama2.c writes the uint32 "ak42"; on disk: b"24ka"
+
+
+class Llama2cArray:
+    """One of a llama2.c file's arrays (all layers back to back): float32, or (version 2) int8 values in groups of
+    group_size with one float32 scale each, w = q * scale."""
+
+    def __init__(self, mm, offset, count, scales_offset=None, group_size=0):
+        self.mm, self.offset, self.count, self.scales_offset, self.group_size = mm, offset, count, scales_offset, group_size
+
+    def take(self, start, n):
+        if self.scales_offset is None:
+            return np.frombuffer(self.mm, dtype="<f4", count=n, offset=self.offset + 4 * start)
+        g = self.group_size
+        q = np.frombuffer(self.mm, dtype=np.int8, count=n, offset=self.offset + start).astype(np.float32)
+        scale = np.frombuffer(self.mm, dtype="<f4", count=n // g, offset=self.scales_offset + 4 * (start // g))
+        return (q.reshape(-1, g) * scale[:, None]).reshape(-1)
+
+
+def llama2c_arrays(path):
+    """(header dims, shared classifier, {name: Llama2cArray}, version) of a llama2.c checkpoint."""
+    with open_input(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(256)
+        mm = np.memmap(f, dtype=np.uint8, mode="r") if size else None
+    version = struct.unpack_from("<i", head, 4)[0] if head[:4] == LLAMA2C_MAGIC and len(head) >= 8 else 0
+    if version not in (0, 1, 2):
+        raise ExportError(f"{path}: llama2.c checkpoint version {version} is not supported (0, 1 and 2 are)")
+    if len(head) < (28 if version == 0 else 256):
+        raise ExportError(f"{path}: too short for a llama2.c header")
+    dims = struct.unpack_from("<7i", head, 0 if version == 0 else 8)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
+    shared = vocab > 0 if version == 0 else bool(head[36])
+    vocab = abs(vocab)
+    group = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+    limits = (LIMITS["dim"], LIMITS["hidden_dim"], LIMITS["layers"], LIMITS["heads"], LIMITS["heads"],
+              LIMITS["vocab_size"], LIMITS["context_length"])
+    if not all(0 < x <= hi for x, hi in zip((dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), limits)) or \
+            dim % n_heads or n_heads % n_kv or (version == 2 and (group <= 0 or dim % group)):
+        # the numbers are not shown: a file that is not a checkpoint would have its first bytes printed
+        raise ExportError(f"{path}: implausible llama2.c header (not a llama2.c checkpoint, or sizes past the format's limits)")
+    head_dim, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
+    counts = dict(tok=vocab * dim, rms_att=n_layers * dim, wq=n_layers * dim * dim, wk=n_layers * kv_dim * dim,
+                  wv=n_layers * kv_dim * dim, wo=n_layers * dim * dim, rms_ffn=n_layers * dim, w1=n_layers * hidden * dim,
+                  w2=n_layers * dim * hidden, w3=n_layers * hidden * dim, rms_final=dim, freqs=seq_len * head_dim,
+                  wcls=0 if shared else vocab * dim)
+    if version == 0:    # legacy: float32 arrays in model order, the unused rope tables before the classifier
+        order, quantized = ["tok", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final", "freqs", "wcls"], []
+    elif version == 1:  # float32: the norms first, then the matrices
+        order, quantized = ["rms_att", "rms_ffn", "rms_final", "tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"], []
+    else:               # the norms in float32, every matrix's int8 values, then every matrix's scales
+        order, quantized = ["rms_att", "rms_ffn", "rms_final"], ["tok", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls"]
+        if any(counts[n] % group for n in quantized):
+            raise ExportError(f"{path}: a matrix does not fill whole groups of {group}")
+    offset = 28 if version == 0 else 256
+    need = offset + 4 * sum(counts[n] for n in order) + sum(counts[n] * (1 + 4 / max(group, 1)) for n in quantized)
+    if size < need:
+        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {int(need)})")
+    log(f"export: reading {path} (llama2.c version {version}: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, "
+        f"vocab {vocab}{f', q8_0 in groups of {group}' if version == 2 else ''})")
+    arrays = {}
+    for name in order:
+        arrays[name] = Llama2cArray(mm, offset, counts[name])
+        offset += 4 * counts[name]
+    scales = offset + sum(counts[n] for n in quantized)
+    for name in quantized:
+        arrays[name] = Llama2cArray(mm, offset, counts[name], scales, group)
+        offset += counts[name]
+        scales += 4 * counts[name] // group
+    return (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version
 
 
 def convert_llama2c(path, args):
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header = f.read(28)
-    if len(header) != 28:
-        raise ExportError(f"{path}: too short for a llama2.c header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
-    shared = vocab > 0
-    vocab = abs(vocab)
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
-        raise ExportError(f"{path}: implausible llama2.c header {dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len}")
-    head = dim // n_heads
-    kv_dim = n_kv * head
-    sizes = [("tok", vocab * dim), ("rms_att", n_layers * dim), ("wq", n_layers * dim * dim),
-             ("wk", n_layers * kv_dim * dim), ("wv", n_layers * kv_dim * dim), ("wo", n_layers * dim * dim),
-             ("rms_ffn", n_layers * dim), ("w1", n_layers * hidden * dim), ("w2", n_layers * dim * hidden),
-             ("w3", n_layers * hidden * dim), ("rms_final", dim), ("freq_real", seq_len * head // 2),
-             ("freq_imag", seq_len * head // 2)]
-    if not shared:
-        sizes.append(("wcls", vocab * dim))
-    need = 28 + 4 * sum(n for _, n in sizes)
-    if size < need:
-        raise ExportError(f"{path}: truncated llama2.c checkpoint ({size} bytes, header implies {need})")
-    log(f"export: reading {path} (llama2.c legacy: dim {dim}, {n_layers} layers, {n_heads}/{n_kv} heads, vocab {vocab})")
-    mm = np.memmap(path, dtype=np.float32, mode="r", offset=28, shape=((need - 28) // 4,))
-    arrays, off = {}, 0
-    for name, n in sizes:
-        arrays[name] = mm[off:off + n]
-        off += n
-    m = Model("llama", dim, hidden, vocab, seq_len, norm_eps=1e-5, tied=shared)
+    (dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len), shared, arrays, version = llama2c_arrays(path)
+    head, kv_dim = dim // n_heads, n_kv * (dim // n_heads)
+    m = Model("llama", dim, vocab, seq_len, norm_eps=1e-5, tied=shared)
     for _ in range(n_layers):
-        m.layers.append(Layer(n_heads, n_kv, head, rope_theta=10000.0))
+        m.layers.append(Layer(Attention(n_heads, n_kv, head, rope_theta=10000.0), Dense(hidden)))
 
     def mat(name, layer, r, c):
-        return lambda: np.asarray(arrays[name][layer * r * c:(layer + 1) * r * c]).reshape(r, c)
-
-    def unpermute(get, heads):
-        # Meta/llama2.c rotate interleaved pairs (2i, 2i+1); attn.c rotates (i, i + d/2): reorder the rows
-        def f():
-            w = get()
-            return w.reshape(heads, head // 2, 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
-        return f
+        return lambda: arrays[name].take(layer * r * c, r * c).reshape(r, c)
 
     m.add("tok_embeddings", (vocab, dim), mat("tok", 0, vocab, dim))
     for i in range(n_layers):
         o = f"layers.{i}."
-        m.add(o + "attn_norm", (dim,), lambda i=i: np.asarray(arrays["rms_att"][i * dim:(i + 1) * dim]))
-        m.add(o + "wq", (dim, dim), unpermute(mat("wq", i, dim, dim), n_heads))
-        m.add(o + "wk", (kv_dim, dim), unpermute(mat("wk", i, kv_dim, dim), n_kv))
-        m.add(o + "wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
-        m.add(o + "wo", (dim, dim), mat("wo", i, dim, dim))
-        m.add(o + "mlp_norm", (dim,), lambda i=i: np.asarray(arrays["rms_ffn"][i * dim:(i + 1) * dim]))
-        m.add(o + "w_gate", (hidden, dim), mat("w1", i, hidden, dim))
-        m.add(o + "w_up", (hidden, dim), mat("w3", i, hidden, dim))
-        m.add(o + "w_down", (dim, hidden), mat("w2", i, dim, hidden))
-    m.add("final_norm", (dim,), lambda: np.asarray(arrays["rms_final"]))
+        m.add(o + "mixer_norm", (dim,), lambda i=i: arrays["rms_att"].take(i * dim, dim))
+        m.add(o + "attn.wq", (dim, dim), interleaved_to_halves(mat("wq", i, dim, dim), n_heads, head))
+        m.add(o + "attn.wk", (kv_dim, dim), interleaved_to_halves(mat("wk", i, kv_dim, dim), n_kv, head))
+        m.add(o + "attn.wv", (kv_dim, dim), mat("wv", i, kv_dim, dim))
+        m.add(o + "attn.wo", (dim, dim), mat("wo", i, dim, dim))
+        m.add(o + "ffn_norm", (dim,), lambda i=i: arrays["rms_ffn"].take(i * dim, dim))
+        m.add(o + "ffn.w_gate", (hidden, dim), mat("w1", i, hidden, dim))
+        m.add(o + "ffn.w_up", (hidden, dim), mat("w3", i, hidden, dim))
+        m.add(o + "ffn.w_down", (dim, hidden), mat("w2", i, dim, hidden))
+    m.add("final_norm", (dim,), lambda: arrays["rms_final"].take(0, dim))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
     if args.chat_template:
@@ -758,6 +1303,8 @@ def convert_llama2c(path, args):
         m.tokenizer = read_tokenizer(args.tokenizer, vocab)
     else:
         log("export: no tokenizer (give --tokenizer tokenizer.bin for text prompts): the model will run from --tokens")
+    if version == 2:
+        m.source_dtype = DTYPES["q8_0"]  # 8-bit weights stay 8-bit (regrouped: 32 per scale, along rows)
     return m
 
 
@@ -783,6 +1330,7 @@ class TokenizerRecord:
         self.scores = [0.0] * vocab_size
         self.types = [PIECE_UNUSED] * vocab_size
         self.merges = []                       # (left id, right id) in rank order
+        self.steps = []                        # (regex, behavior, invert) when pretokenizer is PRE_SPLITS
         self.source = source
 
     def set_piece(self, i, data, piece_type, score=0.0):
@@ -804,7 +1352,7 @@ class TokenizerRecord:
         return ids
 
     def pack(self):
-        eos = self.eos[:16]
+        eos = self.eos
         n = len(self.pieces)  # the loader's rules for the special ids (tokenizer_load)
         for what, i in [("bos", -1 if self.bos is None else self.bos), ("unk", self.unk)] + [("eos", e) for e in eos]:
             if not (isinstance(i, int) and (-1 <= i < n if what != "eos" else 0 <= i < n)):
@@ -816,25 +1364,33 @@ class TokenizerRecord:
         for p, s, t in zip(self.pieces, self.scores, self.types):
             out.append(struct.pack("<I", len(p)) + p + struct.pack("<fI", s, t))
         out.append(np.asarray(self.merges, dtype="<u4").reshape(-1).tobytes())
+        if self.pretokenizer == PRE_SPLITS:  # the Split steps: u32 count, then behavior, flags, length, regex each
+            out.append(struct.pack("<I", len(self.steps)))
+            for regex, behavior, invert in self.steps:
+                data = regex.encode("utf-8")
+                out.append(struct.pack("<3I", behavior, 1 if invert else 0, len(data)) + data)
         return b"".join(out)
 
 
 def read_tokenizer(path, vocab_size, cfg=None, model_dir=None):
     """The tokenizer record for a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin.
     tokenizer_config.json and generation_config.json are looked for beside the tokenizer and in model_dir."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1)
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        head = f.read(1)
     dirs = [os.path.dirname(os.path.abspath(path))] + ([model_dir] if model_dir else [])
+    if head == gguf_reader.GGUF_MAGIC[:1] and file_magic(path) == gguf_reader.GGUF_MAGIC:  # a GGUF's vocabulary
+        try:
+            tok, eos = gguf_reader.read_vocabulary(path)
+        except gguf_reader.GGUFError as e:
+            raise UnsupportedTokenizer(str(e))
+        return tokenizer_from_json(path, tok, {"eos_token_id": eos}, vocab_size, [])
     if path.endswith(".json"):
         return json_tokenizer(path, cfg or {}, vocab_size, dirs)
     if path.endswith(".bin"):
         return llama2c_tokenizer(path, vocab_size)
     if path.endswith(".model") or head == b"\x0a":  # a protobuf starting with field 1 (the pieces)
         return sentencepiece_tokenizer(path, vocab_size, dirs)
-    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c tokenizer.bin")
+    raise ExportError(f"{path}: not a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c tokenizer.bin or a GGUF file")
 
 
 def hf_tokenizer(src, cfg, vocab_size):
@@ -877,9 +1433,7 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# the regexes the record names by number (the engine has hand-written matchers for them)
 KNOWN_REGEXES = {GPT2_REGEX: PRE_GPT2, LLAMA3_REGEX: PRE_LLAMA3, QWEN2_REGEX: PRE_QWEN2}
 
 
@@ -891,32 +1445,29 @@ def steps_of(block, list_key):
 
 
 def bytelevel_rules(tok, path):
-    """(pretokenizer id, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
+    """(pretokenizer id, Split steps, flags) of a byte-level tokenizer.json, or an error naming what is unsupported."""
     if tok.get("normalizer") is not None:
         raise UnsupportedTokenizer(f"{path}: normalizer '{tok['normalizer'].get('type')}' is not supported with byte-level BPE")
-    steps = steps_of(tok.get("pre_tokenizer"), "pretokenizers")
-    if not steps:
+    if not tok.get("pre_tokenizer"):
         raise UnsupportedTokenizer(f"{path}: byte-level BPE without a pre_tokenizer is not supported")
-    kind, flags, saw_bytelevel = PRE_NONE, 0, False
-    for s in steps:
-        t = s.get("type")
-        if t == "ByteLevel":
-            saw_bytelevel = True
-            flags = TOKF_PREFIX_SPACE if s.get("add_prefix_space", False) else 0
-            if s.get("use_regex", True):
-                if kind != PRE_NONE:
-                    raise UnsupportedTokenizer(f"{path}: two splitting regexes in the pre_tokenizer are not supported")
-                kind = PRE_GPT2
-        elif t == "Split":
-            pattern = s.get("pattern", {}).get("Regex")
-            if pattern not in KNOWN_REGEXES or s.get("behavior") != "Isolated" or s.get("invert"):
-                raise UnsupportedTokenizer(f"{path}: pre-tokenizer Split with pattern {pattern!r} is not supported")
-            kind = KNOWN_REGEXES[pattern]
-        else:
-            raise UnsupportedTokenizer(f"{path}: pre-tokenizer '{t}' is not supported with byte-level BPE")
+    try:
+        steps, prefix_space, saw_bytelevel = split_steps(tok.get("pre_tokenizer"))
+    except PretokenizerError as e:
+        raise UnsupportedTokenizer(f"{path}: {e}")
     if not saw_bytelevel:
         raise UnsupportedTokenizer(f"{path}: BPE without a ByteLevel step or byte_fallback is not supported")
-    return kind, flags
+    if len(steps) > 16:
+        raise UnsupportedTokenizer(f"{path}: {len(steps)} pre-tokenizer steps (the record holds at most 16)")
+    return pretokenizer_of(steps) + (TOKF_PREFIX_SPACE if prefix_space else 0,)
+
+
+def pretokenizer_of(steps):
+    """(pretokenizer id, steps to store): a single isolating step with a known regex is named by its number."""
+    if not steps:
+        return PRE_NONE, []
+    if len(steps) == 1 and steps[0][1:] == (0, False) and steps[0][0] in KNOWN_REGEXES:
+        return KNOWN_REGEXES[steps[0][0]], []
+    return PRE_SPLITS, steps
 
 
 def check_tokenizer_json(tok):
@@ -986,9 +1537,13 @@ def spacemark_rules(tok, path):
     return pretok, flags
 
 
-@reads_input
 def json_tokenizer(path, cfg, vocab_size, dirs):
-    tok = load_json(path)
+    return tokenizer_from_json(path, load_json(path, MAX_TOKENIZER_BYTES), cfg, vocab_size, dirs)
+
+
+@reads_input
+def tokenizer_from_json(path, tok, cfg, vocab_size, dirs):
+    """The tokenizer record of a tokenizer.json (the dict; path names it in messages)."""
     check_tokenizer_json(tok)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
@@ -1007,7 +1562,7 @@ def json_tokenizer(path, cfg, vocab_size, dirs):
         def spell(piece):
             return piece.encode("utf-8")
     else:
-        rec.pretokenizer, rec.flags = bytelevel_rules(tok, path)
+        rec.pretokenizer, rec.steps, rec.flags = bytelevel_rules(tok, path)
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
         def spell(piece):
@@ -1060,7 +1615,7 @@ def json_tokenizer(path, cfg, vocab_size, dirs):
     rec.flags |= TOKF_ADD_BOS if add_bos else 0
     rec.eos = eos_ids(dirs, cfg, tcfg, by_text)
     log(f"export: tokenizer: {'SentencePiece-style' if spacemark else 'byte-level'} BPE from {os.path.basename(path)}, "
-        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {rec.eos}")
+        f"{len(vocab)} tokens, {len(rec.merges)} merges, bos {rec.bos} (added: {add_bos}), eos {shown_ids(rec.eos)}")
     return rec.pack()
 
 
@@ -1092,16 +1647,19 @@ def post_processor_bos(post, ids):
 
 
 def eos_ids(dirs, cfg, tcfg, special_id, extra=()):
-    eos = []
+    """Every end-of-sequence id the checkpoint names (generation_config.json, config.json, the tokenizer's
+    eos_token), each once, in the order found; the record keeps them all (the loader checks each id)."""
+    candidates = []
     for source in (config_file(dirs, "generation_config.json"), cfg):
         e = source.get("eos_token_id")
-        for x in (e if isinstance(e, list) else [e]):
-            if isinstance(x, int) and x not in eos:
-                eos.append(x)
-    for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra):
-        if t is not None and t >= 0 and t not in eos:
-            eos.append(t)
-    return eos[:16]
+        candidates += [x for x in (e if isinstance(e, list) else [e]) if isinstance(x, int) and not isinstance(x, bool)]
+    candidates += [t for t in [token_id(tcfg.get("eos_token"), special_id)] + list(extra) if t is not None and t >= 0]
+    return list(dict.fromkeys(candidates))  # each once, in order (a set for membership: linear in the count)
+
+
+def shown_ids(ids, most=8):
+    """A list of ids for a log line: the first few and how many."""
+    return f"{ids}" if len(ids) <= most else f"[{', '.join(map(str, ids[:most]))}, ... ({len(ids)} ids)]"
 
 
 # -- SentencePiece tokenizer.model: a protobuf (sentencepiece_model.proto), read by hand
@@ -1158,11 +1716,8 @@ SP_MODEL_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}
 
 def sentencepiece_model(path):
     """(pieces [(text, score, type)], trainer_spec {field: value}, normalizer_spec {field: value})."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        data = f.read()
     pieces, trainer, normalizer = [], {}, {}
     for field, value in protobuf_fields(data, path):
         if field == 1:    # ModelProto.pieces: piece = 1, score = 2, type = 3
@@ -1221,7 +1776,7 @@ def sentencepiece_tokenizer(path, vocab_size, dirs):
         rec.flags |= TOKF_ADD_BOS
     rec.eos = eos_ids(dirs, {}, tcfg, rec.ids_by_text(), extra=[eos])
     log(f"export: tokenizer: SentencePiece BPE from {os.path.basename(path)}, {len(pieces)} pieces, "
-        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {rec.eos}")
+        f"bos {rec.bos} (added: {bool(rec.flags & TOKF_ADD_BOS)}), eos {shown_ids(rec.eos)}")
     return rec.pack()
 
 
@@ -1233,11 +1788,8 @@ def llama2c_tokenizer(path, vocab_size):
     """llama2.c's export of the Llama 2 vocabulary: pieces with "▁" written as a space, BOS as "\\n<s>\\n",
     EOS as "\\n</s>\\n", bytes as <0xNN>. llama2.c encodes like SentencePiece (a dummy-prefix space, merges
     by score, byte fallback), decodes dropping the space after BOS, and stops at BOS as well as EOS."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExportError(f"{path}: {e.strerror}")
+    with open_input(path, MAX_TOKENIZER_BYTES) as f:
+        data = f.read()
     if len(data) < 4:
         raise ExportError(f"{path}: too short for a llama2.c tokenizer")
     (max_len,) = struct.unpack_from("<i", data, 0)
@@ -1331,6 +1883,11 @@ def chat_section(dirs, path=None):
         v = v.get("content") if isinstance(v, dict) else v
         if isinstance(v, str):
             variables.append((name, v))
+    return checked_chat_section(template, variables, where)
+
+
+def checked_chat_section(template, variables, where):
+    """pack_chat_section after the checks of the loader (sizes, NUL bytes, valid text), each failure one line."""
     for what, text, limit in [("chat template", template, MAX_CHAT_TEMPLATE)] + [(n, v, MAX_CHAT_VARIABLE) for n, v in variables]:
         try:
             size = len(text.encode("utf-8"))
@@ -1341,6 +1898,23 @@ def chat_section(dirs, path=None):
     log(f"export: chat template from {os.path.basename(where)} ({len(template.encode())} bytes; "
         f"{', '.join(f'{n} {v!r}' for n, v in variables) or 'no special-token strings'})")
     return pack_chat_section(template, variables)
+
+
+def gguf_chat_section(ck, path):
+    """The chat section of a GGUF file: its tokenizer.chat_template, with the texts of its BOS and EOS tokens."""
+    meta = ck.gguf.meta
+    template = meta.get("tokenizer.chat_template")
+    if isinstance(template, bytes):
+        template = template.decode("utf-8", "replace")
+    if not isinstance(template, str) or not template:
+        return b""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    variables = []
+    for name, key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
+        i = meta.get(key)
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            variables.append((name, tokens[i].decode("utf-8", "replace")))
+    return checked_chat_section(template, variables, path)
 
 
 def pack_chat_section(template, variables):
@@ -1358,19 +1932,31 @@ def pad_to(n, align=ALIGN):
 
 
 def tensor_nbytes(dtype, shape):
+    if len(shape) == 3:  # a stack of matrices, each padded to 64 bytes
+        return shape[0] * stack_stride(dtype, shape[1:])
     count = int(np.prod(shape))
     if dtype == DTYPES["q8_0"]:  # the int8 values, then one f16 scale per group
         return count + count // Q8_GROUP * 2
     return count * (4 if dtype == DTYPES["f32"] else 2)
 
 
+def stack_stride(dtype, shape):
+    return pad_to(tensor_nbytes(dtype, tuple(shape)))
+
+
 def quantize_q8_0(arr):
     """[rows][cols] -> rows*cols int8 values (row-major), then rows*cols/32 f16 scales (row-major): each group of
-    32 values of a row is round(w / scale) with scale = max|w| / 127, so value * scale approximates w."""
+    32 values of a row is round(w / scale) with scale = max|w| / 127, so value * scale approximates w.
+
+    The scale is rounded up to an f16, never down: w / scale then stays within +-127 (no value is clipped),
+    and a group of tiny weights (max|w| below 127 x 2^-25, ~4e-6) keeps a scale of at least 2^-24, the
+    smallest f16, instead of one rounded to 0 that would make the whole group vanish."""
     rows, cols = arr.shape
     groups = arr.reshape(rows, cols // Q8_GROUP, Q8_GROUP)
+    exact = np.abs(groups).max(axis=-1) / np.float32(127.0)
     with np.errstate(over="ignore"):
-        scale = (np.abs(groups).max(axis=-1) / np.float32(127.0)).astype(np.float16)
+        scale = exact.astype(np.float16)
+        scale = np.where(scale.astype(np.float32) < exact, np.nextafter(scale, np.float16(np.inf)), scale)
     if not np.isfinite(scale).all():
         raise ExportError("a weight exceeds the q8_0 range (its scale overflows f16); export with --dtype bf16 or f32")
     s32 = scale.astype(np.float32)
@@ -1380,16 +1966,23 @@ def quantize_q8_0(arr):
 
 
 def matrix_dtype(dtype, name, shape):
-    """The dtype a matrix is stored in: the export dtype, except that q8_0 needs whole groups of 32 columns
-    (matrices that have not stay f32)."""
-    if dtype == DTYPES["q8_0"] and shape[1] % Q8_GROUP:
+    """The dtype a matrix (or stack of matrices) is stored in: the export dtype, except that q8_0 needs whole
+    groups of 32 columns (matrices that have not stay f32)."""
+    if dtype == DTYPES["q8_0"] and shape[-1] % Q8_GROUP:
         log(f"export: {name} {list(shape)} has columns that do not fill groups of {Q8_GROUP}: stored as f32, not q8_0")
         return DTYPES["f32"]
     return dtype
 
 
 def encode_tensor(arr, dtype):
+    """The bytes of a float32 array in dtype. A NaN or an infinity (in the checkpoint, or a value past the
+    range of the dtype) is refused: ./run would turn it into logits that are NaN everywhere."""
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr))
+        raise ExportError(f"holds {bad.size} NaN or infinite values (the first at flat index {bad[0]})")
+    if arr.ndim == 3:  # a stack: each matrix on its own, starting 64-byte aligned
+        return b"".join(encode_tensor(a, dtype).ljust(stack_stride(dtype, a.shape), b"\0") for a in arr)
     if dtype == DTYPES["q8_0"]:
         return quantize_q8_0(arr)
     if dtype == DTYPES["f32"]:
@@ -1398,38 +1991,66 @@ def encode_tensor(arr, dtype):
         if np.abs(arr).max(initial=0.0) > 65504.0:
             raise ExportError("a weight exceeds the f16 range; export with --dtype bf16 or f32")
         return arr.astype("<f2").tobytes()
-    return f32_to_bf16(arr).astype("<u2").tobytes()
+    bf16 = f32_to_bf16(arr)
+    if ((bf16 & 0x7F80) == 0x7F80).any():  # rounded past the largest bf16 (3.39e38): infinity
+        raise ExportError("a weight exceeds the bf16 range; export with --dtype f32")
+    return bf16.astype("<u2").tobytes()
 
 
 # The loader's limits (model.c): a file outside them would be written only to be refused by ./run.
 LIMITS = dict(dim=1 << 16, hidden_dim=1 << 20, vocab_size=1 << 22, context_length=1 << 24, layers=4096, heads=1024,
-              head_dim=1024)
+              head_dim=1024, experts=4096)
 
 
 def check_model(m):
-    """Fail before writing if the model description breaks a rule of the format (docs/FORMAT.md)."""
+    """Fail before writing if the model description breaks a rule of the format (docs/FORMAT.md), or if its
+    tensors are not exactly those the tensor table asks for."""
     def whole(v, what, lo, hi):
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise ExportError(f"{what} is {v!r} (the format allows {lo} .. {hi})")
 
-    for f in ("dim", "hidden_dim", "vocab_size", "context_length"):
+    for f in ("dim", "vocab_size", "context_length"):
         whole(getattr(m, f), f, 1, LIMITS[f])
     whole(len(m.layers), "the number of layers", 1, LIMITS["layers"])
     if not 0.0 < m.norm_eps < 1.0:
         raise ExportError(f"norm epsilon {m.norm_eps} is not in (0, 1)")
-    if not (math.isfinite(m.embed_scale) and math.isfinite(m.final_softcap) and m.final_softcap >= 0.0):
-        raise ExportError(f"embed_scale {m.embed_scale} / final softcap {m.final_softcap} is not valid")
+    if not all(math.isfinite(v) for v in (m.embed_scale, m.residual_scale, m.logit_scale, m.final_softcap)) or m.final_softcap < 0:
+        raise ExportError(f"embed / residual / logit scale {m.embed_scale} / {m.residual_scale} / {m.logit_scale} or "
+                          f"final softcap {m.final_softcap} is not valid")
     for i, L in enumerate(m.layers):
-        whole(L.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
-        whole(L.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
-        whole(L.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
-        whole(L.rope_dim, f"layer {i}: rotary dimensions", 0, L.head_dim)
-        if L.rope_dim % 2:
-            raise ExportError(f"layer {i}: {L.rope_dim} rotary dimensions is odd (head_dim {L.head_dim})")
-        if m.position_kind == POS_ROPE and L.rope_dim and L.rope_table < 0 and not L.rope_theta > 1.0:
-            raise ExportError(f"layer {i}: rope_theta {L.rope_theta} is not valid")
-        if not (math.isfinite(L.attn_scale) and L.attn_scale > 0 and math.isfinite(L.attn_softcap) and L.attn_softcap >= 0):
-            raise ExportError(f"layer {i}: attention scale {L.attn_scale} / softcap {L.attn_softcap} is not valid")
+        a = L.attn
+        whole(a.n_heads, f"layer {i}: n_heads", 1, LIMITS["heads"])
+        whole(a.head_dim, f"layer {i}: head_dim", 1, LIMITS["head_dim"])
+        whole(a.window, f"layer {i}: sliding window", 0, LIMITS["context_length"])
+        whole(a.chunk, f"layer {i}: attention chunk", 0, LIMITS["context_length"])
+        whole(a.rope_dim, f"layer {i}: rotary dimensions", 0, a.head_dim)
+        if a.rope_dim % 2:
+            raise ExportError(f"layer {i}: {a.rope_dim} rotary dimensions is odd (head_dim {a.head_dim})")
+        if m.position_kind == POS_ROPE and a.rope_dim and a.rope_table < 0 and not a.rope_theta > 1.0:
+            raise ExportError(f"layer {i}: rope_theta {a.rope_theta} is not valid")
+        if not (math.isfinite(a.attn_scale) and a.attn_scale > 0 and math.isfinite(a.attn_softcap) and a.attn_softcap >= 0
+                and math.isfinite(a.rope_attn_factor) and a.rope_attn_factor > 0):
+            raise ExportError(f"layer {i}: attention scale {a.attn_scale} / softcap {a.attn_softcap} / rope factor "
+                              f"{a.rope_attn_factor} is not valid")
+        if L.ffn is not None:
+            whole(L.ffn.hidden, f"layer {i}: FFN width", 1, LIMITS["hidden_dim"])
+        if isinstance(L.ffn, MoE):
+            whole(L.ffn.n_experts, f"layer {i}: experts", 1, LIMITS["experts"])
+            whole(L.ffn.top_k, f"layer {i}: experts per token", 1, L.ffn.n_experts)
+    for t in m.rope_tables:
+        if not (np.isfinite(t).all() and (t > 0).all()):
+            raise ExportError("a rope table has frequencies that are not finite and positive (check rope_scaling)")
+    want = expected_tensors(m)
+    have = {name: shape for name, shape, _ in m.tensors}
+    for name, (shape, _) in want.items():
+        if name not in have:
+            raise ExportError(f"the converter gave no tensor '{name}' (tensors.def asks for it)")
+        if have[name] != shape:
+            raise ExportError(f"tensor '{name}' has shape {list(have[name])}, tensors.def asks for {list(shape)}")
+    extra = [n for n in have if n not in want and not n.startswith("rope_inv_freq.")]
+    if extra:
+        raise ExportError(f"tensor '{extra[0]}' is not one tensors.def lists for this model")
+    return want
 
 
 HEADER = struct.Struct("<4sIQQQQIIQQQIIQQ")  # docs/FORMAT.md, the first bytes of the 128-byte header
@@ -1451,14 +2072,15 @@ def read_tensor_directory(data):
 
 
 def write_model(m, out, dtype):
-    check_model(m)
+    table = check_model(m)
     for i, t in enumerate(m.rope_tables):
         m.add(f"rope_inv_freq.{i}", t.shape, lambda t=t: t)
     n_layers, n_tensors = len(m.layers), len(m.tensors)
     tok, chat = m.tokenizer or b"", m.chat
+    layers = b"".join(L.pack() for L in m.layers)
     config_off = 128
     layers_off = config_off + 128
-    tok_off = layers_off + 64 * n_layers
+    tok_off = layers_off + len(layers)
     chat_off = tok_off + len(tok) if chat else 0
     tensors_off = pad_to(tok_off + len(tok) + len(chat), 8)
     data_off = pad_to(tensors_off + 128 * n_tensors)
@@ -1466,25 +2088,21 @@ def write_model(m, out, dtype):
     for name, shape, _ in m.tensors:
         if len(name.encode()) >= 80:
             raise ExportError(f"tensor name too long: {name}")
-        dt = matrix_dtype(dtype, name, shape) if len(shape) == 2 else DTYPES["f32"]
+        storage = table[name][1] if name in table else "F32"
+        dt = matrix_dtype(dtype, name, shape) if storage == "MATRIX" else DTYPES["f32"]
         nbytes = tensor_nbytes(dt, shape)
         directory.append((name, dt, shape, offset, nbytes))
         offset = pad_to(offset + nbytes)
     file_size = offset
 
     header = HEADER.pack(b"ATNC", FORMAT_VERSION, file_size, config_off, 128, layers_off,
-                         n_layers, 64, tok_off, len(tok), tensors_off, n_tensors, 128, data_off, file_size - data_off)
+                         n_layers, len(layers), tok_off, len(tok), tensors_off, n_tensors, 128, data_off, file_size - data_off)
     header += CHAT_HEADER.pack(chat_off, len(chat))
     header += bytes(128 - len(header))
-    config = struct.pack("<32s4I I f 3I 2f 2I", m.family.encode()[:31], m.dim, m.hidden_dim, m.vocab_size,
-                         m.context_length, m.norm_kind, m.norm_eps, m.mlp_kind, m.activation, m.position_kind,
-                         m.embed_scale, m.final_softcap, MODEL_TIED_EMBEDDINGS if m.tied else 0, len(m.rope_tables))
+    config = struct.pack("<32s 3I I f I 4f 2I", m.family.encode()[:31], m.dim, m.vocab_size, m.context_length,
+                         m.norm_kind, m.norm_eps, m.position_kind, m.embed_scale, m.residual_scale, m.logit_scale,
+                         m.final_softcap, m.flags(), len(m.rope_tables))
     config += bytes(128 - len(config))
-    layers = b""
-    for L in m.layers:
-        rec = struct.pack("<4I f I i 2f I", L.n_heads, L.n_kv_heads, L.head_dim, L.window, L.rope_theta, L.rope_dim,
-                          L.rope_table, L.attn_scale, L.attn_softcap, L.flags)
-        layers += rec + bytes(64 - len(rec))
     dir_bytes = b""
     for name, dt, shape, off, nbytes in directory:
         dims = list(shape) + [0] * (4 - len(shape))
@@ -1503,7 +2121,10 @@ def write_model(m, out, dtype):
                 arr = producer()
                 if tuple(arr.shape) != shape:
                     raise ExportError(f"tensor '{name}': expected shape {list(shape)}, checkpoint gives {list(arr.shape)}")
-                data = encode_tensor(arr, dt)
+                try:
+                    data = encode_tensor(arr, dt)
+                except ExportError as e:
+                    raise ExportError(f"tensor '{name}' (from the checkpoint): {e}")
                 assert len(data) == nbytes and f.tell() == off
                 f.write(data)
                 f.write(bytes(pad_to(f.tell()) - f.tell()))
@@ -1523,18 +2144,68 @@ def write_model(m, out, dtype):
     log(f"export: wrote {out} ({file_size / 1e6:.1f} MB, {n_layers} layers, {n_tensors} tensors)")
 
 
+def output_stat(out):
+    """os.stat of the output path (through a symbolic link), or None if nothing is there yet."""
+    try:
+        return os.stat(out)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ExportError(f"{out}: {e.strerror}")
+
+
+def check_output(out, inputs):
+    """Before any work: out can be written the way write_model writes it (a temporary file in its directory,
+    renamed over it) and is none of the inputs named on the command line. An existing out that is not a
+    regular file is refused: the rename would replace a device node, a FIFO or a socket with a regular file."""
+    st = output_stat(out)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{out}: {os.strerror(21)}")  # EISDIR
+        if not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"{out}: exists and is not a regular file (a device, a FIFO or a socket): export would "
+                              f"replace it with a regular file; give another output path")
+        for path in inputs:
+            other = output_stat(path)
+            if other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                raise ExportError(f"{out}: is the input {path}: export would replace its own input")
+    d = os.path.dirname(os.path.abspath(out))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot create a file in {d} ({e.strerror})")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_is_no_input(out):
+    """After the inputs are open, before any weight is read: out is none of the files this export reads
+    (model.safetensors, a shard, config.json, ... through any symbolic or hard link)."""
+    st = output_stat(out)
+    if st is not None and (st.st_dev, st.st_ino) in INPUTS:
+        raise ExportError(f"{out}: is one of the files this export reads: it would replace its own input")
+
+
+def file_magic(path):
+    """The first 4 bytes of an input file (regular files only: a FIFO is refused, never waited on)."""
+    with open_input(path) as f:
+        return f.read(4)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Export a Hugging Face or llama2.c checkpoint to an attn.c model file.")
-    ap.add_argument("src", help="Hugging Face model directory, or a llama2.c .bin checkpoint")
+    ap = argparse.ArgumentParser(description="Export a Hugging Face, GGUF or llama2.c checkpoint to an attn.c model file.")
+    ap.add_argument("src", help="Hugging Face model directory, a llama.cpp .gguf file, or a llama2.c .bin checkpoint")
     ap.add_argument("out", help="output model file")
     ap.add_argument("--dtype", choices=sorted(DTYPES),
                     help="weight dtype (default: the checkpoint's own); q8_0: int8 in groups of 32 with an f16 scale each")
     ap.add_argument("--tokenizer", metavar="FILE",
-                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model or a llama2.c "
-                         "tokenizer.bin (default: the model directory's tokenizer.json, else its tokenizer.model)")
+                    help="take the tokenizer from FILE: a tokenizer.json, a SentencePiece tokenizer.model, a llama2.c "
+                         "tokenizer.bin or a GGUF file's vocabulary (default: the model directory's tokenizer.json, else "
+                         "its tokenizer.model; a GGUF's own)")
     ap.add_argument("--chat-template", metavar="FILE",
                     help="the chat template to store: a .jinja file, or a .json holding chat_template (default: the "
-                         "checkpoint's chat_template.jinja, tokenizer_config.json or chat_template.json)")
+                         "checkpoint's chat_template.jinja, tokenizer_config.json or chat_template.json; a GGUF's "
+                         "tokenizer.chat_template)")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")
@@ -1542,18 +2213,24 @@ def main(argv=None):
                     help="regroup key/value heads per layer: N a multiple of the layer's kv heads duplicates them "
                          "(exact), a divisor mean-pools each group's k/v projections (GQA/MQA from MHA, Ainslie et al. 2023)")
     args = ap.parse_args(argv)
+    INPUTS.clear()
     try:
+        check_output(args.out, [p for p in (args.src, args.tokenizer) if p])
         if os.path.isdir(args.src):
             m = convert_hf(args.src, args)
-        elif os.path.isfile(args.src):
+        elif os.path.lexists(args.src) and file_magic(args.src) == gguf_reader.GGUF_MAGIC:
+            m = convert_gguf(args.src, args)
+        elif os.path.lexists(args.src):
             m = convert_llama2c(args.src, args)
         else:
             raise ExportError(f"{args.src}: no such file or directory")
         dtype = DTYPES[args.dtype] if args.dtype else m.source_dtype
+        full_attention_windows(m)
         if args.bf16_rope:
             round_rope_to_bf16(m)
         if args.kv_heads:
             regroup_kv_heads(m, parse_kv_heads(args.kv_heads, len(m.layers)))
+        check_output_is_no_input(args.out)
         write_model(m, args.out, dtype)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -123,10 +123,9 @@ static long slots_spanned(const KVLayer *l, long n_positions) {
 }
 
 size_t kvlayer_bytes_for(const KVLayer *l, long n_positions) {
-    long blocks = (slots_spanned(l, n_positions) + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
-    size_t rows = 0;
-    for (long b = 0; b < blocks; b++) rows += (size_t)block_rows(l, (int)b);
-    return bytes_of_rows(l, rows);
+    long blocks = (slots_spanned(l, n_positions) + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS, cap = kvlayer_capacity(l);
+    long rows = blocks * KV_BLOCK_TOKENS; /* whole blocks, but a rolling buffer's last block is cut (block_rows) */
+    return bytes_of_rows(l, (size_t)(cap && rows > cap ? cap : rows));
 }
 
 size_t kvcache_bytes_held(const KVCache *c) {

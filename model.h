@@ -1,5 +1,11 @@
 /* model.h - the model: config (model-wide + one record per layer), weights in the mapped file, forward().
- * The file layout is docs/FORMAT.md; load_model() reads it in that order. */
+ *
+ * A layer is data: a MIXER (how the positions exchange information - softmax attention today; latent attention
+ * and recurrent kinds are other kinds of the same slot) and an FFN (dense gated, dense plain, mixture of
+ * experts, or none), each with its own parameter block, and the norms around them:
+ *     x += mixer_post_norm(mixer(mixer_norm(x)))
+ *     x += ffn_post_norm(ffn(ffn_norm(x)))
+ * The file layout is docs/FORMAT.md; model.c reads it in that order, tensors.def lists every tensor. */
 #ifndef ATTN_MODEL_H
 #define ATTN_MODEL_H
 
@@ -13,47 +19,119 @@
 #include "tokenizer.h"
 
 #define MODEL_MAGIC "ATNC"
-#define MODEL_VERSION 1
+#define MODEL_VERSION 2
 
 enum { NORM_RMS = 0, NORM_LAYER = 1 };
-enum { MLP_GATED = 0, MLP_PLAIN = 1 };
 enum { POS_ROPE = 0, POS_LEARNED = 1 };
-enum { MODEL_TIED_EMBEDDINGS = 1 };
+
+/* What mixes the positions (the "token mixer" of the layer). */
+typedef enum { MIXER_ATTENTION = 1 } MixerKind;
+#define MIXER_KIND_COUNT 2
+/* What transforms each position on its own. */
+typedef enum { FFN_NONE = 0, FFN_GATED = 1, FFN_PLAIN = 2, FFN_MOE = 3 } FfnKind;
+#define FFN_KIND_COUNT 4
+
+/* Flag bits. Each record has its own range, so that one word (layer | mixer | FFN | model flags) says which
+ * tensors a layer has (tensors.def). */
 enum {
-    LAYER_QK_NORM = 1,        /* RMSNorm on each query and key head before RoPE (Qwen3, Gemma 3) */
-    LAYER_QKV_BIAS = 2,       /* biases on the q, k, v projections (Qwen2, GPT-2) */
-    LAYER_O_BIAS = 4,         /* bias on the output projection (GPT-2) */
-    LAYER_POST_ATTN_NORM = 8, /* norm the attention output before the residual add (Gemma 2/3) */
-    LAYER_POST_MLP_NORM = 16, /* norm the MLP output before the residual add (Gemma 2/3) */
+    /* layer record: the norms around the two blocks */
+    LAYER_MIXER_NORM = 1u << 0,      /* norm before the mixer (every pre-norm model) */
+    LAYER_MIXER_POST_NORM = 1u << 1, /* norm of the mixer's output before the residual add (Gemma 2/3, OLMo 2/3) */
+    LAYER_FFN_NORM = 1u << 2,
+    LAYER_FFN_POST_NORM = 1u << 3,
+    LAYER_FLAGS = 0xfu,
+    /* the mixer record (attention) */
+    ATTN_QK_NORM = 1u << 4,        /* RMSNorm of each query / key head, with weights (Qwen3, Gemma 3, EXAONE 4) */
+    ATTN_QKV_BIAS = 1u << 5,       /* biases on the q, k, v projections (Qwen2, GPT-2, gpt-oss) */
+    ATTN_O_BIAS = 1u << 6,         /* bias on the output projection (GPT-2, gpt-oss) */
+    ATTN_QK_NORM_FULL = 1u << 7,   /* RMSNorm of the whole q and k projections, before the head split (OLMo 2/3) */
+    ATTN_QK_NORM_PLAIN = 1u << 8,  /* RMSNorm of each query / key head without weights (Llama 4's L2 norm) */
+    ATTN_SINKS = 1u << 9,          /* a learned logit per head joins every softmax (gpt-oss) */
+    MIXER_FLAGS = 0xff0u,
+    /* the FFN record */
+    FFN_BIAS = 1u << 12,         /* dense: biases on its projections (GPT-2) */
+    MOE_NORM_TOPK = 1u << 13,    /* the chosen experts' weights are renormalised to sum to 1 */
+    MOE_ROUTER_BIAS = 1u << 14,  /* the router has a bias (gpt-oss) */
+    MOE_EXPERT_BIAS = 1u << 15,  /* the experts' projections have biases (gpt-oss) */
+    MOE_SCORE_BIAS = 1u << 16,   /* a bias added to the scores for choosing only (DeepSeek-V3) */
+    MOE_SHARED = 1u << 17,       /* a shared expert every token goes through (Llama 4, Qwen3-Next, DeepSeek) */
+    MOE_SHARED_GATE = 1u << 18,  /* the shared expert's output is scaled by sigmoid(g . x) (Qwen3-Next) */
+    MOE_SCALE_INPUT = 1u << 19,  /* the routing weight scales the expert's input, not its output (Llama 4) */
+    MOE_GROUP_TOP2 = 1u << 20,   /* a group's score is the sum of its two best scores (DeepSeek-V3), else its best */
+    FFN_FLAGS = 0xfff000u,
+    /* the model config */
+    MODEL_TIED_EMBEDDINGS = 1u << 24, /* the classifier is the embedding table */
+    MODEL_FLAGS = 0xf000000u,
+    /* derived from the config, never stored: they only say which tensors exist */
+    PRESENT_LEARNED_POSITIONS = 1u << 29,
+    PRESENT_LAYERNORM = 1u << 30,
 };
 
-/* How one layer wires its attention. Every field comes from the file. */
+#define MAX_EXPERTS 4096 /* experts of a mixture, at most */
+
+/* How the experts' scores come out of the router's logits */
+enum {
+    ROUTER_SOFTMAX = 0,      /* softmax over all experts, then the top k (Mixtral, Qwen3-MoE, DeepSeek-V2) */
+    ROUTER_TOPK_SOFTMAX = 1, /* the top k logits, then a softmax over those k (gpt-oss) */
+    ROUTER_SIGMOID = 2,      /* sigmoid of each logit (Llama 4, DeepSeek-V3) */
+};
+#define ROUTER_KIND_COUNT 3
+
+/* Rotary positions of an attention layer. */
 typedef struct {
-    int n_heads;      /* query heads */
-    int n_kv_heads;   /* key/value heads: n_heads (MHA), 1 (MQA) or in between (GQA) */
+    int dim;           /* rotated dimensions per head; 0: the layer has no positions at all (NoPE) */
+    int table;         /* -1: inverse frequencies theta^(-2i/dim); N >= 0: the tensor rope_inv_freq.N */
+    float theta;
+    float attn_factor; /* cos and sin are multiplied by it (YaRN's attention factor); 1 otherwise */
+} RopeConfig;
+
+/* MIXER_ATTENTION: softmax attention over the cached keys and values */
+typedef struct {
+    int n_heads;     /* query heads */
+    int n_kv_heads;  /* key/value heads: n_heads (MHA), 1 (MQA) or in between (GQA) */
     int head_dim;
-    int window;       /* 0: full causal; W: the query at p sees keys p-W+1 .. p */
-    float rope_theta; /* RoPE base */
-    int rope_dim;     /* rotated dimensions per head (0: no RoPE in this layer) */
-    int rope_table;   /* -1: frequencies from rope_theta, else index of a precomputed table */
-    float attn_scale; /* multiplies q.k */
-    float attn_softcap; /* 0: none, else scores <- c * tanh(score / c) */
-    unsigned flags;   /* LAYER_* */
+    int window;      /* 0: full causal; W: the query at p sees keys p-W+1 .. p */
+    int chunk;       /* 0, or C: the query at p sees only its own chunk of C positions (Llama 4) */
+    RopeConfig rope;
+    float scale;     /* multiplies q.k */
+    float softcap;   /* 0: none, else scores <- c * tanh(score / c) */
+    float temperature_floor, temperature_scale; /* Llama 4 on NoPE layers: q *= 1 + scale * log(1 + floor((p + 1) / floor)); 0: off */
+    unsigned flags;  /* ATTN_* */
+} AttentionConfig;
+
+/* The FFN of a layer: a dense MLP or a mixture of experts (hidden is then each expert's width). */
+typedef struct {
+    int hidden;
+    int activation;     /* ACTIVATION_* (ops.h) */
+    float act_alpha, act_limit; /* ACTIVATION_SWIGLU_CLAMPED only */
+    int n_experts, top_k;
+    int router;         /* ROUTER_* */
+    int n_groups, topk_groups; /* experts in n_groups groups; the top k are chosen from the best topk_groups (1, 1: no groups) */
+    int shared_hidden;  /* width of the shared expert (MOE_SHARED) */
+    float routed_scale; /* the routed experts' sum is multiplied by it */
+    unsigned flags;     /* FFN_BIAS, MOE_* */
+} FfnConfig;
+
+typedef struct {
+    unsigned flags;     /* LAYER_* */
+    MixerKind mixer;
+    AttentionConfig attn; /* MIXER_ATTENTION */
+    FfnKind ffn_kind;
+    FfnConfig ffn;
 } LayerConfig;
 
 typedef struct {
     char family[32];  /* informational (shown by --info); never used to choose code */
     int dim;          /* residual stream width */
-    int hidden_dim;   /* MLP inner width */
     int n_layers;
     int vocab_size;
     int context_length;
     int norm_kind;    /* NORM_* */
     float norm_eps;
-    int mlp_kind;     /* MLP_* */
-    int activation;   /* ACTIVATION_* (ops.h) */
     int position_kind;/* POS_* */
-    float embed_scale;
+    float embed_scale;    /* the embedding row is multiplied by it (Gemma: sqrt(dim); Granite's embedding multiplier) */
+    float residual_scale; /* every block's output is multiplied by it before the residual add (Granite) */
+    float logit_scale;    /* the logits are multiplied by it (Granite: 1 / logits_scaling) */
     float final_softcap;
     unsigned flags;   /* MODEL_* */
     int n_rope_tables;
@@ -61,15 +139,24 @@ typedef struct {
 } Config;
 
 typedef struct {
-    Tensor attn_norm, attn_norm_bias;
-    Tensor wq, wk, wv, bq, bk, bv;
-    Tensor q_norm, k_norm;
-    Tensor wo, bo;
-    Tensor attn_post_norm;
-    Tensor mlp_norm, mlp_norm_bias;
-    Tensor w_gate, w_up, w_down, b_up, b_down;
-    Tensor mlp_post_norm;
-    const float *rope_inv_freq; /* rope_dim/2 inverse frequencies: a table in the file or computed at load */
+    Tensor wq, wk, wv, wo, bq, bk, bv, bo;
+    Tensor q_norm, k_norm, q_norm_full, k_norm_full;
+    Tensor sinks;
+} AttentionWeights;
+
+/* A dense FFN, or the experts of a mixture (stacked: Tensor.stack matrices each) with its router */
+typedef struct {
+    Tensor w_gate, w_up, w_down, b_gate, b_up, b_down;
+    Tensor router, router_bias, score_bias;
+    Tensor shared_w_gate, shared_w_up, shared_w_down, shared_gate;
+} FfnWeights;
+
+typedef struct {
+    Tensor mixer_norm, mixer_norm_bias, mixer_post_norm;
+    Tensor ffn_norm, ffn_norm_bias, ffn_post_norm;
+    AttentionWeights attn;
+    FfnWeights ffn;
+    const float *rope_inv_freq; /* rope.dim/2 inverse frequencies: a table in the file or computed at load */
 } LayerWeights;
 
 typedef struct {
@@ -78,7 +165,7 @@ typedef struct {
     Tensor final_norm, final_norm_bias;
     Tensor output;          /* [vocab][dim]; == tok_embeddings when tied */
     LayerWeights *layers;
-    float *rope_computed;   /* storage for the frequencies computed from rope_theta */
+    float *rope_computed;   /* storage for the frequencies computed from rope theta */
 } Weights;
 
 typedef struct {
@@ -89,11 +176,21 @@ typedef struct {
     void *map;            /* the whole file, mmapped read-only */
     size_t file_size;
     DType weight_dtype;   /* dtype of the matrices (for --info and stats) */
-    AttentionSpec *attention; /* per layer, how it attends when run: its record in the file, then any
-                               * --window / --sinks / --sparse / --attn override (study.c) */
+    AttentionSpec *attention; /* per layer, how its attention runs: derived from its record (attention_of_layer),
+                               * then changed by any --window / --sinks / --sparse / --attn (study.c); the
+                               * loaded config itself is never rewritten */
 } Model;
 
-/* Scratch buffers for one forward pass over up to max_tokens tokens, allocated once. */
+/* Called after the naive attention kernel of a layer for one query position: weights holds each head's
+ * attention weights over its visible keys (weights_stride floats apart). The study tools (--attn-map)
+ * attach here, so the model knows nothing about them. */
+typedef struct {
+    void (*record)(void *ctx, int layer, int pos, const float *weights, int weights_stride);
+    void *ctx;
+} AttentionObserver;
+
+/* Everything one forward pass over up to max_tokens tokens needs besides the weights: scratch buffers
+ * (allocated once), the KV cache, and the observer. */
 typedef struct {
     int max_tokens;
     float *x;       /* [T][dim] residual stream */
@@ -101,13 +198,20 @@ typedef struct {
     float *xb2;     /* [T][dim] */
     float *q;       /* [T][q_dim] */
     float *k, *v;   /* [T][kv_dim] */
-    float *hb, *hb2;/* [T][hidden_dim] */
+    float *hb, *hb2;/* [T][widest FFN inner width] */
     float *scores;  /* [n_heads][scores_stride] attention weights of one query */
     int scores_stride; /* keys a row holds: grows with the positions reached, up to the most any query can see */
     int scores_heads;  /* rows: the most query heads of any layer */
     float *logits;  /* [T][vocab] */
+    /* mixture of experts: the routing of a chunk, and each expert's share of it */
+    int *expert_ids;      /* [T][top_k] chosen experts, ascending ids */
+    float *expert_weights;/* [T][top_k] their weights */
+    float *router_logits; /* [T][n_experts] */
+    int *expert_tokens;   /* [T] rows routed to the expert at hand */
+    float *expert_x;      /* [T][dim] their inputs, gathered */
+    float *expert_out;    /* [T][dim] its outputs */
     KVCache kv;
-    struct AttentionMap *attention_map; /* --attn-map: forward records the weights here (NULL: off) */
+    AttentionObserver observer; /* record NULL: nothing watches */
 } RunState;
 
 /* Loads and validates a model file. On failure writes one line to err and returns -1. */
@@ -116,11 +220,21 @@ int model_load(Model *m, const char *path, char *err, size_t errlen);
  * in error messages. The fuzz targets load through it, so every read is checked against the exact size. */
 int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen);
 void model_free(Model *m);
-/* How a layer attends as its record says (causal, or a sliding window of W), before any study override. */
-AttentionSpec attention_of_layer(const LayerConfig *l);
+/* Looks through the weights of a loaded file for a NaN or an infinity: 1 with the first such tensor's name
+ * in name, else 0. Reads every weight: for explaining non-finite logits, not for every run. */
+int model_find_nonfinite_tensor(const Model *m, char *name, size_t len);
+/* How an attention layer attends as its record says (causal, a sliding window of W, chunks of C), before any
+ * study override. */
+AttentionSpec attention_of_layer(const Model *m, int layer);
 /* Replaces control characters with '?', so that text from a file or the command line stays on one line. */
 void make_printable(char *s);
+/* Parameters of the model: all of them, and those one token goes through (a mixture of experts uses top_k of
+ * its n_experts). Tied embeddings count once. */
+void model_parameters(const Model *m, long long *total, long long *active);
 
+/* Before runstate_init: 0 if the scratch for max_tokens tokens and the KV cache for n_positions positions fit
+ * in the machine's physical memory, else -1 with one line in err saying what the config implies. */
+int model_check_memory(const Model *m, int max_tokens, long n_positions, char *err, size_t errlen);
 int runstate_init(RunState *s, const Model *m, int max_tokens);
 void runstate_free(RunState *s);
 
@@ -129,7 +243,7 @@ void runstate_free(RunState *s);
  * last one (s->logits row 0). Returns s->logits, or NULL when the KV cache cannot grow (out of memory). */
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits);
 
-/* 1 if positions can go on past the context (every layer slides and positions are rotary). */
+/* 1 if positions can go on past the context (every layer keeps a bounded cache and positions are rotary). */
 int model_can_roll(const Model *m);
 
 #endif

@@ -41,6 +41,15 @@ uint64_t tensor_nbytes(DType d, uint64_t rows, uint64_t cols) {
     return 0;
 }
 
+uint64_t tensor_stack_stride(DType d, uint64_t rows, uint64_t cols) { return (tensor_nbytes(d, rows, cols) + 63) / 64 * 64; }
+
+Tensor tensor_matrix(const Tensor *t, int i) {
+    Tensor m = *t;
+    m.data = (const char *)t->data + (size_t)i * tensor_stack_stride(t->dtype, (uint64_t)t->rows, (uint64_t)t->cols);
+    m.stack = 1;
+    return m;
+}
+
 void tensor_row(float *out, const Tensor *t, int row) {
     size_t base = (size_t)row * t->cols;
     if (t->dtype == DTYPE_F32) {
@@ -69,7 +78,10 @@ void rmsnorm(float *out, const float *x, const float *w, int dim, float eps) {
     double ss = 0.0;
     for (int j = 0; j < dim; j++) ss += (double)x[j] * x[j];
     float inv = (float)(1.0 / sqrt(ss / dim + eps));
-    for (int j = 0; j < dim; j++) out[j] = x[j] * inv * w[j];
+    if (!w)
+        for (int j = 0; j < dim; j++) out[j] = x[j] * inv;
+    else
+        for (int j = 0; j < dim; j++) out[j] = x[j] * inv * w[j];
 }
 
 void layernorm(float *out, const float *x, const float *w, const float *b, int dim, float eps) {
@@ -85,13 +97,13 @@ void rope_frequencies(float *inv_freq, float theta, int rope_dim) {
     for (int i = 0; i < rope_dim / 2; i++) inv_freq[i] = (float)(1.0 / pow(theta, (2.0 * i) / rope_dim));
 }
 
-void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq) {
+void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq, float mscale) {
     int half = rope_dim / 2;
     float c[512], s[512]; /* rope_dim <= head_dim <= 1024 (model.c) */
     for (int i = 0; i < half; i++) {
         float angle = (float)pos * inv_freq[i]; /* f32 product, as the reference computes it */
-        c[i] = (float)cos(angle);
-        s[i] = (float)sin(angle);
+        c[i] = (float)cos(angle) * mscale;
+        s[i] = (float)sin(angle) * mscale;
     }
     for (int h = 0; h < n_heads; h++) {
         float *head = heads + (size_t)h * head_dim;
@@ -138,6 +150,23 @@ void softmax(float *x, int n) {
     for (int k = 0; k < n; k++) x[k] *= inv;
 }
 
+void softmax_with_sink(float *x, int n, float sink) {
+    if (sink == -INFINITY) {
+        softmax(x, n);
+        return;
+    }
+    float max = sink;
+    for (int i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
+    for (int i = 0; i < n; i++) x[i] = exp_f32(x[i] - max);
+    float lanes[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) lanes[l] += x[i + l];
+    for (int l = 0; i < n; i++, l++) lanes[l] += x[i];
+    float inv = 1.0f / (lane_sum16(lanes) + exp_f32(sink - max));
+    for (int k = 0; k < n; k++) x[k] *= inv;
+}
+
 float activation(float x, int kind) {
     switch (kind) {
     case ACTIVATION_SILU: return x / (1.0f + exp_f32(-x));
@@ -167,6 +196,14 @@ static void activate_range(void *arg, int begin, int end) {
 void activate(float *up, const float *gate, size_t n, int kind) {
     Activation a = {up, gate, n, kind};
     parallel_for((int)((n + 1023) / 1024), 4, (long long)n * 16, activate_range, &a); /* an exp or tanh: ~16 multiply-adds */
+}
+
+void activate_clamped(float *up, const float *gate, size_t n, float alpha, float limit) {
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i] > limit ? limit : gate[i];
+        float u = up[i] > limit ? limit : up[i] < -limit ? -limit : up[i];
+        up[i] = (u + 1.0f) * (g / (1.0f + exp_f32(-alpha * g)));
+    }
 }
 
 float softcap(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }

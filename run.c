@@ -3,6 +3,7 @@
  * come; or score a text (--ppl) window by window. */
 #include <ctype.h>
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -13,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "explore.h"
+#include "files.h"
 #include "model.h"
 #include "sample.h"
 #include "study.h"
@@ -45,7 +48,7 @@ static double now_seconds(void) {
 typedef struct {
     const char *model_path;
     const char *prompt;
-    const char *tokens;     /* --tokens: ids */
+    const char *tokens;     /* --tokens: ids, or @FILE: ids read from FILE */
     const char *logits_path;
     const char *encode_text;
     const char *decode_ids; /* --decode: ids */
@@ -62,6 +65,7 @@ typedef struct {
     int info, ppl, ppl_ctx, ppl_stride;
     AttentionOverrides overrides;
     const char *attn_map, *attn_map_layers, *attn_dump;
+    const char *explore;       /* --explore: the page (explore.c) */
 } Options;
 
 static void usage(FILE *out) {
@@ -87,7 +91,8 @@ static void usage(FILE *out) {
           "  --render-chat FILE  print the prompt the template renders for a JSON list of {\"role\", \"content\"}\n"
           "                  messages (- reads standard input), then exit\n"
           "ids:\n"
-          "  --tokens LIST   token ids (commas and/or spaces between them) used as the prompt (no BOS added)\n"
+          "  --tokens LIST   token ids (commas and/or spaces between them) used as the prompt (no BOS added);\n"
+          "                  @FILE reads them from FILE (separated by commas, spaces or newlines)\n"
           "  --print-ids     print the generated ids (comma-separated, one line) instead of text\n"
           "  --encode TEXT   print the ids TEXT encodes to as a prompt (comma-separated; - reads standard input),\n"
           "                  then exit; --no-bos drops the BOS\n"
@@ -105,12 +110,14 @@ static void usage(FILE *out) {
           "                  previous did not (default N/2; less than N)\n"
           "  --window LIST   make layers slide: L=W[,L=W...] or all=W (W = 0: full attention)\n"
           "  --sinks N       the first N positions stay visible in every sliding layer (attention sinks)\n"
-          "  --sparse LIST   block-sparse layers: strided:S or fixed:B for all, or L=strided:S[,L=fixed:B...]\n"
+          "  --sparse LIST   block-sparse layers: strided:S, fixed:B or chunked:C for all, or L=strided:S[,L=fixed:B...]\n"
           "                  (after --window: it wins where both name a layer)\n"
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
           "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
-          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n",
+          "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n"
+          "  --explore HTML  one self-contained page of the run: where each head looks from each token, the\n"
+          "                  wiring, the KV cache at each position (at most 2048 positions; opens offline)\n",
           out);
 }
 
@@ -162,7 +169,7 @@ static Options parse_args(int argc, char **argv) {
                                             "--repeat-last-n", "--tokens", "--logits", "--encode", "--decode",
                                             "--threads", "--batch", "-f", "--system", "--render-chat", "--ctx",
                                             "--stride", "--window", "--sinks", "--sparse", "--attn", "--attn-map",
-                                            "--attn-map-layer", "--attn-dump"};
+                                            "--attn-map-layer", "--attn-dump", "--explore"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
         if (k == (int)(sizeof known / sizeof *known)) die("unknown option '%s' (see --help)", a);
@@ -206,17 +213,20 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--attn-map")) o.attn_map = v;
         else if (!strcmp(a, "--attn-map-layer")) o.attn_map_layers = v;
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
+        else if (!strcmp(a, "--explore")) o.explore = v;
     }
     if (!o.model_path) die("no model file given (usage: ./run MODEL [options]; ./run --help lists them)");
     if (!!o.prompt + !!o.tokens + !!o.prompt_file > 1) die("give the prompt as one of -p TEXT, -f FILE or --tokens LIST");
-    if (o.attn_map_layers && !o.attn_map && !o.attn_dump) die("--attn-map-layer needs --attn-map or --attn-dump");
-    if ((o.attn_map || o.attn_dump) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
-        die("--attn-map needs the naive kernel: flash never materialises the weights");
+    if (o.attn_map_layers && !o.attn_map && !o.attn_dump && !o.explore)
+        die("--attn-map-layer needs --attn-map, --attn-dump or --explore");
+    if ((o.attn_map || o.attn_dump || o.explore) && o.overrides.kernel && !strcmp(o.overrides.kernel, "flash"))
+        die("%s needs the naive kernel: flash never materialises the weights", o.explore ? "--explore" : "--attn-map");
     if ((o.ppl_ctx || o.ppl_stride) && !o.ppl) die("--ctx and --stride set the windows of --ppl");
     if (o.system && !o.chat) die("--system is a message of --chat");
     if (o.chat && (o.tokens || o.ppl)) die("--chat renders text through the chat template: it takes -p / -f, not %s",
                                          o.tokens ? "--tokens" : "--ppl");
-    if (o.chat && (o.attn_map || o.attn_dump || o.logits_path)) die("--chat does not record --attn-map / --logits");
+    if (o.chat && (o.attn_map || o.attn_dump || o.logits_path || o.explore))
+        die("--chat does not record --attn-map / --logits / --explore");
     return o;
 }
 
@@ -240,7 +250,7 @@ static int parse_token_list(const char *opt, const char *list, int vocab_size, i
         errno = 0;
         long v = strtol(p, &end, 10);
         if (end == p || errno || (*end && *end != ',' && !isspace((unsigned char)*end)))
-            die("%s expects token ids separated by commas or spaces, got '%s'", opt, list);
+            die("%s expects token ids separated by commas or spaces, got '%.60s%s'", opt, list, strlen(list) > 60 ? "..." : "");
         if (v < 0 || v >= vocab_size) die("%s: id %ld is outside the vocabulary (0 .. %d)", opt, v, vocab_size - 1);
         ids[n++] = (int)v;
         p = end;
@@ -248,8 +258,8 @@ static int parse_token_list(const char *opt, const char *list, int vocab_size, i
         if (*p == ',') {
             do p++;
             while (isspace((unsigned char)*p));
-            if (!*p) die("%s: trailing comma in '%s'", opt, list);
-            if (*p == ',') die("%s: an empty item between two commas in '%s'", opt, list);
+            if (!*p) die("%s: trailing comma in '%.60s%s'", opt, list, strlen(list) > 60 ? "..." : "");
+            if (*p == ',') die("%s: an empty item between two commas in '%.60s%s'", opt, list, strlen(list) > 60 ? "..." : "");
         }
     }
     return n;
@@ -260,24 +270,27 @@ static void print_ids(const int *ids, int n, int continues) {
     for (int i = 0; i < n; i++) printf(i || continues ? ",%d" : "%d", ids[i]);
 }
 
-/* The whole of a file ("-": standard input) as NUL-terminated text; what names it in errors */
-static char *read_text_file(const char *path, const char *what, size_t *size) {
-    int from_stdin = !strcmp(path, "-");
-    FILE *f = from_stdin ? stdin : fopen(path, "rb");
-    if (!f) die("cannot read %s '%s': %s", what, path, strerror(errno));
-    size_t cap = 1 << 16, len = 0, got;
-    char *text = malloc(cap);
-    while (text && (got = fread(text + len, 1, cap - len - 1, f)) > 0) {
-        len += got;
-        if (len + 1 == cap) text = realloc(text, cap *= 2);
-    }
-    if (!text) die("out of memory reading '%s'", path);
-    if (ferror(f)) die("cannot read %s '%s'", what, path);
-    if (!from_stdin) fclose(f);
-    text[len] = '\0';
+/* A prompt file: at most the text 2^24 positions (the longest context the format allows) would hold at a
+ * few bytes a token. */
+#define MAX_PROMPT_FILE_BYTES ((size_t)64 << 20)
+
+/* -f FILE, --tokens @FILE, --render-chat FILE, --encode -: the whole file ("-": standard input) as text
+ * (NUL-terminated), a regular file of at most 64 MiB; what names it in errors; its length in *size */
+static char *read_text_file(const char *what, const char *path, size_t *size) {
+    char err[256];
+    size_t len;
+    char *text = read_whole_file(path, MAX_PROMPT_FILE_BYTES, &len, err, sizeof err);
+    if (!text) die("cannot read %s '%s': %s", what, path, err);
     if (strlen(text) != len) die("%s '%s' contains a NUL byte: not a text file", what, path);
     if (size) *size = len;
     return text;
+}
+
+/* tokenizer_encode's count, or the line why there is none */
+static void tokenized_or_die(int n) {
+    if (n == TOKENIZER_REGEX_TOO_SLOW)
+        die("the tokenizer's pre-tokenizer regex backtracks without end on this prompt (a pathological pattern)");
+    if (n < 0) die("out of memory while tokenizing");
 }
 
 static int encode_text(const Model *m, const char *text, int add_bos, int **out) {
@@ -286,9 +299,55 @@ static int encode_text(const Model *m, const char *text, int add_bos, int **out)
     int *ids = malloc(tokenizer_max_ids(len) * sizeof *ids);
     if (!ids) die("out of memory");
     int n = tokenizer_encode(&m->tokenizer, text, len, add_bos, ids);
-    if (n < 0) die("out of memory while tokenizing");
+    tokenized_or_die(n);
     *out = ids;
     return n;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * outputs are checked before the run: each can be written, none is an input or another output */
+
+static void check_outputs(const Options *o) {
+    const char *outputs[][2] = {{"--logits", o->logits_path}, {"--attn-map", o->attn_map}, {"--attn-dump", o->attn_dump},
+                                {"--explore", o->explore}};
+    const char *tokens_file = o->tokens && o->tokens[0] == '@' ? o->tokens + 1 : NULL;
+    const char *inputs[][2] = {{"the model file", o->model_path}, {"the -f file", o->prompt_file},
+                               {"the --tokens file", tokens_file}, {"the --render-chat file", o->render_chat}};
+    char err[256];
+    for (int i = 0; i < (int)(sizeof outputs / sizeof *outputs); i++) {
+        const char *opt = outputs[i][0], *path = outputs[i][1];
+        if (!path) continue;
+        if (check_output_path(path, err, sizeof err) != 0) die("cannot write %s file '%s': %s", opt, path, err);
+        for (int k = 0; k < 4; k++)
+            if (inputs[k][1] && strcmp(inputs[k][1], "-") != 0 && same_file(path, inputs[k][1]))
+                die("%s '%s' is %s '%s': an output may not overwrite an input", opt, path, inputs[k][0], inputs[k][1]);
+        for (int k = 0; k < i; k++)
+            if (outputs[k][1] && same_file(path, outputs[k][1]))
+                die("%s '%s' and %s '%s' are the same file", outputs[k][0], outputs[k][1], opt, path);
+    }
+}
+
+/* Logits that stopped being finite (a NaN or an infinity in the weights), or a residual stream too large for
+ * the final norm (its sum of squares overflows float32, so the norm returns zeros and every logit is 0: weights
+ * of 1e30): sampling and perplexity would make nothing of them. Checks the rows of tokens x[t0 .. t0+rows) at
+ * positions first_pos ..; names the tensor at fault when there is one. */
+static void check_outputs_finite(const Model *m, const RunState *s, int t0, int rows, int first_pos) {
+    int vocab = m->config.vocab_size, dim = m->config.dim;
+    const float *logits = s->logits;
+    for (int r = 0; r < rows; r++) {
+        const float *x = s->x + (size_t)(t0 + r) * dim, *l = logits + (size_t)r * vocab;
+        double squares = 0.0;
+        for (int i = 0; i < dim; i++) squares += (double)x[i] * x[i];
+        int finite = 1;
+        for (int i = 0; i < vocab && finite; i++) finite = isfinite(l[i]);
+        if (finite && squares <= FLT_MAX) continue;
+        char name[96];
+        if (model_find_nonfinite_tensor(m, name, sizeof name))
+            die("the logits at position %d are not finite: tensor '%s' of the model holds a NaN or an infinity",
+                first_pos + r, name);
+        die("the activations at position %d overflow float32 (the last hidden state reaches a norm of %.3g): its "
+            "logits are %s (weights too large?)", first_pos + r, sqrt(squares), finite ? "meaningless" : "not finite");
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -302,11 +361,18 @@ typedef struct {
     float *logits;      /* what forward() left for the next token */
     Sampler sampler;
     int rolls;          /* every layer slides: positions may run past the context */
+    int *sequence;      /* --explore: every id fed or generated, in order (NULL: not kept) */
+    int n_sequence;
     long n_prefilled, n_decoded;
     double t_prefill, t_decode;
 } Session;
 
-static void session_start(Session *s, Model *m, int batch) {
+/* A run state for batches of `batch` tokens, after checking that the memory the run can reach (positions:
+ * the most it may go to) fits the machine. */
+static void session_start(Session *s, Model *m, int batch, long positions) {
+    char err[512];
+    if (!s->rolls && positions > m->config.context_length) positions = m->config.context_length;
+    if (model_check_memory(m, batch, positions, err, sizeof err) != 0) die("%s", err);
     s->model = m;
     s->batch = batch;
     s->pos = 0;
@@ -316,10 +382,12 @@ static void session_start(Session *s, Model *m, int batch) {
 
 /* Drops the KV cache: the next token is at position 0 again. */
 static void session_restart(Session *s) {
-    struct AttentionMap *map = s->state.attention_map;
+    AttentionObserver observer = s->state.observer;
     runstate_free(&s->state);
-    session_start(s, s->model, s->batch);
-    s->state.attention_map = map;
+    if (runstate_init(&s->state, s->model, s->batch) != 0) die("out of memory allocating the run state");
+    s->state.observer = observer;
+    s->pos = 0;
+    s->logits = NULL;
 }
 
 static int context_left(const Session *s) { return s->rolls ? INT_MAX : s->model->config.context_length - s->pos; }
@@ -333,6 +401,7 @@ static void feed(Session *s, const int *ids, int n, int score_from, double *nll,
         int k = n - start < s->batch ? n - start : s->batch, all = nll != NULL || logits_file != NULL;
         float *logits = forward(s->model, &s->state, ids + start, k, s->pos, all);
         if (!logits) die("out of memory at position %d (KV cache or attention scores)", s->pos);
+        check_outputs_finite(s->model, &s->state, all ? 0 : k - 1, all ? k : 1, all ? s->pos : s->pos + k - 1);
         for (int t = 0; nll && t < k; t++) /* the logits at t score the token at t + 1 */
             if (start + t + 1 >= score_from && start + t + 1 < n)
                 *nll += token_nll(logits + (size_t)t * c->vocab_size, c->vocab_size, ids[start + t + 1]);
@@ -342,6 +411,7 @@ static void feed(Session *s, const int *ids, int n, int score_from, double *nll,
         s->pos += k;
     }
     for (int i = 0; i < n; i++) sampler_accept(&s->sampler, ids[i]);
+    if (s->sequence) memcpy(s->sequence + s->n_sequence, ids, (size_t)n * sizeof *ids), s->n_sequence += n;
     s->n_prefilled += n;
     s->t_prefill += now_seconds() - t0;
 }
@@ -372,7 +442,7 @@ static void print_token(Session *s, Printer *p, int id) {
         p->reply_len += (size_t)len;
         p->reply[p->reply_len] = '\0';
     }
-    fflush(stdout);
+    if (fflush(stdout) != 0) check_stdout(0); /* a full disk ends the run now, not after -n tokens */
 }
 
 enum { STOP_LIMIT, STOP_END, STOP_CONTEXT };
@@ -393,6 +463,7 @@ static int generate(Session *s, Printer *p, int n_max, const int *stops, int n_s
         print_token(s, p, next);
         s->n_decoded++;
         sampler_accept(&s->sampler, next);
+        if (s->sequence) s->sequence[s->n_sequence++] = next;
         if (generated + 1 == n_max) break;
         if (context_left(s) <= 0) {
             reason = STOP_CONTEXT;
@@ -400,6 +471,7 @@ static int generate(Session *s, Printer *p, int n_max, const int *stops, int n_s
         }
         s->logits = forward(s->model, &s->state, &next, 1, s->pos, 0);
         if (!s->logits) die("out of memory at position %d (KV cache or attention scores)", s->pos);
+        check_outputs_finite(s->model, &s->state, 0, 1, s->pos);
         s->pos++;
     }
     utf8_stream_flush(&p->out, stdout);
@@ -408,7 +480,7 @@ static int generate(Session *s, Printer *p, int n_max, const int *stops, int n_s
 }
 
 static void print_stats(const Session *s, const SamplerSettings *set) {
-    fflush(stdout); /* the text ends before the stats line when both go to one terminal or pipe */
+    check_stdout(1); /* every byte written; and the text ends before the stats line on one terminal or pipe */
     fprintf(stderr, "stats: prefill %ld tok %.1f tok/s | decode %ld tok %.1f tok/s | kv %zu bytes | seed %llu\n",
             s->n_prefilled, s->n_prefilled / (s->t_prefill > 0 ? s->t_prefill : 1e-9), s->n_decoded,
             s->n_decoded / (s->t_decode > 0 ? s->t_decode : 1e-9), kvcache_bytes_held(&s->state.kv),
@@ -505,7 +577,7 @@ static int chat_turn(Session *s, Conversation *c, const Options *o) {
         from = 0;
     }
     int *ids, n = tokenizer_encode_chat(&s->model->tokenizer, text + from, len - from, &ids);
-    if (n < 0) die("out of memory while tokenizing");
+    tokenized_or_die(n);
     if (n == 0) die("the chat template renders nothing new for this message");
     if (n >= context_left(s)) {
         free(ids), free(text);
@@ -617,7 +689,7 @@ static void chat(Session *s, const Options *o, const char *first) {
 /* --render-chat FILE.json */
 static void render_chat_file(const Model *m, const char *path) {
     size_t json_len, len;
-    char *json = read_text_file(path, "--render-chat file", &json_len), err[512];
+    char *json = read_text_file("--render-chat file", path, &json_len), err[512];
     char *text = chat_render_json(&m->chat, json, json_len, 1, &len, err, sizeof err);
     free(json);
     if (!text) die("%s", err);
@@ -645,12 +717,19 @@ static void decode_ids(const Model *m, const char *list) { /* printed as generat
 /* The prompt as ids: --tokens, -f, -p, or -p / -f as a user message through the chat template */
 static int prompt_ids(const Model *m, const Options *o, int **ids) {
     const Config *c = &m->config;
+    if (o->tokens && o->tokens[0] == '@') {
+        char *text = read_text_file("--tokens file", o->tokens + 1, NULL);
+        int n = parse_token_list("--tokens file", text, c->vocab_size, ids);
+        if (n == 0) die("--tokens file '%s' holds no ids", o->tokens + 1);
+        free(text);
+        return n;
+    }
     if (o->tokens) {
         int n = parse_token_list("--tokens", o->tokens, c->vocab_size, ids);
         if (n == 0) die("--tokens: no ids given");
         return n;
     }
-    char *text = o->prompt_file ? read_text_file(o->prompt_file, "-f file", NULL) : strdup(o->prompt ? o->prompt : "");
+    char *text = o->prompt_file ? read_text_file("-f file", o->prompt_file, NULL) : strdup(o->prompt ? o->prompt : "");
     if (!text) die("out of memory");
     int n = encode_text(m, text, !o->no_bos, ids);
     free(text);
@@ -658,7 +737,7 @@ static int prompt_ids(const Model *m, const Options *o, int **ids) {
 }
 
 /* Generation from -p / -f / --tokens, or --ppl */
-static void run_prompt(Session *s, Model *m, Options *o) {
+static void run_prompt(Session *s, Model *m, Options *o, int argc, char **argv) {
     const Config *c = &m->config;
     char err[512];
     int *prompt, n_prompt = prompt_ids(m, o, &prompt);
@@ -671,19 +750,27 @@ static void run_prompt(Session *s, Model *m, Options *o) {
         die("the prompt has %d tokens but the model's context is %d", n_prompt, c->context_length);
     int stride = o->ppl_stride ? o->ppl_stride : ctx / 2;
     if (windows && stride >= ctx) die("--stride %d must be less than --ctx %d (each window's first token needs one before it)", stride, ctx);
-    if (windows && (o->logits_path || o->attn_map || o->attn_dump))
-        die("--logits / --attn-map record one pass: the text needs %d-token windows (give a shorter one)", ctx);
+    if (windows && (o->logits_path || o->attn_map || o->attn_dump || o->explore))
+        die("--logits / --attn-map / --explore record one pass: the text needs %d-token windows (give a shorter one)", ctx);
 
     FILE *logits_file = NULL;
     if (o->logits_path && !(logits_file = fopen(o->logits_path, "wb")))
         die("cannot write --logits file '%s': %s", o->logits_path, strerror(errno));
     int first_window = windows ? ctx : n_prompt;
-    session_start(s, m, o->batch < first_window ? o->batch : first_window);
-    if (o->ppl) o->n_generate = 0; /* --ppl scores the prompt and generates nothing */
-    if (o->attn_map || o->attn_dump) {
-        long positions = (long)n_prompt + o->n_generate;
-        if (!s->rolls && positions > c->context_length) positions = c->context_length;
-        if (!(s->state.attention_map = attention_map_new(m, o->attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+    long positions = windows ? ctx : (long)n_prompt + o->n_generate; /* the most this run can reach */
+    if (!s->rolls && positions > c->context_length) positions = c->context_length;
+    session_start(s, m, o->batch < first_window ? o->batch : first_window, positions);
+    AttentionMap *map = NULL;
+    if (o->explore && positions > EXPLORE_MAX_POSITIONS)
+        die("--explore: a page holds at most %d positions (prompt + -n), this run has up to %ld; use a shorter prompt "
+            "or a smaller -n", EXPLORE_MAX_POSITIONS, positions);
+    if (o->attn_map || o->attn_dump || o->explore) {
+        if (!(map = attention_map_new(m, o->attn_map_layers, (int)positions, err, sizeof err))) die("%s", err);
+        if (o->attn_map && attention_map_check_png(map, err, sizeof err) != 0) die("%s", err);
+        s->state.observer = (AttentionObserver){attention_map_record, map};
+        if (o->explore && explore_check_size(m, map, (int)positions, err, sizeof err) != 0) die("%s", err);
+        if (o->explore && !(s->sequence = malloc(((size_t)n_prompt + o->n_generate) * sizeof *s->sequence)))
+            die("out of memory");
     }
 
     if (o->ppl) {
@@ -710,46 +797,64 @@ static void run_prompt(Session *s, Model *m, Options *o) {
         if (o->n_generate > 0 || o->echo) printf("\n");
     }
     if (logits_file && fclose(logits_file) != 0) die("writing --logits file '%s' failed", o->logits_path);
-    if (s->state.attention_map) {
-        if (o->attn_map && attention_map_write_png(s->state.attention_map, o->attn_map, &m->tokenizer, prompt, n_prompt) != 0)
+    if (map) {
+        if (o->attn_map && attention_map_write_png(map, o->attn_map, &m->tokenizer, prompt, n_prompt) != 0)
             die("cannot write --attn-map '%s': %s", o->attn_map, strerror(errno));
-        if (o->attn_dump && attention_map_write_raw(s->state.attention_map, o->attn_dump) != 0)
+        if (o->attn_dump && attention_map_write_raw(map, o->attn_dump) != 0)
             die("cannot write --attn-dump '%s': %s", o->attn_dump, strerror(errno));
-        attention_map_free(s->state.attention_map);
-        s->state.attention_map = NULL;
+        if (o->explore) {
+            char *command = explore_command_line(argc, argv);
+            ExploreRun run = {o->model_path, command ? command : "./run", s->sequence, n_prompt, s->n_sequence};
+            if (explore_write(o->explore, m, map, &run, err, sizeof err) != 0) die("%s", err);
+            free(command);
+        }
+        attention_map_free(map);
+        s->state.observer.record = NULL;
     }
+    free(s->sequence);
+    s->sequence = NULL;
     free(prompt);
 }
 
 int main(int argc, char **argv) {
+    int closed = reopen_closed_standard_streams();
     Options o = parse_args(argc, argv);
+    if (o.ppl) o.n_generate = 0; /* --ppl scores the prompt and generates nothing */
+    if ((closed & 2) && (o.info || o.encode_text || o.decode_ids || o.ppl || o.render_chat || o.chat || o.n_generate > 0))
+        die("standard output is closed: there is nowhere to print to");
+    check_outputs(&o);
     if (o.threads > 0) parallel_set_threads(o.threads);
     Model model;
     char err[512];
+    exit_on_sigbus(o.model_path); /* the model is the only file mapped: a SIGBUS means it was cut short */
     if (model_load(&model, o.model_path, err, sizeof err) != 0) die("%s", err);
     const Config *c = &model.config;
     if (apply_attention_overrides(&model, &o.overrides, err, sizeof err) != 0) die("%s", err);
     if (o.info) {
         print_wiring(&model, o.model_path, stdout);
+        check_stdout(1);
         model_free(&model);
         return 0;
     }
     if (o.encode_text) {
-        char *text = !strcmp(o.encode_text, "-") ? read_text_file("-", "--encode input", NULL) : strdup(o.encode_text);
+        char *text = !strcmp(o.encode_text, "-") ? read_text_file("--encode input", "-", NULL) : strdup(o.encode_text);
         int *ids, n = encode_text(&model, text, !o.no_bos, &ids);
         print_ids(ids, n, 0);
         printf("\n");
+        check_stdout(1);
         free(ids), free(text);
         model_free(&model);
         return 0;
     }
     if (o.decode_ids) {
         decode_ids(&model, o.decode_ids);
+        check_stdout(1);
         model_free(&model);
         return 0;
     }
     if (o.render_chat) {
         render_chat_file(&model, o.render_chat);
+        check_stdout(1);
         model_free(&model);
         return 0;
     }
@@ -759,12 +864,12 @@ int main(int argc, char **argv) {
     if (o.sampling.repeat_last_n < 0) o.sampling.repeat_last_n = c->context_length;
     if (sampler_init(&s.sampler, &o.sampling, c->vocab_size) != 0) die("out of memory");
     if (o.chat) {
-        char *file_text = o.prompt_file ? read_text_file(o.prompt_file, "-f file", NULL) : NULL;
-        session_start(&s, &model, o.batch);
+        char *file_text = o.prompt_file ? read_text_file("-f file", o.prompt_file, NULL) : NULL;
+        session_start(&s, &model, o.batch, c->context_length);
         chat(&s, &o, o.prompt ? o.prompt : file_text);
         free(file_text);
     } else {
-        run_prompt(&s, &model, &o);
+        run_prompt(&s, &model, &o, argc, argv);
     }
     print_stats(&s, &o.sampling);
     sampler_free(&s.sampler);

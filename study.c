@@ -66,13 +66,16 @@ static int window_spec(AttentionSpec *a, const char *v, char *err, size_t errlen
     return 0;
 }
 
-/* --sparse value: strided:S or fixed:B */
+/* --sparse value: strided:S, fixed:B or chunked:C */
 static int sparse_spec(AttentionSpec *a, const char *v, char *err, size_t errlen) {
     const char *colon = strchr(v, ':');
     long n = colon ? parse_count(colon + 1, 1, MAX_SPAN) : -1;
     if (n > 0 && (size_t)(colon - v) == 7 && !strncmp(v, "strided", 7)) a->mask = MASK_STRIDED;
     else if (n > 0 && (size_t)(colon - v) == 5 && !strncmp(v, "fixed", 5)) a->mask = MASK_FIXED;
-    else return fail(err, errlen, "--sparse: '%s' is not a pattern (strided:S or fixed:B, with S, B in 1 .. %d)", v, MAX_SPAN);
+    else if (n > 0 && (size_t)(colon - v) == 7 && !strncmp(v, "chunked", 7)) a->mask = MASK_CHUNKED;
+    else
+        return fail(err, errlen, "--sparse: '%s' is not a pattern (strided:S, fixed:B or chunked:C, each in 1 .. %d)", v,
+                    MAX_SPAN);
     a->span = (int)n;
     a->n_sinks = 0;
     return 0;
@@ -113,26 +116,6 @@ int apply_attention_overrides(Model *m, const AttentionOverrides *o, char *err, 
 /* ---------------------------------------------------------------------------------------------
  * --info: the wiring table */
 
-static long long count_parameters(const Model *m) {
-    const Config *c = &m->config;
-    const Weights *w = &m->weights;
-    long long n = 0;
-    const Tensor *model_wide[] = {&w->tok_embeddings, &w->pos_embeddings, &w->final_norm, &w->final_norm_bias,
-                                  (c->flags & MODEL_TIED_EMBEDDINGS) ? NULL : &w->output};
-    for (size_t i = 0; i < sizeof model_wide / sizeof *model_wide; i++)
-        if (model_wide[i] && model_wide[i]->data) n += (long long)model_wide[i]->rows * model_wide[i]->cols;
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerWeights *lw = &w->layers[l];
-        const Tensor *ts[] = {&lw->attn_norm, &lw->attn_norm_bias, &lw->wq, &lw->wk, &lw->wv, &lw->bq, &lw->bk, &lw->bv,
-                              &lw->q_norm, &lw->k_norm, &lw->wo, &lw->bo, &lw->attn_post_norm, &lw->mlp_norm,
-                              &lw->mlp_norm_bias, &lw->w_gate, &lw->w_up, &lw->w_down, &lw->b_up, &lw->b_down,
-                              &lw->mlp_post_norm};
-        for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
-            if (ts[i]->data) n += (long long)ts[i]->rows * ts[i]->cols;
-    }
-    return n;
-}
-
 /* 1234567 -> "1,234,567" */
 static const char *grouped(long long v, char *buf) {
     char digits[32];
@@ -153,7 +136,7 @@ static const char *human_bytes(double b, char *buf) {
     return buf;
 }
 
-/* "full", "sliding 64", "sliding 16 + 4 sinks", "strided 8", "fixed 16" */
+/* "full", "sliding 64", "sliding 16 + 4 sinks", "strided 8", "fixed 16", "chunked 16" */
 static const char *mask_name(const AttentionSpec *a, char *buf) {
     switch (a->mask) {
     case MASK_SLIDING:
@@ -162,6 +145,7 @@ static const char *mask_name(const AttentionSpec *a, char *buf) {
         break;
     case MASK_STRIDED: sprintf(buf, "strided %d", a->span); break;
     case MASK_FIXED: sprintf(buf, "fixed %d", a->span); break;
+    case MASK_CHUNKED: sprintf(buf, "chunked %d", a->span); break;
     default: strcpy(buf, "full");
     }
     return buf;
@@ -172,6 +156,7 @@ static const char *keeps(const AttentionSpec *a, char *buf) {
     switch (a->mask) {
     case MASK_SLIDING: sprintf(buf, "last %d%s", a->span, a->n_sinks ? " + sinks" : ""); break;
     case MASK_FIXED: sprintf(buf, "block + 1/%d", a->span); break;
+    case MASK_CHUNKED: sprintf(buf, "its chunk of %d", a->span); break;
     default: strcpy(buf, "every position");
     }
     return buf;
@@ -186,59 +171,96 @@ static const char *sharing_name(int n_heads, int n_kv_heads, char *buf) {
 }
 
 static void extras_of(const Model *m, int l, char *buf) {
-    const LayerConfig *lc = &m->config.layers[l];
+    const AttentionConfig *a = &m->config.layers[l].attn;
+    unsigned layer_flags = m->config.layers[l].flags;
     buf[0] = '\0';
-    if (lc->flags & LAYER_QK_NORM) strcat(buf, "q/k-norm ");
-    if (lc->attn_softcap > 0) sprintf(buf + strlen(buf), "soft-cap %g ", lc->attn_softcap);
-    if (lc->flags & LAYER_QKV_BIAS) strcat(buf, "qkv-bias ");
-    if (lc->flags & (LAYER_POST_ATTN_NORM | LAYER_POST_MLP_NORM)) strcat(buf, "post-norms ");
-    if (lc->rope_dim > 0 && lc->rope_dim < lc->head_dim) sprintf(buf + strlen(buf), "rope %d/%d dims ", lc->rope_dim, lc->head_dim);
-    if (lc->rope_table >= 0) strcat(buf, "rope-table ");
+    if (a->flags & ATTN_QK_NORM) strcat(buf, "q/k-norm ");
+    if (a->flags & ATTN_QK_NORM_FULL) strcat(buf, "q/k-norm(whole) ");
+    if (a->flags & ATTN_QK_NORM_PLAIN) strcat(buf, "q/k-norm(no weights) ");
+    if (a->flags & ATTN_SINKS) strcat(buf, "learned-sinks ");
+    if (a->softcap > 0) sprintf(buf + strlen(buf), "soft-cap %g ", a->softcap);
+    if (a->flags & ATTN_QKV_BIAS) strcat(buf, "qkv-bias ");
+    if (layer_flags & (LAYER_MIXER_POST_NORM | LAYER_FFN_POST_NORM))
+        strcat(buf, layer_flags & (LAYER_MIXER_NORM | LAYER_FFN_NORM) ? "post-norms " : "post-norms-only ");
+    if (m->config.position_kind == POS_ROPE && a->rope.dim == 0) strcat(buf, "NoPE ");
+    if (a->rope.dim > 0 && a->rope.dim < a->head_dim) sprintf(buf + strlen(buf), "rope %d/%d dims ", a->rope.dim, a->head_dim);
+    if (a->rope.table >= 0) strcat(buf, "rope-table ");
+    if (a->rope.dim > 0 && a->rope.attn_factor != 1.0f) sprintf(buf + strlen(buf), "rope x%.3g ", a->rope.attn_factor);
+    if (a->temperature_floor > 0) strcat(buf, "temperature ");
     size_t n = strlen(buf);
     if (n) buf[n - 1] = '\0';
     else strcpy(buf, "-");
 }
 
+/* "gated SiLU 1024", "plain GELU 3072", "MoE 2 of 8 x 32 (softmax) + shared 128", "-" */
+static const char *ffn_name(const LayerConfig *l, char *buf) {
+    static const char *acts[ACTIVATION_COUNT] = {"SiLU", "GELU(tanh)", "GELU", "SwiGLU(clamped)"};
+    static const char *routers[ROUTER_KIND_COUNT] = {"softmax", "top-k softmax", "sigmoid"};
+    const FfnConfig *f = &l->ffn;
+    switch (l->ffn_kind) {
+    case FFN_GATED: sprintf(buf, "gated %s %d", acts[f->activation], f->hidden); break;
+    case FFN_PLAIN: sprintf(buf, "plain %s %d", acts[f->activation], f->hidden); break;
+    case FFN_MOE: {
+        int n = sprintf(buf, "MoE %d of %d x %d (%s", f->top_k, f->n_experts, f->hidden, routers[f->router]);
+        if (f->n_groups > 1) n += sprintf(buf + n, ", %d of %d groups", f->topk_groups, f->n_groups);
+        n += sprintf(buf + n, ")");
+        if (f->flags & MOE_SHARED) sprintf(buf + n, " + shared %d%s", f->shared_hidden, f->flags & MOE_SHARED_GATE ? " gated" : "");
+        break;
+    }
+    default: strcpy(buf, "-");
+    }
+    return buf;
+}
+
 static int is_overridden(const Model *m, int l) {
-    const AttentionSpec *a = &m->attention[l], own = attention_of_layer(&m->config.layers[l]);
+    const AttentionSpec *a = &m->attention[l], own = attention_of_layer(m, l);
     return a->mask != own.mask || a->span != own.span || a->n_sinks != own.n_sinks;
 }
 
 void print_wiring(const Model *m, const char *path, FILE *out) {
     const Config *c = &m->config;
-    const char *acts[] = {"SiLU", "GELU (tanh)", "GELU"};
     char b1[64], b2[64], b3[64], b4[96];
     const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    fprintf(out, "%s: %s, %s parameters, vocab %d, %s weights, file %s\n", base, c->family,
-            grouped(count_parameters(m), b1), c->vocab_size, dtype_name(m->weight_dtype), human_bytes((double)m->file_size, b2));
-    fprintf(out, "dim %d, MLP %d (%s %s), %d layers, context %d, %s positions, %s%s\n", c->dim, c->hidden_dim,
-            c->mlp_kind == MLP_GATED ? "gated" : "plain", acts[c->activation], c->n_layers, c->context_length,
+    long long total, active;
+    model_parameters(m, &total, &active);
+    fprintf(out, "%s: %s, %s parameters", base, c->family, grouped(total, b1));
+    if (active != total) fprintf(out, " (%s active per token)", grouped(active, b1));
+    fprintf(out, ", vocab %d, %s weights, file %s\n", c->vocab_size, dtype_name(m->weight_dtype),
+            human_bytes((double)m->file_size, b2));
+    fprintf(out, "dim %d, %d layers, context %d, %s positions, %s%s\n", c->dim, c->n_layers, c->context_length,
             c->position_kind == POS_ROPE ? "rotary" : "learned", c->norm_kind == NORM_RMS ? "RMSNorm" : "LayerNorm",
             c->flags & MODEL_TIED_EMBEDDINGS ? ", tied embeddings" : "");
+    if (c->embed_scale != 1.0f || c->residual_scale != 1.0f || c->logit_scale != 1.0f || c->final_softcap > 0)
+        fprintf(out, "embeddings x%g, block outputs x%g, logits x%g%s\n", c->embed_scale, c->residual_scale,
+                c->logit_scale, c->final_softcap > 0 ? ", logits soft-capped" : "");
     fprintf(out, "attention kernel: %s\n\n", m->attention[0].kernel == KERNEL_FLASH ? "flash" : "naive");
 
-    fprintf(out, "%5s  %-22s %3s %3s  %-10s %8s  %9s  %-22s %8s  %s\n", "layer", "attention", "q", "kv", "group",
-            "head_dim", "rope base", "extras", "KV/token", "keeps");
+    fprintf(out, "%5s  %-22s %3s %3s  %-10s %8s  %9s  %-22s %8s  %-15s %s\n", "layer", "attention", "q", "kv", "group",
+            "head_dim", "rope base", "extras", "KV/token", "keeps", "FFN");
     int overridden = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const LayerConfig *lc = &c->layers[l];
+        const AttentionConfig *at = &lc->attn;
         const AttentionSpec *a = &m->attention[l];
-        char kind[48], group[24], rope_base[24], extras[128];
+        char kind[48], group[24], rope_base[24], extras[160], ffn[96];
         int changed = is_overridden(m, l);
         snprintf(kind, sizeof kind, "%s%s", mask_name(a, b1), changed ? " *" : "");
         overridden |= changed;
-        snprintf(group, sizeof group, "%d (%s)", lc->n_heads / lc->n_kv_heads, sharing_name(lc->n_heads, lc->n_kv_heads, b2));
-        if (lc->rope_dim > 0) snprintf(rope_base, sizeof rope_base, "%g", lc->rope_theta);
+        snprintf(group, sizeof group, "%d (%s)", at->n_heads / at->n_kv_heads, sharing_name(at->n_heads, at->n_kv_heads, b2));
+        if (at->rope.dim > 0) snprintf(rope_base, sizeof rope_base, "%g", at->rope.theta);
         else strcpy(rope_base, "-");
         extras_of(m, l, extras);
-        fprintf(out, "%5d  %-22s %3d %3d  %-10s %8d  %9s  %-22s %6d B  %s\n", l, kind, lc->n_heads, lc->n_kv_heads, group,
-                lc->head_dim, rope_base, extras, (int)(2 * lc->n_kv_heads * lc->head_dim * sizeof(float)), keeps(a, b3));
+        fprintf(out, "%5d  %-22s %3d %3d  %-10s %8d  %9s  %-22s %6d B  %-15s %s\n", l, kind, at->n_heads, at->n_kv_heads,
+                group, at->head_dim, rope_base, extras, (int)(2 * at->n_kv_heads * at->head_dim * sizeof(float)),
+                keeps(a, b3), ffn_name(lc, ffn));
     }
     if (overridden) {
         fprintf(out, "* set on the command line; in the file");
         for (int l = 0, first = 1; l < c->n_layers; l++)
             if (is_overridden(m, l)) {
-                if (c->layers[l].window) fprintf(out, "%s layer %d slides %d", first ? "" : ",", l, c->layers[l].window);
+                const AttentionConfig *at = &c->layers[l].attn;
+                if (at->window) fprintf(out, "%s layer %d slides %d", first ? "" : ",", l, at->window);
+                else if (at->chunk) fprintf(out, "%s layer %d is chunked %d", first ? "" : ",", l, at->chunk);
                 else fprintf(out, "%s layer %d is full", first ? "" : ",", l);
                 first = 0;
             }
@@ -253,10 +275,10 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
     for (int i = 0; i < 4; i++) {
         size_t wired = 0, plain = 0;
         for (int l = 0; l < c->n_layers; l++) {
-            const LayerConfig *lc = &c->layers[l];
+            const AttentionConfig *at = &c->layers[l].attn;
             KVLayer cache, mha;
-            attention_cache_init(&cache, lc->n_kv_heads * lc->head_dim, &m->attention[l]);
-            kvlayer_init(&mha, lc->n_heads * lc->head_dim, 0, 0);
+            attention_cache_init(&cache, at->n_kv_heads * at->head_dim, &m->attention[l]);
+            kvlayer_init(&mha, at->n_heads * at->head_dim, 0, 0);
             wired += kvlayer_bytes_for(&cache, lengths[i]);
             plain += kvlayer_bytes_for(&mha, lengths[i]);
         }
@@ -265,6 +287,40 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
         snprintf(plain_text, sizeof plain_text, "%s B (%s)", grouped((long long)plain, b1), human_bytes((double)plain, b3));
         fprintf(out, "%6ldk  %28s  %32s  %5.1f%%\n", lengths[i] / 1024, b4, plain_text, 100.0 * (double)wired / (double)plain);
     }
+}
+
+static void add_property(LayerWiring *w, const char *name, const char *fmt, ...) {
+    if (w->n_props == WIRING_MAX_PROPS) return;
+    va_list ap;
+    va_start(ap, fmt);
+    snprintf(w->props[w->n_props].name, sizeof w->props[0].name, "%s", name);
+    vsnprintf(w->props[w->n_props].value, sizeof w->props[0].value, fmt, ap);
+    va_end(ap);
+    w->n_props++;
+}
+
+/* The columns of print_wiring's row, as properties */
+void layer_wiring(const Model *m, int l, LayerWiring *w) {
+    const AttentionConfig *lc = &m->config.layers[l].attn;
+    const AttentionSpec *a = &m->attention[l], own = attention_of_layer(m, l);
+    char b[160];
+    memset(w, 0, sizeof *w);
+    w->kind = "attention";
+    w->has_attention_weights = 1;
+    w->overridden = is_overridden(m, l);
+    if (w->overridden) mask_name(&own, w->in_file);
+    add_property(w, "mask", "%s", mask_name(a, b));
+    add_property(w, "q heads", "%d", lc->n_heads);
+    add_property(w, "kv heads", "%d", lc->n_kv_heads);
+    add_property(w, "group", "%d (%s)", lc->n_heads / lc->n_kv_heads, sharing_name(lc->n_heads, lc->n_kv_heads, b));
+    add_property(w, "head_dim", "%d", lc->head_dim);
+    if (lc->rope.dim > 0) add_property(w, "rope base", "%g", lc->rope.theta);
+    else add_property(w, "rope base", "%s", m->config.position_kind == POS_ROPE ? "- (NoPE)" : "- (learned positions)");
+    extras_of(m, l, b);
+    add_property(w, "extras", "%s", b);
+    add_property(w, "KV/token", "%d B", (int)(2 * lc->n_kv_heads * lc->head_dim * sizeof(float)));
+    add_property(w, "keeps", "%s", keeps(a, b));
+    add_property(w, "FFN", "%s", ffn_name(&m->config.layers[l], b));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -317,7 +373,7 @@ AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positi
     }
     double bytes = 0;
     for (int i = 0; i < map->n_recorded; i++)
-        bytes += (double)m->config.layers[map->layers[i]].n_heads * n_positions * n_positions * sizeof(float);
+        bytes += (double)m->config.layers[map->layers[i]].attn.n_heads * n_positions * n_positions * sizeof(float);
     if (bytes > MAP_MAX_BYTES) {
         fail(err, errlen, "--attn-map: %d positions x %d layers would need %.0f MiB; use --attn-map-layer, a shorter "
              "prompt or a smaller -n", n_positions, map->n_recorded, bytes / (1 << 20));
@@ -326,21 +382,29 @@ AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positi
     if (!(map->weights = calloc((size_t)n_layers, sizeof *map->weights)))
         return fail(err, errlen, "out of memory"), attention_map_free(map), NULL;
     for (int i = 0; i < map->n_recorded; i++) {
-        size_t n = (size_t)m->config.layers[map->layers[i]].n_heads * n_positions * n_positions;
+        size_t n = (size_t)m->config.layers[map->layers[i]].attn.n_heads * n_positions * n_positions;
         if (!(map->weights[i] = calloc(n, sizeof(float))))
             return fail(err, errlen, "out of memory"), attention_map_free(map), NULL;
     }
     return map;
 }
 
-void attention_map_record(AttentionMap *map, int layer, int pos, const float *weights, int weights_stride) {
+void attention_map_record(void *ctx, int layer, int pos, const float *weights, int weights_stride) {
+    AttentionMap *map = ctx;
     int i = map->index_of_layer[layer], T = map->n_positions;
     if (i < 0 || pos >= T) return;
-    int n_heads = map->model->config.layers[layer].n_heads;
+    int n_heads = map->model->config.layers[layer].attn.n_heads;
     for (int h = 0; h < n_heads; h++)
         weights_by_position(map->weights[i] + ((size_t)h * T + pos) * T, weights + (size_t)h * weights_stride,
                             &map->model->attention[layer], pos);
     if (pos + 1 > map->positions_seen) map->positions_seen = pos + 1;
+}
+
+int attention_map_positions(const AttentionMap *map) { return map->positions_seen; }
+
+const float *attention_map_row(const AttentionMap *map, int layer, int head, int query) {
+    int i = map->index_of_layer[layer], T = map->n_positions;
+    return i < 0 ? NULL : map->weights[i] + ((size_t)head * T + query) * T;
 }
 
 int attention_map_write_raw(const AttentionMap *map, const char *path) {
@@ -348,7 +412,7 @@ int attention_map_write_raw(const AttentionMap *map, const char *path) {
     if (!f) return -1;
     int T = map->n_positions, seen = map->positions_seen, bad = 0;
     for (int i = 0; i < map->n_recorded; i++)
-        for (int h = 0; h < map->model->config.layers[map->layers[i]].n_heads; h++)
+        for (int h = 0; h < map->model->config.layers[map->layers[i]].attn.n_heads; h++)
             for (int q = 0; q < seen; q++)
                 bad |= fwrite(map->weights[i] + ((size_t)h * T + q) * T, sizeof(float), (size_t)seen, f) != (size_t)seen;
     return fclose(f) != 0 || bad ? -1 : 0;
@@ -398,7 +462,7 @@ typedef struct {
 static MapLayout map_layout(const AttentionMap *map, int T) {
     MapLayout g = {0};
     for (int i = 0; i < map->n_recorded; i++)
-        if (map->model->config.layers[map->layers[i]].n_heads > g.columns) g.columns = map->model->config.layers[map->layers[i]].n_heads;
+        if (map->model->config.layers[map->layers[i]].attn.n_heads > g.columns) g.columns = map->model->config.layers[map->layers[i]].attn.n_heads;
     int target = 128, rows_per_layer = 1; /* pixels per panel, never less than one per cell */
     if (map->n_recorded == 1) {
         rows_per_layer = (int)sqrt((double)g.columns);
@@ -406,7 +470,7 @@ static MapLayout map_layout(const AttentionMap *map, int T) {
         target = 384;
     }
     for (int i = 0; i < map->n_recorded; i++)
-        g.rows += (map->model->config.layers[map->layers[i]].n_heads + g.columns - 1) / g.columns;
+        g.rows += (map->model->config.layers[map->layers[i]].attn.n_heads + g.columns - 1) / g.columns;
     g.cell = T < target ? target / T : 1;
     g.labelled = T <= MAX_LABELLED;
     if (g.labelled && g.cell < LABEL_CELL) g.cell = LABEL_CELL;
@@ -480,6 +544,18 @@ static void draw_panel(unsigned char *pixels, long width, const AttentionMap *ma
     }
 }
 
+int attention_map_check_png(const AttentionMap *map, char *err, size_t errlen) {
+    /* a run that stops early has fewer positions, and cells as large as target / T (or labelled ones): the
+     * largest picture is the one of all positions or of the most that are labelled */
+    int T = map->n_positions, labelled = T < MAX_LABELLED ? T : MAX_LABELLED;
+    MapLayout all = map_layout(map, T), most = map_layout(map, labelled);
+    MapLayout g = (double)all.width * all.height >= (double)most.width * most.height ? all : most;
+    if ((double)g.width * g.height <= MAP_MAX_PIXELS) return 0;
+    return fail(err, errlen, "--attn-map: %d positions x %d layers would make a picture of %ld x %ld pixels (at most "
+                "%u in all); use --attn-map-layer, a shorter prompt or a smaller -n", T, map->n_recorded, g.width,
+                g.height, MAP_MAX_PIXELS);
+}
+
 int attention_map_write_png(const AttentionMap *map, const char *path, const Tokenizer *tok, const int *ids, int n_ids) {
     int T = map->positions_seen;
     MapLayout g = map_layout(map, T);
@@ -500,7 +576,7 @@ int attention_map_write_png(const AttentionMap *map, const char *path, const Tok
     size_t used = (size_t)snprintf(comment, comment_size, "attn.c attention map: %d positions, cells of %d px\n", T, g.cell);
     int W = (int)g.width, H = (int)g.height;
     for (int r = 0, row = 0; r < map->n_recorded; r++) {
-        int layer = map->layers[r], heads = map->model->config.layers[layer].n_heads;
+        int layer = map->layers[r], heads = map->model->config.layers[layer].attn.n_heads;
         for (int h = 0; h < heads; h++, row += (h % g.columns == 0 || h == heads)) {
             long x0 = g.left + (long)(h % g.columns) * (g.panel + GAP);
             long y0 = g.top + (long)row * (TITLE + g.panel + GAP) + TITLE;

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "bench")
 RUN = os.path.join(ROOT, "run")
 sys.path.insert(0, ROOT)
-from export import read_tensor_directory  # noqa: E402
+from export import f32_to_bf16, read_tensor_directory  # noqa: E402
 
 SHAPES = {  # name: (dim, hidden, layers, heads, vocab, context)
     "110M": (768, 2048, 12, 12, 32000, 1024),
@@ -98,18 +98,31 @@ def write_sliding_checkpoint(directory, shape, window, seed=1):
             tensors[p + n + ".weight"] = s
         tensors[p + "input_layernorm.weight"] = (dim,)
         tensors[p + "post_attention_layernorm.weight"] = (dim,)
+    write_random_safetensors(os.path.join(directory, "model.safetensors"), tensors, rng)
+
+
+def write_random_safetensors(path, shapes, rng, bf16=False):
+    """A safetensors file of {name: shape}: vectors of ones, matrices N(0, 0.02^2) (bf16: N(0, 1/cols)),
+    written tensor by tensor (a GB-sized checkpoint never sits in memory)."""
+    width = 2 if bf16 else 4
     header, offset = {}, 0
-    for name, s in tensors.items():
-        n = int(np.prod(s)) * 4
-        header[name] = {"dtype": "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
+    for name, s in shapes.items():
+        n = int(np.prod(s)) * width
+        header[name] = {"dtype": "BF16" if bf16 else "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
         offset += n
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
-    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h)
-        for name, s in tensors.items():
-            arr = np.ones(s, "<f4") if len(s) == 1 else random_matrix(rng, *s)
-            f.write(arr.tobytes())
+        for name, s in shapes.items():
+            if len(s) == 1:
+                arr = np.ones(s, "<f4")
+            elif bf16:
+                arr = rng.standard_normal(s, dtype=np.float32) * np.float32(s[-1] ** -0.5)
+            else:
+                arr = random_matrix(rng, *s)
+            f.write(f32_to_bf16(arr).tobytes() if bf16 else arr.tobytes())
+    os.replace(path + ".tmp", path)
 
 
 def export(src, out, dtype):
@@ -149,7 +162,10 @@ def main():
     ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ./run (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and runs (a smoke test of the script)")
+    ap.add_argument("--tokenizer", action="store_true", help="only the tokenizer's speed")
     args = ap.parse_args()
+    if args.tokenizer:
+        return tokenizer_speed(1 if args.quick else args.runs)
     if not os.path.exists(RUN):
         sys.exit("error: ./run is not built (make)")
     runs = 1 if args.quick else args.runs
@@ -242,6 +258,50 @@ def main():
     a, b = window_ms[100], window_ms[4000]
     print(f"\nsliding window {WINDOW} on every layer (stories15M shape, f32): decode {a[0]:.2f} ms/token at position 100, "
           f"{b[0]:.2f} ms/token at position 4000 ({b[0] / a[0]:.2f}x); peak RSS {a[1] / 1e6:.0f} / {b[1] / 1e6:.0f} MB")
+
+
+def tokenizer_text(path, size=4 << 20):
+    """A large mixed text: the repository's docs and sources, and llama.cpp's test texts in many scripts."""
+    parts = []
+    for folder, exts in ((ROOT, (".md", ".c", ".h", ".py")), (os.path.join(ROOT, "docs"), (".md",)),
+                         (os.path.join(os.environ.get("ATTN_SHARED", os.path.join(ROOT, "..", "shared")), "llamacpp", "vocab"),
+                          (".inp",))):
+        if os.path.isdir(folder):
+            parts += [open(os.path.join(folder, f), encoding="utf-8").read() for f in sorted(os.listdir(folder)) if f.endswith(exts)]
+    text = "\n".join(parts)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write((text * (size // len(text.encode()) + 1))[:size])
+    return path
+
+
+def tokenizer_speed(runs):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from harness import tiny_llama_dir
+    subprocess.run(["make", "-s", "build/bench/tokenize"], cwd=ROOT, check=True)
+    text = tokenizer_text(os.path.join(BUILD, "tokenizer_text.txt"))
+    models = {"GPT-2 (kjv-5m)": os.path.join(ROOT, "models", "kjv-5m.bin")}
+    src = os.path.join(ROOT, "tests", "data", "tokenizers", "bytelevel_llama3_style", "tokenizer.json")
+    tok = json.load(open(src, encoding="utf-8"))
+    vocab = max(tok["model"]["vocab"].values()) + 1
+    for name, regex in (("Llama 3", None), ("Qwen2", None)):
+        d = os.path.join(BUILD, f"tok_{name.replace(' ', '')}")
+        os.makedirs(d, exist_ok=True)
+        if name == "Qwen2":  # the same vocabulary behind Qwen2's regex (single digits)
+            tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].replace(r"\p{N}{1,3}", r"\p{N}")
+        with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tok, f, ensure_ascii=False)
+        tiny_llama_dir(d, vocab)
+        models[f"{name} (bytelevel_llama3_style vocabulary)"] = export(d, os.path.join(BUILD, f"tok_{name.replace(' ', '')}.bin"), "f32")
+    print(f"\ntokenizer: encoding {os.path.getsize(text) / 1e6:.1f} MB (best of {runs}), the hand-written pre-tokenizer "
+          f"against the regex matcher (same ids)\n")
+    print("| pre-tokenizer | hand-written MB/s | regex.c MB/s | hand-written / regex | tokens |")
+    print("|---|---|---|---|---|")
+    for name, model in models.items():
+        out = subprocess.run([os.path.join(BUILD, "tokenize"), model, text, str(runs)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr.strip())
+        fast, regex, n = out.stdout.split()
+        print(f"| {name} | {float(fast):.1f} | {float(regex):.1f} | {float(fast) / float(regex):.2f}x | {n} |")
 
 
 def kernels():

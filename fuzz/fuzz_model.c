@@ -131,7 +131,8 @@ static int find_fields(const uint8_t *d, size_t size, unsigned which, unsigned p
         for (int i = 0; i < 6; i++) n = add_field(f, n, p + 4 * (uint64_t)i, 4, size);
         if (p + 24 > end) break;
         uint64_t n_eos = le(d + p + 20, 4);
-        p += 24 + 4 * (n_eos > 16 ? 16 : n_eos);
+        if (n_eos) n = add_field(f, n, p + 24 + 4 * (pick % n_eos), 4, size); /* one of the eos ids */
+        p += 24 + 4 * n_eos;
         n = add_field(f, n, p, 4, size);
         n = add_field(f, n, p + 4, 4, size);
         if (p + 8 > end) break;
@@ -194,7 +195,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         return 0;
     }
     RunState s;
-    if (runstate_init(&s, &m, 2) == 0) {
+    if (model_check_memory(&m, 2, 3, err, sizeof err) == 0 && runstate_init(&s, &m, 2) == 0) {
         int prompt[2] = {0, m.config.vocab_size - 1}, next = m.config.vocab_size / 2;
         if (forward(&m, &s, prompt, 2, 0, 1)) forward(&m, &s, &next, 1, 2, 0);
         runstate_free(&s);

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Writes the fuzz seed corpus fuzz/corpus/model/*.bin: tiny model files (random weights, a few KB each)
 that together use every part of the format the loader checks -- RMSNorm and LayerNorm, gated and plain
-MLPs, rotary and learned positions, sliding and full layers, GQA, q/k norm, biases, post-norms, soft-caps,
-a precomputed RoPE table, f32 / f16 / bf16 / q8_0 matrices, tokenizer records of both kinds (byte-level BPE
-with the GPT-2 and Llama 3 pre-tokenizers; SentencePiece-style with <0xNN> byte pieces, merged by score as
+MLPs, mixtures of experts (every router kind, grouped routing, biases, shared experts, stacked 3-D expert
+tensors in f32 and q8_0), rotary and learned positions, NoPE, sliding, chunked and full layers, GQA, every
+kind of q/k norm, learned sinks, attention temperature, biases, pre- and post-norms, soft-caps,
+precomputed RoPE tables (one with YaRN's attention factor), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
+with the GPT-2 and Llama 3 pre-tokenizers and with a sequence of regex Split steps; SentencePiece-style with <0xNN> byte pieces, merged by score as
 from a tokenizer.model and by rank with Metaspace as from a tokenizer.json), and a chat section. Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
 
@@ -27,54 +29,35 @@ OUT = os.path.join(ROOT, "fuzz", "corpus", "model")
 rng = np.random.default_rng(7)
 
 
-def tensors(m, qk_norm=False, qkv_bias=False, o_bias=False, post_norms=False):
-    """Random weights for every tensor the config asks for, named and shaped as docs/FORMAT.md says."""
-    r = lambda *shape: lambda: (rng.standard_normal(shape) * 0.3).astype(np.float32)  # noqa: E731
-    one = lambda n: lambda: np.ones(n, np.float32)  # noqa: E731
-    m.add("tok_embeddings", (m.vocab_size, m.dim), r(m.vocab_size, m.dim))
-    if m.position_kind == E.POS_LEARNED:
-        m.add("pos_embeddings", (m.context_length, m.dim), r(m.context_length, m.dim))
-    for i, L in enumerate(m.layers):
-        o, qd, kd = f"layers.{i}.", L.n_heads * L.head_dim, L.n_kv_heads * L.head_dim
-        m.add(o + "attn_norm", (m.dim,), one(m.dim))
-        if m.norm_kind == E.NORM_LAYER:
-            m.add(o + "attn_norm_bias", (m.dim,), r(m.dim))
-        for n, d in (("wq", qd), ("wk", kd), ("wv", kd)):
-            m.add(o + n, (d, m.dim), r(d, m.dim))
-        if L.flags & E.LAYER_QKV_BIAS:
-            for n, d in (("bq", qd), ("bk", kd), ("bv", kd)):
-                m.add(o + n, (d,), r(d))
-        if L.flags & E.LAYER_QK_NORM:
-            m.add(o + "q_norm", (L.head_dim,), one(L.head_dim))
-            m.add(o + "k_norm", (L.head_dim,), one(L.head_dim))
-        m.add(o + "wo", (m.dim, qd), r(m.dim, qd))
-        if L.flags & E.LAYER_O_BIAS:
-            m.add(o + "bo", (m.dim,), r(m.dim))
-        if L.flags & E.LAYER_POST_ATTN_NORM:
-            m.add(o + "attn_post_norm", (m.dim,), one(m.dim))
-        m.add(o + "mlp_norm", (m.dim,), one(m.dim))
-        if m.norm_kind == E.NORM_LAYER:
-            m.add(o + "mlp_norm_bias", (m.dim,), r(m.dim))
-        if m.mlp_kind == E.MLP_GATED:
-            m.add(o + "w_gate", (m.hidden_dim, m.dim), r(m.hidden_dim, m.dim))
-        m.add(o + "w_up", (m.hidden_dim, m.dim), r(m.hidden_dim, m.dim))
-        m.add(o + "w_down", (m.dim, m.hidden_dim), r(m.dim, m.hidden_dim))
-        if m.mlp_kind == E.MLP_PLAIN:
-            m.add(o + "b_up", (m.hidden_dim,), r(m.hidden_dim))
-            m.add(o + "b_down", (m.dim,), r(m.dim))
-        if L.flags & E.LAYER_POST_MLP_NORM:
-            m.add(o + "mlp_post_norm", (m.dim,), one(m.dim))
-    m.add("final_norm", (m.dim,), one(m.dim))
-    if m.norm_kind == E.NORM_LAYER:
-        m.add("final_norm_bias", (m.dim,), r(m.dim))
-    if not m.tied:
-        m.add("output", (m.vocab_size, m.dim), r(m.vocab_size, m.dim))
+def tensors(m):
+    """Random weights for every tensor the tensor table (tensors.def) asks of m: norm weights 1, the rest
+    N(0, 0.3^2)."""
+    for name, (shape, _) in E.expected_tensors(m).items():
+        norm = name.endswith("norm") or name.endswith("norm_full")
+        m.add(name, shape, (lambda s=shape: np.ones(s, np.float32)) if norm else
+              (lambda s=shape: (rng.standard_normal(s) * 0.3).astype(np.float32)))
     return m
 
 
 def bytelevel_tokenizer(folder, vocab):
     src = os.path.join(ROOT, "tests", "data", "tokenizers", folder)
     return E.hf_tokenizer(src, {}, vocab)
+
+
+def split_steps_tokenizer(vocab):
+    """A byte-level record whose pre-tokenizer is a sequence of regex Split steps (pretokenizer 5): every
+    behavior, an inverted step, and the constructs regex.c compiles (classes, \\p{..}, scripts, (?i:...),
+    lookahead, possessive and atomic repeats, counted repeats), then ByteLevel's own regex."""
+    src = os.path.join(ROOT, "tests", "data", "tokenizers", "bytelevel_gpt2_style", "tokenizer.json")
+    tok = E.load_json(src)
+    split = lambda regex, behavior="Isolated", invert=False: {  # noqa: E731
+        "type": "Split", "pattern": {"Regex": regex}, "behavior": behavior, "invert": invert}
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        split(r"[\r\n]"), split(r"(?i:'s|'t)|\p{Lu}[\p{Ll}\p{M}]*+|(?>\p{N}{1,3})", "MergedWithPrevious"),
+        split(r"\s+(?=\S)", "MergedWithNext"), split(r"[\p{P}\p{S}]", "Contiguous"), split(r"\p{Han}+", "Removed"),
+        split(r"x", "Isolated", True), {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    return E.tokenizer_from_json(src, tok, {}, vocab, [os.path.dirname(src)])
 
 
 def sentencepiece_tokenizer(library_style):
@@ -131,48 +114,97 @@ CHAT_TEMPLATE = """{%- set ns = namespace(system='', turns=0) -%}
 {#- {{ messages | tojson(indent=2) }} -#}"""
 
 
+def attn(heads, kv, head_dim, **kw):
+    return E.Attention(heads, kv, head_dim, **kw)
+
+
 def seeds():
+    A, D, L = E.Attention, E.Dense, E.Layer
     # Llama-style: RMSNorm, SwiGLU, RoPE, GQA, one sliding and one full layer, byte-level tokenizer (GPT-2 rule)
-    m = E.Model("llama", 8, 16, 1024, 64, tied=True)
-    m.layers = [E.Layer(2, 1, 4, window=4), E.Layer(2, 1, 4)]
+    m = E.Model("llama", 8, 1024, 64, tied=True)
+    m.layers = [L(A(2, 1, 4, window=4), D(16)), L(A(2, 1, 4), D(16))]
     m.tokenizer = bytelevel_tokenizer("bytelevel_gpt2_style", 1024)
     yield "llama_gpt2_tokenizer_bf16", tensors(m), "bf16"
     # the same with the Llama 3 pre-tokenizer, f16, untied classifier
-    m = E.Model("llama", 8, 16, 1024, 64, tied=False)
-    m.layers = [E.Layer(2, 2, 4), E.Layer(2, 1, 4, window=8)]
+    m = E.Model("llama", 8, 1024, 64, tied=False)
+    m.layers = [L(A(2, 2, 4), D(16)), L(A(2, 1, 4, window=8), D(16))]
     m.tokenizer = bytelevel_tokenizer("bytelevel_llama3_style", 1024)
     yield "llama_llama3_tokenizer_f16", tensors(m), "f16"
     # SentencePiece-style tokenizers with byte fallback (both libraries' ways); every layer slides
     for style, name in ((False, "llama_sentencepiece_tokenizer_f32"), (True, "llama_metaspace_tokenizer_f32")):
         tok, vocab = sentencepiece_tokenizer(style)
-        m = E.Model("llama", 8, 16, vocab, 32, tied=True)
-        m.layers = [E.Layer(2, 1, 4, window=4), E.Layer(2, 2, 4, window=4)]
+        m = E.Model("llama", 8, vocab, 32, tied=True)
+        m.layers = [L(A(2, 1, 4, window=4), D(16)), L(A(2, 2, 4, window=4), D(16))]
         m.tokenizer = tok
         yield name, tensors(m), "f32"
     # GPT-2 style: LayerNorm with bias, learned positions, plain GELU MLP, q/k/v and output biases
-    m = E.Model("gpt2", 8, 32, 32, 16, norm_kind=E.NORM_LAYER, mlp_kind=E.MLP_PLAIN, activation=E.ACT_GELU_TANH,
-                position_kind=E.POS_LEARNED, tied=True)
-    m.layers = [E.Layer(2, 2, 4, rope_dim=0, flags=E.LAYER_QKV_BIAS | E.LAYER_O_BIAS) for _ in range(2)]
+    m = E.Model("gpt2", 8, 32, 16, norm_kind=E.NORM_LAYER, position_kind=E.POS_LEARNED, tied=True)
+    m.layers = [L(A(2, 2, 4, rope_dim=0, flags=E.ATTN_QKV_BIAS | E.ATTN_O_BIAS),
+                  D(32, E.ACT_GELU_TANH, gated=False, flags=E.FFN_BIAS)) for _ in range(2)]
     yield "gpt2_learned_positions_f32", tensors(m), "f32"
     # Qwen3 style: q/k norm, q width != dim, partial rotary, qkv bias, sliding + full
-    m = E.Model("qwen3", 8, 16, 32, 64, tied=True)
-    m.layers = [E.Layer(4, 2, 4, window=4, rope_dim=2, flags=E.LAYER_QK_NORM | E.LAYER_QKV_BIAS),
-                E.Layer(4, 1, 4, flags=E.LAYER_QK_NORM)]
+    m = E.Model("qwen3", 8, 32, 64, tied=True)
+    m.layers = [L(A(4, 2, 4, window=4, rope_dim=2, flags=E.ATTN_QK_NORM | E.ATTN_QKV_BIAS), D(16)),
+                L(A(4, 1, 4, flags=E.ATTN_QK_NORM), D(16))]
     yield "qwen3_qk_norm_bf16", tensors(m), "bf16"
     # Gemma 2/3 style: post-norms, soft-caps, embedding scale, exact GELU, a precomputed RoPE table
-    m = E.Model("gemma2", 8, 16, 32, 64, activation=E.ACT_GELU, embed_scale=8 ** 0.5, final_softcap=30.0, tied=True)
-    post = E.LAYER_POST_ATTN_NORM | E.LAYER_POST_MLP_NORM
+    m = E.Model("gemma2", 8, 32, 64, embed_scale=8 ** 0.5, final_softcap=30.0, tied=True)
+    sandwich = E.LAYER_MIXER_NORM | E.LAYER_FFN_NORM | E.LAYER_MIXER_POST_NORM | E.LAYER_FFN_POST_NORM
     table = m.rope_table_for(1.0 / (10000.0 ** (np.arange(0, 4, 2) / 4)) / 8.0)
-    m.layers = [E.Layer(2, 1, 4, window=4, attn_softcap=50.0, flags=post),
-                E.Layer(2, 1, 4, rope_table=table, attn_softcap=50.0, flags=post)]
+    m.layers = [L(A(2, 1, 4, window=4, attn_softcap=50.0), D(16, E.ACT_GELU), sandwich),
+                L(A(2, 1, 4, rope_table=table, attn_softcap=50.0), D(16, E.ACT_GELU), sandwich)]
     yield "gemma_softcaps_rope_table_f32", tensors(m), "f32"
-    # q8_0: matrices of 32 or 64 columns hold int8 groups with f16 scales; w_down (48 columns) stays f32
-    m = E.Model("llama", 32, 48, 32, 64, tied=False)
-    m.layers = [E.Layer(4, 2, 8, window=4), E.Layer(4, 1, 8)]
+    # q8_0: matrices of 32 or 64 columns hold int8 groups with f16 scales; ffn.w_down (48 columns) stays f32
+    m = E.Model("llama", 32, 32, 64, tied=False)
+    m.layers = [L(A(4, 2, 8, window=4), D(48)), L(A(4, 1, 8), D(48))]
     yield "llama_q8_0", tensors(m), "q8_0"
+    # gpt-oss style: learned sinks, biases, a YaRN table with its attention factor, a mixture of experts with
+    # router and expert biases, top-k softmax routing and the clamped SwiGLU
+    m = E.Model("gpt_oss", 8, 32, 64, tied=False)
+    inv, factor = E.rope_inv_freq(150000.0, 4, {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 16,
+                                                "truncate": False}, 64)
+    table = m.rope_table_for(inv)
+    moe = lambda: E.MoE(4, 2, 8, E.ACT_SWIGLU_CLAMPED, E.ROUTER_TOPK_SOFTMAX, act_alpha=1.702, act_limit=7.0,  # noqa: E731
+                        flags=E.MOE_ROUTER_BIAS | E.MOE_EXPERT_BIAS)
+    bias = E.ATTN_QKV_BIAS | E.ATTN_O_BIAS | E.ATTN_SINKS
+    m.layers = [L(A(2, 1, 4, window=4, rope_table=table, rope_attn_factor=factor, flags=bias), moe()),
+                L(A(2, 1, 4, rope_table=table, rope_attn_factor=factor, flags=bias), moe())]
+    yield "gpt_oss_moe_sinks_f32", tensors(m), "f32"
+    # Llama 4 / DeepSeek style, q8_0 (experts stacked, every matrix 32 wide): a chunked layer with weightless
+    # q/k norm, a NoPE layer with attention temperature, sigmoid routing that scales the experts' input,
+    # grouped top-k with a selection bias, a gated shared expert, and a dense layer in between
+    m = E.Model("llama4_text", 32, 32, 64, tied=True)
+    moe = E.MoE(4, 2, 32, E.ACT_SILU, E.ROUTER_SIGMOID, n_groups=2, topk_groups=1, shared_hidden=32, routed_scale=2.5,
+                flags=E.MOE_SCALE_INPUT | E.MOE_SCORE_BIAS | E.MOE_GROUP_TOP2 | E.MOE_SHARED_GATE | E.MOE_NORM_TOPK)
+    m.layers = [L(A(2, 1, 16, chunk=4, flags=E.ATTN_QK_NORM_PLAIN), moe),
+                L(A(2, 1, 16, rope_dim=0, temperature_floor=4.0, temperature_scale=0.1), D(32)),
+                L(A(2, 2, 16, chunk=4, flags=E.ATTN_QK_NORM_PLAIN), moe)]
+    yield "llama4_chunked_moe_q8_0", tensors(m), "q8_0"
+    # OLMo 3 / EXAONE 4 style: norms after the blocks only, q/k norm over the whole projection
+    m = E.Model("olmo3", 8, 32, 64, tied=False)
+    post = E.LAYER_MIXER_POST_NORM | E.LAYER_FFN_POST_NORM
+    m.layers = [L(A(2, 1, 4, window=4, flags=E.ATTN_QK_NORM_FULL), D(16), post), L(A(2, 1, 4, rope_dim=0), D(16), post)]
+    yield "olmo_post_norms_bf16", tensors(m), "bf16"
+    # the whole-file checks (docs/FORMAT.md, "What the loader checks"): more than 16 eos ids, special tokens that
+    # share prefixes and suffixes (the matcher's automaton) with lstrip / rstrip, a window that covers the
+    # context (full attention), a scaled rope table, q8_0 groups of weights near 4e-6 (the smallest scales)
+    m = E.Model("llama", 32, 300, 16, tied=True)
+    table = m.rope_table_for(1.0 / (10000.0 ** (np.arange(0, 8, 2) / 8)) / 4.0)
+    m.layers = [L(A(4, 2, 8, window=16, rope_table=table), D(32)), L(A(4, 4, 8, window=8), D(32))]
+    m.tokenizer = specials_tokenizer(300)
+    tensors(m)
+    tiny = lambda: (rng.uniform(-4e-6, 4e-6, (32, 32))).astype(np.float32)  # noqa: E731
+    m.tensors = [(n, s, tiny if n == "layers.0.attn.wq" else f) for n, s, f in m.tensors]
+    yield "llama_specials_many_eos_q8_0", m, "q8_0"
+    # a pre-tokenizer of regex Split steps (pretokenizer 5)
+    m = E.Model("llama", 8, 1024, 256, tied=True)
+    m.layers = [L(A(2, 1, 4), D(16))]
+    m.tokenizer = split_steps_tokenizer(1024)
+    yield "llama_split_steps_tokenizer_f32", tensors(m), "f32"
+
     # a chat template (docs/CHAT.md) and the special-token strings it reads, over the GPT-2-style tokenizer
-    m = E.Model("llama", 8, 16, 1024, 64, tied=True)
-    m.layers = [E.Layer(2, 1, 4)]
+    m = E.Model("llama", 8, 1024, 64, tied=True)
+    m.layers = [L(A(2, 1, 4), D(16))]
     m.tokenizer = bytelevel_tokenizer("bytelevel_gpt2_style", 1024)
     m.chat = E.pack_chat_section(CHAT_TEMPLATE, [("bos_token", "<|endoftext|>"), ("eos_token", "<|endoftext|>")])
     yield "llama_chat_template_bf16", tensors(m), "bf16"
@@ -204,6 +236,21 @@ def write_chat_seeds(out):
             f.write(template)
 
 
+def specials_tokenizer(vocab):
+    """A byte-level record with 40 eos ids and special / user-defined tokens nested in one another."""
+    rec = E.TokenizerRecord(E.TOK_BYTELEVEL_BPE, vocab, "make_seeds")
+    for b in range(256):
+        rec.set_piece(b, bytes([b]), E.PIECE_NORMAL)
+    specials = [b"<|a|>", b"<|ab|>", b"<|abc|>", b"<|b|>", b"|>", b"<|", b"<|im_start|>", b"<|im_end|>", b"<s>", b"</s>",
+                b"<s><s>", b"[INST]", b"[/INST]", b"<|a|><|b|>", b"\n\n", b"  "]
+    for i, s in enumerate(specials):
+        kind = E.PIECE_SPECIAL if i % 3 else E.PIECE_USER
+        rec.set_piece(256 + i, s, kind | (E.PIECE_LSTRIP if i % 4 == 1 else 0) | (E.PIECE_RSTRIP if i % 5 == 2 else 0))
+    rec.pretokenizer = E.PRE_GPT2
+    rec.eos = list(range(256, 296))
+    return rec.pack()
+
+
 def shared_tokenizer_models(shared, out_dir):
     """Tiny models carrying the real Llama 2 tokenizers from $ATTN_SHARED (32000 pieces; they come from
     another project, so they are written under build/ for fuzz_tokenizer and never committed)."""
@@ -213,8 +260,8 @@ def shared_tokenizer_models(shared, out_dir):
         if not os.path.exists(path):
             print(f"make_seeds: {path} not found: skipped", file=sys.stderr)
             continue
-        m = E.Model("llama", 8, 16, 32000, 64, tied=True)
-        m.layers = [E.Layer(2, 2, 4)]
+        m = E.Model("llama", 8, 32000, 64, tied=True)
+        m.layers = [E.Layer(E.Attention(2, 2, 4), E.Dense(16))]
         m.tokenizer = E.read_tokenizer(path, 32000)
         E.write_model(tensors(m), os.path.join(out_dir, name), E.DTYPES["bf16"])
 

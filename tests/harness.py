@@ -119,17 +119,27 @@ def relative_error(got, ref):
 
 
 def write_safetensors(path, tensors):
-    """A safetensors file of float32 tensors (for synthetic test models)."""
+    """A safetensors file of float32 tensors, and uint8 ones as U8 (MXFP4 blocks), for synthetic test models."""
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():
-        data = np.ascontiguousarray(arr, dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        u8 = np.asarray(arr).dtype == np.uint8
+        data = np.ascontiguousarray(arr, dtype="u1" if u8 else "<f4").tobytes()
+        header[name] = {"dtype": "U8" if u8 else "F32", "shape": list(np.shape(arr)), "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def read_safetensors(path):
+    """name -> float32 array of a (small) safetensors file written by write_safetensors."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8:8 + n])
+    return {k: np.frombuffer(raw, "<f4", int(np.prod(v["shape"])), 8 + n + v["data_offsets"][0]).reshape(v["shape"])
+            for k, v in header.items()}
 
 
 def fixture_dir(t, fixture, name, cfg):

@@ -14,14 +14,20 @@ from export import CHAT_HEADER, HEADER, read_tensor_directory  # noqa: E402
 
 # (name, offset, width) of the header fields after the magic
 HEADER_FIELDS = [("version", 4, 4), ("file_size", 8, 8), ("config_offset", 16, 8), ("config_size", 24, 8),
-                 ("layers_offset", 32, 8), ("n_layers", 40, 4), ("layer_record_size", 44, 4),
+                 ("layers_offset", 32, 8), ("n_layers", 40, 4), ("layers_size", 44, 4),
                  ("tokenizer_offset", 48, 8), ("tokenizer_size", 56, 8), ("tensors_offset", 64, 8),
                  ("n_tensors", 72, 4), ("tensor_record_size", 76, 4), ("data_offset", 80, 8), ("data_size", 88, 8),
                  ("chat_offset", 96, 8), ("chat_size", 104, 8)]
-CONFIG_FIELDS = ["dim", "hidden_dim", "vocab_size", "context_length", "norm_kind", "norm_eps", "mlp_kind",
-                 "activation", "position_kind", "embed_scale", "final_softcap", "flags", "n_rope_tables"]
-LAYER_FIELDS = ["n_heads", "n_kv_heads", "head_dim", "window", "rope_theta", "rope_dim", "rope_table",
-                "attn_scale", "attn_softcap", "flags"]
+CONFIG_FIELDS = ["dim", "vocab_size", "context_length", "norm_kind", "norm_eps", "position_kind", "embed_scale",
+                 "residual_scale", "logit_scale", "final_softcap", "flags", "n_rope_tables"]
+# a layer record (docs/FORMAT.md): its header, then each kind's payload, field by field (4 bytes each)
+LAYER_HEADER_FIELDS = ["record_size", "flags", "mixer_kind", "mixer_size"]
+MIXER_FIELDS = {1: ["n_heads", "n_kv_heads", "head_dim", "window", "chunk", "rope_dim", "rope_table", "rope_theta",
+                    "rope_attn_factor", "attn_scale", "attn_softcap", "temperature_floor", "temperature_scale", "flags"]}
+DENSE_FIELDS = ["hidden_dim", "activation", "flags"]
+FFN_FIELDS = {0: [], 1: DENSE_FIELDS, 2: DENSE_FIELDS,
+              3: ["n_experts", "top_k", "hidden_dim", "activation", "router", "n_groups", "topk_groups",
+                  "shared_hidden", "routed_scale", "act_alpha", "act_limit", "flags"]}
 F32 = lambda x: struct.unpack("<I", struct.pack("<f", x))[0]  # noqa: E731
 ODD_U32 = [0, 1, 2, 3, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFF, 1 << 16, 1 << 20, 1 << 24, (1 << 24) + 1,
            F32(float("nan")), F32(float("inf")), F32(float("-inf")), F32(-1.0), F32(1e30), F32(1e-30), F32(0.5)]
@@ -61,9 +67,10 @@ class Layout:
     """Offsets of the structures of one model file."""
 
     def __init__(self, blob):
-        (magic, self.version, self.file_size, self.config_off, _, self.layers_off, self.n_layers, _, self.tok_off,
-         self.tok_size, self.tensors_off, self.n_tensors, _, self.data_off, self.data_size) = HEADER.unpack_from(blob)
+        (magic, self.version, self.file_size, self.config_off, _, self.layers_off, self.n_layers, self.layers_size,
+         self.tok_off, self.tok_size, self.tensors_off, self.n_tensors, _, self.data_off, self.data_size) = HEADER.unpack_from(blob)
         assert magic == b"ATNC" and self.file_size == len(blob)
+        self.layers = [self._layer(blob, off) for off in self._layer_offsets(blob)]
         # (record offset, name, data offset, nbytes)
         self.tensors = [(rec, name, off, nbytes) for rec, name, _, _, off, nbytes in read_tensor_directory(blob)]
         self.tok = self._tokenizer(blob) if self.tok_size else None
@@ -87,6 +94,23 @@ class Layout:
         assert p + 4 + template_len == self.chat_off + self.chat_size
         return fields
 
+    def _layer_offsets(self, blob):
+        off = self.layers_off
+        for _ in range(self.n_layers):
+            yield off
+            off += struct.unpack_from("<I", blob, off)[0]
+
+    def _layer(self, blob, off):
+        """{"offset", "size", "fields": [(name, offset)], "parts": [offsets where its parts begin]}"""
+        size, _, mixer, mixer_size = struct.unpack_from("<4I", blob, off)
+        fields = [(n, off + 4 * i) for i, n in enumerate(LAYER_HEADER_FIELDS)]
+        fields += [("mixer " + n, off + 16 + 4 * i) for i, n in enumerate(MIXER_FIELDS.get(mixer, []))]
+        q = off + 16 + mixer_size
+        ffn = struct.unpack_from("<I", blob, q)[0]
+        fields += [("ffn_kind", q), ("ffn_size", q + 4)]
+        fields += [("ffn " + n, q + 8 + 4 * i) for i, n in enumerate(FFN_FIELDS.get(ffn, []))]
+        return {"offset": off, "size": size, "fields": fields, "parts": [off, off + 16, q, q + 8, off + size]}
+
     def _tokenizer(self, blob):
         """Offsets inside the tokenizer record: its header fields, each piece, the merges."""
         p = self.tok_off
@@ -106,15 +130,26 @@ class Layout:
         fields["merges"] = q
         fields["n_merges_value"] = n_merges
         fields["n_pieces_value"] = n_pieces
-        assert q + 8 * n_merges == self.tok_off + self.tok_size
+        q += 8 * n_merges
+        fields["steps"] = []  # pretokenizer 5: (offset of behavior, regex length) per Split step
+        if struct.unpack_from("<I", blob, fields["pretokenizer"])[0] == 5:
+            fields["n_steps"] = q
+            (n_steps,) = struct.unpack_from("<I", blob, q)
+            q += 4
+            for _ in range(n_steps):
+                (n,) = struct.unpack_from("<I", blob, q + 8)
+                fields["steps"].append((q, n))
+                q += 12 + n
+        assert q == self.tok_off + self.tok_size
         return fields
 
     def boundaries(self):
         """Every offset where one structure ends and the next begins."""
         b = {0, 4, 8, 16, 96, 128, self.config_off + 32, self.config_off + 128, self.layers_off,
-             self.layers_off + 64 * self.n_layers, self.tok_off, self.tok_off + self.tok_size, self.tensors_off,
+             self.layers_off + self.layers_size, self.tok_off, self.tok_off + self.tok_size, self.tensors_off,
              self.data_off, self.file_size - 1}
-        b.update(self.layers_off + 64 * i for i in range(self.n_layers))
+        for layer in self.layers:
+            b.update(layer["parts"])
         for rec, _, off, nbytes in self.tensors:
             b.update((rec, rec + 80, rec + 104, off, off + nbytes))
         if self.chat:
@@ -125,6 +160,13 @@ class Layout:
             b.update(q for q, _ in self.tok["pieces"][:8])
             b.update(q for q, _ in self.tok["pieces"][-4:])
         return sorted(x for x in b if 0 <= x < self.file_size)
+
+
+# regexes regex.c must refuse, and ones it must run without hanging or crashing
+BAD_REGEXES = [b"(", b"[a", b"a)", b"\\", b"\\p{Nope}", b"(?<=a)", b"(a)\\1", b"[a[b]]", b"a**", b"x{3,2}", b"\xff\xfe",
+               b"(?:a{1000}){1000}", b"a{100001}", b"\\x{110000}"]
+HEAVY_REGEXES = [b"(a*)*b", b"(?:\\p{L}|\\w)*+!", b"(?=(?=(?=a)))", b"\\s+$", b"(?i)[^\\S\\P{L}]{0,}", b"$|^|\\b",
+                 b"(?:x?){64}y"]
 
 
 def put(blob, off, width, value):
@@ -174,7 +216,7 @@ def _all_mutants(blob, rng, scale=1.0):
     # magic and version
     for magic in (b"ATNc", b"\0\0\0\0", b"GGUF", b"\x7fELF"):
         yield f"magic {magic!r}", magic + blob[4:]
-    for v in (0, 2, 0xFFFFFFFF):
+    for v in (0, 1, 3, 0xFFFFFFFF):
         yield f"version {v}", put(blob, 4, 4, v)
 
     # every header field set to absurd values
@@ -199,14 +241,19 @@ def _all_mutants(blob, rng, scale=1.0):
                 yield f"config {name} = {v:#x}", put(blob, off, 4, v)
     yield "config family not NUL-terminated", blob[:L.config_off] + b"\n" * 32 + blob[L.config_off + 32:]
 
-    # every field of the first and last layer records
+    # every field of the first and last layer records: the record's header, each kind's payload
     for layer in sorted({0, L.n_layers - 1}):
-        for i, name in enumerate(LAYER_FIELDS):
-            off = L.layers_off + 64 * layer + 4 * i
+        for name, off in L.layers[layer]["fields"]:
             orig = get(blob, off, 4)
-            for v in sorted(set(ODD_U32 + [orig + 1, orig - 1, orig * 2])):
+            for v in sorted(set(ODD_U32 + [orig + 1, orig - 1, orig * 2, orig + 8, orig - 8, 4, 5, 6, 7])):
                 if v != orig:
                     yield f"layer {layer} {name} = {v:#x}", put(blob, off, 4, v)
+        flags_at = dict(L.layers[layer]["fields"])
+        for field in ("flags", "mixer flags", "ffn flags"):
+            if field in flags_at:
+                orig = get(blob, flags_at[field], 4)
+                for bit in range(32):
+                    yield f"layer {layer} {field} ^ {1 << bit:#x}", put(blob, flags_at[field], 4, orig ^ (1 << bit))
 
     # tensor records
     picks = sorted(set([0, len(L.tensors) - 1] + list(rng.integers(0, len(L.tensors), 4))))
@@ -215,7 +262,7 @@ def _all_mutants(blob, rng, scale=1.0):
         t = f"tensor '{name}'"
         for v in (1, 2, 3, 0xFFFFFFFF):
             yield f"{t} dtype {v}", put(blob, rec + 80, 4, v)
-        for v in (0, 2 if get(blob, rec + 84, 4) == 1 else 1, 3, 0xFFFFFFFF):
+        for v in (0, 1, 2, 3, 4, 0xFFFFFFFF):
             yield f"{t} ndim {v}", put(blob, rec + 84, 4, v)
         for d in (0, 1):
             for v in (0, 1, get(blob, rec + 88 + 4 * d, 4) + 1, 1 << 24, 0xFFFFFFFF):
@@ -230,7 +277,11 @@ def _all_mutants(blob, rng, scale=1.0):
         yield f"{t} empty name", blob[:rec] + bytes(80) + blob[rec + 80:]
         other = L.tensors[(int(k) + 1) % len(L.tensors)][1].encode()
         yield f"{t} renamed to a duplicate", blob[:rec] + other.ljust(80, b"\0") + blob[rec + 80:]
-        yield f"{t} renamed to an unknown name", blob[:rec] + b"layers.99.wq".ljust(80, b"\0") + blob[rec + 80:]
+        yield f"{t} renamed to an unknown name", blob[:rec] + b"layers.99.attn.wq".ljust(80, b"\0") + blob[rec + 80:]
+        dims = [get(blob, rec + 88 + 4 * d, 4) for d in range(3)]
+        if get(blob, rec + 84, 4) == 3:  # a stack of experts: one matrix more or less
+            for v in (dims[0] + 1, dims[0] - 1, 0):
+                yield f"{t} stack of {v}", put(blob, rec + 88, 4, v)
 
     # the tokenizer record
     if L.tok:
@@ -278,7 +329,22 @@ def _all_mutants(blob, rng, scale=1.0):
         for off in mk:
             for v in (T["n_pieces_value"], 0xFFFFFFFF, 0):
                 yield f"tokenizer merge id {v:#x} at {off}", put(blob, off, 4, v)
-        # every piece special: each prompt byte is checked against every piece
+        # the Split steps (pretokenizer 5): counts, behaviors, flags, lengths, and regexes that do not compile or
+        # that compile to something enormous or pathological (each swapped in, the record shortened or lengthened)
+        if T["steps"]:
+            for v in (0, 17, 0xFFFFFFFF, len(T["steps"]) + 1):
+                yield f"tokenizer n_steps = {v}", put(blob, T["n_steps"], 4, v)
+        for k, (q, n) in enumerate(T["steps"]):
+            for v in (5, 0xFFFFFFFF):
+                yield f"tokenizer step {k} behavior {v:#x}", put(blob, q, 4, v)
+            for v in (2, 0xFFFFFFFF):
+                yield f"tokenizer step {k} flags {v:#x}", put(blob, q + 4, 4, v)
+            for v in (0, n + 1, 65537, 0xFFFFFFFF):
+                yield f"tokenizer step {k} regex length {v}", put(blob, q + 8, 4, v)
+            for regex in BAD_REGEXES + HEAVY_REGEXES:
+                if len(regex) <= n:  # padded to the step's length with an alternative that changes nothing at fault
+                    padded = regex + (b"|" + b"x" * (n - len(regex) - 1) if len(regex) < n else b"")
+                    yield f"tokenizer step {k} regex {regex[:24]!r}", blob[:q + 12] + padded + blob[q + 12 + n:]
         everything_special = bytearray(blob)
         for q, n in T["pieces"]:
             if n:
@@ -310,7 +376,7 @@ def _all_mutants(blob, rng, scale=1.0):
 
     # random byte flips, section by section
     sections = [("header", 0, 128), ("config", L.config_off, L.config_off + 128),
-                ("layers", L.layers_off, L.layers_off + 64 * L.n_layers),
+                ("layers", L.layers_off, L.layers_off + L.layers_size),
                 ("tensor directory", L.tensors_off, L.tensors_off + 128 * L.n_tensors),
                 ("data", L.data_off, size)]
     if L.tok:
@@ -328,3 +394,58 @@ def _all_mutants(blob, rng, scale=1.0):
                 else:
                     out[p] = int(rng.integers(0, 256))
             yield f"{name}: random bytes #{i}", bytes(out)
+
+
+# What the byte mutations above cannot reach: files whose every field is in range but whose meaning is
+# hostile. semantic_mutants(blob) yields (label, bytes, words): words None when the file must run (status
+# 0), else the run must end in one error line holding one of the words.
+NAN_BITS = {0: (0x7FC00000, 4), 1: (0x7E00, 2), 2: (0x7FC0, 2)}  # f32, f16, bf16
+
+
+def semantic_mutants(blob):
+    L = Layout(blob)
+    size = len(blob)
+    by_name = {name: (rec, off, nbytes) for rec, name, off, nbytes in L.tensors}
+    ordered = sorted(L.tensors, key=lambda x: x[2])
+    # a tensor pointed at the bytes of another: one small file standing for more weights than it holds
+    for (rec_a, a, off_a, _), (_, b, off_b, nbytes_b) in ((ordered[0], ordered[1]), (ordered[-1], ordered[-2]),
+                                                          (ordered[len(ordered) // 2], ordered[0])):
+        yield f"semantic: tensor '{a}' aliased onto '{b}'", put(blob, rec_a + 104, 8, off_b), \
+            ["share bytes", "extends past end of file", "belong to no"]
+    # bytes no tensor claims: a sparse tail, a gap inside the data section
+    for extra in (64, 4096, 1 << 20):
+        grown = put(put(blob + bytes(extra), 8, 8, size + extra), 88, 8, L.data_size + extra)
+        yield f"semantic: a tail of {extra} bytes no tensor claims", grown, ["belong to no"]
+    rec_last, last, off_last, nbytes_last = ordered[-1]
+    moved = bytearray(blob + bytes(64))
+    moved[off_last + 64:off_last + 64 + nbytes_last] = blob[off_last:off_last + nbytes_last]
+    moved = put(put(put(bytes(moved), rec_last + 104, 8, off_last + 64), 8, 8, size + 64), 88, 8, L.data_size + 64)
+    yield f"semantic: a gap of 64 bytes before '{last}'", moved, ["belong to no"]
+    # the tokenizer section laid over the weights (its own bytes left to no one)
+    if L.tok_size:
+        yield "semantic: the tokenizer section over the tensor data", put(blob, 48, 8, ordered[0][2]), \
+            ["overlaps", "outside the file", "belong to no"]
+    # rope tables that are not inverse frequencies
+    for name in sorted(n for n in by_name if n.startswith("rope_inv_freq.")):
+        _, off, _ = by_name[name]
+        for label, bits in (("NaN", 0x7FC00000), ("+inf", 0x7F800000), ("0", 0), ("-1", 0xBF800000)):
+            yield f"semantic: {label} in {name}", put(blob, off + 4, 4, bits), ["must be finite and positive"]
+    # a NaN in a weight every token goes through: the run stops at the first logits, naming the tensor
+    rec, off, _ = by_name["layers.0.attn.wq"]
+    dtype = get(blob, rec + 80, 4)
+    if dtype in NAN_BITS:
+        bits, width = NAN_BITS[dtype]
+        yield "semantic: NaN in layers.0.attn.wq", put(blob, off, width, bits), ["holds a NaN or an infinity"]
+    else:  # q8_0: the first group's f16 scale, after the int8 values
+        rows, cols = get(blob, rec + 88, 4), get(blob, rec + 92, 4)
+        yield "semantic: NaN scale in layers.0.attn.wq", put(blob, off + rows * cols, 2, 0x7E00), \
+            ["holds a NaN or an infinity"]
+    # a window that covers the context is full attention: such a file runs (a chunked layer keeps its chunks)
+    context = get(blob, L.config_off + 32 + 4 * CONFIG_FIELDS.index("context_length"), 4)
+    for layer in sorted({0, L.n_layers - 1}):
+        fields = dict(L.layers[layer]["fields"])
+        if "mixer window" not in fields or get(blob, fields["mixer chunk"], 4):
+            continue
+        for w in (context, context + 1, (1 << 24) + 1):
+            yield f"semantic: layer {layer} window {w} (context {context})", put(blob, fields["mixer window"], 4, w), \
+                None if w <= 1 << 24 else ["window"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from harness import ids_of, tiny_llama_dir
 from study_support import kv_bytes
-from hostile_corpus import Layout, mutants, put
+from hostile_corpus import Layout, mutants, put, semantic_mutants
 
 RUN_TIMEOUT = 10  # seconds per run of a mutant; a healthy one takes milliseconds
 
@@ -32,17 +32,21 @@ def tiny_model(t, name, **cfg):
 # ---------------------------------------------------------------------------------------------------------
 # the corpus
 
-# what some mutations must be told (the rest need only fail cleanly)
-EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at", ["header says", "too short"]),
+# what some mutations must be told, the first prefix that matches (the rest need only fail cleanly)
+EXPECTED = [("magic b'GGUF'", ["a GGUF file", "export.py"]), ("magic", ["bad magic"]), ("version", ["version"]),
+            ("truncated at", ["header says", "too short"]),
             ("offset 18446744073709551552", ["extends past end of file"]),
             ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"]),
+            ("tokenizer step 0 regex b'(?<=a)'", ["lookbehind"]), ("tokenizer step 7 regex b'(a)\\\\1'", ["backreference"]),
             ("chat template: recursive macro", ["recurses more than"]), ("chat template: nested huge loops", ["more than"]),
             ("chat template: raise_exception", ["raised an error: refused"]), ("chat template not UTF-8", ["not UTF-8"]),
             ("chat variable 0 name not an identifier", ["not an identifier"])]
 
 
 # run on every base, whatever fraction of its other mutants runs
-ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config", "chat")
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "tokenizer step", "tokenizer n_steps", "header", "magic", "version",
+          "config", "layer 0 mixer_kind", "layer 0 ffn_kind", "layer 0 mixer_size", "layer 0 ffn_size", "layer 0 record_size",
+          "chat")
 
 
 def run_mutant(t, path, data, args):
@@ -75,16 +79,28 @@ def corpus(t):
          ["-p", "  the and th\xc3\xa9 \xe4\xb8\xad \xff x  "]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_metaspace_tokenizer_f32.bin"), 0.35,
          ["-p", "  the and th\xc3\xa9 <|user|> \xe4\xb8\xad \xff x  "]),
+        # layer kinds (fuzz seeds): mixtures of experts (every router, grouped, biases, shared, q8_0 stacks),
+        # learned sinks, chunked and NoPE layers, post-norms only, q/k norm over the whole projection
+        (os.path.join(t.root, "fuzz", "corpus", "model", "gpt_oss_moe_sinks_f32.bin"), 0.35, ["--tokens", "1,2,3"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama4_chunked_moe_q8_0.bin"), 0.35, ["--tokens", "1,2,3,4,5,6"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "olmo_post_norms_bf16.bin"), 0.35, ["--tokens", "1,2,3"]),
+        # a pre-tokenizer of regex Split steps (pretokenizer 5); the prompt has letters, digits, CJK, marks, spaces
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_split_steps_tokenizer_f32.bin"), 0.25,
+         ["-p", "Hello World's 12345 x\n \xe4\xb8\xad\xe6\x96\x87 e\xcc\x81!! aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab  \xff"]),
         # a chat section (docs/CHAT.md): every mutant renders a conversation through its template
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama_chat_template_bf16.bin"), 0.12,
          ["--chat", "--system", "Be brief.", "-p", "Hello, world!"]),
     ]
-    jobs = []
+    jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
         blob = open(model, "rb").read()
         name = os.path.basename(model)
+        args = prompt + ["-n", "4", "-t", "0.9", "-s", "7", "--threads", "1"]
         for label, data in mutants(blob, np.random.default_rng(1000 + b), keep, ALWAYS):
-            jobs.append((f"{name}: {label}", data, prompt + ["-n", "4", "-t", "0.9", "-s", "7", "--threads", "1"]))
+            jobs.append((f"{name}: {label}", data, args))
+        for label, data, words in semantic_mutants(blob):
+            jobs.append((f"{name}: {label}", data, args))
+            must[f"{name}: {label}"] = words
     os.makedirs(t.tmp("corpus"), exist_ok=True)
     workers = max(2, min(8, os.cpu_count() or 2))
     start = time.time()
@@ -98,13 +114,18 @@ def corpus(t):
         slowest = max(slowest, secs)
         if r is None:
             bad.append(f"{label}: no exit within {RUN_TIMEOUT}s ({why})")
+        elif label in must and (r.returncode == 0) != (must[label] is None):
+            unexpected.append(f"{label}: status {r.returncode} ({r.stderr.decode('utf-8', 'replace').strip()[:200]})"
+                              f", expected {'status 0' if must[label] is None else 'an error'}")
         elif r.returncode == 0:
             exit0 += 1
         elif clean_error(r):
             exit1 += 1
             msg = r.stderr.decode("utf-8", "replace")
-            for prefix, want in EXPECTED:
-                if label.split(": ", 1)[1].startswith(prefix) and not any(w in msg for w in want):
+            expected = [w for w in [next((w for prefix, w in EXPECTED if label.split(": ", 1)[1].startswith(prefix)), None),
+                                    must.get(label)] if w]  # the first EXPECTED prefix that matches, and a semantic case's
+            for want in expected:
+                if not any(w in msg for w in want):
                     unexpected.append(f"{label}: {msg.strip()} (expected {' or '.join(want)})")
         else:
             sig = f"signal {-r.returncode}" if r.returncode < 0 else f"status {r.returncode}"
@@ -114,6 +135,8 @@ def corpus(t):
                f"{len(bad)} otherwise; slowest {slowest:.2f}s; {time.time() - start:.0f}s in all")
     print(f"# corpus: {summary}")
     t.check(f"corpus: at least 1000 mutated model files", len(jobs) >= 1000, f"{len(jobs)}")
+    t.check(f"corpus: {len(must)} semantic cases among them (aliased tensors, unclaimed bytes, non-finite rope tables "
+            "and weights, windows over the whole context)", len(must) >= 7 * 10, f"{len(must)}")
     t.check("corpus: every mutant exits 0, or 1 with one line `error: ...` (no signal, no hang)", not bad,
             "; ".join(bad[:5]))
     t.check("corpus: the rejections name what is wrong", not unexpected, "; ".join(unexpected[:5]))
@@ -125,18 +148,26 @@ def targeted_errors(t):
     tiny = tiny_model(t, "hostile_tiny")
     blob = open(tiny, "rb").read()
     L = Layout(blob)
-    rec, name, off, nbytes = next(x for x in L.tensors if x[1] == "layers.0.wq")
+    rec, name, off, nbytes = next(x for x in L.tensors if x[1] == "layers.0.attn.wq")
+    fields = dict(L.layers[0]["fields"])
     end = (len(blob) + 63) // 64 * 64
     cases = [
         ("tensor past the end of the file", put(blob, rec + 104, 8, end),
-         f"tensor 'layers.0.wq' extends past end of file (offset {end}, size {nbytes}, file {len(blob)})"),
+         f"tensor 'layers.0.attn.wq' extends past end of file (offset {end}, size {nbytes}, file {len(blob)})"),
         ("nbytes disagreeing with the shape", put(blob, rec + 112, 8, nbytes + 4),
-         f"tensor 'layers.0.wq' has {nbytes + 4} bytes, its shape and dtype need {nbytes}"),
-        ("context_length of 16M positions", put(blob, L.config_off + 44, 4, (1 << 24) + 1),
+         f"tensor 'layers.0.attn.wq' has {nbytes + 4} bytes, its shape and dtype need {nbytes}"),
+        ("context_length of 16M positions", put(blob, L.config_off + 40, 4, (1 << 24) + 1),
          "config context_length is 16777217 (must be 1 .. 16777216)"),
-        ("n_heads not divisible by n_kv_heads", put(blob, L.layers_off + 4, 4, 3),
+        ("n_heads not divisible by n_kv_heads", put(blob, fields["mixer n_kv_heads"], 4, 3),
          "layer 0 n_kv_heads is 3 (must be 1 .. 2)"),
-        ("NaN norm_eps", put(blob, L.config_off + 52, 4, 0x7FC00000), "config norm_eps nan is not in (0, 1)"),
+        ("NaN norm_eps", put(blob, L.config_off + 48, 4, 0x7FC00000), "config norm_eps nan is not in (0, 1)"),
+        ("a mixer kind this build does not know", put(blob, fields["mixer_kind"], 4, 9),
+         "layer 0: mixer kind 9 is not one this build knows (1 = attention); a newer attn.c may read it"),
+        ("an FFN kind this build does not know", put(blob, fields["ffn_kind"], 4, 9),
+         "layer 0: FFN kind 9 is not one this build knows (0 .. 3); a newer attn.c may read it"),
+        ("an attention record of the wrong size", put(blob, fields["mixer_size"], 4, 60),
+         "layer 0: attention record is 60 bytes, this build reads 56"),
+        ("a version 1 file", put(blob, 4, 4, 1), "file format version 1, this build reads version 2 (re-export it with export.py)"),
         ("tokenizer merge outside the vocabulary", put(blob, L.tok["merges"], 4, 5000),
          "tokenizer merge 0 refers to token 5000 outside the vocabulary"),
         ("a tensor name with a newline and an escape",

@@ -156,17 +156,17 @@ def run(t):
             worst <= Q8_LOGIT_BOUND)
     records = tensor_records(fixture_q8["llama_gqa"])
     t.check("q8_0: matrices with 64 columns are q8_0, w_down's 176 columns stay f32, vectors f32",
-            records["layers.0.wq"][1] == 3 and records["layers.0.w_down"][1] == 0 and records["layers.0.attn_norm"][1] == 0
-            and records["layers.0.wq"][3] == 64 * 64 + 64 * 2 * 2)
+            records["layers.0.attn.wq"][1] == 3 and records["layers.0.ffn.w_down"][1] == 0 and records["layers.0.mixer_norm"][1] == 0
+            and records["layers.0.attn.wq"][3] == 64 * 64 + 64 * 2 * 2)
 
     # the loader checks q8_0 shapes and sizes
-    rec, _, _, nbytes = records["layers.0.w_down"]
+    rec, _, _, nbytes = records["layers.0.ffn.w_down"]
     bad = patched(t, fixture_q8["llama_gqa"], "q8_cols.bin", [(rec + 80, "<I", 3)])
     r = t.run([bad, "--tokens", "1,2", "-n", "0"])
     err = r.stderr.decode(errors="replace")
     t.check("q8_0: the loader rejects a q8_0 tensor whose columns are not a multiple of 32",
             r.returncode == 1 and err.startswith("error: ") and "multiple of 32" in err and err.count("\n") == 1, err)
-    rec, _, _, nbytes = records["layers.0.wq"]
+    rec, _, _, nbytes = records["layers.0.attn.wq"]
     bad = patched(t, fixture_q8["llama_gqa"], "q8_size.bin", [(rec + 112, "<Q", 64 * 64)])
     r = t.run([bad, "--tokens", "1,2", "-n", "0"])
     err = r.stderr.decode(errors="replace")

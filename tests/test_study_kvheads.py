@@ -76,7 +76,7 @@ def run(t):
     for ours, theirs in (("wk", "k_proj.weight"), ("wv", "v_proj.weight"), ("bk", "k_proj.bias"), ("bv", "v_proj.bias")):
         hf = st.get(f"model.layers.0.self_attn.{theirs}")
         want = hf.reshape((1, 2, -1) + hf.shape[1:]).mean(axis=1).reshape((-1,) + hf.shape[1:])
-        ok &= bool(np.allclose(read_model_tensor(mixed, f"layers.0.{ours}"), want, atol=1e-7))
+        ok &= bool(np.allclose(read_model_tensor(mixed, f"layers.0.attn.{ours}"), want, atol=1e-7))
     t.check("qwen2_mixed --kv-heads 0=1: layer 0's k/v weights and biases are the mean of the two heads", ok)
 
     # and is exact when the heads it merges are equal (plain Llama, and q/k-norm Qwen3)

@@ -35,6 +35,7 @@ def run(t):
     llama2_tokenizer_json(t)
     llama2c_tokenizer_bin(t)
     pretokenizer_edges(t)
+    split_pretokenizers(t)
     unsupported_features(t)
 
 
@@ -198,6 +199,41 @@ def pretokenizer_edges(t):
                 good == len(cases))
 
 
+# -- tokenizer.json Split pre-tokenizers, checked against the tokenizers library's own ids
+
+
+def split_pretokenizers(t):
+    """DeepSeek Coder's pre_tokenizer block (four regex Splits, Digits, ByteLevel without its regex), written as its
+    tokenizer.json has it, around the vocabulary llama.cpp ships for it: the texts of llama.cpp's tests encode to
+    the tokenizers library's ids (tests/test_gguf_vocab.py runs the same vocabularies through their GGUF names)."""
+    import gguf_reader
+    import pretokenizers as P
+    cjk = "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in ((0x4E00, 0x9FA5), (0x800, 0x4E00), (0xAC00, 0xD7FF)))
+    isolated = lambda regex: {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}  # noqa: E731
+    blocks = {
+        "deepseek-coder": [isolated("[\r\n]"), isolated("\\s?\\p{L}+"), isolated("\\s?\\p{P}+"), isolated(f"[{cjk}]+"),
+                           {"type": "Digits", "individual_digits": True},
+                           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}],
+    }
+    for name, block in blocks.items():
+        path = t.shared_file(f"llamacpp/vocab/ggml-vocab-{name}.gguf", f"tokenizer.json Split pre-tokenizer ({name})")
+        if not path:
+            continue
+        tok, eos = gguf_reader.read_vocabulary(path)
+        tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": block}
+        steps, _, _ = P.split_steps(tok["pre_tokenizer"])
+        d = t.tmp(f"split_{name}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tok, f, ensure_ascii=False)
+        model = export_folder(t, f"split_{name}", None, [os.path.join(d, "tokenizer.json")])
+        texts = open(path + ".inp", encoding="utf-8").read().split("\n__ggml_vocab_test__\n")[:-1]
+        wants = [[int(x) for x in line.split()] for line in open(path + ".out", encoding="utf-8").read().split("\n")]
+        good = sum(encode(t, model, text) == want for text, want in zip(texts, wants))
+        t.check(f"tokenizer.json pre_tokenizer of {name} ({len(steps)} Split steps): {good}/{len(texts)} texts encode "
+                f"as the tokenizers library", good == len(texts) > 0)
+
+
 # -- what is not supported says so, in one line
 
 
@@ -250,8 +286,22 @@ def unsupported_features(t):
         "BPE dropout": (set_key("model", "dropout", 0.1), "dropout"),
         "an unknown decoder": (set_key("decoder", {"type": "WordPiece", "prefix": "##"}), "decoder"),
     }
-    for name, (change, words) in cases.items():
-        rc, line = export_error(t, name.replace(" ", "_"), variant_dir(t, name.replace(" ", "_"), base, change))
+    bytelevel = os.path.join(t.data, "tokenizers", "bytelevel_gpt2_style", "tokenizer.json")
+    split = lambda regex: {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}  # noqa: E731
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    bytelevel_cases = {
+        "a lookbehind in a Split regex": ([split("(?<=a)b"), level], "lookbehind"),
+        "a class intersection in a Split regex": ([split("[\\p{L}&&[^a]]"), level], "intersection"),
+        "a Split behavior the library lacks": ([dict(split("a"), behavior="Sideways"), level], "Sideways"),
+        "the UnicodeScripts pre-tokenizer": ([{"type": "UnicodeScripts"}, level], "UnicodeScripts"),
+        "ByteLevel's prefix space after a Split": ([split("a"), dict(level, add_prefix_space=True)], "add_prefix_space"),
+    }
+    for name, (steps, words) in bytelevel_cases.items():
+        cases[name] = ((lambda steps: lambda tok: tok.update(pre_tokenizer={"type": "Sequence", "pretokenizers": steps}))(steps),
+                       words, bytelevel)
+    for name, (change, words, *source) in cases.items():
+        key = "".join(c if c.isalnum() else "_" for c in name)
+        rc, line = export_error(t, key, variant_dir(t, key, source[0] if source else base, change))
         t.check(f"export names an unsupported tokenizer.json feature: {name}",
                 rc == 1 and line.startswith("error: ") and words in line, line)
 

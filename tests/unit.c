@@ -7,9 +7,12 @@
 #include <string.h>
 
 #include "attention.h"
+#include "blocks.h"
+#include "explore.h"
 #include "kvcache.h"
 #include "ops.h"
 #include "png.h"
+#include "regex.h"
 #include "sample.h"
 #include "tokenizer.h"
 #include "unicode.h"
@@ -163,15 +166,17 @@ static int reference_visible(MaskKind mask, int span, int sinks, int i, int j) {
     case MASK_SLIDING: return i - j < span || j < sinks;
     case MASK_STRIDED: return i - j < span || (i - j) % span == 0;
     case MASK_FIXED: return j / span == i / span || j % span == span - 1;
+    case MASK_CHUNKED: return j / span == i / span;
     default: return 1;
     }
 }
 
 /* The attention formula written out with full matrices: S = Q K^T * scale, mask, softmax, S V. */
 static void reference_attention(float *out, const float *q, const float *keys, const float *values, int n_pos, int pos,
-                                int head_dim, int kv_stride, float scale, float cap, MaskKind mask, int span, int sinks) {
+                                int head_dim, int kv_stride, float scale, float cap, MaskKind mask, int span, int sinks,
+                                double sink_logit) {
     double *s = malloc(sizeof(double) * (size_t)n_pos);
-    double max = -1e300, sum = 0.0;
+    double max = sink_logit > -1e300 ? sink_logit : -1e300, sum = 0.0;
     for (int j = 0; j < n_pos; j++) {
         int visible = reference_visible(mask, span, sinks, pos, j);
         if (!visible) {
@@ -186,6 +191,7 @@ static void reference_attention(float *out, const float *q, const float *keys, c
         if (d > max) max = d;
     }
     for (int j = 0; j < n_pos; j++) sum += s[j] == -INFINITY ? 0.0 : exp(s[j] - max);
+    if (sink_logit > -1e300) sum += exp(sink_logit - max); /* a learned sink: its share of the mass, no value */
     for (int i = 0; i < head_dim; i++) {
         double acc = 0.0;
         for (int j = 0; j < n_pos; j++)
@@ -202,17 +208,22 @@ static void test_attention(void) {
         MaskKind mask;
         int span, sinks;
         float cap;
-    } cases[] = {{"MHA causal", 4, 4, MASK_CAUSAL, 0, 0, 0},
-                 {"GQA 8/2 causal", 8, 2, MASK_CAUSAL, 0, 0, 0},
-                 {"MQA sliding W=7", 4, 1, MASK_SLIDING, 7, 0, 0},
-                 {"GQA sliding W=5 + 2 sinks", 4, 2, MASK_SLIDING, 5, 2, 0},
-                 {"GQA sliding W=20 + 3 sinks (window over block edges)", 4, 2, MASK_SLIDING, 20, 3, 0},
-                 {"MHA soft-capped 5", 2, 2, MASK_CAUSAL, 0, 0, 5.0f},
-                 {"GQA strided S=6", 4, 2, MASK_STRIDED, 6, 0, 0},
-                 {"MQA strided S=1", 2, 1, MASK_STRIDED, 1, 0, 0},
-                 {"GQA fixed B=7", 4, 2, MASK_FIXED, 7, 0, 0},
-                 {"MHA fixed B=16 (cache blocks = pattern blocks)", 2, 2, MASK_FIXED, 16, 0, 0},
-                 {"MHA fixed B=1", 2, 2, MASK_FIXED, 1, 0, 0}};
+        int learned_sinks;
+    } cases[] = {{"MHA causal", 4, 4, MASK_CAUSAL, 0, 0, 0, 0},
+                 {"GQA 8/2 causal", 8, 2, MASK_CAUSAL, 0, 0, 0, 0},
+                 {"MQA sliding W=7", 4, 1, MASK_SLIDING, 7, 0, 0, 0},
+                 {"GQA sliding W=5 + 2 sinks", 4, 2, MASK_SLIDING, 5, 2, 0, 0},
+                 {"GQA sliding W=20 + 3 sinks (window over block edges)", 4, 2, MASK_SLIDING, 20, 3, 0, 0},
+                 {"MHA soft-capped 5", 2, 2, MASK_CAUSAL, 0, 0, 5.0f, 0},
+                 {"GQA strided S=6", 4, 2, MASK_STRIDED, 6, 0, 0, 0},
+                 {"MQA strided S=1", 2, 1, MASK_STRIDED, 1, 0, 0, 0},
+                 {"GQA fixed B=7", 4, 2, MASK_FIXED, 7, 0, 0, 0},
+                 {"MHA fixed B=16 (cache blocks = pattern blocks)", 2, 2, MASK_FIXED, 16, 0, 0, 0},
+                 {"MHA fixed B=1", 2, 2, MASK_FIXED, 1, 0, 0, 0},
+                 {"GQA chunked C=16 (chunks = cache blocks)", 4, 2, MASK_CHUNKED, 16, 0, 0, 0},
+                 {"MQA chunked C=7", 4, 1, MASK_CHUNKED, 7, 0, 0, 0},
+                 {"GQA causal + learned sinks", 4, 2, MASK_CAUSAL, 0, 0, 0, 1},
+                 {"GQA sliding W=9 + learned sinks", 4, 2, MASK_SLIDING, 9, 0, 0, 1}};
     int head_dim = 16, n_pos = 70;
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         int H = cases[c].n_heads, KV = cases[c].n_kv_heads, kv_dim = KV * head_dim;
@@ -221,8 +232,10 @@ static void test_attention(void) {
         float *flash = malloc(sizeof(float) * (size_t)H * head_dim);
         float *scores = malloc(sizeof(float) * (size_t)H * n_pos), ref[64];
         for (int i = 0; i < n_pos * kv_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
+        float sink_logits[8];
+        for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
         AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].mask, cases[c].span,
-                              cases[c].sinks, KERNEL_NAIVE};
+                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE};
         AttentionSpec flash_spec = spec;
         flash_spec.kernel = KERNEL_FLASH;
         KVLayer l;
@@ -241,7 +254,8 @@ static void test_attention(void) {
             for (int h = 0; h < H; h++) {
                 int kvh = h / (H / KV);
                 reference_attention(ref, q + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim, n_pos, pos,
-                                    head_dim, kv_dim, spec.scale, spec.softcap, spec.mask, spec.span, spec.n_sinks);
+                                    head_dim, kv_dim, spec.scale, spec.softcap, spec.mask, spec.span, spec.n_sinks,
+                                    spec.sink_logits ? spec.sink_logits[h] : -INFINITY);
                 for (int i = 0; i < head_dim; i++) {
                     double d = fabs(out[h * head_dim + i] - ref[i]), df = fabs(flash[h * head_dim + i] - ref[i]);
                     if (d > worst) worst = d;
@@ -292,7 +306,7 @@ static void test_cross_attention(void) {
         for (int h = 0; h < H; h++) {
             int kvh = h / (H / KV);
             reference_attention(ref, queries + (size_t)i * q_dim + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim,
-                                n_keys, n_keys - 1, head_dim, kv_dim, scale, 0.0f, MASK_CAUSAL, 0, 0);
+                                n_keys, n_keys - 1, head_dim, kv_dim, scale, 0.0f, MASK_CAUSAL, 0, 0, -INFINITY);
             for (int d = 0; d < head_dim; d++)
                 if (fabs(out[(size_t)i * q_dim + h * head_dim + d] - ref[d]) > worst) worst = fabs(out[(size_t)i * q_dim + h * head_dim + d] - ref[d]);
         }
@@ -313,7 +327,7 @@ static void test_ops(void) {
     layernorm(out, x, w, b, 4, 0.0f);
     check(fabsf(out[0] + 1.5f / sqrtf(1.25f)) < 1e-6f && fabsf(out[3] - (1.0f + 1.5f / sqrtf(1.25f))) < 1e-6f, "layernorm");
     float head[4] = {1, 0, 0, 1}, inv[2] = {1.0f, 0.5f};
-    rope_heads(head, 1, 4, 4, 2, inv); /* pairs (0,2) by angle 2, (1,3) by angle 1 */
+    rope_heads(head, 1, 4, 4, 2, inv, 1.0f); /* pairs (0,2) by angle 2, (1,3) by angle 1 */
     check(fabsf(head[0] - cosf(2)) < 1e-6f && fabsf(head[2] - sinf(2)) < 1e-6f && fabsf(head[1] + sinf(1)) < 1e-6f &&
               fabsf(head[3] - cosf(1)) < 1e-6f,
           "rope rotates the pairs (i, i + d/2)");
@@ -326,6 +340,20 @@ static void test_ops(void) {
     check(wide[0] == 0.0f && wide[1] == 1.0f && wide[2] == 0.0f && isnan(bad[1]) && isnan(bad[2]),
           "softmax: -inf and far-below-max scores weigh 0; a NaN score stays NaN (no NaN converted to an int)");
     check(fabsf(softcap(1000.0f, 30.0f) - 30.0f) < 1e-4f && softcap(1.0f, 0.0f) == 1.0f, "softcap");
+    float with_sink[3] = {1, 2, 3}, plain[3] = {1, 2, 3};
+    softmax_with_sink(with_sink, 3, 2.5f);
+    softmax_with_sink(plain, 3, -INFINITY);
+    double denominator = exp(1.0) + exp(2.0) + exp(3.0) + exp(2.5);
+    check(fabs(with_sink[2] - exp(3.0) / denominator) < 1e-6 && fabs(with_sink[0] - exp(1.0) / denominator) < 1e-6 &&
+              !memcmp(plain, s, sizeof plain),
+          "softmax with a learned sink: the sink takes its share of the denominator; -inf is plain softmax (same bits)");
+    float up[4] = {-9, 0.5f, 9, 1}, gate[4] = {1, 9, -2, 0};
+    activate_clamped(up, gate, 4, 1.702f, 7.0f);
+    double want[4] = {(-7 + 1) * (1 / (1 + exp(-1.702))), (0.5 + 1) * 7 / (1 + exp(-1.702 * 7)),
+                      (7 + 1) * -2 / (1 + exp(1.702 * 2)), 0};
+    int clamped_ok = 1;
+    for (int i = 0; i < 4; i++) clamped_ok &= fabs(up[i] - want[i]) < 1e-5 * (1 + fabs(want[i]));
+    check(clamped_ok, "clamped SwiGLU (gpt-oss): gate <= 7, up in [-7, 7], (up + 1) * gate * sigmoid(1.702 gate)");
 }
 
 static uint16_t random_half(void) { /* a normal f16 between 2^-6 and 2^2, either sign */
@@ -383,7 +411,7 @@ static void test_matmul(void) {
             for (int ci = 0; ci < n_cols; ci++)
                 for (int ti = 0; ti < 5; ti++) {
                     int rows = rows_[ri], cols = cols_[ci], n = tokens[ti];
-                    Tensor w = {random_weights((DType)d, rows, cols), (DType)d, rows, cols};
+                    Tensor w = {random_weights((DType)d, rows, cols), (DType)d, rows, cols, 1};
                     float *x = malloc(sizeof(float) * (size_t)n * cols), *out = malloc(sizeof(float) * (size_t)n * rows);
                     float *one = malloc(sizeof(float) * (size_t)rows), *twice = malloc(sizeof(float) * (size_t)n * rows);
                     for (int i = 0; i < n * cols; i++) x[i] = frand();
@@ -408,7 +436,7 @@ static void test_matmul(void) {
                 }
         /* a NaN or inf activation (a damaged model can make them) gives NaN outputs, never undefined behaviour
          * in quantize_token; nor does a subnormal group, whose 127 / max|x| overflows */
-        Tensor w = {random_weights((DType)d, 3, cols_[0]), (DType)d, 3, cols_[0]};
+        Tensor w = {random_weights((DType)d, 3, cols_[0]), (DType)d, 3, cols_[0], 1};
         float *x = calloc((size_t)cols_[0], sizeof(float)), out[3];
         for (int v = 0; v < 3; v++) {
             for (int i = 0; i < cols_[0]; i++) x[i] = v == 2 ? 1e-45f : 0.5f;
@@ -729,19 +757,344 @@ static void test_deflate(void) {
     free(z), free(data), free(back);
 }
 
-int main(void) {
+/* special tokens: the automaton against trying every token at every byte, longest first (smaller id
+ * between identical ones), over random tokens and texts of a 3-letter alphabet (many shared prefixes,
+ * suffixes and overlaps) */
+
+static int longest_special_by_hand(const unsigned char *const *piece, const int *len, int n, const unsigned char *s,
+                                   size_t left) {
+    int best = -1;
+    for (int id = 0; id < n; id++)
+        if ((size_t)len[id] <= left && memcmp(s, piece[id], (size_t)len[id]) == 0 &&
+            (best < 0 || len[id] > len[best]))
+            best = id;
+    return best;
+}
+
+static void test_special_matcher(void) {
+    enum { N = 60, MAX_LEN = 7, TEXT = 400 };
+    unsigned char storage[N][MAX_LEN], text[TEXT];
+    const unsigned char *piece[N];
+    int len[N], ids[N], at[TEXT], bad = 0;
+    for (int round = 0; round < 50; round++) {
+        int n = 1 + round % N;
+        for (int id = 0; id < n; id++) {
+            len[id] = 1 + (int)((frand() + 1.0f) * 0.5f * MAX_LEN) % MAX_LEN;
+            for (int k = 0; k < len[id]; k++) storage[id][k] = (unsigned char)('a' + (int)((frand() + 1.0f) * 1.5f) % 3);
+            piece[id] = storage[id];
+            ids[id] = id;
+        }
+        SpecialMatcher m;
+        if (specials_build(&m, ids, n, piece, len) != 0) {
+            check(0, "specials_build: out of memory");
+            return;
+        }
+        for (int i = 0; i < TEXT; i++) text[i] = (unsigned char)('a' + (int)((frand() + 1.0f) * 1.5f) % 3);
+        specials_longest_at(&m, text, TEXT, at);
+        for (int i = 0; i < TEXT; i++)
+            bad += at[i] != longest_special_by_hand(piece, len, n, text + i, TEXT - i);
+        specials_free(&m);
+    }
+    check(bad == 0, "special tokens: the automaton finds the longest token at each of 50 x 400 bytes (%d wrong)", bad);
+}
+
+/* torch.topk's choice among tied scores (tests/data/router_ties.txt, from tools/make_router_ties.py): the
+experts moe.c routes to must be the very same set. */
+static void test_router_ties(void) {
+    FILE *f = fopen("tests/data/router_ties.txt", "r");
+    if (!f) {
+        check(0, "router ties: tests/data/router_ties.txt is readable");
+        return;
+    }
+    char line[16384];
+    int cases = 0, same = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#') continue;
+        char *p = line, *end;
+        int n = (int)strtol(p, &end, 10), k = (int)strtol(end, &p, 10), want[64], got[64];
+        float scores[512];
+        for (int i = 0; i < n; i++) scores[i] = strtof(p, &p);
+        p = strchr(p, '|') + 1;
+        for (int i = 0; i < k; i++) want[i] = (int)strtol(p, &p, 10);
+        router_top_k(scores, NULL, n, k, got);
+        int all = 1;
+        for (int i = 0; i < k; i++) {
+            int found = 0;
+            for (int j = 0; j < k; j++) found |= got[j] == want[i];
+            all &= found;
+        }
+        same += all, cases++;
+    }
+    fclose(f);
+    check(cases >= 300 && same == cases, "router ties: the experts chosen among tied scores are torch.topk's, in %d of %d cases",
+          same, cases);
+}
+
+/* --explore's rows: a stored weight reads back within m/510, one left out is below the threshold, and a row
+ * that is not a distribution over the mask's keys is refused */
+static void test_explore_rows(void) {
+    AttentionSpec a = {8, 1.0f, 0.0f, MASK_SLIDING, 4, 0, NULL, KERNEL_NAIVE}; /* query 9 sees keys 6 .. 9 */
+    float row[10] = {0, 0, 0, 0, 0, 0, 0.5f, 0.25f, 0.2495f, 0.0005f}, m;
+    unsigned char bitmap[4], codes[16];
+    char err[128];
+    int n;
+    int rc = explore_quantise_row(row, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err);
+    check(rc == 0 && m == 0.5f && n == 3 && bitmap[0] == 7 && codes[0] == 255 && codes[1] == 128 && codes[2] == 127,
+          "explore: a row is stored as its largest weight, a bitmap of the keys kept, and 8-bit codes (%d)", rc);
+    float bad[10];
+    memcpy(bad, row, sizeof row);
+    bad[7] = NAN;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "finite"),
+          "explore: a weight that is not finite is refused (%s)", err);
+    memcpy(bad, row, sizeof row);
+    bad[2] = 0.25f, bad[7] = 0.0f;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "hides"),
+          "explore: weight on a key the mask hides is refused (%s)", err);
+    memcpy(bad, row, sizeof row);
+    bad[6] = 0.4f;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "sum"),
+          "explore: a row that does not sum to 1 is refused (%s)", err);
+
+    /* a causal row of 300 random weights: every stored one within m/510, every other below the threshold */
+    enum { N = 300 };
+    AttentionSpec causal = {8, 1.0f, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE};
+    static float w[N];
+    static unsigned char big_codes[N], big_bitmap[(N + 7) / 8];
+    float sum = 0.0f;
+    for (int j = 0; j < N; j++) sum += w[j] = expf(4.0f * frand());
+    for (int j = 0; j < N; j++) w[j] /= sum;
+    rc = explore_quantise_row(w, &causal, N - 1, 1e-3f, big_bitmap, big_codes, &m, &n, err, sizeof err);
+    int ok = rc == 0, k = 0, left_out = 0;
+    for (int j = 0; ok && j < N; j++)
+        if (big_bitmap[j / 8] >> (j % 8) & 1) ok &= fabsf(big_codes[k++] * m / 255.0f - w[j]) <= m / 510.0f + 1e-7f;
+        else ok &= w[j] < 1e-3f || w[j] < m / 510.0f, left_out++;
+    check(ok && k == n && left_out > 0 && n > 0, "explore: 300 random weights: %d stored within m/510, %d below the threshold", n,
+          left_out);
+}
+
+/* ------------------------------------------------------------------------------------------- */
+
+/* the matches of pattern in text, as "start-end " pairs in buf ("!" + the error if it does not compile) */
+static const char *matches_of(const char *pattern, const char *text, size_t len, char *buf, size_t size) {
+    char err[256];
+    Regex *re = regex_compile(pattern, strlen(pattern), err, sizeof err);
+    if (!re) {
+        snprintf(buf, size, "!%s", err);
+        return buf;
+    }
+    RegexScratch *sc = regex_scratch_new();
+    RegexIterator it = {0, 0, 0};
+    size_t a, b, used = 0;
+    buf[0] = '\0';
+    while (regex_next_match(re, sc, (const unsigned char *)text, len, &it, &a, &b) > 0 && used + 24 < size)
+        used += (size_t)snprintf(buf + used, size - used, "%zu-%zu ", a, b);
+    regex_scratch_free(sc);
+    regex_free(re);
+    return buf;
+}
+
+static int matches_are(const char *pattern, const char *text, const char *want) {
+    char buf[512];
+    return strcmp(matches_of(pattern, text, strlen(text), buf, sizeof buf), want) == 0;
+}
+
+static int refuses(const char *pattern, const char *why) {
+    char buf[512];
+    matches_of(pattern, "", 0, buf, sizeof buf);
+    return buf[0] == '!' && strstr(buf, why) != NULL;
+}
+
+static void test_regex(void) {
+    check(matches_are("(a|ab)(c|bcd)", "abcd", "0-4 "), "regex: alternatives are tried left to right, backtracking into the first");
+    check(matches_are("x*", "axxb", "0-0 1-3 4-4 "),
+          "regex: an empty match right after a match is skipped, as the tokenizers library's Oniguruma iterator does");
+    check(matches_are("a+?b|a", "aab", "0-3 "), "regex: a lazy repeat grows until the rest matches");
+    check(matches_are("a++a|b", "aaab", "3-4 "), "regex: a possessive repeat gives nothing back");
+    check(matches_are("(?>a+)b|a+", "aaa", "0-3 "), "regex: an atomic group keeps its first match");
+    check(matches_are("(?i:'s|'t)", "'S 'T 'ſ 's", "0-2 3-5 6-9 10-12 "),
+          "regex: (?i:...) folds case, the long s (U+017F) included");
+    check(matches_are("(?i)k", "kK\xE2\x84\xAA", "0-1 1-2 2-5 "), "regex: (?i) to the end of the group; the Kelvin sign folds to k");
+    check(matches_are("[^\\s\\p{L}]+", "ab, \xE4\xB8\xAD!", "2-3 7-8 "), "regex: a negated class with \\s and \\p{L}");
+    check(matches_are("\\p{Han}+|\\p{Lu}\\p{Ll}*", "\xE4\xB8\xAD\xE6\x96\x87" "Ab", "0-6 6-8 "), "regex: a script and categories");
+    check(matches_are("\\s+$", "a  \n b ", "1-3 6-7 "), "regex: $ matches before each newline and at the end");
+    check(matches_are("(?=(\\d{3})+(?!\\d))", "1234567", "1-1 4-4 "), "regex: lookahead that matches empty (digit groups)");
+    check(matches_are("\\bfoo\\b", "foo foobar barfoo foo", "0-3 18-21 "), "regex: word boundaries");
+    check(matches_are("x{2,3}|y{,1}z|a{", "xxxxyzza{", "0-3 4-6 6-7 7-9 "), "regex: counted repeats, {,m}, and a brace that is no repeat");
+    check(matches_are("(?:ab)*c", "ababcabc", "0-5 5-8 "), "regex: a group repeated");
+    check(matches_are("(?:a*)*b", "aab", "0-3 "), "regex: a loop whose body can match empty still ends");
+    const char *refused[][2] = {{"(?<=a)b", "lookbehind"}, {"(a)\\1", "backreference"}, {"[a[b]]", "nested"},
+                                {"[a&&b]", "intersection"}, {"\\p{Klingon}", "property"}, {"(?m)a", "flag"}, {"a)", "unmatched"},
+                                {"(a", "missing"}, {"[a", "unterminated"}, {"a**", "nested quantifier"}, {"\\X", "escape"},
+                                {"x{3,2}", "m < n"}, {"\xff", "UTF-8"}, {"^*", "anchor"}};
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
+        check(refuses(refused[i][0], refused[i][1]), "regex: %s is refused, naming %s",
+              (unsigned char)refused[i][0][0] < 0x80 ? refused[i][0] : "a byte that is not UTF-8", refused[i][1]);
+    /* (a*)*b tries every way to cut a run of a's: exponential, so the search gives up instead of hanging */
+    char err[256];
+    Regex *slow = regex_compile("(a*)*b", 6, err, sizeof err);
+    RegexScratch *sc = regex_scratch_new();
+    size_t a, b;
+    const char *as = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaac";
+    check(slow && sc && regex_search(slow, sc, (const unsigned char *)as, strlen(as), 0, &a, &b) == REGEX_TOO_SLOW,
+          "regex: a search that backtracks without end stops with REGEX_TOO_SLOW");
+    regex_free(slow);
+    regex_scratch_free(sc);
+    /* a megabyte of letters through a greedy run and a general loop: the backtracking lives on the heap */
+    size_t n = 1 << 20;
+    char *big = malloc(n + 1), buf[64];
+    for (size_t i = 0; i < n; i++) big[i] = "ab"[i % 2];
+    big[n] = '\0';
+    check(strcmp(matches_of("\\p{L}+(?!\\S)|(?:a|b)+c", big, n, buf, sizeof buf), "0-1048576 ") == 0,
+          "regex: a 1 MiB run of letters matches without deep recursion");
+    free(big);
+}
+
+/* A byte-level tokenizer record with one piece, the given pretokenizer, and Split steps after the merges. */
+static size_t pack_split_record(unsigned char *buf, unsigned pretokenizer, const char **patterns, const unsigned *behaviors,
+                                int n_steps) {
+    static const TestPiece one[] = {{"a", 0, PIECE_NORMAL}};
+    size_t size = pack_tokenizer(buf, 1, 0, -1, one, 1);
+    unsigned char *p = buf + 4;
+    put_u32(&p, pretokenizer);
+    p = buf + size;
+    if (n_steps > 0) put_u32(&p, (uint32_t)n_steps);
+    for (int i = 0; i < n_steps; i++) {
+        put_u32(&p, behaviors[i] & 0xFF);
+        put_u32(&p, behaviors[i] >> 8);
+        put_u32(&p, (uint32_t)strlen(patterns[i]));
+        memcpy(p, patterns[i], strlen(patterns[i]));
+        p += strlen(patterns[i]);
+    }
+    return (size_t)(p - buf);
+}
+
+/* the words of text as "word|word|" */
+static const char *words_of(const Tokenizer *t, const char *text, char *buf, size_t size) {
+    size_t spans[512], used = 0;
+    int n = tokenizer_pretokenize(t, text, strlen(text), spans);
+    buf[0] = '\0';
+    for (int i = 0; i < n && used + strlen(text) + 2 < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, "%.*s|", (int)(spans[2 * i + 1] - spans[2 * i]), text + spans[2 * i]);
+    return buf;
+}
+
+static void test_split_steps(void) {
+    static unsigned char buf[4096];
+    char err[256], words[512];
+    Tokenizer t;
+    struct {
+        unsigned behavior;
+        const char *pattern, *want, *name;
+    } cases[] = {
+        {SPLIT_ISOLATED, "\\d", "ab|1|2|cd|3|", "Isolated"},
+        {SPLIT_REMOVED, "\\d+", "ab|cd|", "Removed"},
+        {SPLIT_MERGED_WITH_PREVIOUS, "\\d+", "ab12|cd3|", "MergedWithPrevious"},
+        {SPLIT_MERGED_WITH_NEXT, "\\d+", "ab|12cd|3|", "MergedWithNext"},
+        {SPLIT_CONTIGUOUS, "\\d", "ab|12|cd|3|", "Contiguous"},
+        {SPLIT_REMOVED | SPLIT_INVERT << 8, "\\d+", "12|3|", "Removed, inverted"},
+        {SPLIT_MERGED_WITH_NEXT | SPLIT_INVERT << 8, "\\d+", "ab12|cd3|", "MergedWithNext, inverted"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        int ok = tokenizer_load(&t, buf, pack_split_record(buf, PRETOKENIZE_SPLITS, &cases[i].pattern, &cases[i].behavior, 1), 1,
+                                err, sizeof err) == 0;
+        check(ok && strcmp(words_of(&t, "ab12cd3", words, sizeof words), cases[i].want) == 0,
+              "split step %s: \"ab12cd3\" -> %s (got %s)", cases[i].name, cases[i].want, ok ? words : err);
+        tokenizer_free(&t);
+    }
+    const char *two[] = {"\\p{N}", tokenizer_known_regex[PRETOKENIZE_GPT2]};
+    unsigned isolated[] = {SPLIT_ISOLATED, SPLIT_ISOLATED};
+    int ok = tokenizer_load(&t, buf, pack_split_record(buf, PRETOKENIZE_SPLITS, two, isolated, 2), 1, err, sizeof err) == 0;
+    check(ok && strcmp(words_of(&t, "a 123 b", words, sizeof words), "a| |1|2|3| b|") == 0,
+          "split steps in sequence: digits one by one, then the GPT-2 regex on each piece (StarCoder)");
+    tokenizer_free(&t);
+    const char *bad[] = {"(?<=x)"};
+    check(tokenizer_load(&t, buf, pack_split_record(buf, PRETOKENIZE_SPLITS, bad, isolated, 1), 1, err, sizeof err) != 0 &&
+              strstr(err, "step 0") && strstr(err, "lookbehind"),
+          "split step: a regex that does not compile is a one-line load error (%s)", err);
+}
+
+/* The hand-written GPT-2 / Llama 3 / Qwen2 matchers split every text exactly as the regex they stand for. */
+static void test_fast_pretokenizers(void) {
+    static unsigned char buf[4096];
+    static const char *alphabet[] = {"a", "B", "z", "s", "S", "t", "l", "L", "d", "'", " ", "  ", "\t", "\n", "\r", "0",
+                                     "7", "!", ".", "-", "/", "\xC5\xBF", "\xC3\xA9", "\xE4\xB8\xAD", "\xE2\x85\xA3",
+                                     "\xD9\xA3", "\xC2\xA0", "\xE3\x80\x80", "\xF0\x9F\x98\x80", "\xCC\x81", "\xFF", "\xC3"};
+    char err[256], text[128], fast[1024], slow[1024];
+    for (int which = PRETOKENIZE_GPT2; which <= PRETOKENIZE_QWEN2; which++) {
+        Tokenizer t, regex_only;
+        size_t size = pack_split_record(buf, (unsigned)which, NULL, NULL, 0);
+        if (tokenizer_load(&t, buf, size, 1, err, sizeof err) || tokenizer_load(&regex_only, buf, size, 1, err, sizeof err)) {
+            check(0, "pre-tokenizer %d: record loads (%s)", which, err);
+            continue;
+        }
+        tokenizer_use_regex_only(&regex_only);
+        int agree = 0, total = 20000;
+        for (int k = 0; k < total; k++) {
+            size_t len = 0, pieces = frand() * 8 + 9;
+            for (size_t j = 0; j < pieces; j++) {
+                const char *c = alphabet[(rng_state >> 8) % (sizeof alphabet / sizeof *alphabet)];
+                frand();
+                memcpy(text + len, c, strlen(c));
+                len += strlen(c);
+            }
+            text[len] = '\0';
+            agree += strcmp(words_of(&t, text, fast, sizeof fast), words_of(&regex_only, text, slow, sizeof slow)) == 0;
+        }
+        check(agree == total, "pre-tokenizer %s: the hand-written matcher and the regex split %d/%d random texts alike",
+              which == PRETOKENIZE_GPT2 ? "GPT-2" : which == PRETOKENIZE_LLAMA3 ? "Llama 3" : "Qwen2", agree, total);
+        tokenizer_free(&t);
+        tokenizer_free(&regex_only);
+    }
+}
+
+/* tests/unit --regex-matches: for each input line "PATTERN_HEX TEXT_HEX", prints the byte spans of every match
+ * ("start,end" separated by spaces) or "ERR reason" (tests/test_regex.py compares them with another engine) */
+static int regex_matches_tool(void) {
+    static char line[1 << 20];
+    static unsigned char pattern[1 << 19], text[1 << 19];
+    RegexScratch *sc = regex_scratch_new();
+    while (fgets(line, sizeof line, stdin)) {
+        size_t np = 0, nt = 0;
+        char *p = line;
+        unsigned v;
+        for (; p[0] && p[1] && p[0] != ' ' && sscanf(p, "%2x", &v) == 1; p += 2) pattern[np++] = (unsigned char)v;
+        for (p += *p == ' '; p[0] && p[1] && p[0] != '\n' && sscanf(p, "%2x", &v) == 1; p += 2) text[nt++] = (unsigned char)v;
+        char err[256];
+        Regex *re = regex_compile((const char *)pattern, np, err, sizeof err);
+        if (!re) {
+            printf("ERR %s\n", err);
+            continue;
+        }
+        RegexIterator it = {0, 0, 0};
+        size_t a, b;
+        for (int first = 1; regex_next_match(re, sc, text, nt, &it, &a, &b) > 0; first = 0) printf(first ? "%zu,%zu" : " %zu,%zu", a, b);
+        printf("\n");
+        regex_free(re);
+    }
+    regex_scratch_free(sc);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--regex-matches") == 0) return regex_matches_tool();
     test_paged_cache();
     test_rolling_buffer();
     test_head_mapping();
     test_attention();
     test_cross_attention();
     test_ops();
+    test_router_ties();
     test_matmul();
     test_parallel();
     test_utf8();
     test_tokenizer_records();
     test_sampler();
     test_deflate();
+    test_explore_rows();
+    test_special_matcher();
+    test_regex();
+    test_split_steps();
+    test_fast_pretokenizers();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;
 }

@@ -1,0 +1,114 @@
+/* blocks.c - the attention mixer and the dense FFNs: what one layer does to the normed residual stream.
+ * The kernels and masks are in attention.c, the mixture of experts in moe.c. */
+#include "blocks.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------------------------------
+ * attention: project, normalise, rotate, cache, attend, project back */
+
+/* RMSNorm of every head_dim slice of x[n][heads * head_dim], with the slice's weights or none */
+static void norm_heads(float *x, const float *w, int n, int heads, int head_dim, float eps) {
+    for (int i = 0; i < n * heads; i++) rmsnorm(x + (size_t)i * head_dim, x + (size_t)i * head_dim, w, head_dim, eps);
+}
+
+/* Queries and keys normalised before they meet, so that no logit can grow without bound:
+ *   per head, with weights      Qwen3, Gemma 3, EXAONE 4 (OLMo 2 / Gemma 2 had none)
+ *   over the whole projection   OLMo 2/3: one RMSNorm over all heads at once, before the split
+ *   per head, no weights        Llama 4's "L2 norm" on its rotary layers */
+static void norm_queries_keys(RunState *s, const AttentionConfig *a, const AttentionWeights *w, int n, float eps) {
+    int hd = a->head_dim, q_dim = a->n_heads * hd, kv_dim = a->n_kv_heads * hd;
+    if (a->flags & (ATTN_QK_NORM | ATTN_QK_NORM_PLAIN)) {
+        const float *qw = a->flags & ATTN_QK_NORM ? w->q_norm.data : NULL, *kw = a->flags & ATTN_QK_NORM ? w->k_norm.data : NULL;
+        norm_heads(s->q, qw, n, a->n_heads, hd, eps);
+        norm_heads(s->k, kw, n, a->n_kv_heads, hd, eps);
+    } else if (a->flags & ATTN_QK_NORM_FULL) {
+        norm_heads(s->q, w->q_norm_full.data, n, 1, q_dim, eps);
+        norm_heads(s->k, w->k_norm_full.data, n, 1, kv_dim, eps);
+    }
+}
+
+/* RoPE on every head of q[n][n_heads*hd] and k[n][n_kv_heads*hd], token t at position pos + t (Su et al.
+ * 2021): pairs of dimensions rotate by angles that grow with the position, so q.k depends on the distance. */
+static void rotate_heads(RunState *s, const AttentionConfig *a, const float *inv_freq, int n, int pos) {
+    if (a->rope.dim == 0) return; /* NoPE: this layer sees no positions at all (SmolLM3, Llama 4, EXAONE 4) */
+    int hd = a->head_dim;
+    for (int t = 0; t < n; t++) {
+        rope_heads(s->q + (size_t)t * a->n_heads * hd, a->n_heads, hd, a->rope.dim, pos + t, inv_freq, a->rope.attn_factor);
+        rope_heads(s->k + (size_t)t * a->n_kv_heads * hd, a->n_kv_heads, hd, a->rope.dim, pos + t, inv_freq,
+                   a->rope.attn_factor);
+    }
+}
+
+/* Llama 4's attention temperature on its NoPE layers: far from the start, softmax over many keys flattens,
+ * so queries are sharpened by  1 + scale * log(1 + floor((p + 1) / floor_scale)). */
+static void sharpen_queries(float *q, const AttentionConfig *a, int n, int pos) {
+    int q_dim = a->n_heads * a->head_dim;
+    for (int t = 0; t < n; t++) {
+        float k = log1pf(floorf((float)(pos + t + 1) / a->temperature_floor)) * a->temperature_scale + 1.0f;
+        for (int i = 0; i < q_dim; i++) q[(size_t)t * q_dim + i] *= k;
+    }
+}
+
+int attention_block(const Model *m, int l, RunState *s, int n, int pos) {
+    const AttentionConfig *a = &m->config.layers[l].attn;
+    const LayerWeights *lw = &m->weights.layers[l];
+    const AttentionWeights *w = &lw->attn;
+    const AttentionSpec *spec = &m->attention[l];
+    KVLayer *cache = &s->kv.layers[l];
+    int q_dim = a->n_heads * a->head_dim, kv_dim = a->n_kv_heads * a->head_dim;
+    float *xb = s->xb;
+
+    /* q, k, v for these tokens in one pass (+ biases: Qwen2, GPT-2, gpt-oss) */
+    matmul_many((Projection[]){{s->q, &w->wq}, {s->k, &w->wk}, {s->v, &w->wv}}, 3, xb, n);
+    add_bias(s->q, &w->bq, n);
+    add_bias(s->k, &w->bk, n);
+    add_bias(s->v, &w->bv, n);
+
+    /* q/k norm, rotary positions, Llama 4's temperature */
+    norm_queries_keys(s, a, w, n, m->config.norm_eps);
+    rotate_heads(s, a, lw->rope_inv_freq, n, pos);
+    if (a->temperature_floor > 0.0f) sharpen_queries(s->q, a, n, pos);
+
+    /* each token stores its key and value in the cache, then attends over what its mask lets it see (an
+     * observer, --attn-map, gets the weights). A paged cache overwrites nothing, so there all the chunk's
+     * keys go in first and the heads then attend for every token in one pass. */
+    int keys_first = kvlayer_keeps_every_position(cache) && !s->observer.record;
+    for (int t = 0; t < n; t++) {
+        if (kvlayer_store(cache, pos + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim) != 0) return -1;
+        if (keys_first) continue;
+        attention_layer(xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim, cache, a->n_heads, a->n_kv_heads, pos + t, 1,
+                        spec, s->scores, s->scores_stride);
+        if (s->observer.record) s->observer.record(s->observer.ctx, l, pos + t, s->scores, s->scores_stride);
+    }
+    if (keys_first) attention_layer(xb, s->q, cache, a->n_heads, a->n_kv_heads, pos, n, spec, s->scores, s->scores_stride);
+
+    /* the heads' outputs side by side, mixed by the output projection */
+    matmul(s->xb2, xb, &w->wo, n);
+    add_bias(s->xb2, &w->bo, n);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * dense FFN */
+
+/* gated   down(act(gate x + b) * (up x + b)) + b   (SwiGLU: Llama, Qwen, Mistral; GeGLU: Gemma; Shazeer 2020)
+ * plain   down(act(up x + b)) + b                   (GPT-2, StarCoder) */
+void dense_ffn_block(const Model *m, int l, RunState *s, int n) {
+    const LayerConfig *lc = &m->config.layers[l];
+    const FfnWeights *w = &m->weights.layers[l].ffn;
+    size_t inner = (size_t)n * lc->ffn.hidden;
+    if (lc->ffn_kind == FFN_GATED) {
+        matmul_many((Projection[]){{s->hb, &w->w_up}, {s->hb2, &w->w_gate}}, 2, s->xb, n);
+        add_bias(s->hb, &w->b_up, n);
+        add_bias(s->hb2, &w->b_gate, n);
+        activate(s->hb, s->hb2, inner, lc->ffn.activation);
+    } else {
+        matmul(s->hb, s->xb, &w->w_up, n);
+        add_bias(s->hb, &w->b_up, n);
+        activate(s->hb, NULL, inner, lc->ffn.activation);
+    }
+    matmul(s->xb2, s->hb, &w->w_down, n);
+    add_bias(s->xb2, &w->b_down, n);
+}
