@@ -173,10 +173,10 @@ def kjv_word_salad(t, kjv, n_tokens, seed=5):
     def encode(text):
         return [int(x) for x in t.run([kjv, "--encode", "-"], input=text.encode()).stdout.replace(b",", b" ").split()]
 
-    sample = "\n".join(" ".join(rng.choice(words, size=int(rng.integers(12, 31)))) for _ in range(50)) + "\n"
-    per_line = len(encode(sample)) / 50
+    sample = "\n".join(" ".join(rng.choice(words, size=int(rng.integers(12, 31)))) for _ in range(5)) + "\n"
+    per_line = len(encode(sample)) / 5
     lines = sample.splitlines() + [" ".join(rng.choice(words, size=int(rng.integers(12, 31))))
-                                   for _ in range(int(n_tokens / per_line * 1.02))]
+                                   for _ in range(max(0, int(n_tokens / per_line * 1.02) - 5))]
     while True:
         text = "\n".join(lines) + "\n"
         ids = encode(text)
