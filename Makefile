@@ -11,7 +11,8 @@
 #                   N samples decoding together against one sequence (bench/samples.py)
 #   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
 #   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
-#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
+#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer, the chat
+#                   template interpreter
 #   --explore's page (explore/page.html) is compiled in: build/explore_page.h, made by explore/embed.sh (sh + awk)
 
 .DEFAULT_GOAL := all
@@ -37,12 +38,15 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-# the library: loading, the model, the kernels, the tokenizer, the study tools (none of it exits the process)
-ENGINE = model.c blocks.c mla.c moe.c recurrent.c ssm.c deltanet.c rwkv.c attention.c kvcache.c tokenizer.c regex.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c
+# the library: loading, the model, the kernels, the tokenizer, chat templates, samplers, the study tools (none
+# of it exits the process)
+ENGINE = model.c blocks.c mla.c moe.c recurrent.c ssm.c deltanet.c rwkv.c attention.c kvcache.c tokenizer.c regex.c ops.c \
+         matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c chat.c sample.c
 # the command line around it: options, checked inputs and outputs, one-line errors (files.c: ./run's own),
 # many sequences (batch.c)
 CLI = run.c batch.c files.c
-HEADERS = model.h blocks.h recurrent.h tensors.def attention.h kvcache.h batch.h tokenizer.h regex.h ops.h unicode.h study.h png.h explore.h build/explore_page.h specials.h files.h
+HEADERS = model.h blocks.h recurrent.h tensors.def attention.h kvcache.h batch.h tokenizer.h regex.h ops.h unicode.h \
+          study.h png.h explore.h build/explore_page.h specials.h files.h chat.h sample.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
 # the page ./run --explore writes, as C string literals: ./run carries it and works from any directory
@@ -122,11 +126,12 @@ build/fuzz/fuzz_%: fuzz/fuzz_%.c $(ENGINE) $(HEADERS)
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) $(WARN) -I. -o $@ $< $(ENGINE) $(LDLIBS)
 
-fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer
-	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer
-	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1 | grep -v '^export: \['
+fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer build/fuzz/fuzz_chat
+	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer build/fuzz/corpus/chat
+	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1
 	build/fuzz/fuzz_model $(FUZZ_RUN) -max_len=65536 -dict=fuzz/model.dict build/fuzz/corpus/model fuzz/corpus/model
 	build/fuzz/fuzz_tokenizer $(FUZZ_RUN) -max_len=4096 build/fuzz/corpus/tokenizer fuzz/corpus/tokenizer
+	build/fuzz/fuzz_chat $(FUZZ_RUN) -max_len=16384 -dict=fuzz/chat.dict build/fuzz/corpus/chat fuzz/corpus/chat
 
 # rewrites the model seeds (deterministic; needs numpy)
 fuzz-seeds:

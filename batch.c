@@ -93,7 +93,7 @@ static void note_memory(Generator *g) {
 static int stream_start(Generator *g, Stream *st, int index, int seq, const int *prompt, int n_prompt) {
     memset(st, 0, sizeof *st);
     st->seq = seq, st->index = index, st->pos = n_prompt;
-    st->sampler = g->o->sampler.start(g->o->sampler.ctx, g->o->seed + (uint64_t)index);
+    st->sampler = g->o->sampler.start(g->o->sampler.ctx, g->o->seed + (uint64_t)index, prompt, n_prompt);
     st->out = open_memstream(&g->outputs[index], &g->output_len[index]);
     const Tokenizer *tok = &g->m->tokenizer;
     for (int i = 0, len; i < n_prompt && tok->kind != TOKENIZER_NONE; i++) tokenizer_decode(tok, &st->decoded, prompt[i], &len);
@@ -107,7 +107,7 @@ static int stream_take(Generator *g, Stream *st, float *logits) {
     int next = g->o->sampler.next(st->sampler, logits, g->m->config.vocab_size);
     if (tok->kind != TOKENIZER_NONE && tokenizer_is_eos(tok, next)) return 0;
     if (g->o->print_ids || tok->kind == TOKENIZER_NONE) {
-        fprintf(st->out, st->generated ? " %d" : "%d", next);
+        fprintf(st->out, st->generated ? ",%d" : "%d", next); /* as ./run --print-ids */
     } else {
         int len;
         const unsigned char *bytes = tokenizer_decode(tok, &st->decoded, next, &len);
@@ -259,9 +259,9 @@ int generate_samples(const Model *m, RunState *s, const float *logits, const int
     free(seqs);
     if (!bad)
         fprintf(stderr, "stats: prefill %d tok %.1f tok/s | decode %lld tok %.1f tok/s, %d samples | kv %zu bytes, "
-                "%d separate runs %zu bytes\n", n_prompt, n_prompt / (prefill_seconds > 0 ? prefill_seconds : 1e-9),
+                "%d separate runs %zu bytes | seed %llu\n", n_prompt, n_prompt / (prefill_seconds > 0 ? prefill_seconds : 1e-9),
                 g.generated, g.generated / (g.decode_seconds > 0 ? g.decode_seconds : 1e-9), n_samples, g.peak_held,
-                n_samples, g.peak_alone);
+                n_samples, g.peak_alone, (unsigned long long)o->seed);
     generator_free(&g);
     return bad;
 }
@@ -581,10 +581,10 @@ int generate_prompts(const Model *m, const char *path, const BatchOptions *o, ch
                    kvcache_bytes_held(&s.kv));
     if (!bad)
         fprintf(stderr, "stats: %d prompts, parallel %d | prefill %lld tok %.1f tok/s | decode %lld tok %.1f tok/s | "
-                "prefix hits %d, %lld tok reused, %zu bytes shared | kv %zu bytes, separately %zu bytes\n",
+                "prefix hits %d, %lld tok reused, %zu bytes shared | kv %zu bytes, separately %zu bytes | seed %llu\n",
                 r.prompts.n, o->parallel, r.g.prefilled, r.g.prefilled / (r.g.prefill_seconds > 0 ? r.g.prefill_seconds : 1e-9),
                 r.g.generated, r.g.generated / (r.g.decode_seconds > 0 ? r.g.decode_seconds : 1e-9), r.hits,
-                r.reused_tokens, r.shared_bytes, r.g.peak_held, r.g.peak_alone);
+                r.reused_tokens, r.shared_bytes, r.g.peak_held, r.g.peak_alone, (unsigned long long)o->seed);
     generator_free(&r.g);
     prefix_free(&r.prefix);
     prompts_free(&r.prompts);

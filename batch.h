@@ -10,8 +10,9 @@
 
 /* How logits become tokens: the caller's sampler, one per sequence, seeded. */
 typedef struct {
-    void *(*start)(void *ctx, uint64_t seed);             /* a new sampler; NULL when out of memory */
-    int (*next)(void *sampler, float *logits, int vocab); /* the next token (logits may be overwritten) */
+    /* a new sampler for a sequence with this prompt (a repeat penalty sees it); NULL when out of memory */
+    void *(*start)(void *ctx, uint64_t seed, const int *prompt, int n_prompt);
+    int (*next)(void *sampler, float *logits, int vocab); /* the next token, taken (logits may be overwritten) */
     void (*end)(void *sampler);
     void *ctx;
 } SamplerHooks;

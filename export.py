@@ -69,6 +69,14 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def progress(msg):
+    """A status line that rewrites itself on a terminal (None clears it); nothing when stderr is a file or a pipe,
+    so that logs keep only the lines that say something."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[2K" + (msg or ""))
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def malformed_input(path):
     """Python errors while reading a damaged input file (a field of an unexpected type, a missing key)
@@ -544,6 +552,7 @@ class Model:
         self.rope_tables = []      # float32 arrays of inverse frequencies
         self.tensors = []          # (name, shape, producer() -> float32 array)
         self.tokenizer = None      # bytes of the tokenizer section, or None
+        self.chat = b""            # bytes of the chat section (chat_section), or empty
         self.source_dtype = DTYPES["f32"]  # what the weights are stored as without --dtype
         self.hf_config = {}        # the (Hugging Face) config it was converted from
 
@@ -1730,6 +1739,8 @@ def convert_hf(src, args):
         m.tokenizer = read_tokenizer(args.tokenizer, m.vocab_size, m.hf_config, src)
     elif not args.no_tokenizer:
         m.tokenizer = hf_tokenizer(src, m.hf_config, m.vocab_size)
+    m.chat = chat_section(([os.path.dirname(os.path.abspath(args.tokenizer))] if args.tokenizer else []) + [src],
+                          args.chat_template)
     return m
 
 
@@ -1777,6 +1788,7 @@ def convert_gguf(path, args):
         m.tokenizer = tokenizer_from_json(path, ck.tokenizer, {"eos_token_id": ck.eos}, m.vocab_size, [])
     else:
         log("export: the GGUF file has no tokenizer: the model will run from --tokens")
+    m.chat = chat_section([], args.chat_template) if args.chat_template else gguf_chat_section(ck, path)
     return m
 
 
@@ -1889,6 +1901,9 @@ def convert_llama2c(path, args):
     m.add("final_norm", (dim,), lambda: arrays["rms_final"].take(0, dim))
     if not shared:
         m.add("output", (vocab, dim), mat("wcls", 0, vocab, dim))
+    if args.chat_template:
+        m.chat = chat_section([os.path.dirname(os.path.abspath(args.tokenizer))] if args.tokenizer else [],
+                              args.chat_template)
     if args.tokenizer:
         m.tokenizer = read_tokenizer(args.tokenizer, vocab)
     else:
@@ -2418,6 +2433,105 @@ def llama2c_tokenizer(path, vocab_size):
 # writing the file (docs/FORMAT.md, in the same order)
 
 
+# ----------------------------------------------------------------------------
+# chat templates: stored as the checkpoint gives them; chat.c runs them (docs/CHAT.md)
+
+CHAT_VARIABLES = ("bos_token", "eos_token", "unk_token", "pad_token")  # the strings a template may read
+MAX_CHAT_TEMPLATE, MAX_CHAT_VARIABLE = 1 << 20, 1 << 16
+
+
+def chosen_template(value, where):
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the "default" one)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if "default" not in named:
+            raise ExportError(f"{where}: chat_template lists {sorted(map(str, named))} but no 'default' template")
+        value = named["default"]
+    if not isinstance(value, str) or not value:
+        raise ExportError(f"{where}: chat_template is not a string")
+    return value
+
+
+def read_chat_template(dirs, path=None):
+    """(template, where it came from), as transformers looks for it: chat_template.jinja, then
+    tokenizer_config.json's chat_template, then chat_template.json; or the file given (.jinja text, or a
+    .json holding chat_template). (None, None) when there is none."""
+    if path:
+        if path.endswith(".json"):
+            return chosen_template(load_json(path).get("chat_template"), path), path
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read(), path
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExportError(f"{path}: cannot read the chat template ({getattr(e, 'strerror', None) or e})")
+    for d in dirs:
+        jinja = os.path.join(d, "chat_template.jinja")
+        if os.path.exists(jinja):
+            return read_chat_template([], jinja)
+        for name in ("tokenizer_config.json", "chat_template.json"):
+            cfg = config_file([d], name)
+            if isinstance(cfg, dict) and cfg.get("chat_template") is not None:
+                return chosen_template(cfg["chat_template"], os.path.join(d, name)), os.path.join(d, name)
+    return None, None
+
+
+def chat_section(dirs, path=None):
+    """The chat section (docs/FORMAT.md): the template and the special-token strings of tokenizer_config.json
+    it may read (bos_token, ...); empty when the checkpoint has no chat template."""
+    template, where = read_chat_template(dirs, path)
+    if template is None:
+        return b""
+    tcfg = config_file(dirs, "tokenizer_config.json")
+    variables = []
+    for name in CHAT_VARIABLES:
+        v = tcfg.get(name) if isinstance(tcfg, dict) else None
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            variables.append((name, v))
+    return checked_chat_section(template, variables, where)
+
+
+def checked_chat_section(template, variables, where):
+    """pack_chat_section after the checks of the loader (sizes, NUL bytes, valid text), each failure one line."""
+    for what, text, limit in [("chat template", template, MAX_CHAT_TEMPLATE)] + [(n, v, MAX_CHAT_VARIABLE) for n, v in variables]:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ExportError(f"{where}: the {what} is not valid Unicode text")
+        if "\0" in text or size > limit or (size == 0 and what == "chat template"):
+            raise ExportError(f"{where}: the {what} is empty, holds a NUL character or is longer than {limit} bytes")
+    log(f"export: chat template from {os.path.basename(where)} ({len(template.encode())} bytes; "
+        f"{', '.join(f'{n} {v!r}' for n, v in variables) or 'no special-token strings'})")
+    return pack_chat_section(template, variables)
+
+
+def gguf_chat_section(ck, path):
+    """The chat section of a GGUF file: its tokenizer.chat_template, with the texts of its BOS and EOS tokens."""
+    meta = ck.gguf.meta
+    template = meta.get("tokenizer.chat_template")
+    if isinstance(template, bytes):
+        template = template.decode("utf-8", "replace")
+    if not isinstance(template, str) or not template:
+        return b""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    variables = []
+    for name, key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
+        i = meta.get(key)
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            variables.append((name, tokens[i].decode("utf-8", "replace")))
+    return checked_chat_section(template, variables, path)
+
+
+def pack_chat_section(template, variables):
+    """docs/FORMAT.md, "Chat section": u32 count, (u32 length, name, u32 length, value) per variable, u32 length,
+    template; all text UTF-8"""
+    out = [struct.pack("<I", len(variables))]
+    for name, value in variables:
+        out += [struct.pack("<I", len(name)), name.encode(), struct.pack("<I", len(value.encode())), value.encode()]
+    out += [struct.pack("<I", len(template.encode())), template.encode()]
+    return b"".join(out)
+
+
 def pad_to(n, align=ALIGN):
     return (n + align - 1) // align * align
 
@@ -2551,6 +2665,7 @@ def check_model(m):
 
 
 HEADER = struct.Struct("<4sIQQQQIIQQQIIQQ")  # docs/FORMAT.md, the first bytes of the 128-byte header
+CHAT_HEADER = struct.Struct("<QQ")  # at byte 96 of the header: the chat section's offset and size (0, 0: none)
 TENSOR_RECORD = struct.Struct("<80s2I4IQQ")  # name, dtype, ndim, shape[4], offset, nbytes (of 128 bytes)
 
 
@@ -2572,12 +2687,13 @@ def write_model(m, out, dtype):
     for i, t in enumerate(m.rope_tables):
         m.add(f"rope_inv_freq.{i}", t.shape, lambda t=t: t)
     n_layers, n_tensors = len(m.layers), len(m.tensors)
-    tok = m.tokenizer or b""
+    tok, chat = m.tokenizer or b"", m.chat
     layers = b"".join(L.pack() for L in m.layers)
     config_off = 128
     layers_off = config_off + 128
     tok_off = layers_off + len(layers)
-    tensors_off = pad_to(tok_off + len(tok), 8)
+    chat_off = tok_off + len(tok) if chat else 0
+    tensors_off = pad_to(tok_off + len(tok) + len(chat), 8)
     data_off = pad_to(tensors_off + 128 * n_tensors)
     directory, offset = [], data_off
     for name, shape, _ in m.tensors:
@@ -2592,6 +2708,7 @@ def write_model(m, out, dtype):
 
     header = HEADER.pack(b"ATNC", FORMAT_VERSION, file_size, config_off, 128, layers_off,
                          n_layers, len(layers), tok_off, len(tok), tensors_off, n_tensors, 128, data_off, file_size - data_off)
+    header += CHAT_HEADER.pack(chat_off, len(chat))
     header += bytes(128 - len(header))
     config = struct.pack("<32s 3I I f I 4f 2I", m.family.encode()[:31], m.dim, m.vocab_size, m.context_length,
                          m.norm_kind, m.norm_eps, m.position_kind, m.embed_scale, m.residual_scale, m.logit_scale,
@@ -2607,7 +2724,7 @@ def write_model(m, out, dtype):
     fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header + config + layers + tok)
+            f.write(header + config + layers + tok + chat)
             f.write(bytes(tensors_off - f.tell()))
             f.write(dir_bytes)
             f.write(bytes(data_off - f.tell()))
@@ -2622,8 +2739,8 @@ def write_model(m, out, dtype):
                 assert len(data) == nbytes and f.tell() == off
                 f.write(data)
                 f.write(bytes(pad_to(f.tell()) - f.tell()))
-                if i % 16 == 0 or i == n_tensors - 1:
-                    log(f"export: [{i + 1}/{n_tensors}] {name} {list(shape)}")
+                progress(f"export: tensor {i + 1} of {n_tensors} ({f.tell() / 1e6:.0f} of {file_size / 1e6:.0f} MB) {name}")
+            progress(None)
             assert f.tell() == file_size
         umask = os.umask(0)
         os.umask(umask)
@@ -2698,6 +2815,10 @@ def main(argv=None):
                          "its tokenizer.model; a GGUF's own)")
     ap.add_argument("--no-tokenizer", action="store_true",
                     help="leave the checkpoint's tokenizer out (one attn.c lacks, such as tiktoken's): prompts are --tokens")
+    ap.add_argument("--chat-template", metavar="FILE",
+                    help="the chat template to store: a .jinja file, or a .json holding chat_template (default: the "
+                         "checkpoint's chat_template.jinja, tokenizer_config.json or chat_template.json; a GGUF's "
+                         "tokenizer.chat_template)")
     ap.add_argument("--bf16-rope", action="store_true",
                     help="round RoPE inverse frequencies to bf16, as a model cast with .to(torch.bfloat16) computes "
                          "them (for checkpoints trained that way, such as kjv-5m)")

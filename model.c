@@ -924,6 +924,7 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     uint64_t layers_off = u64_at(p + 32), tok_off = u64_at(p + 48), tok_size = u64_at(p + 56);
     uint32_t n_layers = u32_at(p + 40), layers_size = u32_at(p + 44), n_tensors = u32_at(p + 72), tensor_rec = u32_at(p + 76);
     uint64_t tensors_off = u64_at(p + 64), data_off = u64_at(p + 80), data_size = u64_at(p + 88);
+    uint64_t chat_off = u64_at(p + 96), chat_size = u64_at(p + 104);
     Config *c = &m->config;
     if (declared != file_size)
         return fail(ctx, "header says %llu bytes but the file has %llu (truncated or padded?)",
@@ -946,6 +947,10 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
                     (unsigned long long)data_off, (unsigned long long)data_size);
     if (tensors_off + (uint64_t)n_tensors * TENSOR_RECORD_SIZE > data_off)
         return fail(ctx, "tensor directory overlaps the data section");
+    if (chat_size == 0 && chat_off != 0)
+        return fail(ctx, "chat section has offset %llu but size 0 (0 and 0 mean no chat template)", (unsigned long long)chat_off);
+    if (chat_size && check_section(ctx, "chat", chat_off, chat_size, file_size)) return -1;
+    if (chat_size && chat_off + chat_size > data_off) return fail(ctx, "chat section overlaps the data section");
 
     /* config and layer records */
     c->n_layers = (int)n_layers;
@@ -972,9 +977,9 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
                            file_size);
     FileRange sections[] = {{0, HEADER_SIZE, "header", 0}, {config_off, config_off + CONFIG_SIZE, "config", 0},
                             {layers_off, layers_off + layers_size, "layers", 0},
-                            {tok_off, tok_off + tok_size, "tokenizer", 0},
+                            {tok_off, tok_off + tok_size, "tokenizer", 0}, {chat_off, chat_off + chat_size, "chat", 0},
                             {tensors_off, tensors_off + (uint64_t)n_tensors * TENSOR_RECORD_SIZE, "tensor directory", 0}};
-    if (!bad) bad = check_file_layout(ctx, sections, 5, entries, (int)n_tensors, file_size);
+    if (!bad) bad = check_file_layout(ctx, sections, 6, entries, (int)n_tensors, file_size);
     if (!bad) bad = index_directory(&dir);
     if (!bad) bad = bind_weights(&dir, m);
     if (!bad) bad = check_rope_tables(ctx, m);
@@ -990,6 +995,7 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     char tok_err[200];
     if (tokenizer_load(&m->tokenizer, p + tok_off, (size_t)tok_size, c->vocab_size, tok_err, sizeof tok_err) != 0)
         return fail(ctx, "%s", tok_err);
+    if (chat_section_load(&m->chat, p + chat_off, (size_t)chat_size, tok_err, sizeof tok_err) != 0) return fail(ctx, "%s", tok_err);
     return 0;
 }
 

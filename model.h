@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "attention.h"
+#include "chat.h"
 #include "kvcache.h"
 #include "ops.h"
 #include "tokenizer.h"
@@ -266,6 +267,7 @@ typedef struct {
     Config config;
     Weights weights;
     Tokenizer tokenizer;  /* kind TOKENIZER_NONE when the file has none */
+    ChatSection chat;     /* template_text NULL when the file has no chat template */
     void *map;            /* the whole file, mmapped read-only */
     size_t file_size;
     DType weight_dtype;   /* dtype of the matrices (for --info and stats) */

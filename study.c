@@ -595,11 +595,12 @@ int attention_map_write_raw(const AttentionMap *map, const char *path) {
     return fclose(f) != 0 || bad ? -1 : 0;
 }
 
-/* palette: 0 background, 1 masked (grey), 2 .. 255 a viridis-like scale from dark purple to yellow */
-enum { COLOR_BACKGROUND = 0, COLOR_MASKED = 1, COLOR_SCALE = 2, N_COLORS = 256 };
+/* palette: 0 background, 1 masked (grey), 2 text, 3 .. 255 a viridis-like scale from dark purple to yellow */
+enum { COLOR_BACKGROUND = 0, COLOR_MASKED = 1, COLOR_TEXT = 2, COLOR_SCALE = 3, N_COLORS = 256 };
 
 static void make_palette(unsigned char (*pal)[3]) {
     static const unsigned char anchors[5][3] = {{68, 1, 84}, {59, 82, 139}, {33, 145, 140}, {94, 201, 98}, {253, 231, 37}};
+    memset(pal, 0, N_COLORS * 3);
     pal[COLOR_BACKGROUND][0] = pal[COLOR_BACKGROUND][1] = pal[COLOR_BACKGROUND][2] = 255;
     pal[COLOR_MASKED][0] = pal[COLOR_MASKED][1] = pal[COLOR_MASKED][2] = 200;
     for (int i = COLOR_SCALE; i < N_COLORS; i++) {
@@ -610,93 +611,168 @@ static void make_palette(unsigned char (*pal)[3]) {
     }
 }
 
-/* Weights span decades: colour by log10(w) from 1e-4 (dark) to 1 (bright) */
-static unsigned char color_of_weight(float w) {
-    double t = (log10(w > 1e-4f ? w : 1e-4f) + 4.0) / 4.0;
-    return (unsigned char)(COLOR_SCALE + lround(t * (N_COLORS - 1 - COLOR_SCALE)));
+/* Weights span decades: colour by t = (log10(w) + 4) / 4, from 1e-4 (dark, t = 0) to 1 (bright, t = 1) */
+static unsigned char color_of_fraction(double t) {
+    return (unsigned char)(COLOR_SCALE + lround((t < 0 ? 0 : t > 1 ? 1 : t) * (N_COLORS - 1 - COLOR_SCALE)));
 }
+static unsigned char color_of_weight(float w) { return color_of_fraction((log10(w > 1e-4f ? w : 1e-4f) + 4.0) / 4.0); }
 
-/* Where panels go: one row of panels per layer, one panel per head; a single layer's heads in a grid of
- * floor(sqrt(heads)) rows, drawn larger. Panels are T cells of cell x cell pixels, GAP pixels apart. */
+/* Where things go. One row of panels per layer, one panel per head (a single layer's heads in a grid of
+ * floor(sqrt(heads)) rows, drawn larger); above each row a line naming its layer and heads; a prompt of up to
+ * MAX_LABELLED tokens gets each token written beside its row (queries, left) and above its column (keys);
+ * the colour bar is on the right. Panels are T cells of cell x cell pixels, GAP pixels apart. */
 #define GAP 3
+#define MAX_LABELLED 64
+#define LABEL_CHARS 8                  /* token labels are cut to this many characters */
+#define LABEL_CELL (FONT_HEIGHT + 1)   /* labelled cells are at least this tall */
+#define TITLE (FONT_HEIGHT + 3)        /* the line above each row of panels */
+#define BAR_WIDTH 12
+#define BAR_AREA (BAR_WIDTH + 3 + 4 * FONT_ADVANCE) /* the bar and its labels ("1e-4") */
+
 typedef struct {
-    int columns, cell;
-    int target; /* pixels a panel aims at: fewer positions get cells of target / T pixels */
+    int columns, rows, cell, panel, labelled;
+    int left, top;  /* the first panel's title line */
+    long width, height;
+    int bar_x, bar_y, bar_h;
 } MapLayout;
 
 static MapLayout map_layout(const AttentionMap *map, int T) {
-    MapLayout g = {0, 0, 128};
+    MapLayout g = {0};
     for (int i = 0; i < map->n_recorded; i++)
         if (mixer_heads(&map->model->config.layers[map->layers[i]]) > g.columns) g.columns = mixer_heads(&map->model->config.layers[map->layers[i]]);
+    int target = 128, rows_per_layer = 1; /* pixels per panel, never less than one per cell */
     if (map->n_recorded == 1) {
-        int rows = (int)sqrt((double)g.columns);
-        g.columns = (g.columns + rows - 1) / rows;
-        g.target = 384;
+        rows_per_layer = (int)sqrt((double)g.columns);
+        g.columns = (g.columns + rows_per_layer - 1) / rows_per_layer;
+        target = 384;
     }
-    g.cell = T < g.target ? g.target / T : 1; /* never less than one pixel per cell */
+    for (int i = 0; i < map->n_recorded; i++)
+        g.rows += (mixer_heads(&map->model->config.layers[map->layers[i]]) + g.columns - 1) / g.columns;
+    g.cell = T < target ? target / T : 1;
+    g.labelled = T <= MAX_LABELLED;
+    if (g.labelled && g.cell < LABEL_CELL) g.cell = LABEL_CELL;
+    g.panel = T * g.cell;
+    int label_room = g.labelled ? LABEL_CHARS * FONT_ADVANCE + GAP : 0;
+    g.left = GAP + label_room, g.top = GAP + label_room;
+    long grid_w = (long)g.columns * g.panel + (long)(g.columns - 1) * GAP;
+    long grid_h = (long)g.rows * (TITLE + g.panel) + (long)(g.rows - 1) * GAP;
+    g.bar_x = (int)(g.left + grid_w + 3 * GAP), g.bar_y = g.top + TITLE;
+    g.bar_h = grid_h - TITLE < 64 ? 64 : grid_h - TITLE > N_COLORS - COLOR_SCALE ? N_COLORS - COLOR_SCALE : (int)(grid_h - TITLE);
+    g.width = g.bar_x + BAR_AREA + GAP;
+    g.height = g.top + grid_h + GAP;
+    long bar_bottom = g.bar_y + g.bar_h + 2 * TITLE + GAP; /* the bar, then the masked swatch */
+    if (bar_bottom > g.height) g.height = bar_bottom;
     return g;
 }
 
-/* Width and height of the picture for panels of `panel` pixels */
-static void map_size(const AttentionMap *map, const MapLayout *g, long panel, long *width, long *height) {
-    long n_rows = 0;
-    for (int i = 0; i < map->n_recorded; i++) {
-        int heads = mixer_heads(&map->model->config.layers[map->layers[i]]);
-        n_rows += (heads + g->columns - 1) / g->columns;
+/* A token as a label: printable ASCII, a space as '_', a line break as '/', other characters as '?' */
+static void token_label(const Tokenizer *tok, const int *ids, int n_ids, int pos, char *out) {
+    if (pos >= n_ids || !tok || tok->kind == TOKENIZER_NONE) {
+        snprintf(out, LABEL_CHARS + 1, "%d", pos < n_ids ? ids[pos] : pos);
+        return;
     }
-    *width = 2L * GAP + (long)g->columns * panel + (long)(g->columns - 1) * GAP;
-    *height = 2L * GAP + n_rows * panel + (n_rows - 1) * GAP;
+    DecodeState d = {1, 0}; /* as text inside the prompt: no leading space dropped */
+    int len, k = 0;
+    const unsigned char *b = tokenizer_decode(tok, &d, ids[pos], &len);
+    for (int i = 0; i < len && k < LABEL_CHARS; i++) {
+        unsigned char c = b[i];
+        if ((c & 0xC0) == 0x80) continue; /* one '?' per character, not per byte */
+        out[k++] = c == ' ' ? '_' : c == '\n' ? '/' : c >= 32 && c < 127 ? (char)c : '?';
+    }
+    out[k] = '\0';
+}
+
+/* "layer 3 head 5", or shorter where the panel is narrow */
+static void panel_title(int layer, int head, int room, char *out, size_t size) {
+    snprintf(out, size, "layer %d head %d", layer, head);
+    if ((int)strlen(out) * FONT_ADVANCE > room) snprintf(out, size, "L%d H%d", layer, head);
+    if ((int)strlen(out) * FONT_ADVANCE > room) snprintf(out, size, "%d", head);
+}
+
+/* The scale: 1 at the top to 1e-4 at the bottom, a label each decade, and the grey of a masked key below */
+static void draw_color_bar(unsigned char *pixels, const MapLayout *g) {
+    static const char *const decades[5] = {"1", "0.1", "0.01", "1e-3", "1e-4"};
+    long w = g->width;
+    draw_text(pixels, (int)w, (int)g->height, g->bar_x, g->top + 1, "weight", COLOR_TEXT, 0);
+    for (int y = 0; y < g->bar_h; y++)
+        memset(pixels + (size_t)(g->bar_y + y) * w + g->bar_x, color_of_fraction(1.0 - (double)y / (g->bar_h - 1)), BAR_WIDTH);
+    for (int d = 0; d < 5; d++) {
+        int y = g->bar_y + (int)lround(d / 4.0 * (g->bar_h - 1));
+        memset(pixels + (size_t)y * w + g->bar_x + BAR_WIDTH, COLOR_TEXT, 2);
+        draw_text(pixels, (int)w, (int)g->height, g->bar_x + BAR_WIDTH + 3, y - FONT_HEIGHT / 2, decades[d], COLOR_TEXT, 0);
+    }
+    int swatch = g->bar_y + g->bar_h + TITLE;
+    for (int y = 0; y < FONT_HEIGHT; y++) memset(pixels + (size_t)(swatch + y) * w + g->bar_x, COLOR_MASKED, BAR_WIDTH);
+    draw_text(pixels, (int)w, (int)g->height, g->bar_x + BAR_WIDTH + 3, swatch, "mask", COLOR_TEXT, 0);
+}
+
+/* One head's panel at (x0, y0): row i is query i, column j key j */
+static void draw_panel(unsigned char *pixels, long width, const AttentionMap *map, int r, int h, long x0, long y0,
+                       int cell, int T) {
+    int layer = map->layers[r], N = map->n_positions;
+    const AttentionSpec *a = &map->model->attention[layer];
+    for (int i = 0; i < T; i++) {
+        VisibleKeys v = visible_keys(a, i); /* the keys query i sees in this layer */
+        unsigned char *row = pixels + (size_t)(y0 + (long)i * cell) * width + x0;
+        memset(row, COLOR_MASKED, (size_t)T * cell);
+        FOR_EACH_VISIBLE_KEY(v, j)
+            if (j < T) memset(row + (size_t)j * cell, color_of_weight(map->weights[r][((size_t)h * N + i) * N + j]), (size_t)cell);
+        for (int dy = 1; dy < cell; dy++) memcpy(row + (size_t)dy * width, row, (size_t)T * cell);
+    }
 }
 
 int attention_map_check_png(const AttentionMap *map, char *err, size_t errlen) {
-    int T = map->n_positions;
-    MapLayout g = map_layout(map, T);
-    long width, height; /* a run that stops early has fewer positions: T x (target / T) pixels, at most the target */
-    map_size(map, &g, T > g.target ? T : g.target, &width, &height);
-    if ((double)width * height <= MAP_MAX_PIXELS) return 0;
+    /* a run that stops early has fewer positions, and cells as large as target / T (or labelled ones): the
+     * largest picture is the one of all positions or of the most that are labelled */
+    int T = map->n_positions, labelled = T < MAX_LABELLED ? T : MAX_LABELLED;
+    MapLayout all = map_layout(map, T), most = map_layout(map, labelled);
+    MapLayout g = (double)all.width * all.height >= (double)most.width * most.height ? all : most;
+    if ((double)g.width * g.height <= MAP_MAX_PIXELS) return 0;
     return fail(err, errlen, "--attn-map: %d positions x %d layers would make a picture of %ld x %ld pixels (at most "
-                "%u in all); use --attn-map-layer, a shorter prompt or a smaller -n", T, map->n_recorded, width, height,
-                MAP_MAX_PIXELS);
+                "%u in all); use --attn-map-layer, a shorter prompt or a smaller -n", T, map->n_recorded, g.width,
+                g.height, MAP_MAX_PIXELS);
 }
 
-int attention_map_write_png(const AttentionMap *map, const char *path) {
-    int T = map->positions_seen, N = map->n_positions;
+int attention_map_write_png(const AttentionMap *map, const char *path, const Tokenizer *tok, const int *ids, int n_ids) {
+    int T = map->positions_seen;
     MapLayout g = map_layout(map, T);
-    int cell = g.cell, gap = GAP, panel = T * cell;
-    long width, height;
-    map_size(map, &g, panel, &width, &height);
-    if (T == 0 || (double)width * height > MAP_MAX_PIXELS) {
+    if (T == 0 || (double)g.width * g.height > MAP_MAX_PIXELS) {
         errno = T == 0 ? EINVAL : EFBIG;
         return -1;
     }
-    unsigned char *pixels = malloc((size_t)width * height), *visible = malloc((size_t)T), palette[N_COLORS][3];
-    if (!pixels || !visible) {
-        free(pixels), free(visible);
+    size_t comment_size = 128 + (size_t)g.rows * g.columns * 64;
+    unsigned char *pixels = malloc((size_t)g.width * g.height), palette[N_COLORS][3];
+    char *comment = malloc(comment_size), label[LABEL_CHARS + 1], title[48];
+    if (!pixels || !comment) {
+        free(pixels), free(comment);
         return -1;
     }
-    memset(pixels, COLOR_BACKGROUND, (size_t)width * height);
+    memset(pixels, COLOR_BACKGROUND, (size_t)g.width * g.height);
     make_palette(palette);
+    /* the layout, for programs that read the image: one line per panel */
+    size_t used = (size_t)snprintf(comment, comment_size, "attn.c attention map: %d positions, cells of %d px\n", T, g.cell);
+    int W = (int)g.width, H = (int)g.height;
     for (int r = 0, row = 0; r < map->n_recorded; r++) {
         int layer = map->layers[r], heads = mixer_heads(&map->model->config.layers[layer]);
-        const AttentionSpec *a = &map->model->attention[layer];
-        for (int i = 0; i < T; i++) {
-            VisibleKeys v = visible_keys(a, i); /* the keys query i sees in this layer: the same for every head */
-            memset(visible, 0, (size_t)T);
-            FOR_EACH_VISIBLE_KEY(v, j) visible[j] = 1;
-            for (int h = 0; h < heads; h++) {
-                long x0 = gap + (long)(h % g.columns) * (panel + gap), y0 = gap + (long)(row + h / g.columns) * (panel + gap);
-                for (int j = 0; j < T; j++) {
-                    unsigned char color = visible[j] ? color_of_weight(map->weights[r][((size_t)h * N + i) * N + j])
-                                                     : COLOR_MASKED;
-                    for (int dy = 0; dy < cell; dy++)
-                        memset(pixels + (size_t)(y0 + (long)i * cell + dy) * width + x0 + (long)j * cell, color, (size_t)cell);
-                }
+        for (int h = 0; h < heads; h++, row += (h % g.columns == 0 || h == heads)) {
+            long x0 = g.left + (long)(h % g.columns) * (g.panel + GAP);
+            long y0 = g.top + (long)row * (TITLE + g.panel + GAP) + TITLE;
+            draw_panel(pixels, g.width, map, r, h, x0, y0, g.cell, T);
+            panel_title(layer, h, g.panel + GAP, title, sizeof title);
+            draw_text(pixels, W, H, (int)x0, (int)y0 - TITLE + 1, title, COLOR_TEXT, 0);
+            for (int i = 0; g.labelled && i < T; i++) {
+                token_label(tok, ids, n_ids, i, label);
+                if (h % g.columns == 0) /* queries beside the first panel of a row, keys above the first row */
+                    draw_text(pixels, W, H, GAP, (int)y0 + i * g.cell + (g.cell - FONT_HEIGHT) / 2, label, COLOR_TEXT, 0);
+                if (row == 0)
+                    draw_text(pixels, W, H, (int)x0 + i * g.cell + (g.cell - FONT_HEIGHT) / 2, g.top - GAP - 1, label, COLOR_TEXT, 1);
             }
+            used += (size_t)snprintf(comment + used, comment_size - used, "panel layer %d head %d x %ld y %ld\n", layer, h, x0, y0);
         }
-        row += (heads + g.columns - 1) / g.columns;
     }
-    int rc = png_write_indexed(path, (int)width, (int)height, pixels, (const unsigned char(*)[3])palette, N_COLORS);
-    free(pixels), free(visible);
+    draw_color_bar(pixels, &g);
+    int rc = png_write_indexed(path, W, H, pixels, (const unsigned char(*)[3])palette, N_COLORS, comment);
+    free(pixels), free(comment);
     return rc;
 }
 

@@ -53,9 +53,11 @@ AttentionMap *attention_map_new(const Model *m, const char *layers, int n_positi
  * head's row (weights_stride apart). */
 void attention_map_record(void *map, int layer, int pos, const float *weights, int weights_stride);
 /* A grid of heatmaps, one row of panels per layer and one panel per head (a single layer: its heads in
- * floor(sqrt(heads)) rows, drawn larger): in a panel, rows are query positions and columns key positions;
- * grey where the mask hides the key, a colour scale of log10(weight) from 1e-4 (dark) to 1 elsewhere. */
-int attention_map_write_png(const AttentionMap *map, const char *path);
+ * floor(sqrt(heads)) rows, drawn larger), each titled with its layer and head: in a panel, rows are query
+ * positions and columns key positions; grey where the mask hides the key, a colour scale of log10(weight) from
+ * 1e-4 (dark) to 1 elsewhere, shown by a bar on the right. Tokens (ids[0..n_ids) through tok) label the axes
+ * of maps up to 64 positions. The panel layout goes into the PNG's tEXt chunk. */
+int attention_map_write_png(const AttentionMap *map, const char *path, const Tokenizer *tok, const int *ids, int n_ids);
 /* Before the run: 0 if the picture of all n_positions fits the PNG limit, else -1 with one line in err. */
 int attention_map_check_png(const AttentionMap *map, char *err, size_t errlen);
 /* The recorded weights as little-endian float32 [layer][head][query][key] over the positions processed. */

@@ -958,6 +958,53 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     return ok ? e.count : e.failed ? e.failed : -1;
 }
 
+/* The longest of the control pieces controls[0..n_controls) spelled at s[0..n), or -1 */
+static int control_at(const Tokenizer *t, const int *controls, int n_controls, const unsigned char *s, size_t n) {
+    int best = -1;
+    for (int k = 0; k < n_controls; k++) {
+        int id = controls[k];
+        size_t len = (size_t)t->piece_len[id];
+        if (len <= n && (best < 0 || t->piece_len[id] > t->piece_len[best]) && memcmp(s, t->piece[id], len) == 0) best = id;
+    }
+    return best;
+}
+
+static int grow_ids(int **ids, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    int *grown = realloc(*ids, (*cap = 2 * need) * sizeof **ids);
+    if (!grown) return -1;
+    *ids = grown;
+    return 0;
+}
+
+int tokenizer_encode_chat(const Tokenizer *t, const char *text, size_t len, int **ids) {
+    const unsigned char *s = (const unsigned char *)text;
+    int *controls = malloc(((size_t)t->n_pieces + 1) * sizeof *controls), n_controls = 0;
+    size_t cap = tokenizer_max_ids(len), n = 0;
+    int *out = malloc(cap * sizeof *out);
+    if (!controls || !out) return free(controls), free(out), -1;
+    for (int id = 0; id < t->n_pieces; id++)
+        if (t->type[id] == PIECE_CONTROL && t->piece_len[id] > 0) controls[n_controls++] = id;
+    for (size_t start = 0, i = 0; i <= len; i++) { /* s[start..i) is a stretch of plain text */
+        int control = i < len && n_controls ? control_at(t, controls, n_controls, s + i, len - i) : -1;
+        if (control < 0 && i < len) continue;
+        if (i > start) {
+            if (grow_ids(&out, &cap, n + tokenizer_max_ids(i - start)) != 0) return free(controls), free(out), -1;
+            int k = tokenizer_encode(t, text + start, i - start, 0, out + n);
+            if (k < 0) return free(controls), free(out), k; /* out of memory, or TOKENIZER_REGEX_TOO_SLOW */
+            n += (size_t)k;
+        }
+        if (control < 0) break;
+        if (grow_ids(&out, &cap, n + 1) != 0) return free(controls), free(out), -1;
+        out[n++] = control;
+        start = i + (size_t)t->piece_len[control];
+        i = start - 1;
+    }
+    free(controls);
+    *ids = out;
+    return (int)n;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * decoding */
 

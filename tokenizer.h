@@ -136,6 +136,12 @@ static inline size_t tokenizer_max_ids(size_t len) { return 4 * len + 4; }
 #define TOKENIZER_REGEX_TOO_SLOW (-2)
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *ids);
 
+/* Encodes the text a chat template rendered (no BOS added: the template writes it). Control tokens written in
+ * it (<s>, </s> of a SentencePiece tokenizer.model, which the sentencepiece library never matches in text) are
+ * cut out first and become their ids, as transformers' tokenizers split out special tokens; each stretch
+ * between them is encoded as a prompt. *ids is malloc'd; returns the count, or tokenizer_encode's error. */
+int tokenizer_encode_chat(const Tokenizer *t, const char *text, size_t len, int **ids);
+
 /* Where one stream of decoded tokens stands: whether the dummy-prefix space of the next piece is dropped. */
 typedef struct {
     int printed;       /* some text has been printed (a prompt being continued counts) */

@@ -7,14 +7,16 @@ NoPE, sliding, chunked and full layers, GQA, every
 kind of q/k norm, learned sinks, attention temperature, biases, pre- and post-norms, soft-caps,
 precomputed RoPE tables (one with YaRN's attention factor), recurrent mixers (Mamba, Mamba-2 and Gated DeltaNet beside attention, RWKV with its channel-mix FFN), f32 / f16 / bf16 / q8_0 matrices, and tokenizer records of both kinds (byte-level BPE
 with the GPT-2 and Llama 3 pre-tokenizers and with a sequence of regex Split steps; SentencePiece-style with <0xNN> byte pieces, merged by score as
-from a tokenizer.model and by rank with Metaspace as from a tokenizer.json). Small seeds keep
+from a tokenizer.model and by rank with Metaspace as from a tokenizer.json), and a chat section. Small seeds keep
 the fuzzer's mutations on the structure rather than on weight bytes.
 
-    /usr/bin/python3 fuzz/make_seeds.py      (from the repository root; deterministic)
+    /usr/bin/python3 fuzz/make_seeds.py      (from the repository root; deterministic; also the chat templates
+                                              fuzz/corpus/chat/*.jinja of fuzz_chat)
     /usr/bin/python3 fuzz/make_seeds.py --shared ../shared build/fuzz   (the real Llama 2 tokenizers, for
                                               fuzz_tokenizer; not committed: see shared/README.md)
 """
 import os
+import shutil
 import struct
 import sys
 
@@ -88,6 +90,29 @@ def sentencepiece_tokenizer(library_style):
     else:
         rec.flags |= E.TOKF_SCORE_MERGES | E.TOKF_REMOVE_EXTRA_SPACES
     return rec.pack(), len(rec.pieces)
+
+
+# A ChatML-style template that uses much of the Jinja subset chat.c runs: a namespace, loops with loop.*, a
+# macro, filters, tests, slices, string methods, whitespace control, a raise_exception branch
+CHAT_TEMPLATE = """{%- set ns = namespace(system='', turns=0) -%}
+{%- macro turn(role, text) -%}
+<|endoftext|>{{ role }}
+{{ text | trim }}<|endoftext|>
+{% endmacro -%}
+{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0].content -%}{%- set rest = messages[1:] -%}
+{%- else -%}{%- set rest = messages -%}{%- endif -%}
+{{- bos_token -}}
+{%- if ns.system %}{{ turn('system', ns.system) }}{% endif -%}
+{%- for m in rest if m.content is string -%}
+    {%- if m.role not in ['user', 'assistant'] -%}{{ raise_exception('unknown role ' ~ m.role) }}{%- endif -%}
+    {%- set ns.turns = ns.turns + 1 -%}
+    {%- set text = m.content.split('</think>')[-1].lstrip('\\n') if m.role == 'assistant' else m.content -%}
+    {{- turn(m.role, text) -}}
+    {%- if loop.last and add_generation_prompt %}<|endoftext|>assistant ({{ ns.turns }} turns, {{ rest | selectattr('role', 'equalto', 'user') | list | length }} asked)
+{% endif -%}
+{%- endfor -%}
+{{- '' if messages | length > 0 else eos_token -}}
+{#- {{ messages | tojson(indent=2) }} -#}"""
 
 
 def attn(heads, kv, head_dim, **kw):
@@ -218,6 +243,39 @@ def seeds():
     m = E.Model("rwkv", 16, 32, 64, norm_kind=E.NORM_LAYER, tied=False)
     m.layers = [L(E.Rwkv(16), E.RwkvChannelMix(32)), L(E.Rwkv(8), E.RwkvChannelMix(16))]
     yield "rwkv_layernorm_f16", tensors(m), "f16"
+    # a chat template (docs/CHAT.md) and the special-token strings it reads, over the GPT-2-style tokenizer
+    m = E.Model("llama", 8, 1024, 64, tied=True)
+    m.layers = [L(A(2, 1, 4), D(16))]
+    m.tokenizer = bytelevel_tokenizer("bytelevel_gpt2_style", 1024)
+    m.chat = E.pack_chat_section(CHAT_TEMPLATE, [("bos_token", "<|endoftext|>"), ("eos_token", "<|endoftext|>")])
+    yield "llama_chat_template_bf16", tensors(m), "bf16"
+
+
+# seeds of fuzz_chat: templates in the shapes the families use (written for attn.c)
+CHAT_SEEDS = {
+    "nested": CHAT_TEMPLATE,
+    "chatml": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "inst": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
+            "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
+            "{% for m in rest %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('roles must alternate') }}{% endif %}{% if m['role'] == 'user' %}"
+            "{{ '[INST] ' + (first if loop.first else '') + m['content'].strip() + ' [/INST]' }}"
+            "{% else %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}",
+    "headers": "{{- bos_token }}{%- set date = strftime_now('%d %b %Y') if strftime_now is defined else '1 Jan 2025' %}\n"
+               "{%- for m in messages %}\n    {{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' }}\n"
+               "    {%- if loop.first and m.role == 'system' %}{{ 'Today: ' ~ date ~ '\\n' }}{% endif %}\n"
+               "    {{- m.content | trim + '<|eot_id|>' }}\n{%- endfor %}\n"
+               "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}\n",
+}
+
+
+def write_chat_seeds(out):
+    os.makedirs(out, exist_ok=True)
+    for name, template in CHAT_SEEDS.items():
+        with open(os.path.join(out, name + ".jinja"), "w") as f:
+            f.write(template)
+
 
 def specials_tokenizer(vocab):
     """A byte-level record with 40 eos ids and special / user-defined tokens nested in one another."""
@@ -253,11 +311,17 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--shared":  # make_seeds.py --shared SHARED_DIR OUT_DIR
         os.makedirs(sys.argv[3], exist_ok=True)
         shared_tokenizer_models(sys.argv[2], sys.argv[3])
+        templates = os.path.join(sys.argv[2], "llamacpp", "templates")  # real templates, for fuzz_chat
+        if os.path.isdir(templates):
+            os.makedirs(os.path.join(sys.argv[3], "corpus", "chat"), exist_ok=True)
+            for name in os.listdir(templates):
+                shutil.copy(os.path.join(templates, name), os.path.join(sys.argv[3], "corpus", "chat", name))
         return 0
     os.makedirs(OUT, exist_ok=True)
     for name, m, dtype in seeds():
         path = os.path.join(OUT, name + ".bin")
         E.write_model(m, path, E.DTYPES[dtype])
+    write_chat_seeds(os.path.join(ROOT, "fuzz", "corpus", "chat"))
     return 0
 
 

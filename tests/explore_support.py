@@ -127,5 +127,5 @@ def kjv_1024_ids(run_bin, kjv, ref_ids):
     cut the sampling short: 1,024 ids to feed back with --tokens."""
     r = subprocess.run([run_bin, kjv, "--tokens", ",".join(map(str, ref_ids)), "-n", "724", "-t", "0.8", "-s", "1",
                         "--print-ids", "--threads", "1"], capture_output=True, timeout=300)
-    ids = list(ref_ids) + [int(x) for x in r.stdout.split()]
+    ids = list(ref_ids) + [int(x) for x in r.stdout.replace(b",", b" ").split()]
     return (ids * 4)[:1024]

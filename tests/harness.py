@@ -1,6 +1,7 @@
 """Shared helpers for the test modules (tests/test_*.py): the Tester, synthetic checkpoints, comparisons."""
 import json
 import os
+import pty
 import shutil
 import struct
 import subprocess
@@ -85,6 +86,31 @@ class Tester:
         if r.returncode != 0:
             raise RuntimeError(f"./run failed: {r.stderr.decode(errors='replace').strip()}")
         return np.fromfile(path, dtype="<f4").reshape(len(ids), -1)
+
+
+def with_terminal_stderr(cmd, timeout=300):
+    """Runs cmd with its standard error on a terminal (a pseudo-terminal read here): (status, stdout, stderr)."""
+    main, tty = pty.openpty()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=tty)
+    os.close(tty)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the other end closed: the program has ended
+            break
+        if not chunk:
+            break
+        err += chunk
+    out = p.communicate(timeout=timeout)[0]
+    os.close(main)
+    return p.returncode, out, err
+
+
+def ids_of(output):
+    """Token ids as ./run --encode / --print-ids print them (comma-separated; bytes or text)."""
+    text = output.decode() if isinstance(output, bytes) else output
+    return [int(x) for x in text.replace(",", " ").split()]
 
 
 def relative_error(got, ref):

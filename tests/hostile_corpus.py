@@ -10,13 +10,14 @@ import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from export import HEADER, read_tensor_directory  # noqa: E402
+from export import CHAT_HEADER, HEADER, read_tensor_directory  # noqa: E402
 
 # (name, offset, width) of the header fields after the magic
 HEADER_FIELDS = [("version", 4, 4), ("file_size", 8, 8), ("config_offset", 16, 8), ("config_size", 24, 8),
                  ("layers_offset", 32, 8), ("n_layers", 40, 4), ("layers_size", 44, 4),
                  ("tokenizer_offset", 48, 8), ("tokenizer_size", 56, 8), ("tensors_offset", 64, 8),
-                 ("n_tensors", 72, 4), ("tensor_record_size", 76, 4), ("data_offset", 80, 8), ("data_size", 88, 8)]
+                 ("n_tensors", 72, 4), ("tensor_record_size", 76, 4), ("data_offset", 80, 8), ("data_size", 88, 8),
+                 ("chat_offset", 96, 8), ("chat_size", 104, 8)]
 CONFIG_FIELDS = ["dim", "vocab_size", "context_length", "norm_kind", "norm_eps", "position_kind", "embed_scale",
                  "residual_scale", "logit_scale", "final_softcap", "flags", "n_rope_tables"]
 # a layer record (docs/FORMAT.md): its header, then each kind's payload, field by field (4 bytes each)
@@ -40,6 +41,35 @@ ODD_U32 = [0, 1, 2, 3, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFF, 1 << 16, 1 <<
 ODD_U64 = [0, 1, 127, 128, 0xFFFFFFFFFFFFFFFF, 1 << 63, 1 << 32, 0xFFFFFFFF]
 
 
+# templates that must end in one error line, fast: recursion, endless loops, memory and output bombs, nesting,
+# arithmetic edges, bad syntax (chat.c's limits)
+HOSTILE_TEMPLATES = [
+    ("recursive macro", b"{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}"),
+    ("nested huge loops", b"{% for i in range(1000000) %}{% for j in range(1000000) %}x{% endfor %}{% endfor %}"),
+    ("string repetition bomb", b"{{ 'x' * 100000000000 }}"),
+    ("doubling namespace string", b"{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                                  b"{% endfor %}{{ ns.s }}"),
+    ("deep parentheses", b"{{ " + b"(" * 400 + b"1" + b")" * 400 + b" }}"),
+    ("deep if nesting", b"{% if 1 %}" * 300 + b"x" + b"{% endif %}" * 300),
+    ("unclosed block", b"{% if messages %}{% for m in messages %}"),
+    ("unterminated string", b"{{ 'abc }}"),
+    ("unterminated comment", b"{# never closed"),
+    ("stray end tag", b"{% endfor %}"),
+    ("unknown statement", b"{% include 'x.j2' %}"),
+    ("unknown filter", b"{{ messages | shuffle }}"),
+    ("slice step zero", b"{{ messages[::0] }}"),
+    ("division by zero", b"{{ 1 // 0 }}"),
+    ("integer overflow", b"{{ 9223372036854775807 + 1 }}"),
+    ("huge integer literal", b"{{ 99999999999999999999999 }}"),
+    ("attribute of undefined", b"{{ nothing.at.all }}"),
+    ("raise_exception", b"{{ raise_exception('refused') }}"),
+    ("bad unpacking", b"{% for a, b, c in messages %}{% endfor %}"),
+    ("unbalanced brackets", b"{{ [1, 2 }}"),
+    ("huge range", b"{{ range(2000000) | length }}"),
+    ("named escape", b"{{ '\\N{BULLET}' }}"),
+]
+
+
 class Layout:
     """Offsets of the structures of one model file."""
 
@@ -51,6 +81,25 @@ class Layout:
         # (record offset, name, data offset, nbytes)
         self.tensors = [(rec, name, off, nbytes) for rec, name, _, _, off, nbytes in read_tensor_directory(blob)]
         self.tok = self._tokenizer(blob) if self.tok_size else None
+        self.chat_off, self.chat_size = CHAT_HEADER.unpack_from(blob, 96)
+        self.chat = self._chat(blob) if self.chat_size else None
+
+    def _chat(self, blob):
+        """Offsets inside the chat section: the variable count, each (name length, value length), the
+        template's length and text."""
+        p = self.chat_off
+        fields = {"n_variables": p, "variables": []}
+        (n,) = struct.unpack_from("<I", blob, p)
+        p += 4
+        for _ in range(n):
+            (name_len,) = struct.unpack_from("<I", blob, p)
+            (value_len,) = struct.unpack_from("<I", blob, p + 4 + name_len)
+            fields["variables"].append((p, name_len, p + 4 + name_len, value_len))
+            p += 8 + name_len + value_len
+        (template_len,) = struct.unpack_from("<I", blob, p)
+        fields["template_len"], fields["template"] = p, (p + 4, template_len)
+        assert p + 4 + template_len == self.chat_off + self.chat_size
+        return fields
 
     def _layer_offsets(self, blob):
         off = self.layers_off
@@ -110,6 +159,9 @@ class Layout:
             b.update(layer["parts"])
         for rec, _, off, nbytes in self.tensors:
             b.update((rec, rec + 80, rec + 104, off, off + nbytes))
+        if self.chat:
+            b.update((self.chat_off, self.chat_off + self.chat_size, self.chat["template_len"], self.chat["template"][0]))
+            b.update(q for v in self.chat["variables"] for q in (v[0], v[2]))
         if self.tok:
             b.update((self.tok["n_pieces"], self.tok["merges"]))
             b.update(q for q, _ in self.tok["pieces"][:8])
@@ -306,6 +358,29 @@ def _all_mutants(blob, rng, scale=1.0):
                 everything_special[q + 4 + n + 4:q + 4 + n + 8] = (1).to_bytes(4, "little")
         yield "tokenizer: every piece special", bytes(everything_special)
 
+    # the chat section
+    if L.chat:
+        C = L.chat
+        for v in (0, 1, 15, 16, 17, 0xFFFFFFFF, len(C["variables"]) + 1):
+            yield f"chat n_variables = {v}", put(blob, C["n_variables"], 4, v)
+        for k, (q, name_len, r, value_len) in enumerate(C["variables"]):
+            for v in (0, 65, name_len + 1, 0xFFFFFFFF):
+                yield f"chat variable {k} name length {v}", put(blob, q, 4, v)
+            for v in (value_len + 1, 65537, 0xFFFFFFFF):
+                yield f"chat variable {k} value length {v}", put(blob, r, 4, v)
+            yield f"chat variable {k} name not an identifier", blob[:q + 4] + b"9" + blob[q + 5:]
+            if value_len:
+                yield f"chat variable {k} value not UTF-8", blob[:r + 4] + b"\xff" + blob[r + 5:]
+        tl, (tq, tn) = C["template_len"], C["template"]
+        for v in (0, 1, tn - 1, tn + 1, (1 << 20) + 1, 0xFFFFFFFF):
+            yield f"chat template length {v}", put(blob, tl, 4, v)
+        for label, text in HOSTILE_TEMPLATES:
+            if len(text) <= tn:  # the same length: the section keeps its size
+                yield f"chat template: {label}", blob[:tq] + text.ljust(tn, b" ") + blob[tq + tn:]
+        yield "chat template with a NUL byte", blob[:tq + 3] + b"\0" + blob[tq + 4:]
+        yield "chat template not UTF-8", blob[:tq + 3] + b"\xc3\x28" + blob[tq + 5:]
+        yield "chat section shares the tensor directory's bytes", put(blob, 96, 8, L.tensors_off)
+
     # random byte flips, section by section
     sections = [("header", 0, 128), ("config", L.config_off, L.config_off + 128),
                 ("layers", L.layers_off, L.layers_off + L.layers_size),
@@ -313,7 +388,9 @@ def _all_mutants(blob, rng, scale=1.0):
                 ("data", L.data_off, size)]
     if L.tok:
         sections.append(("tokenizer", L.tok_off, L.tok_off + L.tok_size))
-    counts = {"header": 40, "config": 40, "layers": 40, "tensor directory": 60, "data": 10, "tokenizer": 80}
+    if L.chat:
+        sections.append(("chat", L.chat_off, L.chat_off + L.chat_size))
+    counts = {"header": 40, "config": 40, "layers": 40, "tensor directory": 60, "data": 10, "tokenizer": 80, "chat": 120}
     for name, lo, hi in sections:
         for i in range(int(counts[name] * scale)):
             out = bytearray(blob)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from harness import tiny_llama_dir
+from harness import ids_of, tiny_llama_dir
 from study_support import kv_bytes
 from hostile_corpus import Layout, mutants, put, semantic_mutants
 
@@ -37,12 +37,16 @@ EXPECTED = [("magic b'GGUF'", ["a GGUF file", "export.py"]), ("magic", ["bad mag
             ("truncated at", ["header says", "too short"]),
             ("offset 18446744073709551552", ["extends past end of file"]),
             ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"]),
-            ("tokenizer step 0 regex b'(?<=a)'", ["lookbehind"]), ("tokenizer step 7 regex b'(a)\\\\1'", ["backreference"])]
+            ("tokenizer step 0 regex b'(?<=a)'", ["lookbehind"]), ("tokenizer step 7 regex b'(a)\\\\1'", ["backreference"]),
+            ("chat template: recursive macro", ["recurses more than"]), ("chat template: nested huge loops", ["more than"]),
+            ("chat template: raise_exception", ["raised an error: refused"]), ("chat template not UTF-8", ["not UTF-8"]),
+            ("chat variable 0 name not an identifier", ["not an identifier"])]
 
 
 # run on every base, whatever fraction of its other mutants runs
 ALWAYS = ("tokenizer flags ^", "tokenizer piece", "tokenizer step", "tokenizer n_steps", "header", "magic", "version",
-          "config", "layer 0 mixer_kind", "layer 0 ffn_kind", "layer 0 mixer_size", "layer 0 ffn_size", "layer 0 record_size")
+          "config", "layer 0 mixer_kind", "layer 0 ffn_kind", "layer 0 mixer_size", "layer 0 ffn_size", "layer 0 record_size",
+          "chat")
 
 
 def run_mutant(t, path, data, args):
@@ -93,6 +97,9 @@ def corpus(t):
         (os.path.join(t.root, "fuzz", "corpus", "model", "qwen3_next_deltanet_hybrid_q8_0.bin"), 0.2,
          ["--tokens", "1,2,3,4,5"]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "rwkv_layernorm_f16.bin"), 0.2, ["--tokens", "1,2,3"]),
+        # a chat section (docs/CHAT.md): every mutant renders a conversation through its template
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_chat_template_bf16.bin"), 0.12,
+         ["--chat", "--system", "Be brief.", "-p", "Hello, world!"]),
     ]
     jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
@@ -287,13 +294,14 @@ def cli_errors(t):
         ("--ppl of one token", [model, "--ppl", "--tokens", "5"], "--ppl needs a prompt of at least 2 tokens"),
         ("--tokens id = vocabulary size", [model, "--tokens", "5,1024"], "id 1024 is outside the vocabulary (0 .. 1023)"),
         ("--tokens negative id", [model, "--tokens", "-1"], "id -1 is outside the vocabulary"),
-        ("--tokens huge id", [model, "--tokens", "99999999999999999999"], "--tokens expects comma-separated integers"),
-        ("--tokens not numbers", [model, "--tokens", "1,two,3"], "--tokens expects comma-separated integers"),
-        ("--tokens empty item", [model, "--tokens", "1,,3"], "--tokens expects comma-separated integers"),
+        ("--tokens huge id", [model, "--tokens", "99999999999999999999"], "--tokens expects token ids separated by commas or spaces"),
+        ("--tokens not numbers", [model, "--tokens", "1,two,3"], "--tokens expects token ids separated by commas or spaces"),
+        ("--tokens empty item", [model, "--tokens", "1,,3"], "an empty item between two commas"),
         ("--tokens trailing comma", [model, "--tokens", "1,2,"], "trailing comma"),
         ("--tokens empty", [model, "--tokens", ""], "no ids given"),
         ("--decode id outside the vocabulary", [model, "--decode", "3,1024"], "--decode: id 1024 is outside the vocabulary"),
-        ("--decode not numbers", [model, "--decode", "x"], "--decode expects comma-separated integers"),
+        ("--decode not numbers", [model, "--decode", "x"], "--decode expects token ids separated by commas or spaces"),
+        ("--tokens glued sign", [model, "--tokens", "1-2"], "--tokens expects token ids separated by commas or spaces"),
         ("prompt longer than the context (text)", [short, "-p", "word " * 40], "but the model's context is 32"),
         ("prompt longer than the context (ids)", [short, "--tokens", ",".join(["7"] * 33)],
          "the prompt has 33 tokens but the model's context is 32"),
@@ -329,7 +337,7 @@ def invalid_utf8(t):
         for text in texts:
             r = t.run([m, "-p", text, "-n", "4", "-t", "0.8", "-s", "1", "--threads", "1"])
             enc = t.run([m, "--encode", text, "--no-bos"])
-            ids = [int(x) for x in enc.stdout.split()]
+            ids = ids_of(enc.stdout)
             # byte fallback: every byte becomes (part of) a token, nothing is dropped or rejected
             if r.returncode != 0 or enc.returncode != 0 or not ids:
                 good = False
@@ -342,7 +350,7 @@ def invalid_utf8(t):
     pieces = [blob[q + 4:q + 4 + n] for q, n in L.tok["pieces"]]
     for text in texts:
         enc = t.run([model, "--encode", text, "--no-bos"])
-        ids = [int(x) for x in enc.stdout.split()]
+        ids = ids_of(enc.stdout)
         back = b"".join(pieces[i] for i in ids)
         if back != text:
             t.check(f"invalid UTF-8 {text!r} round-trips through the byte-level pieces", False, f"{ids} -> {back!r}")
@@ -357,7 +365,7 @@ def invalid_utf8(t):
 def context_end(t):
     short = tiny_model(t, "hostile_ctx32", max_position_embeddings=32)
     r = t.run([short, "--tokens", "1,2,3,4,5", "-n", "100", "-t", "1", "-s", "3", "--print-ids", "--threads", "1"])
-    ids = r.stdout.split()
+    ids = ids_of(r.stdout)
     err = r.stderr.decode()
     # positions 0..31 are fed; the token sampled from position 31 is printed and never fed back
     t.check("full attention, context 32: generation stops at the end of the context with a note, status 0",
@@ -374,7 +382,7 @@ def context_end(t):
     args = [swa, "--tokens", "1,2,3", "-t", "1", "-s", "5", "--print-ids", "--threads", "1"]
     r_short = t.run(args + ["-n", "100"])
     r_long = t.run(args + ["-n", str(cfg_ctx + 200)], timeout=300)
-    n_long = len(r_long.stdout.split())
+    n_long = len(ids_of(r_long.stdout))
     t.check(f"sliding on every layer: generates {cfg_ctx + 200} tokens past the context of {cfg_ctx} (status 0, no note)",
             r_long.returncode == 0 and n_long == cfg_ctx + 200 and b"stopped" not in r_long.stderr,
             f"status {r_long.returncode}, {n_long} tokens: {r_long.stderr.decode()[-200:]}")

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from harness import ROOT, read_safetensors, tiny_llama_dir, write_safetensors
+from harness import ROOT, ids_of, read_safetensors, tiny_llama_dir, write_safetensors
 from hostile_corpus import CONFIG_FIELDS, Layout, put
 
 sys.path.insert(0, ROOT)
@@ -228,12 +228,12 @@ def many_specials(t, F):
     text = "<|s1|><|s12|>x<|s7|>  <|s123|<|s262143|><|s262144|>"
     r = F.run([path, "--encode", text, "--no-bos"])
     want = [257, 268, ord("x"), 263] + list(b"<|s123|") + [256 + 262143] + list(b"<|s262144|>")
-    got = [int(x) for x in r.stdout.split()]
+    got = ids_of(r.stdout)
     t.check("5: specials are matched longest first, rstrip swallows the spaces after one", got == want,
             f"{got} != {want}")
     prompt = ("<|s1|> <|s2 <|x <|s99999|>" * 3000)[:65536]
     r, secs = timed(F.run, [path, "--encode", prompt, "--no-bos"], timeout=60)
-    n = len(r.stdout.split())
+    n = len(ids_of(r.stdout))
     t.check(f"5: a 64 KB prompt against 2^18 specials encodes in {secs:.1f}s (bound 20 s)",
             r.returncode == 0 and n > 0 and secs < 20, f"status {r.returncode}, {n} ids")
 
@@ -262,12 +262,12 @@ def eos_lists(t, F):
     src = tiny(F, "eos_small")
     model = exported(F, src, "eos_small.bin")
     r = F.run([model, "-p", "hello", "-n", "1", "-t", "0", "--print-ids"])
-    first = int(r.stdout.split()[0])
+    first = ids_of(r.stdout)[0]
     ids = [i for i in range(900, 1024) if i != first][:20] + [first]
     json.dump({"eos_token_id": ids}, open(os.path.join(src, "generation_config.json"), "w"))
     model = exported(F, src, "eos_21.bin")
     r = F.run([model, "-p", "hello", "-n", "5", "-t", "0", "--print-ids"])
-    t.check("15: generation stops at the 21st eos id of the list", r.returncode == 0 and r.stdout.split() == [],
+    t.check("15: generation stops at the 21st eos id of the list", r.returncode == 0 and ids_of(r.stdout) == [],
             f"printed {r.stdout[:80]!r} (the first greedy id is {first})")
 
 

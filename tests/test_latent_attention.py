@@ -39,7 +39,7 @@ FORMS_AGREE = 1e-5
 def greedy_ids(t, model, ref, *extra):
     r = t.run([model, "--tokens", ",".join(map(str, ref["prompt_ids"])), "-n", len(ref["greedy_ids"]), "-t", "0",
                "--print-ids"] + list(extra))
-    return r.returncode, [int(x) for x in r.stdout.split()]
+    return r.returncode, [int(x) for x in r.stdout.replace(b",", b" ").split()]
 
 
 def check_fixture(t, name, model, src):

@@ -56,6 +56,26 @@ def logits_with(t, exe, model, ids, *extra):
         t.run_bin = saved
 
 
+def openblas_missing(t):
+    """Why make BLAS=1 cannot build here, or None: cblas.h alone is not enough (Debian's libblas-dev has the
+    header without OpenBLAS), so a program calling cblas_sgemm is compiled and linked as the Makefile would."""
+    probe = t.tmp("blas_probe.c")
+    with open(probe, "w") as f:
+        f.write("#include <cblas.h>\nint main(void) { float a = 1, b = 1, c = 0;\n"
+                "cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, 1, 1, 1, 1.0f, &a, 1, &b, 1, 0.0f, &c, 1);\n"
+                "return c != 1.0f; }\n")
+    r = subprocess.run(["sh", "-c", f"cc $(pkg-config --cflags openblas 2>/dev/null) {probe} -o {t.tmp('blas_probe')} "
+                        "$(pkg-config --libs openblas 2>/dev/null || echo -lopenblas)"], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    lines = [line.strip() for line in r.stderr.splitlines() if line.strip()]
+    first = next((line for line in lines if "cblas.h" in line or "cannot find" in line or "undefined reference" in line),
+                 lines[0] if lines else f"exit status {r.returncode}")
+    if "cblas.h" in first:
+        return "no cblas.h (Debian: apt-get install libopenblas-dev)"
+    return f"cblas.h is here but OpenBLAS cannot be linked ({first.strip()}; Debian: apt-get install libopenblas-dev)"
+
+
 def cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -193,12 +213,11 @@ def run(t):
             compare("AVX2 kernels (ARCH=-march=haswell)", exe, 0.0, 0.0)
     else:
         t.skip("AVX2 kernels", "needs an x86-64 CPU with AVX-512 (the default build) and AVX2")
-    have_blas = subprocess.run(["sh", "-c", "echo '#include <cblas.h>' | cc $(pkg-config --cflags openblas 2>/dev/null) "
-                                "-E -x c - >/dev/null 2>&1"]).returncode == 0
-    if have_blas:
+    why_not = openblas_missing(t)
+    if why_not:
+        t.skip("make BLAS=1", why_not)
+    else:
         exe = build(t, "blas", "BLAS=1")
         if exe:
             compare("make BLAS=1 (cblas_sgemm for f32 prefill, --batch 64)", exe, BATCH_TOLERANCE, Q8_PORTABLE_BOUND,
                     ("--batch", "64"))
-    else:
-        t.skip("make BLAS=1", "no cblas.h (Debian: apt-get install libopenblas-dev)")

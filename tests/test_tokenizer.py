@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from harness import tiny_llama_dir
+from harness import ids_of, tiny_llama_dir
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import export  # noqa: E402  (the regexes and GPT-2's byte alphabet)
@@ -63,7 +63,7 @@ def export_folder(t, name, src, files=None):
 
 def encode(t, model, text, bos=False):
     r = t.run([model, "--encode", text] + ([] if bos else ["--no-bos"]))
-    return [int(x) for x in r.stdout.split()] if r.returncode == 0 else None
+    return ids_of(r.stdout) if r.returncode == 0 else None
 
 
 def decode(t, model, ids):
@@ -94,8 +94,8 @@ def check_folder(t, name, model, ref, expected_decode=None):
     t.check(f"{name}: {encoded}/{n} reference encodings exact", encoded == n)
     if "invalid_utf8" in ref:  # prompts that are not UTF-8 (argv holds any bytes)
         bad = ref["invalid_utf8"]
-        good = sum(subprocess.run([t.run_bin, model, "--encode", bytes.fromhex(b["hex"]), "--no-bos"],
-                                  capture_output=True).stdout.split() == [str(i).encode() for i in b["ids"]] for b in bad)
+        good = sum(ids_of(subprocess.run([t.run_bin, model, "--encode", bytes.fromhex(b["hex"]), "--no-bos"],
+                                  capture_output=True).stdout) == b["ids"] for b in bad)
         t.check(f"{name}: {good}/{len(bad)} prompts that are not UTF-8 encode as the library reads them", good == len(bad))
     t.check(f"{name}: {decoded}/{n} decode as the tokenizer's own library does ({round_trips}/{n} give the text back exactly)",
             decoded == n)

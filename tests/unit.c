@@ -12,8 +12,10 @@
 #include "explore.h"
 #include "kvcache.h"
 #include "ops.h"
+#include "png.h"
 #include "regex.h"
 #include "recurrent.h"
+#include "sample.h"
 #include "tokenizer.h"
 #include "unicode.h"
 
@@ -782,6 +784,172 @@ static void test_tokenizer_records(void) {
 }
 
 /* ------------------------------------------------------------------------------------------- */
+
+/* how often each of n tokens comes out of `draws` samples of logits (copied fresh each time) */
+static void sample_counts(const SamplerSettings *set, const float *logits, int n, int draws, int *counts) {
+    Sampler s;
+    float work[8];
+    if (sampler_init(&s, set, n) != 0) abort();
+    memset(counts, 0, (size_t)n * sizeof *counts);
+    for (int d = 0; d < draws; d++) {
+        memcpy(work, logits, (size_t)n * sizeof *work);
+        counts[sampler_sample(&s, work)]++;
+    }
+    sampler_free(&s);
+}
+
+static void test_sampler(void) {
+    /* p = softmax(l) = 0.5, 0.3, 0.15, 0.05 */
+    const float l[4] = {logf(0.5f), logf(0.3f), logf(0.15f), logf(0.05f)};
+    int c[4], draws = 40000;
+    SamplerSettings base = {.temperature = 1.0f, .top_p = 1.0f, .repeat_penalty = 1.0f, .repeat_last_n = 64, .seed = 7};
+
+    SamplerSettings k = base;
+    k.top_k = 2;
+    sample_counts(&k, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && fabs((double)c[0] / (c[0] + c[1]) - 0.5 / 0.8) < 0.015,
+          "sampler: top-k 2 draws only the two most likely, in proportion 5:3 (%d %d %d %d)", c[0], c[1], c[2], c[3]);
+    SamplerSettings p = base;
+    p.top_p = 0.79f; /* 0.5 + 0.3 passes 0.79: the nucleus stops there */
+    sample_counts(&p, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && c[0] > 0 && c[1] > 0, "sampler: top-p 0.79 keeps the tokens up to the one that reaches it");
+    p.top_p = 0.81f;
+    sample_counts(&p, l, 4, draws, c);
+    check(c[2] > 0 && c[3] == 0, "sampler: top-p 0.81 needs the third token too");
+    p.top_p = 0.79f, p.temperature = 5.0f; /* llama.cpp's order: the nucleus is chosen before the temperature */
+    sample_counts(&p, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && fabs((double)c[0] / (c[0] + c[1]) - 1.0 / (1.0 + pow(0.3 / 0.5, 0.2))) < 0.015,
+          "sampler: temperature 5 after top-p 0.79 flattens the two kept tokens only (%d %d)", c[0], c[1]);
+    SamplerSettings m = base;
+    m.min_p = 0.35f; /* keeps p >= 0.35 * 0.5 = 0.175 */
+    sample_counts(&m, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && c[1] > 0, "sampler: min-p 0.35 keeps the tokens at least 0.35 times as likely as the first");
+    m.min_p = 0.29f; /* 0.145: the third stays */
+    sample_counts(&m, l, 4, draws, c);
+    check(c[2] > 0 && c[3] == 0, "sampler: min-p 0.29 keeps the third token too");
+    SamplerSettings all = base;
+    sample_counts(&all, l, 4, draws, c);
+    check(fabs(c[3] / (double)draws - 0.05) < 0.006 && fabs(c[0] / (double)draws - 0.5) < 0.015,
+          "sampler: without filters, draws follow softmax (%d %d %d %d of %d)", c[0], c[1], c[2], c[3], draws);
+
+    /* repeat penalty: positive logits divided by R, negative multiplied, only for tokens in the window */
+    SamplerSettings r = base;
+    r.temperature = 0.0f, r.repeat_penalty = 2.0f, r.repeat_last_n = 2;
+    Sampler s;
+    if (sampler_init(&s, &r, 4) != 0) abort();
+    float x[4] = {2.0f, -2.0f, 1.5f, 0.5f};
+    sampler_accept(&s, 3); /* pushed out of the window of 2 by the next two */
+    sampler_accept(&s, 0);
+    sampler_accept(&s, 1);
+    sampler_accept(&s, 0);
+    int best = sampler_sample(&s, x);
+    check(x[0] == 1.0f && x[1] == -4.0f && x[2] == 1.5f && x[3] == 0.5f && best == 2,
+          "sampler: --repeat-penalty 2 over the last 2 tokens: 2 -> 1, -2 -> -4, others unchanged; greedy picks the "
+          "unpenalized token (%g %g %g %g, picked %d)", x[0], x[1], x[2], x[3], best);
+    sampler_free(&s);
+}
+
+/* deflate_bytes against the format: a small inflater written from RFC 1951 (dynamic blocks only, which is all
+ * deflate_bytes writes) must give the bytes back */
+typedef struct {
+    const unsigned char *p;
+    size_t n, pos;
+    int bit;
+} BitReader;
+
+static int get_bits(BitReader *r, int count) {
+    int v = 0;
+    for (int i = 0; i < count; i++) {
+        if (r->pos >= r->n) return -1;
+        v |= ((r->p[r->pos] >> r->bit) & 1) << i;
+        if (++r->bit == 8) r->bit = 0, r->pos++;
+    }
+    return v;
+}
+
+/* decodes one symbol with canonical code lengths len[0..n): the codes of each length are consecutive, in
+ * symbol order, after those of the shorter lengths (RFC 1951 3.2.2); a code arrives first bit first */
+static int get_symbol(BitReader *r, const unsigned char *len, int n) {
+    int code = 0, first = 0;
+    for (int bits = 1; bits <= 15; bits++) {
+        int b = get_bits(r, 1), count = 0;
+        if (b < 0) return -1;
+        code |= b;
+        for (int i = 0; i < n; i++) count += len[i] == bits;
+        if (code - first < count)
+            for (int i = 0, k = 0; i < n; i++)
+                if (len[i] == bits && k++ == code - first) return i;
+        first = (first + count) << 1;
+        code <<= 1;
+    }
+    return -1;
+}
+
+static long inflate_all(const unsigned char *z, size_t n, unsigned char *out, size_t cap) {
+    static const int lbase[29] = {3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+                                  131, 163, 195, 227, 258};
+    static const int lextra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
+    static const int dbase[30] = {1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025,
+                                  1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
+    static const int dextra[30] = {0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
+    static const int order[19] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
+    BitReader r = {z, n, 0, 0};
+    size_t o = 0;
+    for (int final = 0; !final;) {
+        final = get_bits(&r, 1);
+        if (get_bits(&r, 2) != 2) return -1; /* deflate_bytes writes dynamic blocks only */
+        int hlit = get_bits(&r, 5) + 257, hdist = get_bits(&r, 5) + 1, hclen = get_bits(&r, 4) + 4;
+        unsigned char cl[19] = {0}, lens[320] = {0};
+        for (int i = 0; i < hclen; i++) cl[order[i]] = (unsigned char)get_bits(&r, 3);
+        for (int i = 0; i < hlit + hdist;) {
+            int sym = get_symbol(&r, cl, 19), rep = 0, val = 0;
+            if (sym < 0) return -1;
+            if (sym < 16) lens[i++] = (unsigned char)sym;
+            else {
+                if (sym == 16) { if (i == 0) return -1; val = lens[i - 1], rep = 3 + get_bits(&r, 2); }
+                else if (sym == 17) rep = 3 + get_bits(&r, 3);
+                else rep = 11 + get_bits(&r, 7);
+                if (i + rep > hlit + hdist) return -1;
+                while (rep--) lens[i++] = (unsigned char)val;
+            }
+        }
+        for (;;) {
+            int sym = get_symbol(&r, lens, hlit);
+            if (sym < 0) return -1;
+            if (sym == 256) break;
+            if (sym < 256) {
+                if (o == cap) return -1;
+                out[o++] = (unsigned char)sym;
+                continue;
+            }
+            int len = lbase[sym - 257] + get_bits(&r, lextra[sym - 257]);
+            int dc = get_symbol(&r, lens + hlit, hdist);
+            if (dc < 0) return -1;
+            size_t dist = (size_t)(dbase[dc] + get_bits(&r, dextra[dc]));
+            if (dist > o || o + (size_t)len > cap) return -1;
+            for (int k = 0; k < len; k++, o++) out[o] = out[o - dist];
+        }
+    }
+    return (long)o;
+}
+
+static void test_deflate(void) {
+    size_t n = 200000;
+    unsigned char *data = malloc(n), *back = malloc(n);
+    for (size_t i = 0; i < n; i++) /* runs, repeats at many distances, and noise */
+        data[i] = i % 5000 < 2000 ? (unsigned char)(i / 700) : i % 7 == 0 ? (unsigned char)(frand() * 100) : data[i - 1 - (i % 300)];
+    size_t z_len;
+    unsigned char *z = deflate_bytes(data, n, &z_len);
+    long got = z ? inflate_all(z, z_len, back, n) : -1;
+    check(got == (long)n && memcmp(data, back, n) == 0 && z_len < n / 4,
+          "deflate: 200 kB of runs, repeats and noise come back through an inflater written from RFC 1951 (%zu bytes)", z_len);
+    free(z);
+    z = deflate_bytes(data, 1, &z_len);
+    got = z ? inflate_all(z, z_len, back, 1) : -1;
+    check(got == 1 && back[0] == data[0], "deflate: one byte");
+    free(z), free(data), free(back);
+}
+
 /* special tokens: the automaton against trying every token at every byte, longest first (smaller id
  * between identical ones), over random tokens and texts of a 3-letter alphabet (many shared prefixes,
  * suffixes and overlaps) */
@@ -1176,6 +1344,8 @@ int main(int argc, char **argv) {
     test_parallel();
     test_utf8();
     test_tokenizer_records();
+    test_sampler();
+    test_deflate();
     test_explore_rows();
     test_special_matcher();
     test_regex();
