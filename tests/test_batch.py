@@ -144,6 +144,10 @@ def run(t):
     # --samples: kjv-5m (sliding 64 and full layers), as separate runs, whatever --threads and --batch
     want = check_samples(t, "kjv-5m", kjv, prompt, n_samples=4, n=48,
                          variants=([], ["--threads", "1", "--batch", "5"], ["--threads", "2", "--batch", "1"]))
+    # the whole sampler chain: each sample's repeat penalty sees its prompt and its own tokens, as a separate run's
+    check_samples(t, "kjv-5m, repeat penalty + top-k + min-p", kjv,
+                  prompt + ["--repeat-penalty", "1.3", "--repeat-last-n", "40", "--top-k", "40", "--min-p", "0.05"],
+                  n_samples=3, n=40)
     r = t.run([kjv] + prompt + ["-n", 48, "-t", "1", "-s", 11, "--samples", 4])
     text = "".join(f"--- sample {i} (seed {11 + i})\n" + single(t, kjv, prompt, 11 + i, 48).stdout.decode()
                    for i in range(4))
