@@ -5,11 +5,17 @@
 #   make BLAS=1     f32 prefill products through OpenBLAS's cblas_sgemm (Debian: libopenblas-dev). OpenBLAS
 #                   0.3.21 takes CPUs it does not know for a Prescott (SSE3): OPENBLAS_CORETYPE=SKYLAKEX
 #   make KERNELS=portable   the portable C kernels, but the rest still built for this CPU (for the tests)
-#   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/)
+#   make bench      decode / prefill speed against the machine's measured bandwidth and FMA peak (bench/), a
+#                   mixture of experts against the roofline of the bytes it reads (bench/moe.py), the
+#                   --explore page of 1,024 tokens: size, time to write, time to open in chromium, and
+#                   N samples decoding together against one sequence (bench/samples.py)
 #   make asan       the whole test suite against ./run and the unit tests built with ASan + UBSan
 #   make valgrind   one generation with the default model under valgrind memcheck: no leaks, no errors
-#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer
+#   make fuzz       the libFuzzer targets (clang) for FUZZ_SECONDS each: the loader, the tokenizer, the chat
+#                   template interpreter
+#   --explore's page (explore/page.html) is compiled in: build/explore_page.h, made by explore/embed.sh (sh + awk)
 
+.DEFAULT_GOAL := all
 CC ?= cc
 # link-time optimisation where the compiler has it: inlines the SIMD dot product into attention.c
 LTO ?= $(shell echo 'int main(void){return 0;}' | $(CC) -flto=auto -x c - -o /dev/null 2>/dev/null && echo -flto=auto)
@@ -32,20 +38,37 @@ endif
 # the Python 3 that has numpy (export.py and the tests need it)
 PYTHON ?= $(shell for p in python3 /usr/bin/python3 python; do $$p -c 'import numpy' 2>/dev/null && echo $$p && break; done)
 
-ENGINE = model.c blocks.c moe.c attention.c kvcache.c tokenizer.c ops.c matmul.c parallel.c unicode.c unicode_tables.c study.c png.c profile.c
-HEADERS = model.h blocks.h tensors.def attention.h kvcache.h tokenizer.h ops.h unicode.h study.h png.h profile.h
+# the library: loading, the model, the kernels, the tokenizer, chat templates, samplers, the study tools (none
+# of it exits the process)
+ENGINE = model.c blocks.c mla.c moe.c recurrent.c ssm.c deltanet.c rwkv.c attention.c kvcache.c tokenizer.c regex.c ops.c \
+         matmul.c parallel.c unicode.c unicode_tables.c study.c png.c explore.c specials.c chat.c sample.c profile.c
+# the command line around it: options, checked inputs and outputs, one-line errors (files.c: ./run's own),
+# many sequences (batch.c)
+CLI = run.c batch.c files.c
+HEADERS = model.h blocks.h recurrent.h tensors.def attention.h kvcache.h batch.h tokenizer.h regex.h ops.h unicode.h \
+          study.h png.h explore.h build/explore_page.h specials.h files.h chat.h sample.h profile.h
 COMPILE = $(CC) $(CFLAGS) $(ARCH) $(WARN) $(KERNEL_FLAGS) $(BLAS_CFLAGS)
 
-run: run.c $(ENGINE) $(HEADERS)
-	$(COMPILE) -o $@ run.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+# the page ./run --explore writes, as C string literals: ./run carries it and works from any directory
+build/explore_page.h: explore/page.html explore/embed.sh
+	@mkdir -p build
+	sh explore/embed.sh explore/page.html > $@.tmp && mv $@.tmp $@
+
+run: $(CLI) $(ENGINE) $(HEADERS)
+	$(COMPILE) -o $@ $(CLI) $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 tests/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	$(COMPILE) -I. -o $@ tests/unit.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
+# the tokenizer benchmark (bench/bench.py builds it)
+build/bench/tokenize: bench/tokenize.c $(ENGINE) $(HEADERS)
+	@mkdir -p build/bench
+	$(COMPILE) -I. -o $@ bench/tokenize.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+
 # other builds of ./run for the equivalence tests and the benchmark, e.g. make build/portable/run PORTABLE=1
-build/%/run: run.c $(ENGINE) $(HEADERS)
+build/%/run: $(CLI) $(ENGINE) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(COMPILE) -o $@ run.c $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
+	$(COMPILE) -o $@ $(CLI) $(ENGINE) $(LDLIBS) $(BLAS_LIBS)
 
 .PHONY: all test bench clean asan valgrind fuzz fuzz-seeds
 all: run
@@ -57,6 +80,8 @@ test: run tests/unit
 bench: run
 	@test -n "$(PYTHON)" || { echo "error: no python3 with numpy found (Debian: apt-get install python3-numpy)"; exit 1; }
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/moe.py
+	$(PYTHON) bench/samples.py
 
 # --- hostile inputs: sanitizers, valgrind, fuzzing --------------------------------------------------------
 # make asan: the tests run ./run and the unit tests through $$ATTN_RUN / $$ATTN_UNIT. A sanitizer report
@@ -65,9 +90,9 @@ SANITIZE = -O2 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sani
 SANITIZER_ENV = ASAN_OPTIONS=exitcode=86:detect_leaks=1:abort_on_error=0 \
                 UBSAN_OPTIONS=exitcode=87:halt_on_error=1:print_stacktrace=1
 
-build/asan/run: run.c $(ENGINE) $(HEADERS)
+build/asan/run: $(CLI) $(ENGINE) $(HEADERS)
 	@mkdir -p build/asan
-	$(CC) $(SANITIZE) $(WARN) -o $@ run.c $(ENGINE) $(LDLIBS)
+	$(CC) $(SANITIZE) $(WARN) -o $@ $(CLI) $(ENGINE) $(LDLIBS)
 
 build/asan/unit: tests/unit.c $(ENGINE) $(HEADERS)
 	@mkdir -p build/asan
@@ -79,9 +104,9 @@ asan: build/asan/run build/asan/unit
 
 # make valgrind: a portable -O2 -g build (valgrind does not know AVX-512), one thread, 32 generated tokens
 VALGRIND_PROMPT = In the beginning God created
-build/valgrind/run: run.c $(ENGINE) $(HEADERS)
+build/valgrind/run: $(CLI) $(ENGINE) $(HEADERS)
 	@mkdir -p build/valgrind
-	$(CC) -O2 -g $(WARN) -o $@ run.c $(ENGINE) $(LDLIBS)
+	$(CC) -O2 -g $(WARN) -o $@ $(CLI) $(ENGINE) $(LDLIBS)
 
 valgrind: build/valgrind/run
 	@command -v valgrind >/dev/null || { echo "error: valgrind is not installed (Debian: apt-get install valgrind)"; exit 1; }
@@ -101,11 +126,12 @@ build/fuzz/fuzz_%: fuzz/fuzz_%.c $(ENGINE) $(HEADERS)
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) $(WARN) -I. -o $@ $< $(ENGINE) $(LDLIBS)
 
-fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer
-	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer
-	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1 | grep -v '^export: \['
+fuzz: build/fuzz/fuzz_model build/fuzz/fuzz_tokenizer build/fuzz/fuzz_chat
+	@mkdir -p build/fuzz/corpus/model build/fuzz/corpus/tokenizer build/fuzz/corpus/chat
+	-@test -z "$(PYTHON)" || $(PYTHON) fuzz/make_seeds.py --shared "$${ATTN_SHARED:-../shared}" build/fuzz 2>&1
 	build/fuzz/fuzz_model $(FUZZ_RUN) -max_len=65536 -dict=fuzz/model.dict build/fuzz/corpus/model fuzz/corpus/model
 	build/fuzz/fuzz_tokenizer $(FUZZ_RUN) -max_len=4096 build/fuzz/corpus/tokenizer fuzz/corpus/tokenizer
+	build/fuzz/fuzz_chat $(FUZZ_RUN) -max_len=16384 -dict=fuzz/chat.dict build/fuzz/corpus/chat fuzz/corpus/chat
 
 # rewrites the model seeds (deterministic; needs numpy)
 fuzz-seeds:

@@ -115,10 +115,11 @@ int most_visible(const AttentionSpec *a, int n_positions) {
     return most;
 }
 
-void attention_cache_init(KVLayer *l, int kv_dim, const AttentionSpec *a) {
-    if (a->mask == MASK_SLIDING || a->mask == MASK_CHUNKED) kvlayer_init(l, kv_dim, a->span, a->n_sinks);
-    else if (a->mask == MASK_FIXED) kvlayer_init_summaries(l, kv_dim, a->span);
-    else kvlayer_init(l, kv_dim, 0, 0); /* causal and strided: paged, every position kept */
+void attention_cache_init(KVLayer *l, int k_dim, int v_dim, const AttentionSpec *a) {
+    if (a->mask == MASK_SLIDING || a->mask == MASK_CHUNKED) kvlayer_init(l, k_dim, a->span, a->n_sinks);
+    else if (a->mask == MASK_FIXED) kvlayer_init_summaries(l, k_dim, a->span);
+    else kvlayer_init(l, k_dim, 0, 0); /* causal and strided: paged, every position kept */
+    kvlayer_set_value_width(l, v_dim);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -159,19 +160,16 @@ void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, 
 /* ---------------------------------------------------------------------------------------------
  * flash attention: the same sum, tile by tile, with an online softmax */
 
-/* The running state of an online softmax (Milakov & Gimelshein 2018): the largest score seen so far and
- * the sum of e^(s - max) over the scores seen; the output accumulates e^(s - max) v alongside. */
-typedef struct {
-    float max, sum;
-} OnlineSoftmax;
+/* The running state of an online softmax (Milakov & Gimelshein 2018, OnlineSoftmax in attention.h): the
+ * largest score seen so far and the sum of e^(s - max) over the scores seen; the output accumulates
+ * e^(s - max) v alongside. */
 
 /* Folds one tile of n scores and their value rows into the running state:
  *   m' = max(m, max_t s_t)
  *   l' = l e^(m - m') + sum_t e^(s_t - m')
  *   o' = o e^(m - m') + sum_t e^(s_t - m') v_t
  * Rescaling by e^(m - m') is what lets the max change without revisiting earlier tiles. */
-static void online_softmax_tile(float *acc, OnlineSoftmax *st, const float *scores, const float *const *values,
-                                int n, int hd) {
+void online_softmax_tile(float *acc, OnlineSoftmax *st, const float *scores, const float *const *values, int n, int hd) {
     float tile_max = scores[0], p[KV_BLOCK_TOKENS];
     for (int t = 1; t < n; t++)
         if (scores[t] > tile_max) tile_max = scores[t];
@@ -190,14 +188,14 @@ static void online_softmax_tile(float *acc, OnlineSoftmax *st, const float *scor
 
 /* Nothing seen yet: max -inf, sum 0. A learned sink starts the state as one score already seen that carries
  * no value: max = sink, sum = e^0 = 1. */
-static OnlineSoftmax online_softmax_start(float *acc, int hd, float sink) {
+OnlineSoftmax online_softmax_start(float *acc, int hd, float sink) {
     memset(acc, 0, (size_t)hd * sizeof(float));
     OnlineSoftmax st = {sink, sink == -INFINITY ? 0.0f : 1.0f};
     return st;
 }
 
 /* out = o / l: the softmax's normalisation, applied once at the end */
-static void online_softmax_finish(float *acc, const OnlineSoftmax *st, int hd) {
+void online_softmax_finish(float *acc, const OnlineSoftmax *st, int hd) {
     for (int i = 0; i < hd; i++) acc[i] /= st->sum;
 }
 

@@ -19,6 +19,13 @@ typedef enum {
     KERNEL_FLASH, /* the same sum one cache block at a time with an online softmax: no score row */
 } KernelKind;
 
+/* Latent attention's two exact forms (mla.c) */
+typedef enum {
+    LATENT_AUTO,     /* at each query's position, the form with fewer multiply-adds (mla.c: absorbed_is_cheaper) */
+    LATENT_ABSORBED, /* scores and weighted sums in latent space: each cached latent read once for all heads */
+    LATENT_EXPANDED, /* each head's keys and values decompressed from the latents, then attention */
+} LatentKernel;
+
 /* How one layer attends when run, for each of its query heads: derived from the file's layer record, plus
  * any overrides of the mask and kernel (--window, --sinks, --sparse, --attn). */
 typedef struct {
@@ -30,6 +37,7 @@ typedef struct {
     int n_sinks;     /* sliding only: the first n_sinks positions stay visible (attention sinks, StreamingLLM) */
     const float *sink_logits; /* NULL, or a learned logit per query head that joins its softmax (gpt-oss) */
     KernelKind kernel;
+    LatentKernel latent_kernel; /* latent attention layers only */
 } AttentionSpec;
 
 /* GQA/MQA: the kv head a query head reads. Consecutive query heads share one kv head. */
@@ -57,8 +65,9 @@ int most_visible(const AttentionSpec *a, int n_positions);
     for (int run_ = 0; run_ < (v).n_runs; run_++)                                                             \
         for (int i_ = 0, j = (v).runs[run_].first; i_ < (v).runs[run_].count; i_++, j += (v).runs[run_].step)
 
-/* The KV cache this layer's mask needs: it keeps only the positions the mask can still read. */
-void attention_cache_init(KVLayer *l, int kv_dim, const AttentionSpec *a);
+/* The KV cache this layer's mask needs: it keeps only the positions the mask can still read. Rows of k_dim
+ * floats for keys and v_dim for values (v_dim 0: one row per position, latent attention). */
+void attention_cache_init(KVLayer *l, int k_dim, int v_dim, const AttentionSpec *a);
 
 /* One query head at position pos against the cached keys/values of kv head kv_head:
  * out[head_dim] = sum_j softmax_j(q.k_j * scale) v_j over the visible keys j; a learned sink logit (-inf:
@@ -69,6 +78,18 @@ void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, 
                     float sink, float *weights);
 void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_head, int pos,
                           const AttentionSpec *a, float sink);
+
+/* The online softmax of the flash kernel (Milakov & Gimelshein 2018), for kernels that tile keys their own way
+ * (mla.c): the largest score seen so far and the sum of e^(s - max); the output accumulates e^(s - max) v. */
+typedef struct {
+    float max, sum;
+} OnlineSoftmax;
+/* acc[hd] = 0; a learned sink (-inf: none) counts as one score already seen that carries no value */
+OnlineSoftmax online_softmax_start(float *acc, int hd, float sink);
+/* Folds n scores (n <= KV_BLOCK_TOKENS) and their value rows (hd floats each) into the running state */
+void online_softmax_tile(float *acc, OnlineSoftmax *st, const float *scores, const float *const *values, int n, int hd);
+/* acc /= sum: the softmax's normalisation, once at the end */
+void online_softmax_finish(float *acc, const OnlineSoftmax *st, int hd);
 
 /* All query heads of n_tokens tokens at positions pos .. pos + n_tokens - 1, whose keys and values are in
  * the cache: q[n_tokens][n_heads][head_dim] -> out[n_tokens][n_heads][head_dim], with the spec's kernel.

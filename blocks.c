@@ -30,40 +30,72 @@ static void norm_queries_keys(RunState *s, const AttentionConfig *a, const Atten
     }
 }
 
-/* RoPE on every head of q[n][n_heads*hd] and k[n][n_kv_heads*hd], token t at position pos + t (Su et al.
+/* RoPE on every head of q[n][n_heads*hd] and k[n][n_kv_heads*hd], row t at its position pos[t] (Su et al.
  * 2021): pairs of dimensions rotate by angles that grow with the position, so q.k depends on the distance. */
-static void rotate_heads(RunState *s, const AttentionConfig *a, const float *inv_freq, int n, int pos) {
+static void rotate_heads(RunState *s, const AttentionConfig *a, const float *inv_freq, const Batch *b) {
     if (a->rope.dim == 0) return; /* NoPE: this layer sees no positions at all (SmolLM3, Llama 4, EXAONE 4) */
     int hd = a->head_dim;
-    for (int t = 0; t < n; t++) {
-        rope_heads(s->q + (size_t)t * a->n_heads * hd, a->n_heads, hd, a->rope.dim, pos + t, inv_freq, a->rope.attn_factor);
-        rope_heads(s->k + (size_t)t * a->n_kv_heads * hd, a->n_kv_heads, hd, a->rope.dim, pos + t, inv_freq,
+    for (int t = 0; t < b->n; t++) {
+        rope_heads(s->q + (size_t)t * a->n_heads * hd, a->n_heads, hd, a->rope.dim, b->pos[t], inv_freq, a->rope.attn_factor);
+        rope_heads(s->k + (size_t)t * a->n_kv_heads * hd, a->n_kv_heads, hd, a->rope.dim, b->pos[t], inv_freq,
                    a->rope.attn_factor);
     }
 }
 
 /* Llama 4's attention temperature on its NoPE layers: far from the start, softmax over many keys flattens,
  * so queries are sharpened by  1 + scale * log(1 + floor((p + 1) / floor_scale)). */
-static void sharpen_queries(float *q, const AttentionConfig *a, int n, int pos) {
+static void sharpen_queries(float *q, const AttentionConfig *a, const Batch *b) {
     int q_dim = a->n_heads * a->head_dim;
-    for (int t = 0; t < n; t++) {
-        float k = log1pf(floorf((float)(pos + t + 1) / a->temperature_floor)) * a->temperature_scale + 1.0f;
+    for (int t = 0; t < b->n; t++) {
+        float k = log1pf(floorf((float)(b->pos[t] + 1) / a->temperature_floor)) * a->temperature_scale + 1.0f;
         for (int i = 0; i < q_dim; i++) q[(size_t)t * q_dim + i] *= k;
     }
 }
 
-int attention_block(const Model *m, int l, RunState *s, int n, int pos) {
+/* Qwen3-Next's output gate: each channel of the heads' output times sigmoid(g), g = W_g x another projection of
+ * the layer's input, so a head can switch itself off for a token (Qiu et al. 2025, "Gated Attention") */
+static void gate_heads(float *out, const float *gate, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] *= 1.0f / (1.0f + exp_f32(-gate[i]));
+}
+
+int batch_run_end(const Batch *b, int first) {
+    int end = first + 1;
+    while (end < b->n && b->seq[end] == b->seq[first] && b->pos[end] == b->pos[end - 1] + 1) end++;
+    return end;
+}
+
+/* The n tokens of one sequence at positions pos .. pos+n-1 store their keys and values in its cache, then
+ * attend over what their mask lets them see (q, k, v, out: the run's rows; an observer, --attn-map, gets the
+ * weights). A paged cache overwrites nothing, so there all the keys go in first and the heads then attend
+ * for every token in one pass. */
+static int attend_run(RunState *s, int l, const AttentionConfig *a, const AttentionSpec *spec, KVLayer *cache,
+                      float *out, const float *q, const float *k, const float *v, int n, int pos) {
+    int q_dim = a->n_heads * a->head_dim, kv_dim = a->n_kv_heads * a->head_dim;
+    int keys_first = kvlayer_keeps_every_position(cache) && !s->observer.record;
+    for (int t = 0; t < n; t++) {
+        if (kvlayer_store(cache, pos + t, k + (size_t)t * kv_dim, v + (size_t)t * kv_dim) != 0) return -1;
+        if (keys_first) continue;
+        attention_layer(out + (size_t)t * q_dim, q + (size_t)t * q_dim, cache, a->n_heads, a->n_kv_heads, pos + t, 1,
+                        spec, s->scores, s->scores_stride);
+        if (s->observer.record) s->observer.record(s->observer.ctx, l, pos + t, s->scores, s->scores_stride);
+    }
+    if (keys_first) attention_layer(out, q, cache, a->n_heads, a->n_kv_heads, pos, n, spec, s->scores, s->scores_stride);
+    return 0;
+}
+
+int attention_block(const Model *m, int l, RunState *s, const Batch *b) {
     const AttentionConfig *a = &m->config.layers[l].attn;
     const LayerWeights *lw = &m->weights.layers[l];
     const AttentionWeights *w = &lw->attn;
     const AttentionSpec *spec = &m->attention[l];
-    KVLayer *cache = &s->kv.layers[l];
-    int q_dim = a->n_heads * a->head_dim, kv_dim = a->n_kv_heads * a->head_dim;
+    int n = b->n, q_dim = a->n_heads * a->head_dim, kv_dim = a->n_kv_heads * a->head_dim;
     float *xb = s->xb;
 
-    /* q, k, v for these tokens in one pass (+ biases: Qwen2, GPT-2, gpt-oss) */
+    /* q, k, v for these tokens in one pass (+ biases: Qwen2, GPT-2, gpt-oss), and the output gate (Qwen3-Next) */
     profile_section(PROFILE_QKV);
-    matmul_many((Projection[]){{s->q, &w->wq}, {s->k, &w->wk}, {s->v, &w->wv}}, 3, xb, n);
+    int gated = (a->flags & ATTN_OUTPUT_GATE) != 0;
+    float *gate = s->mixer_scratch;
+    matmul_many((Projection[]){{s->q, &w->wq}, {s->k, &w->wk}, {s->v, &w->wv}, {gate, &w->wg}}, gated ? 4 : 3, xb, n);
     add_bias(s->q, &w->bq, n);
     add_bias(s->k, &w->bk, n);
     add_bias(s->v, &w->bv, n);
@@ -71,25 +103,21 @@ int attention_block(const Model *m, int l, RunState *s, int n, int pos) {
     /* q/k norm, rotary positions, Llama 4's temperature */
     profile_section(PROFILE_ROPE);
     norm_queries_keys(s, a, w, n, m->config.norm_eps);
-    rotate_heads(s, a, lw->rope_inv_freq, n, pos);
-    if (a->temperature_floor > 0.0f) sharpen_queries(s->q, a, n, pos);
+    rotate_heads(s, a, lw->rope_inv_freq, b);
+    if (a->temperature_floor > 0.0f) sharpen_queries(s->q, a, b);
 
-    /* each token stores its key and value in the cache, then attends over what its mask lets it see (an
-     * observer, --attn-map, gets the weights). A paged cache overwrites nothing, so there all the chunk's
-     * keys go in first and the heads then attend for every token in one pass. */
     profile_section(PROFILE_ATTENTION);
-    int keys_first = kvlayer_keeps_every_position(cache) && !s->observer.record;
-    for (int t = 0; t < n; t++) {
-        if (kvlayer_store(cache, pos + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim) != 0) return -1;
-        if (keys_first) continue;
-        attention_layer(xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim, cache, a->n_heads, a->n_kv_heads, pos + t, 1,
-                        spec, s->scores, s->scores_stride);
-        if (s->observer.record) s->observer.record(s->observer.ctx, l, pos + t, s->scores, s->scores_stride);
+    /* each sequence's rows against its own cache: the rows of other sequences never meet them */
+    for (int t = 0, end; t < n; t = end) {
+        end = batch_run_end(b, t);
+        if (attend_run(s, l, a, spec, kvcache_layer(&s->kv, b->seq[t], l), xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim,
+                       s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim, end - t, b->pos[t]) != 0)
+            return -1;
     }
-    if (keys_first) attention_layer(xb, s->q, cache, a->n_heads, a->n_kv_heads, pos, n, spec, s->scores, s->scores_stride);
 
     /* the heads' outputs side by side, mixed by the output projection */
     profile_section(PROFILE_WO);
+    if (gated) gate_heads(xb, gate, (size_t)n * q_dim);
     matmul(s->xb2, xb, &w->wo, n);
     add_bias(s->xb2, &w->bo, n);
     return 0;

@@ -1,13 +1,95 @@
-/* kvcache.c - paged blocks for full-attention layers, rolling buffers for sliding-window layers,
- * summaries for fixed block-sparse layers. */
+/* kvcache.c - block pools with reference counts; paged blocks for full-attention layers, rolling buffers for
+ * sliding-window layers, summaries for fixed block-sparse layers, fixed states for recurrent layers; sequences
+ * that share blocks and copy one only when they write into it. */
 #include "kvcache.h"
 
 #include <stdlib.h>
 #include <string.h>
 
+/* ---------------------------------------------------------------------------------------------
+ * the pool: block ids, reference counts, a free list */
+
+void kvpool_init(KVPool *p, int key_width, int value_width) {
+    memset(p, 0, sizeof *p);
+    p->key_width = key_width;
+    p->value_width = value_width;
+}
+
+static size_t block_bytes(const KVPool *p, int rows) {
+    return (size_t)rows * (size_t)(p->key_width + p->value_width) * sizeof(float);
+}
+
+/* Room for one more id in every per-id array. */
+static int grow_ids(KVPool *p) {
+    if (p->n_ids < p->capacity) return 0;
+    int n = p->capacity ? 2 * p->capacity : 64;
+    float **storage = realloc(p->storage, (size_t)n * sizeof *storage);
+    if (!storage) return -1;
+    p->storage = storage;
+    int *rows = realloc(p->rows, (size_t)n * sizeof *rows);
+    if (!rows) return -1;
+    p->rows = rows;
+    int *refs = realloc(p->refs, (size_t)n * sizeof *refs);
+    if (!refs) return -1;
+    p->refs = refs;
+    int *free_ids = realloc(p->free_ids, (size_t)n * sizeof *free_ids);
+    if (!free_ids) return -1;
+    p->free_ids = free_ids;
+    p->capacity = n;
+    return 0;
+}
+
+int kvpool_alloc(KVPool *p, int rows) {
+    float *data = malloc(block_bytes(p, rows));
+    if (!data) return -1;
+    int id;
+    if (p->n_free > 0) id = p->free_ids[--p->n_free];
+    else if (grow_ids(p) == 0) id = p->n_ids++;
+    else {
+        free(data);
+        return -1;
+    }
+    p->storage[id] = data;
+    p->rows[id] = rows;
+    p->refs[id] = 1;
+    p->bytes_held += block_bytes(p, rows);
+    return id;
+}
+
+void kvpool_ref(KVPool *p, int id) { p->refs[id]++; }
+
+void kvpool_unref(KVPool *p, int id) {
+    if (--p->refs[id] > 0) return;
+    p->bytes_held -= block_bytes(p, p->rows[id]);
+    free(p->storage[id]);
+    p->storage[id] = NULL;
+    p->free_ids[p->n_free++] = id;
+}
+
+int kvpool_blocks_in_use(const KVPool *p) {
+    int n = 0;
+    for (int id = 0; id < p->n_ids; id++) n += p->refs[id] > 0;
+    return n;
+}
+
+void kvpool_free(KVPool *p) {
+    for (int id = 0; id < p->n_ids; id++) free(p->storage[id]);
+    free(p->storage);
+    free(p->rows);
+    free(p->refs);
+    free(p->free_ids);
+    memset(p, 0, sizeof *p);
+}
+
+static float *block_keys(const KVPool *p, int id) { return p->storage[id]; }
+static float *block_values(const KVPool *p, int id) { return p->storage[id] + (size_t)p->rows[id] * p->key_width; }
+
+/* ---------------------------------------------------------------------------------------------
+ * one layer of one sequence: slots, and the block table */
+
 void kvlayer_init(KVLayer *l, int kv_dim, int window, int n_sinks) {
     memset(l, 0, sizeof *l);
-    l->kv_dim = kv_dim;
+    l->kv_dim = l->v_dim = kv_dim;
     l->window = window;
     l->n_sinks = window > 0 ? n_sinks : 0;
 }
@@ -18,14 +100,19 @@ void kvlayer_init_summaries(KVLayer *l, int kv_dim, int block) {
 }
 
 void kvlayer_free(KVLayer *l) {
-    for (int b = 0; b < l->n_blocks; b++) {
-        free(l->k_blocks[b]);
-        free(l->v_blocks[b]);
-    }
+    for (int b = 0; b < l->n_blocks; b++)
+        if (l->block_ids[b] >= 0) kvpool_unref(l->pool, l->block_ids[b]);
+    free(l->block_ids);
     free(l->k_blocks);
     free(l->v_blocks);
+    if (l->owns_pool) {
+        kvpool_free(l->pool);
+        free(l->pool);
+    }
     memset(l, 0, sizeof *l);
 }
+
+void kvlayer_set_value_width(KVLayer *l, int v_dim) { l->v_dim = v_dim; }
 
 int kvlayer_capacity(const KVLayer *l) { return l->window > 0 ? l->n_sinks + l->window : 0; }
 
@@ -57,40 +144,97 @@ static int block_rows(const KVLayer *l, int b) {
     return left < KV_BLOCK_TOKENS ? left : KV_BLOCK_TOKENS;
 }
 
-/* Makes sure block b exists, growing the block tables as needed. */
-static int ensure_block(KVLayer *l, int b) {
-    if (b >= l->n_blocks) {
-        int n = l->n_blocks ? l->n_blocks : 4;
-        while (n <= b) n *= 2;
-        float **kb = realloc(l->k_blocks, (size_t)n * sizeof *kb);
-        if (!kb) return -1;
-        l->k_blocks = kb;
-        float **vb = realloc(l->v_blocks, (size_t)n * sizeof *vb);
-        if (!vb) return -1;
-        l->v_blocks = vb;
-        for (int i = l->n_blocks; i < n; i++) l->k_blocks[i] = l->v_blocks[i] = NULL;
-        l->n_blocks = n;
+/* Slots 0 .. slots_spanned-1 are the ones positions 0 .. n_positions-1 land in (always a contiguous range) */
+static long slots_spanned(const KVLayer *l, long n_positions) {
+    long cap = kvlayer_capacity(l), B = l->summary_every;
+    if (B) return n_positions < B ? n_positions : B - 1 + n_positions / B;
+    return cap && n_positions > cap ? cap : n_positions;
+}
+
+int kvlayer_rows_written(const KVLayer *l, int b) {
+    long written = slots_spanned(l, l->n_positions) - (long)b * KV_BLOCK_TOKENS, rows = block_rows(l, b);
+    return (int)(written < 0 ? 0 : written < rows ? written : rows);
+}
+
+/* Block table entries 0 .. n-1 exist (-1: no block yet). */
+static int grow_table(KVLayer *l, int n) {
+    if (n <= l->n_blocks) return 0;
+    int cap = l->n_blocks ? l->n_blocks : 4;
+    while (cap < n) cap *= 2;
+    int *ids = realloc(l->block_ids, (size_t)cap * sizeof *ids);
+    if (!ids) return -1;
+    l->block_ids = ids;
+    float **kb = realloc(l->k_blocks, (size_t)cap * sizeof *kb);
+    if (!kb) return -1;
+    l->k_blocks = kb;
+    float **vb = realloc(l->v_blocks, (size_t)cap * sizeof *vb);
+    if (!vb) return -1;
+    l->v_blocks = vb;
+    for (int i = l->n_blocks; i < cap; i++) l->block_ids[i] = -1, l->k_blocks[i] = l->v_blocks[i] = NULL;
+    l->n_blocks = cap;
+    return 0;
+}
+
+static void set_block(KVLayer *l, int b, int id) {
+    l->block_ids[b] = id;
+    l->k_blocks[b] = block_keys(l->pool, id);
+    l->v_blocks[b] = l->v_dim ? block_values(l->pool, id) : NULL;
+}
+
+/* Copy-on-write: block b becomes this table's own, with the rows written so far, before a row of it is
+ * overwritten or added. */
+static int copy_block(KVLayer *l, int b) {
+    int old = l->block_ids[b], id = kvpool_alloc(l->pool, l->pool->rows[old]);
+    if (id < 0) return -1;
+    size_t rows = (size_t)kvlayer_rows_written(l, b);
+    memcpy(block_keys(l->pool, id), block_keys(l->pool, old), rows * (size_t)l->kv_dim * sizeof(float));
+    memcpy(block_values(l->pool, id), block_values(l->pool, old), rows * (size_t)l->v_dim * sizeof(float));
+    kvpool_unref(l->pool, old);
+    set_block(l, b, id);
+    return 0;
+}
+
+/* Makes block b exist and belong to this table alone: allocated when first reached, copied when shared. */
+static int writable_block(KVLayer *l, int b) {
+    if (!l->pool) { /* a layer on its own (study tools, tests): it gets a pool of its own */
+        if (!(l->pool = malloc(sizeof *l->pool))) return -1;
+        kvpool_init(l->pool, l->kv_dim, l->v_dim);
+        l->owns_pool = 1;
     }
-    if (!l->k_blocks[b]) {
-        size_t bytes = (size_t)block_rows(l, b) * l->kv_dim * sizeof(float);
-        l->k_blocks[b] = malloc(bytes);
-        l->v_blocks[b] = malloc(bytes);
-        if (!l->k_blocks[b] || !l->v_blocks[b]) {
-            free(l->k_blocks[b]);
-            free(l->v_blocks[b]);
-            l->k_blocks[b] = l->v_blocks[b] = NULL;
-            return -1;
+    if (grow_table(l, b + 1) != 0) return -1;
+    if (l->block_ids[b] < 0) {
+        int id = kvpool_alloc(l->pool, block_rows(l, b));
+        if (id < 0) return -1;
+        set_block(l, b, id);
+        return 0;
+    }
+    return l->pool->refs[l->block_ids[b]] > 1 ? copy_block(l, b) : 0;
+}
+
+int kvlayer_fork(KVLayer *dst, const KVLayer *src) {
+    *dst = *src;
+    dst->owns_pool = 0;
+    dst->n_blocks = 0;
+    dst->block_ids = NULL;
+    dst->k_blocks = dst->v_blocks = NULL;
+    if (grow_table(dst, src->n_blocks) != 0) {
+        kvlayer_free(dst);
+        return -1;
+    }
+    for (int b = 0; b < src->n_blocks; b++)
+        if (src->block_ids[b] >= 0) {
+            kvpool_ref(src->pool, src->block_ids[b]);
+            set_block(dst, b, src->block_ids[b]);
         }
-    }
     return 0;
 }
 
 int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value) {
     int slot = kvlayer_slot_of(l, pos);
     int b = slot / KV_BLOCK_TOKENS, r = slot % KV_BLOCK_TOKENS;
-    if (ensure_block(l, b) != 0) return -1;
+    if (writable_block(l, b) != 0) return -1;
     memcpy(l->k_blocks[b] + (size_t)r * l->kv_dim, key, (size_t)l->kv_dim * sizeof(float));
-    memcpy(l->v_blocks[b] + (size_t)r * l->kv_dim, value, (size_t)l->kv_dim * sizeof(float));
+    if (l->v_dim) memcpy(l->v_blocks[b] + (size_t)r * l->v_dim, value, (size_t)l->v_dim * sizeof(float));
     if (pos + 1 > l->n_positions) l->n_positions = pos + 1;
     return 0;
 }
@@ -102,42 +246,175 @@ float *kvlayer_key(const KVLayer *l, int pos) {
 
 float *kvlayer_value(const KVLayer *l, int pos) {
     int slot = kvlayer_slot_of(l, pos);
-    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->kv_dim;
+    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->v_dim;
 }
 
 /* keys and values of `rows` positions */
-static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)l->kv_dim * sizeof(float) * 2; }
+static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)(l->kv_dim + l->v_dim) * sizeof(float); }
 
 size_t kvlayer_bytes_held(const KVLayer *l) {
     size_t rows = 0;
     for (int b = 0; b < l->n_blocks; b++)
-        if (l->k_blocks[b]) rows += (size_t)block_rows(l, b);
+        if (l->block_ids[b] >= 0) rows += (size_t)block_rows(l, b);
     return bytes_of_rows(l, rows);
-}
-
-/* Slots 0 .. slots_spanned-1 are the ones positions 0 .. n_positions-1 land in (always a contiguous range) */
-static long slots_spanned(const KVLayer *l, long n_positions) {
-    long cap = kvlayer_capacity(l), B = l->summary_every;
-    if (B) return n_positions < B ? n_positions : B - 1 + n_positions / B;
-    return cap && n_positions > cap ? cap : n_positions;
 }
 
 size_t kvlayer_bytes_for(const KVLayer *l, long n_positions) {
-    long blocks = (slots_spanned(l, n_positions) + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS;
-    size_t rows = 0;
-    for (long b = 0; b < blocks; b++) rows += (size_t)block_rows(l, (int)b);
-    return bytes_of_rows(l, rows);
+    long blocks = (slots_spanned(l, n_positions) + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS, cap = kvlayer_capacity(l);
+    long rows = blocks * KV_BLOCK_TOKENS; /* whole blocks, but a rolling buffer's last block is cut (block_rows) */
+    return bytes_of_rows(l, (size_t)(cap && rows > cap ? cap : rows));
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * the caches of a model: a pool per row shape, the layers of each sequence */
+
+int kvcache_init(KVCache *c, int n_layers, const KVLayer *layout, const StateShape *states) {
+    memset(c, 0, sizeof *c);
+    c->n_layers = n_layers;
+    c->layout = calloc((size_t)n_layers, sizeof *c->layout);
+    c->state_layout = calloc((size_t)n_layers, sizeof *c->state_layout);
+    c->pools = calloc((size_t)n_layers, sizeof *c->pools); /* at most one shape per layer */
+    if (!c->layout || !c->state_layout || !c->pools) {
+        kvcache_free(c);
+        return -1;
+    }
+    for (int l = 0; l < n_layers; l++) {
+        c->layout[l] = layout[l];
+        if (states) c->state_layout[l] = states[l];
+        int kw = layout[l].kv_dim, vw = layout[l].v_dim, p = 0;
+        if (kw == 0) continue;
+        while (p < c->n_pools && (c->pools[p].key_width != kw || c->pools[p].value_width != vw)) p++;
+        if (p == c->n_pools) kvpool_init(&c->pools[c->n_pools++], kw, vw);
+        c->layout[l].pool = &c->pools[p];
+    }
+    return 0;
+}
+
+/* A free id, growing the tables of sequences when every id is taken; -1 when out of memory */
+static int free_sequence_id(KVCache *c) {
+    for (int i = 0; i < c->n_seqs; i++)
+        if (!c->seqs[i]) return i;
+    KVLayer **seqs = realloc(c->seqs, (size_t)(c->n_seqs + 1) * sizeof *seqs);
+    if (!seqs) return -1;
+    c->seqs = seqs;
+    StateLayer **states = realloc(c->states, (size_t)(c->n_seqs + 1) * sizeof *states);
+    if (!states) return -1;
+    c->states = states;
+    c->seqs[c->n_seqs] = NULL;
+    c->states[c->n_seqs] = NULL;
+    return c->n_seqs++;
+}
+
+/* Sequence id's recurrent states, at zero; 0, or -1 when out of memory */
+static int add_states(KVCache *c, int id) {
+    if (!(c->states[id] = calloc((size_t)c->n_layers, sizeof **c->states))) return -1;
+    for (int l = 0; l < c->n_layers; l++)
+        if (statelayer_init(&c->states[id][l], c->state_layout[l]) != 0) return -1;
+    return 0;
+}
+
+int kvcache_add_sequence(KVCache *c) {
+    int id = free_sequence_id(c);
+    if (id < 0) return -1;
+    if (!(c->seqs[id] = malloc((size_t)c->n_layers * sizeof **c->seqs)) || add_states(c, id) != 0) {
+        if (c->seqs[id]) memcpy(c->seqs[id], c->layout, (size_t)c->n_layers * sizeof **c->seqs);
+        kvcache_drop_sequence(c, id);
+        return -1;
+    }
+    memcpy(c->seqs[id], c->layout, (size_t)c->n_layers * sizeof **c->seqs);
+    return id;
+}
+
+int kvcache_fork(KVCache *c, int src) {
+    int id = free_sequence_id(c);
+    if (id < 0) return -1;
+    if (!(c->seqs[id] = calloc((size_t)c->n_layers, sizeof **c->seqs)) || add_states(c, id) != 0) {
+        kvcache_drop_sequence(c, id);
+        return -1;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        statelayer_copy(&c->states[id][l], &c->states[src][l]); /* small: copied whole */
+        if (kvlayer_fork(&c->seqs[id][l], &c->seqs[src][l]) != 0) {
+            kvcache_drop_sequence(c, id);
+            return -1;
+        }
+    }
+    return id;
+}
+
+void kvcache_drop_sequence(KVCache *c, int id) {
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->seqs[id]) kvlayer_free(&c->seqs[id][l]);
+        if (c->states[id]) statelayer_free(&c->states[id][l]);
+    }
+    free(c->seqs[id]);
+    free(c->states[id]);
+    c->seqs[id] = NULL;
+    c->states[id] = NULL;
+}
+
+KVLayer *kvcache_layer(const KVCache *c, int seq, int layer) { return &c->seqs[seq][layer]; }
+
+StateLayer *kvcache_state(const KVCache *c, int seq, int layer) { return &c->states[seq][layer]; }
 
 size_t kvcache_bytes_held(const KVCache *c) {
     size_t total = 0;
-    for (int i = 0; i < c->n_layers; i++) total += kvlayer_bytes_held(&c->layers[i]);
+    for (int p = 0; p < c->n_pools; p++) total += c->pools[p].bytes_held;
     return total;
 }
 
+size_t kvcache_sequence_bytes(const KVCache *c, int id) {
+    size_t total = 0;
+    for (int l = 0; l < c->n_layers; l++) total += kvlayer_bytes_held(&c->seqs[id][l]) + statelayer_bytes(&c->states[id][l]);
+    return total;
+}
+
+size_t kvcache_state_bytes(const KVCache *c) {
+    size_t total = 0;
+    for (int id = 0; id < c->n_seqs; id++)
+        for (int l = 0; c->states[id] && l < c->n_layers; l++) total += statelayer_bytes(&c->states[id][l]);
+    return total;
+}
+
+size_t statelayer_bytes_of(StateShape shape) { return (shape.window + shape.state + shape.ffn) * sizeof(float); }
+
+int statelayer_init(StateLayer *l, StateShape shape) {
+    memset(l, 0, sizeof *l);
+    size_t bytes = statelayer_bytes_of(shape);
+    if (bytes == 0) return 0;
+    float *all = calloc(1, bytes);
+    if (!all) return -1;
+    l->shape = shape;
+    l->window = all;
+    l->state = all + shape.window;
+    l->ffn = l->state + shape.state;
+    return 0;
+}
+
+void statelayer_free(StateLayer *l) {
+    free(l->window);
+    memset(l, 0, sizeof *l);
+}
+
+void statelayer_reset(StateLayer *l) {
+    if (l->window) memset(l->window, 0, statelayer_bytes(l));
+}
+
+void statelayer_copy(StateLayer *dst, const StateLayer *src) {
+    if (src->window) memcpy(dst->window, src->window, statelayer_bytes(src));
+}
+
+size_t statelayer_bytes(const StateLayer *l) { return statelayer_bytes_of(l->shape); }
+
+
 void kvcache_free(KVCache *c) {
-    for (int i = 0; i < c->n_layers; i++) kvlayer_free(&c->layers[i]);
-    free(c->layers);
-    c->layers = NULL;
-    c->n_layers = 0;
+    for (int i = 0; i < c->n_seqs; i++)
+        if (c->seqs[i] || c->states[i]) kvcache_drop_sequence(c, i);
+    for (int p = 0; p < c->n_pools; p++) kvpool_free(&c->pools[p]);
+    free(c->seqs);
+    free(c->states);
+    free(c->pools);
+    free(c->layout);
+    free(c->state_layout);
+    memset(c, 0, sizeof *c);
 }

@@ -13,40 +13,132 @@
 
 static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* The best of scores[0..n) among those allowed (mask NULL: all), ties to the lower index; -1 if none */
-static int best_of(const float *scores, const unsigned char *allowed, int n) {
-    int best = -1;
-    for (int i = 0; i < n; i++)
-        if ((!allowed || allowed[i]) && (best < 0 || scores[i] > scores[best])) best = i;
-    return best;
+/* ---------------------------------------------------------------------------------------------
+ * choosing the top k as the reference does, ties included
+ *
+ * transformers routes with torch.topk, which on a CPU selects with the C++ library: std::partial_sort when
+ * 64 k <= n, else std::nth_element; both take equal scores in an order of their own (not "lowest index
+ * first"). Routers do tie - a zero router row, a bf16 checkpoint's rounded logits, sigmoid saturating at 1 -
+ * and a tie decides which experts run, so these functions select exactly as libstdc++'s algorithms do
+ * (introselect: median-of-three quicksort partitions down to 3 elements, then insertion sort; a heap when
+ * the partitions go too deep). Only the set chosen matters: the experts' outputs are summed in ascending id
+ * order afterwards. Scores compare as torch's "largest": greater first, NaN above everything. */
+
+typedef struct {
+    float value;
+    int index;
+} Scored;
+
+static int before(Scored a, Scored b) { return (isnan(a.value) && !isnan(b.value)) || a.value > b.value; }
+static void swap_scored(Scored *a, Scored *b) {
+    Scored t = *a;
+    *a = *b, *b = t;
 }
 
-/* Grouped routing (DeepSeek): the experts form n_groups groups; a group scores by its best expert (or the sum
- * of its two best, DeepSeek-V3), and only the topk_groups best groups may supply experts. */
+/* the heap of std::make_heap / std::pop_heap, ordered by before() */
+static void heap_push(Scored *h, int hole, int top, Scored value) {
+    for (int parent = (hole - 1) / 2; hole > top && before(h[parent], value); parent = (hole - 1) / 2)
+        h[hole] = h[parent], hole = parent;
+    h[hole] = value;
+}
+static void heap_adjust(Scored *h, int hole, int len, Scored value) {
+    int top = hole, child = hole;
+    while (child < (len - 1) / 2) {
+        child = 2 * (child + 1);
+        if (before(h[child], h[child - 1])) child--;
+        h[hole] = h[child], hole = child;
+    }
+    if ((len & 1) == 0 && child == (len - 2) / 2) {
+        child = 2 * (child + 1);
+        h[hole] = h[child - 1], hole = child - 1;
+    }
+    heap_push(h, hole, top, value);
+}
+/* the k best of h[0..n) into h[0..k): a heap of k, each later element that beats its top replaces it */
+static void heap_select(Scored *h, int k, int n) {
+    for (int parent = (k - 2) / 2; k >= 2 && parent >= 0; parent--) heap_adjust(h, parent, k, h[parent]);
+    for (int i = k; i < n; i++)
+        if (before(h[i], h[0])) {
+            Scored value = h[i];
+            h[i] = h[0];
+            heap_adjust(h, 0, k, value);
+        }
+}
+
+static void insertion_sort(Scored *first, Scored *last) {
+    for (Scored *i = first + 1; i < last; i++) {
+        Scored value = *i;
+        if (before(value, *first)) {
+            memmove(first + 1, first, (size_t)(i - first) * sizeof *first);
+            *first = value;
+        } else {
+            Scored *hole = i;
+            for (; before(value, hole[-1]); hole--) *hole = hole[-1];
+            *hole = value;
+        }
+    }
+}
+
+/* quicksort's partition around the median of (first + 1, middle, last - 1), moved to *first */
+static Scored *partition(Scored *first, Scored *last) {
+    Scored *a = first + 1, *b = first + (last - first) / 2, *c = last - 1;
+    if (before(*a, *b)) swap_scored(first, before(*b, *c) ? b : before(*a, *c) ? c : a);
+    else swap_scored(first, before(*a, *c) ? a : before(*b, *c) ? c : b);
+    Scored *lo = first + 1, *hi = last;
+    for (;; lo++) {
+        while (before(*lo, *first)) lo++;
+        for (hi--; before(*first, *hi);) hi--;
+        if (lo >= hi) return lo;
+        swap_scored(lo, hi);
+    }
+}
+
+/* std::nth_element(first, first + k - 1, first + n): the k best land in first[0..k) */
+static void nth_element(Scored *first, int k, int n) {
+    Scored *nth = first + k - 1, *last = first + n;
+    int depth = 0;
+    for (int m = n; m > 1; m >>= 1) depth += 2;
+    while (last - first > 3) {
+        if (depth-- == 0) {
+            heap_select(first, (int)(nth - first) + 1, (int)(last - first));
+            swap_scored(first, nth);
+            return;
+        }
+        Scored *cut = partition(first, last);
+        if (cut <= nth) first = cut;
+        else last = cut;
+    }
+    insertion_sort(first, last);
+}
+
+void router_top_k(const float *scores, const unsigned char *allowed, int n, int k, int *ids) {
+    Scored pairs[MAX_EXPERTS];
+    for (int i = 0; i < n; i++) pairs[i] = (Scored){!allowed || allowed[i] ? scores[i] : 0.0f, i};
+    if ((long)k * 64 <= n) heap_select(pairs, k, n);
+    else nth_element(pairs, k, n);
+    for (int i = 0; i < k; i++) ids[i] = pairs[i].index;
+    for (int i = 1; i < k; i++) /* ascending ids: every token sums its experts in the same order */
+        for (int j = i; j > 0 && ids[j - 1] > ids[j]; j--) {
+            int t = ids[j];
+            ids[j] = ids[j - 1], ids[j - 1] = t;
+        }
+}
+
+/* Grouped routing (DeepSeek): the experts form n_groups groups; a group scores by its best expert (V2's
+ * group_limited_greedy) or the sum of its two best (V3), and only the topk_groups best groups may supply
+ * experts. The others are out of the running, as in DeepSeek's inference code (-inf); transformers fills their
+ * scores with 0 instead, which differs only when a biased score is negative. */
 static void allow_best_groups(const FfnConfig *f, const float *choice, unsigned char *allowed) {
-    int per = f->n_experts / f->n_groups;
+    int per = f->n_experts / f->n_groups, best[2], groups[MAX_EXPERTS];
     float group_score[MAX_EXPERTS];
     for (int g = 0; g < f->n_groups; g++) {
-        const float *s = choice + g * per;
-        int first = best_of(s, NULL, per);
-        float score = s[first];
-        if (f->flags & MOE_GROUP_TOP2 && per > 1) {
-            float second = -INFINITY;
-            for (int i = 0; i < per; i++)
-                if (i != first && s[i] > second) second = s[i];
-            score += second;
-        }
-        group_score[g] = score;
+        int two = f->flags & MOE_GROUP_TOP2 && per > 1;
+        router_top_k(choice + g * per, NULL, per, two ? 2 : 1, best);
+        group_score[g] = choice[g * per + best[0]] + (two ? choice[g * per + best[1]] : 0.0f);
     }
-    unsigned char group_taken[MAX_EXPERTS] = {0};
+    router_top_k(group_score, NULL, f->n_groups, f->topk_groups, groups);
     memset(allowed, 0, (size_t)f->n_experts);
-    for (int k = 0; k < f->topk_groups; k++) {
-        int g = -1;
-        for (int i = 0; i < f->n_groups; i++)
-            if (!group_taken[i] && (g < 0 || group_score[i] > group_score[g])) g = i;
-        group_taken[g] = 1;
-        memset(allowed + g * per, 1, (size_t)per);
-    }
+    for (int i = 0; i < f->topk_groups; i++) memset(allowed + groups[i] * per, 1, (size_t)per);
 }
 
 /* One token's routing: ids[top_k] (ascending) and their weights, from its router logits (overwritten). */
@@ -59,18 +151,8 @@ static void route_token(const FfnConfig *f, const FfnWeights *w, float *logits, 
         for (int e = 0; e < E; e++) logits[e] = sigmoid(logits[e]);
     for (int e = 0; e < E; e++) choice[e] = logits[e] + (w->score_bias.data ? ((const float *)w->score_bias.data)[e] : 0.0f);
     if (f->n_groups > 1) allow_best_groups(f, choice, allowed);
-    else memset(allowed, 1, (size_t)E);
+    router_top_k(choice, f->n_groups > 1 ? allowed : NULL, E, K, ids);
     float sum = 0.0f;
-    for (int k = 0; k < K; k++) { /* the k best, ties to the lower id */
-        int e = best_of(choice, allowed, E);
-        allowed[e] = 0;
-        ids[k] = e;
-    }
-    for (int i = 1; i < K; i++) /* ascending ids: every token sums its experts in the same order */
-        for (int j = i; j > 0 && ids[j - 1] > ids[j]; j--) {
-            int t = ids[j];
-            ids[j] = ids[j - 1], ids[j - 1] = t;
-        }
     for (int k = 0; k < K; k++) weights[k] = logits[ids[k]];
     if (f->router == ROUTER_TOPK_SOFTMAX) softmax(weights, K);
     for (int k = 0; k < K; k++) sum += weights[k];

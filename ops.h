@@ -60,6 +60,9 @@ void tensor_row(float *out, const Tensor *t, int row);
  * Every output is computed the same way whatever n and the thread count, so a prompt gives the same
  * logits in chunks of any size (matmul.c). */
 void matmul(float *out, const float *x, const Tensor *w, int n);
+/* The same product on the calling thread alone, never through BLAS: for small products inside a parallel job
+ * (mla.c). f32, f16 and bf16 weights only (q8_0 activations need the shared scratch). */
+void matmul_serial(float *out, const float *x, const Tensor *w, int n);
 /* One product of several weights with the same input x[n][cols], in a single parallel pass:
  * out_i[n][w_i.rows] = x . W_i^T  (q, k, v together; gate and up together) */
 typedef struct {

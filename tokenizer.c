@@ -6,7 +6,8 @@
  *      "stretches" of plain text. SentencePiece-style tokenizers write spaces as "▁" (with a dummy "▁"
  *      in front): the sentencepiece library writes the whole text so before it looks for its user-defined
  *      pieces, the tokenizers library writes each stretch after cutting out its added tokens;
- *   3. each stretch is split into pre-tokens ("words") by the family's rule;
+ *   3. each stretch is split into pre-tokens ("words") by the family's rule: Metaspace, or a sequence of
+ *      regex Split steps (GPT-2, Llama 3 and Qwen2 have hand-written matchers for theirs);
  *   4. each word starts as one symbol per byte (byte-level) or per character (SentencePiece-style), and
  *      BPE joins the adjacent pair with the best merge rank (or the best-scoring joined piece) until no
  *      pair can merge; characters outside the vocabulary fall back to <0xNN> byte pieces or <unk>. */
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "regex.h"
 #include "unicode.h"
 
 #define SPACE_MARK "\xE2\x96\x81" /* "▁" (U+2581): SentencePiece's spelling of a space */
@@ -81,26 +83,6 @@ static int read_u32(Reader *r, uint32_t *out) {
 
 #define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); tokenizer_free(t); return -1; } while (0)
 
-typedef struct {
-    int len, id;
-} LengthId;
-
-static int longer_first(const void *a, const void *b) {
-    const LengthId *x = a, *y = b;
-    return x->len != y->len ? y->len - x->len : x->id - y->id;
-}
-
-/* Orders special ids longest first, so "<|im_start|>" is tried before a shorter token it begins with. */
-static int sort_longest_first(int *ids, int n, const int *lens) {
-    LengthId *tmp = malloc((size_t)(n > 0 ? n : 1) * sizeof *tmp);
-    if (!tmp) return -1;
-    for (int i = 0; i < n; i++) tmp[i] = (LengthId){lens[ids[i]], ids[i]};
-    qsort(tmp, (size_t)n, sizeof *tmp, longer_first);
-    for (int i = 0; i < n; i++) ids[i] = tmp[i].id;
-    free(tmp);
-    return 0;
-}
-
 static int starts_with_mark(const unsigned char *s, size_t n) {
     return n >= SPACE_MARK_LEN && memcmp(s, SPACE_MARK, SPACE_MARK_LEN) == 0;
 }
@@ -153,6 +135,69 @@ static int build_texts(Tokenizer *t) {
     return 0;
 }
 
+/* The regexes the hand-written matchers below implement, as tokenizer.json files write them (export.py
+ * writes a record that names one of them as pretokenizer 1-3). */
+const char *const tokenizer_known_regex[4] = {
+    NULL,
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+};
+
+/* Compiles one Split step; its hand-written matcher is used where the step isolates the matches of a known
+ * regex. Returns 0, or -1 with a message in err. */
+static int add_split(Tokenizer *t, const unsigned char *pattern, size_t len, int behavior, unsigned flags, char *err,
+                     size_t errlen) {
+    char why[256];
+    PreSplit *p = &t->splits[t->n_splits];
+    if (!(p->regex = regex_compile((const char *)pattern, len, why, sizeof why))) {
+        snprintf(err, errlen, "tokenizer pre-tokenizer step %d: %s", t->n_splits, why);
+        return -1;
+    }
+    p->behavior = behavior;
+    p->flags = flags;
+    for (int k = PRETOKENIZE_GPT2; k <= PRETOKENIZE_QWEN2; k++)
+        if (behavior == SPLIT_ISOLATED && !flags && strlen(tokenizer_known_regex[k]) == len &&
+            memcmp(tokenizer_known_regex[k], pattern, len) == 0)
+            p->fast = k;
+    t->n_splits++;
+    return 0;
+}
+
+/* The pre-tokenizer's Split steps: read from the record (pretokenizer 5: u32 count, then per step u32
+ * behavior, u32 flags, u32 length, the regex), or the one step a named pretokenizer 1-3 stands for. */
+static int load_splits(Tokenizer *t, Reader *r, char *err, size_t errlen) {
+    if (t->pretokenizer >= PRETOKENIZE_GPT2 && t->pretokenizer <= PRETOKENIZE_QWEN2) {
+        const char *known = tokenizer_known_regex[t->pretokenizer];
+        if (add_split(t, (const unsigned char *)known, strlen(known), SPLIT_ISOLATED, 0, err, errlen)) goto fail;
+        return 0;
+    }
+    if (t->pretokenizer != PRETOKENIZE_SPLITS) return 0;
+    uint32_t n;
+    if (read_u32(r, &n)) FAIL("tokenizer record truncated before its pre-tokenizer steps");
+    if (n < 1 || n > TOKENIZER_MAX_SPLITS) FAIL("tokenizer has %u pre-tokenizer steps (1 .. %d)", n, TOKENIZER_MAX_SPLITS);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t behavior, flags, len;
+        if (read_u32(r, &behavior) || read_u32(r, &flags) || read_u32(r, &len))
+            FAIL("tokenizer record truncated in pre-tokenizer step %u", i);
+        if (behavior > SPLIT_CONTIGUOUS) FAIL("tokenizer pre-tokenizer step %u has unknown behavior %u", i, behavior);
+        if (flags & ~(uint32_t)SPLIT_INVERT) FAIL("tokenizer pre-tokenizer step %u has unknown flags 0x%x", i, flags);
+        if (len == 0 || len > 65536 || len > r->left)
+            FAIL("tokenizer pre-tokenizer step %u has a regex of %u bytes (1 .. 65536, inside the record)", i, len);
+        if (add_split(t, r->p, len, (int)behavior, flags, err, errlen)) goto fail;
+        r->p += len;
+        r->left -= len;
+    }
+    return 0;
+fail:
+    tokenizer_free(t);
+    return -1;
+}
+
+void tokenizer_use_regex_only(Tokenizer *t) {
+    for (int i = 0; i < t->n_splits; i++) t->splits[i].fast = 0;
+}
+
 int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size, char *err, size_t errlen) {
     memset(t, 0, sizeof *t);
     t->bos_id = t->unk_id = -1;
@@ -165,7 +210,7 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
         FAIL("tokenizer record truncated in its header (%zu bytes)", size);
     if (kind != TOKENIZER_BYTELEVEL_BPE && kind != TOKENIZER_SENTENCEPIECE_BPE)
         FAIL("tokenizer kind %u is not supported", kind);
-    if (pre > PRETOKENIZE_METASPACE) FAIL("tokenizer pre-tokenizer %u is not supported", pre);
+    if (pre > PRETOKENIZE_SPLITS) FAIL("tokenizer pre-tokenizer %u is not supported", pre);
     if (flags & ~2047u) FAIL("tokenizer has unknown flags 0x%x", flags);
     if ((flags & TOKF_SCORE_MERGES) && kind != TOKENIZER_SENTENCEPIECE_BPE)
         FAIL("tokenizer merges by score but is not SentencePiece-style");
@@ -173,26 +218,33 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
      * text already written with its "▁"s, past the room tokenizer_encode sizes for it (found by fuzzing) */
     if ((flags & TOKF_PREFIX_SPACE) && kind != TOKENIZER_BYTELEVEL_BPE)
         FAIL("tokenizer adds ByteLevel's prefix space but is not byte-level");
-    if (n_eos > TOKENIZER_MAX_EOS) FAIL("tokenizer lists %u eos ids (at most %d)", n_eos, TOKENIZER_MAX_EOS);
+    if ((uint64_t)n_eos * 4 > r.left) FAIL("tokenizer lists %u eos ids but only %zu bytes remain", n_eos, r.left);
     t->kind = (int)kind;
     t->pretokenizer = (int)pre;
     t->flags = flags;
     t->bos_id = (int32_t)bos;
     t->unk_id = (int32_t)unk;
     t->n_eos = (int)n_eos;
+    t->eos_ids = malloc((n_eos + 1) * sizeof *t->eos_ids);
+    if (!t->eos_ids) FAIL("out of memory loading the tokenizer");
     for (uint32_t i = 0; i < n_eos; i++) {
-        uint32_t e;
-        if (read_u32(&r, &e)) FAIL("tokenizer record truncated in its eos ids");
+        uint32_t e = 0;
+        read_u32(&r, &e); /* cannot fail: the length was checked above */
         t->eos_ids[i] = (int32_t)e;
     }
     if (read_u32(&r, &n_pieces) || read_u32(&r, &n_merges)) FAIL("tokenizer record truncated before its pieces");
     if (n_pieces != (uint32_t)vocab_size)
         FAIL("tokenizer has %u pieces but the model's vocabulary is %d", n_pieces, vocab_size);
+    if (n_eos > n_pieces) FAIL("tokenizer lists %u eos ids for %u pieces", n_eos, n_pieces);
     if (t->bos_id < -1 || t->bos_id >= vocab_size) FAIL("tokenizer bos id %d outside the vocabulary", t->bos_id);
     if (t->unk_id < -1 || t->unk_id >= vocab_size) FAIL("tokenizer unk id %d outside the vocabulary", t->unk_id);
-    for (int i = 0; i < t->n_eos; i++)
+    t->is_eos = calloc(n_pieces, 1);
+    if (!t->is_eos) FAIL("out of memory loading the tokenizer");
+    for (int i = 0; i < t->n_eos; i++) {
         if (t->eos_ids[i] < 0 || t->eos_ids[i] >= vocab_size)
             FAIL("tokenizer eos id %d outside the vocabulary", t->eos_ids[i]);
+        t->is_eos[t->eos_ids[i]] = 1;
+    }
     t->n_pieces = (int)n_pieces;
     t->piece = calloc(n_pieces, sizeof *t->piece);
     t->piece_len = calloc(n_pieces, sizeof *t->piece_len);
@@ -263,9 +315,11 @@ int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int voc
         hashmap_put(&t->merge_ranks, key, 8, (int)m); /* a repeated pair keeps its first (best) rank */
     }
     free(joined);
+    if (load_splits(t, &r, err, errlen) != 0) return -1;
     if (r.left != 0) FAIL("tokenizer record has %zu unexpected trailing bytes", r.left);
-    if (sort_longest_first(t->specials, t->n_specials, t->piece_len) != 0 || build_texts(t) != 0)
-        FAIL("out of memory loading the tokenizer");
+    if (specials_build(&t->special_matcher, t->specials, t->n_specials, t->piece, t->piece_len) != 0 ||
+        build_texts(t) != 0)
+        FAIL("out of memory loading the tokenizer (%d special tokens)", t->n_specials);
     return 0;
 }
 
@@ -279,10 +333,14 @@ void tokenizer_free(Tokenizer *t) {
     free(t->text_len);
     free(t->text_storage);
     free(t->specials);
+    specials_free(&t->special_matcher);
+    free(t->eos_ids);
+    free(t->is_eos);
     free(t->piece_ids.slots);
     free(t->merge_ranks.slots);
     free(t->merge_result);
     free(t->merge_keys);
+    for (int i = 0; i < t->n_splits; i++) regex_free(t->splits[i].regex);
     memset(t, 0, sizeof *t);
     t->bos_id = t->unk_id = -1;
 }
@@ -405,14 +463,10 @@ static size_t metaspace_word(Text t, size_t i) {
     return j;
 }
 
-static size_t next_word(const Tokenizer *tok, Text t, size_t i) {
-    switch (tok->pretokenizer) {
-    case PRETOKENIZE_GPT2: return gpt2_word(t, i);
-    case PRETOKENIZE_LLAMA3: return llama3_word(t, i, 3);
-    case PRETOKENIZE_QWEN2: return llama3_word(t, i, 1);
-    case PRETOKENIZE_METASPACE: return metaspace_word(t, i);
-    default: return t.n; /* no pre-tokenizer: the whole stretch is one word */
-    }
+/* the end of the word at i by the hand-written matcher for a known regex */
+static size_t fast_word(int which, Text t, size_t i) {
+    size_t end = which == PRETOKENIZE_GPT2 ? gpt2_word(t, i) : llama3_word(t, i, which == PRETOKENIZE_LLAMA3 ? 3 : 1);
+    return end > i ? end : i + 1; /* cannot happen with the matchers above; keeps progress certain */
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -476,7 +530,20 @@ typedef struct {
 
 /* One encode call: scratch sized for its longest stretch, and the ids written so far. */
 typedef struct {
+    size_t start, end;
+} Span;
+
+typedef struct {
+    size_t start, end;
+    int is_match;
+} Segment;
+
+typedef struct {
     const Tokenizer *t;
+    Span *words, *next_words;  /* the pre-tokens of a stretch, and room for the next Split step's */
+    Segment *segments;         /* one piece's matches and the text between them */
+    RegexScratch *regex;
+    int failed;                /* -1: out of memory; TOKENIZER_REGEX_TOO_SLOW */
     const unsigned char *word; /* the word being merged */
     Symbol *sym;
     Heap heap;
@@ -626,6 +693,99 @@ static void encode_word_spacemark(Encoder *e, const unsigned char *w, int len) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * pre-tokenizing a stretch: Metaspace, or the Split steps one after another, each splitting every piece
+ * the step before left (the tokenizers library's Sequence of pre-tokenizers) */
+
+/* A piece's matches and the text between them, in order, as the tokenizers library lists them for a
+ * Split (invert: the two swap roles). Returns how many, or -1 when out of memory. */
+static int find_segments(Encoder *e, const PreSplit *step, const unsigned char *s, size_t n) {
+    RegexIterator it = {0, 0, 0};
+    size_t prev = 0, a, b;
+    int count = 0, r, invert = (step->flags & SPLIT_INVERT) != 0;
+    while ((r = regex_next_match(step->regex, e->regex, s, n, &it, &a, &b)) > 0) {
+        if (a != prev) e->segments[count++] = (Segment){prev, a, invert};
+        e->segments[count++] = (Segment){a, b, !invert};
+        prev = b;
+    }
+    if (r < 0) return r;
+    if (prev != n) e->segments[count++] = (Segment){prev, n, invert};
+    return count;
+}
+
+/* Joins segments as the step's behavior says (SplitDelimiterBehavior), in place; returns how many remain.
+ * Removed drops the matches; Contiguous joins neighbours that are both matches or both not; MergedWith*
+ * joins a match to the piece before / after it. */
+static int apply_behavior(Segment *seg, int n, int behavior) {
+    int out = 0, previous_match = 0;
+    if (behavior == SPLIT_MERGED_WITH_NEXT) { /* walked from the end, then put back in order */
+        for (int i = n - 1; i >= 0; i--) {
+            if (seg[i].is_match && !previous_match && out > 0) seg[n - out].start = seg[i].start;
+            else seg[n - ++out] = (Segment){seg[i].start, seg[i].end, 0};
+            previous_match = seg[i].is_match;
+        }
+        memmove(seg, seg + n - out, (size_t)out * sizeof *seg);
+        return out;
+    }
+    for (int i = 0; i < n; i++) {
+        int join = behavior == SPLIT_CONTIGUOUS ? seg[i].is_match == previous_match && out > 0
+                 : behavior == SPLIT_MERGED_WITH_PREVIOUS ? seg[i].is_match && !previous_match && out > 0 : 0;
+        previous_match = seg[i].is_match;
+        if (behavior == SPLIT_REMOVED && seg[i].is_match) continue;
+        if (join) seg[out - 1].end = seg[i].end;
+        else seg[out++] = (Segment){seg[i].start, seg[i].end, 0};
+    }
+    return out;
+}
+
+/* Splits the piece s[span) by one step, appending its non-empty pieces to out; returns how many or -1. */
+static int split_piece(Encoder *e, const PreSplit *step, const unsigned char *s, Span span, Span *out) {
+    const unsigned char *p = s + span.start;
+    size_t n = span.end - span.start;
+    int count = 0;
+    if (step->fast) {
+        Text text = {p, n};
+        for (size_t i = 0; i < n;) {
+            size_t end = fast_word(step->fast, text, i);
+            out[count++] = (Span){span.start + i, span.start + end};
+            i = end;
+        }
+        return count;
+    }
+    int n_seg = find_segments(e, step, p, n);
+    if (n_seg < 0) return n_seg;
+    n_seg = apply_behavior(e->segments, n_seg, step->behavior);
+    for (int i = 0; i < n_seg; i++)
+        if (e->segments[i].end > e->segments[i].start)
+            out[count++] = (Span){span.start + e->segments[i].start, span.start + e->segments[i].end};
+    return count;
+}
+
+/* The words of a stretch s[0..m) into e->words; returns how many, or -1 when out of memory. */
+static int split_words(Encoder *e, const unsigned char *s, size_t m) {
+    const Tokenizer *t = e->t;
+    if (m == 0) return 0;
+    int n = 0;
+    if (t->pretokenizer == PRETOKENIZE_METASPACE) {
+        for (size_t i = 0; i < m; i = e->words[n++].end) e->words[n] = (Span){i, metaspace_word((Text){s, m}, i)};
+        return n;
+    }
+    e->words[n++] = (Span){0, m}; /* no pre-tokenizer: the whole stretch is one word */
+    for (int k = 0; k < t->n_splits; k++) {
+        int count = 0;
+        for (int i = 0; i < n; i++) {
+            int r = split_piece(e, &t->splits[k], s, e->words[i], e->next_words + count);
+            if (r < 0) return r;
+            count += r;
+        }
+        Span *swap = e->words;
+        e->words = e->next_words;
+        e->next_words = swap;
+        n = count;
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * stretches of plain text, special tokens, the whole prompt */
 
 /* Whether a stretch s[0..n) of plain text, starting at byte `at` of the text, gets a prefix: ByteLevel's
@@ -664,26 +824,18 @@ static void encode_stretch(Encoder *e, const unsigned char *s, size_t n, int pre
     const Tokenizer *t = e->t;
     unsigned char *out = e->stretch;
     size_t m = write_text(t, s, n, prefix, out);
-    Text text = {out, m};
-    for (size_t i = 0; i < m;) {
-        size_t end = next_word(t, text, i);
-        if (end <= i) end = i + 1; /* cannot happen with the matchers above; keeps progress certain */
+    int n_words = split_words(e, out, m);
+    if (n_words < 0) {
+        e->failed = n_words;
+        return;
+    }
+    for (int w = 0; w < n_words; w++) {
+        size_t i = e->words[w].start, end = e->words[w].end;
         int whole = t->flags & TOKF_IGNORE_MERGES ? hashmap_get(&t->piece_ids, out + i, (int)(end - i)) : -1;
         if (whole >= 0) emit(e, whole); /* ignore_merges: a word in the vocabulary is one token */
         else if (t->kind == TOKENIZER_SENTENCEPIECE_BPE) encode_word_spacemark(e, out + i, (int)(end - i));
         else encode_word_bytelevel(e, out + i, (int)(end - i));
-        i = end;
     }
-}
-
-/* The longest special token that starts at s[0..n), or -1. */
-static int special_at(const Tokenizer *t, const unsigned char *s, size_t n) {
-    for (int k = 0; k < t->n_specials; k++) { /* longest first */
-        int id = t->specials[k];
-        size_t len = (size_t)t->piece_len[id];
-        if (len <= n && s[0] == t->piece[id][0] && memcmp(s, t->piece[id], len) == 0) return id;
-    }
-    return -1;
 }
 
 /* Where the whitespace that ends s[start..end) begins (end if it does not end in whitespace). */
@@ -714,6 +866,27 @@ static size_t squeeze_spaces(const unsigned char *s, size_t n, unsigned char *ou
     }
 }
 
+int tokenizer_pretokenize(const Tokenizer *t, const char *text, size_t len, size_t *spans) {
+    size_t room = 3 * len + 1;
+    Encoder e = {.t = t};
+    unsigned char *written = malloc(room);
+    e.words = malloc((room + 1) * sizeof *e.words);
+    e.next_words = malloc((room + 1) * sizeof *e.next_words);
+    e.segments = malloc((2 * room + 3) * sizeof *e.segments);
+    e.regex = regex_scratch_new();
+    int n = -1;
+    if (written && e.words && e.next_words && e.segments && e.regex) {
+        n = split_words(&e, written, write_text(t, (const unsigned char *)text, len, 0, written));
+        for (int i = 0; i < n; i++) spans[2 * i] = e.words[i].start, spans[2 * i + 1] = e.words[i].end;
+    }
+    free(written);
+    free(e.words);
+    free(e.next_words);
+    free(e.segments);
+    regex_scratch_free(e.regex);
+    return n;
+}
+
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *ids) {
     Encoder e = {.t = t, .ids = ids};
     if (add_bos && (t->flags & TOKF_ADD_BOS) && t->bos_id >= 0) e.ids[e.count++] = t->bos_id;
@@ -742,9 +915,19 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     e.sym = malloc(max_symbols * sizeof *e.sym);
     e.heap.items = malloc(3 * max_symbols * sizeof *e.heap.items);
     e.splits = malloc((t->has_unused_pieces ? 3 * max_symbols : 1) * sizeof *e.splits);
-    int ok = e.stretch && e.sym && e.heap.items && e.splits;
+    /* the longest special token starting at each byte, found for the whole text in one pass (specials.h) */
+    int *special_at = t->n_specials ? malloc((len + 1) * sizeof *special_at) : NULL;
+    /* a stretch of m bytes splits into at most m words; a regex has at most m + 1 matches there (empty ones
+     * included), with the text between them at most 2 m + 3 segments */
+    e.words = malloc((max_symbols + 1) * sizeof *e.words);
+    e.next_words = malloc((max_symbols + 1) * sizeof *e.next_words);
+    e.segments = malloc((2 * max_symbols + 3) * sizeof *e.segments);
+    e.regex = regex_scratch_new();
+    int ok = e.stretch && e.sym && e.heap.items && e.splits && e.words && e.next_words && e.segments && e.regex &&
+             (special_at || !t->n_specials);
+    if (ok && special_at) specials_longest_at(&t->special_matcher, s, len, special_at);
     for (size_t start = 0, i = 0; ok && i <= len;) { /* s[start..i) is plain text so far */
-        int special = i < len && t->n_specials ? special_at(t, s + i, len - i) : -1;
+        int special = i < len && special_at ? special_at[i] : -1;
         if (special < 0 && i < len) {
             i++;
             continue;
@@ -756,7 +939,8 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
             if (t->strip[special] & (PIECE_RSTRIP >> 8)) next = run_of((Text){s, len}, next, is_space);
         }
         encode_stretch(&e, s + start, end - start, wants_prefix(t, s + start, end - start, start));
-        if (special < 0) break;
+        if (e.failed) ok = 0;
+        if (special < 0 || !ok) break;
         emit(&e, special);
         start = i = next;
     }
@@ -764,9 +948,61 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     free(e.sym);
     free(e.heap.items);
     free(e.splits);
+    free(special_at);
+    free(e.words);
+    free(e.next_words);
+    free(e.segments);
+    regex_scratch_free(e.regex);
     free(squeezed);
     free(normalized);
-    return ok ? e.count : -1;
+    return ok ? e.count : e.failed ? e.failed : -1;
+}
+
+/* The longest of the control pieces controls[0..n_controls) spelled at s[0..n), or -1 */
+static int control_at(const Tokenizer *t, const int *controls, int n_controls, const unsigned char *s, size_t n) {
+    int best = -1;
+    for (int k = 0; k < n_controls; k++) {
+        int id = controls[k];
+        size_t len = (size_t)t->piece_len[id];
+        if (len <= n && (best < 0 || t->piece_len[id] > t->piece_len[best]) && memcmp(s, t->piece[id], len) == 0) best = id;
+    }
+    return best;
+}
+
+static int grow_ids(int **ids, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    int *grown = realloc(*ids, (*cap = 2 * need) * sizeof **ids);
+    if (!grown) return -1;
+    *ids = grown;
+    return 0;
+}
+
+int tokenizer_encode_chat(const Tokenizer *t, const char *text, size_t len, int **ids) {
+    const unsigned char *s = (const unsigned char *)text;
+    int *controls = malloc(((size_t)t->n_pieces + 1) * sizeof *controls), n_controls = 0;
+    size_t cap = tokenizer_max_ids(len), n = 0;
+    int *out = malloc(cap * sizeof *out);
+    if (!controls || !out) return free(controls), free(out), -1;
+    for (int id = 0; id < t->n_pieces; id++)
+        if (t->type[id] == PIECE_CONTROL && t->piece_len[id] > 0) controls[n_controls++] = id;
+    for (size_t start = 0, i = 0; i <= len; i++) { /* s[start..i) is a stretch of plain text */
+        int control = i < len && n_controls ? control_at(t, controls, n_controls, s + i, len - i) : -1;
+        if (control < 0 && i < len) continue;
+        if (i > start) {
+            if (grow_ids(&out, &cap, n + tokenizer_max_ids(i - start)) != 0) return free(controls), free(out), -1;
+            int k = tokenizer_encode(t, text + start, i - start, 0, out + n);
+            if (k < 0) return free(controls), free(out), k; /* out of memory, or TOKENIZER_REGEX_TOO_SLOW */
+            n += (size_t)k;
+        }
+        if (control < 0) break;
+        if (grow_ids(&out, &cap, n + 1) != 0) return free(controls), free(out), -1;
+        out[n++] = control;
+        start = i + (size_t)t->piece_len[control];
+        i = start - 1;
+    }
+    free(controls);
+    *ids = out;
+    return (int)n;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -792,11 +1028,7 @@ const unsigned char *tokenizer_decode(const Tokenizer *t, DecodeState *d, int id
     return s;
 }
 
-int tokenizer_is_eos(const Tokenizer *t, int id) {
-    for (int i = 0; i < t->n_eos; i++)
-        if (t->eos_ids[i] == id) return 1;
-    return 0;
-}
+int tokenizer_is_eos(const Tokenizer *t, int id) { return id >= 0 && id < t->n_pieces && t->is_eos && t->is_eos[id]; }
 
 static void put_replacement(FILE *out) { fputs("\xEF\xBF\xBD", out); }
 

@@ -15,8 +15,23 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "specials.h"
+
 enum { TOKENIZER_NONE = 0, TOKENIZER_BYTELEVEL_BPE = 1, TOKENIZER_SENTENCEPIECE_BPE = 2 };
-enum { PRETOKENIZE_NONE = 0, PRETOKENIZE_GPT2 = 1, PRETOKENIZE_LLAMA3 = 2, PRETOKENIZE_QWEN2 = 3, PRETOKENIZE_METASPACE = 4 };
+enum {
+    PRETOKENIZE_NONE = 0, PRETOKENIZE_GPT2 = 1, PRETOKENIZE_LLAMA3 = 2, PRETOKENIZE_QWEN2 = 3, PRETOKENIZE_METASPACE = 4,
+    PRETOKENIZE_SPLITS = 5, /* a sequence of regex Split steps, stored after the merges */
+};
+/* What a Split step keeps of the text its regex matches (the tokenizers library's SplitDelimiterBehavior) */
+enum {
+    SPLIT_ISOLATED = 0,            /* matches and the text between them, each a piece */
+    SPLIT_REMOVED = 1,             /* only the text between matches */
+    SPLIT_MERGED_WITH_PREVIOUS = 2, /* each match joins the piece before it */
+    SPLIT_MERGED_WITH_NEXT = 3,    /* each match joins the piece after it */
+    SPLIT_CONTIGUOUS = 4,          /* adjacent matches become one piece */
+};
+#define TOKENIZER_MAX_SPLITS 16
+#define SPLIT_INVERT 1 /* flag: the text between matches counts as the match, and the matches as the text between */
 enum {
     TOKF_ADD_BOS = 1,              /* prompts start with bos_id */
     TOKF_DUMMY_PREFIX = 2,         /* a "▁" is put before the text (SentencePiece add_dummy_prefix) */
@@ -43,7 +58,16 @@ enum {
 };
 enum { PIECE_LSTRIP = 0x100, PIECE_RSTRIP = 0x200 }; /* a matched token swallows the whitespace left / right of it */
 
-#define TOKENIZER_MAX_EOS 16
+struct Regex;
+
+/* One pre-tokenizer step: every piece of text so far is split at the matches of a regex. */
+typedef struct {
+    int behavior;        /* SPLIT_* */
+    unsigned flags;      /* SPLIT_INVERT */
+    struct Regex *regex;
+    int fast;            /* PRETOKENIZE_GPT2 / LLAMA3 / QWEN2: an isolating step whose regex is one of those,
+                          * run by its hand-written matcher (same pieces, faster); 0: by the regex */
+} PreSplit;
 
 typedef struct {
     int key_len;
@@ -61,8 +85,9 @@ typedef struct {
     int pretokenizer;  /* PRETOKENIZE_* */
     unsigned flags;    /* TOKF_* */
     int bos_id, unk_id;
-    int n_eos;
-    int eos_ids[TOKENIZER_MAX_EOS];
+    int n_eos;                   /* 0 .. n_pieces: every id the record lists (tokenizers list many end tokens) */
+    int *eos_ids;
+    unsigned char *is_eos;       /* [n_pieces] 1 for an eos id: one look-up per generated token */
     int n_pieces;
     const unsigned char **piece; /* bytes of each token, pointing into the mapped file */
     int *piece_len;
@@ -77,22 +102,45 @@ typedef struct {
     int *merge_result;           /* rank -> merged id */
     unsigned char *merge_keys;   /* storage for merge_ranks' keys */
     int byte_piece[256];         /* id of the piece for one raw byte (-1 if none) */
-    int *specials;               /* ids matched in text, longest first */
+    int *specials;               /* ids matched in text (special and user-defined pieces) */
     int n_specials;
+    SpecialMatcher special_matcher; /* finds the longest of them starting at each byte of a prompt */
     int has_unused_pieces;       /* SentencePiece unused pieces that merges may make and must split again */
+    PreSplit splits[TOKENIZER_MAX_SPLITS]; /* the pre-tokenizer as Split steps (one for GPT-2 / Llama 3 / Qwen2) */
+    int n_splits;
 } Tokenizer;
 
 /* Parses and validates the tokenizer record (docs/FORMAT.md). Returns 0, or -1 with a message in err. */
 int tokenizer_load(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size, char *err, size_t errlen);
 void tokenizer_free(Tokenizer *t);
 
+/* Runs every pre-tokenizer step through the regex matcher, never a hand-written one (the tests and the
+ * benchmark compare the two). */
+void tokenizer_use_regex_only(Tokenizer *t);
+
+/* The words the pre-tokenizer splits text[0..len) into, as if it were one stretch between special tokens
+ * (byte-level tokenizers: the text as it is; SentencePiece-style: as written with "▁"): word i is
+ * [spans[2i], spans[2i+1]) (room for 2 len entries). Returns how many, or -1 when out of memory. For tests. */
+int tokenizer_pretokenize(const Tokenizer *t, const char *text, size_t len, size_t *spans);
+
+/* The regexes of the hand-written pre-tokenizers, exactly as tokenizer.json files write them */
+extern const char *const tokenizer_known_regex[4]; /* indexed by PRETOKENIZE_GPT2 .. QWEN2; [0] is NULL */
+
 /* Room encoding len bytes of text may need: a BOS and, per byte, at most 4 ids (a space written "▁" that
  * falls back to its 3 byte pieces, or a 1-byte special token and the prefix of the stretch after it). */
 static inline size_t tokenizer_max_ids(size_t len) { return 4 * len + 4; }
 
 /* Encodes len bytes of text into ids (room for tokenizer_max_ids(len) entries). Adds the BOS when add_bos
- * and the tokenizer asks for one. Returns the number of ids, or -1 when out of memory. */
+ * and the tokenizer asks for one. Returns the number of ids, -1 when out of memory, or TOKENIZER_REGEX_TOO_SLOW
+ * when a pre-tokenizer regex backtracked without end on this text (regex.h). */
+#define TOKENIZER_REGEX_TOO_SLOW (-2)
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *ids);
+
+/* Encodes the text a chat template rendered (no BOS added: the template writes it). Control tokens written in
+ * it (<s>, </s> of a SentencePiece tokenizer.model, which the sentencepiece library never matches in text) are
+ * cut out first and become their ids, as transformers' tokenizers split out special tokens; each stretch
+ * between them is encoded as a prompt. *ids is malloc'd; returns the count, or tokenizer_encode's error. */
+int tokenizer_encode_chat(const Tokenizer *t, const char *text, size_t len, int **ids);
 
 /* Where one stream of decoded tokens stands: whether the dummy-prefix space of the next piece is dropped. */
 typedef struct {

@@ -1,15 +1,48 @@
-/* unicode.c - UTF-8 decoding and class lookups over the generated tables (unicode_tables.c). */
+/* unicode.c - UTF-8 decoding and lookups over the generated tables (unicode_tables.c). */
 #include "unicode.h"
 
-int unicode_in(const UnicodeClass *c, uint32_t cp) {
-    int lo = 0, hi = c->n - 1;
+/* index of the range of a sorted [first, last] range table holding cp, or -1 */
+static int find_range(const uint32_t (*ranges)[2], int n, uint32_t cp) {
+    int lo = 0, hi = n - 1;
     while (lo <= hi) { /* binary search over sorted ranges */
         int mid = (lo + hi) / 2;
-        if (cp < c->ranges[mid][0]) hi = mid - 1;
-        else if (cp > c->ranges[mid][1]) lo = mid + 1;
-        else return 1;
+        if (cp < ranges[mid][0]) hi = mid - 1;
+        else if (cp > ranges[mid][1]) lo = mid + 1;
+        else return mid;
     }
-    return 0;
+    return -1;
+}
+
+int unicode_in(const UnicodeClass *c, uint32_t cp) { return find_range(c->ranges, c->n, cp) >= 0; }
+
+int unicode_category(uint32_t cp) {
+    int i = find_range(unicode_categories.ranges, unicode_categories.n, cp);
+    return i < 0 ? UC_Cn : unicode_categories.values[i];
+}
+
+/* first index of a pair table sorted by its first column whose first column is >= key */
+static int lower_bound(const uint32_t (*pairs)[2], int n, uint32_t key) {
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (pairs[mid][0] < key) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+uint32_t unicode_fold(uint32_t cp) {
+    if (cp < 128) return cp >= 'A' && cp <= 'Z' ? cp + 32 : cp;
+    int i = lower_bound(unicode_folding.by_source, unicode_folding.n, cp);
+    return i < unicode_folding.n && unicode_folding.by_source[i][0] == cp ? unicode_folding.by_source[i][1] : cp;
+}
+
+int unicode_unfold(uint32_t folded, uint32_t out[4]) {
+    int n = 0;
+    for (int i = lower_bound(unicode_folding.by_target, unicode_folding.n, folded);
+         i < unicode_folding.n && unicode_folding.by_target[i][0] == folded && n < 4; i++)
+        out[n++] = unicode_folding.by_target[i][1];
+    return n;
 }
 
 int utf8_sequence_length(unsigned char lead) {

@@ -3,7 +3,8 @@
  * model_load_buffer() reads them from a heap buffer of exactly their size, so AddressSanitizer sees any read
  * past the end (an mmapped file would hide it in the page's slack). The loader must refuse a bad file with
  * one line naming the problem; a file it accepts must be safe to use: a run state, three tokens through
- * forward() (a prefill of two and one decode step), a prompt through its tokenizer, every id decoded.
+ * forward() (a prefill of two and one decode step), a prompt through its tokenizer, every id decoded, and a
+ * conversation through its chat template (the Jinja interpreter of chat.c).
  *
  *   make fuzz FUZZ_SECONDS=600        (builds build/fuzz/fuzz_model with clang -fsanitize=fuzzer,...)
  *   build/fuzz/fuzz_model CRASH_FILE  (replays one input) */
@@ -12,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "chat.h"
 #include "model.h"
 
 static volatile unsigned checksum; /* keeps the reads of decoded bytes from being optimised away */
@@ -37,6 +39,19 @@ static void use_tokenizer(const Model *m) {
         DecodeState fresh = {0, 0};
         read_bytes(tokenizer_decode(&m->tokenizer, &fresh, id, &len), len);
     }
+}
+
+/* A conversation through the model's chat template (chat.c): rendered, or refused with one line */
+static void use_chat_template(const Model *m) {
+    static const ChatMessage conversation[] = {{"system", "Be brief.", 9}, {"user", "Hello \xff", 7},
+                                               {"assistant", "<think>x</think>\n\nHi", 20}, {"user", " Who? ", 6}};
+    char err[512], *end;
+    size_t len;
+    char *text = chat_render(&m->chat, conversation, 4, 1, &len, err, sizeof err);
+    if (!text && (err[0] == '\0' || strchr(err, '\n'))) abort();
+    if (text) read_bytes((const unsigned char *)text, (int)(len < 1u << 30 ? len : 0));
+    free(text);
+    if (chat_turn_end(&m->chat, &end, &len, err, sizeof err) == 0) free(end);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -77,9 +92,24 @@ static int find_fields(const uint8_t *d, size_t size, unsigned which, unsigned p
     if (size < 128) return 0;
     uint64_t config = le(d + 16, 8), layers = le(d + 32, 8), tok = le(d + 48, 8), tok_size = le(d + 56, 8);
     uint64_t tensors = le(d + 64, 8), n_layers = le(d + 40, 4), n_tensors = le(d + 72, 4);
+    if (which == 6) { /* the chat section: its count, the lengths of its variables, the template's length */
+        uint64_t p = le(d + 96, 8), end = p + le(d + 104, 8);
+        if (p > size || end > size || end < p) return 0;
+        n = add_field(f, n, p, 4, size);
+        uint64_t n_vars = p + 4 <= end ? le(d + p, 4) : 0;
+        p += 4;
+        for (uint64_t k = 0; k < n_vars && k < 16 && p + 4 <= end; k++) {
+            n = add_field(f, n, p, 4, size); /* name length */
+            p += 4 + le(d + p, 4);
+            if (p + 4 > end) break;
+            n = add_field(f, n, p, 4, size); /* value length */
+            p += 4 + le(d + p, 4);
+        }
+        return add_field(f, n, p, 4, size); /* template length */
+    }
     switch (which % 5) {
-    case 0: /* header */
-        for (int off = 4; off < 96; off += off < 40 || off >= 48 ? (off == 72 || off == 76 ? 4 : 8) : 4)
+    case 0: /* header, the chat section's offset and size included */
+        for (int off = 4; off < 112; off += off < 40 || off >= 48 ? (off == 72 || off == 76 ? 4 : 8) : 4)
             n = add_field(f, n, (uint64_t)off, off == 4 || off == 40 || off == 44 || off == 72 || off == 76 ? 4 : 8, size);
         break;
     case 1: /* config, and the records of one layer */
@@ -101,7 +131,8 @@ static int find_fields(const uint8_t *d, size_t size, unsigned which, unsigned p
         for (int i = 0; i < 6; i++) n = add_field(f, n, p + 4 * (uint64_t)i, 4, size);
         if (p + 24 > end) break;
         uint64_t n_eos = le(d + p + 20, 4);
-        p += 24 + 4 * (n_eos > 16 ? 16 : n_eos);
+        if (n_eos) n = add_field(f, n, p + 24 + 4 * (pick % n_eos), 4, size); /* one of the eos ids */
+        p += 24 + 4 * n_eos;
         n = add_field(f, n, p, 4, size);
         n = add_field(f, n, p + 4, 4, size);
         if (p + 8 > end) break;
@@ -164,12 +195,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         return 0;
     }
     RunState s;
-    if (runstate_init(&s, &m, 2) == 0) {
+    if (model_check_memory(&m, 2, 3, err, sizeof err) == 0 && runstate_init(&s, &m, 2) == 0) {
         int prompt[2] = {0, m.config.vocab_size - 1}, next = m.config.vocab_size / 2;
         if (forward(&m, &s, prompt, 2, 0, 1)) forward(&m, &s, &next, 1, 2, 0);
         runstate_free(&s);
     }
     if (m.tokenizer.kind != TOKENIZER_NONE) use_tokenizer(&m);
+    if (m.chat.template_text) use_chat_template(&m);
     model_free(&m);
     return 0;
 }

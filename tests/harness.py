@@ -1,6 +1,7 @@
 """Shared helpers for the test modules (tests/test_*.py): the Tester, synthetic checkpoints, comparisons."""
 import json
 import os
+import pty
 import shutil
 import struct
 import subprocess
@@ -87,6 +88,31 @@ class Tester:
         return np.fromfile(path, dtype="<f4").reshape(len(ids), -1)
 
 
+def with_terminal_stderr(cmd, timeout=300):
+    """Runs cmd with its standard error on a terminal (a pseudo-terminal read here): (status, stdout, stderr)."""
+    main, tty = pty.openpty()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=tty)
+    os.close(tty)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the other end closed: the program has ended
+            break
+        if not chunk:
+            break
+        err += chunk
+    out = p.communicate(timeout=timeout)[0]
+    os.close(main)
+    return p.returncode, out, err
+
+
+def ids_of(output):
+    """Token ids as ./run --encode / --print-ids print them (comma-separated; bytes or text)."""
+    text = output.decode() if isinstance(output, bytes) else output
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
 def relative_error(got, ref):
     """max |got - ref| relative to the logit scale max(1, max |ref|)."""
     return float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
@@ -105,6 +131,15 @@ def write_safetensors(path, tensors):
     h += b" " * (-len(h) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def read_safetensors(path):
+    """name -> float32 array of a (small) safetensors file written by write_safetensors."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8:8 + n])
+    return {k: np.frombuffer(raw, "<f4", int(np.prod(v["shape"])), 8 + n + v["data_offsets"][0]).reshape(v["shape"])
+            for k, v in header.items()}
 
 
 def fixture_dir(t, fixture, name, cfg):

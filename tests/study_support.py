@@ -38,9 +38,8 @@ def mask_matrix(kind, span, sinks, n):
     return np.array([[visible(kind, span, sinks, i, j) for j in range(n)] for i in range(n)])
 
 
-def read_png(path):
-    """(width, height, rows as a uint8 array [height][width] of palette indices, palette [n][3]) after checking
-    the signature, every chunk's CRC-32, IHDR, and the zlib stream (Adler-32 checked by zlib) of one IDAT."""
+def png_chunks(path):
+    """[(type, data)] of a PNG file after checking its signature, every chunk's CRC-32 and the chunk order."""
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "bad PNG signature"
     pos, chunks = 8, []
@@ -52,6 +51,22 @@ def read_png(path):
         chunks.append((kind, body))
         pos += 12 + n
     assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND", "chunk order"
+    return chunks
+
+
+def png_panels(path):
+    """{(layer, head): (x, y)} and the cell size, from the layout study.c writes into the PNG's tEXt chunk."""
+    text = next(b for k, b in png_chunks(path) if k == b"tEXt").split(b"\0", 1)[1].decode("latin-1")
+    cell = int(re.search(r"cells of (\d+) px", text).group(1))
+    panels = {(int(m[0]), int(m[1])): (int(m[2]), int(m[3]))
+              for m in re.findall(r"panel layer (\d+) head (\d+) x (\d+) y (\d+)", text)}
+    return panels, cell
+
+
+def read_png(path):
+    """(width, height, rows as a uint8 array [height][width] of palette indices, palette [n][3]) after checking
+    the signature, every chunk's CRC-32, IHDR, and the zlib stream (Adler-32 checked by zlib) of one IDAT."""
+    chunks = png_chunks(path)
     w, h, depth, color, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
     assert (depth, color, comp, filt, interlace) == (8, 3, 0, 0, 0), "not an 8-bit palette PNG"
     palette = np.frombuffer(b"".join(b for k, b in chunks if k == b"PLTE"), dtype=np.uint8).reshape(-1, 3)
@@ -145,3 +160,30 @@ def fixture_with_config(t, fixture, name, edit):
     cfg = json.load(open(os.path.join(t.data, "fixtures", fixture, "config.json")))
     edit(cfg)
     return fixture_dir(t, fixture, name, cfg)
+
+
+def kjv_word_salad(t, kjv, n_tokens, seed=5):
+    """(path of a text file, its ids as ./run encodes it) of n_tokens or a few more: words of kjv-5m's held-out
+    text and reference continuations in a seeded random order, a line break every 12 to 30 of them."""
+    ref = json.load(open(os.path.join(t.data, "kjv-5m", "ref.json")))
+    held_out = t.run([kjv, "--decode", ",".join(map(str, ref["input_ids"][1:]))]).stdout.decode()
+    words = (held_out + " " + " ".join(g["greedy_text"] for g in ref["greedy"])).split()
+    rng = np.random.default_rng(seed)
+
+    def encode(text):
+        return [int(x) for x in t.run([kjv, "--encode", "-"], input=text.encode()).stdout.replace(b",", b" ").split()]
+
+    sample = "\n".join(" ".join(rng.choice(words, size=int(rng.integers(12, 31)))) for _ in range(5)) + "\n"
+    per_line = len(encode(sample)) / 5
+    lines = sample.splitlines() + [" ".join(rng.choice(words, size=int(rng.integers(12, 31))))
+                                   for _ in range(max(0, int(n_tokens / per_line * 1.02) - 5))]
+    while True:
+        text = "\n".join(lines) + "\n"
+        ids = encode(text)
+        if len(ids) >= n_tokens:
+            break
+        lines += [" ".join(rng.choice(words, size=20)) for _ in range(int((n_tokens - len(ids)) / per_line) + 1)]
+    path = t.tmp(f"kjv-salad-{n_tokens}.txt")
+    with open(path, "w") as f:
+        f.write(text)
+    return path, ids

@@ -14,21 +14,12 @@ import traceback
 
 import numpy as np
 
-from harness import ROOT, tiny_llama_dir, write_safetensors
+from harness import ROOT, read_safetensors, tiny_llama_dir, write_safetensors
 
 sys.path.insert(0, ROOT)
 import export  # noqa: E402
 
 VOCAB = 64
-
-
-def safetensors_tensors(path):
-    """name -> float32 array of a (small) safetensors file written by write_safetensors."""
-    raw = open(path, "rb").read()
-    (n,) = struct.unpack_from("<Q", raw)
-    header = json.loads(raw[8:8 + n])
-    return {k: np.frombuffer(raw, "<f4", int(np.prod(v["shape"])), 8 + n + v["data_offsets"][0]).reshape(v["shape"])
-            for k, v in header.items()}
 
 
 class Cases:
@@ -60,7 +51,7 @@ class Cases:
         """change(tensors) edits the name -> array dict; the safetensors file is rewritten."""
         d = self.variant(label.replace(" ", "_"))
         path = os.path.join(d, "model.safetensors")
-        tensors = safetensors_tensors(path)
+        tensors = read_safetensors(path)
         change(tensors)
         write_safetensors(path, tensors)
         self.add(label, d, want)

@@ -6,6 +6,7 @@ model from the transformers-5 config dialect, from a multimodal checkpoint's tex
 experts as released (MXFP4 blocks and scales) export the identical file."""
 import json
 import os
+import re
 
 import numpy as np
 
@@ -17,18 +18,42 @@ sys.path.insert(0, ROOT)
 from export import SafeTensors, FP4_VALUES  # noqa: E402
 
 FAMILIES = ["gpt_oss", "llama4_text", "qwen3_moe", "smollm3", "olmo3", "exaone4"]
+# q8_0 logits against f32, relative to the logit scale: tests/test_speed.py holds kjv-5m (real weights) to
+# 5e-2; these random-weight fixtures are looser (dense ones reach 3.4e-2, MoE ones compound it through two
+# routed layers of random experts to 5.5e-2)
+Q8_TOLERANCE = 1e-1
+
+# what --info must show of each: per layer, and on the first line
+INFO = {
+    "gpt_oss": (["sliding 16", "full"] * 2, ["learned-sinks", "qkv-bias", "rope x1.35", "MoE 2 of 4 x 64 (top-k softmax)"], "active per token"),
+    "llama4_text": (["chunked 16"] * 3 + ["full"], ["q/k-norm(no weights)", "NoPE", "temperature", "MoE 1 of 4 x 64 (sigmoid) + shared 64",
+                                                      "gated SiLU 128"], "active per token"),
+    "qwen3_moe": (["full"] * 4, ["q/k-norm", "MoE 2 of 8 x 32 (softmax)", "gated SiLU 128"], "active per token"),
+    "smollm3": (["full"] * 4, ["NoPE"], "tied embeddings"),
+    "olmo3": (["sliding 16"] * 3 + ["full"], ["q/k-norm(whole)", "post-norms-only"], "RMSNorm"),
+    "exaone4": (["sliding 16"] * 3 + ["full"], ["q/k-norm", "post-norms-only", "NoPE"], "RMSNorm"),
+}
 
 
-def check_family(t, name, model, ref_dir):
+def check_family(t, name, model, ref_dir, batch_invariant=True):
+    """The reference logits at every position with several --batch / --threads, bit-identical across --threads
+    always and across --batch unless the family prefills in a chunked form of its own (batch_invariant False:
+    Mamba-2's SSD, Gated DeltaNet), and the greedy ids; returns the worst relative error."""
     ref = json.load(open(os.path.join(ref_dir, "ref.json")))
     want = np.load(os.path.join(ref_dir, "ref_logits.npy"))
     tol = ref["tolerance"]
     ids = ref["input_ids"]
-    for batch in ("1", "7", "80"):
-        got = t.logits(model, ids, "--batch", batch)
+    runs = {}
+    for batch, threads in (("1", "1"), ("7", "2"), ("80", "2"), ("80", "1")):
+        got = runs[batch, threads] = t.logits(model, ids, "--batch", batch, "--threads", threads)
         err = relative_error(got, want)
-        t.check(f"{name}: logits at all {len(ids)} positions, --batch {batch} (max rel err {err:.1e}, tolerance {tol:g})",
-                got.shape == want.shape and err <= tol)
+        t.check(f"{name}: logits at all {len(ids)} positions, --batch {batch} --threads {threads} (max rel err "
+                f"{err:.1e}, tolerance {tol:g})", got.shape == want.shape and err <= tol)
+    if batch_invariant:
+        t.check(f"{name}: bit-identical logits whatever --batch and --threads",
+                all(np.array_equal(runs["1", "1"], r) for r in runs.values()))
+    else:
+        t.check(f"{name}: bit-identical logits whatever --threads", np.array_equal(runs["80", "1"], runs["80", "2"]))
     r = t.run([model, "--tokens", ",".join(map(str, ref["prompt_ids"])), "-n", len(ref["greedy_ids"]), "-t", "0",
                "--print-ids"])
     got_ids = [int(x) for x in r.stdout.replace(b",", b" ").split()]
@@ -87,12 +112,36 @@ def run(t):
         src = os.path.dirname(src)
         model = t.export(src, f"{name}.bin")
         errors[name] = check_family(t, name, model, src)
+        info = t.run([model, "--info"]).stdout.decode()
+        kinds, extras, first = INFO[name]
+        rows = [line.split()[1] + (" " + line.split()[2] if line.split()[1] in ("sliding", "chunked") else "")
+                for line in info.splitlines() if re.match(r"^\s+\d+  \S", line)]
+        t.check(f"{name} --info: each layer's attention ({', '.join(kinds)}), {'; '.join(extras)}; {first}",
+                rows == kinds and all(e in info for e in extras) and first in info.splitlines()[0] + info.splitlines()[1], info)
         cfg = json.load(open(os.path.join(src, "config.json")))
         st = SafeTensors(src)
         tensors = {n: st.get(n) for n in st.names()}
         d5 = checkpoint_dir(t, f"{name}_t5", transformers5_config(cfg), tensors)
         t.check(f"{name}: the transformers-5 config dialect (rope_parameters) exports the identical model file",
                 same_file(model, t.export(d5, f"{name}_t5.bin")))
+
+    # q8_0: the stacked experts quantized matrix by matrix, within q8_0's tolerance of f32. Every expert is
+    # chosen (top k = n), so that a router near a tie cannot send the two runs to different experts: routing
+    # is discontinuous, and on these random weights q8_0's small errors flip close choices.
+    for name, key in (("qwen3_moe", "num_experts"), ("gpt_oss", "num_local_experts"), ("llama4_text", "num_local_experts")):
+        if name in errors:
+            src = os.path.join(t.shared, "fixtures", name)
+            cfg = json.load(open(os.path.join(src, "config.json")))
+            cfg["num_experts_per_tok"] = cfg[key]
+            st = SafeTensors(src)
+            d = checkpoint_dir(t, f"{name}_all_experts", cfg, {n: st.get(n) for n in st.names()})
+            ids = json.load(open(os.path.join(src, "ref.json")))["input_ids"]
+            f32 = t.logits(t.export(d, f"{name}_all_experts.bin"), ids)
+            q8 = t.export(d, f"{name}_all_experts-q8_0.bin", "--dtype", "q8_0")
+            err = relative_error(t.logits(q8, ids), f32)
+            t.check(f"{name} q8_0, every expert chosen: logits within {Q8_TOLERANCE:g} of f32 (max rel err {err:.1e}), "
+                    "bit-identical with --batch 1 and 80", err < Q8_TOLERANCE and np.array_equal(
+                        t.logits(q8, ids, "--batch", "1"), t.logits(q8, ids, "--batch", "80")))
 
     # Llama 4 as released is multimodal: text weights under language_model.model., config in text_config
     src = os.path.join(t.shared, "fixtures", "llama4_text")

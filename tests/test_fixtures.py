@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from harness import fixture_dir, relative_error, write_safetensors, ROOT
+from harness import fixture_dir, ids_of, relative_error, write_safetensors, ROOT
 
 sys.path.insert(0, ROOT)
 from export import SafeTensors  # noqa: E402
@@ -28,7 +28,7 @@ def compare_fixture(t, label, model, ref_dir):
             got.shape == want.shape and err <= TOLERANCE)
     r = t.run([model, "--tokens", ",".join(map(str, ref["prompt_ids"])), "-n", len(ref["greedy_ids"]), "-t", "0",
                "--print-ids"])
-    ids = [int(x) for x in r.stdout.split()]
+    ids = ids_of(r.stdout)
     n = next((i for i, m in enumerate(ref["greedy_top1_top2_margin"]) if m < MARGIN_FLOOR), len(ref["greedy_ids"]))
     t.check(f"{label}: greedy ids ({n} steps compared)", r.returncode == 0 and ids[:n] == ref["greedy_ids"][:n],
             f"got {ids[:n]}, want {ref['greedy_ids'][:n]}")

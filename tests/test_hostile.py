@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from harness import tiny_llama_dir
+from harness import ids_of, tiny_llama_dir
 from study_support import kv_bytes
-from hostile_corpus import Layout, mutants, put
+from hostile_corpus import Layout, mutants, put, semantic_mutants
 
 RUN_TIMEOUT = 10  # seconds per run of a mutant; a healthy one takes milliseconds
 
@@ -32,14 +32,21 @@ def tiny_model(t, name, **cfg):
 # ---------------------------------------------------------------------------------------------------------
 # the corpus
 
-# what some mutations must be told (the rest need only fail cleanly)
-EXPECTED = [("magic", ["bad magic"]), ("version", ["version"]), ("truncated at", ["header says", "too short"]),
+# what some mutations must be told, the first prefix that matches (the rest need only fail cleanly)
+EXPECTED = [("magic b'GGUF'", ["a GGUF file", "export.py"]), ("magic", ["bad magic"]), ("version", ["version"]),
+            ("truncated at", ["header says", "too short"]),
             ("offset 18446744073709551552", ["extends past end of file"]),
-            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"])]
+            ("tokenizer byte piece b'<0x-1>'", ["not of the form <0xNN>"]),
+            ("tokenizer step 0 regex b'(?<=a)'", ["lookbehind"]), ("tokenizer step 7 regex b'(a)\\\\1'", ["backreference"]),
+            ("chat template: recursive macro", ["recurses more than"]), ("chat template: nested huge loops", ["more than"]),
+            ("chat template: raise_exception", ["raised an error: refused"]), ("chat template not UTF-8", ["not UTF-8"]),
+            ("chat variable 0 name not an identifier", ["not an identifier"])]
 
 
 # run on every base, whatever fraction of its other mutants runs
-ALWAYS = ("tokenizer flags ^", "tokenizer piece", "header", "magic", "version", "config", "layer")
+ALWAYS = ("tokenizer flags ^", "tokenizer piece", "tokenizer step", "tokenizer n_steps", "header", "magic", "version",
+          "config", "layer 0 mixer_kind", "layer 0 ffn_kind", "layer 0 mixer_size", "layer 0 ffn_size", "layer 0 record_size",
+          "chat")
 
 
 def run_mutant(t, path, data, args):
@@ -79,13 +86,33 @@ def corpus(t):
         (os.path.join(t.root, "fuzz", "corpus", "model", "gpt_oss_moe_sinks_f32.bin"), 0.35, ["--tokens", "1,2,3"]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "llama4_chunked_moe_q8_0.bin"), 0.35, ["--tokens", "1,2,3,4,5,6"]),
         (os.path.join(t.root, "fuzz", "corpus", "model", "olmo_post_norms_bf16.bin"), 0.35, ["--tokens", "1,2,3"]),
+        # a pre-tokenizer of regex Split steps (pretokenizer 5); the prompt has letters, digits, CJK, marks, spaces
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_split_steps_tokenizer_f32.bin"), 0.25,
+         ["-p", "Hello World's 12345 x\n \xe4\xb8\xad\xe6\x96\x87 e\xcc\x81!! aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab  \xff"]),
+        # latent attention (DeepSeek's MLA): with and without the low-rank query, DeepSeek's routers
+        (os.path.join(t.root, "fuzz", "corpus", "model", "deepseek_latent_attention_f32.bin"), 0.35,
+         ["--tokens", "1,2,3,4,5"]),
+        # recurrent mixers (fuzz seeds): a state instead of a KV cache
+        (os.path.join(t.root, "fuzz", "corpus", "model", "mamba_biases_f32.bin"), 0.2, ["--tokens", "1,2,3"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "granite_mamba2_hybrid_bf16.bin"), 0.2,
+         ["--tokens", "1,2,3,4,5"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "qwen3_next_deltanet_hybrid_q8_0.bin"), 0.2,
+         ["--tokens", "1,2,3,4,5"]),
+        (os.path.join(t.root, "fuzz", "corpus", "model", "rwkv_layernorm_f16.bin"), 0.2, ["--tokens", "1,2,3"]),
+        # a chat section (docs/CHAT.md): every mutant renders a conversation through its template
+        (os.path.join(t.root, "fuzz", "corpus", "model", "llama_chat_template_bf16.bin"), 0.12,
+         ["--chat", "--system", "Be brief.", "-p", "Hello, world!"]),
     ]
-    jobs = []
+    jobs, must = [], {}  # must: label -> None (runs) or the words one of which its error holds (semantic cases)
     for b, (model, keep, prompt) in enumerate(bases):
         blob = open(model, "rb").read()
         name = os.path.basename(model)
+        args = prompt + ["-n", "4", "-t", "0.9", "-s", "7", "--threads", "1"]
         for label, data in mutants(blob, np.random.default_rng(1000 + b), keep, ALWAYS):
-            jobs.append((f"{name}: {label}", data, prompt + ["-n", "4", "-t", "0.9", "-s", "7", "--threads", "1"]))
+            jobs.append((f"{name}: {label}", data, args))
+        for label, data, words in semantic_mutants(blob):
+            jobs.append((f"{name}: {label}", data, args))
+            must[f"{name}: {label}"] = words
     os.makedirs(t.tmp("corpus"), exist_ok=True)
     workers = max(2, min(8, os.cpu_count() or 2))
     start = time.time()
@@ -99,13 +126,18 @@ def corpus(t):
         slowest = max(slowest, secs)
         if r is None:
             bad.append(f"{label}: no exit within {RUN_TIMEOUT}s ({why})")
+        elif label in must and (r.returncode == 0) != (must[label] is None):
+            unexpected.append(f"{label}: status {r.returncode} ({r.stderr.decode('utf-8', 'replace').strip()[:200]})"
+                              f", expected {'status 0' if must[label] is None else 'an error'}")
         elif r.returncode == 0:
             exit0 += 1
         elif clean_error(r):
             exit1 += 1
             msg = r.stderr.decode("utf-8", "replace")
-            for prefix, want in EXPECTED:
-                if label.split(": ", 1)[1].startswith(prefix) and not any(w in msg for w in want):
+            expected = [w for w in [next((w for prefix, w in EXPECTED if label.split(": ", 1)[1].startswith(prefix)), None),
+                                    must.get(label)] if w]  # the first EXPECTED prefix that matches, and a semantic case's
+            for want in expected:
+                if not any(w in msg for w in want):
                     unexpected.append(f"{label}: {msg.strip()} (expected {' or '.join(want)})")
         else:
             sig = f"signal {-r.returncode}" if r.returncode < 0 else f"status {r.returncode}"
@@ -115,6 +147,8 @@ def corpus(t):
                f"{len(bad)} otherwise; slowest {slowest:.2f}s; {time.time() - start:.0f}s in all")
     print(f"# corpus: {summary}")
     t.check(f"corpus: at least 1000 mutated model files", len(jobs) >= 1000, f"{len(jobs)}")
+    t.check(f"corpus: {len(must)} semantic cases among them (aliased tensors, unclaimed bytes, non-finite rope tables "
+            "and weights, windows over the whole context)", len(must) >= 7 * 10, f"{len(must)}")
     t.check("corpus: every mutant exits 0, or 1 with one line `error: ...` (no signal, no hang)", not bad,
             "; ".join(bad[:5]))
     t.check("corpus: the rejections name what is wrong", not unexpected, "; ".join(unexpected[:5]))
@@ -140,9 +174,10 @@ def targeted_errors(t):
          "layer 0 n_kv_heads is 3 (must be 1 .. 2)"),
         ("NaN norm_eps", put(blob, L.config_off + 48, 4, 0x7FC00000), "config norm_eps nan is not in (0, 1)"),
         ("a mixer kind this build does not know", put(blob, fields["mixer_kind"], 4, 9),
-         "layer 0: mixer kind 9 is not one this build knows (1 = attention); a newer attn.c may read it"),
+         "layer 0: mixer kind 9 is not one this build knows (1 = attention, 2 = latent attention, 3 = mamba, 4 = mamba2, "
+         "5 = gated_deltanet, 6 = rwkv); a newer attn.c may read it"),
         ("an FFN kind this build does not know", put(blob, fields["ffn_kind"], 4, 9),
-         "layer 0: FFN kind 9 is not one this build knows (0 .. 3); a newer attn.c may read it"),
+         "layer 0: FFN kind 9 is not one this build knows (0 .. 4); a newer attn.c may read it"),
         ("an attention record of the wrong size", put(blob, fields["mixer_size"], 4, 60),
          "layer 0: attention record is 60 bytes, this build reads 56"),
         ("a version 1 file", put(blob, 4, 4, 1), "file format version 1, this build reads version 2 (re-export it with export.py)"),
@@ -164,6 +199,25 @@ def targeted_errors(t):
         ("an empty <0xNN> byte piece", emptied, "tokenizer byte piece 3 is not of the form <0xNN>"),
         ("ByteLevel's prefix space in a SentencePiece record", put(sp, S.tok["flags"], 4, flags | 16),
          "tokenizer adds ByteLevel's prefix space but is not byte-level"),
+    ]
+    # latent attention: ranks and widths that do not fit together
+    mla = open(os.path.join(t.root, "fuzz", "corpus", "model", "deepseek_latent_attention_f32.bin"), "rb").read()
+    M = Layout(mla)
+    f0, f1 = dict(M.layers[0]["fields"]), dict(M.layers[1]["fields"])
+    cases += [
+        ("a low-rank query flag without a q_rank", put(mla, f0["mixer q_rank"], 4, 0),
+         "layer 0: latent attention flags 0x10 do not match its q_rank 0"),
+        ("a q_rank without the low-rank query flag", put(mla, f1["mixer q_rank"], 4, 8),
+         "layer 1: latent attention flags 0x0 do not match its q_rank 8"),
+        ("an odd rotary width", put(mla, f0["mixer rope_dim"], 4, 5), "layer 0: rope_dim 5 is odd"),
+        ("a kv_rank the tensors do not have", put(mla, f0["mixer kv_rank"], 4, 9),
+         "tensor 'layers.0.mla.wkv_a' should have shape [13, 16]"),
+        ("a kv_rank past the limit", put(mla, f0["mixer kv_rank"], 4, 4097), "layer 0 kv_rank is 4097 (must be 1 .. 4096)"),
+        ("no key dimensions without positions", put(mla, f0["mixer nope_dim"], 4, 0), "layer 0 nope_dim is 0 (must be 1 .. 1024)"),
+        ("a latent attention record of the wrong size", put(mla, f0["mixer_size"], 4, 44),
+         "layer 0: latent attention record is 44 bytes, this build reads 48"),
+        ("a latent norm epsilon of 0", put(mla, f0["mixer norm_eps"], 4, 0),
+         "layer 0: attn_scale 0.459619 / latent norm_eps 0 is not valid"),
     ]
     path = t.tmp("targeted.bin")
     for label, data, want in cases:
@@ -242,13 +296,14 @@ def cli_errors(t):
         ("--ppl of one token", [model, "--ppl", "--tokens", "5"], "--ppl needs a prompt of at least 2 tokens"),
         ("--tokens id = vocabulary size", [model, "--tokens", "5,1024"], "id 1024 is outside the vocabulary (0 .. 1023)"),
         ("--tokens negative id", [model, "--tokens", "-1"], "id -1 is outside the vocabulary"),
-        ("--tokens huge id", [model, "--tokens", "99999999999999999999"], "--tokens expects comma-separated integers"),
-        ("--tokens not numbers", [model, "--tokens", "1,two,3"], "--tokens expects comma-separated integers"),
-        ("--tokens empty item", [model, "--tokens", "1,,3"], "--tokens expects comma-separated integers"),
+        ("--tokens huge id", [model, "--tokens", "99999999999999999999"], "--tokens expects token ids separated by commas or spaces"),
+        ("--tokens not numbers", [model, "--tokens", "1,two,3"], "--tokens expects token ids separated by commas or spaces"),
+        ("--tokens empty item", [model, "--tokens", "1,,3"], "an empty item between two commas"),
         ("--tokens trailing comma", [model, "--tokens", "1,2,"], "trailing comma"),
         ("--tokens empty", [model, "--tokens", ""], "no ids given"),
         ("--decode id outside the vocabulary", [model, "--decode", "3,1024"], "--decode: id 1024 is outside the vocabulary"),
-        ("--decode not numbers", [model, "--decode", "x"], "--decode expects comma-separated integers"),
+        ("--decode not numbers", [model, "--decode", "x"], "--decode expects token ids separated by commas or spaces"),
+        ("--tokens glued sign", [model, "--tokens", "1-2"], "--tokens expects token ids separated by commas or spaces"),
         ("prompt longer than the context (text)", [short, "-p", "word " * 40], "but the model's context is 32"),
         ("prompt longer than the context (ids)", [short, "--tokens", ",".join(["7"] * 33)],
          "the prompt has 33 tokens but the model's context is 32"),
@@ -284,7 +339,7 @@ def invalid_utf8(t):
         for text in texts:
             r = t.run([m, "-p", text, "-n", "4", "-t", "0.8", "-s", "1", "--threads", "1"])
             enc = t.run([m, "--encode", text, "--no-bos"])
-            ids = [int(x) for x in enc.stdout.split()]
+            ids = ids_of(enc.stdout)
             # byte fallback: every byte becomes (part of) a token, nothing is dropped or rejected
             if r.returncode != 0 or enc.returncode != 0 or not ids:
                 good = False
@@ -297,7 +352,7 @@ def invalid_utf8(t):
     pieces = [blob[q + 4:q + 4 + n] for q, n in L.tok["pieces"]]
     for text in texts:
         enc = t.run([model, "--encode", text, "--no-bos"])
-        ids = [int(x) for x in enc.stdout.split()]
+        ids = ids_of(enc.stdout)
         back = b"".join(pieces[i] for i in ids)
         if back != text:
             t.check(f"invalid UTF-8 {text!r} round-trips through the byte-level pieces", False, f"{ids} -> {back!r}")
@@ -312,7 +367,7 @@ def invalid_utf8(t):
 def context_end(t):
     short = tiny_model(t, "hostile_ctx32", max_position_embeddings=32)
     r = t.run([short, "--tokens", "1,2,3,4,5", "-n", "100", "-t", "1", "-s", "3", "--print-ids", "--threads", "1"])
-    ids = r.stdout.split()
+    ids = ids_of(r.stdout)
     err = r.stderr.decode()
     # positions 0..31 are fed; the token sampled from position 31 is printed and never fed back
     t.check("full attention, context 32: generation stops at the end of the context with a note, status 0",
@@ -329,7 +384,7 @@ def context_end(t):
     args = [swa, "--tokens", "1,2,3", "-t", "1", "-s", "5", "--print-ids", "--threads", "1"]
     r_short = t.run(args + ["-n", "100"])
     r_long = t.run(args + ["-n", str(cfg_ctx + 200)], timeout=300)
-    n_long = len(r_long.stdout.split())
+    n_long = len(ids_of(r_long.stdout))
     t.check(f"sliding on every layer: generates {cfg_ctx + 200} tokens past the context of {cfg_ctx} (status 0, no note)",
             r_long.returncode == 0 and n_long == cfg_ctx + 200 and b"stopped" not in r_long.stderr,
             f"status {r_long.returncode}, {n_long} tokens: {r_long.stderr.decode()[-200:]}")

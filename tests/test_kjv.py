@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 
-from harness import relative_error
+from harness import ids_of, relative_error
 
 MODEL = "models/kjv-5m.bin"
 
@@ -25,11 +25,11 @@ def run(t):
         t.check(f"kjv-5m: greedy continuation of {g['prompt']!r}", r.returncode == 0 and text == g["greedy_text"] + "\n",
                 f"got {text[:80]!r}")
         r = t.run([model, "--encode", g["prompt"]])
-        ids = [int(x) for x in r.stdout.split()]
+        ids = ids_of(r.stdout)
         t.check(f"kjv-5m: --encode {g['prompt']!r} gives the reference prompt ids (BOS included)", ids == g["prompt_ids"],
                 f"got {ids}")
         r = t.run([model, "-p", g["prompt"], "-t", "0", "-n", len(g["greedy_ids"]), "--print-ids"])
-        t.check(f"kjv-5m: greedy ids of {g['prompt']!r}", [int(x) for x in r.stdout.split()] == g["greedy_ids"])
+        t.check(f"kjv-5m: greedy ids of {g['prompt']!r}", ids_of(r.stdout) == g["greedy_ids"])
 
     logits_path = t.shared_file("models/kjv-5m/ref_logits.npy", "kjv-5m: logits over 300 held-out tokens")
     if logits_path:

@@ -84,6 +84,12 @@ def run(t):
     held = kv_bytes(r.stderr)
     t.check(f"kjv-5m with overrides: --info's 1k cache size is what 1024 tokens really hold ({held} bytes)",
             held is not None and cache_totals(out).get(1024, (None,))[0] == held)
+    rows = layer_rows(info(t, kjv, "--sparse", "2=chunked:16")[1])
+    t.check("kjv-5m --info --sparse 2=chunked:16: layer 2 is chunked, keeps its chunk",
+            rows.get(2, ("?",))[0] == "chunked 16 *" and "its chunk of 16" in rows[2][6])
+    r = t.run([kjv, "--tokens", ",".join(map(str, ids[:100])), "-n", "0", "--sparse", "all=chunked:16", *ONE_THREAD])
+    t.check("kjv-5m --sparse all=chunked:16: every layer keeps a rolling buffer of its chunk (16 positions)",
+            kv_bytes(r.stderr) == 6 * 16 * 64 * 4 * 2, r.stderr.decode()[-200:])
     rc, out, _ = info(t, kjv, "--attn", "flash")
     t.check("--info names the kernel", "attention kernel: flash" in out)
 

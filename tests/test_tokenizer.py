@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from harness import tiny_llama_dir
+from harness import ids_of, tiny_llama_dir
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import export  # noqa: E402  (the regexes and GPT-2's byte alphabet)
@@ -35,6 +35,7 @@ def run(t):
     llama2_tokenizer_json(t)
     llama2c_tokenizer_bin(t)
     pretokenizer_edges(t)
+    split_pretokenizers(t)
     unsupported_features(t)
 
 
@@ -62,7 +63,7 @@ def export_folder(t, name, src, files=None):
 
 def encode(t, model, text, bos=False):
     r = t.run([model, "--encode", text] + ([] if bos else ["--no-bos"]))
-    return [int(x) for x in r.stdout.split()] if r.returncode == 0 else None
+    return ids_of(r.stdout) if r.returncode == 0 else None
 
 
 def decode(t, model, ids):
@@ -93,8 +94,8 @@ def check_folder(t, name, model, ref, expected_decode=None):
     t.check(f"{name}: {encoded}/{n} reference encodings exact", encoded == n)
     if "invalid_utf8" in ref:  # prompts that are not UTF-8 (argv holds any bytes)
         bad = ref["invalid_utf8"]
-        good = sum(subprocess.run([t.run_bin, model, "--encode", bytes.fromhex(b["hex"]), "--no-bos"],
-                                  capture_output=True).stdout.split() == [str(i).encode() for i in b["ids"]] for b in bad)
+        good = sum(ids_of(subprocess.run([t.run_bin, model, "--encode", bytes.fromhex(b["hex"]), "--no-bos"],
+                                  capture_output=True).stdout) == b["ids"] for b in bad)
         t.check(f"{name}: {good}/{len(bad)} prompts that are not UTF-8 encode as the library reads them", good == len(bad))
     t.check(f"{name}: {decoded}/{n} decode as the tokenizer's own library does ({round_trips}/{n} give the text back exactly)",
             decoded == n)
@@ -198,6 +199,41 @@ def pretokenizer_edges(t):
                 good == len(cases))
 
 
+# -- tokenizer.json Split pre-tokenizers, checked against the tokenizers library's own ids
+
+
+def split_pretokenizers(t):
+    """DeepSeek Coder's pre_tokenizer block (four regex Splits, Digits, ByteLevel without its regex), written as its
+    tokenizer.json has it, around the vocabulary llama.cpp ships for it: the texts of llama.cpp's tests encode to
+    the tokenizers library's ids (tests/test_gguf_vocab.py runs the same vocabularies through their GGUF names)."""
+    import gguf_reader
+    import pretokenizers as P
+    cjk = "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in ((0x4E00, 0x9FA5), (0x800, 0x4E00), (0xAC00, 0xD7FF)))
+    isolated = lambda regex: {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}  # noqa: E731
+    blocks = {
+        "deepseek-coder": [isolated("[\r\n]"), isolated("\\s?\\p{L}+"), isolated("\\s?\\p{P}+"), isolated(f"[{cjk}]+"),
+                           {"type": "Digits", "individual_digits": True},
+                           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}],
+    }
+    for name, block in blocks.items():
+        path = t.shared_file(f"llamacpp/vocab/ggml-vocab-{name}.gguf", f"tokenizer.json Split pre-tokenizer ({name})")
+        if not path:
+            continue
+        tok, eos = gguf_reader.read_vocabulary(path)
+        tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": block}
+        steps, _, _ = P.split_steps(tok["pre_tokenizer"])
+        d = t.tmp(f"split_{name}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tok, f, ensure_ascii=False)
+        model = export_folder(t, f"split_{name}", None, [os.path.join(d, "tokenizer.json")])
+        texts = open(path + ".inp", encoding="utf-8").read().split("\n__ggml_vocab_test__\n")[:-1]
+        wants = [[int(x) for x in line.split()] for line in open(path + ".out", encoding="utf-8").read().split("\n")]
+        good = sum(encode(t, model, text) == want for text, want in zip(texts, wants))
+        t.check(f"tokenizer.json pre_tokenizer of {name} ({len(steps)} Split steps): {good}/{len(texts)} texts encode "
+                f"as the tokenizers library", good == len(texts) > 0)
+
+
 # -- what is not supported says so, in one line
 
 
@@ -250,8 +286,22 @@ def unsupported_features(t):
         "BPE dropout": (set_key("model", "dropout", 0.1), "dropout"),
         "an unknown decoder": (set_key("decoder", {"type": "WordPiece", "prefix": "##"}), "decoder"),
     }
-    for name, (change, words) in cases.items():
-        rc, line = export_error(t, name.replace(" ", "_"), variant_dir(t, name.replace(" ", "_"), base, change))
+    bytelevel = os.path.join(t.data, "tokenizers", "bytelevel_gpt2_style", "tokenizer.json")
+    split = lambda regex: {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}  # noqa: E731
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    bytelevel_cases = {
+        "a lookbehind in a Split regex": ([split("(?<=a)b"), level], "lookbehind"),
+        "a class intersection in a Split regex": ([split("[\\p{L}&&[^a]]"), level], "intersection"),
+        "a Split behavior the library lacks": ([dict(split("a"), behavior="Sideways"), level], "Sideways"),
+        "the UnicodeScripts pre-tokenizer": ([{"type": "UnicodeScripts"}, level], "UnicodeScripts"),
+        "ByteLevel's prefix space after a Split": ([split("a"), dict(level, add_prefix_space=True)], "add_prefix_space"),
+    }
+    for name, (steps, words) in bytelevel_cases.items():
+        cases[name] = ((lambda steps: lambda tok: tok.update(pre_tokenizer={"type": "Sequence", "pretokenizers": steps}))(steps),
+                       words, bytelevel)
+    for name, (change, words, *source) in cases.items():
+        key = "".join(c if c.isalnum() else "_" for c in name)
+        rc, line = export_error(t, key, variant_dir(t, key, source[0] if source else base, change))
         t.check(f"export names an unsupported tokenizer.json feature: {name}",
                 rc == 1 and line.startswith("error: ") and words in line, line)
 

@@ -1,4 +1,5 @@
-/* tests/unit.c - C unit tests: KV cache (paged blocks, rolling buffer), GQA/MQA head mapping, attention
+/* tests/unit.c - C unit tests: KV cache (paged blocks, rolling buffer), recurrent state (fixed size, copied
+ * whole for a fork), the causal convolution's window across chunks, GQA/MQA head mapping, attention
  * against a naive reference written out in full here, ops, UTF-8 and the tokenizer's streaming output.
  * Prints "ok NAME" or "FAIL NAME: why" per check; exits 1 if any failed. */
 #include <math.h>
@@ -7,8 +8,14 @@
 #include <string.h>
 
 #include "attention.h"
+#include "blocks.h"
+#include "explore.h"
 #include "kvcache.h"
 #include "ops.h"
+#include "png.h"
+#include "regex.h"
+#include "recurrent.h"
+#include "sample.h"
 #include "tokenizer.h"
 #include "unicode.h"
 
@@ -59,6 +66,30 @@ static void test_paged_cache(void) {
     check(ok_content, "paged cache: every position reads back its own key and value across block boundaries");
     check(kvlayer_holds(&l, 0) && kvlayer_holds(&l, 5 * KV_BLOCK_TOKENS + 2) && !kvlayer_holds(&l, 5 * KV_BLOCK_TOKENS + 3),
           "paged cache: holds every written position and nothing beyond");
+    kvlayer_free(&l);
+}
+
+/* Latent attention keeps one row per position (c_kv | k_rope) and no value rows: half the blocks, its own width */
+static void test_single_row_cache(void) {
+    KVLayer l;
+    int row_dim = 12;
+    float row[12];
+    kvlayer_init(&l, row_dim, 4, 0);
+    kvlayer_set_value_width(&l, 0);
+    int ok = 1;
+    for (int pos = 0; pos < 10; pos++) {
+        for (int i = 0; i < row_dim; i++) row[i] = pos * 100.0f + i;
+        ok &= kvlayer_store(&l, pos, row, NULL) == 0;
+    }
+    for (int pos = 6; pos < 10; pos++) ok &= kvlayer_key(&l, pos)[row_dim - 1] == pos * 100.0f + row_dim - 1;
+    check(ok && kvlayer_bytes_held(&l) == 4 * (size_t)row_dim * sizeof(float) && kvlayer_bytes_for(&l, 1000) == kvlayer_bytes_held(&l),
+          "single-row cache (latent attention): a rolling buffer of 4 rows of 12 floats, no value rows, 192 bytes");
+    kvlayer_free(&l);
+    kvlayer_init(&l, row_dim, 0, 0);
+    kvlayer_set_value_width(&l, 0);
+    for (int pos = 0; pos < KV_BLOCK_TOKENS + 1; pos++) kvlayer_store(&l, pos, row, NULL);
+    check(kvlayer_bytes_held(&l) == 2 * KV_BLOCK_TOKENS * (size_t)row_dim * sizeof(float),
+          "single-row cache: paged, two blocks of 16 rows after 17 positions");
     kvlayer_free(&l);
 }
 
@@ -139,6 +170,173 @@ static void test_rolling_buffer(void) {
         kvlayer_free(&l);
     }
     check(predicted, "kvlayer_bytes_for equals the bytes really held after every position (paged, rolling, sinks, summaries)");
+}
+
+/* ------------------------------------------------------------------------------------------- */
+
+/* The rows a store writes: key[i] = tag * 100 + i, value[i] = -(tag * 100 + i) */
+static void tagged_rows(float *k, float *v, int kv_dim, int tag) {
+    for (int i = 0; i < kv_dim; i++) k[i] = tag * 100.0f + i, v[i] = -(tag * 100.0f + i);
+}
+
+static int reads_tag(const KVLayer *l, int pos, int tag) {
+    const float *k = kvlayer_key(l, pos), *v = kvlayer_value(l, pos);
+    for (int i = 0; i < l->kv_dim; i++)
+        if (k[i] != tag * 100.0f + i || v[i] != -(tag * 100.0f + i)) return 0;
+    return 1;
+}
+
+/* A cache of four layers: full (8 floats a row), rolling W=20 (8: the same pool), summaries B=5 (4: a pool of
+ * its own), and one without a cache (a mixer that keeps none). */
+static void init_test_cache(KVCache *c) {
+    KVLayer layout[4];
+    kvlayer_init(&layout[0], 8, 0, 0);
+    kvlayer_init(&layout[1], 8, 20, 0);
+    kvlayer_init_summaries(&layout[2], 4, 5);
+    memset(&layout[3], 0, sizeof layout[3]);
+    kvcache_init(c, 4, layout, NULL);
+}
+
+static void store_all(KVCache *c, int seq, int pos, int tag) {
+    float k[8], v[8];
+    for (int l = 0; l < 3; l++) {
+        tagged_rows(k, v, kvcache_layer(c, seq, l)->kv_dim, tag);
+        kvlayer_store(kvcache_layer(c, seq, l), pos, k, v);
+    }
+}
+
+static void test_shared_blocks(void) {
+    KVCache c;
+    init_test_cache(&c);
+    check(c.n_pools == 2 && kvcache_layer(&c, kvcache_add_sequence(&c), 0)->pool == &c.pools[0] &&
+              kvcache_layer(&c, 0, 1)->pool == &c.pools[0] && kvcache_layer(&c, 0, 2)->pool == &c.pools[1],
+          "block pools: one per row shape (two layers of 8 floats share one, 4 floats get another)");
+    for (int pos = 0; pos < 20; pos++) store_all(&c, 0, pos, pos);
+    size_t before = kvcache_bytes_held(&c);
+    int b = kvcache_fork(&c, 0);
+    const KVLayer *a0 = kvcache_layer(&c, 0, 0), *b0 = kvcache_layer(&c, b, 0), *a1 = kvcache_layer(&c, 0, 1);
+    int shared = 1;
+    for (int l = 0; l < 3; l++) {
+        const KVLayer *x = kvcache_layer(&c, 0, l), *y = kvcache_layer(&c, b, l);
+        for (int blk = 0; blk < x->n_blocks; blk++)
+            if (x->block_ids[blk] >= 0) shared &= y->block_ids[blk] == x->block_ids[blk] && x->pool->refs[x->block_ids[blk]] == 2;
+    }
+    check(shared && kvcache_bytes_held(&c) == before && kvcache_sequence_bytes(&c, b) == before,
+          "fork: the new sequence holds the same block ids (each counted twice); nothing is copied");
+
+    /* position 20 lands in the full layer's partial block 1 (rows 0-3 written): the first writer copies it */
+    int old_partial = a0->block_ids[1], old_ring = a1->block_ids[0];
+    store_all(&c, 0, 20, 1000);
+    int copied = a0->block_ids[1] != old_partial && b0->block_ids[1] == old_partial && c.pools[0].refs[old_partial] == 1 &&
+                 a0->block_ids[0] == b0->block_ids[0] && c.pools[0].refs[a0->block_ids[0]] == 2;
+    for (int pos = 16; pos < 20; pos++) copied &= reads_tag(a0, pos, pos) && reads_tag(b0, pos, pos);
+    copied &= reads_tag(a0, 20, 1000) && a1->block_ids[0] != old_ring && reads_tag(a1, 20, 1000);
+    check(copied, "copy-on-write: the first write after a fork copies the partial block (its 4 rows), the full block "
+                  "before it stays shared; the rolling buffer's overwritten block is copied too");
+    int in_place = b0->block_ids[1];
+    store_all(&c, b, 20, 2000);
+    check(b0->block_ids[1] == in_place && reads_tag(b0, 20, 2000) && reads_tag(a0, 20, 1000) &&
+              reads_tag(kvcache_layer(&c, b, 1), 20, 2000) && reads_tag(kvcache_layer(&c, b, 1), 19, 19),
+          "copy-on-write: the last holder of a block writes in place; each sequence reads its own position 20");
+    kvcache_drop_sequence(&c, 0);
+    kvcache_drop_sequence(&c, b);
+    check(kvpool_blocks_in_use(&c.pools[0]) == 0 && kvpool_blocks_in_use(&c.pools[1]) == 0 && kvcache_bytes_held(&c) == 0 &&
+              c.pools[0].n_free == c.pools[0].n_ids,
+          "drop: every block's count returns to zero and its id goes back on the free list");
+    kvcache_free(&c);
+
+    /* latent attention's rows (a key row, no value row) get a pool of their own shape and copy on write too */
+    KVLayer shapes[2];
+    kvlayer_init(&shapes[0], 8, 0, 0);
+    kvlayer_init(&shapes[1], 8, 0, 0);
+    kvlayer_set_value_width(&shapes[1], 0);
+    kvcache_init(&c, 2, shapes, NULL);
+    int x = kvcache_add_sequence(&c);
+    float k[8], v[8];
+    for (int pos = 0; pos < 20; pos++) {
+        tagged_rows(k, v, 8, pos);
+        kvlayer_store(kvcache_layer(&c, x, 0), pos, k, v);
+        kvlayer_store(kvcache_layer(&c, x, 1), pos, k, NULL);
+    }
+    int y = kvcache_fork(&c, x), latent_ok = c.n_pools == 2 && c.pools[1].value_width == 0;
+    tagged_rows(k, v, 8, 500);
+    kvlayer_store(kvcache_layer(&c, y, 1), 20, k, NULL);
+    const KVLayer *lx = kvcache_layer(&c, x, 1), *ly = kvcache_layer(&c, y, 1);
+    for (int pos = 0; pos < 20; pos++)
+        latent_ok &= kvlayer_key(lx, pos)[3] == pos * 100.0f + 3 && kvlayer_key(ly, pos)[3] == pos * 100.0f + 3;
+    latent_ok &= kvlayer_key(ly, 20)[0] == 50000.0f && ly->block_ids[1] != lx->block_ids[1] && ly->v_blocks[1] == NULL &&
+                 kvcache_bytes_held(&c) == (size_t)(2 * 32 + 32 + 16) * 8 * sizeof(float);
+    check(latent_ok, "latent rows (no value row): a pool of their own shape; a fork copies the partial block, keys only");
+    kvcache_drop_sequence(&c, x);
+    kvcache_drop_sequence(&c, y);
+    check(kvcache_bytes_held(&c) == 0, "latent rows: every block returns to the pool");
+    kvcache_free(&c);
+
+    /* recurrent states: one per layer and sequence, zero when a sequence starts, copied whole by a fork */
+    KVLayer none[2];
+    memset(none, 0, sizeof none);
+    StateShape shape[2] = {{4, 8, 2}, {0, 0, 0}};
+    kvcache_init(&c, 2, none, shape);
+    int sa = kvcache_add_sequence(&c);
+    StateLayer *st = kvcache_state(&c, sa, 0);
+    int states_ok = st->window && st->state[7] == 0.0f && kvcache_state(&c, sa, 1)->window == NULL;
+    for (int i = 0; i < 8; i++) st->state[i] = (float)i + 1;
+    int sb = kvcache_fork(&c, sa);
+    StateLayer *sbs = kvcache_state(&c, sb, 0);
+    states_ok &= sbs->state != st->state && sbs->state[7] == 8.0f;
+    sbs->state[7] = -1.0f;
+    states_ok &= st->state[7] == 8.0f && kvcache_state_bytes(&c) == 2 * 14 * sizeof(float) &&
+                 kvcache_sequence_bytes(&c, sb) == 14 * sizeof(float);
+    kvcache_drop_sequence(&c, sa);
+    int sc = kvcache_add_sequence(&c); /* takes sa's id back, with a fresh zero state */
+    states_ok &= sc == sa && kvcache_state(&c, sc, 0)->state[0] == 0.0f && kvcache_state(&c, sb, 0)->state[7] == -1.0f;
+    check(states_ok, "recurrent states: one per sequence, zero at the start, a fork copies, writes stay its own");
+    kvcache_free(&c);
+
+    /* many sequences: random forks, stores and drops against a record of what each one wrote where */
+    enum { SEQS = 12, POSITIONS = 120 };
+    static int wrote[SEQS][POSITIONS];
+    int live[SEQS] = {0}, length[SEQS] = {0}, tag = 1, reads = 1, counts = 1;
+    init_test_cache(&c);
+    unsigned r = 7;
+    for (int step = 0; step < 3000; step++) {
+        r = r * 1103515245u + 12345u;
+        int op = (int)(r >> 16) % 10, i = (int)(r >> 8) % SEQS;
+        if (!live[i]) { /* a new sequence, or a fork of a live one */
+            int src = -1;
+            for (int j = 0; j < SEQS; j++)
+                if (live[j] && (src < 0 || (r >> 4) % 3 == 0)) src = j;
+            int id = src >= 0 && op < 7 ? kvcache_fork(&c, src) : kvcache_add_sequence(&c);
+            if (id >= SEQS) break;
+            live[id] = 1;
+            length[id] = src >= 0 && op < 7 ? length[src] : 0;
+            if (src >= 0 && op < 7) memcpy(wrote[id], wrote[src], sizeof wrote[id]);
+        } else if (op < 8 && length[i] < POSITIONS) {
+            store_all(&c, i, length[i], tag);
+            wrote[i][length[i]++] = tag++;
+        } else if (op == 9) {
+            kvcache_drop_sequence(&c, i);
+            live[i] = 0;
+        }
+        for (int j = 0; j < SEQS; j++)
+            for (int l = 0; live[j] && l < 3; l++)
+                for (int pos = 0; pos < length[j]; pos++)
+                    if (kvlayer_holds(kvcache_layer(&c, j, l), pos)) reads &= reads_tag(kvcache_layer(&c, j, l), pos, wrote[j][pos]);
+        size_t refs = 0, held = 0;
+        for (int j = 0; j < SEQS; j++)
+            for (int l = 0; live[j] && l < 3; l++)
+                for (int blk = 0; blk < kvcache_layer(&c, j, l)->n_blocks; blk++) refs += kvcache_layer(&c, j, l)->block_ids[blk] >= 0;
+        for (int p = 0; p < c.n_pools; p++)
+            for (int id = 0; id < c.pools[p].n_ids; id++) held += (size_t)c.pools[p].refs[id];
+        counts &= refs == held;
+    }
+    check(reads, "many sequences (random forks, stores, drops): every sequence reads back what it wrote, at every layer");
+    check(counts, "many sequences: each block's count equals the tables that hold it, after every step");
+    for (int j = 0; j < SEQS; j++)
+        if (live[j]) kvcache_drop_sequence(&c, j);
+    check(kvpool_blocks_in_use(&c.pools[0]) == 0 && kvpool_blocks_in_use(&c.pools[1]) == 0 && kvcache_bytes_held(&c) == 0,
+          "many sequences: once all are dropped every count is zero and no byte is held");
+    kvcache_free(&c);
 }
 
 static void test_head_mapping(void) {
@@ -230,11 +428,11 @@ static void test_attention(void) {
         float sink_logits[8];
         for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
         AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].mask, cases[c].span,
-                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE};
+                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE, LATENT_AUTO};
         AttentionSpec flash_spec = spec;
         flash_spec.kernel = KERNEL_FLASH;
         KVLayer l;
-        attention_cache_init(&l, kv_dim, &spec);
+        attention_cache_init(&l, kv_dim, kv_dim, &spec);
         double worst = 0.0, worst_flash = 0.0;
         int counts_ok = 1, most = 0, readable = 1;
         for (int pos = 0; pos < n_pos; pos++) {
@@ -307,9 +505,9 @@ static void test_attention_split(void) {
     for (int i = 0; i < H * head_dim; i++) q[i] = frand();
     for (int m = 0; m < 2; m++) {
         AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), 0, m ? MASK_SLIDING : MASK_CAUSAL, m ? 700 : 0,
-                              m ? 4 : 0, NULL, KERNEL_NAIVE};
+                              m ? 4 : 0, NULL, KERNEL_NAIVE, LATENT_AUTO};
         KVLayer l;
-        attention_cache_init(&l, head_dim, &spec);
+        attention_cache_init(&l, head_dim, head_dim, &spec);
         for (int pos = 0; pos < n_pos; pos++) {
             kvlayer_store(&l, pos, keys + (size_t)pos * head_dim, vals + (size_t)pos * head_dim);
             if (pos < 520 || pos % 97) continue;
@@ -626,18 +824,575 @@ static void test_tokenizer_records(void) {
     tokenizer_free(&t);
 }
 
-int main(void) {
+/* ------------------------------------------------------------------------------------------- */
+
+/* how often each of n tokens comes out of `draws` samples of logits (copied fresh each time) */
+static void sample_counts(const SamplerSettings *set, const float *logits, int n, int draws, int *counts) {
+    Sampler s;
+    float work[8];
+    if (sampler_init(&s, set, n) != 0) abort();
+    memset(counts, 0, (size_t)n * sizeof *counts);
+    for (int d = 0; d < draws; d++) {
+        memcpy(work, logits, (size_t)n * sizeof *work);
+        counts[sampler_sample(&s, work)]++;
+    }
+    sampler_free(&s);
+}
+
+static void test_sampler(void) {
+    /* p = softmax(l) = 0.5, 0.3, 0.15, 0.05 */
+    const float l[4] = {logf(0.5f), logf(0.3f), logf(0.15f), logf(0.05f)};
+    int c[4], draws = 40000;
+    SamplerSettings base = {.temperature = 1.0f, .top_p = 1.0f, .repeat_penalty = 1.0f, .repeat_last_n = 64, .seed = 7};
+
+    SamplerSettings k = base;
+    k.top_k = 2;
+    sample_counts(&k, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && fabs((double)c[0] / (c[0] + c[1]) - 0.5 / 0.8) < 0.015,
+          "sampler: top-k 2 draws only the two most likely, in proportion 5:3 (%d %d %d %d)", c[0], c[1], c[2], c[3]);
+    SamplerSettings p = base;
+    p.top_p = 0.79f; /* 0.5 + 0.3 passes 0.79: the nucleus stops there */
+    sample_counts(&p, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && c[0] > 0 && c[1] > 0, "sampler: top-p 0.79 keeps the tokens up to the one that reaches it");
+    p.top_p = 0.81f;
+    sample_counts(&p, l, 4, draws, c);
+    check(c[2] > 0 && c[3] == 0, "sampler: top-p 0.81 needs the third token too");
+    p.top_p = 0.79f, p.temperature = 5.0f; /* llama.cpp's order: the nucleus is chosen before the temperature */
+    sample_counts(&p, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && fabs((double)c[0] / (c[0] + c[1]) - 1.0 / (1.0 + pow(0.3 / 0.5, 0.2))) < 0.015,
+          "sampler: temperature 5 after top-p 0.79 flattens the two kept tokens only (%d %d)", c[0], c[1]);
+    SamplerSettings m = base;
+    m.min_p = 0.35f; /* keeps p >= 0.35 * 0.5 = 0.175 */
+    sample_counts(&m, l, 4, draws, c);
+    check(c[2] == 0 && c[3] == 0 && c[1] > 0, "sampler: min-p 0.35 keeps the tokens at least 0.35 times as likely as the first");
+    m.min_p = 0.29f; /* 0.145: the third stays */
+    sample_counts(&m, l, 4, draws, c);
+    check(c[2] > 0 && c[3] == 0, "sampler: min-p 0.29 keeps the third token too");
+    SamplerSettings all = base;
+    sample_counts(&all, l, 4, draws, c);
+    check(fabs(c[3] / (double)draws - 0.05) < 0.006 && fabs(c[0] / (double)draws - 0.5) < 0.015,
+          "sampler: without filters, draws follow softmax (%d %d %d %d of %d)", c[0], c[1], c[2], c[3], draws);
+
+    /* repeat penalty: positive logits divided by R, negative multiplied, only for tokens in the window */
+    SamplerSettings r = base;
+    r.temperature = 0.0f, r.repeat_penalty = 2.0f, r.repeat_last_n = 2;
+    Sampler s;
+    if (sampler_init(&s, &r, 4) != 0) abort();
+    float x[4] = {2.0f, -2.0f, 1.5f, 0.5f};
+    sampler_accept(&s, 3); /* pushed out of the window of 2 by the next two */
+    sampler_accept(&s, 0);
+    sampler_accept(&s, 1);
+    sampler_accept(&s, 0);
+    int best = sampler_sample(&s, x);
+    check(x[0] == 1.0f && x[1] == -4.0f && x[2] == 1.5f && x[3] == 0.5f && best == 2,
+          "sampler: --repeat-penalty 2 over the last 2 tokens: 2 -> 1, -2 -> -4, others unchanged; greedy picks the "
+          "unpenalized token (%g %g %g %g, picked %d)", x[0], x[1], x[2], x[3], best);
+    sampler_free(&s);
+}
+
+/* deflate_bytes against the format: a small inflater written from RFC 1951 (dynamic blocks only, which is all
+ * deflate_bytes writes) must give the bytes back */
+typedef struct {
+    const unsigned char *p;
+    size_t n, pos;
+    int bit;
+} BitReader;
+
+static int get_bits(BitReader *r, int count) {
+    int v = 0;
+    for (int i = 0; i < count; i++) {
+        if (r->pos >= r->n) return -1;
+        v |= ((r->p[r->pos] >> r->bit) & 1) << i;
+        if (++r->bit == 8) r->bit = 0, r->pos++;
+    }
+    return v;
+}
+
+/* decodes one symbol with canonical code lengths len[0..n): the codes of each length are consecutive, in
+ * symbol order, after those of the shorter lengths (RFC 1951 3.2.2); a code arrives first bit first */
+static int get_symbol(BitReader *r, const unsigned char *len, int n) {
+    int code = 0, first = 0;
+    for (int bits = 1; bits <= 15; bits++) {
+        int b = get_bits(r, 1), count = 0;
+        if (b < 0) return -1;
+        code |= b;
+        for (int i = 0; i < n; i++) count += len[i] == bits;
+        if (code - first < count)
+            for (int i = 0, k = 0; i < n; i++)
+                if (len[i] == bits && k++ == code - first) return i;
+        first = (first + count) << 1;
+        code <<= 1;
+    }
+    return -1;
+}
+
+static long inflate_all(const unsigned char *z, size_t n, unsigned char *out, size_t cap) {
+    static const int lbase[29] = {3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+                                  131, 163, 195, 227, 258};
+    static const int lextra[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
+    static const int dbase[30] = {1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025,
+                                  1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577};
+    static const int dextra[30] = {0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
+    static const int order[19] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
+    BitReader r = {z, n, 0, 0};
+    size_t o = 0;
+    for (int final = 0; !final;) {
+        final = get_bits(&r, 1);
+        if (get_bits(&r, 2) != 2) return -1; /* deflate_bytes writes dynamic blocks only */
+        int hlit = get_bits(&r, 5) + 257, hdist = get_bits(&r, 5) + 1, hclen = get_bits(&r, 4) + 4;
+        unsigned char cl[19] = {0}, lens[320] = {0};
+        for (int i = 0; i < hclen; i++) cl[order[i]] = (unsigned char)get_bits(&r, 3);
+        for (int i = 0; i < hlit + hdist;) {
+            int sym = get_symbol(&r, cl, 19), rep = 0, val = 0;
+            if (sym < 0) return -1;
+            if (sym < 16) lens[i++] = (unsigned char)sym;
+            else {
+                if (sym == 16) { if (i == 0) return -1; val = lens[i - 1], rep = 3 + get_bits(&r, 2); }
+                else if (sym == 17) rep = 3 + get_bits(&r, 3);
+                else rep = 11 + get_bits(&r, 7);
+                if (i + rep > hlit + hdist) return -1;
+                while (rep--) lens[i++] = (unsigned char)val;
+            }
+        }
+        for (;;) {
+            int sym = get_symbol(&r, lens, hlit);
+            if (sym < 0) return -1;
+            if (sym == 256) break;
+            if (sym < 256) {
+                if (o == cap) return -1;
+                out[o++] = (unsigned char)sym;
+                continue;
+            }
+            int len = lbase[sym - 257] + get_bits(&r, lextra[sym - 257]);
+            int dc = get_symbol(&r, lens + hlit, hdist);
+            if (dc < 0) return -1;
+            size_t dist = (size_t)(dbase[dc] + get_bits(&r, dextra[dc]));
+            if (dist > o || o + (size_t)len > cap) return -1;
+            for (int k = 0; k < len; k++, o++) out[o] = out[o - dist];
+        }
+    }
+    return (long)o;
+}
+
+static void test_deflate(void) {
+    size_t n = 200000;
+    unsigned char *data = malloc(n), *back = malloc(n);
+    for (size_t i = 0; i < n; i++) /* runs, repeats at many distances, and noise */
+        data[i] = i % 5000 < 2000 ? (unsigned char)(i / 700) : i % 7 == 0 ? (unsigned char)(frand() * 100) : data[i - 1 - (i % 300)];
+    size_t z_len;
+    unsigned char *z = deflate_bytes(data, n, &z_len);
+    long got = z ? inflate_all(z, z_len, back, n) : -1;
+    check(got == (long)n && memcmp(data, back, n) == 0 && z_len < n / 4,
+          "deflate: 200 kB of runs, repeats and noise come back through an inflater written from RFC 1951 (%zu bytes)", z_len);
+    free(z);
+    z = deflate_bytes(data, 1, &z_len);
+    got = z ? inflate_all(z, z_len, back, 1) : -1;
+    check(got == 1 && back[0] == data[0], "deflate: one byte");
+    free(z), free(data), free(back);
+}
+
+/* special tokens: the automaton against trying every token at every byte, longest first (smaller id
+ * between identical ones), over random tokens and texts of a 3-letter alphabet (many shared prefixes,
+ * suffixes and overlaps) */
+
+static int longest_special_by_hand(const unsigned char *const *piece, const int *len, int n, const unsigned char *s,
+                                   size_t left) {
+    int best = -1;
+    for (int id = 0; id < n; id++)
+        if ((size_t)len[id] <= left && memcmp(s, piece[id], (size_t)len[id]) == 0 &&
+            (best < 0 || len[id] > len[best]))
+            best = id;
+    return best;
+}
+
+static void test_special_matcher(void) {
+    enum { N = 60, MAX_LEN = 7, TEXT = 400 };
+    unsigned char storage[N][MAX_LEN], text[TEXT];
+    const unsigned char *piece[N];
+    int len[N], ids[N], at[TEXT], bad = 0;
+    for (int round = 0; round < 50; round++) {
+        int n = 1 + round % N;
+        for (int id = 0; id < n; id++) {
+            len[id] = 1 + (int)((frand() + 1.0f) * 0.5f * MAX_LEN) % MAX_LEN;
+            for (int k = 0; k < len[id]; k++) storage[id][k] = (unsigned char)('a' + (int)((frand() + 1.0f) * 1.5f) % 3);
+            piece[id] = storage[id];
+            ids[id] = id;
+        }
+        SpecialMatcher m;
+        if (specials_build(&m, ids, n, piece, len) != 0) {
+            check(0, "specials_build: out of memory");
+            return;
+        }
+        for (int i = 0; i < TEXT; i++) text[i] = (unsigned char)('a' + (int)((frand() + 1.0f) * 1.5f) % 3);
+        specials_longest_at(&m, text, TEXT, at);
+        for (int i = 0; i < TEXT; i++)
+            bad += at[i] != longest_special_by_hand(piece, len, n, text + i, TEXT - i);
+        specials_free(&m);
+    }
+    check(bad == 0, "special tokens: the automaton finds the longest token at each of 50 x 400 bytes (%d wrong)", bad);
+}
+
+/* torch.topk's choice among tied scores (tests/data/router_ties.txt, from tools/make_router_ties.py): the
+experts moe.c routes to must be the very same set. */
+static void test_router_ties(void) {
+    FILE *f = fopen("tests/data/router_ties.txt", "r");
+    if (!f) {
+        check(0, "router ties: tests/data/router_ties.txt is readable");
+        return;
+    }
+    char line[16384];
+    int cases = 0, same = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#') continue;
+        char *p = line, *end;
+        int n = (int)strtol(p, &end, 10), k = (int)strtol(end, &p, 10), want[64], got[64];
+        float scores[512];
+        for (int i = 0; i < n; i++) scores[i] = strtof(p, &p);
+        p = strchr(p, '|') + 1;
+        for (int i = 0; i < k; i++) want[i] = (int)strtol(p, &p, 10);
+        router_top_k(scores, NULL, n, k, got);
+        int all = 1;
+        for (int i = 0; i < k; i++) {
+            int found = 0;
+            for (int j = 0; j < k; j++) found |= got[j] == want[i];
+            all &= found;
+        }
+        same += all, cases++;
+    }
+    fclose(f);
+    check(cases >= 300 && same == cases, "router ties: the experts chosen among tied scores are torch.topk's, in %d of %d cases",
+          same, cases);
+}
+
+/* --explore's rows: a stored weight reads back within m/510, one left out is below the threshold, and a row
+ * that is not a distribution over the mask's keys is refused */
+static void test_explore_rows(void) {
+    AttentionSpec a = {8, 1.0f, 0.0f, MASK_SLIDING, 4, 0, NULL, KERNEL_NAIVE, 0}; /* query 9 sees keys 6 .. 9 */
+    float row[10] = {0, 0, 0, 0, 0, 0, 0.5f, 0.25f, 0.2495f, 0.0005f}, m;
+    unsigned char bitmap[4], codes[16];
+    char err[128];
+    int n;
+    int rc = explore_quantise_row(row, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err);
+    check(rc == 0 && m == 0.5f && n == 3 && bitmap[0] == 7 && codes[0] == 255 && codes[1] == 128 && codes[2] == 127,
+          "explore: a row is stored as its largest weight, a bitmap of the keys kept, and 8-bit codes (%d)", rc);
+    float bad[10];
+    memcpy(bad, row, sizeof row);
+    bad[7] = NAN;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "finite"),
+          "explore: a weight that is not finite is refused (%s)", err);
+    memcpy(bad, row, sizeof row);
+    bad[2] = 0.25f, bad[7] = 0.0f;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "hides"),
+          "explore: weight on a key the mask hides is refused (%s)", err);
+    memcpy(bad, row, sizeof row);
+    bad[6] = 0.4f;
+    check(explore_quantise_row(bad, &a, 9, 1e-3f, bitmap, codes, &m, &n, err, sizeof err) != 0 && strstr(err, "sum"),
+          "explore: a row that does not sum to 1 is refused (%s)", err);
+
+    /* a causal row of 300 random weights: every stored one within m/510, every other below the threshold */
+    enum { N = 300 };
+    AttentionSpec causal = {8, 1.0f, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE, 0};
+    static float w[N];
+    static unsigned char big_codes[N], big_bitmap[(N + 7) / 8];
+    float sum = 0.0f;
+    for (int j = 0; j < N; j++) sum += w[j] = expf(4.0f * frand());
+    for (int j = 0; j < N; j++) w[j] /= sum;
+    rc = explore_quantise_row(w, &causal, N - 1, 1e-3f, big_bitmap, big_codes, &m, &n, err, sizeof err);
+    int ok = rc == 0, k = 0, left_out = 0;
+    for (int j = 0; ok && j < N; j++)
+        if (big_bitmap[j / 8] >> (j % 8) & 1) ok &= fabsf(big_codes[k++] * m / 255.0f - w[j]) <= m / 510.0f + 1e-7f;
+        else ok &= w[j] < 1e-3f || w[j] < m / 510.0f, left_out++;
+    check(ok && k == n && left_out > 0 && n > 0, "explore: 300 random weights: %d stored within m/510, %d below the threshold", n,
+          left_out);
+}
+
+/* ------------------------------------------------------------------------------------------- */
+
+/* the matches of pattern in text, as "start-end " pairs in buf ("!" + the error if it does not compile) */
+static const char *matches_of(const char *pattern, const char *text, size_t len, char *buf, size_t size) {
+    char err[256];
+    Regex *re = regex_compile(pattern, strlen(pattern), err, sizeof err);
+    if (!re) {
+        snprintf(buf, size, "!%s", err);
+        return buf;
+    }
+    RegexScratch *sc = regex_scratch_new();
+    RegexIterator it = {0, 0, 0};
+    size_t a, b, used = 0;
+    buf[0] = '\0';
+    while (regex_next_match(re, sc, (const unsigned char *)text, len, &it, &a, &b) > 0 && used + 24 < size)
+        used += (size_t)snprintf(buf + used, size - used, "%zu-%zu ", a, b);
+    regex_scratch_free(sc);
+    regex_free(re);
+    return buf;
+}
+
+static int matches_are(const char *pattern, const char *text, const char *want) {
+    char buf[512];
+    return strcmp(matches_of(pattern, text, strlen(text), buf, sizeof buf), want) == 0;
+}
+
+static int refuses(const char *pattern, const char *why) {
+    char buf[512];
+    matches_of(pattern, "", 0, buf, sizeof buf);
+    return buf[0] == '!' && strstr(buf, why) != NULL;
+}
+
+static void test_regex(void) {
+    check(matches_are("(a|ab)(c|bcd)", "abcd", "0-4 "), "regex: alternatives are tried left to right, backtracking into the first");
+    check(matches_are("x*", "axxb", "0-0 1-3 4-4 "),
+          "regex: an empty match right after a match is skipped, as the tokenizers library's Oniguruma iterator does");
+    check(matches_are("a+?b|a", "aab", "0-3 "), "regex: a lazy repeat grows until the rest matches");
+    check(matches_are("a++a|b", "aaab", "3-4 "), "regex: a possessive repeat gives nothing back");
+    check(matches_are("(?>a+)b|a+", "aaa", "0-3 "), "regex: an atomic group keeps its first match");
+    check(matches_are("(?i:'s|'t)", "'S 'T 'ſ 's", "0-2 3-5 6-9 10-12 "),
+          "regex: (?i:...) folds case, the long s (U+017F) included");
+    check(matches_are("(?i)k", "kK\xE2\x84\xAA", "0-1 1-2 2-5 "), "regex: (?i) to the end of the group; the Kelvin sign folds to k");
+    check(matches_are("[^\\s\\p{L}]+", "ab, \xE4\xB8\xAD!", "2-3 7-8 "), "regex: a negated class with \\s and \\p{L}");
+    check(matches_are("\\p{Han}+|\\p{Lu}\\p{Ll}*", "\xE4\xB8\xAD\xE6\x96\x87" "Ab", "0-6 6-8 "), "regex: a script and categories");
+    check(matches_are("\\s+$", "a  \n b ", "1-3 6-7 "), "regex: $ matches before each newline and at the end");
+    check(matches_are("(?=(\\d{3})+(?!\\d))", "1234567", "1-1 4-4 "), "regex: lookahead that matches empty (digit groups)");
+    check(matches_are("\\bfoo\\b", "foo foobar barfoo foo", "0-3 18-21 "), "regex: word boundaries");
+    check(matches_are("x{2,3}|y{,1}z|a{", "xxxxyzza{", "0-3 4-6 6-7 7-9 "), "regex: counted repeats, {,m}, and a brace that is no repeat");
+    check(matches_are("(?:ab)*c", "ababcabc", "0-5 5-8 "), "regex: a group repeated");
+    check(matches_are("(?:a*)*b", "aab", "0-3 "), "regex: a loop whose body can match empty still ends");
+    const char *refused[][2] = {{"(?<=a)b", "lookbehind"}, {"(a)\\1", "backreference"}, {"[a[b]]", "nested"},
+                                {"[a&&b]", "intersection"}, {"\\p{Klingon}", "property"}, {"(?m)a", "flag"}, {"a)", "unmatched"},
+                                {"(a", "missing"}, {"[a", "unterminated"}, {"a**", "nested quantifier"}, {"\\X", "escape"},
+                                {"x{3,2}", "m < n"}, {"\xff", "UTF-8"}, {"^*", "anchor"}};
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
+        check(refuses(refused[i][0], refused[i][1]), "regex: %s is refused, naming %s",
+              (unsigned char)refused[i][0][0] < 0x80 ? refused[i][0] : "a byte that is not UTF-8", refused[i][1]);
+    /* (a*)*b tries every way to cut a run of a's: exponential, so the search gives up instead of hanging */
+    char err[256];
+    Regex *slow = regex_compile("(a*)*b", 6, err, sizeof err);
+    RegexScratch *sc = regex_scratch_new();
+    size_t a, b;
+    const char *as = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaac";
+    check(slow && sc && regex_search(slow, sc, (const unsigned char *)as, strlen(as), 0, &a, &b) == REGEX_TOO_SLOW,
+          "regex: a search that backtracks without end stops with REGEX_TOO_SLOW");
+    regex_free(slow);
+    regex_scratch_free(sc);
+    /* a megabyte of letters through a greedy run and a general loop: the backtracking lives on the heap */
+    size_t n = 1 << 20;
+    char *big = malloc(n + 1), buf[64];
+    for (size_t i = 0; i < n; i++) big[i] = "ab"[i % 2];
+    big[n] = '\0';
+    check(strcmp(matches_of("\\p{L}+(?!\\S)|(?:a|b)+c", big, n, buf, sizeof buf), "0-1048576 ") == 0,
+          "regex: a 1 MiB run of letters matches without deep recursion");
+    free(big);
+}
+
+/* A byte-level tokenizer record with one piece, the given pretokenizer, and Split steps after the merges. */
+static size_t pack_split_record(unsigned char *buf, unsigned pretokenizer, const char **patterns, const unsigned *behaviors,
+                                int n_steps) {
+    static const TestPiece one[] = {{"a", 0, PIECE_NORMAL}};
+    size_t size = pack_tokenizer(buf, 1, 0, -1, one, 1);
+    unsigned char *p = buf + 4;
+    put_u32(&p, pretokenizer);
+    p = buf + size;
+    if (n_steps > 0) put_u32(&p, (uint32_t)n_steps);
+    for (int i = 0; i < n_steps; i++) {
+        put_u32(&p, behaviors[i] & 0xFF);
+        put_u32(&p, behaviors[i] >> 8);
+        put_u32(&p, (uint32_t)strlen(patterns[i]));
+        memcpy(p, patterns[i], strlen(patterns[i]));
+        p += strlen(patterns[i]);
+    }
+    return (size_t)(p - buf);
+}
+
+/* the words of text as "word|word|" */
+static const char *words_of(const Tokenizer *t, const char *text, char *buf, size_t size) {
+    size_t spans[512], used = 0;
+    int n = tokenizer_pretokenize(t, text, strlen(text), spans);
+    buf[0] = '\0';
+    for (int i = 0; i < n && used + strlen(text) + 2 < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, "%.*s|", (int)(spans[2 * i + 1] - spans[2 * i]), text + spans[2 * i]);
+    return buf;
+}
+
+static void test_split_steps(void) {
+    static unsigned char buf[4096];
+    char err[256], words[512];
+    Tokenizer t;
+    struct {
+        unsigned behavior;
+        const char *pattern, *want, *name;
+    } cases[] = {
+        {SPLIT_ISOLATED, "\\d", "ab|1|2|cd|3|", "Isolated"},
+        {SPLIT_REMOVED, "\\d+", "ab|cd|", "Removed"},
+        {SPLIT_MERGED_WITH_PREVIOUS, "\\d+", "ab12|cd3|", "MergedWithPrevious"},
+        {SPLIT_MERGED_WITH_NEXT, "\\d+", "ab|12cd|3|", "MergedWithNext"},
+        {SPLIT_CONTIGUOUS, "\\d", "ab|12|cd|3|", "Contiguous"},
+        {SPLIT_REMOVED | SPLIT_INVERT << 8, "\\d+", "12|3|", "Removed, inverted"},
+        {SPLIT_MERGED_WITH_NEXT | SPLIT_INVERT << 8, "\\d+", "ab12|cd3|", "MergedWithNext, inverted"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        int ok = tokenizer_load(&t, buf, pack_split_record(buf, PRETOKENIZE_SPLITS, &cases[i].pattern, &cases[i].behavior, 1), 1,
+                                err, sizeof err) == 0;
+        check(ok && strcmp(words_of(&t, "ab12cd3", words, sizeof words), cases[i].want) == 0,
+              "split step %s: \"ab12cd3\" -> %s (got %s)", cases[i].name, cases[i].want, ok ? words : err);
+        tokenizer_free(&t);
+    }
+    const char *two[] = {"\\p{N}", tokenizer_known_regex[PRETOKENIZE_GPT2]};
+    unsigned isolated[] = {SPLIT_ISOLATED, SPLIT_ISOLATED};
+    int ok = tokenizer_load(&t, buf, pack_split_record(buf, PRETOKENIZE_SPLITS, two, isolated, 2), 1, err, sizeof err) == 0;
+    check(ok && strcmp(words_of(&t, "a 123 b", words, sizeof words), "a| |1|2|3| b|") == 0,
+          "split steps in sequence: digits one by one, then the GPT-2 regex on each piece (StarCoder)");
+    tokenizer_free(&t);
+    const char *bad[] = {"(?<=x)"};
+    check(tokenizer_load(&t, buf, pack_split_record(buf, PRETOKENIZE_SPLITS, bad, isolated, 1), 1, err, sizeof err) != 0 &&
+              strstr(err, "step 0") && strstr(err, "lookbehind"),
+          "split step: a regex that does not compile is a one-line load error (%s)", err);
+}
+
+/* The hand-written GPT-2 / Llama 3 / Qwen2 matchers split every text exactly as the regex they stand for. */
+static void test_fast_pretokenizers(void) {
+    static unsigned char buf[4096];
+    static const char *alphabet[] = {"a", "B", "z", "s", "S", "t", "l", "L", "d", "'", " ", "  ", "\t", "\n", "\r", "0",
+                                     "7", "!", ".", "-", "/", "\xC5\xBF", "\xC3\xA9", "\xE4\xB8\xAD", "\xE2\x85\xA3",
+                                     "\xD9\xA3", "\xC2\xA0", "\xE3\x80\x80", "\xF0\x9F\x98\x80", "\xCC\x81", "\xFF", "\xC3"};
+    char err[256], text[128], fast[1024], slow[1024];
+    for (int which = PRETOKENIZE_GPT2; which <= PRETOKENIZE_QWEN2; which++) {
+        Tokenizer t, regex_only;
+        size_t size = pack_split_record(buf, (unsigned)which, NULL, NULL, 0);
+        if (tokenizer_load(&t, buf, size, 1, err, sizeof err) || tokenizer_load(&regex_only, buf, size, 1, err, sizeof err)) {
+            check(0, "pre-tokenizer %d: record loads (%s)", which, err);
+            continue;
+        }
+        tokenizer_use_regex_only(&regex_only);
+        int agree = 0, total = 20000;
+        for (int k = 0; k < total; k++) {
+            size_t len = 0, pieces = frand() * 8 + 9;
+            for (size_t j = 0; j < pieces; j++) {
+                const char *c = alphabet[(rng_state >> 8) % (sizeof alphabet / sizeof *alphabet)];
+                frand();
+                memcpy(text + len, c, strlen(c));
+                len += strlen(c);
+            }
+            text[len] = '\0';
+            agree += strcmp(words_of(&t, text, fast, sizeof fast), words_of(&regex_only, text, slow, sizeof slow)) == 0;
+        }
+        check(agree == total, "pre-tokenizer %s: the hand-written matcher and the regex split %d/%d random texts alike",
+              which == PRETOKENIZE_GPT2 ? "GPT-2" : which == PRETOKENIZE_LLAMA3 ? "Llama 3" : "Qwen2", agree, total);
+        tokenizer_free(&t);
+        tokenizer_free(&regex_only);
+    }
+}
+
+/* tests/unit --regex-matches: for each input line "PATTERN_HEX TEXT_HEX", prints the byte spans of every match
+ * ("start,end" separated by spaces) or "ERR reason" (tests/test_regex.py compares them with another engine) */
+static int regex_matches_tool(void) {
+    static char line[1 << 20];
+    static unsigned char pattern[1 << 19], text[1 << 19];
+    RegexScratch *sc = regex_scratch_new();
+    while (fgets(line, sizeof line, stdin)) {
+        size_t np = 0, nt = 0;
+        char *p = line;
+        unsigned v;
+        for (; p[0] && p[1] && p[0] != ' ' && sscanf(p, "%2x", &v) == 1; p += 2) pattern[np++] = (unsigned char)v;
+        for (p += *p == ' '; p[0] && p[1] && p[0] != '\n' && sscanf(p, "%2x", &v) == 1; p += 2) text[nt++] = (unsigned char)v;
+        char err[256];
+        Regex *re = regex_compile((const char *)pattern, np, err, sizeof err);
+        if (!re) {
+            printf("ERR %s\n", err);
+            continue;
+        }
+        RegexIterator it = {0, 0, 0};
+        size_t a, b;
+        for (int first = 1; regex_next_match(re, sc, text, nt, &it, &a, &b) > 0; first = 0) printf(first ? "%zu,%zu" : " %zu,%zu", a, b);
+        printf("\n");
+        regex_free(re);
+    }
+    regex_scratch_free(sc);
+    return 0;
+}
+
+/* A recurrent layer's state: zeros at first, the same bytes whatever is written, copied whole (a forked
+ * sequence goes on from the same state), zeros again after a reset. */
+static void test_recurrent_state(void) {
+    StateShape shape = {3 * 8, 8 * 16, 8};
+    StateLayer a, b;
+    check(statelayer_init(&a, shape) == 0 && statelayer_init(&b, shape) == 0, "state: allocated");
+    check(statelayer_bytes(&a) == (3 * 8 + 8 * 16 + 8) * sizeof(float) && statelayer_bytes_of(shape) == statelayer_bytes(&a),
+          "state: bytes = (window + state + ffn) floats");
+    int zero = 1;
+    for (size_t i = 0; i < shape.window; i++) zero &= a.window[i] == 0.0f;
+    for (size_t i = 0; i < shape.state; i++) zero &= a.state[i] == 0.0f;
+    for (size_t i = 0; i < shape.ffn; i++) zero &= a.ffn[i] == 0.0f;
+    check(zero, "state: starts at zero");
+    for (size_t i = 0; i < shape.window; i++) a.window[i] = frand();
+    for (size_t i = 0; i < shape.state; i++) a.state[i] = frand();
+    for (size_t i = 0; i < shape.ffn; i++) a.ffn[i] = frand();
+    statelayer_copy(&b, &a);
+    check(!memcmp(a.window, b.window, statelayer_bytes(&a)) && b.state == b.window + shape.window && b.ffn == b.state + shape.state,
+          "state: a copy holds the same window, state and ffn parts");
+    statelayer_reset(&a);
+    zero = 1;
+    for (size_t i = 0; i < shape.window + shape.state + shape.ffn; i++) zero &= a.window[i] == 0.0f;
+    check(zero && b.state[3] != 0.0f, "state: a reset clears it, the copy keeps its own");
+    statelayer_free(&a);
+    statelayer_free(&b);
+    StateLayer none;
+    check(statelayer_init(&none, (StateShape){0, 0, 0}) == 0 && statelayer_bytes(&none) == 0 && !none.window,
+          "state: an attention layer's is empty");
+}
+
+/* The causal convolution gives the same bits whether the tokens come in one chunk, one by one, or in chunks
+ * shorter than its window, and equals the sum written out here. */
+static void test_causal_conv(void) {
+    enum { C = 5, K = 4, N = 9 };
+    float w[C * K], b[C], x[N * C], whole[N * C], parts[N * C], win_a[(K - 1) * C] = {0}, win_b[(K - 1) * C] = {0};
+    for (int i = 0; i < C * K; i++) w[i] = frand();
+    for (int i = 0; i < C; i++) b[i] = frand();
+    for (int i = 0; i < N * C; i++) x[i] = frand();
+    Tensor weight = {w, DTYPE_F32, C, K, 1}, bias = {b, DTYPE_F32, 1, C, 1};
+    causal_conv_silu(whole, x, N, C, win_a, &weight, &bias);
+    int chunks[] = {1, 2, 1, 3, 2}, at = 0;
+    for (int i = 0; i < 5; i++) {
+        causal_conv_silu(parts + at * C, x + at * C, chunks[i], C, win_b, &weight, &bias);
+        at += chunks[i];
+    }
+    double worst = 0;
+    for (int t = 0; t < N; t++)
+        for (int c = 0; c < C; c++) {
+            double sum = b[c];
+            for (int k = 0; k < K; k++)
+                if (t - (K - 1) + k >= 0) sum += (double)w[c * K + k] * x[(t - (K - 1) + k) * C + c];
+            double want = sum / (1.0 + exp(-sum));
+            if (fabs(want - whole[t * C + c]) > worst) worst = fabs(want - whole[t * C + c]);
+        }
+    check(!memcmp(whole, parts, sizeof whole) && !memcmp(win_a, win_b, sizeof win_a),
+          "causal conv: chunks of 1, 2, 1, 3, 2 tokens give the bits of one chunk of 9, and the same window");
+    check(worst < 1e-5, "causal conv: equals the sum of the last K inputs, then SiLU (max err %.1e)", worst);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--regex-matches") == 0) return regex_matches_tool();
     test_paged_cache();
+    test_single_row_cache();
+    test_recurrent_state();
+    test_causal_conv();
     test_rolling_buffer();
+    test_shared_blocks();
     test_head_mapping();
     test_attention();
     test_attention_split();
     test_cross_attention();
     test_ops();
+    test_router_ties();
     test_matmul();
     test_parallel();
     test_utf8();
     test_tokenizer_records();
+    test_sampler();
+    test_deflate();
+    test_explore_rows();
+    test_special_matcher();
+    test_regex();
+    test_split_steps();
+    test_fast_pretokenizers();
     printf("unit: %d failed\n", failures);
     return failures ? 1 : 0;
 }
