@@ -95,7 +95,7 @@ int attention_block(const Model *m, int l, RunState *s, const Batch *b) {
     profile_section(PROFILE_QKV);
     int gated = (a->flags & ATTN_OUTPUT_GATE) != 0;
     float *gate = s->mixer_scratch;
-    matmul_many((Projection[]){{s->q, &w->wq}, {s->k, &w->wk}, {s->v, &w->wv}, {gate, &w->wg}}, gated ? 4 : 3, xb, n);
+    matmul_many(&s->scratch, (Projection[]){{s->q, &w->wq}, {s->k, &w->wk}, {s->v, &w->wv}, {gate, &w->wg}}, gated ? 4 : 3, xb, n);
     add_bias(s->q, &w->bq, n);
     add_bias(s->k, &w->bk, n);
     add_bias(s->v, &w->bv, n);
@@ -118,7 +118,7 @@ int attention_block(const Model *m, int l, RunState *s, const Batch *b) {
     /* the heads' outputs side by side, mixed by the output projection */
     profile_section(PROFILE_WO);
     if (gated) gate_heads(xb, gate, (size_t)n * q_dim);
-    matmul(s->xb2, xb, &w->wo, n);
+    matmul(&s->scratch, s->xb2, xb, &w->wo, n);
     add_bias(s->xb2, &w->bo, n);
     return 0;
 }
@@ -134,18 +134,18 @@ void dense_ffn_block(const Model *m, int l, RunState *s, int n) {
     size_t inner = (size_t)n * lc->ffn.hidden;
     profile_section(PROFILE_GATE_UP);
     if (lc->ffn_kind == FFN_GATED) {
-        matmul_many((Projection[]){{s->hb, &w->w_up}, {s->hb2, &w->w_gate}}, 2, s->xb, n);
+        matmul_many(&s->scratch, (Projection[]){{s->hb, &w->w_up}, {s->hb2, &w->w_gate}}, 2, s->xb, n);
         add_bias(s->hb, &w->b_up, n);
         add_bias(s->hb2, &w->b_gate, n);
         profile_section(PROFILE_ACTIVATION);
         activate(s->hb, s->hb2, inner, lc->ffn.activation);
     } else {
-        matmul(s->hb, s->xb, &w->w_up, n);
+        matmul(&s->scratch, s->hb, s->xb, &w->w_up, n);
         add_bias(s->hb, &w->b_up, n);
         profile_section(PROFILE_ACTIVATION);
         activate(s->hb, NULL, inner, lc->ffn.activation);
     }
     profile_section(PROFILE_DOWN);
-    matmul(s->xb2, s->hb, &w->w_down, n);
+    matmul(&s->scratch, s->xb2, s->hb, &w->w_down, n);
     add_bias(s->xb2, &w->b_down, n);
 }

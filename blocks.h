@@ -10,8 +10,8 @@
 int attention_block(const Model *m, int layer, RunState *s, const Batch *b);
 int latent_attention_block(const Model *m, int layer, RunState *s, const Batch *b); /* mla.c */
 /* latent attention's scratch (RunState.mla, NULL when m has no latent layer), sized for every latent layer of
- * m; 0, or -1 when out of memory */
-int mla_scratch_init(LatentScratch **x, const Model *m, int max_tokens);
+ * m, and room in the products' scratch ws for its own inputs; 0, or -1 when out of memory */
+int mla_scratch_init(LatentScratch **x, MatmulScratch *ws, const Model *m, int max_tokens);
 void mla_scratch_free(LatentScratch *x);
 /* the recurrent mixers (recurrent.h): each folds a run of one sequence's tokens (s->state_seq) into that sequence's state, kvcache_state() */
 int mamba_block(const Model *m, int layer, RunState *s, int n, int pos);

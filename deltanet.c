@@ -201,7 +201,7 @@ int deltanet_block(const Model *m, int l, RunState *s, int n, int pos) {
     (void)pos;
 
     /* q | k | v (convolved), z (the output gate), and per value head b and a (beta and the decay) */
-    matmul_many((Projection[]){{qkv, &w->w_qkv}, {z, &w->w_z}, {beta, &w->w_beta}, {g, &w->w_decay}}, 4, s->xb, n);
+    matmul_many(&s->scratch, (Projection[]){{qkv, &w->w_qkv}, {z, &w->w_z}, {beta, &w->w_beta}, {g, &w->w_decay}}, 4, s->xb, n);
     causal_conv_silu(u, qkv, n, conv_dim, st->window, &w->conv, &w->conv_bias);
     for (int t = 0; t < n; t++) /* |q| = 1 / sqrt(k_head_dim), |k| = 1 */
         for (int h = 0; h < 2 * Hk; h++)
@@ -212,6 +212,6 @@ int deltanet_block(const Model *m, int l, RunState *s, int n, int pos) {
     long long work_estimate = (long long)n * Hv * a->k_head_dim * a->v_head_dim * (n > 1 ? 4 + a->chunk / 4 : 3);
     parallel_for(Hv, 1, work_estimate, delta_heads, &scan);
     norm_then_gate(o, z, &w->norm, n * Hv, a->v_head_dim, m->config.norm_eps);
-    matmul(s->xb2, o, &w->w_out, n);
+    matmul(&s->scratch, s->xb2, o, &w->w_out, n);
     return 0;
 }

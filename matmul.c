@@ -35,6 +35,7 @@
  *
  * Attention's inner loops (dot_product4, dot_product16, add_scaled_rows) are here too, beside the SIMD they
  * share. */
+#include <assert.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -90,7 +91,7 @@
 
 
 /* ---------------------------------------------------------------------------------------------
- * q8_0 activations: x[n][cols] quantized per group of 32, in a scratch buffer shared by all threads */
+ * q8_0 activations: x[n][cols] quantized per group of 32, in the caller's MatmulScratch, shared by all threads */
 
 typedef struct {
     int cols, groups;          /* groups = cols / 32 */
@@ -99,11 +100,6 @@ typedef struct {
     float *scale;              /* [groups rounded up to 16]: max|x| / 127 of each group, zero padded */
     int32_t *sum;              /* [groups rounded up to 16]: sum of each group's q, zero padded */
 } QuantizedRow;
-
-static struct {
-    unsigned char *data;
-    size_t size;
-} scratch;
 
 static size_t round_up(size_t v, size_t to) { return (v + to - 1) / to * to; }
 
@@ -1082,16 +1078,38 @@ static int uses_blas(const Tensor *w, int n) {
 /* bytes of the bf16 tiles of n tokens of cols (--bf16-prefill) */
 static size_t bf16_tokens_bytes(int n, int cols) { return round_up((size_t)n, 16) * (size_t)cols * 2; }
 
-int matmul_reserve(int max_tokens, int max_cols) {
-    size_t need = quantized_stride(max_cols) * (size_t)max_tokens + vnni_bytes(max_tokens, max_cols) +
-                  round_up(bf16_tokens_bytes(max_tokens, max_cols), 64);
-    if (need <= scratch.size) return 0;
-    free(scratch.data);
-    scratch.size = 0;
-    scratch.data = aligned_alloc(64, need); /* need is a multiple of 64 */
-    if (!scratch.data) return -1;
-    scratch.size = need;
+/* bytes of scratch n tokens of cols need: quantized rows, their AMX tiles, bf16 tiles (each a multiple of 64) */
+static size_t scratch_bytes(int n, int cols) {
+    return quantized_stride(cols) * (size_t)n + vnni_bytes(n, cols) + round_up(bf16_tokens_bytes(n, cols), 64);
+}
+
+int matmul_scratch_reserve(MatmulScratch *ws, int max_tokens, int max_cols) {
+    size_t need = scratch_bytes(max_tokens, max_cols);
+    if (need <= ws->size) return 0;
+    free(ws->data);
+    ws->size = 0;
+    ws->data = aligned_alloc(64, need); /* need is a multiple of 64 */
+    if (!ws->data) return -1;
+    ws->size = need;
     return 0;
+}
+
+void matmul_scratch_free(MatmulScratch *ws) {
+    free(ws->data);
+    ws->data = NULL;
+    ws->size = 0;
+}
+
+/* The most of n tokens of cols that ws holds at once (0: not even one) */
+static int scratch_tokens(const MatmulScratch *ws, int n, int cols) {
+    if (scratch_bytes(n, cols) <= ws->size) return n;
+    int lo = 0, hi = n; /* scratch_bytes grows with the tokens: lo fits, hi does not */
+    while (hi - lo > 1) {
+        int mid = lo + (hi - lo) / 2;
+        if (scratch_bytes(mid, cols) <= ws->size) lo = mid;
+        else hi = mid;
+    }
+    return lo;
 }
 
 typedef struct {
@@ -1107,13 +1125,9 @@ static void quantize_tokens(void *arg, int begin, int end) {
     }
 }
 
-/* q8_0 weights need x quantized: into the scratch buffer, once for all the weights of this call */
-static QuantizedRow quantize_input(const float *x, int n, int cols) {
-    if (matmul_reserve(n, cols) != 0) {
-        fputs("error: out of memory for the quantized activations\n", stderr);
-        exit(1);
-    }
-    QuantizedRow xq = quantized_row(scratch.data, cols);
+/* q8_0 weights need x quantized: into the scratch, once for all the weights of this call */
+static QuantizedRow quantize_input(unsigned char *scratch, const float *x, int n, int cols) {
+    QuantizedRow xq = quantized_row(scratch, cols);
     Quantizing job = {&xq, x};
     parallel_for(n, 1, (long long)n * cols * 4, quantize_tokens, &job); /* ~4 operations a value */
     return xq;
@@ -1142,10 +1156,10 @@ static void matmul_items(void *arg, int begin, int end) {
     }
 }
 
-void matmul_many(const Projection *p, int count, const float *x, int n) {
+void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float *x, int n) {
     if (count > 4) { /* four at most per job (q, k, v; gate, up) */
-        matmul_many(p, 4, x, n);
-        matmul_many(p + 4, count - 4, x, n);
+        matmul_many(ws, p, 4, x, n);
+        matmul_many(ws, p + 4, count - 4, x, n);
         return;
     }
     QuantizedRow xq = {0};
@@ -1162,22 +1176,31 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
     int float_tiles = 0; /* --bf16-prefill: the f32 / bf16 weights go to the AMX-BF16 tiles */
     for (int j = 0; j < count; j++)
         float_tiles |= (p[j].w->dtype == DTYPE_F32 || p[j].w->dtype == DTYPE_BF16) && !uses_blas(p[j].w, n);
-    if (float_tiles && bf16_prefill && n >= AMX_MIN_TOKENS && cols % 32 == 0 && amx_features() & AMX_BF16) {
-        ProfileSection was = profile_section(PROFILE_QUANTIZE);
-        if (matmul_reserve(n, cols) != 0) {
-            fputs("error: out of memory for the bf16 activations\n", stderr);
-            exit(1);
+    int tiles_bf16 = float_tiles && bf16_prefill && n >= AMX_MIN_TOKENS && cols % 32 == 0 && amx_features() & AMX_BF16;
+    if (quantized || tiles_bf16) { /* the scratch is needed: in turns of the tokens it holds (the same bits) */
+        int fit = scratch_tokens(ws, n, cols);
+        assert(fit > 0 && "runstate_init reserves the scratch for its widest input");
+        if (fit < n) {
+            for (int t = 0; t < n; t += fit) {
+                Projection part[4];
+                for (int j = 0; j < count; j++) part[j] = (Projection){p[j].out + (size_t)t * p[j].w->rows, p[j].w};
+                matmul_many(ws, part, count, x + (size_t)t * cols, n - t < fit ? n - t : fit);
+            }
+            return;
         }
-        uint16_t *v = (uint16_t *)(scratch.data + scratch.size - round_up(bf16_tokens_bytes(n, cols), 64));
+    }
+    if (tiles_bf16) {
+        ProfileSection was = profile_section(PROFILE_QUANTIZE);
+        uint16_t *v = (uint16_t *)(ws->data + ws->size - round_up(bf16_tokens_bytes(n, cols), 64));
         bf16_tokens(v, x, n, cols);
         job.bf16_x = v;
         profile_section(was);
     }
     if (quantized) {
         ProfileSection was = profile_section(PROFILE_QUANTIZE);
-        xq = quantize_input(x, n, cols);
+        xq = quantize_input(ws->data, x, n, cols);
         if (n >= AMX_MIN_TOKENS && amx_features() & AMX_INT8) {
-            vnni_tokens(&tiles, &xq, n, scratch.data + quantized_stride(cols) * (size_t)n);
+            vnni_tokens(&tiles, &xq, n, ws->data + quantized_stride(cols) * (size_t)n);
             job.tiles = &tiles;
         }
         profile_section(was);
@@ -1193,6 +1216,8 @@ void matmul_many(const Projection *p, int count, const float *x, int n) {
     parallel_for(job.first_item[count], 1, macs, matmul_items, &job);
 }
 
-void matmul(float *out, const float *x, const Tensor *w, int n) { matmul_many(&(Projection){out, w}, 1, x, n); }
+void matmul(MatmulScratch *ws, float *out, const float *x, const Tensor *w, int n) {
+    matmul_many(ws, &(Projection){out, w}, 1, x, n);
+}
 
 void matmul_serial(float *out, const float *x, const Tensor *w, int n) { matmul_rows(out, x, NULL, NULL, NULL, w, n, 0, w->rows); }

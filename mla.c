@@ -83,13 +83,13 @@ static const float *query(const Pass *p, int t, int h) {
 static void project(const LatentAttentionConfig *a, const LatentAttentionWeights *w, RunState *s, int n) {
     LatentScratch *x = s->mla;
     if (a->q_rank) {
-        matmul_many((Projection[]){{x->q_low, &w->wq_a}, {x->latent, &w->wkv_a}}, 2, s->xb, n);
+        matmul_many(&s->scratch, (Projection[]){{x->q_low, &w->wq_a}, {x->latent, &w->wkv_a}}, 2, s->xb, n);
         for (int t = 0; t < n; t++)
             rmsnorm(x->q_low + (size_t)t * a->q_rank, x->q_low + (size_t)t * a->q_rank, w->q_a_norm.data, a->q_rank,
                     a->norm_eps);
-        matmul(s->q, x->q_low, &w->wq_b, n);
+        matmul(&s->scratch, s->q, x->q_low, &w->wq_b, n);
     } else {
-        matmul_many((Projection[]){{s->q, &w->wq}, {x->latent, &w->wkv_a}}, 2, s->xb, n);
+        matmul_many(&s->scratch, (Projection[]){{s->q, &w->wq}, {x->latent, &w->wkv_a}}, 2, s->xb, n);
     }
     for (int t = 0; t < n; t++) {
         float *c = x->latent + (size_t)t * row_width(a);
@@ -208,7 +208,7 @@ static void attend_absorbed(Pass *p) {
     parallel_for(H, (H + threads - 1) / threads, 2LL * H * p->n * visible * (r + row_width(a)), attend_latent, p);
     for (int h = 0; h < H; h++) {
         Tensor wv = tensor_matrix(&p->w->wv_b, h);
-        matmul(p->x->heads + (size_t)h * MLA_TOKENS * dv, p->x->sums + (size_t)h * MLA_TOKENS * r, &wv, p->n);
+        matmul(&p->s->scratch, p->x->heads + (size_t)h * MLA_TOKENS * dv, p->x->sums + (size_t)h * MLA_TOKENS * r, &wv, p->n);
     }
     for (int t = 0; t < p->n; t++)
         for (int h = 0; h < H; h++)
@@ -267,7 +267,7 @@ static void decompress_span(const Pass *p, int rows) {
     for (int h = 0; h < a->n_heads; h++) {
         Tensor wk = tensor_matrix(&p->w->wk_b, h), wv = tensor_matrix(&p->w->wv_b, h);
         float *keys = x->span_keys + (size_t)h * MLA_SPAN * dq;
-        matmul_many((Projection[]){{x->span_nope, &wk}, {x->span_values + (size_t)h * MLA_SPAN * a->v_dim, &wv}}, 2, x->span,
+        matmul_many(&p->s->scratch, (Projection[]){{x->span_nope, &wk}, {x->span_values + (size_t)h * MLA_SPAN * a->v_dim, &wv}}, 2, x->span,
                     rows);
         for (int i = 0, j = p->lo; i < rows; j++)
             if (p->row_of[j - p->lo] >= 0) {
@@ -276,7 +276,7 @@ static void decompress_span(const Pass *p, int rows) {
                 i++;
             }
         Tensor queries = {x->queries + (size_t)h * MLA_PASS * dq, DTYPE_F32, p->n, dq, 1};
-        matmul(x->span_scores + (size_t)h * MLA_SPAN * MLA_PASS, keys, &queries, rows); /* [rows][n] */
+        matmul(&p->s->scratch, x->span_scores + (size_t)h * MLA_SPAN * MLA_PASS, keys, &queries, rows); /* [rows][n] */
     }
 }
 
@@ -383,14 +383,14 @@ int latent_attention_block(const Model *m, int l, RunState *s, const Batch *b) {
     }
 
     /* the heads' outputs side by side, mixed by the output projection */
-    matmul(s->xb2, s->xb, &w->wo, n);
+    matmul(&s->scratch, s->xb2, s->xb, &w->wo, n);
     return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * scratch */
 
-int mla_scratch_init(LatentScratch **scratch, const Model *m, int max_tokens) {
+int mla_scratch_init(LatentScratch **scratch, MatmulScratch *ws, const Model *m, int max_tokens) {
     size_t T = (size_t)max_tokens, row = 0, q_rank = 0, heads = 0, r = 0, nope = 0, latent_q = 0, sums = 0, out = 0, keys = 0;
     *scratch = NULL;
     for (int l = 0; l < m->config.n_layers; l++) {
@@ -429,7 +429,9 @@ int mla_scratch_init(LatentScratch **scratch, const Model *m, int max_tokens) {
         !x->span_keys || !x->span_values || !x->span_scores || !x->states)
         return -1;
     /* the matmuls' inputs: q_rank wide for q_b, kv_rank wide for a span (expanded) or the heads' sums (absorbed) */
-    return matmul_reserve(max_tokens, (int)(q_rank > r ? q_rank : r)) || matmul_reserve(MLA_SPAN, (int)r) ? -1 : 0;
+    return matmul_scratch_reserve(ws, max_tokens, (int)(q_rank > r ? q_rank : r)) || matmul_scratch_reserve(ws, MLA_SPAN, (int)r)
+               ? -1
+               : 0;
 }
 
 void mla_scratch_free(LatentScratch *x) {

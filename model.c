@@ -1271,13 +1271,13 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         bad |= !s->expert_ids || !s->expert_weights || !s->router_logits || !s->expert_tokens || !s->expert_x ||
                !s->expert_out;
     }
-    if (bad || mla_scratch_init(&s->mla, m, max_tokens) != 0) {
+    if (bad || mla_scratch_init(&s->mla, &s->scratch, m, max_tokens) != 0) {
         runstate_free(s);
         return -1;
     }
     int widest_input = (int)wide > hidden ? (int)wide : hidden; /* matmul inputs: dim, q_dim, hidden, a mixer's own */
     if (mixer_input > widest_input) widest_input = mixer_input;
-    if (matmul_reserve(max_tokens, widest_input) != 0) {
+    if (matmul_scratch_reserve(&s->scratch, max_tokens, widest_input) != 0) {
         runstate_free(s);
         return -1;
     }
@@ -1324,6 +1324,7 @@ void runstate_free(RunState *s) {
     free(s->expert_x);
     free(s->expert_out);
     mla_scratch_free(s->mla);
+    matmul_scratch_free(&s->scratch);
     free(s->mixer_scratch);
     kvcache_free(&s->kv);
     memset(s, 0, sizeof *s);
@@ -1477,7 +1478,7 @@ float *forward_batch(const Model *m, RunState *s, const Batch *b, int all_logits
     profile_section(PROFILE_NORM);
     norm_rows(xb, x + (size_t)first * dim, &w->final_norm, &w->final_norm_bias, rows, c);
     profile_section(PROFILE_CLASSIFIER);
-    matmul(s->logits, xb, &w->output, rows);
+    matmul(&s->scratch, s->logits, xb, &w->output, rows);
     size_t n_logits = (size_t)rows * c->vocab_size;
     if (c->logit_scale != 1.0f)
         for (size_t i = 0; i < n_logits; i++) s->logits[i] *= c->logit_scale;

@@ -317,6 +317,7 @@ typedef struct {
     float *expert_x;      /* [T][dim] their inputs, gathered */
     float *expert_out;    /* [T][dim] its outputs */
     LatentScratch *mla;   /* NULL without latent attention layers */
+    MatmulScratch scratch; /* the matrix products' work space (quantized activations, tiles) */
     float *mixer_scratch; /* the recurrent mixers' work space (recurrent.h), and the attention output gate */
     int state_seq;        /* the sequence whose recurrent states the recurrent block at work updates */
     KVCache kv;           /* sequence 0 exists from runstate_init on (the one forward() runs): its KV cache and

@@ -173,11 +173,11 @@ static Tensor bias_row(const Tensor *t, int r) {
 static void expert(float *out, const float *x, int n, const FfnConfig *f, RunState *s, const Tensor *gate,
                    const Tensor *up, const Tensor *down, const Tensor *b_gate, const Tensor *b_up, const Tensor *b_down,
                    int hidden) {
-    matmul_many((Projection[]){{s->hb, up}, {s->hb2, gate}}, 2, x, n);
+    matmul_many(&s->scratch, (Projection[]){{s->hb, up}, {s->hb2, gate}}, 2, x, n);
     if (b_up) add_bias(s->hb, b_up, n), add_bias(s->hb2, b_gate, n);
     if (f->activation == ACTIVATION_SWIGLU_CLAMPED) activate_clamped(s->hb, s->hb2, (size_t)n * hidden, f->act_alpha, f->act_limit);
     else activate(s->hb, s->hb2, (size_t)n * hidden, f->activation);
-    matmul(out, s->hb, down, n);
+    matmul(&s->scratch, out, s->hb, down, n);
     if (b_down) add_bias(out, b_down, n);
 }
 
@@ -187,7 +187,7 @@ void moe_block(const Model *m, int l, RunState *s, int n) {
     int dim = m->config.dim, E = f->n_experts, K = f->top_k, scale_input = (f->flags & MOE_SCALE_INPUT) != 0;
 
     /* route every token of the chunk */
-    matmul(s->router_logits, s->xb, &w->router, n);
+    matmul(&s->scratch, s->router_logits, s->xb, &w->router, n);
     add_bias(s->router_logits, &w->router_bias, n);
     for (int t = 0; t < n; t++)
         route_token(f, w, s->router_logits + (size_t)t * E, s->expert_ids + (size_t)t * K, s->expert_weights + (size_t)t * K);

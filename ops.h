@@ -56,12 +56,23 @@ Tensor tensor_matrix(const Tensor *t, int i);
 /* out[cols] = row `row` of t, in f32 */
 void tensor_row(float *out, const Tensor *t, int row);
 
-/* out[n][w.rows] = x[n][w.cols] . W^T   (n tokens at once; n = 1 is the decode step).
+/* The memory the products work in: q8_0 / q4_0 activations quantized per group, their AMX tiles, the bf16
+ * tiles of --bf16-prefill. One per RunState, set aside before any product runs (matmul_scratch_reserve), so
+ * that a product never allocates and two RunStates never share it. */
+typedef struct {
+    unsigned char *data;
+    size_t size;
+} MatmulScratch;
+/* Room for up to max_tokens rows of max_cols (grows, never shrinks). Returns 0, or -1 when out of memory. */
+int matmul_scratch_reserve(MatmulScratch *ws, int max_tokens, int max_cols);
+void matmul_scratch_free(MatmulScratch *ws);
+
+/* out[n][w.rows] = x[n][w.cols] . W^T   (n tokens at once; n = 1 is the decode step), working in ws.
  * Every output is computed the same way whatever n and the thread count, so a prompt gives the same
- * logits in chunks of any size (matmul.c). */
-void matmul(float *out, const float *x, const Tensor *w, int n);
+ * logits in chunks of any size (matmul.c); a scratch reserved for fewer tokens than n is used in turns. */
+void matmul(MatmulScratch *ws, float *out, const float *x, const Tensor *w, int n);
 /* The same product on the calling thread alone, never through BLAS: for small products inside a parallel job
- * (mla.c). f32, f16 and bf16 weights only (q8_0 activations need the shared scratch). */
+ * (mla.c). f32, f16 and bf16 weights only (q8_0 / q4_0 activations need a scratch). */
 void matmul_serial(float *out, const float *x, const Tensor *w, int n);
 /* One product of several weights with the same input x[n][cols], in a single parallel pass:
  * out_i[n][w_i.rows] = x . W_i^T  (q, k, v together; gate and up together) */
@@ -69,7 +80,7 @@ typedef struct {
     float *out;
     const Tensor *w;
 } Projection;
-void matmul_many(const Projection *p, int count, const float *x, int n);
+void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float *x, int n);
 /* --bf16-prefill: f32 and bf16 products of 16 tokens or more on AMX-BF16 tiles where the CPU has them, the
  * activations (and f32 weights) rounded to bf16: faster prompts, but the logits are no longer decode's */
 void matmul_bf16_prefill(int on);
@@ -103,9 +114,6 @@ static inline float lane_sum16(float a[16]) {
     return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
-/* Sets aside the scratch memory matmul needs for up to max_tokens rows of max_cols (q8_0 activations), so
- * that matmul itself never allocates. Returns 0, or -1 when out of memory. */
-int matmul_reserve(int max_tokens, int max_cols);
 /* x[n][b.cols] += b, or nothing when the model has no such bias */
 void add_bias(float *x, const Tensor *b, int n);
 

@@ -43,7 +43,7 @@ StateShape layer_state_shape(const Config *c, const LayerConfig *l);
 size_t mixer_scratch_floats(const Config *c, const LayerConfig *l, int n);
 /* Gated DeltaNet's part of it (deltanet.c) */
 size_t deltanet_scratch_floats(const DeltaNetConfig *c, int n);
-/* The widest input of the layer's matrix products besides dim (matmul_reserve) */
+/* The widest input of the layer's matrix products besides dim (matmul_scratch_reserve) */
 int mixer_widest_input(const LayerConfig *l);
 
 /* Causal depthwise convolution over n tokens of `channels`, each channel with its own K taps (weight

@@ -62,13 +62,13 @@ int rwkv_block(const Model *m, int l, RunState *s, int n, int pos) {
     token_shift(xv, s->xb, st->window, &w->mix_v, n, dim);
     token_shift(xr, s->xb, st->window, &w->mix_r, n, dim);
     memcpy(st->window, s->xb + (T - 1) * dim, (size_t)dim * sizeof(float)); /* the next chunk's previous token */
-    matmul(k, xk, &w->w_k, n);
-    matmul(v, xv, &w->w_v, n);
-    matmul(r, xr, &w->w_r, n);
+    matmul(&s->scratch, k, xk, &w->w_k, n);
+    matmul(&s->scratch, v, xv, &w->w_v, n);
+    matmul(&s->scratch, r, xr, &w->w_r, n);
     Wkv scan = {num, den, p, k, v, f32_data(&w->decay), f32_data(&w->first), wkv, n, A};
     parallel_for(A, 64, (long long)n * A * 16, wkv_channels, &scan);
     for (size_t i = 0; i < T * A; i++) wkv[i] *= sigmoid_f32(r[i]);
-    matmul(s->xb2, wkv, &w->w_out, n);
+    matmul(&s->scratch, s->xb2, wkv, &w->w_out, n);
     return 0;
 }
 
@@ -82,9 +82,9 @@ void rwkv_ffn_block(const Model *m, int l, RunState *s, int n) {
     token_shift(xk, s->xb, st->ffn, &w->ffn_mix_k, n, dim);
     token_shift(xr, s->xb, st->ffn, &w->ffn_mix_r, n, dim);
     memcpy(st->ffn, s->xb + (T - 1) * dim, (size_t)dim * sizeof(float));
-    matmul(s->hb, xk, &w->ffn_w_k, n);
+    matmul(&s->scratch, s->hb, xk, &w->ffn_w_k, n);
     for (size_t i = 0; i < T * hidden; i++) s->hb[i] = s->hb[i] > 0.0f ? s->hb[i] * s->hb[i] : 0.0f; /* relu(x)^2 */
-    matmul(r, xr, &w->ffn_w_r, n);
-    matmul(s->xb2, s->hb, &w->ffn_w_v, n);
+    matmul(&s->scratch, r, xr, &w->ffn_w_r, n);
+    matmul(&s->scratch, s->xb2, s->hb, &w->ffn_w_v, n);
     for (size_t i = 0; i < T * dim; i++) s->xb2[i] *= sigmoid_f32(r[i]);
 }

@@ -21,8 +21,8 @@ static void mamba_decays(float *A, const MambaWeights *w, size_t count) {
 }
 
 /* dt = softplus(dt_proj . dt_low + b) [n][inner]: a positive step per channel, through a rank-R bottleneck */
-static void mamba_steps(float *dt, const float *dt_low, const MambaWeights *w, int n) {
-    matmul(dt, dt_low, &w->w_dt, n);
+static void mamba_steps(MatmulScratch *ws, float *dt, const float *dt_low, const MambaWeights *w, int n) {
+    matmul(ws, dt, dt_low, &w->w_dt, n);
     add_bias(dt, &w->dt_bias, n);
     for (size_t i = 0; i < (size_t)n * w->w_dt.rows; i++) dt[i] = softplus_f32(dt[i]);
 }
@@ -66,18 +66,18 @@ int mamba_block(const Model *m, int l, RunState *s, int n, int pos) {
     (void)pos;
 
     /* x and z: two projections of the input; z only gates the output */
-    matmul_many((Projection[]){{x, &w->w_x}, {z, &w->w_z}}, 2, s->xb, n);
+    matmul_many(&s->scratch, (Projection[]){{x, &w->w_x}, {z, &w->w_z}}, 2, s->xb, n);
     add_bias(x, &w->b_x, n);
     add_bias(z, &w->b_z, n);
     /* u = silu(conv(x)): each channel sees its last `conv` inputs */
     causal_conv_silu(u, x, n, a->inner, st->window, &w->conv, &w->conv_bias);
     /* the selection: dt, B and C from u */
-    matmul_many((Projection[]){{dt_low, &w->w_dt_low}, {B, &w->w_b}, {C, &w->w_c}}, 3, u, n);
-    mamba_steps(dt, dt_low, w, n);
+    matmul_many(&s->scratch, (Projection[]){{dt_low, &w->w_dt_low}, {B, &w->w_b}, {C, &w->w_c}}, 3, u, n);
+    mamba_steps(&s->scratch, dt, dt_low, w, n);
     mamba_decays(A, w, inner * N);
     MambaScan scan = {a, w, st->state, A, u, z, dt, B, C, y, n};
     parallel_for(a->inner, 16, (long long)n * inner * N * 8, mamba_scan_channels, &scan);
-    matmul(s->xb2, y, &w->w_out, n);
+    matmul(&s->scratch, s->xb2, y, &w->w_out, n);
     add_bias(s->xb2, &w->b_out, n);
     return 0;
 }
@@ -199,7 +199,7 @@ int mamba2_block(const Model *m, int l, RunState *s, int n, int pos) {
     (void)pos;
 
     /* one input projection in three parts: z (the gate), x | B | C (convolved), dt (one per head) */
-    matmul_many((Projection[]){{z, &w->w_z}, {xbc, &w->w_xbc}, {dt, &w->w_dt}}, 3, s->xb, n);
+    matmul_many(&s->scratch, (Projection[]){{z, &w->w_z}, {xbc, &w->w_xbc}, {dt, &w->w_dt}}, 3, s->xb, n);
     add_bias(z, &w->b_z, n);
     add_bias(xbc, &w->b_xbc, n);
     add_bias(dt, &w->b_dt, n);
@@ -209,7 +209,7 @@ int mamba2_block(const Model *m, int l, RunState *s, int n, int pos) {
     long long work = (long long)n * inner * a->state * (n > 1 ? 4 + a->chunk / 2 : 3);
     parallel_for(a->n_heads, 1, work, mamba2_heads, &scan);
     gate_then_norm(y, z, &w->norm, n, inner, m->config.norm_eps);
-    matmul(s->xb2, y, &w->w_out, n);
+    matmul(&s->scratch, s->xb2, y, &w->w_out, n);
     add_bias(s->xb2, &w->b_out, n);
     return 0;
 }

@@ -641,6 +641,7 @@ static void test_matmul(void) {
         const int *cols_ = d == DTYPE_Q8_0 ? cols_q8 : d == DTYPE_Q4_0 ? cols_q4 : cols_float;
         int n_cols = DTYPE_IS_QUANTIZED(d) ? 4 : 5, shapes = 0, exact = 1;
         double worst = 0.0;
+        MatmulScratch ws = {0};
         for (int ri = 0; ri < 6; ri++)
             for (int ci = 0; ci < n_cols; ci++)
                 for (int ti = 0; ti < 6; ti++) {
@@ -649,10 +650,17 @@ static void test_matmul(void) {
                     float *x = malloc(sizeof(float) * (size_t)n * cols), *out = malloc(sizeof(float) * (size_t)n * rows);
                     float *one = malloc(sizeof(float) * (size_t)rows), *twice = malloc(sizeof(float) * (size_t)n * rows);
                     for (int i = 0; i < n * cols; i++) x[i] = frand();
-                    matmul_reserve(n, cols);
-                    matmul(out, x, &w, n);
+                    matmul_scratch_reserve(&ws, n, cols);
+                    matmul(&ws, out, x, &w, n);
+                    if (n > 2) { /* a scratch that holds 2 tokens works in turns: the very same bits */
+                        MatmulScratch small = {0};
+                        matmul_scratch_reserve(&small, 2, cols);
+                        matmul(&small, twice, x, &w, n);
+                        if (memcmp(twice, out, sizeof(float) * (size_t)n * rows)) exact = 0;
+                        matmul_scratch_free(&small);
+                    }
                     for (int t = 0; t < n; t++) {
-                        matmul(one, x + (size_t)t * cols, &w, 1); /* token by token: the very same bits */
+                        matmul(&ws, one, x + (size_t)t * cols, &w, 1); /* token by token: the very same bits */
                         if (memcmp(one, out + (size_t)t * rows, sizeof(float) * (size_t)rows)) exact = 0;
                         for (int r = 0; r < rows; r++) {
                             double mag, want = reference_dot(&w, r, x + (size_t)t * cols, &mag);
@@ -662,7 +670,7 @@ static void test_matmul(void) {
                     }
                     Projection both[2] = {{twice, &w}, {one, &w}};
                     if (n == 1) {
-                        matmul_many(both, 2, x, 1);
+                        matmul_many(&ws, both, 2, x, 1);
                         if (memcmp(one, out, sizeof(float) * (size_t)rows) || memcmp(twice, out, sizeof(float) * (size_t)rows)) exact = 0;
                     }
                     free((void *)w.data), free(x), free(out), free(one), free(twice);
@@ -675,15 +683,16 @@ static void test_matmul(void) {
         for (int v = 0; v < 3; v++) {
             for (int i = 0; i < cols_[0]; i++) x[i] = v == 2 ? 1e-45f : 0.5f;
             if (v < 2) x[cols_[0] - 1] = v ? INFINITY : NAN;
-            matmul(out, x, &w, 1);
+            matmul(&ws, out, x, &w, 1);
             if (v < 2 && !isnan(out[0]) && !isinf(out[0])) exact = 0;
             if (v == 2 && !isfinite(out[0])) exact = 0;
         }
         free((void *)w.data), free(x);
+        matmul_scratch_free(&ws);
         check(worst < 1e-5 && exact,
               "matmul %s: %d shapes (rows 1..300, cols %d..%d, 1..40 tokens) match a double-precision reference "
-              "(max error %.1e of sum |w x|), n tokens at once give the bits of one at a time, a NaN / inf input "
-              "gives a NaN / inf output",
+              "(max error %.1e of sum |w x|), n tokens at once give the bits of one at a time (and of a scratch that "
+              "holds two), a NaN / inf input gives a NaN / inf output",
               dtype_name((DType)d), shapes, cols_[0], cols_[n_cols - 1], worst);
     }
 }
