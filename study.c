@@ -303,7 +303,7 @@ static void print_recurrent_row(const Model *m, int l, int width, FILE *out) {
 static const char *kv_cache_type_text(const Model *m) {
     switch (m->attention[0].kv_type) {
     case KV_BF16: return "bf16";
-    case KV_Q8_0: return "q8_0: int8 in groups of 32, an f32 scale each";
+    case KV_Q8_0: return "q8_0";
     default: return "float32";
     }
 }
@@ -385,7 +385,8 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
                 break;
             }
         if (m->attention[0].kv_type != KV_F32)
-            fprintf(out, "; KV cache: %s%s", kv_cache_type_text(m), has_latent(m) ? " (latent attention layers keep f32)" : "");
+            fprintf(out, "; KV cache: %s%s", m->attention[0].kv_type == KV_Q8_0 ? "q8_0 (int8 in groups of 32, an f32 scale each)"
+                    : kv_cache_type_text(m), has_latent(m) ? "; latent attention layers keep f32" : "");
         fprintf(out, "\n");
     }
     fprintf(out, "\n%5s  %-*s %3s %3s  %-10s %8s  %9s  %-22s %8s  %-15s %s\n", "layer", width,
@@ -451,7 +452,7 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
             } else {
                 kvlayer_init(&mha, lc->attn.n_heads * lc->attn.head_dim, 0, 0);
             }
-            kvlayer_set_type(&mha, m->attention[l].kv_type); /* the same element type: the ratio is the wiring's */
+            kvlayer_set_type(&mha, cache.type); /* the same element type: the ratio is the wiring's */
             wired += kvlayer_bytes_for(&cache, lengths[i]);
             plain += kvlayer_bytes_for(&mha, lengths[i]);
         }
