@@ -371,28 +371,22 @@ static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsig
 static void scores_by_four(Tile *c) {
     const HeadsJob *j = c->j;
     int hd = j->a->head_dim, keys[4], nk;
-    KVType type = j->kv->type;
     float converted[4 * 1024]; /* head_dim <= 1024 (model.c) */
     KeyCursor cur = {c->walk, 0, 0};
     while ((nk = next_keys(&cur, keys)) > 0) {
         const void *krow[4];
-        unsigned bits[ATTENTION_QUERY_TILE];
         for (int i = 0; i < 4; i++) krow[i] = kvlayer_key_row(j->kv, keys[i < nk ? i : 0]);
-        for (int t = 0; t < c->T; t++) bits[t] = seen_bits(c, t, keys, nk);
-        const float *k4[4];
-        for (int h = c->h0, off = -1; h < c->h1; h++) { /* a kv head's keys converted once for its query heads */
-            if (kv_head_of(h, j->n_heads, j->n_kv_heads) * hd != off) {
-                off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
-                for (int i = 0; i < 4; i++) k4[i] = kv_row_f32(krow[i], type, off, hd, converted + i * hd);
-            }
-            for (int t = 0; t < c->T; t++) {
-                if (!bits[t]) continue;
+        for (int t = 0; t < c->T; t++) {
+            unsigned bits = seen_bits(c, t, keys, nk);
+            if (!bits) continue;
+            for (int h = c->h0; h < c->h1; h++) {
                 float d[4];
-                dot_product4(d, query_of(c, t, h), k4, hd);
-                append_scores(c, t, h, d, nk, bits[t]);
+                kv_dot_product4(d, query_of(c, t, h), krow, j->kv->type, kv_head_of(h, j->n_heads, j->n_kv_heads) * hd, hd,
+                                converted);
+                append_scores(c, t, h, d, nk, bits);
             }
+            c->seen[t] += __builtin_popcount(bits);
         }
-        for (int t = 0; t < c->T; t++) c->seen[t] += __builtin_popcount(bits[t]);
     }
 }
 
@@ -443,23 +437,17 @@ static void weighted_sums(Tile *c) {
         while (n < 16 && (nk = next_keys(&cur, keys)) > 0)
             for (int i = 0; i < nk; i++) chunk[n] = keys[i], vrow[n++] = kvlayer_value_row(j->kv, keys[i]);
         if (n == 0) break;
-        unsigned bits[ATTENTION_QUERY_TILE];
-        for (int t = 0; t < c->T; t++) bits[t] = seen_bits(c, t, chunk, n);
-        const float *rows[16];
-        for (int h = c->h0, off = -1; h < c->h1; h++) { /* a kv head's values converted once for its query heads */
-            if (kv_head_of(h, j->n_heads, j->n_kv_heads) * hd != off) {
-                off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
-                for (int i = 0; i < n; i++) rows[i] = kv_row_f32(vrow[i], j->kv->type, off, hd, converted + i * hd);
-            }
-            for (int t = 0; t < c->T; t++) {
-                const float *mine[16];
-                int m = 0;
-                for (int i = 0; i < n; i++)
-                    if (bits[t] >> i & 1) mine[m++] = rows[i];
-                add_scaled_rows(output_of(c, t, h), weights_row(c, t, h) + c->seen[t], mine, m, hd);
-            }
+        for (int t = 0; t < c->T; t++) {
+            unsigned bits = seen_bits(c, t, chunk, n);
+            const void *mine[16];
+            int m = 0;
+            for (int i = 0; i < n; i++)
+                if (bits >> i & 1) mine[m++] = vrow[i];
+            for (int h = c->h0; h < c->h1; h++)
+                kv_add_scaled_rows(output_of(c, t, h), weights_row(c, t, h) + c->seen[t], mine, m, j->kv->type,
+                                   kv_head_of(h, j->n_heads, j->n_kv_heads) * hd, hd, converted);
+            c->seen[t] += m;
         }
-        for (int t = 0; t < c->T; t++) c->seen[t] += __builtin_popcount(bits[t]);
     }
 }
 
@@ -587,10 +575,10 @@ static void split_scores(void *arg, int begin, int end) {
         int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
         for (int i = i0; i < i1; i += 4) {
             int nk = i1 - i < 4 ? i1 - i : 4;
-            const float *k4[4];
+            const void *k4[4];
             float d[4];
-            for (int k = 0; k < 4; k++) k4[k] = key_of(j->kv, nth_key(&v, i + (k < nk ? k : 0)), off, hd, converted + k * hd);
-            dot_product4(d, query_of(&c, 0, h), k4, hd);
+            for (int k = 0; k < 4; k++) k4[k] = kvlayer_key_row(j->kv, nth_key(&v, i + (k < nk ? k : 0)));
+            kv_dot_product4(d, query_of(&c, 0, h), k4, j->kv->type, off, hd, converted);
             c.seen[0] = i;
             append_scores(&c, 0, h, d, nk, (1u << nk) - 1);
         }
@@ -615,10 +603,10 @@ static void split_sums(void *arg, int begin, int end) {
         float *out = output_of(&c, 0, h) + d0, converted[16 * 16];
         memset(out, 0, (size_t)width * sizeof(float));
         for (int i = 0; i < n; i += 16) {
-            const float *rows[16];
+            const void *rows[16];
             int m = n - i < 16 ? n - i : 16;
-            for (int k = 0; k < m; k++) rows[k] = value_of(j->kv, nth_key(&v, i + k), off, width, converted + k * 16);
-            add_scaled_rows(out, weights_row(&c, 0, h) + i, rows, m, width);
+            for (int k = 0; k < m; k++) rows[k] = kvlayer_value_row(j->kv, nth_key(&v, i + k));
+            kv_add_scaled_rows(out, weights_row(&c, 0, h) + i, rows, m, j->kv->type, off, width, converted);
         }
     }
 }

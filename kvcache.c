@@ -3,6 +3,8 @@
  * that share blocks and copy one only when they write into it. */
 #include "kvcache.h"
 
+#include "ops.h"
+
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -73,6 +75,14 @@ void kv_row_store(void *dst, const float *src, int n, KVType t) {
 
 /* q8_0: element = d * q, one rounding (a product of a float and a small integer) */
 static void load_q8(float *out, const KVGroup *groups, int off, int n) {
+    if (off % KV_Q8_GROUP == 0 && n % KV_Q8_GROUP == 0) { /* whole groups (head_dim 64, 128, ...): vectorises */
+        const KVGroup *g = groups + off / KV_Q8_GROUP;
+        for (int i = 0; i < n / KV_Q8_GROUP; i++, out += KV_Q8_GROUP) {
+            float d = g[i].scale;
+            for (int j = 0; j < KV_Q8_GROUP; j++) out[j] = d * (float)g[i].q[j];
+        }
+        return;
+    }
     for (int i = 0; i < n;) {
         const KVGroup *g = &groups[(off + i) / KV_Q8_GROUP];
         int j0 = (off + i) % KV_Q8_GROUP, m = KV_Q8_GROUP - j0 < n - i ? KV_Q8_GROUP - j0 : n - i;
@@ -91,6 +101,23 @@ void kv_row_load(float *out, const void *row, KVType t, int off, int n) {
             memcpy(&out[i], &u, 4);
         }
     } else load_q8(out, row, off, n);
+}
+
+void kv_dot_product4(float out[4], const float *a, const void *const rows[4], KVType t, int off, int n, float *scratch) {
+    if (t != KV_F32 && dot_product4_packed(out, a, rows, t, off, n)) return;
+    const float *f[4];
+    for (int i = 0; i < 4; i++) f[i] = kv_row_f32(rows[i], t, off, n, scratch + (size_t)i * n);
+    dot_product4(out, a, f, n);
+}
+
+void kv_add_scaled_rows(float *out, const float *w, const void *const *rows, int m, KVType t, int off, int n, float *scratch) {
+    if (t != KV_F32 && add_scaled_rows_packed(out, w, rows, m, t, off, n)) return;
+    const float *f[KV_BLOCK_TOKENS];
+    for (int i0 = 0; i0 < m; i0 += KV_BLOCK_TOKENS) {
+        int k = m - i0 < KV_BLOCK_TOKENS ? m - i0 : KV_BLOCK_TOKENS;
+        for (int i = 0; i < k; i++) f[i] = kv_row_f32(rows[i0 + i], t, off, n, scratch + (size_t)i * n);
+        add_scaled_rows(out, w + i0, f, k, n);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -52,6 +52,12 @@ size_t kv_row_bytes(int n, KVType t);
 void kv_row_store(void *dst, const float *src, int n, KVType t);
 /* out[0 .. n-1] = elements off .. off+n-1 of a stored row of type t, as floats */
 void kv_row_load(float *out, const void *row, KVType t, int off, int n);
+/* out[i] = a . (elements off .. off+n-1 of stored row i) for 4 rows: dot_product4's bits on the converted rows
+ * (converted in registers where the build can, else through scratch[4 * n]) */
+void kv_dot_product4(float out[4], const float *a, const void *const rows[4], KVType t, int off, int n, float *scratch);
+/* out[k] += w[i] * (element off + k of stored row i) for i = 0 .. m-1 in turn: add_scaled_rows' bits (scratch:
+ * KV_BLOCK_TOKENS * n floats, used where the rows must be converted first) */
+void kv_add_scaled_rows(float *out, const float *w, const void *const *rows, int m, KVType t, int off, int n, float *scratch);
 /* Elements off .. off+n-1 of a stored row as floats: a pointer into the row when it is f32 (no copy), else
  * scratch[n] holding them converted (what the attention kernels call right before use, a tile at a time) */
 static inline const float *kv_row_f32(const void *row, KVType t, int off, int n, float *scratch) {
