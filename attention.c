@@ -626,6 +626,10 @@ void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads,
     /* a job takes whole kv groups while that leaves two jobs per thread; the split changes no result */
     int group = n_heads / n_kv_heads, threads = parallel_threads(), grain = group;
     while (grain > 1 && n_heads / grain < 2 * threads) grain = (grain + 1) / 2;
+    /* one token (decode): each thread takes one contiguous share of the heads, reading each cached row (every kv
+     * head side by side) in one pass; chunks of one head streamed the whole cache once per head. Measured on the
+     * 110M shape at 4,000 positions, 2 threads: attention 1.6-2x faster (f32 and q8_0 KV) */
+    if (n_tokens == 1) grain = (n_heads + threads - 1) / threads;
     parallel_for(n_heads, grain, work, attend_heads, &job); /* ops.h */
 }
 
