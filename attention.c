@@ -368,6 +368,23 @@ static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsig
 }
 
 /* Scores four keys at a time: each key row is read once for the tile's queries and heads */
+/* Asks for the part of the rows of the keys the cursor gives `skip` steps from now that heads h0 .. h1-1 read
+ * (keys, or values), so that it is in cache when their turn comes: a decode step reads each row once, a slice of
+ * it per thread, and the blocks lie apart in memory. Measured on the 110M shape at 4,000 positions (2 threads):
+ * attention -30% with q8_0 KV, -20% bf16, -3% f32. */
+static void prefetch_ahead(const HeadsJob *j, KeyCursor cur, int skip, int h0, int h1, int values) {
+    int keys[4], n = 0;
+    for (int s = 0; s <= skip && (n = next_keys(&cur, keys)) > 0; s++) {}
+    if (n == 0) return;
+    int g0 = kv_head_of(h0, j->n_heads, j->n_kv_heads), g1 = kv_head_of(h1 - 1, j->n_heads, j->n_kv_heads) + 1;
+    int width = values ? j->kv->v_dim : j->kv->kv_dim, hd = j->a->head_dim;
+    size_t from = kv_row_bytes(g0 * hd, j->kv->type), to = kv_row_bytes(g1 * hd < width ? g1 * hd : width, j->kv->type);
+    for (int i = 0; i < n; i++) {
+        const char *row = values ? kvlayer_value_row(j->kv, keys[i]) : kvlayer_key_row(j->kv, keys[i]);
+        for (size_t b = from; b < to; b += 64) __builtin_prefetch(row + b);
+    }
+}
+
 static void scores_by_four(Tile *c) {
     const HeadsJob *j = c->j;
     int hd = j->a->head_dim, keys[4], nk;
@@ -376,6 +393,7 @@ static void scores_by_four(Tile *c) {
     while ((nk = next_keys(&cur, keys)) > 0) {
         const void *krow[4];
         for (int i = 0; i < 4; i++) krow[i] = kvlayer_key_row(j->kv, keys[i < nk ? i : 0]);
+        if (c->T == 1) prefetch_ahead(j, cur, 1, c->h0, c->h1, 0); /* decode: the keys two steps on */
         for (int t = 0; t < c->T; t++) {
             unsigned bits = seen_bits(c, t, keys, nk);
             if (!bits) continue;
@@ -437,6 +455,7 @@ static void weighted_sums(Tile *c) {
         while (n < 16 && (nk = next_keys(&cur, keys)) > 0)
             for (int i = 0; i < nk; i++) chunk[n] = keys[i], vrow[n++] = kvlayer_value_row(j->kv, keys[i]);
         if (n == 0) break;
+        for (int s = 0; s < 4 && c->T == 1; s++) prefetch_ahead(j, cur, s, c->h0, c->h1, 1); /* decode: the next 16 values */
         for (int t = 0; t < c->T; t++) {
             unsigned bits = seen_bits(c, t, chunk, n);
             const void *mine[16];
