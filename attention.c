@@ -120,6 +120,7 @@ void attention_cache_init(KVLayer *l, int k_dim, int v_dim, const AttentionSpec 
     else if (a->mask == MASK_FIXED) kvlayer_init_summaries(l, k_dim, a->span);
     else kvlayer_init(l, k_dim, 0, 0); /* causal and strided: paged, every position kept */
     kvlayer_set_value_width(l, v_dim);
+    kvlayer_set_type(l, v_dim ? a->kv_type : KV_F32); /* mla.c reads latent rows as floats */
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -130,6 +131,16 @@ static float dot(const float *a, const float *b, int n) { return dot_product(a, 
 /* out += w * v  (each element rounded once: a fused multiply-add) */
 static void add_scaled(float *out, float w, const float *v, int n) {
     for (int i = 0; i < n; i++) out[i] = fmaf(w, v[i], out[i]);
+}
+
+/* Elements off .. off+n-1 of the key / value row of position j as floats: in place for an f32 cache, else
+ * converted into scratch[n] (bf16, q8_0: the cache is read at its own size, converted right before use) */
+static const float *key_of(const KVLayer *kv, int j, int off, int n, float *scratch) {
+    return kv_row_f32(kvlayer_key_row(kv, j), kv->type, off, n, scratch);
+}
+
+static const float *value_of(const KVLayer *kv, int j, int off, int n, float *scratch) {
+    return kv_row_f32(kvlayer_value_row(kv, j), kv->type, off, n, scratch);
 }
 
 /* s_j = softcap(q . k_j * scale): Gemma 2 squashes scores into (-c, c) so no logit can run away */
@@ -149,12 +160,13 @@ static float score(const float *q, const float *key, const AttentionSpec *a) {
 void attention_head(float *out, const float *q, const KVLayer *kv, int kv_head, int pos, const AttentionSpec *a,
                     float sink, float *weights) {
     int hd = a->head_dim, off = kv_head * hd, n = 0;
+    float row[1024]; /* head_dim <= 1024 (model.c) */
     VisibleKeys v = visible_keys(a, pos);
-    FOR_EACH_VISIBLE_KEY(v, j) weights[n++] = score(q, kvlayer_key(kv, j) + off, a);
+    FOR_EACH_VISIBLE_KEY(v, j) weights[n++] = score(q, key_of(kv, j, off, hd, row), a);
     softmax_with_sink(weights, n, sink);
     memset(out, 0, (size_t)hd * sizeof(float));
     n = 0;
-    FOR_EACH_VISIBLE_KEY(v, j) add_scaled(out, weights[n++], kvlayer_value(kv, j) + off, hd);
+    FOR_EACH_VISIBLE_KEY(v, j) add_scaled(out, weights[n++], value_of(kv, j, off, hd, row), hd);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -207,7 +219,7 @@ void online_softmax_finish(float *acc, const OnlineSoftmax *st, int hd) {
 void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_head, int pos,
                           const AttentionSpec *a, float sink) {
     int hd = a->head_dim, off = kv_head * hd, n = 0, tile_block = -1;
-    float tile_scores[KV_BLOCK_TOKENS];
+    float tile_scores[KV_BLOCK_TOKENS], key[1024], values[KV_BLOCK_TOKENS * 1024]; /* head_dim <= 1024 */
     const float *tile_values[KV_BLOCK_TOKENS];
     OnlineSoftmax st = online_softmax_start(out, hd, sink);
     VisibleKeys v = visible_keys(a, pos);
@@ -218,8 +230,9 @@ void attention_head_flash(float *out, const float *q, const KVLayer *kv, int kv_
             n = 0;
         }
         tile_block = block;
-        tile_scores[n] = score(q, kvlayer_key(kv, j) + off, a);
-        tile_values[n++] = kvlayer_value(kv, j) + off;
+        tile_scores[n] = score(q, key_of(kv, j, off, hd, key), a);
+        tile_values[n] = value_of(kv, j, off, hd, values + (size_t)n * hd);
+        n++;
     }
     if (n > 0) online_softmax_tile(out, &st, tile_scores, tile_values, n, hd);
     online_softmax_finish(out, &st, hd);
@@ -355,21 +368,39 @@ static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsig
 }
 
 /* Scores four keys at a time: each key row is read once for the tile's queries and heads */
+/* Asks for the part of the rows of the keys the cursor gives `skip` steps from now that heads h0 .. h1-1 read
+ * (keys, or values), so that it is in cache when their turn comes: a decode step reads each row once, a slice of
+ * it per thread, and the blocks lie apart in memory. Measured on the 110M shape at 4,000 positions (2 threads):
+ * attention -30% with q8_0 KV, -20% bf16, -3% f32. */
+static void prefetch_ahead(const HeadsJob *j, KeyCursor cur, int skip, int h0, int h1, int values) {
+    int keys[4], n = 0;
+    for (int s = 0; s <= skip && (n = next_keys(&cur, keys)) > 0; s++) {}
+    if (n == 0) return;
+    int g0 = kv_head_of(h0, j->n_heads, j->n_kv_heads), g1 = kv_head_of(h1 - 1, j->n_heads, j->n_kv_heads) + 1;
+    int width = values ? j->kv->v_dim : j->kv->kv_dim, hd = j->a->head_dim;
+    size_t from = kv_row_bytes(g0 * hd, j->kv->type), to = kv_row_bytes(g1 * hd < width ? g1 * hd : width, j->kv->type);
+    for (int i = 0; i < n; i++) {
+        const char *row = values ? kvlayer_value_row(j->kv, keys[i]) : kvlayer_key_row(j->kv, keys[i]);
+        for (size_t b = from; b < to; b += 64) __builtin_prefetch(row + b);
+    }
+}
+
 static void scores_by_four(Tile *c) {
     const HeadsJob *j = c->j;
     int hd = j->a->head_dim, keys[4], nk;
+    float converted[4 * 1024]; /* head_dim <= 1024 (model.c) */
     KeyCursor cur = {c->walk, 0, 0};
     while ((nk = next_keys(&cur, keys)) > 0) {
-        const float *krow[4];
-        for (int i = 0; i < 4; i++) krow[i] = kvlayer_key(j->kv, keys[i < nk ? i : 0]);
+        const void *krow[4];
+        for (int i = 0; i < 4; i++) krow[i] = kvlayer_key_row(j->kv, keys[i < nk ? i : 0]);
+        if (c->T == 1) prefetch_ahead(j, cur, 1, c->h0, c->h1, 0); /* decode: the keys two steps on */
         for (int t = 0; t < c->T; t++) {
             unsigned bits = seen_bits(c, t, keys, nk);
             if (!bits) continue;
             for (int h = c->h0; h < c->h1; h++) {
-                int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
-                const float *k4[4] = {krow[0] + off, krow[1] + off, krow[2] + off, krow[3] + off};
                 float d[4];
-                dot_product4(d, query_of(c, t, h), k4, hd);
+                kv_dot_product4(d, query_of(c, t, h), krow, j->kv->type, kv_head_of(h, j->n_heads, j->n_kv_heads) * hd, hd,
+                                converted);
                 append_scores(c, t, h, d, nk, bits);
             }
             c->seen[t] += __builtin_popcount(bits);
@@ -383,16 +414,16 @@ static void scores_by_four(Tile *c) {
 static void scores_by_block(Tile *c) {
     const HeadsJob *j = c->j;
     int hd = j->a->head_dim, lo = c->walk.runs[0].first, hi = lo + c->walk.runs[0].count, group = j->n_heads / j->n_kv_heads;
-    float kt[1024 * 16]; /* head_dim <= 1024 (model.c) */
+    float kt[1024 * 16], converted[1024 * 16]; /* head_dim <= 1024 (model.c) */
     for (int k0 = lo; k0 < hi; k0 += 16) {
         int nk = hi - k0 < 16 ? hi - k0 : 16, keys[16];
-        const float *krow[16];
+        const void *krow[16];
         unsigned bits[ATTENTION_QUERY_TILE];
-        for (int i = 0; i < 16; i++) keys[i] = k0 + (i < nk ? i : 0), krow[i] = kvlayer_key(j->kv, keys[i]);
+        for (int i = 0; i < 16; i++) keys[i] = k0 + (i < nk ? i : 0), krow[i] = kvlayer_key_row(j->kv, keys[i]);
         for (int t = 0; t < c->T; t++) bits[t] = seen_bits(c, t, keys, nk);
         for (int g = c->h0 / group; g * group < c->h1; g++) { /* each kv head the tile's heads read */
             const float *rows[16];
-            for (int i = 0; i < 16; i++) rows[i] = krow[i] + g * hd;
+            for (int i = 0; i < 16; i++) rows[i] = kv_row_f32(krow[i], j->kv->type, g * hd, hd, converted + i * hd);
             transpose_rows16(kt, rows, hd);
             int h_lo = g * group > c->h0 ? g * group : c->h0, h_hi = (g + 1) * group < c->h1 ? (g + 1) * group : c->h1;
             for (int h = h_lo; h < h_hi; h++)
@@ -416,25 +447,24 @@ static void weighted_sums(Tile *c) {
         for (int h = c->h0; h < c->h1; h++) memset(output_of(c, t, h), 0, (size_t)hd * sizeof(float));
         c->seen[t] = 0;
     }
+    float converted[16 * 1024]; /* head_dim <= 1024 (model.c) */
     KeyCursor cur = {c->walk, 0, 0};
     for (;;) {
-        const float *vrow[16];
+        const void *vrow[16];
         int chunk[16], n = 0;
         while (n < 16 && (nk = next_keys(&cur, keys)) > 0)
-            for (int i = 0; i < nk; i++) chunk[n] = keys[i], vrow[n++] = kvlayer_value(j->kv, keys[i]);
+            for (int i = 0; i < nk; i++) chunk[n] = keys[i], vrow[n++] = kvlayer_value_row(j->kv, keys[i]);
         if (n == 0) break;
+        for (int s = 0; s < 4 && c->T == 1; s++) prefetch_ahead(j, cur, s, c->h0, c->h1, 1); /* decode: the next 16 values */
         for (int t = 0; t < c->T; t++) {
             unsigned bits = seen_bits(c, t, chunk, n);
-            const float *mine[16];
+            const void *mine[16];
             int m = 0;
             for (int i = 0; i < n; i++)
                 if (bits >> i & 1) mine[m++] = vrow[i];
-            for (int h = c->h0; h < c->h1; h++) {
-                const float *rows_h[16];
-                int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
-                for (int i = 0; i < m; i++) rows_h[i] = mine[i] + off;
-                add_scaled_rows(output_of(c, t, h), weights_row(c, t, h) + c->seen[t], rows_h, m, hd);
-            }
+            for (int h = c->h0; h < c->h1; h++)
+                kv_add_scaled_rows(output_of(c, t, h), weights_row(c, t, h) + c->seen[t], mine, m, j->kv->type,
+                                   kv_head_of(h, j->n_heads, j->n_kv_heads) * hd, hd, converted);
             c->seen[t] += m;
         }
     }
@@ -487,12 +517,15 @@ static int flash_tile(const HeadsJob *j, int t0, int T, int h0, int h1) {
             st[t][h - h0] = online_softmax_start(output_of(&c, t, h), hd,
                                                  a->sink_logits ? a->sink_logits[h] : -INFINITY);
     int off = kv_head_of(h0, n_heads, j->n_kv_heads) * hd, keys[16], pending[4], n_pending = 0, nk;
-    float kt[1024 * 16], scores[16];
+    float kt[1024 * 16], scores[16], converted[2][16 * 1024]; /* head_dim <= 1024 (model.c) */
     KeyCursor cur = {c.walk, 0, 0};
     while ((nk = next_flash_tile(&c, &cur, keys, pending, &n_pending)) > 0) {
         const float *krow[16], *vrow[16];
-        for (int i = 0; i < 16; i++)
-            krow[i] = kvlayer_key(j->kv, keys[i < nk ? i : 0]) + off, vrow[i] = kvlayer_value(j->kv, keys[i < nk ? i : 0]) + off;
+        for (int i = 0; i < 16; i++) {
+            int key = keys[i < nk ? i : 0];
+            krow[i] = i < nk ? key_of(j->kv, key, off, hd, converted[0] + i * hd) : krow[0];
+            vrow[i] = i < nk ? value_of(j->kv, key, off, hd, converted[1] + i * hd) : vrow[0];
+        }
         int by_block = c.T > 1 && hd % 16 == 0;
         if (by_block) transpose_rows16(kt, krow, hd);
         for (int t = 0; t < c.T; t++) {
@@ -555,15 +588,16 @@ static void split_scores(void *arg, int begin, int end) {
     VisibleKeys v = visible_keys(j->a, j->pos);
     int n = visible_count(j->a, j->pos), chunks = (n + SPLIT_KEYS - 1) / SPLIT_KEYS, hd = j->a->head_dim;
     Tile c = {j, 0, 1, 0, 0, {v}, v, {0}};
+    float converted[4 * 1024]; /* head_dim <= 1024 (model.c) */
     for (int item = begin; item < end; item++) {
         int h = item / chunks, i0 = item % chunks * SPLIT_KEYS, i1 = i0 + SPLIT_KEYS < n ? i0 + SPLIT_KEYS : n;
         int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
         for (int i = i0; i < i1; i += 4) {
             int nk = i1 - i < 4 ? i1 - i : 4;
-            const float *k4[4];
+            const void *k4[4];
             float d[4];
-            for (int k = 0; k < 4; k++) k4[k] = kvlayer_key(j->kv, nth_key(&v, i + (k < nk ? k : 0))) + off;
-            dot_product4(d, query_of(&c, 0, h), k4, hd);
+            for (int k = 0; k < 4; k++) k4[k] = kvlayer_key_row(j->kv, nth_key(&v, i + (k < nk ? k : 0)));
+            kv_dot_product4(d, query_of(&c, 0, h), k4, j->kv->type, off, hd, converted);
             c.seen[0] = i;
             append_scores(&c, 0, h, d, nk, (1u << nk) - 1);
         }
@@ -585,13 +619,13 @@ static void split_sums(void *arg, int begin, int end) {
     for (int item = begin; item < end; item++) {
         int h = item / slices, d0 = item % slices * 16, width = hd - d0 < 16 ? hd - d0 : 16;
         int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd + d0;
-        float *out = output_of(&c, 0, h) + d0;
+        float *out = output_of(&c, 0, h) + d0, converted[16 * 16];
         memset(out, 0, (size_t)width * sizeof(float));
         for (int i = 0; i < n; i += 16) {
-            const float *rows[16];
+            const void *rows[16];
             int m = n - i < 16 ? n - i : 16;
-            for (int k = 0; k < m; k++) rows[k] = kvlayer_value(j->kv, nth_key(&v, i + k)) + off;
-            add_scaled_rows(out, weights_row(&c, 0, h) + i, rows, m, width);
+            for (int k = 0; k < m; k++) rows[k] = kvlayer_value_row(j->kv, nth_key(&v, i + k));
+            kv_add_scaled_rows(out, weights_row(&c, 0, h) + i, rows, m, j->kv->type, off, width, converted);
         }
     }
 }
@@ -611,6 +645,10 @@ void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads,
     /* a job takes whole kv groups while that leaves two jobs per thread; the split changes no result */
     int group = n_heads / n_kv_heads, threads = parallel_threads(), grain = group;
     while (grain > 1 && n_heads / grain < 2 * threads) grain = (grain + 1) / 2;
+    /* one token (decode): each thread takes one contiguous share of the heads, reading each cached row (every kv
+     * head side by side) in one pass; chunks of one head streamed the whole cache once per head. Measured on the
+     * 110M shape at 4,000 positions, 2 threads: attention 1.6-2x faster (f32 and q8_0 KV) */
+    if (n_tokens == 1) grain = (n_heads + threads - 1) / threads;
     parallel_for(n_heads, grain, work, attend_heads, &job); /* ops.h */
 }
 

@@ -38,6 +38,7 @@ typedef struct {
     const float *sink_logits; /* NULL, or a learned logit per query head that joins its softmax (gpt-oss) */
     KernelKind kernel;
     LatentKernel latent_kernel; /* latent attention layers only */
+    KVType kv_type;  /* how its cache stores keys and values (--kv-type); latent attention keeps f32 */
 } AttentionSpec;
 
 /* GQA/MQA: the kv head a query head reads. Consecutive query heads share one kv head. */
@@ -66,7 +67,8 @@ int most_visible(const AttentionSpec *a, int n_positions);
         for (int i_ = 0, j = (v).runs[run_].first; i_ < (v).runs[run_].count; i_++, j += (v).runs[run_].step)
 
 /* The KV cache this layer's mask needs: it keeps only the positions the mask can still read. Rows of k_dim
- * floats for keys and v_dim for values (v_dim 0: one row per position, latent attention). */
+ * elements for keys and v_dim for values, of the spec's kv_type (v_dim 0: one f32 row per position, latent
+ * attention). */
 void attention_cache_init(KVLayer *l, int k_dim, int v_dim, const AttentionSpec *a);
 
 /* One query head at position pos against the cached keys/values of kv head kv_head:

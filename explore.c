@@ -227,6 +227,7 @@ static int simulate_cache(const AttentionSpec *a, int T, int32_t *slot, int32_t 
                           int32_t *mha_rows) {
     KVLayer cache, mha;
     attention_cache_init(&cache, 1, 1, a);
+    kvlayer_set_type(&cache, KV_F32); /* rows counted as floats, whatever --kv-type */
     kvlayer_init(&mha, 1, 0, 0);
     int *held = malloc((size_t)T * sizeof *held), n_held = 0, rc = held ? 0 : -1;
     const float zero = 0.0f;

@@ -3,27 +3,142 @@
  * that share blocks and copy one only when they write into it. */
 #include "kvcache.h"
 
+#include "ops.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* ---------------------------------------------------------------------------------------------
+ * element types: f32, bf16, q8_0 rows */
+
+const char *kv_type_name(KVType t) { return t == KV_BF16 ? "bf16" : t == KV_Q8_0 ? "q8_0" : "f32"; }
+
+int kv_type_parse(const char *name, KVType *t) {
+    for (int i = KV_F32; i <= KV_Q8_0; i++)
+        if (!strcmp(name, kv_type_name((KVType)i))) {
+            *t = (KVType)i;
+            return 0;
+        }
+    return -1;
+}
+
+/* a q8_0 group as stored: its scale, then its 32 values */
+typedef struct {
+    float scale;
+    int8_t q[KV_Q8_GROUP];
+} KVGroup;
+
+size_t kv_row_bytes(int n, KVType t) {
+    if (t == KV_BF16) return (size_t)n * 2;
+    if (t == KV_Q8_0) return (size_t)(n + KV_Q8_GROUP - 1) / KV_Q8_GROUP * sizeof(KVGroup);
+    return (size_t)n * sizeof(float);
+}
+
+/* bf16 = the top 16 bits of the float, rounded to nearest even (a NaN stays a NaN) */
+static uint16_t to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(u >> 16 | 0x40);
+    return (uint16_t)((u + 0x7FFFu + (u >> 16 & 1)) >> 16);
+}
+
+/* One group of n <= 32 elements (the rest zero): d = max|x| / 127, q = round(x * 127 / max|x|) to nearest even.
+ * A group holding an inf or NaN gets q = 0 and a NaN scale, so the NaN reaches the output as it would in f32. */
+static void to_q8_group(KVGroup *g, const float *x, int n) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int j = 0; j < n; j++) {
+        float a = fabsf(x[j]);
+        if (!(a <= FLT_MAX)) finite = 0;
+        else if (a > amax) amax = a;
+    }
+    float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    memset(g->q, 0, sizeof g->q);
+    for (int j = 0; j < n; j++) {
+        float v = x[j] * inv; /* inv is inf when amax is subnormal: clamp before converting */
+        g->q[j] = (int8_t)(v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)nearbyintf(v) : 0);
+    }
+    g->scale = finite ? amax / 127.0f : NAN;
+}
+
+void kv_row_store(void *dst, const float *src, int n, KVType t) {
+    if (t == KV_F32) memcpy(dst, src, (size_t)n * sizeof(float));
+    else if (t == KV_BF16)
+        for (int i = 0; i < n; i++) ((uint16_t *)dst)[i] = to_bf16(src[i]);
+    else
+        for (int i = 0; i < n; i += KV_Q8_GROUP)
+            to_q8_group((KVGroup *)dst + i / KV_Q8_GROUP, src + i, n - i < KV_Q8_GROUP ? n - i : KV_Q8_GROUP);
+}
+
+/* q8_0: element = d * q, one rounding (a product of a float and a small integer) */
+static void load_q8(float *out, const KVGroup *groups, int off, int n) {
+    if (off % KV_Q8_GROUP == 0 && n % KV_Q8_GROUP == 0) { /* whole groups (head_dim 64, 128, ...): vectorises */
+        const KVGroup *g = groups + off / KV_Q8_GROUP;
+        for (int i = 0; i < n / KV_Q8_GROUP; i++, out += KV_Q8_GROUP) {
+            float d = g[i].scale;
+            for (int j = 0; j < KV_Q8_GROUP; j++) out[j] = d * (float)g[i].q[j];
+        }
+        return;
+    }
+    for (int i = 0; i < n;) {
+        const KVGroup *g = &groups[(off + i) / KV_Q8_GROUP];
+        int j0 = (off + i) % KV_Q8_GROUP, m = KV_Q8_GROUP - j0 < n - i ? KV_Q8_GROUP - j0 : n - i;
+        float d = g->scale;
+        for (int j = 0; j < m; j++) out[i + j] = d * (float)g->q[j0 + j];
+        i += m;
+    }
+}
+
+void kv_row_load(float *out, const void *row, KVType t, int off, int n) {
+    if (t == KV_F32) memcpy(out, (const float *)row + off, (size_t)n * sizeof(float));
+    else if (t == KV_BF16) {
+        const uint16_t *b = (const uint16_t *)row + off;
+        for (int i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)b[i] << 16;
+            memcpy(&out[i], &u, 4);
+        }
+    } else load_q8(out, row, off, n);
+}
+
+void kv_dot_product4(float out[4], const float *a, const void *const rows[4], KVType t, int off, int n, float *scratch) {
+    if (t != KV_F32 && dot_product4_packed(out, a, rows, t, off, n)) return;
+    const float *f[4];
+    for (int i = 0; i < 4; i++) f[i] = kv_row_f32(rows[i], t, off, n, scratch + (size_t)i * n);
+    dot_product4(out, a, f, n);
+}
+
+void kv_add_scaled_rows(float *out, const float *w, const void *const *rows, int m, KVType t, int off, int n, float *scratch) {
+    if (t != KV_F32 && add_scaled_rows_packed(out, w, rows, m, t, off, n)) return;
+    const float *f[KV_BLOCK_TOKENS];
+    for (int i0 = 0; i0 < m; i0 += KV_BLOCK_TOKENS) {
+        int k = m - i0 < KV_BLOCK_TOKENS ? m - i0 : KV_BLOCK_TOKENS;
+        for (int i = 0; i < k; i++) f[i] = kv_row_f32(rows[i0 + i], t, off, n, scratch + (size_t)i * n);
+        add_scaled_rows(out, w + i0, f, k, n);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * the pool: block ids, reference counts, a free list */
 
-void kvpool_init(KVPool *p, int key_width, int value_width) {
+void kvpool_init(KVPool *p, int key_width, int value_width, KVType type) {
     memset(p, 0, sizeof *p);
     p->key_width = key_width;
     p->value_width = value_width;
+    p->type = type;
+    p->key_bytes = kv_row_bytes(key_width, type);
+    p->value_bytes = kv_row_bytes(value_width, type);
 }
 
-static size_t block_bytes(const KVPool *p, int rows) {
-    return (size_t)rows * (size_t)(p->key_width + p->value_width) * sizeof(float);
-}
+static size_t block_bytes(const KVPool *p, int rows) { return (size_t)rows * (p->key_bytes + p->value_bytes); }
 
 /* Room for one more id in every per-id array. */
 static int grow_ids(KVPool *p) {
     if (p->n_ids < p->capacity) return 0;
     int n = p->capacity ? 2 * p->capacity : 64;
-    float **storage = realloc(p->storage, (size_t)n * sizeof *storage);
+    unsigned char **storage = realloc(p->storage, (size_t)n * sizeof *storage);
     if (!storage) return -1;
     p->storage = storage;
     int *rows = realloc(p->rows, (size_t)n * sizeof *rows);
@@ -40,7 +155,7 @@ static int grow_ids(KVPool *p) {
 }
 
 int kvpool_alloc(KVPool *p, int rows) {
-    float *data = malloc(block_bytes(p, rows));
+    unsigned char *data = malloc(block_bytes(p, rows));
     if (!data) return -1;
     int id;
     if (p->n_free > 0) id = p->free_ids[--p->n_free];
@@ -81,8 +196,8 @@ void kvpool_free(KVPool *p) {
     memset(p, 0, sizeof *p);
 }
 
-static float *block_keys(const KVPool *p, int id) { return p->storage[id]; }
-static float *block_values(const KVPool *p, int id) { return p->storage[id] + (size_t)p->rows[id] * p->key_width; }
+static unsigned char *block_keys(const KVPool *p, int id) { return p->storage[id]; }
+static unsigned char *block_values(const KVPool *p, int id) { return p->storage[id] + (size_t)p->rows[id] * p->key_bytes; }
 
 /* ---------------------------------------------------------------------------------------------
  * one layer of one sequence: slots, and the block table */
@@ -113,6 +228,8 @@ void kvlayer_free(KVLayer *l) {
 }
 
 void kvlayer_set_value_width(KVLayer *l, int v_dim) { l->v_dim = v_dim; }
+
+void kvlayer_set_type(KVLayer *l, KVType t) { l->type = t; }
 
 int kvlayer_capacity(const KVLayer *l) { return l->window > 0 ? l->n_sinks + l->window : 0; }
 
@@ -164,10 +281,10 @@ static int grow_table(KVLayer *l, int n) {
     int *ids = realloc(l->block_ids, (size_t)cap * sizeof *ids);
     if (!ids) return -1;
     l->block_ids = ids;
-    float **kb = realloc(l->k_blocks, (size_t)cap * sizeof *kb);
+    unsigned char **kb = realloc(l->k_blocks, (size_t)cap * sizeof *kb);
     if (!kb) return -1;
     l->k_blocks = kb;
-    float **vb = realloc(l->v_blocks, (size_t)cap * sizeof *vb);
+    unsigned char **vb = realloc(l->v_blocks, (size_t)cap * sizeof *vb);
     if (!vb) return -1;
     l->v_blocks = vb;
     for (int i = l->n_blocks; i < cap; i++) l->block_ids[i] = -1, l->k_blocks[i] = l->v_blocks[i] = NULL;
@@ -187,8 +304,8 @@ static int copy_block(KVLayer *l, int b) {
     int old = l->block_ids[b], id = kvpool_alloc(l->pool, l->pool->rows[old]);
     if (id < 0) return -1;
     size_t rows = (size_t)kvlayer_rows_written(l, b);
-    memcpy(block_keys(l->pool, id), block_keys(l->pool, old), rows * (size_t)l->kv_dim * sizeof(float));
-    memcpy(block_values(l->pool, id), block_values(l->pool, old), rows * (size_t)l->v_dim * sizeof(float));
+    memcpy(block_keys(l->pool, id), block_keys(l->pool, old), rows * l->pool->key_bytes);
+    memcpy(block_values(l->pool, id), block_values(l->pool, old), rows * l->pool->value_bytes);
     kvpool_unref(l->pool, old);
     set_block(l, b, id);
     return 0;
@@ -198,7 +315,7 @@ static int copy_block(KVLayer *l, int b) {
 static int writable_block(KVLayer *l, int b) {
     if (!l->pool) { /* a layer on its own (study tools, tests): it gets a pool of its own */
         if (!(l->pool = malloc(sizeof *l->pool))) return -1;
-        kvpool_init(l->pool, l->kv_dim, l->v_dim);
+        kvpool_init(l->pool, l->kv_dim, l->v_dim, l->type);
         l->owns_pool = 1;
     }
     if (grow_table(l, b + 1) != 0) return -1;
@@ -233,24 +350,30 @@ int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value) {
     int slot = kvlayer_slot_of(l, pos);
     int b = slot / KV_BLOCK_TOKENS, r = slot % KV_BLOCK_TOKENS;
     if (writable_block(l, b) != 0) return -1;
-    memcpy(l->k_blocks[b] + (size_t)r * l->kv_dim, key, (size_t)l->kv_dim * sizeof(float));
-    if (l->v_dim) memcpy(l->v_blocks[b] + (size_t)r * l->v_dim, value, (size_t)l->v_dim * sizeof(float));
+    kv_row_store(l->k_blocks[b] + (size_t)r * l->pool->key_bytes, key, l->kv_dim, l->type);
+    if (l->v_dim) kv_row_store(l->v_blocks[b] + (size_t)r * l->pool->value_bytes, value, l->v_dim, l->type);
     if (pos + 1 > l->n_positions) l->n_positions = pos + 1;
     return 0;
 }
 
-float *kvlayer_key(const KVLayer *l, int pos) {
+const void *kvlayer_key_row(const KVLayer *l, int pos) {
     int slot = kvlayer_slot_of(l, pos);
-    return l->k_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->kv_dim;
+    return l->k_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->pool->key_bytes;
 }
 
-float *kvlayer_value(const KVLayer *l, int pos) {
+const void *kvlayer_value_row(const KVLayer *l, int pos) {
     int slot = kvlayer_slot_of(l, pos);
-    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->v_dim;
+    return l->v_blocks[slot / KV_BLOCK_TOKENS] + (size_t)(slot % KV_BLOCK_TOKENS) * l->pool->value_bytes;
 }
+
+float *kvlayer_key(const KVLayer *l, int pos) { return (float *)kvlayer_key_row(l, pos); }
+
+float *kvlayer_value(const KVLayer *l, int pos) { return (float *)kvlayer_value_row(l, pos); }
 
 /* keys and values of `rows` positions */
-static size_t bytes_of_rows(const KVLayer *l, size_t rows) { return rows * (size_t)(l->kv_dim + l->v_dim) * sizeof(float); }
+static size_t bytes_of_rows(const KVLayer *l, size_t rows) {
+    return rows * (kv_row_bytes(l->kv_dim, l->type) + kv_row_bytes(l->v_dim, l->type));
+}
 
 size_t kvlayer_bytes_held(const KVLayer *l) {
     size_t rows = 0;
@@ -282,9 +405,10 @@ int kvcache_init(KVCache *c, int n_layers, const KVLayer *layout, const StateSha
         c->layout[l] = layout[l];
         if (states) c->state_layout[l] = states[l];
         int kw = layout[l].kv_dim, vw = layout[l].v_dim, p = 0;
+        KVType t = layout[l].type;
         if (kw == 0) continue;
-        while (p < c->n_pools && (c->pools[p].key_width != kw || c->pools[p].value_width != vw)) p++;
-        if (p == c->n_pools) kvpool_init(&c->pools[c->n_pools++], kw, vw);
+        while (p < c->n_pools && (c->pools[p].key_width != kw || c->pools[p].value_width != vw || c->pools[p].type != t)) p++;
+        if (p == c->n_pools) kvpool_init(&c->pools[c->n_pools++], kw, vw, t);
         c->layout[l].pool = &c->pools[p];
     }
     return 0;

@@ -17,8 +17,8 @@
  * same block ids, each block counts the tables that hold it, and a block is copied only when a sequence
  * writes into one that another table still holds (COPY-ON-WRITE): the partial last block of a shared prompt
  * on the first decode step, a rolling buffer's blocks one by one as the window moves on. A block whose count
- * falls to zero goes back to the pool. The attention kernels read a layer only through kvlayer_key,
- * kvlayer_value and kvlayer_slot_of (or, block by block, k_blocks / v_blocks).
+ * falls to zero goes back to the pool. The attention kernels read a layer only through kvlayer_key_row,
+ * kvlayer_value_row (then kv_row_f32) and kvlayer_slot_of (or, block by block, k_blocks / v_blocks).
  *
  * Recurrent layers (Mamba, Mamba-2, Gated DeltaNet, RWKV) keep no keys at all but a STATE of fixed size,
  * the same after ten tokens as after a million: the last few inputs of their causal convolution (the
@@ -32,18 +32,54 @@
 
 #define KV_BLOCK_TOKENS 16
 
+/* How each stored key / value element is kept (--kv-type). Rounding happens once, when a row is stored; every
+ * reader sees the same floats, so every kernel and split gives the same bits for a given type.
+ *   KV_F32:  4 bytes an element, exact.
+ *   KV_BF16: 2 bytes: the float rounded to bf16 (8 bits of mantissa, round to nearest even).
+ *   KV_Q8_0: 1.125 bytes: per group of 32 elements of a row, one f32 scale d = max|x| / 127 and 32 int8
+ *            q = round(x / d); element = d * q. The scale stays f32 (not f16 as in GGUF's Q8_0): 6% more bytes,
+ *            but no f16 encoder, no overflow or underflow of the scale, and the same rule as the q8_0
+ *            activations of matmul.c. */
+typedef enum { KV_F32 = 0, KV_BF16 = 1, KV_Q8_0 = 2 } KVType;
+#define KV_Q8_GROUP 32
+/* "f32", "bf16", "q8_0" */
+const char *kv_type_name(KVType t);
+/* 0 and the type in *t, or -1 for a name that is none of them */
+int kv_type_parse(const char *name, KVType *t);
+/* Bytes of a row of n elements (q8_0: whole groups of 32, the last one padded) */
+size_t kv_row_bytes(int n, KVType t);
+/* Stores src[n] as a row of type t at dst (kv_row_bytes(n, t) bytes) */
+void kv_row_store(void *dst, const float *src, int n, KVType t);
+/* out[0 .. n-1] = elements off .. off+n-1 of a stored row of type t, as floats */
+void kv_row_load(float *out, const void *row, KVType t, int off, int n);
+/* out[i] = a . (elements off .. off+n-1 of stored row i) for 4 rows: dot_product4's bits on the converted rows
+ * (converted in registers where the build can, else through scratch[4 * n]) */
+void kv_dot_product4(float out[4], const float *a, const void *const rows[4], KVType t, int off, int n, float *scratch);
+/* out[k] += w[i] * (element off + k of stored row i) for i = 0 .. m-1 in turn: add_scaled_rows' bits (scratch:
+ * KV_BLOCK_TOKENS * n floats, used where the rows must be converted first) */
+void kv_add_scaled_rows(float *out, const float *w, const void *const *rows, int m, KVType t, int off, int n, float *scratch);
+/* Elements off .. off+n-1 of a stored row as floats: a pointer into the row when it is f32 (no copy), else
+ * scratch[n] holding them converted (what the attention kernels call right before use, a tile at a time) */
+static inline const float *kv_row_f32(const void *row, KVType t, int off, int n, float *scratch) {
+    if (t == KV_F32) return (const float *)row + off;
+    kv_row_load(scratch, row, t, off, n);
+    return scratch;
+}
+
 /* The blocks of one row shape (key and value widths): ids, reference counts, a free list of ids. */
 typedef struct {
-    int key_width, value_width; /* floats per row of keys / of values */
+    int key_width, value_width; /* elements per row of keys / of values */
+    KVType type;                /* how the elements are stored */
+    size_t key_bytes, value_bytes; /* bytes per row of keys / of values */
     int n_ids, capacity;        /* ids handed out so far (in use or free), and room for */
-    float **storage;            /* per id: rows * (key_width + value_width) floats, keys then values; NULL when free */
+    unsigned char **storage;    /* per id: rows * (key_bytes + value_bytes), keys then values; NULL when free */
     int *rows;                  /* per id: rows of the block (a rolling buffer's last block may be short) */
     int *refs;                  /* per id: the block tables holding it; 0 = free */
     int *free_ids, n_free;      /* ids whose count fell to zero, handed out again first */
     size_t bytes_held;          /* storage of the blocks in use */
 } KVPool;
 
-void kvpool_init(KVPool *p, int key_width, int value_width);
+void kvpool_init(KVPool *p, int key_width, int value_width, KVType type);
 /* A new block of `rows` rows with one reference: its id, or -1 when memory runs out. */
 int kvpool_alloc(KVPool *p, int rows);
 void kvpool_ref(KVPool *p, int id);
@@ -59,13 +95,14 @@ typedef struct {
     int v_dim;      /* floats per value row: kv_dim, or 0 when a position is one row (latent attention's c_kv | k_rope) */
     int window;     /* 0: full attention, paged and unbounded; W: rolling buffer of the last W positions */
     int n_sinks;    /* rolling buffers only: the first n_sinks positions stay (StreamingLLM sinks) */
+    KVType type;    /* how its elements are stored (--kv-type); KV_F32 unless kvlayer_set_type says otherwise */
     int summary_every; /* 0, or B: only positions B-1, 2B-1, ... and the current block of B are kept */
     KVPool *pool;   /* where its blocks live; NULL until a layer on its own first stores (then it owns one) */
     int owns_pool;
     int n_blocks;   /* entries in the block table */
     int *block_ids; /* the table: pool id of block b, -1 where none yet */
-    float **k_blocks, **v_blocks; /* the same blocks' keys and values (NULL where none; v_blocks all NULL when
-                                   * v_dim is 0): block b holds slots b*KV_BLOCK_TOKENS .. +KV_BLOCK_TOKENS-1 */
+    unsigned char **k_blocks, **v_blocks; /* the same blocks' keys and values (NULL where none; v_blocks all NULL
+                                   * when v_dim is 0): block b holds slots b*KV_BLOCK_TOKENS .. +KV_BLOCK_TOKENS-1 */
     int n_positions;/* positions stored so far: 0 .. n_positions-1 have been written */
 } KVLayer;
 
@@ -93,6 +130,9 @@ void kvlayer_free(KVLayer *l);
  * (latent attention). Before the first store. */
 void kvlayer_set_value_width(KVLayer *l, int v_dim);
 
+/* Elements stored as type t from now on. Before the first store. */
+void kvlayer_set_type(KVLayer *l, KVType t);
+
 /* Slots a rolling buffer holds (n_sinks + window); 0 for a paged layer (unbounded). */
 int kvlayer_capacity(const KVLayer *l);
 /* 1 for a paged layer: no position it stores is ever overwritten. */
@@ -105,7 +145,10 @@ int kvlayer_holds(const KVLayer *l, int pos);
  * ignored when the layer has no value rows), copying the block first if another table holds it too.
  * Returns 0, or -1 when memory runs out. */
 int kvlayer_store(KVLayer *l, int pos, const float *key, const float *value);
-/* The key / value row of a held position. */
+/* The key / value row of a held position, as stored: kv_row_f32 reads it. */
+const void *kvlayer_key_row(const KVLayer *l, int pos);
+const void *kvlayer_value_row(const KVLayer *l, int pos);
+/* The same rows as floats, for f32 layers only (latent attention, tests) */
 float *kvlayer_key(const KVLayer *l, int pos);
 float *kvlayer_value(const KVLayer *l, int pos);
 /* Rows of block b that hold a stored position (0 .. KV_BLOCK_TOKENS; 0 past the last one written). */

@@ -345,6 +345,43 @@ void dot_product4(float out[4], const float *a, const float *const b[4], int n) 
     store4(out, lane_sum4(acc[0], acc[1], acc[2], acc[3]));
 }
 
+/* 16 elements of a stored KV row (kvcache.c) from element k, a multiple of 16, as floats, converted as
+ * kv_row_load converts them: bf16 widened; q8_0 (groups of 36 bytes: an f32 scale d, then 32 int8 q) d * q */
+ALWAYS_INLINE __m512 load_kv16(const void *row, int packing, int k) {
+    if (packing == 1)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k))), 16));
+    const unsigned char *g = (const unsigned char *)row + (size_t)(k / 32) * 36;
+    float d;
+    memcpy(&d, g, 4);
+    return _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(g + 4 + k % 32)))));
+}
+
+int dot_product4_packed(float out[4], const float *a, const void *const rows[4], int packing, int off, int n) {
+    if (off % LANES || n % LANES) return 0;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int k = 0; k < n; k += LANES) { /* dot_product4's sums, each element converted in a register */
+        __m512 av = _mm512_loadu_ps(a + k);
+        for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(av, load_kv16(rows[i], packing, off + k), acc[i]);
+    }
+    store4(out, lane_sum4(acc[0], acc[1], acc[2], acc[3]));
+    return 1;
+}
+
+int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, int n, int packing, int off, int len) {
+    if (off % LANES || len % LANES) return 0;
+    for (int d = 0; d < len; d += 4 * LANES) { /* add_scaled_rows' order: 64 columns in registers */
+        int vectors = (len - d) / LANES < 4 ? (len - d) / LANES : 4;
+        __m512 acc[4];
+        for (int c = 0; c < vectors; c++) acc[c] = _mm512_loadu_ps(out + d + c * LANES);
+        for (int i = 0; i < n; i++) {
+            __m512 wi = _mm512_set1_ps(w[i]);
+            for (int c = 0; c < vectors; c++) acc[c] = _mm512_fmadd_ps(wi, load_kv16(rows[i], packing, off + d + c * LANES), acc[c]);
+        }
+        for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + d + c * LANES, acc[c]);
+    }
+    return 1;
+}
+
 /* r[i] <- column i of the 16 x 16 block r, except that columns 1 and 2 of each 4 come out swapped */
 ALWAYS_INLINE void transpose16x16(__m512 r[16]) {
     __m512 t[16], u[16], v[16];
@@ -930,6 +967,17 @@ void dot_product4(float out[4], const float *a, const float *const b[4], int n) 
 void add_scaled_rows(float *out, const float *w, const float *const *rows, int n, int len) {
     for (int i = 0; i < n; i++)
         for (int k = 0; k < len; k++) out[k] = fmaf(w[i], rows[i][k], out[k]);
+}
+
+/* no in-register conversion here: kvcache.c converts the rows first */
+int dot_product4_packed(float out[4], const float *a, const void *const rows[4], int packing, int off, int n) {
+    (void)out, (void)a, (void)rows, (void)packing, (void)off, (void)n;
+    return 0;
+}
+
+int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, int n, int packing, int off, int len) {
+    (void)out, (void)w, (void)rows, (void)n, (void)packing, (void)off, (void)len;
+    return 0;
 }
 
 void transpose_rows16(float *kt, const float *const rows[16], int len) {

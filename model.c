@@ -440,10 +440,10 @@ AttentionSpec attention_of_layer(const Model *m, int layer) {
     const AttentionConfig *a = &l->attn;
     if (l->mixer == MIXER_LATENT_ATTENTION) { /* full causal attention; head_dim is the q.k width */
         AttentionSpec s = {l->mla.nope_dim + l->mla.rope.dim, l->mla.scale, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE,
-                           LATENT_AUTO};
+                           LATENT_AUTO, KV_F32};
         return s;
     }
-    AttentionSpec s = {a->head_dim, a->scale, a->softcap, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE, LATENT_AUTO};
+    AttentionSpec s = {a->head_dim, a->scale, a->softcap, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE, LATENT_AUTO, KV_F32};
     if (a->window) s.mask = MASK_SLIDING, s.span = a->window;
     if (a->chunk) s.mask = MASK_CHUNKED, s.span = a->chunk;
     if (a->flags & ATTN_SINKS) s.sink_logits = m->weights.layers[layer].attn.sinks.data;

@@ -106,6 +106,11 @@ void transpose_rows16(float *kt, const float *const rows[16], int len);
 void dot_product16(float out[16], const float *q, const float *kt, int len);
 /* out[k] = fmaf(w[i], rows[i][k], out[k]) for i = 0 .. n-1 in turn (attention's weighted sum of value rows) */
 void add_scaled_rows(float *out, const float *w, const float *const *rows, int n, int len);
+/* The same two on rows of the KV cache as kvcache.c stores them (packing 1: bf16; 2: q8_0 groups of an f32 scale
+ * and 32 int8), elements off .. off+len-1 of each, converted in registers with kv_row_load's bits. Return 0,
+ * having done nothing, where the build has no such kernel or off / len are not multiples of 16. */
+int dot_product4_packed(float out[4], const float *a, const void *const rows[4], int packing, int off, int n);
+int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, int n, int packing, int off, int len);
 /* The fixed summation tree over 16 lanes that every sum uses: (l, l+8), then (l, l+4), (l, l+2), (l, l+1).
  * Adds into a. */
 static inline float lane_sum16(float a[16]) {

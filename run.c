@@ -131,6 +131,8 @@ static void usage(FILE *out) {
           "  --attn KERNEL   naive (scores, softmax, sum; the default) or flash (tiled, online softmax)\n"
           "  --mla FORM      latent attention (DeepSeek): absorbed (in latent space), expanded (per-head keys and\n"
           "                  values decompressed) or auto (the cheaper at each position; the default)\n"
+          "  --kv-type T     how the KV cache keeps keys and values: f32 (the default), bf16 (half the bytes) or\n"
+          "                  q8_0 (int8 in groups of 32, about a quarter); latent attention layers keep f32\n"
           "  --attn-map PNG  draw every head's attention weights over the sequence (naive kernel)\n"
           "  --attn-map-layer L[,L...]  only these layers, drawn larger\n"
           "  --attn-dump FILE  the recorded weights as float32 [layer][head][query][key]\n"
@@ -188,7 +190,7 @@ static Options parse_args(int argc, char **argv) {
                                             "--repeat-last-n", "--tokens", "--logits", "--encode", "--decode",
                                             "--threads", "--batch", "-f", "--system", "--render-chat", "--ctx",
                                             "--stride", "--window", "--sinks", "--sparse", "--attn", "--attn-map",
-                                            "--attn-map-layer", "--attn-dump", "--explore", "--mla", "--samples",
+                                            "--attn-map-layer", "--attn-dump", "--explore", "--mla", "--kv-type", "--samples",
                                             "--parallel", "--prompts", "--kv-map"};
         int k = 0;
         while (k < (int)(sizeof known / sizeof *known) && strcmp(a, known[k])) k++;
@@ -235,6 +237,7 @@ static Options parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--attn-dump")) o.attn_dump = v;
         else if (!strcmp(a, "--explore")) o.explore = v;
         else if (!strcmp(a, "--mla")) o.overrides.latent = v;
+        else if (!strcmp(a, "--kv-type")) o.overrides.kv_type = v;
         else if (!strcmp(a, "--samples")) o.samples = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--parallel")) o.parallel = (int)parse_long(a, v, 1, 1024);
         else if (!strcmp(a, "--prompts")) o.prompts_path = v;

@@ -124,6 +124,10 @@ int apply_attention_overrides(Model *m, const AttentionOverrides *o, char *err, 
     for (int l = 0; l < n_layers; l++)
         if (m->config.layers[l].mixer == MIXER_LATENT_ATTENTION) m->attention[l].latent_kernel = form, latent = 1;
     if (o->latent && !latent) return fail(err, errlen, "--mla: the model has no latent attention layer");
+    KVType kv_type = KV_F32;
+    if (o->kv_type && kv_type_parse(o->kv_type, &kv_type) != 0)
+        return fail(err, errlen, "--kv-type: '%s' is not a KV cache type (f32, bf16 or q8_0)", o->kv_type);
+    for (int l = 0; l < n_layers; l++) m->attention[l].kv_type = kv_type; /* latent layers keep f32 (attention_cache_init) */
     return 0;
 }
 
@@ -295,6 +299,21 @@ static void print_recurrent_row(const Model *m, int l, int width, FILE *out) {
             extras, 0, b2, ffn_name(lc, ffn));
 }
 
+/* --kv-type as the tables name it */
+static const char *kv_cache_type_text(const Model *m) {
+    switch (m->attention[0].kv_type) {
+    case KV_BF16: return "bf16";
+    case KV_Q8_0: return "q8_0";
+    default: return "float32";
+    }
+}
+
+static int has_latent(const Model *m) {
+    for (int l = 0; l < m->config.n_layers; l++)
+        if (m->config.layers[l].mixer == MIXER_LATENT_ATTENTION) return 1;
+    return 0;
+}
+
 static int is_overridden(const Model *m, int l) {
     const AttentionSpec *a = &m->attention[l], own = attention_of_layer(m, l);
     return a->mask != own.mask || a->span != own.span || a->n_sinks != own.n_sinks;
@@ -311,8 +330,8 @@ static void print_state_table(const Model *m, int recurrent, FILE *out) {
         state += statelayer_bytes_of(layer_state_shape(c, &c->layers[l]));
         attention_layers += !is_recurrent(&c->layers[l]);
     }
-    fprintf(out, "\nKV cache of %d attention layer%s (float32, blocks of %d positions), state of %d recurrent layer%s "
-            "(float32):\n", attention_layers, attention_layers == 1 ? "" : "s", KV_BLOCK_TOKENS, recurrent,
+    fprintf(out, "\nKV cache of %d attention layer%s (%s, blocks of %d positions), state of %d recurrent layer%s "
+            "(float32):\n", attention_layers, attention_layers == 1 ? "" : "s", kv_cache_type_text(m), KV_BLOCK_TOKENS, recurrent,
             recurrent == 1 ? "" : "s");
     fprintf(out, "%7s  %28s  %28s  %28s\n", "tokens", "KV cache", "recurrent state", "total");
     const long lengths[] = {1024, 8192, 32768, 131072};
@@ -365,6 +384,9 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
                 fprintf(out, "; latent attention: %s", forms[m->attention[l].latent_kernel]);
                 break;
             }
+        if (m->attention[0].kv_type != KV_F32)
+            fprintf(out, "; KV cache: %s%s", m->attention[0].kv_type == KV_Q8_0 ? "q8_0 (int8 in groups of 32, an f32 scale each)"
+                    : kv_cache_type_text(m), has_latent(m) ? "; latent attention layers keep f32" : "");
         fprintf(out, "\n");
     }
     fprintf(out, "\n%5s  %-*s %3s %3s  %-10s %8s  %9s  %-22s %8s  %-15s %s\n", "layer", width,
@@ -392,7 +414,7 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
         if (rope->dim > 0) snprintf(rope_base, sizeof rope_base, "%g", rope->theta);
         else strcpy(rope_base, "-");
         extras_of(m, l, extras);
-        size_t per_token = latent ? latent_bytes(la) : 2 * at->n_kv_heads * at->head_dim * sizeof(float);
+        size_t per_token = latent ? latent_bytes(la) : 2 * kv_row_bytes(at->n_kv_heads * at->head_dim, a->kv_type);
         fprintf(out, "%5d  %-*s %3d %3d  %-10s %8s  %9s  %-22s %6zu B  %-15s %s\n", l, width, kind, heads, kv_heads, group,
                 head_dim, rope_base, extras, per_token, keeps(a, b3), ffn_name(lc, ffn));
     }
@@ -414,8 +436,8 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
         return;
     }
     /* the cache as kvcache.c would lay it out, and the same model as plain MHA with full attention */
-    fprintf(out, "\nKV cache (float32 keys + values, blocks of %d positions; %d-token context):\n", KV_BLOCK_TOKENS,
-            c->context_length);
+    fprintf(out, "\nKV cache (%s keys + values, blocks of %d positions; %d-token context):\n", kv_cache_type_text(m),
+            KV_BLOCK_TOKENS, c->context_length);
     fprintf(out, "%7s  %28s  %32s  %6s\n", "tokens", "as wired", "MHA + full attention everywhere", "ratio");
     const long lengths[] = {1024, 8192, 32768, 131072};
     for (int i = 0; i < 4; i++) {
@@ -430,6 +452,7 @@ void print_wiring(const Model *m, const char *path, FILE *out) {
             } else {
                 kvlayer_init(&mha, lc->attn.n_heads * lc->attn.head_dim, 0, 0);
             }
+            kvlayer_set_type(&mha, cache.type); /* the same element type: the ratio is the wiring's */
             wired += kvlayer_bytes_for(&cache, lengths[i]);
             plain += kvlayer_bytes_for(&mha, lengths[i]);
         }

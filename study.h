@@ -15,6 +15,7 @@ typedef struct {
     const char *sparse; /* --sparse: "strided:S" / "fixed:B" for every layer, or "L=strided:S[,L=fixed:B...]" */
     const char *kernel; /* --attn: "naive" or "flash"; NULL: naive */
     const char *latent; /* --mla: "auto", "absorbed" or "expanded" (latent attention layers); NULL: auto */
+    const char *kv_type; /* --kv-type: "f32", "bf16" or "q8_0" (softmax attention layers' caches); NULL: f32 */
 } AttentionOverrides;
 
 /* Rewrites m->attention[] (before runstate_init). On bad input writes one line to err and returns -1. */

@@ -257,6 +257,13 @@ def run(t):
                 f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'}), q8_0 / q4_0 models within {q8_tolerance:g} "
                 f"({'bit-identical' if worst8 == 0 else f'{worst8:.1e}'})", worst <= tolerance and worst8 <= q8_tolerance)
 
+    def compare_kv_types(label, exe):
+        """--kv-type bf16 / q8_0: AVX-512 converts the rows in registers, the others convert them first: same bits"""
+        worst = max(relative_error(logits_with(t, exe, m, ids, "--kv-type", kv), t.logits(m, ids, "--kv-type", kv))
+                    for name, m, ids in models if name in ("llama_gqa", "gemma3", "kjv-5m") for kv in ("bf16", "q8_0"))
+        t.check(f"{label}: --kv-type bf16 and q8_0 give the default build's logits "
+                f"({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'})", worst == 0.0)
+
     exe = build(t, "portable", "PORTABLE=1")
     if exe:
         compare("make PORTABLE=1", exe, PORTABLE_TOLERANCE, Q8_PORTABLE_BOUND)
@@ -267,6 +274,7 @@ def run(t):
         exe = build(t, "portable-kernels", "KERNELS=portable")
         if exe:
             compare("make KERNELS=portable (C kernels, fused multiply-add)", exe, 0.0, 0.0)
+            compare_kv_types("make KERNELS=portable", exe)
     else:
         t.skip("portable kernels with FMA", "the compiler's native target has no fused multiply-add")
     if t.run_bin != os.path.join(t.root, "run"):
@@ -275,6 +283,7 @@ def run(t):
         exe = build(t, "avx2", "ARCH=-march=haswell")
         if exe:
             compare("AVX2 kernels (ARCH=-march=haswell)", exe, 0.0, 0.0)
+            compare_kv_types("AVX2 kernels", exe)
     else:
         t.skip("AVX2 kernels", "needs an x86-64 CPU with AVX-512 (the default build) and AVX2")
     why_not = openblas_missing(t)

@@ -43,6 +43,45 @@ static float frand(void) { /* uniform in [-1, 1) */
 
 /* ------------------------------------------------------------------------------------------- */
 
+/* --kv-type's rows: bf16 within half a unit in the last place (2^-8 relative), q8_0 within half a step of its
+ * group's scale, a NaN stays a NaN (its whole q8_0 group turns NaN), the bytes as kv_row_bytes says, and a
+ * slice read from the middle of a row (a head of 16 inside a group of 32) equals the same part of the whole row */
+static void test_kv_types(void) {
+    enum { N = 80 }; /* two whole groups of 32 and a partial one */
+    float x[N], back[N], part[16], scale = 1.0f;
+    for (int i = 0; i < N; i++) x[i] = 5 * frand() * (i < 32 ? 1e-3f : 1.0f);
+    unsigned char row[4 * N];
+    int ok_bf16 = 1, ok_q8 = 1;
+    kv_row_store(row, x, N, KV_BF16);
+    kv_row_load(back, row, KV_BF16, 0, N);
+    for (int i = 0; i < N; i++) ok_bf16 &= fabsf(back[i] - x[i]) <= fabsf(x[i]) * (1.0f / 256);
+    kv_row_store(row, x, N, KV_Q8_0);
+    kv_row_load(back, row, KV_Q8_0, 0, N);
+    for (int i = 0; i < N; i++) {
+        if (i % 32 == 0) {
+            scale = 0.0f;
+            for (int j = i; j < i + 32 && j < N; j++) scale = fmaxf(scale, fabsf(x[j]) / 127);
+        }
+        ok_q8 &= fabsf(back[i] - x[i]) <= scale * 0.5001f;
+    }
+    kv_row_load(part, row, KV_Q8_0, 40, 16);
+    ok_q8 &= !memcmp(part, back + 40, sizeof part);
+    x[5] = NAN;
+    kv_row_store(row, x, N, KV_BF16);
+    kv_row_load(back, row, KV_BF16, 0, N);
+    ok_bf16 &= isnan(back[5]) && !isnan(back[4]);
+    kv_row_store(row, x, N, KV_Q8_0);
+    kv_row_load(back, row, KV_Q8_0, 0, N);
+    ok_q8 &= isnan(back[0]) && isnan(back[31]) && !isnan(back[32]);
+    check(ok_bf16 && kv_row_bytes(N, KV_BF16) == 2 * N, "kv type bf16: a row of %d rounds to within 2^-8 (relative), NaN kept, %zu bytes",
+          N, kv_row_bytes(N, KV_BF16));
+    check(ok_q8 && kv_row_bytes(N, KV_Q8_0) == 3 * 36, "kv type q8_0: within half a step of each group's scale, a slice "
+          "equals the row's part, a NaN spoils only its group, %zu bytes for %d elements", kv_row_bytes(N, KV_Q8_0), N);
+    KVType t;
+    check(kv_type_parse("q8_0", &t) == 0 && t == KV_Q8_0 && kv_type_parse("bf16", &t) == 0 && t == KV_BF16 &&
+          kv_type_parse("f16", &t) == -1, "kv type names: f32, bf16, q8_0; anything else refused");
+}
+
 static void test_paged_cache(void) {
     KVLayer l;
     int kv_dim = 8;
@@ -394,7 +433,24 @@ static void reference_attention(float *out, const float *q, const float *keys, c
     free(s);
 }
 
+/* rows[n][width] replaced by what a cache of type t gives back: the reference then sees the cache's values */
+static void round_trip_rows(float *rows, int n, int width, KVType t) {
+    unsigned char *stored = malloc(kv_row_bytes(width, t));
+    for (int r = 0; r < n; r++) {
+        kv_row_store(stored, rows + (size_t)r * width, width, t);
+        kv_row_load(rows + (size_t)r * width, stored, t, 0, width);
+    }
+    free(stored);
+}
+
+/* Every attention case with each KV type: the kernels must see the rounded values the cache holds and give the
+ * formula's result on them (and each other's bits) */
+static void test_attention_case(KVType kv_type);
 static void test_attention(void) {
+    for (int t = KV_F32; t <= KV_Q8_0; t++) test_attention_case((KVType)t);
+}
+
+static void test_attention_case(KVType kv_type) {
     struct {
         const char *name;
         int n_heads, n_kv_heads;
@@ -428,9 +484,16 @@ static void test_attention(void) {
         float sink_logits[8];
         for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
         AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), cases[c].cap, cases[c].mask, cases[c].span,
-                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE, LATENT_AUTO};
+                              cases[c].sinks, cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE, LATENT_AUTO, kv_type};
+        char name[128];
+        snprintf(name, sizeof name, "%s, %s KV", cases[c].name, kv_type_name(kv_type));
         AttentionSpec flash_spec = spec;
         flash_spec.kernel = KERNEL_FLASH;
+        float *rkeys = malloc(sizeof(float) * (size_t)n_pos * kv_dim), *rvals = malloc(sizeof(float) * (size_t)n_pos * kv_dim);
+        memcpy(rkeys, keys, sizeof(float) * (size_t)n_pos * kv_dim);
+        memcpy(rvals, vals, sizeof(float) * (size_t)n_pos * kv_dim);
+        round_trip_rows(rkeys, n_pos, kv_dim, kv_type);
+        round_trip_rows(rvals, n_pos, kv_dim, kv_type);
         KVLayer l;
         attention_cache_init(&l, kv_dim, kv_dim, &spec);
         double worst = 0.0, worst_flash = 0.0;
@@ -453,7 +516,7 @@ static void test_attention(void) {
             }
             for (int h = 0; h < H; h++) {
                 int kvh = h / (H / KV);
-                reference_attention(ref, q + h * head_dim, keys + kvh * head_dim, vals + kvh * head_dim, n_pos, pos,
+                reference_attention(ref, q + h * head_dim, rkeys + kvh * head_dim, rvals + kvh * head_dim, n_pos, pos,
                                     head_dim, kv_dim, spec.scale, spec.softcap, spec.mask, spec.span, spec.n_sinks,
                                     spec.sink_logits ? spec.sink_logits[h] : -INFINITY);
                 for (int i = 0; i < head_dim; i++) {
@@ -464,13 +527,13 @@ static void test_attention(void) {
             }
         }
         check(worst < 1e-5, "attention %s: naive kernel equals the full-matrix formula at all %d positions (max |d| %.1e)",
-              cases[c].name, n_pos, worst);
+              name, n_pos, worst);
         check(worst_flash < 1e-5, "attention %s: flash kernel equals the full-matrix formula (max |d| %.1e)",
-              cases[c].name, worst_flash);
+              name, worst_flash);
         check(readable, "attention %s: attention_layer gives attention_head's and attention_head_flash's bits "
-              "(the fast paths against the formulas as written)", cases[c].name);
+              "(the fast paths against the formulas as written)", name);
         check(counts_ok && most_visible(&spec, n_pos) == most,
-              "attention %s: visible_count and most_visible agree with the mask's definition", cases[c].name);
+              "attention %s: visible_count and most_visible agree with the mask's definition", name);
         if (kvlayer_keeps_every_position(&l)) { /* a prompt chunk: every key cached first, then all tokens at once */
             size_t q_dim = (size_t)H * head_dim;
             float *qs = malloc(sizeof(float) * n_pos * q_dim), *all = malloc(sizeof(float) * n_pos * q_dim);
@@ -485,11 +548,11 @@ static void test_attention(void) {
                 }
             }
             check(same, "attention %s: %d tokens in one call (keys cached first) give the bits of one call each",
-                  cases[c].name, n_pos);
+                  name, n_pos);
             free(qs), free(all);
         }
         kvlayer_free(&l);
-        free(keys), free(vals), free(q), free(out), free(flash), free(scores);
+        free(keys), free(vals), free(rkeys), free(rvals), free(q), free(out), free(flash), free(scores);
     }
 }
 
@@ -503,9 +566,9 @@ static void test_attention_split(void) {
     float q[96], out[96], one[48], *scores = malloc(sizeof(float) * (size_t)H * n_pos);
     for (int i = 0; i < n_pos * head_dim; i++) keys[i] = 3 * frand(), vals[i] = frand();
     for (int i = 0; i < H * head_dim; i++) q[i] = frand();
-    for (int m = 0; m < 2; m++) {
-        AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), 0, m ? MASK_SLIDING : MASK_CAUSAL, m ? 700 : 0,
-                              m ? 4 : 0, NULL, KERNEL_NAIVE, LATENT_AUTO};
+    for (int m = 0; m < 2 * 3; m++) { /* each mask with each KV type */
+        AttentionSpec spec = {head_dim, 1.0f / sqrtf((float)head_dim), 0, m % 2 ? MASK_SLIDING : MASK_CAUSAL, m % 2 ? 700 : 0,
+                              m % 2 ? 4 : 0, NULL, KERNEL_NAIVE, LATENT_AUTO, (KVType)(m / 2)};
         KVLayer l;
         attention_cache_init(&l, head_dim, head_dim, &spec);
         for (int pos = 0; pos < n_pos; pos++) {
@@ -520,7 +583,7 @@ static void test_attention_split(void) {
         kvlayer_free(&l);
     }
     check(same, "attention, 2 heads over 520 .. 1100 keys (causal; sliding 700 + 4 sinks): split over keys and "
-          "head_dim on %d threads, attention_head's bits", parallel_threads());
+          "head_dim on %d threads, attention_head's bits (f32, bf16 and q8_0 KV)", parallel_threads());
     free(keys), free(vals), free(scores);
 }
 
@@ -1076,7 +1139,7 @@ static void test_router_ties(void) {
 /* --explore's rows: a stored weight reads back within m/510, one left out is below the threshold, and a row
  * that is not a distribution over the mask's keys is refused */
 static void test_explore_rows(void) {
-    AttentionSpec a = {8, 1.0f, 0.0f, MASK_SLIDING, 4, 0, NULL, KERNEL_NAIVE, 0}; /* query 9 sees keys 6 .. 9 */
+    AttentionSpec a = {8, 1.0f, 0.0f, MASK_SLIDING, 4, 0, NULL, KERNEL_NAIVE, 0, KV_F32}; /* query 9 sees keys 6 .. 9 */
     float row[10] = {0, 0, 0, 0, 0, 0, 0.5f, 0.25f, 0.2495f, 0.0005f}, m;
     unsigned char bitmap[4], codes[16];
     char err[128];
@@ -1100,7 +1163,7 @@ static void test_explore_rows(void) {
 
     /* a causal row of 300 random weights: every stored one within m/510, every other below the threshold */
     enum { N = 300 };
-    AttentionSpec causal = {8, 1.0f, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE, 0};
+    AttentionSpec causal = {8, 1.0f, 0.0f, MASK_CAUSAL, 0, 0, NULL, KERNEL_NAIVE, 0, KV_F32};
     static float w[N];
     static unsigned char big_codes[N], big_bitmap[(N + 7) / 8];
     float sum = 0.0f;
@@ -1379,6 +1442,7 @@ static void test_causal_conv(void) {
 
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--regex-matches") == 0) return regex_matches_tool();
+    test_kv_types();
     test_paged_cache();
     test_single_row_cache();
     test_recurrent_state();
