@@ -30,7 +30,6 @@ import re
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 
