@@ -5,7 +5,6 @@
 
 #include "ops.h"
 
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,37 +36,16 @@ size_t kv_row_bytes(int n, KVType t) {
     return (size_t)n * sizeof(float);
 }
 
-/* bf16 = the top 16 bits of the float, rounded to nearest even (a NaN stays a NaN) */
-static uint16_t to_bf16(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(u >> 16 | 0x40);
-    return (uint16_t)((u + 0x7FFFu + (u >> 16 & 1)) >> 16);
-}
-
-/* One group of n <= 32 elements (the rest zero): d = max|x| / 127, q = round(x * 127 / max|x|) to nearest even.
- * A group holding an inf or NaN gets q = 0 and a NaN scale, so the NaN reaches the output as it would in f32. */
+/* One group of n <= 32 elements (the rest zero), by q8_0's rule (quantize_q8_group, ops.h) */
 static void to_q8_group(KVGroup *g, const float *x, int n) {
-    float amax = 0.0f;
-    int finite = 1;
-    for (int j = 0; j < n; j++) {
-        float a = fabsf(x[j]);
-        if (!(a <= FLT_MAX)) finite = 0;
-        else if (a > amax) amax = a;
-    }
-    float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
     memset(g->q, 0, sizeof g->q);
-    for (int j = 0; j < n; j++) {
-        float v = x[j] * inv; /* inv is inf when amax is subnormal: clamp before converting */
-        g->q[j] = (int8_t)(v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)nearbyintf(v) : 0);
-    }
-    g->scale = finite ? amax / 127.0f : NAN;
+    g->scale = quantize_q8_group(g->q, x, n);
 }
 
 void kv_row_store(void *dst, const float *src, int n, KVType t) {
     if (t == KV_F32) memcpy(dst, src, (size_t)n * sizeof(float));
     else if (t == KV_BF16)
-        for (int i = 0; i < n; i++) ((uint16_t *)dst)[i] = to_bf16(src[i]);
+        for (int i = 0; i < n; i++) ((uint16_t *)dst)[i] = bf16_round(src[i]);
     else
         for (int i = 0; i < n; i += KV_Q8_GROUP)
             to_q8_group((KVGroup *)dst + i / KV_Q8_GROUP, src + i, n - i < KV_Q8_GROUP ? n - i : KV_Q8_GROUP);

@@ -129,26 +129,28 @@ static const uint16_t *quantized_scales(const Tensor *w) {
     return (const uint16_t *)((const uint8_t *)w->data + (size_t)w->rows * quantized_row_bytes(w));
 }
 
-/* One group: q = round(x / scale) with scale = max|x| / 127. A group holding an inf or NaN gets q = 0 and a
- * NaN scale: the NaN reaches the output, as it would in f32. q is clamped to [-127, 127] before it becomes an
- * int (127 / amax overflows to inf when amax is subnormal). The SIMD version below gives the same bits. */
-static void quantize_group(QuantizedRow *r, int g, const float *xg) {
+float quantize_q8_group(int8_t *q, const float *x, int n) {
     float amax = 0.0f;
     int finite = 1;
-    for (int j = 0; j < Q8_GROUP; j++) {
-        float a = fabsf(xg[j]);
+    for (int j = 0; j < n; j++) {
+        float a = fabsf(x[j]);
         if (!(a <= FLT_MAX)) finite = 0;
         else if (a > amax) amax = a;
     }
     float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-    int sum = 0;
-    for (int j = 0; j < Q8_GROUP; j++) {
-        float v = xg[j] * inv;
-        int q = v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)nearbyintf(v) : 0;
-        r->q[g * Q8_GROUP + j] = (int8_t)q;
-        sum += q;
+    for (int j = 0; j < n; j++) {
+        float v = x[j] * inv;
+        q[j] = (int8_t)(v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)nearbyintf(v) : 0);
     }
-    r->scale[g] = finite ? amax / 127.0f : NAN;
+    return finite ? amax / 127.0f : NAN;
+}
+
+/* One group of a token, with the sum of its q (the SIMD version below gives the same bits) */
+static void quantize_group(QuantizedRow *r, int g, const float *xg) {
+    int8_t *q = r->q + g * Q8_GROUP;
+    r->scale[g] = quantize_q8_group(q, xg, Q8_GROUP);
+    int sum = 0;
+    for (int j = 0; j < Q8_GROUP; j++) sum += q[j];
     r->sum[g] = sum;
 }
 
@@ -227,14 +229,6 @@ static int amx_features(void) {
 /* --bf16-prefill: f32 / bf16 products of 16 tokens or more on AMX-BF16 tiles (matmul_bf16_prefill) */
 static int bf16_prefill;
 void matmul_bf16_prefill(int on) { bf16_prefill = on; }
-
-/* f32 -> bf16, rounded to nearest even (a NaN stays a NaN) */
-static uint16_t bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(u >> 16 | 0x40);
-    return (uint16_t)((u + 0x7FFF + (u >> 16 & 1)) >> 16);
-}
 
 /* Tokens as bf16 in the tiles' pair layout: per block of 16 tokens and 32 columns, 16 rows (column pairs) of
  * 16 tokens x 2 values; tokens past n are zeros */

@@ -113,6 +113,20 @@ int dot_product4_packed(float out[4], const float *a, const void *const rows[4],
 int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, int n, int packing, int off, int len);
 /* The fixed summation tree over 16 lanes that every sum uses: (l, l+8), then (l, l+4), (l, l+2), (l, l+1).
  * Adds into a. */
+/* f32 -> bf16, rounded to nearest even (a NaN stays a NaN): --bf16-prefill's activations, --kv-type bf16 */
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(u >> 16 | 0x40);
+    return (uint16_t)((u + 0x7FFFu + (u >> 16 & 1)) >> 16);
+}
+
+/* q8_0's rule for one group of n <= 32 values (q8_0 activations, --kv-type q8_0): q[j] = round(x[j] / scale),
+ * scale = max|x| / 127, returned. A group holding an inf or NaN gets q = 0 and a NaN scale, so the NaN reaches
+ * the output as it would in f32; q is clamped to [-127, 127] before it becomes an int (127 / max|x| overflows
+ * to inf when max|x| is subnormal). */
+float quantize_q8_group(int8_t *q, const float *x, int n);
+
 static inline float lane_sum16(float a[16]) {
     for (int i = 0; i < 8; i++) a[i] += a[i + 8];
     for (int i = 0; i < 4; i++) a[i] += a[i + 4];
