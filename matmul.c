@@ -16,7 +16,7 @@
  * groups in lane g mod 16 and the lanes by the same tree: since S_g is exact, it does not matter how the
  * hardware forms it. VPDPBUSD multiplies unsigned by signed bytes: q8_0 weights are flipped to unsigned by
  * adding 128 (w ^ 0x80) and 128 x sum(x group) is subtracted from the sum (q4_0's 4-bit values are unsigned
- * already, their offset 8). Prefill of 16 tokens or more runs on AMX-INT8 tiles where the CPU has them
+ * already, their offset 8). Products of 6 tokens or more (prefill, --samples) run on AMX-INT8 tiles where the CPU has them
  * (TDPBSSD: the exact S_g of 16 rows x 16 tokens), the same float steps after.
  *
  * Kernels: AVX-512 (VNNI for q8_0 / q4_0; AMX detected at run time), AVX2 + FMA + F16C, and portable C
@@ -164,7 +164,11 @@ static void quantize_token(QuantizedRow *r, const float *x) {
 /* ---------------------------------------------------------------------------------------------
  * q8_0 activations for the tile matrix units (AMX, below) */
 
-#define AMX_MIN_TOKENS 16 /* fewer tokens would leave most of a 16-token tile empty */
+/* q8_0 / q4_0 products of this many tokens or more go to the AMX-INT8 tiles (the same bits): fewer leave most of
+ * a 16-token tile empty. Measured with --samples N of the 110M q8_0 model: N = 6-16 +20-35% on the tiles, N = 4
+ * slower. --bf16-prefill's tiles, which change the bits, take prompts of 16 tokens or more only. */
+#define AMX_MIN_TOKENS 6
+#define AMX_BF16_MIN_TOKENS 16
 
 /* The VNNI layout of quantized tokens: per block of 16 tokens and group g, 8 rows (4-byte column pieces
  * k = 0 .. 7 of the group) of 16 tokens x 4 bytes; then per block and group the 16 tokens' scales. Tokens
@@ -374,6 +378,76 @@ int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, 
         for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + d + c * LANES, acc[c]);
     }
     return 1;
+}
+
+/* 16 elements from k of a row as add_scaled_rows_pair reads it: f32 (packing 0), or load_kv16's bf16 / q8_0 */
+ALWAYS_INLINE __m512 load_row16(const void *row, int packing, int k) {
+    return packing == 0 ? _mm512_loadu_ps((const float *)row + k) : load_kv16(row, packing, k);
+}
+
+/* columns d .. d + 16 * V - 1 of both outputs, V vectors in registers (a compile-time count, as is packing) */
+ALWAYS_INLINE void scaled_pair(float *out0, const float *w0, float *out1, const float *w1, const void *const *rows, int n,
+                               int packing, int off, int d, int V) {
+    __m512 a0[4], a1[4];
+    for (int c = 0; c < V; c++) a0[c] = _mm512_loadu_ps(out0 + d + c * LANES), a1[c] = _mm512_loadu_ps(out1 + d + c * LANES);
+    for (int i = 0; i < n; i++) {
+        __m512 x0 = _mm512_set1_ps(w0[i]), x1 = _mm512_set1_ps(w1[i]);
+        for (int c = 0; c < V; c++) {
+            __m512 v = load_row16(rows[i], packing, off + d + c * LANES); /* one load (and conversion) for both */
+            a0[c] = _mm512_fmadd_ps(x0, v, a0[c]);
+            a1[c] = _mm512_fmadd_ps(x1, v, a1[c]);
+        }
+    }
+    for (int c = 0; c < V; c++) _mm512_storeu_ps(out0 + d + c * LANES, a0[c]), _mm512_storeu_ps(out1 + d + c * LANES, a1[c]);
+}
+
+ALWAYS_INLINE void scaled_pair_rows(float *out0, const float *w0, float *out1, const float *w1, const void *const *rows,
+                                    int n, int packing, int off, int len) {
+    int d = 0;
+    for (; d + 4 * LANES <= len; d += 4 * LANES) scaled_pair(out0, w0, out1, w1, rows, n, packing, off, d, 4);
+    switch ((len - d) / LANES) { /* add_scaled_rows' order: 64 columns of each output at a time, then the rest */
+    case 3: scaled_pair(out0, w0, out1, w1, rows, n, packing, off, d, 3); break;
+    case 2: scaled_pair(out0, w0, out1, w1, rows, n, packing, off, d, 2); break;
+    case 1: scaled_pair(out0, w0, out1, w1, rows, n, packing, off, d, 1); break;
+    }
+}
+
+int add_scaled_rows_pair(float *out0, const float *w0, float *out1, const float *w1, const void *const *rows, int n,
+                         int packing, int off, int len) {
+    if (off % LANES || len % LANES) return 0;
+    switch (packing) { /* one specialised kernel per storage */
+    case 0: scaled_pair_rows(out0, w0, out1, w1, rows, n, 0, off, len); break;
+    case 1: scaled_pair_rows(out0, w0, out1, w1, rows, n, 1, off, len); break;
+    default: scaled_pair_rows(out0, w0, out1, w1, rows, n, 2, off, len); break;
+    }
+    return 1;
+}
+
+/* dot_product16 for two queries over one kt: the classes l (columns l mod 16) in two halves, {0-3, 8-11} then
+ * {4-7, 12-15}, so that both queries' sums fit in registers; each half ends with the tree's first level (l, l+8),
+ * the second (l, l+4) joins the halves, then (l, l+2), (l, l+1) as dot_product16 does: its bits. */
+ALWAYS_INLINE void dot16_half(__m512 s0[4], __m512 s1[4], const float *q0, const float *q1, const float *kt, int len, int h) {
+    __m512 a0[8], a1[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+    for (int c = 0; c < len; c += LANES)
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            int l = h + (i < 4 ? i : i + 4); /* h + 0..3, h + 8..11 */
+            __m512 k = _mm512_loadu_ps(kt + (size_t)(c + l) * LANES);
+            a0[i] = _mm512_fmadd_ps(_mm512_set1_ps(q0[c + l]), k, a0[i]);
+            a1[i] = _mm512_fmadd_ps(_mm512_set1_ps(q1[c + l]), k, a1[i]);
+        }
+    for (int i = 0; i < 4; i++) s0[i] = _mm512_add_ps(a0[i], a0[i + 4]), s1[i] = _mm512_add_ps(a1[i], a1[i + 4]);
+}
+
+void dot_product16_pair(float out0[16], const float *q0, float out1[16], const float *q1, const float *kt, int len) {
+    __m512 lo0[4], lo1[4], hi0[4], hi1[4];
+    dot16_half(lo0, lo1, q0, q1, kt, len, 0);
+    dot16_half(hi0, hi1, q0, q1, kt, len, 4);
+    for (int l = 0; l < 4; l++) lo0[l] = _mm512_add_ps(lo0[l], hi0[l]), lo1[l] = _mm512_add_ps(lo1[l], hi1[l]);
+    _mm512_storeu_ps(out0, _mm512_add_ps(_mm512_add_ps(lo0[0], lo0[2]), _mm512_add_ps(lo0[1], lo0[3])));
+    _mm512_storeu_ps(out1, _mm512_add_ps(_mm512_add_ps(lo1[0], lo1[2]), _mm512_add_ps(lo1[1], lo1[3])));
 }
 
 /* r[i] <- column i of the 16 x 16 block r, except that columns 1 and 2 of each 4 come out swapped */
@@ -604,8 +678,13 @@ AMX_TARGET static void amx_rows16(float *out, size_t ldo, const int8_t *w, const
     static _Thread_local float wscale[AMX_MAX_GROUPS][16]; /* [group][row] in f32, read as broadcasts below */
     static _Thread_local __m512 acc[16][16];                 /* [class][row]: 16 tokens each */
     static _Thread_local int32_t sums[2][16][16] __attribute__((aligned(64)));
-    for (int g = 0; g < groups; g++)
-        for (int i = 0; i < 16; i++) wscale[g][i] = f16_to_f32(ws[(size_t)i * groups + g]);
+    for (int g = 0; g < groups; g += 16) { /* 16 groups of the 16 rows at a time: converted, then transposed */
+        __mmask16 gm = (__mmask16)(groups - g < 16 ? (1u << (groups - g)) - 1 : 0xFFFF);
+        float t[16][16] __attribute__((aligned(64)));
+        for (int i = 0; i < 16; i++) _mm512_store_ps(t[i], _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, ws + (size_t)i * groups + g)));
+        for (int k = 0; k < 16 && g + k < groups; k++)
+            for (int i = 0; i < 16; i++) wscale[g + k][i] = t[i][k];
+    }
     for (int b = 0; b < v->blocks; b++) {
         const int8_t *x = v->q + (size_t)b * groups * 512;
         const float *xs = v->scale + (size_t)b * groups * 16;
@@ -974,6 +1053,12 @@ int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, 
     return 0;
 }
 
+int add_scaled_rows_pair(float *out0, const float *w0, float *out1, const float *w1, const void *const *rows, int n,
+                         int packing, int off, int len) {
+    (void)out0, (void)w0, (void)out1, (void)w1, (void)rows, (void)n, (void)packing, (void)off, (void)len;
+    return 0;
+}
+
 void transpose_rows16(float *kt, const float *const rows[16], int len) {
     for (int d = 0; d < len; d++)
         for (int i = 0; i < 16; i++) kt[(size_t)d * LANES + i] = rows[i][d];
@@ -985,6 +1070,11 @@ void dot_product16(float out[16], const float *q, const float *kt, int len) {
         for (int d = 0; d < len; d++) acc[d % LANES] = MULTIPLY_ADD(q[d], kt[(size_t)d * LANES + i], acc[d % LANES]);
         out[i] = lane_sum16(acc);
     }
+}
+
+void dot_product16_pair(float out0[16], const float *q0, float out1[16], const float *q1, const float *kt, int len) {
+    dot_product16(out0, q0, kt, len);
+    dot_product16(out1, q1, kt, len);
 }
 #endif
 
@@ -1218,7 +1308,7 @@ void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float 
     int float_tiles = 0; /* --bf16-prefill: the f32 / bf16 weights go to the AMX-BF16 tiles */
     for (int j = 0; j < count; j++)
         float_tiles |= (p[j].w->dtype == DTYPE_F32 || p[j].w->dtype == DTYPE_BF16) && !uses_blas(p[j].w, n);
-    int tiles_bf16 = float_tiles && bf16_prefill && n >= AMX_MIN_TOKENS && cols % 32 == 0 && amx_features() & AMX_BF16;
+    int tiles_bf16 = float_tiles && bf16_prefill && n >= AMX_BF16_MIN_TOKENS && cols % 32 == 0 && amx_features() & AMX_BF16;
     if (quantized || tiles_bf16) { /* the scratch is needed: in turns of the tokens it holds (the same bits) */
         int fit = scratch_tokens(ws, n, cols);
         assert(fit > 0 && "runstate_init reserves the scratch for its widest input");

@@ -111,6 +111,12 @@ void add_scaled_rows(float *out, const float *w, const float *const *rows, int n
  * having done nothing, where the build has no such kernel or off / len are not multiples of 16. */
 int dot_product4_packed(float out[4], const float *a, const void *const rows[4], int packing, int off, int n);
 int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, int n, int packing, int off, int len);
+/* Two queries of a tile at once, with the bits of two separate calls: dot_product16 of q0 and q1 over one kt; and
+ * add_scaled_rows(_packed) into out0 (weights w0) and out1 (w1) over the same rows (packing 0: f32), each row
+ * loaded and converted once for both (0 where the build has no such kernel or off / len are not multiples of 16) */
+void dot_product16_pair(float out0[16], const float *q0, float out1[16], const float *q1, const float *kt, int len);
+int add_scaled_rows_pair(float *out0, const float *w0, float *out1, const float *w1, const void *const *rows, int n,
+                         int packing, int off, int len);
 /* The fixed summation tree over 16 lanes that every sum uses: (l, l+8), then (l, l+4), (l, l+2), (l, l+1).
  * Adds into a. */
 /* f32 -> bf16, rounded to nearest even (a NaN stays a NaN): --bf16-prefill's activations, --kv-type bf16 */
