@@ -15,7 +15,9 @@ the machine's load touches both alike; each ratio is taken within a round, and t
   - long context, 110M shape: decode at positions 100 and 4,000 and prefill of a 4,000-token prompt
     (llama-batched-bench -npp 100,4000 -ntg 128 -npl 1, beside llama-bench, with and without -fa; ./run with
     a 100- or 4,000-token prompt and -n 128).
-llama.cpp keeps its KV cache in f16 (its default), attn.c in f32.
+llama.cpp keeps its KV cache in f16 (its default), attn.c in f32 (its default), so the long-context table also
+runs attn.c with --kv-type bf16 (as many bytes per position as llama.cpp's f16) and, alone, f32 weights with a
+q8_0 cache.
 
 Disk: the 1B shape takes about 20 GB under build/bench/llamacpp (the f32 source is deleted once every file has
 been made); --shapes 110M keeps it to about 2 GB.
@@ -318,14 +320,16 @@ def side_by_side(llama_bench_exe, threads, runs, shapes, quick, bandwidth):
             attn, gg = models["110M"][d]
             long_cases[d] = {100: [attn, "--tokens", ids(100, vocab, 2), "-n", 129, "-t", "0"],
                              4000: [attn, "--tokens", ids(4000, vocab, 3), "-n", 129, "-t", "0"]}
-        # attn.c alone: f32 weights with the KV cache in q8_0 (the goal: decode at 4,000 >= 0.75x its rate at 100)
-        long_cases["f32 + KV q8_0"] = {p: cmd + ["--kv-type", "q8_0"] for p, cmd in
-                                       ((100, long_cases["f32"][100]), (4000, long_cases["f32"][4000]))}
+        # the KV cache in bf16: as many bytes as llama.cpp's f16 cache (attn.c's default f32 reads twice as many);
+        # and f32 weights with the cache in q8_0 (the goal: decode at 4,000 >= 0.75x its own rate at 100)
+        for d, kv in (("f32", "bf16"), ("q8_0", "bf16"), ("f32", "q8_0")):
+            long_cases[f"{d} + KV {kv}"] = {p: cmd + ["--kv-type", kv] for p, cmd in long_cases[d].items()}
 
     bandwidths = [bandwidth()]
     rates = {k: ([], []) for k in cases}
     long_rates = {(d, p): [] for d in long_cases for p in (100, 4000)}
-    llama_long = {(d, fa): [] for d in long_cases for fa in (0, 1)}
+    weights_of = lambda case: case.split(" + ")[0]  # noqa: E731 (llama.cpp runs the same weights, f16 KV)
+    llama_long = {(d, fa): [] for d in long_cases if d in models.get("110M", {}) for fa in (0, 1)}
     profiles = {}
     for i in range(runs):
         for key, (cmd, field, llama) in cases.items():
@@ -339,7 +343,7 @@ def side_by_side(llama_bench_exe, threads, runs, shapes, quick, bandwidth):
             for p, cmd in cmds.items():
                 pre, dec, _ = attn_stats(cmd, threads)
                 long_rates[d, p].append((pre, dec))
-            if have_batched and d in models["110M"]:  # llama.cpp's cache stays f16: no row for the q8_0 KV case
+            if have_batched and (d, 0) in llama_long:  # once per weights: its cache is f16 in every row
                 for fa in (0, 1):
                     llama_long[d, fa].append(llama_batched(batched_exe, models["110M"][d][1], threads, [100, 4000], 128, fa))
         log(f"bench: llama.cpp side by side, round {i + 1} of {runs} done")
@@ -362,15 +366,17 @@ def side_by_side(llama_bench_exe, threads, runs, shapes, quick, bandwidth):
             roof = f"{100 * med(a) / limit:.0f}%, {100 * med(l) / limit:.0f}% of {limit:.1f}"
         print(f"| {name} | {d} ({DTYPES[d]}) | {test} | {med(a):.1f} | {med(l):.1f} | {ratio:.2f}x | {roof} |")
     if long_cases:
-        print("\nlong context, 110M shape (llama.cpp: llama-batched-bench, f16 KV cache; -fa 0 / -fa 1):\n")
+        print("\nlong context, 110M shape (llama.cpp: llama-batched-bench, f16 KV cache, -fa 0 / -fa 1; attn.c: an f32 KV "
+              "cache unless the row names another; + KV bf16 holds as many bytes as llama.cpp's f16):\n")
         print("| dtype | test | attn.c tok/s | llama.cpp | llama.cpp -fa | attn.c / llama.cpp | attn.c / llama.cpp -fa |")
         print("|---|---|---|---|---|---|---|")
         for d in long_cases:
             for test, p, field in (("decode at 100", 100, 1), ("decode at 4000", 4000, 1), ("prefill 4000", 4000, 0)):
                 a = [r[field] for r in long_rates[d, p]]
-                if llama_long[d, 0]:
-                    l0 = [r[p][field] for r in llama_long[d, 0]]
-                    l1 = [r[p][field] for r in llama_long[d, 1]]
+                w = weights_of(d)
+                if llama_long.get((w, 0)):
+                    l0 = [r[p][field] for r in llama_long[w, 0]]
+                    l1 = [r[p][field] for r in llama_long[w, 1]]
                     r0 = med([x / y for x, y in zip(a, l0)])
                     r1 = med([x / y for x, y in zip(a, l1)])
                     print(f"| {d} | {test} | {med(a):.1f} | {med(l0):.1f} | {med(l1):.1f} | {r0:.2f}x | {r1:.2f}x |")
