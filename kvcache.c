@@ -98,6 +98,13 @@ void kv_add_scaled_rows(float *out, const float *w, const void *const *rows, int
     }
 }
 
+void kv_add_scaled_rows_pair(float *out0, const float *w0, float *out1, const float *w1, const void *const *rows, int m,
+                             KVType t, int off, int n, float *scratch) {
+    if (add_scaled_rows_pair(out0, w0, out1, w1, rows, m, t, off, n)) return;
+    kv_add_scaled_rows(out0, w0, rows, m, t, off, n, scratch);
+    kv_add_scaled_rows(out1, w1, rows, m, t, off, n, scratch);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * the pool: block ids, reference counts, a free list */
 

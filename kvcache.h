@@ -58,6 +58,10 @@ void kv_dot_product4(float out[4], const float *a, const void *const rows[4], KV
 /* out[k] += w[i] * (element off + k of stored row i) for i = 0 .. m-1 in turn: add_scaled_rows' bits (scratch:
  * KV_BLOCK_TOKENS * n floats, used where the rows must be converted first) */
 void kv_add_scaled_rows(float *out, const float *w, const void *const *rows, int m, KVType t, int off, int n, float *scratch);
+/* The same into out0 (weights w0) and out1 (w1) over the same rows, each row read once for both where the build
+ * can (add_scaled_rows_pair): the bits of two kv_add_scaled_rows calls */
+void kv_add_scaled_rows_pair(float *out0, const float *w0, float *out1, const float *w1, const void *const *rows, int m,
+                             KVType t, int off, int n, float *scratch);
 /* Elements off .. off+n-1 of a stored row as floats: a pointer into the row when it is f32 (no copy), else
  * scratch[n] holding them converted (what the attention kernels call right before use, a tile at a time) */
 static inline const float *kv_row_f32(const void *row, KVType t, int off, int n, float *scratch) {

@@ -16,8 +16,8 @@
  * groups in lane g mod 16 and the lanes by the same tree: since S_g is exact, it does not matter how the
  * hardware forms it. VPDPBUSD multiplies unsigned by signed bytes: q8_0 weights are flipped to unsigned by
  * adding 128 (w ^ 0x80) and 128 x sum(x group) is subtracted from the sum (q4_0's 4-bit values are unsigned
- * already, their offset 8). Products of 6 tokens or more (prefill, --samples) run on AMX-INT8 tiles where the CPU has them
- * (TDPBSSD: the exact S_g of 16 rows x 16 tokens), the same float steps after.
+ * already, their offset 8). Products of 6 tokens or more (prefill, --samples steps) run on AMX-INT8 tiles where
+ * the CPU has them (TDPBSSD: the exact S_g of 16 rows x 16 tokens), the same float steps after.
  *
  * Kernels: AVX-512 (VNNI for q8_0 / q4_0; AMX detected at run time), AVX2 + FMA + F16C, and portable C
  * (make PORTABLE=1), chosen at build time from the compiler's target. They follow the same lane scheme and
