@@ -58,6 +58,7 @@ typedef struct {
     size_t *output_len;
     char *finished;         /* per index: 1 once its text is complete */
     int *tokens, *seqs, *positions; /* the rows of a decode step */
+    int *next;              /* the token each row's sampler drew */
     float *logits;          /* [vocab] a copy of shared logits for one sampler */
     long long generated, prefilled;
     double prefill_seconds, decode_seconds;
@@ -77,8 +78,9 @@ static int generator_init(Generator *g, const Model *m, RunState *s, const Batch
     g->tokens = malloc((size_t)max_active * sizeof *g->tokens);
     g->seqs = malloc((size_t)max_active * sizeof *g->seqs);
     g->positions = malloc((size_t)max_active * sizeof *g->positions);
+    g->next = malloc((size_t)max_active * sizeof *g->next);
     g->logits = malloc((size_t)m->config.vocab_size * sizeof *g->logits);
-    return g->active && g->outputs && g->output_len && g->finished && g->tokens && g->seqs && g->positions && g->logits
+    return g->active && g->outputs && g->output_len && g->finished && g->tokens && g->seqs && g->positions && g->next && g->logits
                ? 0 : -1;
 }
 
@@ -100,11 +102,10 @@ static int stream_start(Generator *g, Stream *st, int index, int seq, const int 
     return st->sampler && st->out ? 0 : -1;
 }
 
-/* The sequence's next token from its logits, printed: 1 if it goes on (a row of the next step), 0 when it
- * has finished (its end-of-sequence token, -n tokens, or the end of the context), as ./run decides. */
-static int stream_take(Generator *g, Stream *st, float *logits) {
+/* The sequence's next token, drawn by its sampler, printed: 1 if it goes on (a row of the next step), 0 when
+ * it has finished (its end-of-sequence token, -n tokens, or the end of the context), as ./run decides. */
+static int stream_take(Generator *g, Stream *st, int next) {
     const Tokenizer *tok = &g->m->tokenizer;
-    int next = g->o->sampler.next(st->sampler, logits, g->m->config.vocab_size);
     if (tok->kind != TOKENIZER_NONE && tokenizer_is_eos(tok, next)) return 0;
     if (g->o->print_ids || tok->kind == TOKENIZER_NONE) {
         fprintf(st->out, st->generated ? ",%d" : "%d", next); /* as ./run --print-ids */
@@ -137,12 +138,28 @@ static void stream_finish(Generator *g, Stream *st) {
 
 /* The first token of a sequence whose prompt is done: it joins the decoding sequences unless it finished. */
 static void stream_begin(Generator *g, Stream *st, float *logits) {
-    if (g->o->n_generate > 0 && stream_take(g, st, logits)) g->active[g->n_active++] = *st;
+    if (g->o->n_generate > 0 && stream_take(g, st, g->o->sampler.next(st->sampler, logits, g->m->config.vocab_size)))
+        g->active[g->n_active++] = *st;
     else stream_finish(g, st);
 }
 
-/* One forward pass over one row per decoding sequence; each takes its next token. Returns 0, or -1 when
- * the KV cache cannot grow. */
+typedef struct {
+    Generator *g;
+    float *logits;
+} Drawing;
+
+/* rows [begin, end): each sequence's sampler draws from its row of logits (its own state, its own row) */
+static void draw_rows(void *arg, int begin, int end) {
+    Drawing *d = arg;
+    Generator *g = d->g;
+    int vocab = g->m->config.vocab_size;
+    for (int i = begin; i < end; i++)
+        g->next[i] = g->o->sampler.next(g->active[i].sampler, d->logits + (size_t)i * vocab, vocab);
+}
+
+/* One forward pass over one row per decoding sequence; the samplers draw side by side on the threads (each
+ * sequence's draw depends only on its own sampler and logits), then each sequence takes its token in order.
+ * Returns 0, or -1 when the KV cache cannot grow. */
 static int decode_step(Generator *g) {
     double t0 = seconds_now();
     int n = g->n_active, vocab = g->m->config.vocab_size, kept = 0;
@@ -151,15 +168,17 @@ static int decode_step(Generator *g) {
     float *logits = forward_batch(g->m, g->s, &b, 1);
     if (!logits) return -1;
     note_memory(g);
+    for (int i = 0; i < n && g->o->check_logits; i++) { /* row i alone: the check reads logits row 0 */
+        RunState row = *g->s;
+        row.logits += (size_t)i * vocab;
+        g->o->check_logits(g->m, &row, i, 1, g->active[i].pos);
+    }
+    Drawing drawing = {g, logits};
+    parallel_for(n, 1, (long long)n * vocab * 16, draw_rows, &drawing); /* ~16 operations a logit (softmax, top-p) */
     for (int i = 0; i < n; i++) {
         Stream *st = &g->active[i];
-        if (g->o->check_logits) { /* row i alone: the check reads logits row 0 */
-            RunState row = *g->s;
-            row.logits += (size_t)i * vocab;
-            g->o->check_logits(g->m, &row, i, 1, st->pos);
-        }
         st->pos++;
-        if (stream_take(g, st, logits + (size_t)i * vocab)) g->active[kept++] = *st;
+        if (stream_take(g, st, g->next[i])) g->active[kept++] = *st;
         else stream_finish(g, st);
     }
     g->n_active = kept;
@@ -195,6 +214,7 @@ static void generator_free(Generator *g) {
     free(g->tokens);
     free(g->seqs);
     free(g->positions);
+    free(g->next);
     free(g->logits);
     memset(g, 0, sizeof *g);
 }
