@@ -263,6 +263,14 @@ ALWAYS_INLINE __m512 lane_sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
 }
 
+/* The tree of lane_sum4 for one accumulator */
+ALWAYS_INLINE float lane_sum(__m512 acc) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
 ALWAYS_INLINE void store4(float *out, __m512 s) {
     out[0] = _mm512_cvtss_f32(s);
     out[1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(s, 1));
@@ -327,10 +335,7 @@ float dot_product(const float *a, const float *b, int n) {
         __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc);
     }
-    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))); /* the tree of lane_sum4 */
+    return lane_sum(acc);
 }
 
 void dot_product4(float out[4], const float *a, const float *const b[4], int n) {
@@ -563,7 +568,12 @@ static void quantize_token(QuantizedRow *r, const float *x) {
         r->scale[g] = amax / 127.0f;
         r->sum[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
     }
-    for (int g0 = 0; g0 < r->groups; g0 += 16) { /* the values again, transposed for rows_many */
+}
+
+/* A quantized token's values again, transposed for rows_many (products of 2 tokens or more; decode's single
+ * token does not need them) */
+static void transpose_token(QuantizedRow *r) {
+    for (int g0 = 0; g0 < r->groups; g0 += 16) {
         int pairs = (r->groups - g0 < 16 ? r->groups - g0 + 1 : 16) / 2;
         __m512i a[8], b[8];
         for (int p = 0; p < 8; p++) a[p] = p < pairs ? _mm512_load_si512((const void *)(r->q + (g0 + 2 * p) * Q8_GROUP)) : _mm512_setzero_si512();
@@ -670,21 +680,14 @@ ALWAYS_INLINE __m512i dot_u8s8_add(__m512i acc, __m512i u, __m512i s) {
 #endif
 }
 
-/* The tree of lane_sum4 for one accumulator */
-ALWAYS_INLINE float lane_sum(__m512 acc) {
-    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-}
-
 /* q8_0 / q4_0 products of several tokens (rows_many). tile_quant reduces each token's VPDPBUSD results to
  * group sums with ~17 shuffles per 16 groups; here the row's values are transposed once (transpose_groups, 24
  * permutes per 16 groups) and so are the tokens' (quantize_token), so 8 VPDPBUSD into one accumulator leave
  * group g's exact sum in lane g, for every token with no shuffle at all. From there the float steps are
  * tile_quant's, lane for lane, and the lanes are added by the same tree: the same bits as decode. */
-#define MANY_TOKENS 8     /* tokens at a time: 8 running sums, 8 accumulators, the row's 8 vectors */
-#define MANY_MAX_BLOCKS 64 /* rows of up to 32768 columns (MANY_BYTES); wider ones take tile_quant */
+#define MANY_TOKENS 8 /* tokens at a time: 8 running sums, 8 accumulators, the row's 8 vectors */
+#define MANY_BYTES (32 * 1024) /* transposed rows per pass, beside a tile of tokens in L1: one row of up to
+                                  32768 columns (512 bytes per 16 groups); wider rows take tile_quant */
 
 ALWAYS_INLINE void tokens_many(int T, int offset_shift, const __m512i (*wt)[8], const __m512 *wscale, int blocks,
                                const QuantizedRow *xq, float *out, size_t ldo) {
@@ -730,7 +733,6 @@ static void transpose_row(DType d, const void *row, const uint16_t *ws, int grou
 
 /* rows lo..hi x n tokens (n >= 2): up to 16 rows transposed at a time (MANY_BYTES), then per tile of 8 tokens
  * each of those rows, so that the tile's values stay in L1 across the rows */
-#define MANY_BYTES (32 * 1024)
 static void rows_many(float *out, const QuantizedRow *xq, const Tensor *w, int n, int lo, int hi) {
     static _Thread_local __m512i wt[MANY_BYTES / 512][8];
     static _Thread_local __m512 wscale[MANY_BYTES / 512];
@@ -1285,7 +1287,7 @@ static void rows_quantized(float *out, const QuantizedRow *xq, const VnniTokens 
                            int hi) {
 #if defined(KERNELS_AVX512)
     if (tiles) lo = amx_rows(out, w, tiles, n, lo, hi); /* whole blocks of 16 rows on the tiles, the rest below */
-    if (n >= 2 && w->cols <= MANY_MAX_BLOCKS * 16 * Q8_GROUP) {
+    if (n >= 2 && w->cols / Q8_GROUP <= MANY_BYTES / 512 * 16) {
         rows_many(out, xq, w, n, lo, hi);
         return;
     }
@@ -1392,6 +1394,7 @@ static int scratch_tokens(const MatmulScratch *ws, int n, int cols) {
 typedef struct {
     const QuantizedRow *xq;
     const float *x;
+    int transpose; /* also lay the values out for rows_many */
 } Quantizing;
 
 static void quantize_tokens(void *arg, int begin, int end) {
@@ -1399,13 +1402,16 @@ static void quantize_tokens(void *arg, int begin, int end) {
     for (int t = begin; t < end; t++) {
         QuantizedRow r = token_row(job->xq, t);
         quantize_token(&r, job->x + (size_t)t * job->xq->cols);
+#if defined(KERNELS_AVX512)
+        if (job->transpose) transpose_token(&r);
+#endif
     }
 }
 
 /* q8_0 weights need x quantized: into the scratch, once for all the weights of this call */
 static QuantizedRow quantize_input(unsigned char *scratch, const float *x, int n, int cols) {
     QuantizedRow xq = quantized_row(scratch, cols);
-    Quantizing job = {&xq, x};
+    Quantizing job = {&xq, x, n >= 2};
     parallel_for(n, 1, (long long)n * cols * 4, quantize_tokens, &job); /* ~4 operations a value */
     return xq;
 }
