@@ -15,6 +15,7 @@
  * also says which cache it needs (attention_cache_init), so a layer keeps only what it can still read. */
 #include "attention.h"
 
+#include <limits.h>
 #include <math.h>
 #include <string.h>
 
@@ -336,11 +337,9 @@ static float *output_of(const Tile *c, int t, int h) {
     return c->j->out + ((size_t)(c->t0 + t) * c->j->n_heads + h) * c->j->a->head_dim;
 }
 
-/* which of keys k[0 .. n-1] query t sees, as bits; consecutive keys against runs of step 1 (causal, sliding,
- * chunked masks) by intersecting ranges */
-static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
-    if (c->T == 1) return (1u << n) - 1;
-    const VisibleKeys *v = &c->vis[t];
+/* which of keys k[0 .. n-1] a query that sees v sees, as bits; consecutive keys against runs of step 1 (causal,
+ * sliding, chunked masks) by intersecting ranges */
+static unsigned visible_bits(const VisibleKeys *v, const int *k, int n) {
     unsigned bits = 0;
     if (k[n - 1] - k[0] == n - 1 && v->runs[0].step == 1 && (v->n_runs == 1 || v->runs[1].step == 1)) {
         for (int r = 0; r < v->n_runs; r++) {
@@ -355,16 +354,24 @@ static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
     return bits;
 }
 
-/* s = softcap(dot * scale) of the n keys whose bits are set, appended to query t's row for head h */
-static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsigned bits) {
-    const AttentionSpec *a = c->j->a;
-    float *w = weights_row(c, t, h) + c->seen[t];
+/* which of keys k[0 .. n-1] query t of the tile sees (a lone query walks only its own keys) */
+static unsigned seen_bits(const Tile *c, int t, const int *k, int n) {
+    return c->T == 1 ? (1u << n) - 1 : visible_bits(&c->vis[t], k, n);
+}
+
+/* w[0 ..] = softcap(dot * scale) of the n keys whose bits are set, in order */
+static void store_scores(float *w, const AttentionSpec *a, const float *dots, int n, unsigned bits) {
     if (bits == (1u << n) - 1 && a->softcap == 0.0f) { /* every key seen, no cap: a loop that vectorises */
         for (int i = 0; i < n; i++) w[i] = dots[i] * a->scale;
         return;
     }
     for (int i = 0, m = 0; i < n; i++)
         if (bits >> i & 1) w[m++] = a->softcap > 0.0f ? softcap(dots[i] * a->scale, a->softcap) : dots[i] * a->scale;
+}
+
+/* the same, appended to query t's row for head h */
+static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsigned bits) {
+    store_scores(weights_row(c, t, h) + c->seen[t], c->j->a, dots, n, bits);
 }
 
 /* Scores four keys at a time: each key row is read once for the tile's queries and heads */
@@ -668,6 +675,170 @@ void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads,
      * 110M shape at 4,000 positions, 2 threads: attention 1.6-2x faster (f32 and q8_0 KV) */
     if (n_tokens == 1) grain = (n_heads + threads - 1) / threads;
     parallel_for(n_heads, grain, work, attend_heads, &job); /* ops.h */
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Many sequences in one step: the rows of a shared prefix read once (PagedAttention, Kwon et al. 2023)
+ *
+ * A decode step of --samples / --prompts holds one query per sequence, each at its own position against its
+ * own block table. Sequences forked from one prompt point at the same blocks for it, so the queries walk the
+ * keys together, one block of 16 positions at a time. Queries whose tables point at the same rows there and
+ * that see the same keys of them form a group: the group's key rows are converted and transposed once and
+ * scored for each of its queries (dot_product16, two queries per pass), and its value rows are read once
+ * and added into two queries' outputs at a time. N samples of a 1,000-token prompt thus stream the prompt's
+ * cache once per step instead of N times; vLLM and SGLang serve shared system prompts this way.
+ *
+ * Each query's scores, softmax and sums are what attention_layer computes for it alone (dot_product16 has
+ * dot_product4's bits; every output element adds its keys in order, whatever the grouping), so a sample's
+ * tokens do not depend on the company it decodes in. */
+typedef struct {
+    float *out, *weights;
+    const float *q;
+    const KVLayer *const *kv;
+    const int *pos;
+    int n, n_heads, n_kv_heads, weights_stride;
+    const AttentionSpec *a;
+} RowsJob;
+
+/* The queries' view of one block of 16 key positions k0 .. k0+15: which keys each sees (bits) and the rows its
+ * table gives for them (a key it does not see stands in for by one it does, so that every pointer is a row) */
+typedef struct {
+    int n_groups, size[ATTENTION_QUERY_TILE], member[ATTENTION_QUERY_TILE][ATTENTION_QUERY_TILE];
+    unsigned bits[ATTENTION_QUERY_TILE];
+    const void *rows[ATTENTION_QUERY_TILE][16];
+} BlockView;
+
+/* Fills v for the block at k0 (values: the value rows, else the keys) and groups the queries that see the same
+ * keys through the same rows. */
+static void view_block(BlockView *v, const RowsJob *j, const VisibleKeys *vis, int k0, int values) {
+    int keys[16];
+    for (int i = 0; i < 16; i++) keys[i] = k0 + i;
+    v->n_groups = 0;
+    for (int r = 0; r < j->n; r++) {
+        unsigned bits = v->bits[r] = visible_bits(&vis[r], keys, 16);
+        if (!bits) continue;
+        int stand_in = k0 + __builtin_ctz(bits);
+        for (int i = 0; i < 16; i++) {
+            int key = bits >> i & 1 ? keys[i] : stand_in;
+            v->rows[r][i] = values ? kvlayer_value_row(j->kv[r], key) : kvlayer_key_row(j->kv[r], key);
+        }
+        int g = 0;
+        while (g < v->n_groups && !(v->bits[v->member[g][0]] == bits &&
+                                    !memcmp(v->rows[v->member[g][0]], v->rows[r], sizeof v->rows[r])))
+            g++;
+        if (g == v->n_groups) v->size[v->n_groups++] = 0;
+        v->member[g][v->size[g]++] = r;
+    }
+}
+
+static float *row_weights(const RowsJob *j, int r, int h) {
+    return j->weights + ((size_t)r * j->n_heads + h) * (size_t)j->weights_stride;
+}
+
+/* heads h0 .. h1-1 of every query: scores block by block, softmax, weighted sums block by block */
+static void attend_rows(void *arg, int h0, int h1) {
+    const RowsJob *j = arg;
+    const AttentionSpec *a = j->a;
+    KVType type = j->kv[0]->type;
+    int hd = a->head_dim, q_dim = j->n_heads * hd, group = j->n_heads / j->n_kv_heads, lo = INT_MAX, hi = 0;
+    VisibleKeys vis[ATTENTION_QUERY_TILE];
+    int seen[ATTENTION_QUERY_TILE] = {0};
+    for (int r = 0; r < j->n; r++) {
+        vis[r] = visible_keys(a, j->pos[r]);
+        for (int k = 0; k < vis[r].n_runs; k++)
+            if (vis[r].runs[k].count > 0) {
+                const KeyRun *run = &vis[r].runs[k];
+                lo = run->first < lo ? run->first : lo;
+                hi = run->first + (run->count - 1) * run->step + 1 > hi ? run->first + (run->count - 1) * run->step + 1 : hi;
+            }
+    }
+    if (hi == 0) lo = 0;
+    BlockView v;
+    float kt[1024 * 16], converted[1024 * 16]; /* head_dim <= 1024 (model.c) */
+    for (int k0 = lo / 16 * 16; k0 < hi; k0 += 16) {
+        view_block(&v, j, vis, k0, 0);
+        for (int g = 0; g < v.n_groups; g++) {
+            const int *member = v.member[g];
+            unsigned bits = v.bits[member[0]];
+            for (int kvh = h0 / group; kvh * group < h1; kvh++) { /* each kv head these heads read */
+                int h_lo = kvh * group > h0 ? kvh * group : h0, h_hi = (kvh + 1) * group < h1 ? (kvh + 1) * group : h1;
+                if (v.size[g] * (h_hi - h_lo) == 1) { /* one query, one head: four keys at a time, no transpose */
+                    int r = member[0];
+                    float d[16];
+                    for (int i = 0; i < 16; i += 4)
+                        kv_dot_product4(d + i, j->q + (size_t)r * q_dim + (size_t)h_lo * hd, v.rows[r] + i, type, kvh * hd, hd,
+                                        converted);
+                    store_scores(row_weights(j, r, h_lo) + seen[r], a, d, 16, bits);
+                    continue;
+                }
+                const float *rows[16];
+                for (int i = 0; i < 16; i++) rows[i] = kv_row_f32(v.rows[member[0]][i], type, kvh * hd, hd, converted + i * hd);
+                transpose_rows16(kt, rows, hd);
+                for (int h = h_lo; h < h_hi; h++)
+                    for (int m = 0; m < v.size[g]; m++) {
+                        int r = member[m];
+                        float d[16], e[16];
+                        if (m + 1 < v.size[g]) { /* two queries on one kt: half the loads */
+                            int r1 = member[++m];
+                            dot_product16_pair(d, j->q + (size_t)r * q_dim + (size_t)h * hd, e,
+                                               j->q + (size_t)r1 * q_dim + (size_t)h * hd, kt, hd);
+                            store_scores(row_weights(j, r1, h) + seen[r1], a, e, 16, bits);
+                        } else dot_product16(d, j->q + (size_t)r * q_dim + (size_t)h * hd, kt, hd);
+                        store_scores(row_weights(j, r, h) + seen[r], a, d, 16, bits);
+                    }
+            }
+            for (int m = 0; m < v.size[g]; m++) seen[member[m]] += __builtin_popcount(bits);
+        }
+    }
+    for (int r = 0; r < j->n; r++) {
+        for (int h = h0; h < h1; h++) {
+            softmax_with_sink(row_weights(j, r, h), seen[r], a->sink_logits ? a->sink_logits[h] : -INFINITY);
+            memset(j->out + (size_t)r * q_dim + (size_t)h * hd, 0, (size_t)hd * sizeof(float));
+        }
+        seen[r] = 0;
+    }
+    float values[16 * 1024];
+    for (int k0 = lo / 16 * 16; k0 < hi; k0 += 16) {
+        view_block(&v, j, vis, k0, 1);
+        for (int g = 0; g < v.n_groups; g++) {
+            const int *member = v.member[g];
+            unsigned bits = v.bits[member[0]];
+            const void *mine[16];
+            int n = 0;
+            for (int i = 0; i < 16; i++)
+                if (bits >> i & 1) mine[n++] = v.rows[member[0]][i];
+            for (int h = h0; h < h1; h++) {
+                int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
+                const void *const *rows = mine;
+                KVType t = type;
+                const void *as_f32[16];
+                if (type != KV_F32 && v.size[g] > 2) { /* converted once for the group: the same values, the same bits */
+                    for (int i = 0; i < n; i++) as_f32[i] = kv_row_f32(mine[i], type, off, hd, values + i * hd);
+                    rows = as_f32, t = KV_F32;
+                }
+                int at = t == KV_F32 && rows == as_f32 ? 0 : off;
+                for (int m = 0; m < v.size[g]; m++) {
+                    int r = member[m];
+                    float *out = j->out + (size_t)r * q_dim + (size_t)h * hd, *w = row_weights(j, r, h) + seen[r];
+                    if (m + 1 < v.size[g]) {
+                        int r1 = member[++m];
+                        kv_add_scaled_rows_pair(out, w, j->out + (size_t)r1 * q_dim + (size_t)h * hd, row_weights(j, r1, h) + seen[r1],
+                                                rows, n, t, at, hd, converted);
+                    } else kv_add_scaled_rows(out, w, rows, n, t, at, hd, converted);
+                }
+            }
+            for (int m = 0; m < v.size[g]; m++) seen[member[m]] += n;
+        }
+    }
+}
+
+void attention_rows(float *out, const float *q, const KVLayer *const *kv, const int *pos, int n, int n_heads,
+                    int n_kv_heads, const AttentionSpec *a, float *weights, int weights_stride) {
+    RowsJob job = {out, weights, q, kv, pos, n, n_heads, n_kv_heads, weights_stride, a};
+    long long work = 0;
+    for (int r = 0; r < n; r++) work += 2LL * n_heads * visible_count(a, pos[r]) * a->head_dim;
+    int threads = parallel_threads();
+    parallel_for(n_heads, (n_heads + threads - 1) / threads, work, attend_rows, &job); /* each thread its share of heads */
 }
 
 void weights_by_position(float *row, const float *weights, const AttentionSpec *a, int pos) {

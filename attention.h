@@ -101,6 +101,14 @@ void online_softmax_finish(float *acc, const OnlineSoftmax *st, int hd);
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
                      int n_tokens, const AttentionSpec *a, float *weights, int weights_stride);
 
+/* One query each of n sequences (n <= ATTENTION_QUERY_TILE; a decode step of --samples / --prompts): row r,
+ * q[r][n_heads][head_dim] at position pos[r], against its own paged cache kv[r] (kvlayer_keeps_every_position)
+ * -> out[r]. Naive kernel, head_dim a multiple of 16. Rows whose tables share blocks (a forked prompt) read
+ * them once for all; each row gets the bits attention_layer gives it alone. weights: n_heads * n rows of
+ * weights_stride floats. */
+void attention_rows(float *out, const float *q, const KVLayer *const *kv, const int *pos, int n, int n_heads,
+                    int n_kv_heads, const AttentionSpec *a, float *weights, int weights_stride);
+
 /* The weights attention_head left in visible order, laid out by key position: row[0 .. pos], 0 where masked. */
 void weights_by_position(float *row, const float *weights, const AttentionSpec *a, int pos);
 

@@ -83,6 +83,36 @@ static int attend_run(RunState *s, int l, const AttentionConfig *a, const Attent
     return 0;
 }
 
+/* The end of the rows from `first` on that are one token each of a sequence over a paged cache, which
+ * attention_rows takes together (at most a tile of them); first + 1 where they cannot go together: another
+ * kernel, a rolling buffer, or an observer that wants each row's weights. */
+static int decode_rows_end(const RunState *s, int l, const AttentionConfig *a, const AttentionSpec *spec, const Batch *b,
+                           int first) {
+    if (spec->kernel != KERNEL_NAIVE || spec->head_dim % 16 || s->observer.record ||
+        !kvlayer_keeps_every_position(kvcache_layer(&s->kv, b->seq[first], l)))
+        return first + 1;
+    int most = s->scores_heads / a->n_heads, end = first + 1;
+    most = most < ATTENTION_QUERY_TILE ? most : ATTENTION_QUERY_TILE;
+    while (end < b->n && end - first < most && batch_run_end(b, end) == end + 1) end++;
+    return end;
+}
+
+/* Rows first .. end-1, one token each of as many sequences: their keys and values go into their caches, then
+ * they attend in one pass, each block they share read once (attention_rows). */
+static int attend_rows(RunState *s, int l, const AttentionConfig *a, const AttentionSpec *spec, const Batch *b,
+                       int first, int end) {
+    int q_dim = a->n_heads * a->head_dim, kv_dim = a->n_kv_heads * a->head_dim;
+    const KVLayer *caches[ATTENTION_QUERY_TILE];
+    for (int t = first; t < end; t++) {
+        KVLayer *cache = kvcache_layer(&s->kv, b->seq[t], l);
+        if (kvlayer_store(cache, b->pos[t], s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim) != 0) return -1;
+        caches[t - first] = cache;
+    }
+    attention_rows(s->xb + (size_t)first * q_dim, s->q + (size_t)first * q_dim, caches, b->pos + first, end - first,
+                   a->n_heads, a->n_kv_heads, spec, s->scores, s->scores_stride);
+    return 0;
+}
+
 int attention_block(const Model *m, int l, RunState *s, const Batch *b) {
     const AttentionConfig *a = &m->config.layers[l].attn;
     const LayerWeights *lw = &m->weights.layers[l];
@@ -107,9 +137,14 @@ int attention_block(const Model *m, int l, RunState *s, const Batch *b) {
     if (a->temperature_floor > 0.0f) sharpen_queries(s->q, a, b);
 
     profile_section(PROFILE_ATTENTION);
-    /* each sequence's rows against its own cache: the rows of other sequences never meet them */
+    /* each sequence's rows against its own cache: the rows of other sequences never meet them; one token each
+     * of several sequences (a decode step of --samples / --prompts) attends together */
     for (int t = 0, end; t < n; t = end) {
         end = batch_run_end(b, t);
+        if (end == t + 1 && (end = decode_rows_end(s, l, a, spec, b, t)) > t + 1) {
+            if (attend_rows(s, l, a, spec, b, t, end) != 0) return -1;
+            continue;
+        }
         if (attend_run(s, l, a, spec, kvcache_layer(&s->kv, b->seq[t], l), xb + (size_t)t * q_dim, s->q + (size_t)t * q_dim,
                        s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim, end - t, b->pos[t]) != 0)
             return -1;

@@ -558,6 +558,71 @@ static void test_attention_case(KVType kv_type) {
 
 /* Queries of one sequence against keys and values of another, no mask: the same full-matrix formula with
  * every key visible (reference_attention at the last key position, causal). */
+/* A decode step of several sequences (attention_rows): forks of one 37-token prompt (its last block partial, so
+ * copied on the first write) that have gone on by 0 .. 40 tokens each, and one sequence of its own; every row
+ * must get the bits attention_layer gives it alone, whatever the mask, kernel path, KV type and company. */
+static void test_attention_rows(void) {
+    struct {
+        const char *name;
+        int n_heads, n_kv_heads, head_dim;
+        MaskKind mask;
+        int span;
+        float cap;
+        int learned_sinks;
+    } cases[] = {{"MHA causal", 4, 4, 16, MASK_CAUSAL, 0, 0, 0},
+                 {"GQA causal, head_dim 32", 8, 2, 32, MASK_CAUSAL, 0, 0, 0},
+                 {"MQA causal + softcap", 4, 1, 16, MASK_CAUSAL, 0, 30.0f, 0},
+                 {"GQA causal + learned sinks", 4, 2, 16, MASK_CAUSAL, 0, 0, 1},
+                 {"GQA strided S=5", 4, 2, 16, MASK_STRIDED, 5, 0, 0},
+                 {"MHA fixed B=7", 2, 2, 16, MASK_FIXED, 7, 0, 0},
+                 {"GQA chunked C=16", 4, 2, 16, MASK_CHUNKED, 16, 0, 0}};
+    enum { PROMPT = 37, ROWS = 12 };
+    int grown[ROWS] = {0, 1, 3, 11, 12, 27, 40, 5, 5, 0, 19, 2}, n_pos = PROMPT + 41;
+    for (int kt = 0; kt < 3; kt++)
+        for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+            int H = cases[c].n_heads, KV = cases[c].n_kv_heads, hd = cases[c].head_dim, kv_dim = KV * hd, q_dim = H * hd;
+            float sink_logits[8], *kv = malloc(sizeof(float) * (size_t)2 * kv_dim);
+            for (int h = 0; h < 8; h++) sink_logits[h] = 2 * frand();
+            AttentionSpec spec = {hd, 1.0f / sqrtf((float)hd), cases[c].cap, cases[c].mask, cases[c].span, 0,
+                                  cases[c].learned_sinks ? sink_logits : NULL, KERNEL_NAIVE, LATENT_AUTO, (KVType)kt};
+            KVLayer prompt, seqs[ROWS];
+            const KVLayer *tables[ROWS];
+            int pos[ROWS];
+            attention_cache_init(&prompt, kv_dim, kv_dim, &spec);
+            for (int p = 0; p < PROMPT; p++) {
+                for (int i = 0; i < 2 * kv_dim; i++) kv[i] = frand();
+                kvlayer_store(&prompt, p, kv, kv + kv_dim);
+            }
+            for (int r = 0; r < ROWS; r++) {
+                if (r == ROWS - 1) attention_cache_init(&seqs[r], kv_dim, kv_dim, &spec); /* a sequence of its own */
+                else kvlayer_fork(&seqs[r], &prompt);
+                int first = r == ROWS - 1 ? 0 : PROMPT;
+                pos[r] = PROMPT + grown[r];
+                for (int p = first; p <= pos[r]; p++) {
+                    for (int i = 0; i < 2 * kv_dim; i++) kv[i] = frand();
+                    kvlayer_store(&seqs[r], p, kv, kv + kv_dim);
+                }
+                tables[r] = &seqs[r];
+            }
+            float *q = malloc(sizeof(float) * (size_t)ROWS * q_dim), *out = malloc(sizeof(float) * (size_t)ROWS * q_dim);
+            float *one = malloc(sizeof(float) * (size_t)q_dim), *scores = malloc(sizeof(float) * (size_t)H * ROWS * n_pos);
+            for (int i = 0; i < ROWS * q_dim; i++) q[i] = frand();
+            int same = 1;
+            for (int n = 1; n <= ROWS; n += ROWS - 1) { /* one row alone, then all of them */
+                attention_rows(out, q, tables, pos, n, H, KV, &spec, scores, n_pos);
+                for (int r = 0; r < n; r++) {
+                    attention_layer(one, q + (size_t)r * q_dim, tables[r], H, KV, pos[r], 1, &spec, scores, n_pos);
+                    same &= !memcmp(one, out + (size_t)r * q_dim, sizeof(float) * q_dim);
+                }
+            }
+            check(same, "attention_rows, %s, %s KV: %d rows of forked and separate sequences, each with attention_layer's "
+                  "bits alone", cases[c].name, kv_type_name((KVType)kt), ROWS);
+            for (int r = 0; r < ROWS; r++) kvlayer_free(&seqs[r]);
+            kvlayer_free(&prompt);
+            free(kv), free(q), free(out), free(one), free(scores);
+        }
+}
+
 /* Few heads, many keys: attention_layer splits the naive kernel over keys and over head_dim (two heads on the
  * threads of this machine); the bits must still be attention_head's */
 static void test_attention_split(void) {
@@ -1452,6 +1517,7 @@ int main(int argc, char **argv) {
     test_head_mapping();
     test_attention();
     test_attention_split();
+    test_attention_rows();
     test_cross_attention();
     test_ops();
     test_router_ties();
