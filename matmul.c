@@ -769,6 +769,119 @@ static void rows_many(float *out, const QuantizedRow *xq, const Tensor *w, int n
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * q8_0 / q4_0 rows packed once at load (matmul_pack; AVX-512 without AMX tiles). rows_many transposes each row's
+ * blocks every time a product uses them, and decode's tile_quant shuffles every row's sums into groups; packed,
+ * a row's blocks lie as transpose_groups leaves them, so every product -- decode's single token included -- takes
+ * the exact group sums straight from VPDPBUSD (tokens_packed). The same sums and float steps: the same bits.
+ *   q8_0: per block of 16 groups, 8 vectors of 64 bytes: vector j, lane g = values 4j .. 4j+3 of group g, +128
+ *         (unsigned, as load_pair makes them)
+ *   q4_0: the same 4-bit values, vectors j and j+4 in the low and high nibbles of 64 bytes (j = 0 .. 3)
+ * A last block of 8 groups keeps lanes 0-7 of each vector (half the bytes), so a row takes the bytes it takes
+ * in the file; the f16 scales follow the rows as in the file. Rows whose groups are not a multiple of 8 stay as
+ * they are. */
+
+/* bytes of one packed block of gn (16 or 8) groups */
+static size_t packed_block_bytes(DType d, int gn) { return (size_t)gn * (d == DTYPE_Q4_0 ? 16 : 32); }
+
+static void pack_row(DType d, uint8_t *dst, const void *row, int groups) {
+    int pair_bytes = d == DTYPE_Q4_0 ? 32 : 64;
+    for (int g0 = 0; g0 < groups; g0 += 16) {
+        int gn = groups - g0 < 16 ? groups - g0 : 16, half = gn == 8;
+        const char *src = (const char *)row + (size_t)g0 / 2 * pair_bytes;
+        __m512i a[8], b[8];
+        for (int p = 0; p < 8; p++) a[p] = p < gn / 2 ? load_pair(d, src, p, 0) : _mm512_setzero_si512();
+        transpose_groups(b, a);
+        int vectors = d == DTYPE_Q4_0 ? 4 : 8;
+        for (int j = 0; j < vectors; j++) {
+            __m512i v = d == DTYPE_Q4_0 ? _mm512_or_si512(b[j], _mm512_slli_epi16(b[j + 4], 4)) : b[j];
+            if (half) _mm256_storeu_si256((__m256i *)(dst + j * 32), _mm512_castsi512_si256(v));
+            else _mm512_storeu_si512((void *)(dst + j * 64), v);
+        }
+        dst += packed_block_bytes(d, gn);
+    }
+}
+
+/* out[t * ldo] for T tokens of one packed row (ws: its f16 scales): tokens_many's steps on blocks read as they lie */
+ALWAYS_INLINE void tokens_packed(int T, DType d, const uint8_t *row, const uint16_t *ws, int groups, size_t ahead,
+                                 const QuantizedRow *xq, float *out, size_t ldo) {
+    __m512 acc[MANY_TOKENS];
+    const int8_t *qt = xq->qt;
+    const int32_t *sum = xq->sum;
+    const float *scale = xq->scale;
+    size_t stride = xq->stride;
+    int shift = d == DTYPE_Q4_0 ? 3 : 7;
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int g0 = 0, b = 0; g0 < groups; g0 += 16, b++) {
+        int gn = groups - g0 < 16 ? groups - g0 : 16;
+        size_t bytes = packed_block_bytes(d, gn);
+        if (ahead)
+            for (size_t k = 0; k < bytes; k += 64) _mm_prefetch((const char *)row + ahead + k, PREFETCH_HINT);
+        __m512i wv[8];
+        if (d == DTYPE_Q4_0) {
+            const __m512i nibble = _mm512_set1_epi8(15);
+            for (int j = 0; j < 4; j++) {
+                __m512i v = gn == 16 ? _mm512_loadu_si512((const void *)(row + j * 64))
+                                     : _mm512_zextsi256_si512(_mm256_loadu_si256((const void *)(row + j * 32)));
+                wv[j] = _mm512_and_si512(v, nibble);
+                wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            }
+        } else
+            for (int j = 0; j < 8; j++)
+                wv[j] = gn == 16 ? _mm512_loadu_si512((const void *)(row + j * 64))
+                                 : _mm512_zextsi256_si512(_mm256_loadu_si256((const void *)(row + j * 32)));
+        __m512 wscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << gn) - 1), ws + g0));
+        row += bytes;
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) {
+            const int8_t *x = qt + t * stride + (size_t)b * 512;
+            __m512i s = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) s = dot_u8s8_add(s, wv[j], _mm512_load_si512((const void *)(x + j * 64)));
+            __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)((const char *)(sum + b * 16) + t * stride)), shift);
+            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offsets)), wscale);
+            acc[t] = _mm512_fmadd_ps(f, _mm512_load_ps((const float *)((const char *)(scale + b * 16) + t * stride)), acc[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) out[t * ldo] = lane_sum(acc[t]);
+}
+
+/* rows lo..hi x n tokens of packed weights: 16 rows at a time for each tile of 8 tokens, so that the tile's
+ * values stay in L1 across the rows; the first tile streams the rows in from memory, prefetching ahead */
+static void rows_packed(float *out, const QuantizedRow *xq, const Tensor *w, int n, int lo, int hi) {
+    size_t row_bytes = quantized_row_bytes(w);
+    const uint8_t *base = w->packed;
+    const uint16_t *scales = (const uint16_t *)(base + (size_t)w->rows * row_bytes);
+    int groups = w->cols / Q8_GROUP;
+    for (int r0 = lo; r0 < hi; r0 += 16) {
+        int r1 = hi - r0 < 16 ? hi : r0 + 16;
+        for (int t = 0; t < n; t += MANY_TOKENS) {
+            QuantizedRow xt = token_row(xq, t);
+            int T = n - t < MANY_TOKENS ? n - t : MANY_TOKENS;
+            size_t ahead = t == 0 ? PREFETCH_AHEAD(row_bytes) : 0; /* the first tile reads the rows from memory */
+            for (int r = r0; r < r1; r++) {
+                const uint8_t *row = base + (size_t)r * row_bytes;
+                const uint16_t *ws = scales + (size_t)r * groups;
+                float *o = out + (size_t)t * w->rows + r;
+#define PACKED(T_) w->dtype == DTYPE_Q4_0 ? tokens_packed(T_, DTYPE_Q4_0, row, ws, groups, ahead, &xt, o, w->rows) \
+                                          : tokens_packed(T_, DTYPE_Q8_0, row, ws, groups, ahead, &xt, o, w->rows)
+                switch (T) { /* one specialised kernel per width */
+                case 1: PACKED(1); break;
+                case 2: PACKED(2); break;
+                case 3: PACKED(3); break;
+                case 4: PACKED(4); break;
+                case 5: PACKED(5); break;
+                case 6: PACKED(6); break;
+                case 7: PACKED(7); break;
+                default: PACKED(8); break;
+                }
+#undef PACKED
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * AMX-INT8 (Intel Xeon since Sapphire Rapids): q8_0 prefill on the tile matrix unit, detected at run time.
  *
  * TDPBSSD multiplies a tile of 16 weight rows x 32 int8 values (one group, as it lies in the file) by a tile of
@@ -1286,6 +1399,10 @@ ALWAYS_INLINE void tile_quant_t(DType d, int T, const void *const w[4], const ui
 static void rows_quantized(float *out, const QuantizedRow *xq, const VnniTokens *tiles, const Tensor *w, int n, int lo,
                            int hi) {
 #if defined(KERNELS_AVX512)
+    if (w->packed) {
+        rows_packed(out, xq, w, n, lo, hi);
+        return;
+    }
     if (tiles) lo = amx_rows(out, w, tiles, n, lo, hi); /* whole blocks of 16 rows on the tiles, the rest below */
     if (n >= 2 && w->cols / Q8_GROUP <= MANY_BYTES / 512 * 16) {
         rows_many(out, xq, w, n, lo, hi);
@@ -1409,9 +1526,9 @@ static void quantize_tokens(void *arg, int begin, int end) {
 }
 
 /* q8_0 weights need x quantized: into the scratch, once for all the weights of this call */
-static QuantizedRow quantize_input(unsigned char *scratch, const float *x, int n, int cols) {
+static QuantizedRow quantize_input(unsigned char *scratch, const float *x, int n, int cols, int transpose) {
     QuantizedRow xq = quantized_row(scratch, cols);
-    Quantizing job = {&xq, x, n >= 2};
+    Quantizing job = {&xq, x, transpose};
     parallel_for(n, 1, (long long)n * cols * 4, quantize_tokens, &job); /* ~4 operations a value */
     return xq;
 }
@@ -1481,7 +1598,9 @@ void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float 
     }
     if (quantized) {
         ProfileSection was = profile_section(PROFILE_QUANTIZE);
-        xq = quantize_input(ws->data, x, n, cols);
+        int packed = 0; /* packed weights read the transposed values, for any number of tokens */
+        for (int j = 0; j < count; j++) packed |= p[j].w->packed != NULL;
+        xq = quantize_input(ws->data, x, n, cols, n >= 2 || packed);
         if (n >= AMX_MIN_TOKENS && amx_features() & AMX_INT8) {
             vnni_tokens(&tiles, &xq, n, ws->data + quantized_stride(cols) * (size_t)n);
             job.tiles = &tiles;
@@ -1497,6 +1616,32 @@ void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float 
                         cols, 0.0f, p[j].out, p[j].w->rows);
 #endif
     parallel_for(job.first_item[count], 1, macs, matmul_items, &job);
+}
+
+int matmul_pack(Tensor *w) {
+    w->packed = NULL;
+#if defined(KERNELS_AVX512)
+    int groups = w->cols / Q8_GROUP, stack = w->stack > 1 ? w->stack : 1;
+    if (!w->data || !DTYPE_IS_QUANTIZED(w->dtype) || groups % 8 || amx_features() & AMX_INT8 || getenv("ATTN_NO_PACK"))
+        return 0;
+    size_t stride = tensor_stack_stride(w->dtype, (uint64_t)w->rows, (uint64_t)w->cols), row_bytes = quantized_row_bytes(w);
+    uint8_t *packed = aligned_alloc(64, stride * (size_t)stack);
+    if (!packed) return -1;
+    for (int i = 0; i < stack; i++) {
+        const uint8_t *src = (const uint8_t *)w->data + (size_t)i * stride;
+        uint8_t *dst = packed + (size_t)i * stride;
+        for (int r = 0; r < w->rows; r++) pack_row(w->dtype, dst + (size_t)r * row_bytes, src + (size_t)r * row_bytes, groups);
+        size_t values = (size_t)w->rows * row_bytes; /* the scales as they are */
+        memcpy(dst + values, src + values, (size_t)w->rows * groups * 2);
+    }
+    w->packed = packed;
+#endif
+    return 0;
+}
+
+void matmul_unpack(Tensor *w) {
+    free((void *)w->packed);
+    w->packed = NULL;
 }
 
 void matmul(MatmulScratch *ws, float *out, const float *x, const Tensor *w, int n) {

@@ -149,7 +149,7 @@ static void absorb_queries(void *arg, int h0, int h1) {
 static void latent_scores(const Pass *p, int t, int h0, int h1, float *scores, int stride) {
     const LatentAttentionConfig *a = p->a;
     int n_heads = h1 - h0, k = 0, tile = 0, first = 0, last_slot = -2;
-    Tensor queries = {p->x->q_latent + ((size_t)t * a->n_heads + h0) * row_width(a), DTYPE_F32, n_heads, row_width(a), 1};
+    Tensor queries = {p->x->q_latent + ((size_t)t * a->n_heads + h0) * row_width(a), DTYPE_F32, n_heads, row_width(a), 1, NULL};
     float tile_scores[KV_BLOCK_TOKENS * MAX_HEADS];
     VisibleKeys v = visible_keys(p->spec, p->pos + p->first + t);
     FOR_EACH_VISIBLE_KEY(v, j) {
@@ -275,7 +275,7 @@ static void decompress_span(const Pass *p, int rows) {
                 memcpy(keys + (size_t)i * dq + dn, kvlayer_key(p->cache, j) + a->kv_rank, (size_t)a->rope.dim * sizeof(float));
                 i++;
             }
-        Tensor queries = {x->queries + (size_t)h * MLA_PASS * dq, DTYPE_F32, p->n, dq, 1};
+        Tensor queries = {x->queries + (size_t)h * MLA_PASS * dq, DTYPE_F32, p->n, dq, 1, NULL};
         matmul(&p->s->scratch, x->span_scores + (size_t)h * MLA_SPAN * MLA_PASS, keys, &queries, rows); /* [rows][n] */
     }
 }

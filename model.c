@@ -1000,11 +1000,48 @@ static int parse_model(LoadContext *ctx, Model *m, const unsigned char *p, uint6
     return 0;
 }
 
+/* Calls fn on every matrix the products read: each layer's tensors, and the output (tied or not; the token
+ * embeddings are read a row at a time and stay as they are). Stops at the first that returns nonzero. */
+static int for_each_projection(Model *m, int (*fn)(Model *m, Tensor *t)) {
+    const Config *c = &m->config;
+    for (int l = 0; l < c->n_layers && m->weights.layers; l++)
+        for (int i = 0; i < N_TENSOR_ROWS; i++) {
+            const TensorRow *r = &TENSOR_TABLE[i];
+            if (r->part == PART_MODEL || !row_present(r, parts_of(&c->layers[l]), present_bits(c, &c->layers[l]))) continue;
+            Tensor *t = (Tensor *)((char *)&m->weights.layers[l] + r->field);
+            if (t->data && fn(m, t)) return -1;
+        }
+    return m->weights.output.data ? fn(m, &m->weights.output) : 0;
+}
+
+/* Packs one matrix for the product kernel (matmul_pack); its pages of the mapped file are let go, as nothing
+ * reads them any more but the row lookups of tied embeddings, which fault them back in from the file. */
+static int pack_projection(Model *m, Tensor *t) {
+    if (matmul_pack(t) != 0) return -1;
+    if (!t->packed || !m->map) return 0;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), from = ((uintptr_t)t->data + page - 1) / page * page;
+    uintptr_t to = ((uintptr_t)t->data + (size_t)(t->stack > 1 ? t->stack : 1) *
+                    tensor_stack_stride(t->dtype, (uint64_t)t->rows, (uint64_t)t->cols)) / page * page;
+    if (to > from) madvise((void *)from, to - from, MADV_DONTNEED);
+    return 0;
+}
+
+static int unpack_projection(Model *m, Tensor *t) {
+    (void)m;
+    matmul_unpack(t);
+    return 0;
+}
+
+/* the projections packed for this machine's kernel, once every check has passed */
+static int pack_weights(LoadContext *ctx, Model *m) {
+    return for_each_projection(m, pack_projection) ? fail(ctx, "out of memory packing the weights") : 0;
+}
+
 int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
     LoadContext ctx = {name, err, errlen};
     m->file_size = size;
-    if (parse_model(&ctx, m, data, size) != 0) {
+    if (parse_model(&ctx, m, data, size) != 0 || pack_weights(&ctx, m) != 0) {
         model_free(m);
         return -1;
     }
@@ -1043,6 +1080,10 @@ int model_load(Model *m, const char *path, char *err, size_t errlen) {
     }
     uint64_t data_off = u64_at(map + 80); /* every byte of the data section belongs to a tensor (check_file_layout) */
     prefault((const unsigned char *)map + data_off, (size_t)(file_size - data_off)); /* every check passed: bring the weights in now */
+    if (pack_weights(&ctx, m) != 0) {
+        model_free(m);
+        return -1;
+    }
     return 0;
 }
 
@@ -1093,6 +1134,7 @@ int model_find_nonfinite_tensor(const Model *m, char *name, size_t len) {
 }
 
 void model_free(Model *m) {
+    for_each_projection(m, unpack_projection);
     tokenizer_free(&m->tokenizer);
     free(m->config.layers);
     free(m->attention);

@@ -165,7 +165,7 @@ static void route_token(const FfnConfig *f, const FfnWeights *w, float *logits, 
 /* Row r of a matrix of biases [rows][cols], as a vector */
 static Tensor bias_row(const Tensor *t, int r) {
     Tensor b = *t;
-    if (t->data) b.data = (const float *)t->data + (size_t)r * t->cols, b.rows = 1;
+    if (t->data) b.data = (const float *)t->data + (size_t)r * t->cols, b.rows = 1, b.packed = NULL;
     return b;
 }
 

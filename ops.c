@@ -48,7 +48,9 @@ uint64_t tensor_stack_stride(DType d, uint64_t rows, uint64_t cols) { return (te
 
 Tensor tensor_matrix(const Tensor *t, int i) {
     Tensor m = *t;
-    m.data = (const char *)t->data + (size_t)i * tensor_stack_stride(t->dtype, (uint64_t)t->rows, (uint64_t)t->cols);
+    size_t stride = tensor_stack_stride(t->dtype, (uint64_t)t->rows, (uint64_t)t->cols);
+    m.data = (const char *)t->data + (size_t)i * stride;
+    if (t->packed) m.packed = (const char *)t->packed + (size_t)i * stride;
     m.stack = 1;
     return m;
 }

@@ -37,6 +37,7 @@ typedef struct {
     DType dtype;
     int rows, cols;
     int stack;      /* matrices in the stack; 0 or 1: a single matrix */
+    const void *packed; /* NULL, or the same bytes laid out for this machine's product kernel (matmul_pack) */
 } Tensor;
 
 float f16_to_f32(uint16_t h);
@@ -71,6 +72,12 @@ void matmul_scratch_free(MatmulScratch *ws);
  * Every output is computed the same way whatever n and the thread count, so a prompt gives the same
  * logits in chunks of any size (matmul.c); a scratch reserved for fewer tokens than n is used in turns. */
 void matmul(MatmulScratch *ws, float *out, const float *x, const Tensor *w, int n);
+/* A q8_0 / q4_0 matrix (or stack) copied once into the layout this machine's product kernel reads fastest, in
+ * w->packed (the products then read it; everything else reads w->data): AVX-512 without AMX tiles, rows of whole
+ * groups of 8 groups (matmul.c). Elsewhere w->packed stays NULL; ATTN_NO_PACK set in the environment does the
+ * same (comparisons). Returns 0, or -1 out of memory. matmul_unpack frees it. The same bits either way. */
+int matmul_pack(Tensor *w);
+void matmul_unpack(Tensor *w);
 /* The same product on the calling thread alone, never through BLAS: for small products inside a parallel job
  * (mla.c). f32, f16 and bf16 weights only (q8_0 / q4_0 activations need a scratch). */
 void matmul_serial(float *out, const float *x, const Tensor *w, int n);

@@ -762,19 +762,19 @@ static double reference_dot(const Tensor *w, int row, const float *x, double *ma
 }
 
 static void test_matmul(void) {
-    static const int rows_[] = {1, 3, 4, 5, 37, 300}, cols_float[] = {1, 7, 17, 100, 1500}, cols_q8[] = {32, 96, 544, 1024},
-                     cols_q4[] = {64, 128, 576, 1024};
+    static const int rows_[] = {1, 3, 4, 5, 37, 300}, cols_float[] = {1, 7, 17, 100, 1500}, cols_q8[] = {32, 96, 256, 544, 768, 1024},
+                     cols_q4[] = {64, 128, 256, 576, 768, 1024};
     static const int tokens[] = {1, 2, 6, 7, 13, 40}; /* 40: q8_0 prefill on AMX tiles where the CPU has them */
     for (int d = 0; d < DTYPE_COUNT; d++) {
         const int *cols_ = d == DTYPE_Q8_0 ? cols_q8 : d == DTYPE_Q4_0 ? cols_q4 : cols_float;
-        int n_cols = DTYPE_IS_QUANTIZED(d) ? 4 : 5, shapes = 0, exact = 1;
+        int n_cols = DTYPE_IS_QUANTIZED(d) ? 6 : 5, shapes = 0, exact = 1, packed = 0;
         double worst = 0.0;
         MatmulScratch ws = {0};
         for (int ri = 0; ri < 6; ri++)
             for (int ci = 0; ci < n_cols; ci++)
                 for (int ti = 0; ti < 6; ti++) {
                     int rows = rows_[ri], cols = cols_[ci], n = tokens[ti];
-                    Tensor w = {random_weights((DType)d, rows, cols), (DType)d, rows, cols, 1};
+                    Tensor w = {random_weights((DType)d, rows, cols), (DType)d, rows, cols, 1, NULL};
                     float *x = malloc(sizeof(float) * (size_t)n * cols), *out = malloc(sizeof(float) * (size_t)n * rows);
                     float *one = malloc(sizeof(float) * (size_t)rows), *twice = malloc(sizeof(float) * (size_t)n * rows);
                     for (int i = 0; i < n * cols; i++) x[i] = frand();
@@ -796,6 +796,16 @@ static void test_matmul(void) {
                             if (err > worst) worst = err;
                         }
                     }
+                    if (DTYPE_IS_QUANTIZED(d) && matmul_pack(&w) == 0 && w.packed) { /* packed at load: the same bits */
+                        matmul(&ws, twice, x, &w, n);
+                        if (memcmp(twice, out, sizeof(float) * (size_t)n * rows)) exact = 0;
+                        for (int t = 0; t < n; t++) {
+                            matmul(&ws, one, x + (size_t)t * cols, &w, 1);
+                            if (memcmp(one, out + (size_t)t * rows, sizeof(float) * (size_t)rows)) exact = 0;
+                        }
+                        matmul_unpack(&w);
+                        packed++;
+                    }
                     Projection both[2] = {{twice, &w}, {one, &w}};
                     if (n == 1) {
                         matmul_many(&ws, both, 2, x, 1);
@@ -806,7 +816,7 @@ static void test_matmul(void) {
                 }
         /* a NaN or inf activation (a damaged model can make them) gives NaN outputs, never undefined behaviour
          * in quantize_token; nor does a subnormal group, whose 127 / max|x| overflows */
-        Tensor w = {random_weights((DType)d, 3, cols_[0]), (DType)d, 3, cols_[0], 1};
+        Tensor w = {random_weights((DType)d, 3, cols_[0]), (DType)d, 3, cols_[0], 1, NULL};
         float *x = calloc((size_t)cols_[0], sizeof(float)), out[3];
         for (int v = 0; v < 3; v++) {
             for (int i = 0; i < cols_[0]; i++) x[i] = v == 2 ? 1e-45f : 0.5f;
@@ -820,8 +830,8 @@ static void test_matmul(void) {
         check(worst < 1e-5 && exact,
               "matmul %s: %d shapes (rows 1..300, cols %d..%d, 1..40 tokens) match a double-precision reference "
               "(max error %.1e of sum |w x|), n tokens at once give the bits of one at a time (and of a scratch that "
-              "holds two), a NaN / inf input gives a NaN / inf output",
-              dtype_name((DType)d), shapes, cols_[0], cols_[n_cols - 1], worst);
+              "holds two), a NaN / inf input gives a NaN / inf output; %d of them packed for this machine (matmul_pack), "
+              "the same bits", dtype_name((DType)d), shapes, cols_[0], cols_[n_cols - 1], worst, packed);
     }
 }
 
@@ -1484,7 +1494,7 @@ static void test_causal_conv(void) {
     for (int i = 0; i < C * K; i++) w[i] = frand();
     for (int i = 0; i < C; i++) b[i] = frand();
     for (int i = 0; i < N * C; i++) x[i] = frand();
-    Tensor weight = {w, DTYPE_F32, C, K, 1}, bias = {b, DTYPE_F32, 1, C, 1};
+    Tensor weight = {w, DTYPE_F32, C, K, 1, NULL}, bias = {b, DTYPE_F32, 1, C, 1, NULL};
     causal_conv_silu(whole, x, N, C, win_a, &weight, &bias);
     int chunks[] = {1, 2, 1, 3, 2}, at = 0;
     for (int i = 0; i < 5; i++) {
