@@ -809,14 +809,13 @@ static void attend_rows(void *arg, int h0, int h1) {
                 if (bits >> i & 1) mine[n++] = v.rows[member[0]][i];
             for (int h = h0; h < h1; h++) {
                 int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
-                const void *const *rows = mine;
+                const void *const *rows = mine, *as_f32[16];
                 KVType t = type;
-                const void *as_f32[16];
+                int at = off;
                 if (type != KV_F32 && v.size[g] > 2) { /* converted once for the group: the same values, the same bits */
                     for (int i = 0; i < n; i++) as_f32[i] = kv_row_f32(mine[i], type, off, hd, values + i * hd);
-                    rows = as_f32, t = KV_F32;
+                    rows = as_f32, t = KV_F32, at = 0;
                 }
-                int at = t == KV_F32 && rows == as_f32 ? 0 : off;
                 for (int m = 0; m < v.size[g]; m++) {
                     int r = member[m];
                     float *out = j->out + (size_t)r * q_dim + (size_t)h * hd, *w = row_weights(j, r, h) + seen[r];
