@@ -228,6 +228,32 @@ def run(t):
     else:
         t.skip("AMX prefill against AVX-512", "no amx_int8 in /proc/cpuinfo (or not the default build)")
 
+    # q8_0 / q4_0 matrices packed at load (AVX-512 without AMX; kjv-5m's rows of 256 and 768 columns qualify, the
+    # tiny fixtures' do not) against the layout of the file, prompt and --samples steps
+    packs = "avx512f" in cpu_flags() and "amx_int8" not in cpu_flags()
+    if "kjv-5m" in quantized["q8_0"]:
+        worst, same_samples = 0.0, True
+        for dtype, models_of in quantized.items():
+            model, ids = models_of["kjv-5m"]
+            worst = max(worst, relative_error(logits_with(t, t.run_bin, model, ids, env={"ATTN_NO_PACK": "1"}),
+                                              t.logits(model, ids)))
+            args = [model, "--tokens", ",".join(map(str, ids)), "-n", "12", "-s", "3", "--samples", "3", "--print-ids"]
+            packed = t.run(args).stdout
+            saved = os.environ.get("ATTN_NO_PACK")
+            os.environ["ATTN_NO_PACK"] = "1"
+            try:
+                same_samples &= packed == t.run(args).stdout and packed.count(b"\n") == 3
+            finally:
+                if saved is None:
+                    del os.environ["ATTN_NO_PACK"]
+                else:
+                    os.environ["ATTN_NO_PACK"] = saved
+        t.check(f"q8_0, q4_0 kjv-5m: weights packed at load ({'this CPU packs' if packs else 'this CPU keeps the file layout'}) "
+                f"give the file layout's logits ({'bit-identical' if worst == 0 else f'max rel err {worst:.1e}'}) and "
+                f"--samples 3 ids (ATTN_NO_PACK=1)", worst == 0.0 and same_samples)
+    else:
+        t.skip("weights packed at load against the file layout", "no kjv-5m")
+
     # --bf16-prefill: f32 / bf16 prompts on AMX-BF16 tiles, activations rounded to bf16 (not decode's bits)
     if "amx_bf16" in cpu_flags():
         # the dense fixtures: in a mixture of experts (the latent ones), bf16 activations can flip a router's near

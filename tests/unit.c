@@ -835,6 +835,40 @@ static void test_matmul(void) {
     }
 }
 
+/* A stack of q8_0 / q4_0 matrices (the experts of a mixture) packed at once: tensor_matrix finds each matrix's
+ * packed rows, and every product gives the bits of the file's layout */
+static void test_packed_stack(void) {
+    for (int d = DTYPE_Q8_0; d <= DTYPE_Q4_0; d++) {
+        int rows = 20, cols = 768, stack = 3, same = 1;
+        size_t stride = tensor_stack_stride((DType)d, (uint64_t)rows, (uint64_t)cols);
+        unsigned char *data = malloc(stride * (size_t)stack);
+        for (int i = 0; i < stack; i++) {
+            void *one = random_weights((DType)d, rows, cols);
+            memcpy(data + (size_t)i * stride, one, tensor_nbytes((DType)d, (uint64_t)rows, (uint64_t)cols));
+            free(one);
+        }
+        Tensor w = {data, (DType)d, rows, cols, stack, NULL};
+        float x[5 * 768], out[5 * 20], want[5 * 20];
+        for (int i = 0; i < 5 * cols; i++) x[i] = frand();
+        MatmulScratch ws = {0};
+        matmul_scratch_reserve(&ws, 5, cols);
+        same &= matmul_pack(&w) == 0;
+        for (int i = 0; i < stack; i++)
+            for (int n = 1; n <= 5; n += 4) {
+                Tensor m = tensor_matrix(&w, i), plain = m;
+                plain.packed = NULL;
+                matmul(&ws, out, x, &m, n);
+                matmul(&ws, want, x, &plain, n);
+                same &= !memcmp(out, want, sizeof(float) * (size_t)n * rows) && (m.packed != NULL) == (w.packed != NULL);
+            }
+        check(same, "matmul %s: a stack of 3 matrices %s, each one's products with the bits of the file's layout",
+              dtype_name((DType)d), w.packed ? "packed at once (matmul_pack)" : "(not packed on this machine)");
+        matmul_unpack(&w);
+        matmul_scratch_free(&ws);
+        free(data);
+    }
+}
+
 /* parallel_for: many small jobs back to back, as decode posts them (alternately few and more items, a little
  * work each); every item must run exactly once, and all of them before the call returns */
 static atomic_int item_runs[64];
@@ -1532,6 +1566,7 @@ int main(int argc, char **argv) {
     test_ops();
     test_router_ties();
     test_matmul();
+    test_packed_stack();
     test_parallel();
     test_utf8();
     test_tokenizer_records();
