@@ -15,7 +15,8 @@
   export's, fixtures' logits near the reference (QUANTIZED); --batch bit-identical to --batch 1; matrices whose
   columns do not fill their groups fall back (q4_0 -> q8_0 -> f32); the loader rejects a tensor with such
   columns, or without its scales. Where the CPU has AMX, prefill on the tiles (the default) and on the AVX-512
-  kernels (ATTN_NO_AMX=1) give the same bits. --bf16-prefill (AMX-BF16, activations rounded to bf16) is held
+  kernels (ATTN_NO_AMX=1) give the same bits; where it has AVX-512 and no AMX, matrices packed at load (the
+  default) and the file's layout (ATTN_NO_PACK=1) give the same logits and --samples ids. --bf16-prefill (AMX-BF16, activations rounded to bf16) is held
   to BF16_PREFILL_F32 / BF16_PREFILL_BF16 of token by token, and does not touch chunks under 16 tokens.
 Errors are max |delta| relative to max(1, max |ref|) (harness.relative_error)."""
 import json
