@@ -288,6 +288,16 @@ static int next_keys(KeyCursor *c, int keys[4]) {
     return n;
 }
 
+/* [lo, hi) widened to take in every key position of v */
+static void widen_span(const VisibleKeys *v, int *lo, int *hi) {
+    for (int r = 0; r < v->n_runs; r++)
+        if (v->runs[r].count > 0) {
+            int first = v->runs[r].first, last = first + (v->runs[r].count - 1) * v->runs[r].step;
+            if (first < *lo) *lo = first;
+            if (last + 1 > *hi) *hi = last + 1;
+        }
+}
+
 /* The keys a tile of queries at positions p0 .. p0+T-1 walks: one query walks its own visible keys; several
  * walk the span from the first key any of them sees to the last, each skipping those it does not see, when
  * that span is not much wider than what one of them sees (causal, sliding and chunked masks); otherwise
@@ -299,12 +309,7 @@ static VisibleKeys tile_keys(const AttentionSpec *a, int p0, int *T) {
     for (int t = 0; t < *T; t++) {
         VisibleKeys v = visible_keys(a, p0 + t);
         int n = v.runs[0].count + (v.n_runs > 1 ? v.runs[1].count : 0);
-        for (int r = 0; r < v.n_runs; r++)
-            if (v.runs[r].count > 0) {
-                if (v.runs[r].first < lo) lo = v.runs[r].first;
-                int last = v.runs[r].first + (v.runs[r].count - 1) * v.runs[r].step;
-                if (last + 1 > hi) hi = last + 1;
-            }
+        widen_span(&v, &lo, &hi);
         if (n > most) most = n;
     }
     if (hi - lo > 2 * most + 64) {
@@ -735,22 +740,25 @@ static float *row_weights(const RowsJob *j, int r, int h) {
     return j->weights + ((size_t)r * j->n_heads + h) * (size_t)j->weights_stride;
 }
 
+static const float *row_query(const RowsJob *j, int r, int h) {
+    return j->q + ((size_t)r * j->n_heads + h) * j->a->head_dim;
+}
+
+static float *row_output(const RowsJob *j, int r, int h) {
+    return j->out + ((size_t)r * j->n_heads + h) * j->a->head_dim;
+}
+
 /* heads h0 .. h1-1 of every query: scores block by block, softmax, weighted sums block by block */
 static void attend_rows(void *arg, int h0, int h1) {
     const RowsJob *j = arg;
     const AttentionSpec *a = j->a;
     KVType type = j->kv[0]->type;
-    int hd = a->head_dim, q_dim = j->n_heads * hd, group = j->n_heads / j->n_kv_heads, lo = INT_MAX, hi = 0;
+    int hd = a->head_dim, group = j->n_heads / j->n_kv_heads, lo = INT_MAX, hi = 0;
     VisibleKeys vis[ATTENTION_QUERY_TILE];
     int seen[ATTENTION_QUERY_TILE] = {0};
     for (int r = 0; r < j->n; r++) {
         vis[r] = visible_keys(a, j->pos[r]);
-        for (int k = 0; k < vis[r].n_runs; k++)
-            if (vis[r].runs[k].count > 0) {
-                const KeyRun *run = &vis[r].runs[k];
-                lo = run->first < lo ? run->first : lo;
-                hi = run->first + (run->count - 1) * run->step + 1 > hi ? run->first + (run->count - 1) * run->step + 1 : hi;
-            }
+        widen_span(&vis[r], &lo, &hi);
     }
     if (hi == 0) lo = 0;
     BlockView v;
@@ -765,9 +773,7 @@ static void attend_rows(void *arg, int h0, int h1) {
                 if (v.size[g] * (h_hi - h_lo) == 1) { /* one query, one head: four keys at a time, no transpose */
                     int r = member[0];
                     float d[16];
-                    for (int i = 0; i < 16; i += 4)
-                        kv_dot_product4(d + i, j->q + (size_t)r * q_dim + (size_t)h_lo * hd, v.rows[r] + i, type, kvh * hd, hd,
-                                        converted);
+                    for (int i = 0; i < 16; i += 4) kv_dot_product4(d + i, row_query(j, r, h_lo), v.rows[r] + i, type, kvh * hd, hd, converted);
                     store_scores(row_weights(j, r, h_lo) + seen[r], a, d, 16, bits);
                     continue;
                 }
@@ -780,10 +786,9 @@ static void attend_rows(void *arg, int h0, int h1) {
                         float d[16], e[16];
                         if (m + 1 < v.size[g]) { /* two queries on one kt: half the loads */
                             int r1 = member[++m];
-                            dot_product16_pair(d, j->q + (size_t)r * q_dim + (size_t)h * hd, e,
-                                               j->q + (size_t)r1 * q_dim + (size_t)h * hd, kt, hd);
+                            dot_product16_pair(d, row_query(j, r, h), e, row_query(j, r1, h), kt, hd);
                             store_scores(row_weights(j, r1, h) + seen[r1], a, e, 16, bits);
-                        } else dot_product16(d, j->q + (size_t)r * q_dim + (size_t)h * hd, kt, hd);
+                        } else dot_product16(d, row_query(j, r, h), kt, hd);
                         store_scores(row_weights(j, r, h) + seen[r], a, d, 16, bits);
                     }
             }
@@ -793,7 +798,7 @@ static void attend_rows(void *arg, int h0, int h1) {
     for (int r = 0; r < j->n; r++) {
         for (int h = h0; h < h1; h++) {
             softmax_with_sink(row_weights(j, r, h), seen[r], a->sink_logits ? a->sink_logits[h] : -INFINITY);
-            memset(j->out + (size_t)r * q_dim + (size_t)h * hd, 0, (size_t)hd * sizeof(float));
+            memset(row_output(j, r, h), 0, (size_t)hd * sizeof(float));
         }
         seen[r] = 0;
     }
@@ -818,10 +823,10 @@ static void attend_rows(void *arg, int h0, int h1) {
                 }
                 for (int m = 0; m < v.size[g]; m++) {
                     int r = member[m];
-                    float *out = j->out + (size_t)r * q_dim + (size_t)h * hd, *w = row_weights(j, r, h) + seen[r];
+                    float *out = row_output(j, r, h), *w = row_weights(j, r, h) + seen[r];
                     if (m + 1 < v.size[g]) {
                         int r1 = member[++m];
-                        kv_add_scaled_rows_pair(out, w, j->out + (size_t)r1 * q_dim + (size_t)h * hd, row_weights(j, r1, h) + seen[r1],
+                        kv_add_scaled_rows_pair(out, w, row_output(j, r1, h), row_weights(j, r1, h) + seen[r1],
                                                 rows, n, t, at, hd, converted);
                     } else kv_add_scaled_rows(out, w, rows, n, t, at, hd, converted);
                 }

@@ -689,27 +689,34 @@ ALWAYS_INLINE __m512i dot_u8s8_add(__m512i acc, __m512i u, __m512i s) {
 #define MANY_BYTES (32 * 1024) /* transposed rows per pass, beside a tile of tokens in L1: one row of up to
                                   32768 columns (512 bytes per 16 groups); wider rows take tile_quant */
 
-ALWAYS_INLINE void tokens_many(int T, int offset_shift, const __m512i (*wt)[8], const __m512 *wscale, int blocks,
-                               const QuantizedRow *xq, float *out, size_t ldo) {
-    __m512 acc[MANY_TOKENS];
+/* Block b of a row (wv: its 8 transposed vectors, wscale: its 16 scales) against T tokens: 8 VPDPBUSD give each
+ * group's exact sum S_g in lane g, then acc[t] += ((S_g - offset * sum(x q)) * w_scale) * x_scale, lane for lane */
+ALWAYS_INLINE void block_tokens(int T, int offset_shift, const __m512i wv[8], __m512 wscale, int b, const QuantizedRow *xq,
+                                __m512 *acc) {
     const int8_t *qt = xq->qt; /* token t's transposed values, sums and scales lie t * stride further on */
     const int32_t *sum = xq->sum;
     const float *scale = xq->scale;
     size_t stride = xq->stride;
 #pragma GCC unroll 8
+    for (int t = 0; t < T; t++) {
+        const int8_t *x = qt + t * stride + (size_t)b * 512;
+        __m512i s = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) s = dot_u8s8_add(s, wv[j], _mm512_load_si512((const void *)(x + j * 64)));
+        __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)((const char *)(sum + b * 16) + t * stride)), offset_shift);
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offsets)), wscale);
+        acc[t] = _mm512_fmadd_ps(f, _mm512_load_ps((const float *)((const char *)(scale + b * 16) + t * stride)), acc[t]);
+    }
+}
+
+ALWAYS_INLINE void tokens_many(int T, int offset_shift, const __m512i (*wt)[8], const __m512 *wscale, int blocks,
+                               const QuantizedRow *xq, float *out, size_t ldo) {
+    __m512 acc[MANY_TOKENS];
+#pragma GCC unroll 8
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (int b = 0; b < blocks; b++) {
         __m512i wv[8];
         for (int j = 0; j < 8; j++) wv[j] = _mm512_load_si512(&wt[b][j]);
-#pragma GCC unroll 8
-        for (int t = 0; t < T; t++) {
-            const int8_t *x = qt + t * stride + (size_t)b * 512;
-            __m512i s = _mm512_setzero_si512();
-            for (int j = 0; j < 8; j++) s = dot_u8s8_add(s, wv[j], _mm512_load_si512((const void *)(x + j * 64)));
-            __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)((const char *)(sum + b * 16) + t * stride)), offset_shift);
-            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offsets)), wscale[b]);
-            acc[t] = _mm512_fmadd_ps(f, _mm512_load_ps((const float *)((const char *)(scale + b * 16) + t * stride)), acc[t]);
-        }
+        block_tokens(T, offset_shift, wv, wscale[b], b, xq, acc);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) out[t * ldo] = lane_sum(acc[t]);
@@ -805,10 +812,6 @@ static void pack_row(DType d, uint8_t *dst, const void *row, int groups) {
 ALWAYS_INLINE void tokens_packed(int T, DType d, const uint8_t *row, const uint16_t *ws, int groups, size_t ahead,
                                  const QuantizedRow *xq, float *out, size_t ldo) {
     __m512 acc[MANY_TOKENS];
-    const int8_t *qt = xq->qt;
-    const int32_t *sum = xq->sum;
-    const float *scale = xq->scale;
-    size_t stride = xq->stride;
     int shift = d == DTYPE_Q4_0 ? 3 : 7;
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
@@ -832,15 +835,7 @@ ALWAYS_INLINE void tokens_packed(int T, DType d, const uint8_t *row, const uint1
                                  : _mm512_zextsi256_si512(_mm256_loadu_si256((const void *)(row + j * 32)));
         __m512 wscale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << gn) - 1), ws + g0));
         row += bytes;
-#pragma GCC unroll 8
-        for (int t = 0; t < T; t++) {
-            const int8_t *x = qt + t * stride + (size_t)b * 512;
-            __m512i s = _mm512_setzero_si512();
-            for (int j = 0; j < 8; j++) s = dot_u8s8_add(s, wv[j], _mm512_load_si512((const void *)(x + j * 64)));
-            __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)((const char *)(sum + b * 16) + t * stride)), shift);
-            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offsets)), wscale);
-            acc[t] = _mm512_fmadd_ps(f, _mm512_load_ps((const float *)((const char *)(scale + b * 16) + t * stride)), acc[t]);
-        }
+        block_tokens(T, shift, wv, wscale, b, xq, acc);
     }
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) out[t * ldo] = lane_sum(acc[t]);
