@@ -139,17 +139,41 @@ static int grow_ids(KVPool *p) {
     return 0;
 }
 
+#define KV_SLAB_BYTES ((size_t)2 << 20)
+
+/* bytes for a block of `rows`, cut from the last slab, or from a new one when it has no room left */
+static unsigned char *cut_block(KVPool *p, int rows) {
+    size_t bytes = (block_bytes(p, rows) + 63) / 64 * 64;
+    if (p->n_slabs == 0 || p->slab_used + bytes > p->slab_bytes[p->n_slabs - 1]) {
+        size_t size = bytes > KV_SLAB_BYTES ? bytes : KV_SLAB_BYTES;
+        unsigned char **slabs = realloc(p->slabs, (size_t)(p->n_slabs + 1) * sizeof *slabs);
+        if (!slabs) return NULL;
+        p->slabs = slabs;
+        size_t *sizes = realloc(p->slab_bytes, (size_t)(p->n_slabs + 1) * sizeof *sizes);
+        if (!sizes) return NULL;
+        p->slab_bytes = sizes;
+        if (!(p->slabs[p->n_slabs] = huge_alloc(size))) return NULL;
+        p->slab_bytes[p->n_slabs++] = size;
+        p->slab_used = 0;
+    }
+    unsigned char *data = p->slabs[p->n_slabs - 1] + p->slab_used;
+    p->slab_used += bytes;
+    return data;
+}
+
 int kvpool_alloc(KVPool *p, int rows) {
-    unsigned char *data = malloc(block_bytes(p, rows));
-    if (!data) return -1;
     int id;
     if (p->n_free > 0) id = p->free_ids[--p->n_free];
-    else if (grow_ids(p) == 0) id = p->n_ids++;
-    else {
-        free(data);
-        return -1;
+    else if (grow_ids(p) == 0) id = p->n_ids++, p->storage[id] = NULL;
+    else return -1;
+    if (!p->storage[id] || p->rows[id] != rows) { /* a free id's rows serve a block of as many */
+        unsigned char *data = cut_block(p, rows);
+        if (!data) {
+            p->free_ids[p->n_free++] = id;
+            return -1;
+        }
+        p->storage[id] = data;
     }
-    p->storage[id] = data;
     p->rows[id] = rows;
     p->refs[id] = 1;
     p->bytes_held += block_bytes(p, rows);
@@ -161,8 +185,6 @@ void kvpool_ref(KVPool *p, int id) { p->refs[id]++; }
 void kvpool_unref(KVPool *p, int id) {
     if (--p->refs[id] > 0) return;
     p->bytes_held -= block_bytes(p, p->rows[id]);
-    free(p->storage[id]);
-    p->storage[id] = NULL;
     p->free_ids[p->n_free++] = id;
 }
 
@@ -173,7 +195,9 @@ int kvpool_blocks_in_use(const KVPool *p) {
 }
 
 void kvpool_free(KVPool *p) {
-    for (int id = 0; id < p->n_ids; id++) free(p->storage[id]);
+    for (int i = 0; i < p->n_slabs; i++) huge_free(p->slabs[i], p->slab_bytes[i]);
+    free(p->slabs);
+    free(p->slab_bytes);
     free(p->storage);
     free(p->rows);
     free(p->refs);

@@ -1613,24 +1613,42 @@ void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float 
     parallel_for(job.first_item[count], 1, macs, matmul_items, &job);
 }
 
-int matmul_pack(Tensor *w) {
-    w->packed = NULL;
+size_t matmul_pack_bytes(const Tensor *w) {
 #if defined(KERNELS_AVX512)
     int groups = w->cols / Q8_GROUP, stack = w->stack > 1 ? w->stack : 1;
     if (!w->data || !DTYPE_IS_QUANTIZED(w->dtype) || groups % 8 || amx_features() & AMX_INT8 || getenv("ATTN_NO_PACK"))
         return 0;
+    return tensor_stack_stride(w->dtype, (uint64_t)w->rows, (uint64_t)w->cols) * (size_t)stack;
+#else
+    (void)w;
+    return 0;
+#endif
+}
+
+void matmul_pack_into(Tensor *w, void *dst) {
+#if defined(KERNELS_AVX512)
+    int groups = w->cols / Q8_GROUP, stack = w->stack > 1 ? w->stack : 1;
     size_t stride = tensor_stack_stride(w->dtype, (uint64_t)w->rows, (uint64_t)w->cols), row_bytes = quantized_row_bytes(w);
-    uint8_t *packed = aligned_alloc(64, stride * (size_t)stack);
-    if (!packed) return -1;
     for (int i = 0; i < stack; i++) {
         const uint8_t *src = (const uint8_t *)w->data + (size_t)i * stride;
-        uint8_t *dst = packed + (size_t)i * stride;
-        for (int r = 0; r < w->rows; r++) pack_row(w->dtype, dst + (size_t)r * row_bytes, src + (size_t)r * row_bytes, groups);
+        uint8_t *to = (uint8_t *)dst + (size_t)i * stride;
+        for (int r = 0; r < w->rows; r++) pack_row(w->dtype, to + (size_t)r * row_bytes, src + (size_t)r * row_bytes, groups);
         size_t values = (size_t)w->rows * row_bytes; /* the scales as they are */
-        memcpy(dst + values, src + values, (size_t)w->rows * groups * 2);
+        memcpy(to + values, src + values, (size_t)w->rows * groups * 2);
     }
-    w->packed = packed;
+    w->packed = dst;
+#else
+    (void)w, (void)dst;
 #endif
+}
+
+int matmul_pack(Tensor *w) {
+    w->packed = NULL;
+    size_t bytes = matmul_pack_bytes(w);
+    if (bytes == 0) return 0;
+    void *packed = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!packed) return -1;
+    matmul_pack_into(w, packed);
     return 0;
 }
 

@@ -1014,11 +1014,23 @@ static int for_each_projection(Model *m, int (*fn)(Model *m, Tensor *t)) {
     return m->weights.output.data ? fn(m, &m->weights.output) : 0;
 }
 
-/* Packs one matrix for the product kernel (matmul_pack); its pages of the mapped file are let go, as nothing
- * reads them any more but the row lookups of tied embeddings, which fault them back in from the file. */
+/* Packing (matmul_pack_into): every matrix the kernel reads packed goes into one huge_alloc, in two passes --
+ * the bytes, then the copies -- so that the products stream 2 MiB pages (fewer TLB misses: decode of the 110M
+ * shape in q8_0 measured ~7% faster). The copied matrices' pages of the mapped file are let go, as nothing reads
+ * them again (MADV_DONTNEED: the kernel drops them, and would read them back from the file if asked). */
+static size_t packed_size(const Tensor *t) { return (matmul_pack_bytes(t) + 63) / 64 * 64; }
+
+static int count_packed(Model *m, Tensor *t) {
+    m->packed_bytes += packed_size(t);
+    return 0;
+}
+
 static int pack_projection(Model *m, Tensor *t) {
-    if (matmul_pack(t) != 0) return -1;
-    if (!t->packed || !m->map) return 0;
+    size_t bytes = packed_size(t);
+    if (bytes == 0) return 0;
+    matmul_pack_into(t, (char *)m->packed + m->packed_used);
+    m->packed_used += bytes;
+    if (!m->map) return 0;
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), from = ((uintptr_t)t->data + page - 1) / page * page;
     uintptr_t to = ((uintptr_t)t->data + (size_t)(t->stack > 1 ? t->stack : 1) *
                     tensor_stack_stride(t->dtype, (uint64_t)t->rows, (uint64_t)t->cols)) / page * page;
@@ -1028,13 +1040,17 @@ static int pack_projection(Model *m, Tensor *t) {
 
 static int unpack_projection(Model *m, Tensor *t) {
     (void)m;
-    matmul_unpack(t);
+    t->packed = NULL;
     return 0;
 }
 
 /* the projections packed for this machine's kernel, once every check has passed */
 static int pack_weights(LoadContext *ctx, Model *m) {
-    return for_each_projection(m, pack_projection) ? fail(ctx, "out of memory packing the weights") : 0;
+    m->packed_bytes = m->packed_used = 0;
+    for_each_projection(m, count_packed);
+    if (m->packed_bytes == 0) return 0;
+    if (!(m->packed = huge_alloc(m->packed_bytes))) return fail(ctx, "out of memory packing the weights");
+    return for_each_projection(m, pack_projection);
 }
 
 int model_load_buffer(Model *m, const void *data, size_t size, const char *name, char *err, size_t errlen) {
@@ -1135,6 +1151,7 @@ int model_find_nonfinite_tensor(const Model *m, char *name, size_t len) {
 
 void model_free(Model *m) {
     for_each_projection(m, unpack_projection);
+    huge_free(m->packed, m->packed_bytes);
     tokenizer_free(&m->tokenizer);
     free(m->config.layers);
     free(m->attention);

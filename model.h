@@ -270,6 +270,8 @@ typedef struct {
     ChatSection chat;     /* template_text NULL when the file has no chat template */
     void *map;            /* the whole file, mmapped read-only */
     size_t file_size;
+    void *packed;         /* the matrices as this machine's kernel reads them (matmul_pack_into), one huge_alloc */
+    size_t packed_bytes, packed_used;
     DType weight_dtype;   /* dtype of the matrices (for --info and stats) */
     AttentionSpec *attention; /* per layer, how its attention runs: derived from its record (attention_of_layer),
                                * then changed by any --window / --sinks / --sparse / --attn (study.c); the

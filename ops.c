@@ -2,7 +2,12 @@
 #include "ops.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#endif
 
 float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -206,3 +211,39 @@ void activate_clamped(float *up, const float *gate, size_t n, float alpha, float
 }
 
 float softcap(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
+
+/* 2 MiB: the x86-64 huge page, and a harmless alignment elsewhere */
+#define HUGE_PAGE ((size_t)2 << 20)
+
+static size_t huge_size(size_t bytes) { return (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
+
+void *huge_alloc(size_t bytes) {
+    if (bytes == 0 || bytes > SIZE_MAX - 2 * HUGE_PAGE) return NULL;
+    size_t size = huge_size(bytes);
+#if defined(MAP_ANONYMOUS)
+    /* map a huge page more than asked, then trim both ends to the 2 MiB boundaries inside */
+    char *map = mmap(NULL, size + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return NULL;
+    char *p = (char *)(((uintptr_t)map + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    if (p > map) munmap(map, (size_t)(p - map));
+    if (p + size < map + size + HUGE_PAGE) munmap(p + size, (size_t)(map + size + HUGE_PAGE - (p + size)));
+#ifdef MADV_HUGEPAGE
+    madvise(p, size, MADV_HUGEPAGE); /* a hint: without it (or without THP) the pages are ordinary ones */
+#endif
+    return p;
+#else
+    void *p = aligned_alloc(HUGE_PAGE, size);
+    if (p) memset(p, 0, size);
+    return p;
+#endif
+}
+
+void huge_free(void *p, size_t bytes) {
+    if (!p) return;
+#if defined(MAP_ANONYMOUS)
+    munmap(p, huge_size(bytes));
+#else
+    (void)bytes;
+    free(p);
+#endif
+}

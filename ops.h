@@ -54,6 +54,13 @@ uint64_t tensor_stack_stride(DType d, uint64_t rows, uint64_t cols);
 /* Matrix i of a stack */
 Tensor tensor_matrix(const Tensor *t, int i);
 
+/* Memory the products and the KV cache stream through (packed weights, KV blocks): anonymous pages aligned to
+ * 2 MiB, with transparent huge pages asked for (MADV_HUGEPAGE; the kernel's default is often `madvise`), so
+ * that one TLB entry covers 2 MiB instead of 4 KiB and a new block does not fault page by page. Zeroed.
+ * Returns NULL when out of memory; huge_free takes the same size. */
+void *huge_alloc(size_t bytes);
+void huge_free(void *p, size_t bytes);
+
 /* out[cols] = row `row` of t, in f32 */
 void tensor_row(float *out, const Tensor *t, int row);
 
@@ -78,6 +85,11 @@ void matmul(MatmulScratch *ws, float *out, const float *x, const Tensor *w, int 
  * same (comparisons). Returns 0, or -1 out of memory. matmul_unpack frees it. The same bits either way. */
 int matmul_pack(Tensor *w);
 void matmul_unpack(Tensor *w);
+/* The same in two steps, into memory the caller holds (model.c packs every matrix into one huge_alloc): the
+ * bytes w's packed copy takes (0: this machine or this matrix does not pack), then the copy at dst, which must
+ * be 64-byte aligned. */
+size_t matmul_pack_bytes(const Tensor *w);
+void matmul_pack_into(Tensor *w, void *dst);
 /* The same product on the calling thread alone, never through BLAS: for small products inside a parallel job
  * (mla.c). f32, f16 and bf16 weights only (q8_0 / q4_0 activations need a scratch). */
 void matmul_serial(float *out, const float *x, const Tensor *w, int n);

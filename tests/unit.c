@@ -284,6 +284,24 @@ static void test_shared_blocks(void) {
           "drop: every block's count returns to zero and its id goes back on the free list");
     kvcache_free(&c);
 
+    /* the pool's memory: blocks cut from 2 MiB slabs; a free id's rows serve the next block of as many rows */
+    KVPool p;
+    kvpool_init(&p, 64, 64, KV_F32);
+    int bx = kvpool_alloc(&p, 16), by = kvpool_alloc(&p, 16);
+    unsigned char *x_rows = p.storage[bx];
+    int slabbed = p.n_slabs == 1 && (uintptr_t)p.slabs[0] % (2u << 20) == 0 && p.storage[by] == x_rows + 16 * 2 * 64 * 4;
+    kvpool_unref(&p, bx);
+    int again = kvpool_alloc(&p, 16), reused = again == bx && p.storage[again] == x_rows && p.bytes_held == 2 * 16 * 2 * 64 * 4;
+    kvpool_unref(&p, again);
+    int shorter = kvpool_alloc(&p, 5), fresh = shorter == bx && p.storage[shorter] != x_rows;
+    int big = kvpool_alloc(&p, 5000); /* 5 MB: a slab of its own */
+    int own = big >= 0 && p.n_slabs == 2 && p.slab_bytes[1] >= (size_t)5000 * 2 * 64 * 4;
+    kvpool_unref(&p, shorter), kvpool_unref(&p, by), kvpool_unref(&p, big);
+    check(slabbed && reused && fresh && own && p.bytes_held == 0 && kvpool_blocks_in_use(&p) == 0,
+          "block pool memory: blocks cut one after another from a 2 MiB-aligned slab; a freed id's rows reused by a "
+          "block of as many rows, a block of other rows cut anew; a block larger than a slab gets one of its own");
+    kvpool_free(&p);
+
     /* latent attention's rows (a key row, no value row) get a pool of their own shape and copy on write too */
     KVLayer shapes[2];
     kvlayer_init(&shapes[0], 8, 0, 0);
