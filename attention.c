@@ -259,6 +259,7 @@ typedef struct {
     const KVLayer *kv;
     int n_heads, n_kv_heads, pos, n_tokens, weights_stride;
     const AttentionSpec *a;
+    int split_keys; /* decode split by keys (split_scores): keys per item */
 } HeadsJob;
 
 /* 1 if key position j is one of v's */
@@ -599,12 +600,18 @@ static void attend_heads(void *arg, int h0, int h1) {
     }
 }
 
-/* Few heads and many keys (one token of a model with fewer heads than two per thread): the naive kernel's steps
- * split another way, none of them changing a bit -- the scores over (head, run of SPLIT_KEYS keys), each score
- * being its own; the softmax per head; the weighted sum over (head, 16 columns of head_dim), each output
- * element adding its keys in order as before. (The flash kernel's online softmax would need a merge of
- * partial softmaxes, whose rounding depends on the split: it stays per head.) */
-#define SPLIT_KEYS 256
+/* One token against many keys (decode deep into a context): the naive kernel's steps split another way, none of
+ * them changing a bit. The scores over runs of SPLIT_KEYS keys, each run for every head: a thread reads whole
+ * cached rows, one after another, which the hardware prefetchers stream (split by heads, each thread read a slice
+ * of every row: measured on this machine, a core streams half rows of 3 KiB at 11 GB/s, whole ones at 26). Then the
+ * softmax per head; then the weighted sum per head (few heads: per 16 columns of head_dim), each output element
+ * adding its keys in order as before. (The flash kernel's online softmax would need a merge of partial softmaxes,
+ * whose rounding depends on the split: it stays per head.) */
+#define SPLIT_KEYS 256   /* at most, keys per item of split_scores */
+#ifndef SPLIT_MIN_KEYS
+#define SPLIT_MIN_KEYS 64 /* fewer keys: the per-head tiles (attend_heads) */
+#endif
+#define PF_KEYS 4 /* split_scores asks for the rows this many keys on */
 
 /* the i-th of v's key positions */
 static int nth_key(const VisibleKeys *v, int i) {
@@ -616,19 +623,22 @@ static int nth_key(const VisibleKeys *v, int i) {
 static void split_scores(void *arg, int begin, int end) {
     const HeadsJob *j = arg;
     VisibleKeys v = visible_keys(j->a, j->pos);
-    int n = visible_count(j->a, j->pos), chunks = (n + SPLIT_KEYS - 1) / SPLIT_KEYS, hd = j->a->head_dim;
+    int n = visible_count(j->a, j->pos), hd = j->a->head_dim;
     Tile c = {j, 0, 1, 0, 0, {v}, v, {0}};
     float converted[4 * 1024]; /* head_dim <= 1024 (model.c) */
-    for (int item = begin; item < end; item++) {
-        int h = item / chunks, i0 = item % chunks * SPLIT_KEYS, i1 = i0 + SPLIT_KEYS < n ? i0 + SPLIT_KEYS : n;
-        int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd;
-        for (int i = i0; i < i1; i += 4) {
-            int nk = i1 - i < 4 ? i1 - i : 4;
-            const void *k4[4];
+    size_t row_bytes = kv_row_bytes(j->kv->kv_dim, j->kv->type);
+    for (int i = begin * j->split_keys, i1 = end * j->split_keys < n ? end * j->split_keys : n; i < i1; i += 4) {
+        int nk = i1 - i < 4 ? i1 - i : 4;
+        const void *k4[4];
+        for (int k = 0; k < 4; k++) k4[k] = kvlayer_key_row(j->kv, nth_key(&v, i + (k < nk ? k : 0)));
+        for (int k = i + PF_KEYS; k < i + PF_KEYS + 4 && k < i1; k++) { /* the rows PF_KEYS keys on */
+            const char *row = kvlayer_key_row(j->kv, nth_key(&v, k));
+            for (size_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
+        }
+        c.seen[0] = i;
+        for (int h = 0; h < j->n_heads; h++) {
             float d[4];
-            for (int k = 0; k < 4; k++) k4[k] = kvlayer_key_row(j->kv, nth_key(&v, i + (k < nk ? k : 0)));
-            kv_dot_product4(d, query_of(&c, 0, h), k4, j->kv->type, off, hd, converted);
-            c.seen[0] = i;
+            kv_dot_product4(d, query_of(&c, 0, h), k4, j->kv->type, kv_head_of(h, j->n_heads, j->n_kv_heads) * hd, hd, converted);
             append_scores(&c, 0, h, d, nk, (1u << nk) - 1);
         }
     }
@@ -641,43 +651,60 @@ static void split_softmax(void *arg, int begin, int end) {
         softmax_with_sink(weights_row(&c, 0, h), visible_count(j->a, j->pos), j->a->sink_logits ? j->a->sink_logits[h] : -INFINITY);
 }
 
-static void split_sums(void *arg, int begin, int end) {
-    const HeadsJob *j = arg;
+/* items: (head, slice of `width` columns). Each pass of 16 value rows serves every item of the range in turn, and
+ * the next pass's rows are asked for first (the part of them the range reads). */
+static void sums_by(const HeadsJob *j, int begin, int end, int width) {
     VisibleKeys v = visible_keys(j->a, j->pos);
-    int n = visible_count(j->a, j->pos), hd = j->a->head_dim, slices = (hd + 15) / 16;
+    int n = visible_count(j->a, j->pos), hd = j->a->head_dim, slices = (hd + width - 1) / width;
     Tile c = {j, 0, 1, 0, 0, {v}, v, {0}};
+    float converted[16 * 1024]; /* head_dim <= 1024 (model.c) */
     for (int item = begin; item < end; item++) {
-        int h = item / slices, d0 = item % slices * 16, width = hd - d0 < 16 ? hd - d0 : 16;
-        int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd + d0;
-        float *out = output_of(&c, 0, h) + d0, converted[16 * 16];
-        memset(out, 0, (size_t)width * sizeof(float));
-        for (int i = 0; i < n; i += 16) {
-            const void *rows[16];
-            int m = n - i < 16 ? n - i : 16;
-            for (int k = 0; k < m; k++) rows[k] = kvlayer_value_row(j->kv, nth_key(&v, i + k));
-            kv_add_scaled_rows(out, weights_row(&c, 0, h) + i, rows, m, j->kv->type, off, width, converted);
+        int h = item / slices, d0 = item % slices * width, w = hd - d0 < width ? hd - d0 : width;
+        memset(output_of(&c, 0, h) + d0, 0, (size_t)w * sizeof(float));
+    }
+    int first = kv_head_of(begin / slices, j->n_heads, j->n_kv_heads) * hd, last = (kv_head_of((end - 1) / slices, j->n_heads, j->n_kv_heads) + 1) * hd;
+    size_t from = kv_row_bytes(first, j->kv->type), to = kv_row_bytes(last, j->kv->type);
+    const void *rows[2][16];
+    int m = n < 16 ? n : 16;
+    for (int k = 0; k < m; k++) rows[0][k] = kvlayer_value_row(j->kv, nth_key(&v, k));
+    for (int i = 0, cur = 0; i < n; i += 16, cur ^= 1) {
+        int m_next = n - i - 16 < 16 ? n - i - 16 : 16;
+        for (int k = 0; k < m_next; k++) {
+            const char *row = rows[cur ^ 1][k] = kvlayer_value_row(j->kv, nth_key(&v, i + 16 + k));
+            for (size_t b = from; b < to; b += 64) __builtin_prefetch(row + b);
+        }
+        for (int item = begin; item < end; item++) {
+            int h = item / slices, d0 = item % slices * width, w = hd - d0 < width ? hd - d0 : width;
+            int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd + d0;
+            kv_add_scaled_rows(output_of(&c, 0, h) + d0, weights_row(&c, 0, h) + i, rows[cur], n - i < 16 ? n - i : 16,
+                               j->kv->type, off, w, converted);
         }
     }
 }
 
+static void split_sums(void *arg, int begin, int end) { sums_by(arg, begin, end, 16); }
+static void head_sums(void *arg, int begin, int end) { sums_by(arg, begin, end, ((const HeadsJob *)arg)->a->head_dim); }
+
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
                      int n_tokens, const AttentionSpec *a, float *weights, int weights_stride) {
-    HeadsJob job = {out, weights, q, kv, n_heads, n_kv_heads, pos, n_tokens, weights_stride, a};
+    HeadsJob job = {out, weights, q, kv, n_heads, n_kv_heads, pos, n_tokens, weights_stride, a, 0};
     int n_keys = visible_count(a, pos + n_tokens - 1);
     long long work = 2LL * n_heads * n_tokens * n_keys * a->head_dim;
-    if (a->kernel == KERNEL_NAIVE && n_tokens == 1 && n_heads < 2 * parallel_threads() && n_keys >= 2 * SPLIT_KEYS) {
-        int chunks = (n_keys + SPLIT_KEYS - 1) / SPLIT_KEYS;
-        parallel_for(n_heads * chunks, 1, work / 2, split_scores, &job);
+    if (a->kernel == KERNEL_NAIVE && n_tokens == 1 && n_keys >= SPLIT_MIN_KEYS) {
+        int threads = parallel_threads(), per = (n_keys + 4 * threads - 1) / (4 * threads); /* ~4 items a thread */
+        job.split_keys = per < 16 ? 16 : per > SPLIT_KEYS ? SPLIT_KEYS : (per + 15) / 16 * 16;
+        parallel_for((n_keys + job.split_keys - 1) / job.split_keys, 1, work / 2, split_scores, &job);
         parallel_for(n_heads, 1, (long long)n_heads * n_keys * 16, split_softmax, &job);
-        parallel_for(n_heads * ((a->head_dim + 15) / 16), 1, work / 2, split_sums, &job);
+        if (n_heads < 2 * threads) parallel_for(n_heads * ((a->head_dim + 15) / 16), 1, work / 2, split_sums, &job);
+        else parallel_for(n_heads, (n_heads + threads - 1) / threads, work / 2, head_sums, &job); /* a share of heads each */
         return;
     }
     /* a job takes whole kv groups while that leaves two jobs per thread; the split changes no result */
     int group = n_heads / n_kv_heads, threads = parallel_threads(), grain = group;
     while (grain > 1 && n_heads / grain < 2 * threads) grain = (grain + 1) / 2;
-    /* one token (decode): each thread takes one contiguous share of the heads, reading each cached row (every kv
-     * head side by side) in one pass; chunks of one head streamed the whole cache once per head. Measured on the
-     * 110M shape at 4,000 positions, 2 threads: attention 1.6-2x faster (f32 and q8_0 KV) */
+    /* one token with fewer than SPLIT_MIN_KEYS keys: each thread takes one contiguous share of the heads, reading
+     * each cached row (every kv head side by side) in one pass; chunks of one head streamed the whole cache once
+     * per head (1.6-2x slower on the 110M shape at 4,000 positions) */
     if (n_tokens == 1) grain = (n_heads + threads - 1) / threads;
     parallel_for(n_heads, grain, work, attend_heads, &job); /* ops.h */
 }
@@ -836,13 +863,27 @@ static void attend_rows(void *arg, int h0, int h1) {
     }
 }
 
+/* queries r0 .. r1-1, every head. Split by heads, each thread read a slice of every cached row (a core streams
+ * half rows at less than half the speed of whole ones); split by queries, each sequence's own blocks are read
+ * whole by one thread, and a shared block once by each thread whose queries see it. Every (query, head) is the
+ * same arithmetic either way: the same bits. */
+static void attend_row_range(void *arg, int r0, int r1) {
+    const RowsJob *j = arg;
+    size_t per_row = (size_t)j->n_heads * j->a->head_dim;
+    RowsJob part = {j->out + r0 * per_row, j->weights + (size_t)r0 * j->n_heads * j->weights_stride, j->q + r0 * per_row,
+                    j->kv + r0, j->pos + r0, r1 - r0, j->n_heads, j->n_kv_heads, j->weights_stride, j->a};
+    attend_rows(&part, 0, j->n_heads);
+}
+
 void attention_rows(float *out, const float *q, const KVLayer *const *kv, const int *pos, int n, int n_heads,
                     int n_kv_heads, const AttentionSpec *a, float *weights, int weights_stride) {
     RowsJob job = {out, weights, q, kv, pos, n, n_heads, n_kv_heads, weights_stride, a};
     long long work = 0;
     for (int r = 0; r < n; r++) work += 2LL * n_heads * visible_count(a, pos[r]) * a->head_dim;
     int threads = parallel_threads();
-    parallel_for(n_heads, (n_heads + threads - 1) / threads, work, attend_rows, &job); /* each thread its share of heads */
+    if (n >= threads && n > 1) /* each thread its share of the queries, every head: whole cached rows */
+        parallel_for(n, (n + threads - 1) / threads, work, attend_row_range, &job);
+    else parallel_for(n_heads, (n_heads + threads - 1) / threads, work, attend_rows, &job); /* each its share of heads */
 }
 
 void weights_by_position(float *row, const float *weights, const AttentionSpec *a, int pos) {
