@@ -327,6 +327,26 @@ ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, in
     }
 }
 
+/* Decode's product of one bf16 / f16 row with the token: tile_float's sums for T = 1, one row after another (a
+ * lane's products go in column order either way: the same bits). Measured on a Zen 5, the 110M shape in bf16, 2
+ * threads, five interleaved rounds: 156 -> 181 tok/s against four rows side by side (and 158 for two). f32 rows,
+ * one FMA chain each twice as long for the same work, went the other way (83 -> 73): they keep tile_float. */
+ALWAYS_INLINE float row_dot_stream(DType d, const void *w, const float *x, int cols) {
+    int size = d == DTYPE_F32 ? 4 : 2, k = 0;
+    size_t ahead = PREFETCH_AHEAD((size_t)cols * size);
+    __m512 acc = _mm512_setzero_ps();
+    for (; k + LANES <= cols; k += LANES) {
+        if (size == 4 || k % 32 == 0) _mm_prefetch((const char *)w + (size_t)k * size + ahead, PREFETCH_HINT);
+        acc = _mm512_fmadd_ps(load_weights(d, w, k, 0xFFFF), _mm512_loadu_ps(x + k), acc);
+    }
+    if (k < cols) {
+        __mmask16 m = (__mmask16)((1u << (cols - k)) - 1);
+        acc = _mm512_fmadd_ps(load_weights(d, w, k, m), _mm512_maskz_loadu_ps(m, x + k), acc);
+    }
+    return lane_sum(acc);
+}
+#define HAVE_ROW_DOT_STREAM 1
+
 float dot_product(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
     int k = 0;
@@ -1350,6 +1370,12 @@ ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor 
     size_t row_bytes = (size_t)w->cols * (d == DTYPE_F32 ? 4 : 2);
     int block = (int)(ROW_BLOCK_BYTES / row_bytes) / 4 * 4;
     block = block < 4 ? 4 : block > 4 * MAX_BLOCK_TILES ? 4 * MAX_BLOCK_TILES : block;
+#ifdef HAVE_ROW_DOT_STREAM
+    if (n == 1 && d != DTYPE_F32) { /* decode of 16-bit weights: one row at a time */
+        for (int r = lo; r < hi; r++) out[r] = row_dot_stream(d, (const char *)w->data + (size_t)r * row_bytes, x, w->cols);
+        return;
+    }
+#endif
     for (int r0 = lo; r0 < hi; r0 += block) {
         int r1 = hi - r0 < block ? hi : r0 + block;
         for (int t = 0; t < n; t += TOKENS_PER_TILE) {
