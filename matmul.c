@@ -104,12 +104,12 @@ typedef struct {
     float *scale;              /* [groups rounded up to 16]: max|x| / 127 of each group, zero padded */
     int32_t *sum;              /* [groups rounded up to 16]: sum of each group's q, zero padded */
     int8_t *qt;                /* AVX-512: the values again, per block of 16 groups as transpose_groups lays
-                                  them out (rows_many), zero padded; [groups rounded up to 16][32] */
+                                  them out, zero padded, before tile_token copies them; [groups rounded up to 16][32] */
     unsigned char *tiles;      /* AVX-512, the first token's row only: qt, sum and scale of every token again,
-                                  by tile of TILE_TOKENS tokens (tile_token), or NULL */
+                                  by tile of TILE_TOKENS tokens (tile_token) for rows_many and rows_packed, or NULL */
 } QuantizedRow;
 
-/* rows_packed's tokens: per tile of TILE_TOKENS tokens, per block of 16 groups, per token a TILE_SLOT-byte slot
+/* rows_many's and rows_packed's tokens: per tile of TILE_TOKENS tokens, per block of 16 groups, per token a TILE_SLOT-byte slot
  * of its 8 transposed vectors (512 bytes), then the 16 group sums and the 16 scales. A block's tokens lie at
  * fixed distances from one pointer, so the kernel's 8 tokens take one address register instead of three each
  * (with a stride per token, gcc spilled the addresses to the stack: Zen 5, 8 tokens x 768 x 2048 in L2, one
@@ -616,11 +616,15 @@ static void transpose_token(QuantizedRow *r) {
     }
 }
 
+/* the slots of the tile that holds token t (its first block) */
+static unsigned char *token_tile(const QuantizedRow *first, int t) {
+    return first->tiles + (size_t)(t / TILE_TOKENS) * ((first->groups + 15) / 16) * TILE_TOKENS * TILE_SLOT;
+}
+
 /* token t's transposed values, sums and scales (row r) into its slots of first->tiles */
 static void tile_token(const QuantizedRow *first, const QuantizedRow *r, int t) {
-    int blocks = (r->groups + 15) / 16;
-    unsigned char *slot = first->tiles + ((size_t)(t / TILE_TOKENS) * blocks * TILE_TOKENS + t % TILE_TOKENS) * TILE_SLOT;
-    for (int b = 0; b < blocks; b++, slot += TILE_TOKENS * TILE_SLOT) {
+    unsigned char *slot = token_tile(first, t) + (size_t)(t % TILE_TOKENS) * TILE_SLOT;
+    for (int b = 0; b < (r->groups + 15) / 16; b++, slot += TILE_TOKENS * TILE_SLOT) {
         memcpy(slot, r->qt + (size_t)b * 512, 512);
         memcpy(slot + 512, r->sum + b * 16, 64);
         memcpy(slot + 576, r->scale + b * 16, 64);
@@ -735,37 +739,49 @@ _Static_assert(MANY_TOKENS == TILE_TOKENS, "rows_packed takes a tile of slots at
 #define MANY_BYTES (32 * 1024) /* transposed rows per pass, beside a tile of tokens in L1: one row of up to
                                   32768 columns (512 bytes per 16 groups); wider rows take tile_quant */
 
-/* Block b of a row (wv: its 8 transposed vectors, wscale: its 16 scales) against T tokens: 8 VPDPBUSD give each
- * group's exact sum S_g in lane g, then acc[t] += ((S_g - offset * sum(x q)) * w_scale) * x_scale, lane for lane */
-ALWAYS_INLINE void block_tokens(int T, int offset_shift, const __m512i wv[8], __m512 wscale, int b, const QuantizedRow *xq,
-                                __m512 *acc) {
-    const int8_t *qt = xq->qt; /* token t's transposed values, sums and scales lie t * stride further on */
-    const int32_t *sum = xq->sum;
-    const float *scale = xq->scale;
-    size_t stride = xq->stride;
+/* A block of a row (wv: its 8 transposed vectors, wscale: its 16 scales) against the T tokens of a tile's slots
+ * for that block (tile_token): 8 VPDPBUSD give each group's exact sum S_g in lane g (two chains: integer sums,
+ * the same S_g in any order), then acc[t] += ((S_g - offset * sum(x q)) * w_scale) * x_scale, lane for lane */
+ALWAYS_INLINE void block_slots(int T, int offset_shift, const __m512i wv[8], __m512 wscale, const unsigned char *slots,
+                               __m512 *acc) {
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) {
-        const int8_t *x = qt + t * stride + (size_t)b * 512;
-        __m512i s = _mm512_setzero_si512();
-        for (int j = 0; j < 8; j++) s = dot_u8s8_add(s, wv[j], _mm512_load_si512((const void *)(x + j * 64)));
-        __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)((const char *)(sum + b * 16) + t * stride)), offset_shift);
-        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, offsets)), wscale);
-        acc[t] = _mm512_fmadd_ps(f, _mm512_load_ps((const float *)((const char *)(scale + b * 16) + t * stride)), acc[t]);
+        const unsigned char *x = slots + t * TILE_SLOT;
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j += 2) {
+            s0 = dot_u8s8_add(s0, wv[j], _mm512_load_si512((const void *)(x + j * 64)));
+            s1 = dot_u8s8_add(s1, wv[j + 1], _mm512_load_si512((const void *)(x + j * 64 + 64)));
+        }
+        __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)(x + 512)), offset_shift);
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), offsets)), wscale);
+        acc[t] = _mm512_fmadd_ps(f, _mm512_load_ps((const float *)(x + 576)), acc[t]);
     }
 }
 
+/* out[t * ldo] = the lanes of acc[t] added (lane_sum; for 8 tokens lane_sum4, whose tree is lane_sum's) */
+ALWAYS_INLINE void store_sums(int T, const __m512 *acc, float *out, size_t ldo) {
+    if (T == 8) {
+        float v[8];
+        store4(v, lane_sum4(acc[0], acc[1], acc[2], acc[3]));
+        store4(v + 4, lane_sum4(acc[4], acc[5], acc[6], acc[7]));
+        for (int t = 0; t < 8; t++) out[t * ldo] = v[t];
+        return;
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; t++) out[t * ldo] = lane_sum(acc[t]);
+}
+
 ALWAYS_INLINE void tokens_many(int T, int offset_shift, const __m512i (*wt)[8], const __m512 *wscale, int blocks,
-                               const QuantizedRow *xq, float *out, size_t ldo) {
+                               const unsigned char *tile, float *out, size_t ldo) {
     __m512 acc[MANY_TOKENS];
 #pragma GCC unroll 8
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (int b = 0; b < blocks; b++) {
         __m512i wv[8];
         for (int j = 0; j < 8; j++) wv[j] = _mm512_load_si512(&wt[b][j]);
-        block_tokens(T, offset_shift, wv, wscale[b], b, xq, acc);
+        block_slots(T, offset_shift, wv, wscale[b], tile + (size_t)b * TILE_TOKENS * TILE_SLOT, acc);
     }
-#pragma GCC unroll 8
-    for (int t = 0; t < T; t++) out[t * ldo] = lane_sum(acc[t]);
+    store_sums(T, acc, out, ldo);
 }
 
 /* row `row` (values, f16 scales ws) transposed: blocks x 8 vectors into wt, the scales into wscale */
@@ -800,21 +816,21 @@ static void rows_many(float *out, const QuantizedRow *xq, const Tensor *w, int n
             transpose_row(w->dtype, (const uint8_t *)w->data + (size_t)r * row_bytes, scales + (size_t)r * groups, groups,
                           wt + (r - r0) * blocks, wscale + (r - r0) * blocks);
         for (int t = 0; t < n; t += MANY_TOKENS) {
-            QuantizedRow xt = token_row(xq, t);
+            const unsigned char *xt = token_tile(xq, t);
             int T = n - t < MANY_TOKENS ? n - t : MANY_TOKENS;
             for (int r = r0; r < r1; r++) {
                 const __m512i(*rw)[8] = wt + (r - r0) * blocks;
                 const __m512 *rs = wscale + (r - r0) * blocks;
                 float *o = out + (size_t)t * w->rows + r;
                 switch (T) { /* one specialised kernel per width */
-                case 1: tokens_many(1, shift, rw, rs, blocks, &xt, o, w->rows); break;
-                case 2: tokens_many(2, shift, rw, rs, blocks, &xt, o, w->rows); break;
-                case 3: tokens_many(3, shift, rw, rs, blocks, &xt, o, w->rows); break;
-                case 4: tokens_many(4, shift, rw, rs, blocks, &xt, o, w->rows); break;
-                case 5: tokens_many(5, shift, rw, rs, blocks, &xt, o, w->rows); break;
-                case 6: tokens_many(6, shift, rw, rs, blocks, &xt, o, w->rows); break;
-                case 7: tokens_many(7, shift, rw, rs, blocks, &xt, o, w->rows); break;
-                default: tokens_many(8, shift, rw, rs, blocks, &xt, o, w->rows); break;
+                case 1: tokens_many(1, shift, rw, rs, blocks, xt, o, w->rows); break;
+                case 2: tokens_many(2, shift, rw, rs, blocks, xt, o, w->rows); break;
+                case 3: tokens_many(3, shift, rw, rs, blocks, xt, o, w->rows); break;
+                case 4: tokens_many(4, shift, rw, rs, blocks, xt, o, w->rows); break;
+                case 5: tokens_many(5, shift, rw, rs, blocks, xt, o, w->rows); break;
+                case 6: tokens_many(6, shift, rw, rs, blocks, xt, o, w->rows); break;
+                case 7: tokens_many(7, shift, rw, rs, blocks, xt, o, w->rows); break;
+                default: tokens_many(8, shift, rw, rs, blocks, xt, o, w->rows); break;
                 }
             }
         }
@@ -854,24 +870,6 @@ static void pack_row(DType d, uint8_t *dst, const void *row, int groups) {
     }
 }
 
-/* block_tokens on a block's token slots (tile_token): the 8 VPDPBUSD of a token in two chains (integer sums:
- * the same S_g in any order), then the same float steps */
-ALWAYS_INLINE void block_slots(int T, int offset_shift, const __m512i wv[8], __m512 wscale, const unsigned char *slots,
-                               __m512 *acc) {
-#pragma GCC unroll 8
-    for (int t = 0; t < T; t++) {
-        const unsigned char *x = slots + t * TILE_SLOT;
-        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-        for (int j = 0; j < 8; j += 2) {
-            s0 = dot_u8s8_add(s0, wv[j], _mm512_load_si512((const void *)(x + j * 64)));
-            s1 = dot_u8s8_add(s1, wv[j + 1], _mm512_load_si512((const void *)(x + j * 64 + 64)));
-        }
-        __m512i offsets = _mm512_slli_epi32(_mm512_load_si512((const void *)(x + 512)), offset_shift);
-        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), offsets)), wscale);
-        acc[t] = _mm512_fmadd_ps(f, _mm512_load_ps((const float *)(x + 576)), acc[t]);
-    }
-}
-
 /* out[t * ldo] for T tokens of one packed row (ws: its f16 scales; tile: the tokens' slots): tokens_many's steps
  * on blocks read as they lie */
 ALWAYS_INLINE void tokens_packed(int T, DType d, const uint8_t *row, const uint16_t *ws, int groups, size_t ahead,
@@ -902,15 +900,7 @@ ALWAYS_INLINE void tokens_packed(int T, DType d, const uint8_t *row, const uint1
         row += bytes;
         block_slots(T, shift, wv, wscale, tile + (size_t)b * TILE_TOKENS * TILE_SLOT, acc);
     }
-    if (T == 8) { /* lane_sum4's tree is lane_sum's */
-        float v[8];
-        store4(v, lane_sum4(acc[0], acc[1], acc[2], acc[3]));
-        store4(v + 4, lane_sum4(acc[4], acc[5], acc[6], acc[7]));
-        for (int t = 0; t < 8; t++) out[t * ldo] = v[t];
-        return;
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < T; t++) out[t * ldo] = lane_sum(acc[t]);
+    store_sums(T, acc, out, ldo);
 }
 
 /* rows lo..hi x n tokens of packed weights: 16 rows at a time for each tile of 8 tokens, so that the tile's
@@ -923,7 +913,7 @@ static void rows_packed(float *out, const QuantizedRow *xq, const Tensor *w, int
     for (int r0 = lo; r0 < hi; r0 += 16) {
         int r1 = hi - r0 < 16 ? hi : r0 + 16;
         for (int t = 0; t < n; t += MANY_TOKENS) {
-            const unsigned char *xt = xq->tiles + (size_t)(t / TILE_TOKENS) * ((groups + 15) / 16) * TILE_TOKENS * TILE_SLOT;
+            const unsigned char *xt = token_tile(xq, t);
             int T = n - t < MANY_TOKENS ? n - t : MANY_TOKENS;
             size_t ahead = t == 0 ? PREFETCH_AHEAD(row_bytes) : 0; /* the first tile reads the rows from memory */
             for (int r = r0; r < r1; r++) {
@@ -1595,15 +1585,15 @@ static void quantize_tokens(void *arg, int begin, int end) {
         quantize_token(&r, job->x + (size_t)t * job->xq->cols);
 #if defined(KERNELS_AVX512)
         if (job->transpose) transpose_token(&r);
-        if (job->xq->tiles) tile_token(job->xq, &r, t);
+        if (job->transpose) tile_token(job->xq, &r, t);
 #endif
     }
 }
 
 /* q8_0 weights need x quantized: into the scratch, once for all the weights of this call */
-static QuantizedRow quantize_input(unsigned char *scratch, const float *x, int n, int cols, int transpose, int tiles) {
+static QuantizedRow quantize_input(unsigned char *scratch, const float *x, int n, int cols, int transpose) {
     QuantizedRow xq = quantized_row(scratch, cols);
-    if (tiles) xq.tiles = scratch + quantized_stride(cols) * (size_t)n + vnni_bytes(n, cols);
+    if (transpose) xq.tiles = scratch + quantized_stride(cols) * (size_t)n + vnni_bytes(n, cols);
     Quantizing job = {&xq, x, transpose};
     parallel_for(n, 1, (long long)n * cols * 4, quantize_tokens, &job); /* ~4 operations a value */
     return xq;
@@ -1676,7 +1666,7 @@ void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float 
         ProfileSection was = profile_section(PROFILE_QUANTIZE);
         int packed = 0; /* packed weights read the transposed values, for any number of tokens */
         for (int j = 0; j < count; j++) packed |= p[j].w->packed != NULL;
-        xq = quantize_input(ws->data, x, n, cols, n >= 2 || packed, packed);
+        xq = quantize_input(ws->data, x, n, cols, n >= 2 || packed);
         if (n >= AMX_MIN_TOKENS && amx_features() & AMX_INT8) {
             vnni_tokens(&tiles, &xq, n, ws->data + quantized_stride(cols) * (size_t)n);
             job.tiles = &tiles;
