@@ -184,9 +184,13 @@ static void quantize_token(QuantizedRow *r, const float *x) {
  * q8_0 activations for the tile matrix units (AMX, below) */
 
 /* q8_0 / q4_0 products of this many tokens or more go to the AMX-INT8 tiles (the same bits): fewer leave most of
- * a 16-token tile empty. Measured with --samples N of the 110M q8_0 model: N = 6-16 +20-35% on the tiles, N = 4
- * slower. --bf16-prefill's tiles, which change the bits, take prompts of 16 tokens or more only. */
+ * a 16-token tile empty. Against the row-by-row kernel (--samples N of the 110M q8_0 model) N = 6-16 ran
+ * +20-35% faster on the tiles, N = 4 slower; against the packed rows (matmul_pack), which now take the
+ * products of fewer tokens, the tiles win from 32 tokens (prefill 512 in turns of --batch B: B = 8 0.65x,
+ * 16 0.90x, 32 1.0x, 64 1.2x). --bf16-prefill's tiles, which change the bits, take prompts of 16 tokens or
+ * more only. */
 #define AMX_MIN_TOKENS 6
+#define AMX_PACKED_MIN_TOKENS 32
 #define AMX_BF16_MIN_TOKENS 16
 
 /* The VNNI layout of quantized tokens: per block of 16 tokens and group g, 8 rows (4-byte column pieces
@@ -838,7 +842,7 @@ static void rows_many(float *out, const QuantizedRow *xq, const Tensor *w, int n
 }
 
 /* ---------------------------------------------------------------------------------------------
- * q8_0 / q4_0 rows packed once at load (matmul_pack; AVX-512 without AMX tiles). rows_many transposes each row's
+ * q8_0 / q4_0 rows packed once at load (matmul_pack; AVX-512, AMX tiles or not). rows_many transposes each row's
  * blocks every time a product uses them, and decode's tile_quant shuffles every row's sums into groups; packed,
  * a row's blocks lie as transpose_groups leaves them, so every product -- decode's single token included -- takes
  * the exact group sums straight from VPDPBUSD (tokens_packed). The same sums and float steps: the same bits.
@@ -1462,11 +1466,11 @@ ALWAYS_INLINE void tile_quant_t(DType d, int T, const void *const w[4], const ui
 static void rows_quantized(float *out, const QuantizedRow *xq, const VnniTokens *tiles, const Tensor *w, int n, int lo,
                            int hi) {
 #if defined(KERNELS_AVX512)
+    if (tiles) lo = amx_rows(out, w, tiles, n, lo, hi); /* whole blocks of 16 rows on the tiles, the rest below */
     if (w->packed) {
-        rows_packed(out, xq, w, n, lo, hi);
+        if (lo < hi) rows_packed(out, xq, w, n, lo, hi);
         return;
     }
-    if (tiles) lo = amx_rows(out, w, tiles, n, lo, hi); /* whole blocks of 16 rows on the tiles, the rest below */
     if (n >= 2 && w->cols / Q8_GROUP <= MANY_BYTES / 512 * 16) {
         rows_many(out, xq, w, n, lo, hi);
         return;
@@ -1667,7 +1671,7 @@ void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float 
         int packed = 0; /* packed weights read the transposed values, for any number of tokens */
         for (int j = 0; j < count; j++) packed |= p[j].w->packed != NULL;
         xq = quantize_input(ws->data, x, n, cols, n >= 2 || packed);
-        if (n >= AMX_MIN_TOKENS && amx_features() & AMX_INT8) {
+        if (n >= (packed ? AMX_PACKED_MIN_TOKENS : AMX_MIN_TOKENS) && amx_features() & AMX_INT8) {
             vnni_tokens(&tiles, &xq, n, ws->data + quantized_stride(cols) * (size_t)n);
             job.tiles = &tiles;
         }
@@ -1687,7 +1691,7 @@ void matmul_many(MatmulScratch *ws, const Projection *p, int count, const float 
 size_t matmul_pack_bytes(const Tensor *w) {
 #if defined(KERNELS_AVX512)
     int groups = w->cols / Q8_GROUP, stack = w->stack > 1 ? w->stack : 1;
-    if (!w->data || !DTYPE_IS_QUANTIZED(w->dtype) || groups % 8 || amx_features() & AMX_INT8 || getenv("ATTN_NO_PACK"))
+    if (!w->data || !DTYPE_IS_QUANTIZED(w->dtype) || groups % 8 || getenv("ATTN_NO_PACK"))
         return 0;
     return tensor_stack_stride(w->dtype, (uint64_t)w->rows, (uint64_t)w->cols) * (size_t)stack;
 #else
@@ -1695,6 +1699,8 @@ size_t matmul_pack_bytes(const Tensor *w) {
     return 0;
 #endif
 }
+
+int matmul_pack_replaces(void) { return !(amx_features() & AMX_INT8); }
 
 void matmul_pack_into(Tensor *w, void *dst) {
 #if defined(KERNELS_AVX512)

@@ -1016,8 +1016,9 @@ static int for_each_projection(Model *m, int (*fn)(Model *m, Tensor *t)) {
 
 /* Packing (matmul_pack_into): every matrix the kernel reads packed goes into one huge_alloc, in two passes --
  * the bytes, then the copies -- so that the products stream 2 MiB pages (fewer TLB misses: decode of the 110M
- * shape in q8_0 measured ~7% faster). The copied matrices' pages of the mapped file are let go, as nothing reads
- * them again (MADV_DONTNEED: the kernel drops them, and would read them back from the file if asked). */
+ * shape in q8_0 measured ~7% faster). Where nothing reads them again (no AMX tiles: matmul_pack_replaces), the
+ * copied matrices' pages of the mapped file are let go (MADV_DONTNEED: the kernel drops them, and would read
+ * them back from the file if asked); with the tiles, prefill reads them. */
 static size_t packed_size(const Tensor *t) { return (matmul_pack_bytes(t) + 63) / 64 * 64; }
 
 static int count_packed(Model *m, Tensor *t) {
@@ -1030,7 +1031,7 @@ static int pack_projection(Model *m, Tensor *t) {
     if (bytes == 0) return 0;
     matmul_pack_into(t, (char *)m->packed + m->packed_used);
     m->packed_used += bytes;
-    if (!m->map) return 0;
+    if (!m->map || !matmul_pack_replaces()) return 0;
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), from = ((uintptr_t)t->data + page - 1) / page * page;
     uintptr_t to = ((uintptr_t)t->data + (size_t)(t->stack > 1 ? t->stack : 1) *
                     tensor_stack_stride(t->dtype, (uint64_t)t->rows, (uint64_t)t->cols)) / page * page;

@@ -80,11 +80,14 @@ void matmul_scratch_free(MatmulScratch *ws);
  * logits in chunks of any size (matmul.c); a scratch reserved for fewer tokens than n is used in turns. */
 void matmul(MatmulScratch *ws, float *out, const float *x, const Tensor *w, int n);
 /* A q8_0 / q4_0 matrix (or stack) copied once into the layout this machine's product kernel reads fastest, in
- * w->packed (the products then read it; everything else reads w->data): AVX-512 without AMX tiles, rows of whole
- * groups of 8 groups (matmul.c). Elsewhere w->packed stays NULL; ATTN_NO_PACK set in the environment does the
- * same (comparisons). Returns 0, or -1 out of memory. matmul_unpack frees it. The same bits either way. */
+ * w->packed (the products then read it; everything else reads w->data): AVX-512, rows of whole groups of 8
+ * groups (matmul.c). Elsewhere w->packed stays NULL; ATTN_NO_PACK set in the environment does the same
+ * (comparisons). Returns 0, or -1 out of memory. matmul_unpack frees it. The same bits either way. */
 int matmul_pack(Tensor *w);
 void matmul_unpack(Tensor *w);
+/* 1 when every product of a packed matrix reads the packed copy alone, so that w->data's pages can go; 0 where
+ * the AMX tiles take the products of many tokens from w->data (prefill) and the packed copy those of few */
+int matmul_pack_replaces(void);
 /* The same in two steps, into memory the caller holds (model.c packs every matrix into one huge_alloc): the
  * bytes w's packed copy takes (0: this machine or this matrix does not pack), then the copy at dst, which must
  * be 64-byte aligned. */
