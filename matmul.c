@@ -967,7 +967,15 @@ static const TileConfig amx_tiles __attribute__((aligned(64))) = {
 #define AMX_MAX_GROUPS 1024 /* rows of up to 32768 columns; wider ones take the AVX-512 kernel */
 #define COMPILER_BARRIER() __asm__ volatile("" ::: "memory") /* the tile instructions are asm without memory operands */
 
-/* rows r0 .. r0+15 of a q8_0 weight (values w, f16 scales ws, `groups` per row) x all n tokens */
+/* out[m * ldo + i] = sum[i][m] for 16 rows i and the first `tokens` (up to 16) tokens m: a token's 16 rows as
+ * one line. Stored one by one, a token at a time, the 16 tokens' lines lie a multiple of 4 KiB apart when the
+ * rows are (2048: gate and up), share one set of the L1 cache and miss it one after another: gathered, the
+ * 110M shape's gate and up took half the time in prefill. */
+ALWAYS_INLINE void store_tile(float *out, size_t ldo, const float sum[16][16], int tokens) {
+    const __m512i column = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+    for (int m = 0; m < 16 && m < tokens; m++) _mm512_storeu_ps(out + (size_t)m * ldo, _mm512_i32gather_ps(column, &sum[0][m], 4));
+}
+
 /* One group g into tile c from weight tile a and activation tile b: C = A . B, exact int32 */
 #define AMX_GROUP_PRODUCT(c, a, b, w, cols, x, g)                                                                 \
     do {                                                                                                      \
@@ -1025,15 +1033,15 @@ AMX_TARGET static void amx_rows16(float *out, size_t ldo, const int8_t *w, const
         if (groups % 2 == 0)
             amx_scale_add(acc[(groups - 1) % 16], sums[1], wscale[groups - 1], _mm512_loadu_ps(xs + (size_t)(groups - 1) * 16),
                           groups - 1);
+        float sum[16][16] __attribute__((aligned(64))); /* [row][token], then stored a token's 16 rows at a time */
         for (int i = 0; i < 16; i++) {
             __m512 c[16];
             for (int l = 0; l < 16; l++) c[l] = acc[l][i];
             for (int l = 0; l < 8; l++) c[l] = _mm512_add_ps(c[l], c[l + 8]); /* lane_sum16's tree */
             for (int l = 0; l < 4; l++) c[l] = _mm512_add_ps(c[l], c[l + 4]);
-            float sum[16];
-            _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3])));
-            for (int m = 0; m < 16 && b * 16 + m < n; m++) out[(size_t)(b * 16 + m) * ldo + i] = sum[m];
+            _mm512_store_ps(sum[i], _mm512_add_ps(_mm512_add_ps(c[0], c[2]), _mm512_add_ps(c[1], c[3])));
         }
+        store_tile(out + (size_t)b * 16 * ldo, ldo, sum, n - b * 16);
     }
 }
 
@@ -1124,9 +1132,7 @@ AMX_BF16_TARGET static int amx_bf16_rows(float *out, const Tensor *w, const uint
             _tile_stored(0, sums[0], 64);
             _tile_stored(1, sums[1], 64);
             COMPILER_BARRIER();
-            for (int j = 0; j < nb; j++)
-                for (int i = 0; i < 16; i++)
-                    for (int m = 0; m < 16 && (b0 + j) * 16 + m < n; m++) out[(size_t)((b0 + j) * 16 + m) * w->rows + r + i] = sums[j][i][m];
+            for (int j = 0; j < nb; j++) store_tile(out + (size_t)(b0 + j) * 16 * w->rows + r, (size_t)w->rows, sums[j], n - (b0 + j) * 16);
         }
     }
     _tile_release();
