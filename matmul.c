@@ -81,6 +81,7 @@
 #define LANES 16
 #define ROWS_PER_TILE 4
 #define TOKENS_PER_TILE 6      /* f32 / f16 / bf16 tiles: 4 rows x up to 6 tokens */
+#define WIDE_TILE_TOKENS 8     /* AVX-512: products of 7 or 8 tokens in one tile (tile_float_wide) */
 #define Q8_TOKENS_PER_TILE 3   /* q8_0 tiles: 4 rows x up to 3 tokens */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 /* a*b+c rounded once where the target has a fused multiply-add (FP_FAST_FMAF: aarch64, x86 with -mfma), as the
@@ -187,7 +188,7 @@ static void quantize_token(QuantizedRow *r, const float *x) {
  * a 16-token tile empty. Against the row-by-row kernel (--samples N of the 110M q8_0 model) N = 6-16 ran
  * +20-35% faster on the tiles, N = 4 slower; against the packed rows (matmul_pack), which now take the
  * products of fewer tokens, the tiles win from 32 tokens (prefill 512 in turns of --batch B: B = 8 0.65x,
- * 16 0.90x, 32 1.0x, 64 1.2x). --bf16-prefill's tiles, which change the bits, take prompts of 16 tokens or
+ * 16 0.90x, 32 1.0x, 64 1.2x; with store_tile B = 16 and --samples 12 / 16 tie). --bf16-prefill's tiles, which change the bits, take prompts of 16 tokens or
  * more only. */
 #define AMX_MIN_TOKENS 6
 #define AMX_PACKED_MIN_TOKENS 32
@@ -344,6 +345,45 @@ ALWAYS_INLINE void tile_float(DType d, int T, const void *const w[4], int k0, in
         for (int r = 0; r < 4; r++) out[t * ldo + r] = s[r];
     }
 }
+
+/* tile_float's sums for 7 or 8 tokens in one pass: two rows at a time (2 x 8 accumulators, 8 token vectors and
+ * a weight vector in registers), so that the rows come from memory once for all the tokens, where 6 + 2 would
+ * read them twice (the second time from L2). Each lane adds its products in column order as tile_float's do,
+ * and lane_sum has lane_sum4's tree: the same bits. */
+ALWAYS_INLINE void pair_float(DType d, int T, const void *w0, const void *w1, int k0, int k1, int cols, const float *x,
+                              size_t ldx, float *sums, float *out, size_t ldo, int stream) {
+    __m512 acc[2][WIDE_TILE_TOKENS];
+    const void *w[2] = {w0, w1};
+    for (int r = 0; r < 2; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = k0 ? _mm512_loadu_ps(sums + (r * T + t) * LANES) : _mm512_setzero_ps();
+    int k = k0, size = d == DTYPE_F32 ? 4 : 2;
+    for (; k < k1; k += LANES) {
+        __mmask16 m = (__mmask16)(k1 - k >= LANES ? 0xFFFF : (1u << (k1 - k)) - 1);
+        if (stream && (size == 4 || k % 32 == 0))
+            for (int r = 0; r < 2; r++)
+                _mm_prefetch((const char *)w[r] + (size_t)k * size + PREFETCH_AHEAD((size_t)cols * size), PREFETCH_HINT);
+        __m512 w0v = load_weights(d, w[0], k, m), w1v = load_weights(d, w[1], k, m);
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
+            acc[0][t] = _mm512_fmadd_ps(w0v, xv, acc[0][t]);
+            acc[1][t] = _mm512_fmadd_ps(w1v, xv, acc[1][t]);
+        }
+    }
+    if (k1 < cols) {
+        for (int r = 0; r < 2; r++)
+            for (int t = 0; t < T; t++) _mm512_storeu_ps(sums + (r * T + t) * LANES, acc[r][t]);
+        return;
+    }
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < 2; r++) out[t * ldo + r] = lane_sum(acc[r][t]);
+}
+
+ALWAYS_INLINE void tile_float_wide(DType d, int T, const void *const w[4], int k0, int k1, int cols, const float *x,
+                                   size_t ldx, float *sums, float *out, size_t ldo, int stream) {
+    pair_float(d, T, w[0], w[1], k0, k1, cols, x, ldx, sums, out, ldo, stream);
+    pair_float(d, T, w[2], w[3], k0, k1, cols, x, ldx, sums + 2 * T * LANES, out + 2, ldo, stream);
+}
+#define WIDE_TILE 1
 
 /* Decode's product of one bf16 / f16 row with the token: tile_float's sums for T = 1, one row after another (a
  * lane's products go in column order either way: the same bits). Measured on a Zen 5, the 110M shape in bf16, 2
@@ -1418,7 +1458,7 @@ static void tile_rows(const void *rows[4], const Tensor *w, int r, int hi, size_
 #define MAX_BLOCK_TILES 64 /* a block has at most 256 rows (shorter rows make smaller blocks) */
 
 ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor *w, int n, int lo, int hi) {
-    static _Thread_local float sums[MAX_BLOCK_TILES][4 * TOKENS_PER_TILE * LANES];
+    static _Thread_local float sums[MAX_BLOCK_TILES][4 * WIDE_TILE_TOKENS * LANES];
     size_t row_bytes = (size_t)w->cols * (d == DTYPE_F32 ? 4 : 2);
     int block = (int)(ROW_BLOCK_BYTES / row_bytes) / 4 * 4;
     block = block < 4 ? 4 : block > 4 * MAX_BLOCK_TILES ? 4 * MAX_BLOCK_TILES : block;
@@ -1430,15 +1470,19 @@ ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor 
 #endif
     for (int r0 = lo; r0 < hi; r0 += block) {
         int r1 = hi - r0 < block ? hi : r0 + block;
-        for (int t = 0; t < n; t += TOKENS_PER_TILE) {
-            int T = n - t < TOKENS_PER_TILE ? n - t : TOKENS_PER_TILE;
+        int tile_tokens = TOKENS_PER_TILE;
+#ifdef WIDE_TILE
+        if (n > TOKENS_PER_TILE && n <= WIDE_TILE_TOKENS) tile_tokens = n; /* one pass over the rows */
+#endif
+        for (int t = 0; t < n; t += tile_tokens) {
+            int T = n - t < tile_tokens ? n - t : tile_tokens;
             const float *xt = x + (size_t)t * w->cols;
             for (int k0 = 0; k0 < w->cols; k0 += COLUMN_BLOCK) {
                 int k1 = w->cols - k0 > COLUMN_BLOCK ? k0 + COLUMN_BLOCK : w->cols;
                 for (int r = r0; r < r1; r += ROWS_PER_TILE) {
                     const void *rows[4];
                     tile_rows(rows, w, r, r1, row_bytes);
-                    float part[TOKENS_PER_TILE][4], *tile_sums = sums[(r - r0) / 4];
+                    float part[WIDE_TILE_TOKENS][4], *tile_sums = sums[(r - r0) / 4];
                     int full = r1 - r >= 4;
                     float *dst = full ? out + (size_t)t * w->rows + r : &part[0][0];
                     size_t ldo = full ? (size_t)w->rows : 4;
@@ -1449,7 +1493,11 @@ ALWAYS_INLINE void rows_float(DType d, float *out, const float *x, const Tensor 
                     case 3: tile_float(d, 3, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
                     case 4: tile_float(d, 4, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
                     case 5: tile_float(d, 5, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
-                    default: tile_float(d, TOKENS_PER_TILE, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+                    case 6: tile_float(d, TOKENS_PER_TILE, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+#ifdef WIDE_TILE
+                    case 7: tile_float_wide(d, 7, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+                    default: tile_float_wide(d, WIDE_TILE_TOKENS, rows, k0, k1, w->cols, xt, w->cols, tile_sums, dst, ldo, stream); break;
+#endif
                     }
                     if (!full && k1 == w->cols)
                         for (int i = 0; i < T; i++)
