@@ -5,10 +5,12 @@
 
 #include "ops.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---------------------------------------------------------------------------------------------
  * element types: f32, bf16, q8_0 rows */
@@ -162,11 +164,15 @@ static unsigned char *cut_block(KVPool *p, int rows) {
 }
 
 int kvpool_alloc(KVPool *p, int rows) {
-    int id;
-    if (p->n_free > 0) id = p->free_ids[--p->n_free];
-    else if (grow_ids(p) == 0) id = p->n_ids++, p->storage[id] = NULL;
-    else return -1;
-    if (!p->storage[id] || p->rows[id] != rows) { /* a free id's rows serve a block of as many */
+    int id = -1;
+    for (int i = p->n_free - 1; i >= 0 && id < 0; i--) /* a free id whose rows serve a block of as many */
+        if (p->storage[p->free_ids[i]] && p->rows[p->free_ids[i]] == rows) id = p->free_ids[i], p->free_ids[i] = p->free_ids[--p->n_free];
+    if (id < 0 && p->n_free > 0 && !p->storage[p->free_ids[p->n_free - 1]]) id = p->free_ids[--p->n_free];
+    if (id < 0) { /* none: a new id, so that no free block's rows (a reserved one's, say) are left unused */
+        if (grow_ids(p) != 0) return -1;
+        id = p->n_ids++, p->storage[id] = NULL, p->rows[id] = 0;
+    }
+    if (!p->storage[id]) {
         unsigned char *data = cut_block(p, rows);
         if (!data) {
             p->free_ids[p->n_free++] = id;
@@ -178,6 +184,51 @@ int kvpool_alloc(KVPool *p, int rows) {
     p->refs[id] = 1;
     p->bytes_held += block_bytes(p, rows);
     return id;
+}
+
+/* Reservations take at most this much memory, and a quarter of what the machine has free */
+#define KV_RESERVE_BYTES ((size_t)1 << 30)
+
+typedef struct {
+    unsigned char *base;
+    long pages;
+} Touch;
+
+static void touch_pages(void *arg, int begin, int end) {
+    Touch *t = arg;
+    for (long i = begin; i < end; i++) t->base[i * 4096] = 0;
+}
+
+/* `blocks` free ids of full blocks (KV_BLOCK_TOKENS rows), cut from one new slab whose pages are touched now,
+ * by every thread: the kernel hands out zeroed pages on the first write, which took a step's KV store (one
+ * thread, the others waiting) 5-15% of a --samples step on a VM that zeroes memory at ~1 GB/s. Returns the
+ * bytes reserved (0: none, out of memory). */
+static size_t kvpool_reserve(KVPool *p, int blocks) {
+    size_t bytes = (block_bytes(p, KV_BLOCK_TOKENS) + 63) / 64 * 64;
+    if (blocks <= 0) return 0;
+    unsigned char **slabs = realloc(p->slabs, (size_t)(p->n_slabs + 1) * sizeof *slabs);
+    if (!slabs) return 0;
+    p->slabs = slabs;
+    size_t *sizes = realloc(p->slab_bytes, (size_t)(p->n_slabs + 1) * sizeof *sizes);
+    if (!sizes) return 0;
+    p->slab_bytes = sizes;
+    size_t size = bytes * (size_t)blocks;
+    unsigned char *slab = huge_alloc(size);
+    if (!slab) return 0;
+    Touch touch = {slab, (long)((size + 4095) / 4096)};
+    parallel_for((int)touch.pages, 512, (long long)size, touch_pages, &touch);
+    p->slabs[p->n_slabs] = slab;
+    p->slab_bytes[p->n_slabs++] = size;
+    p->slab_used = size; /* every byte is a block now: the next cut_block takes a new slab */
+    int first = p->n_ids, made = 0;
+    for (; made < blocks && grow_ids(p) == 0; made++) {
+        int id = p->n_ids++;
+        p->storage[id] = slab + (size_t)made * bytes;
+        p->rows[id] = KV_BLOCK_TOKENS;
+        p->refs[id] = 0;
+    }
+    for (int i = made - 1; i >= 0; i--) p->free_ids[p->n_free++] = first + i; /* handed out in id and address order */
+    return size;
 }
 
 void kvpool_ref(KVPool *p, int id) { p->refs[id]++; }
@@ -489,6 +540,40 @@ void kvcache_drop_sequence(KVCache *c, int id) {
 KVLayer *kvcache_layer(const KVCache *c, int seq, int layer) { return &c->seqs[seq][layer]; }
 
 StateLayer *kvcache_state(const KVCache *c, int seq, int layer) { return &c->states[seq][layer]; }
+
+size_t kvcache_reserve(KVCache *c, int n_seqs, long shared, long own) {
+    long *blocks = calloc((size_t)(c->n_pools > 0 ? c->n_pools : 1), sizeof *blocks); /* per pool */
+    size_t total = 0, reserved = 0;
+    if (!blocks) return 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const KVLayer *L = &c->layout[l];
+        if (!L->pool || L->summary_every) continue;
+        long b;
+        if (L->window) { /* each sequence its own rolling buffer: its full blocks */
+            long held = shared + own < kvlayer_capacity(L) ? shared + own : kvlayer_capacity(L);
+            b = (long)n_seqs * (held / KV_BLOCK_TOKENS);
+        } else { /* the shared blocks once; each sequence its own, and a copy of the shared partial block */
+            b = (shared + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS +
+                (long)n_seqs * ((own + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS + (shared % KV_BLOCK_TOKENS != 0));
+        }
+        int p = (int)(L->pool - c->pools);
+        blocks[p] += b;
+        total += (size_t)b * block_bytes(L->pool, KV_BLOCK_TOKENS);
+    }
+    size_t cap = KV_RESERVE_BYTES;
+#ifdef _SC_AVPHYS_PAGES
+    long free_pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (free_pages > 0 && page > 0 && (size_t)free_pages / 4 * (size_t)page < cap) cap = (size_t)free_pages / 4 * (size_t)page;
+#endif
+    for (int p = 0; p < c->n_pools; p++) {
+        long b = blocks[p] - c->pools[p].n_free; /* free ids serve first */
+        if (total > cap) b = (long)((double)b * cap / total);
+        if (b > INT_MAX / 2) b = INT_MAX / 2;
+        reserved += kvpool_reserve(&c->pools[p], (int)b);
+    }
+    free(blocks);
+    return reserved;
+}
 
 size_t kvcache_bytes_held(const KVCache *c) {
     size_t total = 0;

@@ -88,7 +88,8 @@ typedef struct {
 } KVPool;
 
 void kvpool_init(KVPool *p, int key_width, int value_width, KVType type);
-/* A new block of `rows` rows with one reference: its id, or -1 when memory runs out. Blocks are cut from slabs
+/* A new block of `rows` rows with one reference: its id, or -1 when memory runs out. A free id whose rows serve
+ * as many is taken first (a reserved block, say: kvcache_reserve); another size gets a new id. Blocks are cut from slabs
  * of 2 MiB huge pages (ops.h: huge_alloc) rather than malloc'd one by one: --samples 8 on the 110M shape decoded
  * ~15% faster (no page fault per 4 KiB of a new block, fewer TLB misses as attention walks the blocks). */
 int kvpool_alloc(KVPool *p, int rows);
@@ -196,6 +197,13 @@ int kvcache_fork(KVCache *c, int src);
 void kvcache_drop_sequence(KVCache *c, int id);
 KVLayer *kvcache_layer(const KVCache *c, int seq, int layer);
 StateLayer *kvcache_state(const KVCache *c, int seq, int layer);
+/* Memory set aside now, pages touched, for n_seqs sequences that share their first `shared` positions and then
+ * write `own` positions each (a prompt and its --samples; one run: 1, 0, positions): free blocks that the
+ * stores then take without waiting for the kernel to zero new pages, as llama.cpp and vLLM allocate their
+ * cache before the first token. At most 1 GiB and a quarter of the machine's free memory; a best effort (what
+ * is not reserved is cut when reached). Returns the bytes reserved; kvcache_bytes_held counts blocks in use
+ * only. */
+size_t kvcache_reserve(KVCache *c, int n_seqs, long shared, long own);
 /* Bytes of storage in use, every shared block counted once: what the cache really holds (KV blocks only). */
 size_t kvcache_bytes_held(const KVCache *c);
 /* Bytes sequence id's tables hold, shared blocks counted in full, and its states: what it would hold run on

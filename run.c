@@ -843,6 +843,9 @@ static int run_prompt(Session *s, Model *m, Options *o, const BatchOptions *samp
     long positions = windows ? ctx : (long)n_prompt + o->n_generate; /* the most this run can reach */
     if (!s->rolls && positions > c->context_length) positions = c->context_length;
     session_start(s, m, o->batch < first_window ? o->batch : first_window, o->samples, positions);
+    if (!windows) /* the KV blocks this run will write, set aside before the prompt (kvcache_reserve) */
+        kvcache_reserve(&s->state.kv, o->samples ? o->samples : 1, o->samples ? n_prompt : 0,
+                        o->samples ? positions - n_prompt : positions);
     AttentionMap *map = NULL;
     if (o->explore && positions > EXPLORE_MAX_POSITIONS)
         die("--explore: a page holds at most %d positions (prompt + -n), this run has up to %ld; use a shorter prompt "

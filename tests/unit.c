@@ -293,14 +293,37 @@ static void test_shared_blocks(void) {
     kvpool_unref(&p, bx);
     int again = kvpool_alloc(&p, 16), reused = again == bx && p.storage[again] == x_rows && p.bytes_held == 2 * 16 * 2 * 64 * 4;
     kvpool_unref(&p, again);
-    int shorter = kvpool_alloc(&p, 5), fresh = shorter == bx && p.storage[shorter] != x_rows;
+    int shorter = kvpool_alloc(&p, 5), fresh = shorter != bx && p.storage[shorter] != x_rows && p.storage[bx] == x_rows;
     int big = kvpool_alloc(&p, 5000); /* 5 MB: a slab of its own */
     int own = big >= 0 && p.n_slabs == 2 && p.slab_bytes[1] >= (size_t)5000 * 2 * 64 * 4;
     kvpool_unref(&p, shorter), kvpool_unref(&p, by), kvpool_unref(&p, big);
     check(slabbed && reused && fresh && own && p.bytes_held == 0 && kvpool_blocks_in_use(&p) == 0,
           "block pool memory: blocks cut one after another from a 2 MiB-aligned slab; a freed id's rows reused by a "
-          "block of as many rows, a block of other rows cut anew; a block larger than a slab gets one of its own");
+          "block of as many rows, a block of other rows cut anew under a new id; a block larger than a slab gets one of its own");
     kvpool_free(&p);
+
+    /* kvcache_reserve: free blocks set aside up front, which the stores then take (no new slab), the counts as
+     * before. The test cache: a full layer and a rolling buffer of 20 (8 floats: pool 0), summaries (pool 1). */
+    init_test_cache(&c);
+    int s0 = kvcache_add_sequence(&c);
+    size_t reserved = kvcache_reserve(&c, 3, 20, 40); /* full: 2 shared + 3 x (3 own + 1 copy); ring: 3 x 1 */
+    int want = 2 + 3 * 4 + 3 * 1, slabs = c.pools[0].n_slabs;
+    int set_aside = reserved == (size_t)want * 16 * 2 * 8 * 4 && c.pools[0].n_free == want && c.pools[0].n_ids == want &&
+                    c.pools[1].n_ids == 0 && kvcache_bytes_held(&c) == 0 && kvpool_blocks_in_use(&c.pools[0]) == 0;
+    for (int pos = 0; pos < 20; pos++) store_all(&c, s0, pos, pos);
+    int forks[3] = {s0, kvcache_fork(&c, s0), kvcache_fork(&c, s0)};
+    for (int i = 0; i < 3; i++)
+        for (int pos = 20; pos < 60; pos++) store_all(&c, forks[i], pos, 100 * i + pos);
+    /* used: the full layer 4 + 2 x 3 blocks, the rings 3 x 1 (and their short blocks of 4 rows, new ids cut from
+     * a new slab) */
+    int taken = c.pools[0].n_slabs == slabs + 1 && c.pools[0].n_ids == want + 3 && c.pools[0].n_free == want - 13 && reads_tag(kvcache_layer(&c, forks[2], 0), 59, 259) &&
+                reads_tag(kvcache_layer(&c, forks[1], 0), 5, 5);
+    for (int i = 0; i < 3; i++) kvcache_drop_sequence(&c, forks[i]);
+    check(set_aside && taken && kvpool_blocks_in_use(&c.pools[0]) == 0 && kvcache_bytes_held(&c) == 0 &&
+              kvcache_reserve(&c, 0, 0, 0) == 0,
+          "kvcache_reserve: a prompt's blocks once and each sample's own, set aside as free ids (held bytes 0); the "
+          "samples' stores take them, no new slab; counts back to zero");
+    kvcache_free(&c);
 
     /* latent attention's rows (a key row, no value row) get a pool of their own shape and copy on write too */
     KVLayer shapes[2];
