@@ -143,21 +143,26 @@ static int grow_ids(KVPool *p) {
 
 #define KV_SLAB_BYTES ((size_t)2 << 20)
 
+/* a new last slab of `size` bytes, nothing cut from it yet; NULL when out of memory */
+static unsigned char *add_slab(KVPool *p, size_t size) {
+    unsigned char **slabs = realloc(p->slabs, (size_t)(p->n_slabs + 1) * sizeof *slabs);
+    if (!slabs) return NULL;
+    p->slabs = slabs;
+    size_t *sizes = realloc(p->slab_bytes, (size_t)(p->n_slabs + 1) * sizeof *sizes);
+    if (!sizes) return NULL;
+    p->slab_bytes = sizes;
+    if (!(p->slabs[p->n_slabs] = huge_alloc(size))) return NULL;
+    p->slab_bytes[p->n_slabs++] = size;
+    p->slab_used = 0;
+    return p->slabs[p->n_slabs - 1];
+}
+
 /* bytes for a block of `rows`, cut from the last slab, or from a new one when it has no room left */
 static unsigned char *cut_block(KVPool *p, int rows) {
     size_t bytes = (block_bytes(p, rows) + 63) / 64 * 64;
-    if (p->n_slabs == 0 || p->slab_used + bytes > p->slab_bytes[p->n_slabs - 1]) {
-        size_t size = bytes > KV_SLAB_BYTES ? bytes : KV_SLAB_BYTES;
-        unsigned char **slabs = realloc(p->slabs, (size_t)(p->n_slabs + 1) * sizeof *slabs);
-        if (!slabs) return NULL;
-        p->slabs = slabs;
-        size_t *sizes = realloc(p->slab_bytes, (size_t)(p->n_slabs + 1) * sizeof *sizes);
-        if (!sizes) return NULL;
-        p->slab_bytes = sizes;
-        if (!(p->slabs[p->n_slabs] = huge_alloc(size))) return NULL;
-        p->slab_bytes[p->n_slabs++] = size;
-        p->slab_used = 0;
-    }
+    if ((p->n_slabs == 0 || p->slab_used + bytes > p->slab_bytes[p->n_slabs - 1]) &&
+        !add_slab(p, bytes > KV_SLAB_BYTES ? bytes : KV_SLAB_BYTES))
+        return NULL;
     unsigned char *data = p->slabs[p->n_slabs - 1] + p->slab_used;
     p->slab_used += bytes;
     return data;
@@ -165,12 +170,13 @@ static unsigned char *cut_block(KVPool *p, int rows) {
 
 int kvpool_alloc(KVPool *p, int rows) {
     int id = -1;
-    for (int i = p->n_free - 1; i >= 0 && id < 0; i--) /* a free id whose rows serve a block of as many */
-        if (p->storage[p->free_ids[i]] && p->rows[p->free_ids[i]] == rows) id = p->free_ids[i], p->free_ids[i] = p->free_ids[--p->n_free];
-    if (id < 0 && p->n_free > 0 && !p->storage[p->free_ids[p->n_free - 1]]) id = p->free_ids[--p->n_free];
+    for (int i = p->n_free - 1; i >= 0 && id < 0; i--) { /* a free id whose rows serve a block of as many, or none */
+        int f = p->free_ids[i];
+        if (!p->storage[f] || p->rows[f] == rows) id = f, p->free_ids[i] = p->free_ids[--p->n_free];
+    }
     if (id < 0) { /* none: a new id, so that no free block's rows (a reserved one's, say) are left unused */
         if (grow_ids(p) != 0) return -1;
-        id = p->n_ids++, p->storage[id] = NULL, p->rows[id] = 0;
+        id = p->n_ids++, p->storage[id] = NULL;
     }
     if (!p->storage[id]) {
         unsigned char *data = cut_block(p, rows);
@@ -189,14 +195,9 @@ int kvpool_alloc(KVPool *p, int rows) {
 /* Reservations take at most this much memory, and a quarter of what the machine has free */
 #define KV_RESERVE_BYTES ((size_t)1 << 30)
 
-typedef struct {
-    unsigned char *base;
-    long pages;
-} Touch;
-
+/* a byte of each 4 KiB page [begin, end) of the memory at arg: the kernel maps (and zeroes) it now */
 static void touch_pages(void *arg, int begin, int end) {
-    Touch *t = arg;
-    for (long i = begin; i < end; i++) t->base[i * 4096] = 0;
+    for (long i = begin; i < end; i++) ((unsigned char *)arg)[i * 4096] = 0;
 }
 
 /* `blocks` free ids of full blocks (KV_BLOCK_TOKENS rows), cut from one new slab whose pages are touched now,
@@ -205,20 +206,10 @@ static void touch_pages(void *arg, int begin, int end) {
  * bytes reserved (0: none, out of memory). */
 static size_t kvpool_reserve(KVPool *p, int blocks) {
     size_t bytes = (block_bytes(p, KV_BLOCK_TOKENS) + 63) / 64 * 64;
-    if (blocks <= 0) return 0;
-    unsigned char **slabs = realloc(p->slabs, (size_t)(p->n_slabs + 1) * sizeof *slabs);
-    if (!slabs) return 0;
-    p->slabs = slabs;
-    size_t *sizes = realloc(p->slab_bytes, (size_t)(p->n_slabs + 1) * sizeof *sizes);
-    if (!sizes) return 0;
-    p->slab_bytes = sizes;
-    size_t size = bytes * (size_t)blocks;
-    unsigned char *slab = huge_alloc(size);
+    size_t size = bytes * (size_t)(blocks > 0 ? blocks : 0);
+    unsigned char *slab = size ? add_slab(p, size) : NULL;
     if (!slab) return 0;
-    Touch touch = {slab, (long)((size + 4095) / 4096)};
-    parallel_for((int)touch.pages, 512, (long long)size, touch_pages, &touch);
-    p->slabs[p->n_slabs] = slab;
-    p->slab_bytes[p->n_slabs++] = size;
+    parallel_for((int)((size + 4095) / 4096), 512, (long long)size, touch_pages, slab);
     p->slab_used = size; /* every byte is a block now: the next cut_block takes a new slab */
     int first = p->n_ids, made = 0;
     for (; made < blocks && grow_ids(p) == 0; made++) {

@@ -89,9 +89,10 @@ typedef struct {
 
 void kvpool_init(KVPool *p, int key_width, int value_width, KVType type);
 /* A new block of `rows` rows with one reference: its id, or -1 when memory runs out. A free id whose rows serve
- * as many is taken first (a reserved block, say: kvcache_reserve); another size gets a new id. Blocks are cut from slabs
- * of 2 MiB huge pages (ops.h: huge_alloc) rather than malloc'd one by one: --samples 8 on the 110M shape decoded
- * ~15% faster (no page fault per 4 KiB of a new block, fewer TLB misses as attention walks the blocks). */
+ * as many is taken first (a reserved block, say: kvcache_reserve); another size gets a new id. Blocks are cut
+ * from slabs of 2 MiB huge pages (ops.h: huge_alloc) rather than malloc'd one by one: --samples 8 on the 110M
+ * shape decoded ~15% faster (no page fault per 4 KiB of a new block, fewer TLB misses as attention walks the
+ * blocks). */
 int kvpool_alloc(KVPool *p, int rows);
 void kvpool_ref(KVPool *p, int id);
 /* Drops one reference; when none is left the id goes on the free list, its rows kept for the next block of the

@@ -186,10 +186,10 @@ static void quantize_token(QuantizedRow *r, const float *x) {
 
 /* q8_0 / q4_0 products of this many tokens or more go to the AMX-INT8 tiles (the same bits): fewer leave most of
  * a 16-token tile empty. Against the row-by-row kernel (--samples N of the 110M q8_0 model) N = 6-16 ran
- * +20-35% faster on the tiles, N = 4 slower; against the packed rows (matmul_pack), which now take the
- * products of fewer tokens, the tiles win from 32 tokens (prefill 512 in turns of --batch B: B = 8 0.65x,
- * 16 0.90x, 32 1.0x, 64 1.2x; with store_tile B = 16 and --samples 12 / 16 tie). --bf16-prefill's tiles, which change the bits, take prompts of 16 tokens or
- * more only. */
+ * +20-35% faster on the tiles, N = 4 slower; against the packed rows (matmul_pack), which take the products of
+ * fewer tokens, the tiles win from 32 tokens (prefill 512 in turns of --batch B: B = 8 0.65x, 16 0.90x, 32 1.0x,
+ * 64 1.2x; with store_tile B = 16 and --samples 12 / 16 tie). --bf16-prefill's tiles, which change the bits,
+ * take prompts of 16 tokens or more only. */
 #define AMX_MIN_TOKENS 6
 #define AMX_PACKED_MIN_TOKENS 32
 #define AMX_BF16_MIN_TOKENS 16

@@ -299,7 +299,8 @@ static void test_shared_blocks(void) {
     kvpool_unref(&p, shorter), kvpool_unref(&p, by), kvpool_unref(&p, big);
     check(slabbed && reused && fresh && own && p.bytes_held == 0 && kvpool_blocks_in_use(&p) == 0,
           "block pool memory: blocks cut one after another from a 2 MiB-aligned slab; a freed id's rows reused by a "
-          "block of as many rows, a block of other rows cut anew under a new id; a block larger than a slab gets one of its own");
+          "block of as many rows, a block of other rows cut anew under a new id; a block larger than a slab gets one of "
+          "its own");
     kvpool_free(&p);
 
     /* kvcache_reserve: free blocks set aside up front, which the stores then take (no new slab), the counts as
@@ -316,13 +317,13 @@ static void test_shared_blocks(void) {
         for (int pos = 20; pos < 60; pos++) store_all(&c, forks[i], pos, 100 * i + pos);
     /* used: the full layer 4 + 2 x 3 blocks, the rings 3 x 1 (and their short blocks of 4 rows, new ids cut from
      * a new slab) */
-    int taken = c.pools[0].n_slabs == slabs + 1 && c.pools[0].n_ids == want + 3 && c.pools[0].n_free == want - 13 && reads_tag(kvcache_layer(&c, forks[2], 0), 59, 259) &&
-                reads_tag(kvcache_layer(&c, forks[1], 0), 5, 5);
+    int taken = c.pools[0].n_slabs == slabs + 1 && c.pools[0].n_ids == want + 3 && c.pools[0].n_free == want - 13 &&
+                reads_tag(kvcache_layer(&c, forks[2], 0), 59, 259) && reads_tag(kvcache_layer(&c, forks[1], 0), 5, 5);
     for (int i = 0; i < 3; i++) kvcache_drop_sequence(&c, forks[i]);
     check(set_aside && taken && kvpool_blocks_in_use(&c.pools[0]) == 0 && kvcache_bytes_held(&c) == 0 &&
               kvcache_reserve(&c, 0, 0, 0) == 0,
           "kvcache_reserve: a prompt's blocks once and each sample's own, set aside as free ids (held bytes 0); the "
-          "samples' stores take them, no new slab; counts back to zero");
+          "samples' stores take them (only the rolling buffers' short blocks are cut anew); counts back to zero");
     kvcache_free(&c);
 
     /* latent attention's rows (a key row, no value row) get a pool of their own shape and copy on write too */
