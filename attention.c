@@ -387,7 +387,7 @@ static void append_scores(Tile *c, int t, int h, const float *dots, int n, unsig
  * attention -30% with q8_0 KV, -20% bf16, -3% f32. */
 /* bytes from .. to-1 of a cached row, asked for a line at a time */
 static void prefetch_row(const char *row, size_t from, size_t to) {
-    for (size_t b = from; b < to; b += 64) __builtin_prefetch(row + b);
+    for (size_t b = from; b < to; b += 64) __builtin_prefetch(row + b, 0, 2);
 }
 
 static void prefetch_ahead(const HeadsJob *j, KeyCursor cur, int skip, int h0, int h1, int values) {
@@ -628,16 +628,20 @@ static void split_scores(void *arg, int begin, int end) {
     int n = visible_count(j->a, j->pos), hd = j->a->head_dim;
     Tile c = {j, 0, 1, 0, 0, {v}, v, {0}};
     float converted[4 * 1024]; /* head_dim <= 1024 (model.c) */
-    size_t row_bytes = kv_row_bytes(j->kv->kv_dim, j->kv->type);
     for (int i = begin * j->split_keys, i1 = end * j->split_keys < n ? end * j->split_keys : n; i < i1; i += 4) {
         int nk = i1 - i < 4 ? i1 - i : 4;
         const void *k4[4];
         for (int k = 0; k < 4; k++) k4[k] = kvlayer_key_row(j->kv, nth_key(&v, i + (k < nk ? k : 0)));
-        for (int k = i + PF_KEYS; k < i + PF_KEYS + 4 && k < i1; k++) /* the rows PF_KEYS keys on */
-            prefetch_row(kvlayer_key_row(j->kv, nth_key(&v, k)), 0, row_bytes);
+        const void *ahead[4];
+        int n_ahead = 0;
+        for (int k = i + PF_KEYS; k < i + PF_KEYS + 4 && k < i1; k++) ahead[n_ahead++] = kvlayer_key_row(j->kv, nth_key(&v, k));
         c.seen[0] = i;
         for (int h = 0; h < j->n_heads; h++) {
             float d[4];
+            int g = kv_head_of(h, j->n_heads, j->n_kv_heads);
+            if (h == 0 || g != kv_head_of(h - 1, j->n_heads, j->n_kv_heads)) /* this kv head's part of the rows on */
+                for (int k = 0; k < n_ahead; k++)
+                    prefetch_row(ahead[k], kv_row_bytes(g * hd, j->kv->type), kv_row_bytes((g + 1) * hd, j->kv->type));
             kv_dot_product4(d, query_of(&c, 0, h), k4, j->kv->type, kv_head_of(h, j->n_heads, j->n_kv_heads) * hd, hd, converted);
             append_scores(&c, 0, h, d, nk, (1u << nk) - 1);
         }
@@ -662,16 +666,19 @@ static void sums_by(const HeadsJob *j, int begin, int end, int width) {
         int h = item / slices, d0 = item % slices * width, w = hd - d0 < width ? hd - d0 : width;
         memset(output_of(&c, 0, h) + d0, 0, (size_t)w * sizeof(float));
     }
-    int first = kv_head_of(begin / slices, j->n_heads, j->n_kv_heads) * hd, last = (kv_head_of((end - 1) / slices, j->n_heads, j->n_kv_heads) + 1) * hd;
-    size_t from = kv_row_bytes(first, j->kv->type), to = kv_row_bytes(last, j->kv->type);
     const void *rows[2][16];
     for (int k = 0; k < n && k < 16; k++) rows[0][k] = kvlayer_value_row(j->kv, nth_key(&v, k));
     for (int i = 0, cur = 0; i < n; i += 16, cur ^= 1) {
-        int m_next = n - i - 16 < 16 ? n - i - 16 : 16;
-        for (int k = 0; k < m_next; k++) prefetch_row(rows[cur ^ 1][k] = kvlayer_value_row(j->kv, nth_key(&v, i + 16 + k)), from, to);
+        int m_next = n - i - 16 < 16 ? n - i - 16 : 16, prefetched = -1;
+        for (int k = 0; k < m_next; k++) rows[cur ^ 1][k] = kvlayer_value_row(j->kv, nth_key(&v, i + 16 + k));
         for (int item = begin; item < end; item++) {
             int h = item / slices, d0 = item % slices * width, w = hd - d0 < width ? hd - d0 : width;
             int off = kv_head_of(h, j->n_heads, j->n_kv_heads) * hd + d0;
+            if (off + w > prefetched) { /* the part of the next pass's rows this item reads (unless asked for already) */
+                size_t from = kv_row_bytes(off > prefetched ? off : prefetched, j->kv->type), to = kv_row_bytes(off + w, j->kv->type);
+                for (int k = 0; k < m_next; k++) prefetch_row(rows[cur ^ 1][k], from, to);
+                prefetched = off + w;
+            }
             kv_add_scaled_rows(output_of(&c, 0, h) + d0, weights_row(&c, 0, h) + i, rows[cur], n - i < 16 ? n - i : 16,
                                j->kv->type, off, w, converted);
         }

@@ -76,8 +76,10 @@ typedef struct {
     KVType type;                /* how the elements are stored */
     size_t key_bytes, value_bytes; /* bytes per row of keys / of values */
     int n_ids, capacity;        /* ids handed out so far (in use or free), and room for */
-    unsigned char **storage;    /* per id: rows * (key_bytes + value_bytes), keys then values, cut from a slab;
-                                 * a free id keeps it for the next block of as many rows */
+    unsigned char **storage;    /* per id: its rows of keys (rows * key_bytes), cut from a slab; a free id keeps
+                                 * them for the next block of as many rows */
+    unsigned char **values;     /* per id: its rows of values: right after the keys, or (a layer's reserved run,
+                                 * kvcache_reserve) after the keys of every block of the run */
     int *rows;                  /* per id: rows of the block (a rolling buffer's last block may be short) */
     unsigned char **slabs;      /* huge_alloc'd runs of blocks (KV_SLAB_BYTES, or one block if larger) */
     size_t *slab_bytes, slab_used; /* each slab's size; bytes cut from the last one so far */
@@ -117,6 +119,8 @@ typedef struct {
     unsigned char **k_blocks, **v_blocks; /* the same blocks' keys and values (NULL where none; v_blocks all NULL
                                    * when v_dim is 0): block b holds slots b*KV_BLOCK_TOKENS .. +KV_BLOCK_TOKENS-1 */
     int n_positions;/* positions stored so far: 0 .. n_positions-1 have been written */
+    int reserved_next, reserved_end; /* ids set aside for this table's next full blocks, in order
+                                   * (kvcache_reserve: keys of consecutive blocks adjacent in memory) */
 } KVLayer;
 
 /* Floats of each part of a recurrent layer's state */
@@ -201,9 +205,11 @@ StateLayer *kvcache_state(const KVCache *c, int seq, int layer);
 /* Memory set aside now, pages touched, for n_seqs sequences that share their first `shared` positions and then
  * write `own` positions each (a prompt and its --samples; one run: 1, 0, positions): free blocks that the
  * stores then take without waiting for the kernel to zero new pages, as llama.cpp and vLLM allocate their
- * cache before the first token. At most 1 GiB and a quarter of the machine's free memory; a best effort (what
- * is not reserved is cut when reached). Returns the bytes reserved; kvcache_bytes_held counts blocks in use
- * only. */
+ * cache before the first token. Sequence 0 (the prompt's writer, and the first sample) gets a run per layer:
+ * its blocks' keys one after another, then their values, so that attention streams a layer's keys and values
+ * as two runs of memory (the others take free ids). At most 1 GiB and a quarter of the machine's free memory; a
+ * best effort (what is not reserved is cut when reached). Returns the bytes reserved; kvcache_bytes_held counts
+ * blocks in use only. */
 size_t kvcache_reserve(KVCache *c, int n_seqs, long shared, long own);
 /* Bytes of storage in use, every shared block counted once: what the cache really holds (KV blocks only). */
 size_t kvcache_bytes_held(const KVCache *c);

@@ -309,9 +309,14 @@ static void test_shared_blocks(void) {
     int s0 = kvcache_add_sequence(&c);
     size_t reserved = kvcache_reserve(&c, 3, 20, 40); /* full: 2 shared + 3 x (3 own + 1 copy); ring: 3 x 1 */
     int want = 2 + 3 * 4 + 3 * 1, slabs = c.pools[0].n_slabs;
-    int set_aside = reserved == (size_t)want * 16 * 2 * 8 * 4 && c.pools[0].n_free == want && c.pools[0].n_ids == want &&
+    KVLayer *full = kvcache_layer(&c, s0, 0), *ring = kvcache_layer(&c, s0, 1);
+    int set_aside = reserved == (size_t)want * 16 * 2 * 8 * 4 && c.pools[0].n_free == want - 5 && c.pools[0].n_ids == want &&
+                    full->reserved_end - full->reserved_next == 4 && ring->reserved_end - ring->reserved_next == 1 &&
                     c.pools[1].n_ids == 0 && kvcache_bytes_held(&c) == 0 && kvpool_blocks_in_use(&c.pools[0]) == 0;
     for (int pos = 0; pos < 20; pos++) store_all(&c, s0, pos, pos);
+    /* sequence 0's run (a prompt of 20 and 40 more: 4 blocks): keys of one block after the other's, then values */
+    int run = full->k_blocks[1] == full->k_blocks[0] + 16 * 8 * 4 && full->v_blocks[0] == full->k_blocks[0] + 4 * 16 * 8 * 4 &&
+              full->v_blocks[1] == full->v_blocks[0] + 16 * 8 * 4;
     int forks[3] = {s0, kvcache_fork(&c, s0), kvcache_fork(&c, s0)};
     for (int i = 0; i < 3; i++)
         for (int pos = 20; pos < 60; pos++) store_all(&c, forks[i], pos, 100 * i + pos);
@@ -320,10 +325,11 @@ static void test_shared_blocks(void) {
     int taken = c.pools[0].n_slabs == slabs + 1 && c.pools[0].n_ids == want + 3 && c.pools[0].n_free == want - 13 &&
                 reads_tag(kvcache_layer(&c, forks[2], 0), 59, 259) && reads_tag(kvcache_layer(&c, forks[1], 0), 5, 5);
     for (int i = 0; i < 3; i++) kvcache_drop_sequence(&c, forks[i]);
-    check(set_aside && taken && kvpool_blocks_in_use(&c.pools[0]) == 0 && kvcache_bytes_held(&c) == 0 &&
+    check(set_aside && run && taken && kvpool_blocks_in_use(&c.pools[0]) == 0 && kvcache_bytes_held(&c) == 0 &&
               kvcache_reserve(&c, 0, 0, 0) == 0,
-          "kvcache_reserve: a prompt's blocks once and each sample's own, set aside as free ids (held bytes 0); the "
-          "samples' stores take them (only the rolling buffers' short blocks are cut anew); counts back to zero");
+          "kvcache_reserve: a prompt's blocks once and each sample's own, set aside (held bytes 0): sequence 0's as a "
+          "run per layer, keys then values, the others' as free ids; the stores take them (only the rolling buffers' "
+          "short blocks are cut anew); counts back to zero");
     kvcache_free(&c);
 
     /* latent attention's rows (a key row, no value row) get a pool of their own shape and copy on write too */
