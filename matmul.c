@@ -442,29 +442,46 @@ ALWAYS_INLINE __m512 load_kv16(const void *row, int packing, int k) {
     return _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(g + 4 + k % 32)))));
 }
 
-int dot_product4_packed(float out[4], const float *a, const void *const rows[4], int packing, int off, int n) {
-    if (off % LANES || n % LANES) return 0;
+/* dot_product4's sums, each element converted in a register (packing a constant where it is inlined: one loop
+ * per type, no test per load) */
+ALWAYS_INLINE void dot4_kv(float out[4], const float *a, const void *const rows[4], int packing, int off, int n) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int k = 0; k < n; k += LANES) { /* dot_product4's sums, each element converted in a register */
+    for (int k = 0; k < n; k += LANES) {
         __m512 av = _mm512_loadu_ps(a + k);
         for (int i = 0; i < 4; i++) acc[i] = _mm512_fmadd_ps(av, load_kv16(rows[i], packing, off + k), acc[i]);
     }
     store4(out, lane_sum4(acc[0], acc[1], acc[2], acc[3]));
+}
+
+int dot_product4_packed(float out[4], const float *a, const void *const rows[4], int packing, int off, int n) {
+    if (off % LANES || n % LANES) return 0;
+    if (packing == 1) dot4_kv(out, a, rows, 1, off, n);
+    else dot4_kv(out, a, rows, 2, off, n);
     return 1;
+}
+
+/* add_scaled_rows' order: 64 columns in registers (packing a constant where it is inlined, as dot4_kv) */
+ALWAYS_INLINE void add_columns_kv(float *out, const float *w, const void *const *rows, int n, int packing, int off, int vectors) {
+    __m512 acc[4];
+    for (int c = 0; c < vectors; c++) acc[c] = _mm512_loadu_ps(out + c * LANES);
+    for (int i = 0; i < n; i++) {
+        __m512 wi = _mm512_set1_ps(w[i]);
+        for (int c = 0; c < vectors; c++) acc[c] = _mm512_fmadd_ps(wi, load_kv16(rows[i], packing, off + c * LANES), acc[c]);
+    }
+    for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + c * LANES, acc[c]);
+}
+
+ALWAYS_INLINE void add_scaled_kv(float *out, const float *w, const void *const *rows, int n, int packing, int off, int len) {
+    for (int d = 0; d < len; d += 4 * LANES) {
+        if (len - d >= 4 * LANES) add_columns_kv(out + d, w, rows, n, packing, off + d, 4); /* unrolled */
+        else add_columns_kv(out + d, w, rows, n, packing, off + d, (len - d) / LANES);
+    }
 }
 
 int add_scaled_rows_packed(float *out, const float *w, const void *const *rows, int n, int packing, int off, int len) {
     if (off % LANES || len % LANES) return 0;
-    for (int d = 0; d < len; d += 4 * LANES) { /* add_scaled_rows' order: 64 columns in registers */
-        int vectors = (len - d) / LANES < 4 ? (len - d) / LANES : 4;
-        __m512 acc[4];
-        for (int c = 0; c < vectors; c++) acc[c] = _mm512_loadu_ps(out + d + c * LANES);
-        for (int i = 0; i < n; i++) {
-            __m512 wi = _mm512_set1_ps(w[i]);
-            for (int c = 0; c < vectors; c++) acc[c] = _mm512_fmadd_ps(wi, load_kv16(rows[i], packing, off + d + c * LANES), acc[c]);
-        }
-        for (int c = 0; c < vectors; c++) _mm512_storeu_ps(out + d + c * LANES, acc[c]);
-    }
+    if (packing == 1) add_scaled_kv(out, w, rows, n, 1, off, len);
+    else add_scaled_kv(out, w, rows, n, 2, off, len);
     return 1;
 }
 
