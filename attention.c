@@ -642,7 +642,7 @@ static void split_scores(void *arg, int begin, int end) {
             if (h == 0 || g != kv_head_of(h - 1, j->n_heads, j->n_kv_heads)) /* this kv head's part of the rows on */
                 for (int k = 0; k < n_ahead; k++)
                     prefetch_row(ahead[k], kv_row_bytes(g * hd, j->kv->type), kv_row_bytes((g + 1) * hd, j->kv->type));
-            kv_dot_product4(d, query_of(&c, 0, h), k4, j->kv->type, kv_head_of(h, j->n_heads, j->n_kv_heads) * hd, hd, converted);
+            kv_dot_product4(d, query_of(&c, 0, h), k4, j->kv->type, g * hd, hd, converted);
             append_scores(&c, 0, h, d, nk, (1u << nk) - 1);
         }
     }

@@ -160,15 +160,24 @@ static unsigned char *add_slab(KVPool *p, size_t size) {
     return p->slabs[p->n_slabs - 1];
 }
 
+static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
+
 /* bytes for a block of `rows`, cut from the last slab, or from a new one when it has no room left */
 static unsigned char *cut_block(KVPool *p, int rows) {
-    size_t bytes = (block_bytes(p, rows) + 63) / 64 * 64;
+    size_t bytes = round64(block_bytes(p, rows));
     if ((p->n_slabs == 0 || p->slab_used + bytes > p->slab_bytes[p->n_slabs - 1]) &&
         !add_slab(p, bytes > KV_SLAB_BYTES ? bytes : KV_SLAB_BYTES))
         return NULL;
     unsigned char *data = p->slabs[p->n_slabs - 1] + p->slab_used;
     p->slab_used += bytes;
     return data;
+}
+
+/* id, now held by one table (its rows set) */
+static int hold(KVPool *p, int id) {
+    p->refs[id] = 1;
+    p->bytes_held += block_bytes(p, p->rows[id]);
+    return id;
 }
 
 int kvpool_alloc(KVPool *p, int rows) {
@@ -191,9 +200,7 @@ int kvpool_alloc(KVPool *p, int rows) {
         p->values[id] = data + (size_t)rows * p->key_bytes;
     }
     p->rows[id] = rows;
-    p->refs[id] = 1;
-    p->bytes_held += block_bytes(p, rows);
-    return id;
+    return hold(p, id);
 }
 
 /* Reservations take at most this much memory, and a quarter of what the machine has free */
@@ -203,8 +210,6 @@ int kvpool_alloc(KVPool *p, int rows) {
 static void touch_pages(void *arg, int begin, int end) {
     for (long i = begin; i < end; i++) ((unsigned char *)arg)[i * 4096] = 0;
 }
-
-static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
 
 /* A new id of a full block (KV_BLOCK_TOKENS rows) whose keys and values are at `keys` and `values`, no reference */
 static int reserved_id(KVPool *p, unsigned char *keys, unsigned char *values) {
@@ -398,12 +403,9 @@ static int writable_block(KVLayer *l, int b) {
     }
     if (grow_table(l, b + 1) != 0) return -1;
     if (l->block_ids[b] < 0) {
-        int rows = block_rows(l, b), id;
-        if (rows == KV_BLOCK_TOKENS && l->reserved_next < l->reserved_end) { /* the next of its run */
-            id = l->reserved_next++;
-            l->pool->refs[id] = 1;
-            l->pool->bytes_held += block_bytes(l->pool, rows);
-        } else id = kvpool_alloc(l->pool, rows);
+        int rows = block_rows(l, b), id = rows == KV_BLOCK_TOKENS && l->reserved_next < l->reserved_end
+                                              ? hold(l->pool, l->reserved_next++) /* the next of its run */
+                                              : kvpool_alloc(l->pool, rows);
         if (id < 0) return -1;
         set_block(l, b, id);
         return 0;
@@ -569,13 +571,12 @@ size_t kvcache_reserve(KVCache *c, int n_seqs, long shared, long own) {
     /* per layer: the blocks all sequences write (need), and of them the run of sequence 0, which writes the shared
      * positions and then its own (the first sample, or the only sequence) */
     long *need = calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof *need);
-    int *run = calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof *run);
-    KVLayer **owner = calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof *owner);
+    int *run = calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof *run); /* 0: none */
     KVLayer **owners = calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof *owners); /* one pool's, in turn */
     int *runs = calloc((size_t)(c->n_layers > 0 ? c->n_layers : 1), sizeof *runs);
     size_t total = 0, reserved = 0;
     int first = c->n_seqs > 0 && c->seqs[0] && n_seqs > 0;
-    if (!need || !run || !owner || !owners || !runs) goto done;
+    if (!need || !run || !owners || !runs) goto done;
     for (int l = 0; l < c->n_layers; l++) {
         const KVLayer *L = &c->layout[l];
         if (!L->pool || L->summary_every) continue;
@@ -586,9 +587,9 @@ size_t kvcache_reserve(KVCache *c, int n_seqs, long shared, long own) {
         } else /* the shared blocks once; each sequence its own, and a copy of the shared partial block */
             need[l] = (shared + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS +
                       (long)n_seqs * ((own + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS + (shared % KV_BLOCK_TOKENS != 0));
-        KVLayer *mine = first ? kvcache_layer(c, 0, l) : NULL;
-        if (mine && mine->n_positions == 0 && mine->reserved_next == mine->reserved_end && r <= need[l])
-            owner[l] = mine, run[l] = (int)(r < INT_MAX / 2 ? r : INT_MAX / 2);
+        const KVLayer *mine = first ? kvcache_layer(c, 0, l) : NULL;
+        if (mine && mine->n_positions == 0 && mine->reserved_next == mine->reserved_end)
+            run[l] = (int)(r < INT_MAX / 2 ? r : INT_MAX / 2);
         total += (size_t)need[l] * block_bytes(L->pool, KV_BLOCK_TOKENS);
     }
     size_t cap = KV_RESERVE_BYTES;
@@ -604,13 +605,13 @@ size_t kvcache_reserve(KVCache *c, int n_seqs, long shared, long own) {
             if (c->layout[l].pool != &c->pools[p] || !need[l]) continue;
             int r = (int)(run[l] * scale);
             extra += (long)(need[l] * scale) - r;
-            if (owner[l] && r > 0) owners[n] = owner[l], runs[n++] = r;
+            if (r > 0) owners[n] = kvcache_layer(c, 0, l), runs[n++] = r;
         }
         if (extra > INT_MAX / 2) extra = INT_MAX / 2;
         reserved += kvpool_reserve(&c->pools[p], owners, runs, n, (int)extra);
     }
 done:
-    free(need), free(run), free(owner), free(owners), free(runs);
+    free(need), free(run), free(owners), free(runs);
     return reserved;
 }
 
