@@ -17,7 +17,7 @@ static struct {
     int phase;
     ProfileSection running;
     long long started;                       /* when the running section started */
-    double wall[2][PROFILE_SECTIONS], busy[2][PROFILE_SECTIONS];
+    double wall[3][PROFILE_SECTIONS], busy[3][PROFILE_SECTIONS]; /* [PROFILE_PREFILL, PROFILE_DECODE, SETUP] */
     atomic_llong worker_ns, waited_ns;       /* since the running section started */
 } prof;
 
@@ -27,8 +27,12 @@ long long profile_now_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* the time before the first phase (loading, the KV cache set aside): counted apart, and not reported */
+enum { SETUP = 2 };
+
 void profile_start(void) {
     profile_on = 1;
+    prof.phase = SETUP;
     prof.running = PROFILE_OTHER;
     prof.started = profile_now_ns();
 }

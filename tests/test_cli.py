@@ -74,6 +74,19 @@ def run(t):
         err = r.stderr.decode(errors="replace")
         t.check(f"{' '.join(args)}: one error line ({want})", r.returncode == 1 and want in err and err.count("\n") == 1, err)
 
+    # --profile: a table per phase whose time per token is the stats line's (loading and the KV cache set aside
+    # before the prompt are not prefill time)
+    prof = t.run([kjv, "-p", prompt, "-n", "16", "-t", "0", "--profile"])
+    err = prof.stderr.decode(errors="replace")
+    rates = re.search(r"prefill (\d+) tok ([\d.]+) tok/s \| decode (\d+) tok ([\d.]+) tok/s", err)
+    phases = dict(re.findall(r"profile: (prefill|decode), \d+ \w+, \d+ threads: ([\d.]+) ms per", err))
+    shares = re.findall(r"\n  \S.*? +[\d.]+ +([\d.]+)% +\d+%", err)
+    close = lambda ms, rate: rates is not None and abs(float(ms) * float(rate) / 1e3 - 1) < 0.25
+    t.check("--profile: prefill and decode tables, their ms per token within 25% of the stats line's rates, the "
+            "shares of the sections adding up to 100% per phase",
+            prof.returncode == 0 and set(phases) == {"prefill", "decode"} and close(phases["prefill"], rates.group(2))
+            and close(phases["decode"], rates.group(4)) and abs(sum(map(float, shares)) - 200) < 1, err[-800:])
+
     # export.py: per-tensor progress only on a terminal
     src = os.path.join(t.data, "fixtures", "llama_gqa")
     out = t.tmp("progress.bin")
