@@ -686,7 +686,11 @@ static void sums_by(const HeadsJob *j, int begin, int end, int width) {
 }
 
 static void split_sums(void *arg, int begin, int end) { sums_by(arg, begin, end, 16); }
-static void head_sums(void *arg, int begin, int end) { sums_by(arg, begin, end, ((const HeadsJob *)arg)->a->head_dim); }
+/* whole heads: each head's softmax first, by the thread that then reads its weights (no pass of its own) */
+static void head_sums(void *arg, int begin, int end) {
+    split_softmax(arg, begin, end);
+    sums_by(arg, begin, end, ((const HeadsJob *)arg)->a->head_dim);
+}
 
 void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads, int n_kv_heads, int pos,
                      int n_tokens, const AttentionSpec *a, float *weights, int weights_stride) {
@@ -697,9 +701,10 @@ void attention_layer(float *out, const float *q, const KVLayer *kv, int n_heads,
         int threads = parallel_threads(), per = (n_keys + 4 * threads - 1) / (4 * threads); /* ~4 items a thread */
         job.split_keys = per < 16 ? 16 : per > SPLIT_KEYS ? SPLIT_KEYS : (per + 15) / 16 * 16;
         parallel_for((n_keys + job.split_keys - 1) / job.split_keys, 1, work / 2, split_scores, &job);
-        parallel_for(n_heads, 1, (long long)n_heads * n_keys * 16, split_softmax, &job);
-        if (n_heads < 2 * threads) parallel_for(n_heads * ((a->head_dim + 15) / 16), 1, work / 2, split_sums, &job);
-        else parallel_for(n_heads, (n_heads + threads - 1) / threads, work / 2, head_sums, &job); /* a share of heads each */
+        if (n_heads < 2 * threads) { /* few heads: the softmax, then each head's columns in slices */
+            parallel_for(n_heads, 1, (long long)n_heads * n_keys * 16, split_softmax, &job);
+            parallel_for(n_heads * ((a->head_dim + 15) / 16), 1, work / 2, split_sums, &job);
+        } else parallel_for(n_heads, (n_heads + threads - 1) / threads, work / 2, head_sums, &job); /* a share of heads each */
         return;
     }
     /* a job takes whole kv groups while that leaves two jobs per thread; the split changes no result */
