@@ -515,7 +515,7 @@ static float *prefill(Generator *g, int seq, const int *tokens, int from, int to
         int n = to - pos < g->o->batch ? to - pos : g->o->batch;
         for (int t = 0; t < n; t++) g->s->row_seq[t] = seq, g->s->row_pos[t] = pos + t;
         Batch b = {n, tokens + pos, g->s->row_seq, g->s->row_pos};
-        if (!(logits = forward_batch(g->m, g->s, &b, 0))) return NULL;
+        if (!(logits = forward_batch(g->m, g->s, &b, pos + n == to ? LOGITS_LAST : LOGITS_NONE))) return NULL;
         if (g->o->check_logits && pos + n == to) g->o->check_logits(g->m, g->s, n - 1, 1, to - 1);
     }
     g->prefilled += to - from;

@@ -1533,8 +1533,9 @@ float *forward_batch(const Model *m, RunState *s, const Batch *b, int all_logits
         residual(x, xb2, n, dim, c->residual_scale);
     }
 
-    /* final norm and classifier: every token's logits, or the last one's */
-    int first = all_logits ? 0 : n - 1, rows = n - first;
+    /* final norm and classifier: every token's logits, the last one's, or none */
+    if (all_logits == LOGITS_NONE) return s->logits;
+    int first = all_logits == LOGITS_ALL ? 0 : n - 1, rows = n - first;
     profile_section(PROFILE_NORM);
     norm_rows(xb, x + (size_t)first * dim, &w->final_norm, &w->final_norm_bias, rows, c);
     profile_section(PROFILE_CLASSIFIER);

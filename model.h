@@ -359,9 +359,12 @@ void runstate_free(RunState *s);
 
 /* Runs the rows of b (b->n <= s->max_tokens) through the model, appending their keys and values to their
  * sequences' caches (recurrent layers fold them into their state; a sequence at position 0 starts from the zero
- * state). Writes logits for every row to s->logits when all_logits, else only for the last one
- * (s->logits row 0). Returns s->logits, or NULL when the KV cache cannot grow (out of memory). Each row's
- * logits are the same bits whatever the other rows are. */
+ * state). Writes logits for every row to s->logits when all_logits is LOGITS_ALL (1), only for the last one
+ * (s->logits row 0) when LOGITS_LAST (0), none with LOGITS_NONE (a chunk of a prompt before its last: the
+ * classifier, a whole pass over the largest matrix, is skipped; s->x holds the last hidden states). Returns
+ * s->logits, or NULL when the KV cache cannot grow (out of memory). Each row's logits are the same bits
+ * whatever the other rows are. */
+enum { LOGITS_LAST = 0, LOGITS_ALL = 1, LOGITS_NONE = 2 };
 float *forward_batch(const Model *m, RunState *s, const Batch *b, int all_logits);
 /* forward_batch for n tokens (n <= s->max_tokens) of sequence 0 at positions pos .. pos+n-1. */
 float *forward(const Model *m, RunState *s, const int *tokens, int n, int pos, int all_logits);

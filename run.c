@@ -369,8 +369,8 @@ static void check_outputs(const Options *o) {
 /* Logits that stopped being finite (a NaN or an infinity in the weights), or a residual stream too large for
  * the final norm (its sum of squares overflows float32, so the norm returns zeros and every logit is 0: weights
  * of 1e30): sampling and perplexity would make nothing of them. Checks the rows of tokens x[t0 .. t0+rows) at
- * positions first_pos ..; names the tensor at fault when there is one. */
-static void check_outputs_finite(const Model *m, const RunState *s, int t0, int rows, int first_pos) {
+ * positions first_pos .. (their logits too when the pass made them); names the tensor at fault when there is one. */
+static void check_finite(const Model *m, const RunState *s, int t0, int rows, int first_pos, int have_logits) {
     int vocab = m->config.vocab_size, dim = m->config.dim;
     const float *logits = s->logits;
     for (int r = 0; r < rows; r++) {
@@ -378,7 +378,7 @@ static void check_outputs_finite(const Model *m, const RunState *s, int t0, int 
         double squares = 0.0;
         for (int i = 0; i < dim; i++) squares += (double)x[i] * x[i];
         int finite = 1;
-        for (int i = 0; i < vocab && finite; i++) finite = isfinite(l[i]);
+        for (int i = 0; i < vocab && finite && have_logits; i++) finite = isfinite(l[i]);
         if (finite && squares <= FLT_MAX) continue;
         char name[96];
         if (model_find_nonfinite_tensor(m, name, sizeof name))
@@ -387,6 +387,10 @@ static void check_outputs_finite(const Model *m, const RunState *s, int t0, int 
         die("the activations at position %d overflow float32 (the last hidden state reaches a norm of %.3g): its "
             "logits are %s (weights too large?)", first_pos + r, sqrt(squares), finite ? "meaningless" : "not finite");
     }
+}
+
+static void check_outputs_finite(const Model *m, const RunState *s, int t0, int rows, int first_pos) {
+    check_finite(m, s, t0, rows, first_pos, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -475,9 +479,10 @@ static void feed(Session *s, const int *ids, int n, int score_from, double *nll,
     profile_phase(PROFILE_PREFILL);
     for (int start = 0; start < n; start += s->batch) {
         int k = n - start < s->batch ? n - start : s->batch, all = nll != NULL || logits_file != NULL;
-        float *logits = forward(s->model, &s->state, ids + start, k, s->pos, all);
+        int last = start + k == n; /* the chunks before the last need no logits unless they are scored or written */
+        float *logits = forward(s->model, &s->state, ids + start, k, s->pos, all ? LOGITS_ALL : last ? LOGITS_LAST : LOGITS_NONE);
         if (!logits) die("out of memory at position %d (KV cache or attention scores)", s->pos);
-        check_outputs_finite(s->model, &s->state, all ? 0 : k - 1, all ? k : 1, all ? s->pos : s->pos + k - 1);
+        check_finite(s->model, &s->state, all ? 0 : k - 1, all ? k : 1, all ? s->pos : s->pos + k - 1, all || last);
         for (int t = 0; nll && t < k; t++) /* the logits at t score the token at t + 1 */
             if (start + t + 1 >= score_from && start + t + 1 < n)
                 *nll += token_nll(logits + (size_t)t * c->vocab_size, c->vocab_size, ids[start + t + 1]);
