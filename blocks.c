@@ -32,14 +32,28 @@ static void norm_queries_keys(RunState *s, const AttentionConfig *a, const Atten
 
 /* RoPE on every head of q[n][n_heads*hd] and k[n][n_kv_heads*hd], row t at its position pos[t] (Su et al.
  * 2021): pairs of dimensions rotate by angles that grow with the position, so q.k depends on the distance. */
+typedef struct {
+    RunState *s;
+    const AttentionConfig *a;
+    const float *inv_freq;
+    const Batch *b;
+} Rotation;
+
+static void rotate_range(void *arg, int begin, int end) {
+    const Rotation *r = arg;
+    const AttentionConfig *a = r->a;
+    int hd = a->head_dim;
+    for (int t = begin; t < end; t++)
+        rope_qk(r->s->q + (size_t)t * a->n_heads * hd, a->n_heads, r->s->k + (size_t)t * a->n_kv_heads * hd, a->n_kv_heads, hd,
+                a->rope.dim, r->b->pos[t], r->inv_freq, a->rope.attn_factor);
+}
+
 static void rotate_heads(RunState *s, const AttentionConfig *a, const float *inv_freq, const Batch *b) {
     if (a->rope.dim == 0) return; /* NoPE: this layer sees no positions at all (SmolLM3, Llama 4, EXAONE 4) */
-    int hd = a->head_dim;
-    for (int t = 0; t < b->n; t++) {
-        rope_heads(s->q + (size_t)t * a->n_heads * hd, a->n_heads, hd, a->rope.dim, b->pos[t], inv_freq, a->rope.attn_factor);
-        rope_heads(s->k + (size_t)t * a->n_kv_heads * hd, a->n_kv_heads, hd, a->rope.dim, b->pos[t], inv_freq,
-                   a->rope.attn_factor);
-    }
+    Rotation r = {s, a, inv_freq, b};
+    /* the tokens of a prompt on every thread (a sine and a cosine per pair and position: ~30 multiply-adds) */
+    long long work = (long long)b->n * (a->rope.dim / 2 * 30 + (a->n_heads + a->n_kv_heads) * a->rope.dim);
+    parallel_for(b->n, 8, work, rotate_range, &r);
 }
 
 /* Llama 4's attention temperature on its NoPE layers: far from the start, softmax over many keys flattens,

@@ -111,14 +111,7 @@ void rope_frequencies(float *inv_freq, float theta, int rope_dim) {
     for (int i = 0; i < rope_dim / 2; i++) inv_freq[i] = (float)(1.0 / pow(theta, (2.0 * i) / rope_dim));
 }
 
-void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq, float mscale) {
-    int half = rope_dim / 2;
-    float c[512], s[512]; /* rope_dim <= head_dim <= 1024 (model.c) */
-    for (int i = 0; i < half; i++) {
-        float angle = (float)pos * inv_freq[i]; /* f32 product, as the reference computes it */
-        c[i] = (float)cos(angle) * mscale;
-        s[i] = (float)sin(angle) * mscale;
-    }
+static void rotate_pairs(float *heads, int n_heads, int head_dim, int half, const float *c, const float *s) {
     for (int h = 0; h < n_heads; h++) {
         float *head = heads + (size_t)h * head_dim;
         for (int i = 0; i < half; i++) {
@@ -127,6 +120,23 @@ void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, 
             head[i + half] = b * c[i] + a * s[i];
         }
     }
+}
+
+void rope_qk(float *q, int n_q_heads, float *k, int n_k_heads, int head_dim, int rope_dim, int pos, const float *inv_freq,
+             float mscale) {
+    int half = rope_dim / 2;
+    float c[512], s[512]; /* rope_dim <= head_dim <= 1024 (model.c) */
+    for (int i = 0; i < half; i++) {
+        float angle = (float)pos * inv_freq[i]; /* f32 product, as the reference computes it */
+        c[i] = (float)cos(angle) * mscale;
+        s[i] = (float)sin(angle) * mscale;
+    }
+    rotate_pairs(q, n_q_heads, head_dim, half, c, s);
+    if (k) rotate_pairs(k, n_k_heads, head_dim, half, c, s);
+}
+
+void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq, float mscale) {
+    rope_qk(heads, n_heads, NULL, 0, head_dim, rope_dim, pos, inv_freq, mscale);
 }
 
 /* The largest of start, x[0 .. n-1], NaNs passed over (unless start is one), in 16 lanes so that it vectorises:

@@ -173,6 +173,9 @@ void layernorm(float *out, const float *x, const float *w, const float *b, int d
  * pos * inv_freq[i] (the angles are computed once for all heads); cos and sin are multiplied by mscale
  * (YaRN's attention factor, 1 otherwise). */
 void rope_heads(float *heads, int n_heads, int head_dim, int rope_dim, int pos, const float *inv_freq, float mscale);
+/* The same for the query heads and the key heads of one position (k may be NULL): the angles computed once */
+void rope_qk(float *q, int n_q_heads, float *k, int n_k_heads, int head_dim, int rope_dim, int pos, const float *inv_freq,
+             float mscale);
 /* inv_freq[i] = theta^(-2i / rope_dim), i < rope_dim / 2 */
 void rope_frequencies(float *inv_freq, float theta, int rope_dim);
 
