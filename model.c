@@ -1393,21 +1393,51 @@ void runstate_free(RunState *s) {
 /* ---------------------------------------------------------------------------------------------
  * forward: the layer recipe */
 
-static void norm_rows(float *out, const float *x, const Tensor *w, const Tensor *b, int n, const Config *c) {
-    for (int t = 0; t < n; t++) {
-        const float *xt = x + (size_t)t * c->dim;
-        float *ot = out + (size_t)t * c->dim;
-        if (c->norm_kind == NORM_LAYER) layernorm(ot, xt, w->data, b ? b->data : NULL, c->dim, c->norm_eps);
-        else rmsnorm(ot, xt, w->data, c->dim, c->norm_eps);
+typedef struct {
+    float *out;
+    const float *x;
+    const Tensor *w, *b;
+    const Config *c;
+} NormJob;
+
+static void norm_range(void *arg, int begin, int end) {
+    const NormJob *j = arg;
+    const Config *c = j->c;
+    for (int t = begin; t < end; t++) {
+        const float *xt = j->x + (size_t)t * c->dim;
+        float *ot = j->out + (size_t)t * c->dim;
+        if (c->norm_kind == NORM_LAYER) layernorm(ot, xt, j->w->data, j->b ? j->b->data : NULL, c->dim, c->norm_eps);
+        else rmsnorm(ot, xt, j->w->data, c->dim, c->norm_eps);
     }
 }
 
-/* x[n][dim] += scale * y[n][dim] (scale: Granite's residual multiplier, 1 for everyone else) */
-static void residual(float *x, const float *y, int n, int dim, float scale) {
-    if (scale == 1.0f)
-        for (size_t i = 0; i < (size_t)n * dim; i++) x[i] += y[i];
+/* each row on its own: a prompt's rows on every thread */
+static void norm_rows(float *out, const float *x, const Tensor *w, const Tensor *b, int n, const Config *c) {
+    NormJob j = {out, x, w, b, c};
+    parallel_for(n, 8, 4LL * n * c->dim, norm_range, &j);
+}
+
+typedef struct {
+    float *x;
+    const float *y;
+    int dim;
+    float scale;
+} ResidualJob;
+
+static void residual_range(void *arg, int begin, int end) {
+    const ResidualJob *j = arg;
+    size_t from = (size_t)begin * j->dim, to = (size_t)end * j->dim;
+    if (j->scale == 1.0f)
+        for (size_t i = from; i < to; i++) j->x[i] += j->y[i];
     else
-        for (size_t i = 0; i < (size_t)n * dim; i++) x[i] += scale * y[i];
+        for (size_t i = from; i < to; i++) j->x[i] += j->scale * j->y[i];
+}
+
+/* x[n][dim] += scale * y[n][dim] (scale: Granite's residual multiplier, 1 for everyone else); a prompt's rows
+ * on every thread */
+static void residual(float *x, const float *y, int n, int dim, float scale) {
+    ResidualJob j = {x, y, dim, scale};
+    parallel_for(n, 8, 2LL * n * dim, residual_range, &j);
 }
 
 /* Makes the score rows long enough for every key a query at a position < end can see under its layer's
