@@ -30,8 +30,6 @@ static void norm_queries_keys(RunState *s, const AttentionConfig *a, const Atten
     }
 }
 
-/* RoPE on every head of q[n][n_heads*hd] and k[n][n_kv_heads*hd], row t at its position pos[t] (Su et al.
- * 2021): pairs of dimensions rotate by angles that grow with the position, so q.k depends on the distance. */
 typedef struct {
     RunState *s;
     const AttentionConfig *a;
@@ -48,6 +46,8 @@ static void rotate_range(void *arg, int begin, int end) {
                 a->rope.dim, r->b->pos[t], r->inv_freq, a->rope.attn_factor);
 }
 
+/* RoPE on every head of q[n][n_heads*hd] and k[n][n_kv_heads*hd], row t at its position pos[t] (Su et al.
+ * 2021): pairs of dimensions rotate by angles that grow with the position, so q.k depends on the distance. */
 static void rotate_heads(RunState *s, const AttentionConfig *a, const float *inv_freq, const Batch *b) {
     if (a->rope.dim == 0) return; /* NoPE: this layer sees no positions at all (SmolLM3, Llama 4, EXAONE 4) */
     Rotation r = {s, a, inv_freq, b};

@@ -13,11 +13,14 @@ static const char *section_names[PROFILE_SECTIONS] = {
     "other (embed, residual)", "norms", "matmul q,k,v", "rope", "attention", "matmul wo", "matmul gate,up",
     "activation", "matmul down", "matmul classifier", "quantize activations", "sampling"};
 
+/* the time before the first phase (loading, the KV cache set aside): counted apart, and not reported */
+enum { SETUP = 2 };
+
 static struct {
     int phase;
     ProfileSection running;
     long long started;                       /* when the running section started */
-    double wall[3][PROFILE_SECTIONS], busy[3][PROFILE_SECTIONS]; /* [PROFILE_PREFILL, PROFILE_DECODE, SETUP] */
+    double wall[SETUP + 1][PROFILE_SECTIONS], busy[SETUP + 1][PROFILE_SECTIONS]; /* per phase */
     atomic_llong worker_ns, waited_ns;       /* since the running section started */
 } prof;
 
@@ -26,9 +29,6 @@ long long profile_now_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
-
-/* the time before the first phase (loading, the KV cache set aside): counted apart, and not reported */
-enum { SETUP = 2 };
 
 void profile_start(void) {
     profile_on = 1;
