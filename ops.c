@@ -153,15 +153,23 @@ static float max_of(const float *x, int n, float start) {
     return max;
 }
 
-void softmax(float *x, int n) {
-    float max = max_of(x, n, x[0]);
-    for (int i = 0; i < n; i++) x[i] = exp_f32(x[i] - max);
-    float lanes[16] = {0}; /* the sum in 16 lanes and a fixed tree, as the matmuls sum: vectorises */
+/* x[i] <- e^(x[i] - max) for every i, returning their sum in 16 lanes added by lane_sum16's tree (as the
+ * matmuls sum): one pass that vectorises, each lane adding its elements in order */
+static float exp_and_sum(float *x, int n, float max) {
+    float lanes[16] = {0};
     int i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) lanes[l] += x[i + l];
-    for (int l = 0; i < n; i++, l++) lanes[l] += x[i];
-    float inv = 1.0f / lane_sum16(lanes);
+        for (int l = 0; l < 16; l++) {
+            float e = exp_f32(x[i + l] - max);
+            x[i + l] = e;
+            lanes[l] += e;
+        }
+    for (int l = 0; i < n; i++, l++) lanes[l] += x[i] = exp_f32(x[i] - max);
+    return lane_sum16(lanes);
+}
+
+void softmax(float *x, int n) {
+    float inv = 1.0f / exp_and_sum(x, n, max_of(x, n, x[0]));
     for (int k = 0; k < n; k++) x[k] *= inv;
 }
 
@@ -171,13 +179,7 @@ void softmax_with_sink(float *x, int n, float sink) {
         return;
     }
     float max = max_of(x, n, sink);
-    for (int i = 0; i < n; i++) x[i] = exp_f32(x[i] - max);
-    float lanes[16] = {0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) lanes[l] += x[i + l];
-    for (int l = 0; i < n; i++, l++) lanes[l] += x[i];
-    float inv = 1.0f / (lane_sum16(lanes) + exp_f32(sink - max));
+    float inv = 1.0f / (exp_and_sum(x, n, max) + exp_f32(sink - max));
     for (int k = 0; k < n; k++) x[k] *= inv;
 }
 
