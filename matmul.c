@@ -535,6 +535,7 @@ ALWAYS_INLINE void dot16_half(__m512 s0[4], __m512 s1[4], const float *q0, const
     __m512 a0[8], a1[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
     for (int c = 0; c < len; c += LANES)
 #pragma GCC unroll 8
         for (int i = 0; i < 8; i++) {
@@ -543,16 +544,31 @@ ALWAYS_INLINE void dot16_half(__m512 s0[4], __m512 s1[4], const float *q0, const
             a0[i] = _mm512_fmadd_ps(_mm512_set1_ps(q0[c + l]), k, a0[i]);
             a1[i] = _mm512_fmadd_ps(_mm512_set1_ps(q1[c + l]), k, a1[i]);
         }
+#pragma GCC unroll 4
     for (int i = 0; i < 4; i++) s0[i] = _mm512_add_ps(a0[i], a0[i + 4]), s1[i] = _mm512_add_ps(a1[i], a1[i + 4]);
 }
 
+/* both halves, then the tree; the first half's sums wait in out0 / out1's place (a register for each would leave
+ * too few for the second half's accumulators, and the compiler's spills cost more than these 8 stores) */
+ALWAYS_INLINE void dot16_pair(float out0[16], const float *q0, float out1[16], const float *q1, const float *kt, int len) {
+    __m512 s0[4], s1[4];
+    float lo[2][4][16] __attribute__((aligned(64)));
+    dot16_half(s0, s1, q0, q1, kt, len, 0);
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; l++) _mm512_store_ps(lo[0][l], s0[l]), _mm512_store_ps(lo[1][l], s1[l]);
+    dot16_half(s0, s1, q0, q1, kt, len, 4);
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; l++) s0[l] = _mm512_add_ps(_mm512_load_ps(lo[0][l]), s0[l]), s1[l] = _mm512_add_ps(_mm512_load_ps(lo[1][l]), s1[l]);
+    _mm512_storeu_ps(out0, _mm512_add_ps(_mm512_add_ps(s0[0], s0[2]), _mm512_add_ps(s0[1], s0[3])));
+    _mm512_storeu_ps(out1, _mm512_add_ps(_mm512_add_ps(s1[0], s1[2]), _mm512_add_ps(s1[1], s1[3])));
+}
+
 void dot_product16_pair(float out0[16], const float *q0, float out1[16], const float *q1, const float *kt, int len) {
-    __m512 lo0[4], lo1[4], hi0[4], hi1[4];
-    dot16_half(lo0, lo1, q0, q1, kt, len, 0);
-    dot16_half(hi0, hi1, q0, q1, kt, len, 4);
-    for (int l = 0; l < 4; l++) lo0[l] = _mm512_add_ps(lo0[l], hi0[l]), lo1[l] = _mm512_add_ps(lo1[l], hi1[l]);
-    _mm512_storeu_ps(out0, _mm512_add_ps(_mm512_add_ps(lo0[0], lo0[2]), _mm512_add_ps(lo0[1], lo0[3])));
-    _mm512_storeu_ps(out1, _mm512_add_ps(_mm512_add_ps(lo1[0], lo1[2]), _mm512_add_ps(lo1[1], lo1[3])));
+    switch (len) { /* the common head sizes unrolled whole */
+    case 64: dot16_pair(out0, q0, out1, q1, kt, 64); break;
+    case 128: dot16_pair(out0, q0, out1, q1, kt, 128); break;
+    default: dot16_pair(out0, q0, out1, q1, kt, len); break;
+    }
 }
 
 /* r[i] <- column i of the 16 x 16 block r, except that columns 1 and 2 of each 4 come out swapped */
