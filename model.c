@@ -1291,6 +1291,13 @@ int model_check_memory(const Model *m, int max_tokens, long n_positions, char *e
              n_positions, gib(scratch, b3, sizeof b3), gib(machine, b4, sizeof b4));
     return -1;
 }
+/* n bytes at a cache-line boundary (free() releases them): rows of activations that start on a line are read by
+ * the matmuls' 64-byte loads whole, never split across two lines (malloc's large blocks start 16 bytes in) */
+static void *line_aligned(size_t n) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, n ? n : 1) == 0 ? p : NULL;
+}
+
 
 int runstate_init(RunState *s, const Model *m, int max_tokens) {
     const Config *c = &m->config;
@@ -1304,21 +1311,21 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
      * of millions of positions costs nothing until a prompt gets there */
     int most = max_visible(m);
     s->scores_stride = most < max_tokens ? most : max_tokens;
-    s->x = malloc(T * c->dim * sizeof(float));
-    s->xb = malloc(T * wide * sizeof(float));
-    s->xb2 = malloc(T * c->dim * sizeof(float));
-    s->q = malloc(T * q_dim * sizeof(float));
-    s->k = malloc(T * kv_dim * sizeof(float));
-    s->v = malloc(T * kv_dim * sizeof(float));
-    s->hb = malloc(T * hidden * sizeof(float));
-    s->hb2 = malloc(T * hidden * sizeof(float));
+    s->x = line_aligned(T * c->dim * sizeof(float));
+    s->xb = line_aligned(T * wide * sizeof(float));
+    s->xb2 = line_aligned(T * c->dim * sizeof(float));
+    s->q = line_aligned(T * q_dim * sizeof(float));
+    s->k = line_aligned(T * kv_dim * sizeof(float));
+    s->v = line_aligned(T * kv_dim * sizeof(float));
+    s->hb = line_aligned(T * hidden * sizeof(float));
+    s->hb2 = line_aligned(T * hidden * sizeof(float));
     /* a row per query head and token of a tile of queries (attention_layer) */
     s->scores_heads = heads * (max_tokens < ATTENTION_QUERY_TILE ? max_tokens : ATTENTION_QUERY_TILE);
-    s->scores = malloc((size_t)s->scores_heads * s->scores_stride * sizeof(float));
-    s->logits = malloc(T * c->vocab_size * sizeof(float));
+    s->scores = line_aligned((size_t)s->scores_heads * s->scores_stride * sizeof(float));
+    s->logits = line_aligned(T * c->vocab_size * sizeof(float));
     s->row_seq = malloc(T * sizeof(int));
     s->row_pos = malloc(T * sizeof(int));
-    s->mixer_scratch = malloc((scratch ? scratch : 1) * sizeof(float));
+    s->mixer_scratch = line_aligned((scratch ? scratch : 1) * sizeof(float));
     int bad = !s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->scores || !s->logits ||
               !s->row_seq || !s->row_pos || !s->mixer_scratch;
     if (experts) { /* mixture of experts: the routing of a chunk and one expert's share of it */
@@ -1326,8 +1333,8 @@ int runstate_init(RunState *s, const Model *m, int max_tokens) {
         s->expert_weights = malloc(T * top_k * sizeof(float));
         s->router_logits = malloc(T * experts * sizeof(float));
         s->expert_tokens = malloc(T * sizeof(int));
-        s->expert_x = malloc(T * c->dim * sizeof(float));
-        s->expert_out = malloc(T * c->dim * sizeof(float));
+        s->expert_x = line_aligned(T * c->dim * sizeof(float));
+        s->expert_out = line_aligned(T * c->dim * sizeof(float));
         bad |= !s->expert_ids || !s->expert_weights || !s->router_logits || !s->expert_tokens || !s->expert_x ||
                !s->expert_out;
     }
@@ -1454,7 +1461,7 @@ static int grow_scores(RunState *s, const Model *m, int end) {
     int most = max_visible(m), stride = s->scores_stride > INT_MAX / 2 ? INT_MAX : 2 * s->scores_stride;
     if (stride > most) stride = most;
     if (stride < need) stride = need;
-    float *scores = malloc((size_t)s->scores_heads * stride * sizeof(float));
+    float *scores = line_aligned((size_t)s->scores_heads * stride * sizeof(float));
     if (!scores) return -1;
     free(s->scores);
     s->scores = scores;
