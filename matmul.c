@@ -548,8 +548,8 @@ ALWAYS_INLINE void dot16_half(__m512 s0[4], __m512 s1[4], const float *q0, const
     for (int i = 0; i < 4; i++) s0[i] = _mm512_add_ps(a0[i], a0[i + 4]), s1[i] = _mm512_add_ps(a1[i], a1[i + 4]);
 }
 
-/* both halves, then the tree; the first half's sums wait in out0 / out1's place (a register for each would leave
- * too few for the second half's accumulators, and the compiler's spills cost more than these 8 stores) */
+/* both halves, then the tree; the first half's sums wait in a small buffer on the stack (a register for each would
+ * leave too few for the second half's accumulators, and the compiler's spills cost more than these 8 stores) */
 ALWAYS_INLINE void dot16_pair(float out0[16], const float *q0, float out1[16], const float *q1, const float *kt, int len) {
     __m512 s0[4], s1[4];
     float lo[2][4][16] __attribute__((aligned(64)));
