@@ -377,8 +377,13 @@ static void check_finite(const Model *m, const RunState *s, int t0, int rows, in
         const float *x = s->x + (size_t)(t0 + r) * dim, *l = logits + (size_t)r * vocab;
         double squares = 0.0;
         for (int i = 0; i < dim; i++) squares += (double)x[i] * x[i];
-        int finite = 1;
-        for (int i = 0; i < vocab && finite && have_logits; i++) finite = isfinite(l[i]);
+        unsigned all_ones = 0; /* a non-finite float's exponent bits are all ones: an OR over the row vectorises */
+        for (int i = 0; i < vocab && have_logits; i++) {
+            uint32_t u;
+            memcpy(&u, &l[i], sizeof u);
+            all_ones |= (u & 0x7f800000u) == 0x7f800000u;
+        }
+        int finite = !all_ones;
         if (finite && squares <= FLT_MAX) continue;
         char name[96];
         if (model_find_nonfinite_tensor(m, name, sizeof name))
